@@ -1,0 +1,227 @@
+"""Building blocks shared by every model: 2-D Linear, RMSNorm, attention with backend dispatch, RoPE.
+
+Numerics follow DESIGN.md: parameters are fp32, matmul inputs are cast to a compute dtype with fp32
+accumulation and fp32 output, norms / RoPE / softmax statistics run in fp32.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+Axes = tuple[str | None, ...]
+
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+
+
+def matmul(x: jax.Array, kernel: jax.Array, compute_dtype: Dtype = jnp.float32) -> jax.Array:
+  """x[..., in] @ kernel[in, out] on 2-D operands (see cpu_perf_calibration.md: N-d dots cost 1.6x)."""
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1]).astype(compute_dtype)
+  y = jax.lax.dot_general(
+      x2, kernel.astype(compute_dtype), (((1,), (0,)), ((), ())),
+      preferred_element_type=jnp.float32)
+  return y.reshape(*lead, kernel.shape[-1])
+
+
+class Linear(nn.Module):
+  """Dense layer with a logically partitioned `[in, out]` kernel (the transpose of torch's `[out, in]`)."""
+  features: int
+  axes: Axes = ("embed", "mlp")
+  use_bias: bool = True
+  compute_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+  bias_init: Callable = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param(
+        "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
+        (x.shape[-1], self.features), jnp.float32)
+    y = matmul(x, kernel, self.compute_dtype)
+    if self.use_bias:
+      bias = self.param(
+          "bias", nn.with_logical_partitioning(self.bias_init, self.axes[-1:]),
+          (self.features,), jnp.float32)
+      y = y + bias
+    return y
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+  """x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype (the official fallback RMSNorm)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return y.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm with a `weight` scale (ones init), as in Lumina / SVG-T2I."""
+  eps: float = 1e-5
+  axis_name: str | None = "norm"
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    weight = self.param(
+        "weight", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
+        (x.shape[-1],), jnp.float32)
+    return rms_normalize(x, self.eps) * weight
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+  """LayerNorm without affine parameters, statistics in fp32."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+
+
+def key_mask_from_lengths(kv_lengths: jax.Array, num_keys: int) -> jax.Array:
+  """[B] right-padded valid lengths -> [B, S] bool key mask."""
+  return jnp.arange(num_keys)[None, :] < kv_lengths[:, None]
+
+
+def _xla_attention(q, k, v, key_mask, scale, logits_soft_cap, extra_mask, compute_dtype):
+  b, t, h, d = q.shape
+  kv = k.shape[2]
+  rep = h // kv
+  # GQA without materializing repeated K/V: query head h uses kv head h // rep.
+  qg = q.reshape(b, t, kv, rep, d).astype(compute_dtype)
+  logits = jnp.einsum("btkrd,bskd->bkrts", qg, k.astype(compute_dtype),
+                      preferred_element_type=jnp.float32) * scale
+  if logits_soft_cap is not None:
+    logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+  mask = None
+  if key_mask is not None:
+    mask = key_mask[:, None, None, None, :]
+  if extra_mask is not None:
+    em = extra_mask.reshape(extra_mask.shape[0], -1, 1, t, extra_mask.shape[-1])
+    if em.shape[1] != 1:
+      em = extra_mask.reshape(extra_mask.shape[0], kv, rep, t, extra_mask.shape[-1])
+    mask = em if mask is None else (mask & em)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum("bkrts,bskd->btkrd", probs.astype(compute_dtype), v.astype(compute_dtype),
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, d)
+
+
+def _require_platform(backend: str, platforms: Sequence[str]) -> None:
+  platform = jax.devices()[0].platform
+  if platform not in platforms:
+    raise RuntimeError(
+        f"attention backend {backend!r} needs a {'/'.join(platforms)} device but this process runs on "
+        f"{platform!r}; set config.model.attention_backend='xla' (works everywhere).")
+
+
+def _cudnn_attention(q, k, v, kv_lengths, scale, compute_dtype):
+  _require_platform("cudnn", ("gpu", "cuda"))
+  dtype = jnp.bfloat16 if compute_dtype == jnp.float32 else compute_dtype
+  out = jax.nn.dot_product_attention(
+      q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=scale,
+      query_seq_lengths=None, key_value_seq_lengths=kv_lengths, implementation="cudnn")
+  return out.astype(jnp.float32)
+
+
+def _splash_attention(q, k, v, kv_lengths, scale):
+  _require_platform("splash", ("tpu",))
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+  b, t, h, d = q.shape
+  s = k.shape[1]
+  rep = h // k.shape[2]
+  mask = sm.MultiHeadMask([sm.FullMask((t, s)) for _ in range(h)])
+  kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+  # Padded keys get segment 0, everything else (all queries included) segment 1: masked exactly.
+  valid = jnp.ones((b, s), bool) if kv_lengths is None else key_mask_from_lengths(kv_lengths, s)
+  kv_seg = valid.astype(jnp.int32)
+  q_seg = jnp.ones((b, t), jnp.int32)
+  qh = jnp.swapaxes(q * scale, 1, 2)  # splash takes [heads, T, D] per example, unscaled logits
+  kh = jnp.repeat(jnp.swapaxes(k, 1, 2), rep, axis=1)
+  vh = jnp.repeat(jnp.swapaxes(v, 1, 2), rep, axis=1)
+  out = jax.vmap(lambda qq, kk, vv, qs, ks: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(qs, ks)))(
+      qh, kh, vh, q_seg, kv_seg)
+  return jnp.swapaxes(out, 1, 2).astype(jnp.float32)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_lengths: jax.Array | None = None,
+              backend: str = "xla", scale: float | None = None, logits_soft_cap: float | None = None,
+              extra_mask: jax.Array | None = None, compute_dtype: Dtype = jnp.float32) -> jax.Array:
+  """Multi-head attention with GQA and right-padded key masks; the one entry point for every model.
+
+  q: [B, T, H, D]; k, v: [B, S, KV, D] with H % KV == 0; kv_lengths: [B] number of valid (leading)
+  keys, or None for no padding. extra_mask: optional bool [B, 1 or H, T, S] (causal / sliding window),
+  xla backend only. Returns [B, T, H, D] fp32.
+  """
+  if q.shape[2] % k.shape[2]:
+    raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if backend == "xla":
+    key_mask = None if kv_lengths is None else key_mask_from_lengths(kv_lengths, k.shape[1])
+    return _xla_attention(q, k, v, key_mask, scale, logits_soft_cap, extra_mask, compute_dtype)
+  if backend not in ATTENTION_BACKENDS:
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTENTION_BACKENDS}")
+  if logits_soft_cap is not None or extra_mask is not None:
+    raise ValueError(f"attention backend {backend!r} supports only key-padding masks; use 'xla'")
+  if backend == "cudnn":
+    return _cudnn_attention(q, k, v, kv_lengths, scale, compute_dtype)
+  return _splash_attention(q, k, v, kv_lengths, scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def lumina_rope_tables(axes_dims: Sequence[int], axes_lens: Sequence[int], theta: float = 10000.0
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Per-axis (cos, sin) tables [len_i, dim_i/2], built the official way.
+
+  Angles are computed in float64 on the host and rounded to float32 before cos/sin (reference §1.3);
+  the tables are host constants, never parameters.
+  """
+  tables = []
+  for d, n in zip(axes_dims, axes_lens):
+    freqs = 1.0 / theta ** (np.arange(0, d, 2, dtype=np.float64)[: d // 2] / d)
+    angles = np.outer(np.arange(n, dtype=np.float64), freqs).astype(np.float32)
+    tables.append((np.cos(angles), np.sin(angles)))
+  return tables
+
+
+def gather_rope(tables: list[tuple[np.ndarray, np.ndarray]], position_ids: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """position_ids [..., n_axes] int -> (cos, sin) [..., sum(dim_i)/2], axes concatenated in order."""
+  cos = [jnp.asarray(c)[position_ids[..., i]] for i, (c, _) in enumerate(tables)]
+  sin = [jnp.asarray(s)[position_ids[..., i]] for i, (_, s) in enumerate(tables)]
+  return jnp.concatenate(cos, axis=-1), jnp.concatenate(sin, axis=-1)
+
+
+def apply_interleaved_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate adjacent pairs (2i, 2i+1) as complex numbers (GPT-J / Lumina style), in fp32.
+
+  x: [B, T, H, D]; cos, sin: [B, T, D/2].
+  """
+  x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+  re, im = x32[..., 0], x32[..., 1]
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  out = jnp.stack([re * c - im * s, re * s + im * c], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def apply_half_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotate element i with element i + D/2 (NeoX / DINOv3 style), in fp32.
+
+  x: [B, T, H, D]; cos, sin: [T, D] (already tiled to the full head dim).
+  """
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)

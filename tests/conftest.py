@@ -1,0 +1,10 @@
+"""Test session setup: 8 fake CPU devices (for the sharding tests) and fp32 matmuls everywhere."""
+import os
+
+# Must happen before jax is imported anywhere in the test session.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
