@@ -26,8 +26,8 @@ _BLOCK = [
     ("feed_forward.w2.weight", ("feed_forward", "w2", "kernel"), "linear"),
     ("feed_forward.w3.weight", ("feed_forward", "w3", "kernel"), "linear"),
     ("attention_norm1.weight", ("attention_norm1", "weight"), "copy"),
-    ("attention_norm2.weight", ("attention_norm2", "weight"), "copy"),
     ("ffn_norm1.weight", ("ffn_norm1", "weight"), "copy"),
+    ("attention_norm2.weight", ("attention_norm2", "weight"), "copy"),
     ("ffn_norm2.weight", ("ffn_norm2", "weight"), "copy"),
 ]
 _ADALN = [
@@ -125,7 +125,7 @@ def key_map(cfg: NextDiTConfig) -> list[tuple[str, tuple, str]]:
 
 def official_shapes(cfg: NextDiTConfig) -> dict[str, tuple[int, ...]]:
   """Official key -> shape, derived from the abstract (never allocated) Flax params."""
-  flat = _unscanned_flat(abstract_params(cfg), cfg)
+  flat = unscanned_flat(abstract_params(cfg))
   shapes = {}
   for key, path, kind in key_map(cfg):
     if kind == "qkv":
@@ -138,13 +138,14 @@ def official_shapes(cfg: NextDiTConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _unscanned_flat(params, cfg: NextDiTConfig) -> dict[tuple, Any]:
-  """Flatten params to {path: array}, splitting a scanned `layers/block` stack into `layers_{i}`."""
+def unscanned_flat(params) -> dict[tuple, Any]:
+  """Flatten params to {path: array}, splitting a scanned `layers/block` stack into `layers_{i}`
+  (as many as the stack holds, so a stack of the wrong depth shows up as missing/unexpected keys)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(flax.linen.meta.unbox(params)))
   out = {}
   for path, leaf in flat.items():
     if path[:2] == ("layers", "block"):
-      for i in range(cfg.n_layers):
+      for i in range(leaf.shape[0]):
         out[(f"layers_{i}",) + path[2:]] = _layer_slice(leaf, i)
     else:
       out[path] = leaf
@@ -157,8 +158,8 @@ def _layer_slice(leaf, i: int):
   return leaf[i]
 
 
-def _rescan(flat: dict[tuple, np.ndarray], cfg: NextDiTConfig) -> dict:
-  """Inverse of `_unscanned_flat` for the model's layout (stack `layers_{i}` when scanning)."""
+def rescan(flat: dict[tuple, np.ndarray], cfg: NextDiTConfig) -> dict:
+  """Inverse of `unscanned_flat` for the model's layout (stack `layers_{i}` when scanning)."""
   if cfg.scan_layers:
     stacked = {}
     for path in [p for p in flat if p[0] == "layers_0"]:
@@ -188,12 +189,12 @@ def official_to_params(state: dict[str, np.ndarray], cfg: NextDiTConfig) -> dict
       flat[path] = np.ascontiguousarray(w.T)
     else:
       flat[path] = w
-  return _rescan(flat, cfg)
+  return rescan(flat, cfg)
 
 
 def params_to_official(params, cfg: NextDiTConfig, dtype=np.float32) -> dict[str, np.ndarray]:
   """Flax params -> official flat state dict, in the official registration order of keys."""
-  flat = {k: np.asarray(v) for k, v in _unscanned_flat(params, cfg).items()}
+  flat = {k: np.asarray(v) for k, v in unscanned_flat(params).items()}
   expected = {path for _, path, kind in key_map(cfg) if kind != "qkv"}
   expected |= {p for _, paths, kind in key_map(cfg) if kind == "qkv" for p in paths}
   missing = expected - set(flat)

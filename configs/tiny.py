@@ -1,0 +1,27 @@
+"""CPU-sized DiT: the embedded default that trains on 2 CPU cores in minutes.
+
+Usage: python launch/train.py --config configs/tiny.py [--config.train.num_steps=200]
+"""
+from svg_jax import config as base
+
+
+def get_config():
+  c = base.base_config()
+  c.model.update(dict(
+      in_channels=384, dim=192, n_layers=4, n_refiner_layers=1, n_heads=3, n_kv_heads=1,
+      multiple_of=64, cap_feat_dim=128, axes_dims=(16, 24, 24), axes_lens=(600, 512, 512),
+      # CPU: scan and remat each cost 15-25% (cpu_perf_calibration.md); they exist for memory.
+      scan_layers=False, remat_policy="none", compute_dtype="float32"))
+  c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+  c.data.resolution = 64
+  c.data.caption_len_buckets = (32, 64)
+  c.data.max_caption_len = 64
+  c.train.global_batch_size = 16
+  c.train.num_steps = 300
+  c.train.lr = 5e-4
+  c.train.lr_schedule = "warmup_constant"
+  c.train.warmup_steps = 20
+  c.train.ema_decay = 0.99  # ~100-step horizon for runs of a few hundred steps
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+  return c
