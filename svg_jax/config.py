@@ -17,13 +17,19 @@ from svg_jax.models.nextdit import NextDiTConfig
 DEFAULT_AXIS_RULES = (
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
-    ("activation_embed", "tensor"),
+    # Activations are not split on their feature axis: with `activation_embed -> tensor`, XLA:CPU's
+    # partitioner gave wrong outputs for half the batch on a (2,2,2) mesh (test_nextdit_sharding).
+    ("activation_embed", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("adaln", "fsdp"),
-    ("adaln_out", "tensor"),
+    # Not tensor-sharded for the same reason (a modulated block alone miscompiled on (2,2,2)); the
+    # kernel is still FSDP-sharded on its input axis.
+    ("adaln_out", None),
+    ("adaln_in", None),
+    ("vocab", "tensor"),
     ("cap_features", None),
     ("patch", None),
     ("freq", None),
@@ -56,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_caption_len = 256  # official training truncation (reference §1.5: 512 is ignored)
   c.data.prefetch = 2
   c.data.shuffle_seed = 0
+  # Features of the empty prompt (caption dropout's unconditional context; officially just `<bos>`
+  # through the text encoder): "auto" = `<path>/empty_text.npy` ([Le, D] float) when present, else a
+  # stand-in of one all-zero token (what synthetic test datasets use; a warning is logged);
+  # "zeros" = that stand-in always; anything else = the path of an .npy file.
+  c.data.empty_text = "auto"
 
   c.flow = ml_collections.ConfigDict()
   c.flow.timestep_sampling = "logit_normal"  # logit_normal | uniform
@@ -83,6 +94,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
+  c.train.async_checkpointing = True  # Orbax writes in a background thread while training goes on
+  # Test hook: the batch of this (1-based) step gets NaN latents, to exercise the divergence stop.
+  c.train.debug_nan_step = -1
   c.train.chip = "auto"  # peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | h100
   return c
 

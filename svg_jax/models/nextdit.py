@@ -266,7 +266,7 @@ class NextDiT(nn.Module):
     temb = timestep_embedding(t, cfg.t_freq_dim)
     c = layers.Linear(cfg.adaln_dim, ("freq", "adaln"), True, dt,
                       kernel_init=nn.initializers.normal(0.02), name="t_embedder_0")(temb)
-    c = layers.Linear(cfg.adaln_dim, ("adaln", "adaln"), True, dt,
+    c = layers.Linear(cfg.adaln_dim, ("adaln_in", "adaln"), True, dt,
                       kernel_init=nn.initializers.normal(0.02), name="t_embedder_2")(nn.silu(c))
     cap = layers.RMSNorm(cfg.norm_eps, "cap_features", name="cap_embedder_norm")(
         cap_feats.astype(jnp.float32))

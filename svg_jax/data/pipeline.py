@@ -1,0 +1,416 @@
+"""Grain input pipeline over ArrayRecord shards: aspect buckets, caption padding, resume.
+
+Per aspect bucket (one MapDataset each, all latents in a batch share one shape):
+
+  range(records) -> shuffle(seed) -> repeat -> [process_index::process_count] -> read + decode
+    -> batch(per-process batch size, drop_remainder) with captions padded to a length bucket
+
+then a deterministic weighted mix of the batched buckets (Grain's `MapDataset.mix`: element k comes
+from a bucket that is a pure function of k and the weights; weights default to the manifest's global
+bucket counts, so every host picks the same bucket at the same step), `to_iter_dataset` with read
+threads, and optional multiprocessing prefetch (off by default).
+
+Batches are dicts of numpy arrays: `latent` [b, h, w, C], `text` [b, L, D] (or `token_ids` [b, L]),
+`text_mask` [b, L] bool, `text_len` [b] int32, `orig_size` [b, 2] int32 (w, h) and `source` [b] str
+(drop `source` before sending a batch to devices). L is the smallest caption-length bucket that
+holds the longest caption of the batch; text is padded on the right with zeros (`pad_token_id`
+for ids).
+
+Bad data is counted and reported, never silently dropped and never a crash:
+  - a record that fails to read or decode (or does not fit its bucket / the manifest's layout) is
+    logged with its shard path and index and replaced by the next good record of the same bucket
+    in storage order, so the replacement is deterministic and a resume reproduces it;
+  - a caption longer than `max_caption_len` (the largest length bucket) is cut to that length,
+    logged with its source key and counted;
+  - the counters count what the consumer received (they are updated from the batches, so they are
+    exact with prefetching and multiprocessing) and are part of the iterator state;
+  - an unreadable or missing shard, a shard whose record count disagrees with the manifest, or
+    fingerprints that differ from the expected ones fail at build time with the file named.
+
+`make_pipeline` returns a `PipelineIterator` (a Grain DatasetIterator, so Grain's Orbax
+CheckpointHandler can save it) whose `get_state()` is JSON-serializable and whose `set_state()`
+resumes at the exact next batch.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import ml_dtypes
+import numpy as np
+from grain.sources import ArrayRecordDataSource
+
+from svg_jax.data import records
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "svg_jax.data.pipeline/1"
+_OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+
+
+def default_caption_buckets(max_caption_len: int, step: int = 32) -> tuple[int, ...]:
+  """Multiples of `step` up to `max_caption_len`, which is always the last bucket."""
+  if max_caption_len < 1 or step < 1:
+    raise ValueError(f"need max_caption_len >= 1 and step >= 1, got {max_caption_len}, {step}")
+  out = list(range(step, max_caption_len, step))
+  return tuple(out + [max_caption_len])
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Input-pipeline settings (one ml_collections sub-config maps onto this with `from_mapping`).
+
+  per_process_batch_size: examples per batch on this process (global batch / process count).
+  max_caption_len: longest caption kept (tokens); longer ones are cut and reported.
+  caption_len_buckets: increasing pad lengths; empty means multiples of 32 up to max_caption_len.
+    The last bucket must equal max_caption_len.
+  seed: shuffle seed; must be the same on every host.
+  bucket_weights: mixing weight per bucket key ("<h>x<w>"); None means the manifest record counts.
+  buckets: bucket keys to use; empty means all buckets of the manifest.
+  latent_dtype, text_dtype: "float32" or "bfloat16" for the batch arrays.
+  pad_token_id: pad value of `token_ids` datasets.
+  num_threads, prefetch_buffer_size: Grain read threads and buffered batches per process.
+  num_workers: Grain worker processes (0 = no multiprocessing).
+  max_reports: how many bad-record / truncated-caption entries the state keeps (counts are exact).
+  """
+  per_process_batch_size: int
+  max_caption_len: int = 256
+  caption_len_buckets: tuple[int, ...] = ()
+  seed: int = 0
+  bucket_weights: Mapping[str, float] | None = None
+  buckets: tuple[str, ...] = ()
+  latent_dtype: str = "float32"
+  text_dtype: str = "float32"
+  pad_token_id: int = 0
+  num_threads: int = 4
+  prefetch_buffer_size: int = 8
+  num_workers: int = 0
+  max_reports: int = 100
+
+  @classmethod
+  def from_mapping(cls, cfg: Mapping[str, Any]) -> PipelineConfig:
+    """Builds a config from a dict or ConfigDict; unknown keys are an error."""
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(cfg) - names)
+    if unknown:
+      raise ValueError(f"unknown pipeline config keys {unknown}; known: {sorted(names)}")
+    for key in ("caption_len_buckets", "buckets"):
+      if key in cfg and cfg[key] is not None:
+        cfg[key] = tuple(cfg[key])
+    return cls(**cfg)
+
+  def length_buckets(self) -> tuple[int, ...]:
+    b = tuple(int(v) for v in self.caption_len_buckets) or default_caption_buckets(
+        self.max_caption_len)
+    if any(v < 1 for v in b) or list(b) != sorted(set(b)):
+      raise ValueError(f"caption_len_buckets must be positive and strictly increasing, got {b}")
+    if b[-1] != self.max_caption_len:
+      raise ValueError(f"the largest caption_len_bucket {b[-1]} must equal max_caption_len "
+                       f"{self.max_caption_len} (captions are cut to max_caption_len)")
+    return b
+
+  def validate(self) -> None:
+    if self.per_process_batch_size < 1:
+      raise ValueError(f"per_process_batch_size must be >= 1, got {self.per_process_batch_size}")
+    self.length_buckets()
+    for name in ("latent_dtype", "text_dtype"):
+      if getattr(self, name) not in _OUT_DTYPES:
+        raise ValueError(
+            f"{name} must be one of {sorted(_OUT_DTYPES)}, got {getattr(self, name)!r}")
+    if self.num_threads < 0 or self.prefetch_buffer_size < 0 or self.num_workers < 0:
+      raise ValueError("num_threads, prefetch_buffer_size and num_workers must be >= 0")
+
+
+def _bucket_seed(seed: int, key: str) -> int:
+  """A per-bucket shuffle seed in [0, 2^32) from (seed, bucket key) only: equal on all hosts."""
+  return int(np.random.SeedSequence([seed, zlib.crc32(key.encode())]).generate_state(1)[0])
+
+
+class _BucketReader:
+  """Maps a bucket-local record index to a decoded, caption-truncated example.
+
+  A record that fails is replaced by the next good one in storage order (wrapping around); the
+  failures travel with the example in `_bad` so the consumer can count and report them.
+  Picklable (Grain worker processes get a copy).
+  """
+
+  def __init__(self, key: str, shards: Sequence[tuple[str, int]], text_kind: str,
+               text_dim: int | None, channels: int, max_caption_len: int):
+    self.key = key
+    self.bucket = records.parse_bucket_key(key)
+    self.shards = [(p, n) for p, n in shards]
+    self.starts = np.cumsum([0] + [n for _, n in self.shards])
+    self.num_records = int(self.starts[-1])
+    self.text_kind, self.text_dim, self.channels = text_kind, text_dim, channels
+    self.max_caption_len = max_caption_len
+    # "path[0:n]" read instructions: the source opens each file lazily, once per process.
+    self.source = ArrayRecordDataSource([f"{p}[0:{n}]" for p, n in self.shards])
+
+  def location(self, index: int) -> str:
+    s = int(np.searchsorted(self.starts, index, side="right") - 1)
+    return f"{self.shards[s][0]}#{index - int(self.starts[s])}"
+
+  def _check_layout(self, rec: dict) -> None:
+    if rec["bucket"] != self.bucket:
+      raise records.BadRecordError(f"bucket {rec['bucket']} in a shard of bucket {self.bucket}")
+    if rec["latent"].shape[-1] != self.channels:
+      raise records.BadRecordError(
+          f"latent has {rec['latent'].shape[-1]} channels, the manifest says {self.channels}")
+    if self.text_kind not in rec:
+      raise records.BadRecordError(f"record has no {self.text_kind} (the manifest's text kind)")
+    if self.text_kind == "text_features" and rec["text_features"].shape[-1] != self.text_dim:
+      raise records.BadRecordError(f"text_features dim {rec['text_features'].shape[-1]}, the "
+                                   f"manifest says {self.text_dim}")
+
+  def __call__(self, index: int) -> dict:
+    index = int(index)
+    bad = []
+    for k in range(self.num_records):
+      j = (index + k) % self.num_records
+      try:
+        rec = records.decode_record(self.source[j])
+        self._check_layout(rec)
+      except Exception as e:  # any read or decode failure makes this one record bad
+        bad.append(f"{self.location(j)}: {type(e).__name__}: {e}")
+        continue
+      break
+    else:
+      raise records.BadRecordError(
+          f"bucket {self.key}: all {self.num_records} records are unreadable; first: {bad[0]}")
+    text_len = rec["text_len"]
+    truncated = []
+    if text_len > self.max_caption_len:
+      truncated.append(f"{rec['source']} ({text_len} -> {self.max_caption_len} tokens)")
+      text_len = self.max_caption_len
+    return {
+        "latent": rec["latent"],
+        "text": rec[self.text_kind][:text_len],
+        "text_len": text_len,
+        "orig_size": rec["orig_size"],
+        "source": rec["source"],
+        "_bad": bad,
+        "_truncated": truncated,
+    }
+
+
+class _Collate:
+  """Stacks examples of one bucket and pads their captions to the batch's length bucket."""
+
+  def __init__(self, length_buckets: Sequence[int], text_kind: str, latent_dtype: str,
+               text_dtype: str, pad_token_id: int):
+    self.length_buckets = np.asarray(length_buckets)
+    self.text_kind = text_kind
+    self.latent_dtype = _OUT_DTYPES[latent_dtype]
+    self.text_dtype = _OUT_DTYPES[text_dtype]
+    self.pad_token_id = pad_token_id
+
+  def __call__(self, examples: Sequence[dict]) -> dict:
+    lens = np.array([e["text_len"] for e in examples], np.int32)
+    pad_len = int(self.length_buckets[np.searchsorted(self.length_buckets, lens.max())])
+    b = len(examples)
+    if self.text_kind == "text_features":
+      dim = examples[0]["text"].shape[-1]
+      text = np.zeros((b, pad_len, dim), self.text_dtype)
+      text_key = "text"
+    else:
+      text = np.full((b, pad_len), self.pad_token_id, np.int32)
+      text_key = "token_ids"
+    for i, e in enumerate(examples):
+      text[i, :lens[i]] = e["text"]
+    return {
+        "latent": np.stack([e["latent"] for e in examples]).astype(self.latent_dtype),
+        text_key: text,
+        "text_mask": np.arange(pad_len)[None, :] < lens[:, None],
+        "text_len": lens,
+        "orig_size": np.array([e["orig_size"] for e in examples], np.int32),
+        "source": np.array([e["source"] for e in examples]),
+        "_bad": [x for e in examples for x in e["_bad"]],
+        "_truncated": [x for e in examples for x in e["_truncated"]],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineInfo:
+  """What a built pipeline reads: used buckets, their weights, and the state signature."""
+  buckets: tuple[str, ...]
+  weights: tuple[float, ...]
+  text_kind: str
+  manifest: dict
+  signature: dict
+
+
+def _resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # only when the caller did not say; keeps the data code importable without jax
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  return process_index, process_count
+
+
+def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[str, Any], *,
+                  process_index: int | None = None, process_count: int | None = None,
+                  expected_fingerprints: Mapping[str, str] | None = None
+                  ) -> tuple[grain.IterDataset, PipelineInfo]:
+  """Builds the Grain IterDataset (batches still carry `_bad` / `_truncated`) and its info.
+
+  Fails here, naming the file, on a missing manifest, fingerprint mismatch, or a missing,
+  unreadable or mis-counted shard of a used bucket.
+  """
+  if not isinstance(config, PipelineConfig):
+    config = PipelineConfig.from_mapping(config)
+  config.validate()
+  process_index, process_count = _resolve_process(process_index, process_count)
+  data_dir = os.fspath(data_dir)
+  manifest = records.read_manifest(data_dir)
+  if expected_fingerprints:
+    records.check_fingerprints(manifest, expected_fingerprints)
+
+  counts = manifest["buckets"]
+  keys = tuple(config.buckets) or tuple(k for k in sorted(counts) if counts[k] > 0)
+  unknown = [k for k in keys if counts.get(k, 0) == 0]
+  if unknown:
+    raise ValueError(f"buckets {unknown} have no records in {data_dir} (it has {counts})")
+  if config.bucket_weights is None:
+    weights = tuple(float(counts[k]) for k in keys)
+  else:
+    missing = [k for k in keys if k not in config.bucket_weights]
+    extra = sorted(set(config.bucket_weights) - set(keys))
+    if missing or extra:
+      raise ValueError(f"bucket_weights: missing {missing}, not used/unknown {extra}")
+    weights = tuple(float(config.bucket_weights[k]) for k in keys)
+    if any(w <= 0 for w in weights):
+      raise ValueError(f"bucket_weights must be positive, got {dict(zip(keys, weights))}")
+
+  text_kind, text_dim = manifest["text"]["kind"], manifest["text"].get("dim")
+  length_buckets = config.length_buckets()
+  collate = _Collate(length_buckets, text_kind, config.latent_dtype, config.text_dtype,
+                     config.pad_token_id)
+  per_bucket = []
+  for key in keys:
+    shards = []
+    for s in manifest["shards"]:
+      if s["bucket"] != key:
+        continue
+      path = os.path.join(data_dir, s["name"])
+      records.open_shard(path, expected_records=s["num_records"]).close()
+      shards.append((path, s["num_records"]))
+    reader = _BucketReader(key, shards, text_kind, text_dim, manifest["latent_channels"],
+                           config.max_caption_len)
+    ds = (grain.MapDataset.range(reader.num_records)
+          .shuffle(seed=_bucket_seed(config.seed, key))
+          .repeat()
+          [process_index::process_count]
+          .map(reader)
+          .batch(config.per_process_batch_size, drop_remainder=True, batch_fn=collate))
+    per_bucket.append(ds)
+  mixed = per_bucket[0] if len(per_bucket) == 1 else grain.MapDataset.mix(per_bucket, weights)
+  it_ds = mixed.to_iter_dataset(grain.ReadOptions(
+      num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size))
+  if config.num_workers > 0:
+    from absl import flags  # Grain's worker processes read absl flags, which must be parsed
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # outside an absl app: use the flag defaults
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+
+  manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+  signature = {
+      "manifest_sha256": manifest_hash,
+      "buckets": list(keys),
+      "weights": list(weights),
+      "per_process_batch_size": config.per_process_batch_size,
+      "caption_len_buckets": list(length_buckets),
+      "seed": config.seed,
+      "process_index": process_index,
+      "process_count": process_count,
+      "num_workers": config.num_workers,
+  }
+  info = PipelineInfo(keys, weights, text_kind, manifest, signature)
+  return it_ds, info
+
+
+def _empty_stats() -> dict:
+  return {"batches": 0, "examples": 0, "bad_records": 0, "truncated_captions": 0,
+          "bad_record_reports": [], "truncated_caption_reports": []}
+
+
+class PipelineIterator(grain.DatasetIterator):
+  """Yields clean batch dicts, keeps the bad-data counters, and checkpoints both.
+
+  `stats` holds exact counts over the batches returned so far (including those before a resume)
+  and the first `max_reports` report lines of each kind.
+  """
+
+  def __init__(self, inner: grain.DatasetIterator, info: PipelineInfo, max_reports: int):
+    super().__init__(inner)
+    self.info = info
+    self._max_reports = max_reports
+    self._stats = _empty_stats()
+
+  @property
+  def stats(self) -> dict:
+    return copy.deepcopy(self._stats)
+
+  def report(self) -> str:
+    s = self._stats
+    lines = [f"{s['batches']} batches, {s['examples']} examples; {s['bad_records']} bad records "
+             f"replaced by the next good record; {s['truncated_captions']} captions cut"]
+    lines += [f"  bad record {r}" for r in s["bad_record_reports"]]
+    lines += [f"  caption cut {r}" for r in s["truncated_caption_reports"]]
+    return "\n".join(lines)
+
+  def __next__(self) -> dict:
+    batch = next(self._parent)
+    bad, truncated = batch.pop("_bad"), batch.pop("_truncated")
+    s = self._stats
+    s["batches"] += 1
+    s["examples"] += len(batch["text_len"])
+    for key, items, level in (("bad_record", bad, logging.ERROR),
+                              ("truncated_caption", truncated, logging.WARNING)):
+      for item in items:
+        s[key + "s"] += 1
+        if len(s[key + "_reports"]) < self._max_reports:
+          s[key + "_reports"].append(item)
+          log.log(level, "%s: %s", key.replace("_", " "), item)
+    return batch
+
+  def get_state(self) -> dict:
+    return {"format": STATE_FORMAT, "signature": self.info.signature,
+            "grain": self._parent.get_state(), "stats": self.stats}
+
+  def set_state(self, state: dict) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+      raise ValueError(f"not a pipeline state of format {STATE_FORMAT!r}")
+    theirs, ours = state["signature"], self.info.signature
+    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    if diff:
+      raise ValueError("the saved pipeline state belongs to a different pipeline; differing: "
+                       + ", ".join(f"{k} (saved {theirs.get(k)!r}, now {ours.get(k)!r})"
+                                   for k in diff))
+    self._parent.set_state(state["grain"])
+    self._stats = copy.deepcopy(state["stats"])
+
+
+def make_pipeline(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[str, Any], *,
+                  process_index: int | None = None, process_count: int | None = None,
+                  expected_fingerprints: Mapping[str, str] | None = None) -> PipelineIterator:
+  """The training iterator over a precomputed dataset directory (see the module docstring).
+
+  process_index / process_count default to jax.process_index() / jax.process_count().
+  """
+  if not isinstance(config, PipelineConfig):
+    config = PipelineConfig.from_mapping(config)
+  ds, info = build_dataset(data_dir, config, process_index=process_index,
+                           process_count=process_count,
+                           expected_fingerprints=expected_fingerprints)
+  return PipelineIterator(iter(ds), info, config.max_reports)
