@@ -1,0 +1,96 @@
+"""Implementation options of the NextDiT that must not change the function it computes (scan, remat,
+attention backend dispatch, compute dtype), and the logical axis names every parameter carries."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nextdit_reference as ref
+from svg_jax.convert import nextdit as keymap
+from svg_jax.models import layers
+from svg_jax.models.nextdit import NextDiT, NextDiTConfig
+
+CFG = NextDiTConfig(
+    patch_size=1, in_channels=16, dim=96, n_layers=2, n_refiner_layers=1, n_heads=6, n_kv_heads=2,
+    multiple_of=32, cap_feat_dim=32, axes_dims=(4, 6, 6), scan_layers=True)
+
+
+def _inputs():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 4, 6, CFG.in_channels)).astype(np.float32)
+  t = np.array([0.3, 0.8], np.float32)
+  cap = rng.standard_normal((2, 8, CFG.cap_feat_dim)).astype(np.float32)
+  mask = np.arange(8)[None] < np.array([[3], [8]])
+  return x, t, cap, mask
+
+
+def _loss_and_grad(cfg, state, inputs):
+  params = keymap.official_to_params(state, cfg)
+  model = NextDiT(cfg)
+
+  def loss(p):
+    return jnp.mean(jnp.square(model.apply({"params": p}, *inputs)))
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  return float(value), keymap.params_to_official(grads, cfg)
+
+
+@pytest.mark.parametrize("scan,remat", [(True, "full"), (True, "dots"), (False, "full"),
+                                        (False, "dots_no_batch")])
+def test_scan_and_remat_do_not_change_values_or_gradients(scan, remat):
+  state = ref.random_official_state(CFG, seed=2)
+  inputs = _inputs()
+  base_value, base_grads = _loss_and_grad(dataclasses.replace(CFG, remat_policy="none"), state, inputs)
+  value, grads = _loss_and_grad(dataclasses.replace(CFG, scan_layers=scan, remat_policy=remat),
+                                state, inputs)
+  assert abs(value - base_value) <= 1e-6 * abs(base_value)
+  for k in base_grads:
+    np.testing.assert_allclose(grads[k], base_grads[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_bf16_compute_stays_close_to_fp32():
+  state = ref.random_official_state(CFG, seed=3)
+  inputs = _inputs()
+  out = {}
+  for dtype in ("float32", "bfloat16"):
+    cfg = dataclasses.replace(CFG, compute_dtype=dtype)
+    params = keymap.official_to_params(state, cfg)
+    out[dtype] = np.asarray(jax.jit(NextDiT(cfg).apply)({"params": params}, *inputs))
+    assert out[dtype].dtype == np.float32
+  rel = np.abs(out["bfloat16"] - out["float32"]).max() / np.abs(out["float32"]).max()
+  assert 0 < rel < 5e-2
+
+
+@pytest.mark.parametrize("backend,hardware", [("cudnn", "gpu"), ("splash", "tpu")])
+def test_hardware_backends_refuse_to_run_on_cpu(backend, hardware):
+  q = jnp.zeros((1, 4, 2, 8))
+  with pytest.raises(RuntimeError, match=f"needs a {hardware}"):
+    layers.attention(q, q, q, backend=backend)
+  cfg = dataclasses.replace(CFG, attention_backend=backend)
+  with pytest.raises(RuntimeError, match="attention_backend='xla'"):
+    NextDiT(cfg).init(jax.random.PRNGKey(0), *_inputs())
+
+
+def test_unknown_options_are_clear_errors():
+  with pytest.raises(ValueError, match="remat_policy"):
+    dataclasses.replace(CFG, remat_policy="sometimes").validate()
+  with pytest.raises(ValueError, match="attention backend"):
+    layers.attention(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)),
+                     backend="flash")
+  with pytest.raises(ValueError, match="sum\\(axes_dims\\)"):
+    dataclasses.replace(CFG, axes_dims=(4, 4, 4)).validate()
+  with pytest.raises(ValueError, match="unknown NextDiT config fields"):
+    NextDiTConfig.from_dict({"dim": 8, "depth": 3})
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_every_parameter_has_logical_axis_names(scan):
+  boxed = NextDiT(dataclasses.replace(CFG, scan_layers=scan)).init(
+      jax.random.PRNGKey(0), *_inputs())["params"]
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(l, nn.LogicallyPartitioned) for l in leaves)
+  for leaf in leaves:
+    assert len(leaf.names) == leaf.value.ndim and all(n is not None for n in leaf.names)
