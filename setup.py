@@ -21,11 +21,11 @@ RUNTIME = [
     "absl-py>=2.0",
     "sentencepiece==0.2.3",
     "tokenizers>=0.22,<0.24",
+    "transformers>=5.0,<6",  # tokenizers of real Gemma folders and the demo tokenizer (svg_jax/text.py)
 ]
 TEST = [
     "pytest>=8",
     "torch==2.13.0",
-    "transformers>=5.0,<6",
     "diffusers>=0.42,<0.43",
 ]
 
