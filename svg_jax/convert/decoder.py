@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping
 import flax
 import numpy as np
 
+from svg_jax.convert import errors
 from svg_jax.models.decoder import DecoderConfig
 
 OFFICIAL_PREFIX = "decoder."
@@ -37,19 +38,11 @@ _LAYOUT = {
 }
 
 
-class KeyMismatchError(ValueError):
-  """A checkpoint does not match the decoder config: lists missing, unexpected, mis-shaped keys."""
+class KeyMismatchError(errors.KeyMismatchError):
+  """A checkpoint does not match the decoder config (lists missing, unexpected, mis-shaped keys)."""
 
   def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
-    parts = [f"{what} does not match the decoder config"]
-    for name, items in (("missing", missing), ("unexpected", unexpected),
-                        ("mis-shaped", misshaped)):
-      items = sorted(items)
-      if items:
-        shown = ", ".join(items[:30]) + (f", ... ({len(items)} in all)" if len(items) > 30 else "")
-        parts.append(f"{name} keys: {shown}")
-    super().__init__("; ".join(parts))
-    self.missing, self.unexpected, self.misshaped = set(missing), set(unexpected), set(misshaped)
+    super().__init__(what, missing, unexpected, misshaped, model="decoder")
 
 
 def key_map(cfg: DecoderConfig) -> list[tuple[tuple[str, ...], str, str, str, tuple[int, ...]]]:

@@ -28,6 +28,7 @@ import flax
 import jax
 import numpy as np
 
+from svg_jax.convert import errors
 from svg_jax.convert.safetensors_io import load_safetensors, load_sharded_safetensors
 from svg_jax.convert.torch_pickle import load_torch_file
 from svg_jax.models.dinov3 import DINOv3Config, abstract_params, rope_periods
@@ -82,19 +83,11 @@ _HF_HUB_BLOCK = "layer."
 _PERIODS_RTOL = 2.5e-7
 
 
-class KeyMismatchError(ValueError):
-  """A checkpoint does not match the model: lists missing, unexpected and mis-shaped keys."""
+class KeyMismatchError(errors.KeyMismatchError):
+  """A checkpoint does not match the DINOv3 config (lists missing, unexpected, mis-shaped keys)."""
 
   def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
-    parts = [f"{what} does not match the DINOv3 config"]
-    for name, items in (("missing", missing), ("unexpected", unexpected),
-                        ("mis-shaped", misshaped)):
-      items = sorted(items)
-      if items:
-        shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-        parts.append(f"{name} keys: {shown}")
-    super().__init__("; ".join(parts))
-    self.missing, self.unexpected, self.misshaped = set(missing), set(unexpected), set(misshaped)
+    super().__init__(what, missing, unexpected, misshaped, model="DINOv3")
 
 
 # ----------------------------------------------------------------------------------------------

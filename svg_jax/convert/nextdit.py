@@ -15,6 +15,7 @@ import flax
 import jax
 import numpy as np
 
+from svg_jax.convert.errors import KeyMismatchError
 from svg_jax.models.nextdit import NextDiTConfig, abstract_params
 
 # (official suffix, flax path inside a block, kind); kind "linear" = transpose [out,in] <-> [in,out].
@@ -87,20 +88,6 @@ _DIFFUSERS_MODULATED = {
 }
 _DIFFUSERS_UNMODULATED = {"attention_norm1.weight": "norm1.weight"}
 _DIFFUSERS_QKV = ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight")
-
-
-class KeyMismatchError(ValueError):
-  """A checkpoint does not match the model: lists missing, unexpected and mis-shaped keys."""
-
-  def __init__(self, what: str, missing=(), unexpected=(), misshaped=()):
-    parts = [f"{what} does not match the model config"]
-    for name, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-      items = sorted(items)
-      if items:
-        shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-        parts.append(f"{name} keys: {shown}")
-    super().__init__("; ".join(parts))
-    self.missing, self.unexpected, self.misshaped = set(missing), set(unexpected), set(misshaped)
 
 
 def _blocks(cfg: NextDiTConfig) -> Iterator[tuple[str, str, bool]]:
