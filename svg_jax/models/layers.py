@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.layout import Layout, with_layout_constraint
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -18,13 +19,52 @@ Axes = tuple[str | None, ...]
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 
 
+def _materialized_transpose(a: jax.Array) -> jax.Array:
+  """a.T as a real row-major copy, so XLA:CPU hands the following dot to its fast (YNNPACK) path
+  instead of folding the transpose into a dot it only runs on the slow, upcasting path."""
+  t = a.T
+  return with_layout_constraint(t, Layout(major_to_minor=(0, 1)))
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _bf16_matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+  return _dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+
+
+def _bf16_matmul_fwd(x, w):
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  return _dot(xb, wb), (xb, wb)
+
+
+def _bf16_matmul_bwd(res, g):
+  # Cotangents go back in bf16 with fp32 accumulation (plain autodiff would multiply the fp32
+  # cotangent with a bf16 operand and run the whole backward upcast); transposes are made in bf16.
+  xb, wb = res
+  gb = g.astype(jnp.bfloat16)
+  dx = _dot(gb, _materialized_transpose(wb))
+  dw = _dot(_materialized_transpose(xb), gb)
+  return dx, dw
+
+
+_bf16_matmul_2d.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
 def matmul(x: jax.Array, kernel: jax.Array, compute_dtype: Dtype = jnp.float32) -> jax.Array:
-  """x[..., in] @ kernel[in, out] on 2-D operands (see cpu_perf_calibration.md: N-d dots cost 1.6x)."""
+  """x[..., in] @ kernel[in, out] on 2-D operands, fp32 output.
+
+  2-D operands: N-d dots cost 1.6x in the backward on CPU (cpu_perf_calibration.md). With bf16
+  compute the backward is a custom VJP keeping every dot bf16 x bf16 -> fp32.
+  """
   lead = x.shape[:-1]
-  x2 = x.reshape(-1, x.shape[-1]).astype(compute_dtype)
-  y = jax.lax.dot_general(
-      x2, kernel.astype(compute_dtype), (((1,), (0,)), ((), ())),
-      preferred_element_type=jnp.float32)
+  x2 = x.reshape(-1, x.shape[-1])
+  if jnp.dtype(compute_dtype) == jnp.bfloat16:
+    y = _bf16_matmul_2d(x2.astype(jnp.float32), kernel.astype(jnp.float32))
+  else:
+    y = _dot(x2.astype(compute_dtype), kernel.astype(compute_dtype))
   return y.reshape(*lead, kernel.shape[-1])
 
 
