@@ -26,6 +26,7 @@ RUNTIME = [
 TEST = [
     "pytest>=8",
     "torch==2.13.0",
+    "scikit-image==0.26.0",  # SSIM reference
     "diffusers>=0.42,<0.43",
 ]
 

@@ -10,6 +10,7 @@ import dataclasses
 
 import ml_collections
 
+from svg_jax import autoencoder
 from svg_jax.models.nextdit import NextDiTConfig
 
 # Logical axis -> mesh axes. Parameters are FSDP-sharded on their `embed` (model width) axis and
@@ -50,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 42
 
   c.model = nextdit_2b()
+  c.autoencoder = autoencoder.autoencoder_defaults()
 
   # Device mesh: sizes of (data, fsdp, tensor); exactly one may be -1 (= the remaining devices).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
