@@ -1,4 +1,4 @@
-"""The train state (step, fp32 params, optimizer state, EMA params) and the optimizer from the config.
+"""The train state (step, fp32 params, optimizer state, EMA params) and the optimizer from config.
 
 The optimizer follows the official recipe (reference §5): global-norm gradient clipping, then AdamW
 (b1, b2, eps, weight decay from `config.train`) with a learning-rate schedule:

@@ -1,0 +1,121 @@
+"""The DiT flow-matching train step: a pure `train_step(state, batch, rng) -> (state, metrics)`.
+
+One step on a global batch {latent [B,H,W,C], text [B,L,D], text_mask [B,L], text_len [B]}:
+  1. caption dropout: each sample's caption is replaced, with probability `caption_dropout`, by the
+     empty-prompt features (officially `<bos>` alone through the text encoder; reference §1.5),
+  2. t ~ logit-normal (or uniform) shifted toward noise by e^mu of the nominal resolution (§4.2),
+     x0 ~ N(0, I), x_t = t x1 + (1 - t) x0, target x1 - x0 (svg_jax.flow),
+  3. the loss and gradients are accumulated over `micro_batches` equal slices with `lax.scan`;
+     all randomness is drawn for the whole batch first, so the result does not depend on the number
+     of micro-batches (up to float summation order),
+  4. the global grad norm is measured before clipping, AdamW updates the params, EMA follows.
+Metrics: loss (batch mean of per-sample MSE), grad_norm (pre-clip), lr (of this update),
+caption_dropped (fraction of the batch whose caption was dropped).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from svg_jax import flow
+from svg_jax.parallel import BATCH_AXES
+from svg_jax.train import state as state_lib
+
+MODEL_INPUTS = ("latent", "text", "text_mask", "text_len")
+
+
+def apply_caption_dropout(rng, text, text_mask, empty_text, prob: float):
+  """Replaces whole captions by the empty prompt with probability `prob` per sample.
+
+  empty_text: [Le, D] features of the empty prompt; it is right-padded to the batch's L.
+  Returns (text, text_mask, dropped [B] bool).
+  """
+  b, length, dim = text.shape
+  le = empty_text.shape[0]
+  if empty_text.ndim != 2 or empty_text.shape[1] != dim:
+    raise ValueError(f"empty_text has shape {empty_text.shape}, the captions have dim {dim}")
+  if le > length:
+    raise ValueError(f"the empty prompt has {le} tokens but the caption is padded to {length}")
+  empty = jnp.zeros((length, dim), text.dtype).at[:le].set(empty_text.astype(text.dtype))
+  empty_mask = jnp.arange(length) < le
+  dropped = jax.random.bernoulli(rng, prob, (b,))
+  text = jnp.where(dropped[:, None, None], empty[None], text)
+  text_mask = jnp.where(dropped[:, None], empty_mask[None], text_mask.astype(bool))
+  return text, text_mask, dropped
+
+
+def _to_micro(x, m: int):
+  """[B, ...] -> [m, B/m, ...] with micro-batch k = rows k, k+m, k+2m, ...: every device keeps
+  an equal share of every micro-batch, so slicing moves no data between devices."""
+  b = x.shape[0]
+  x = x.reshape((b // m, m) + x.shape[1:])
+  x = jnp.swapaxes(x, 0, 1)
+  spec = (None, BATCH_AXES) + (None,) * (x.ndim - 2)
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
+def make_train_step(model, tx: optax.GradientTransformation, config,
+                    empty_text: np.ndarray) -> Callable:
+  """Builds the pure step for `model` (a NextDiT) with the optimizer `tx` and the config.
+
+  The returned function must run under `parallel.mesh_context` (its sharding constraints name the
+  mesh axes); jit it with in/out shardings and `donate_argnums=0`.
+  """
+  tcfg, fcfg = config.train, config.flow
+  micro = int(tcfg.micro_batches)
+  dropout = float(tcfg.caption_dropout)
+  decay = float(tcfg.ema_decay)
+  schedule = state_lib.lr_schedule(tcfg)
+  patch = int(config.model.patch_size)
+  shift = None
+  if fcfg.resolution_shift:
+    # The nominal resolution's token count (official: (train_res / 16)^2), not the bucket's.
+    shift = flow.shift_factor_for_seq_len((int(config.data.resolution) // 16 // patch) ** 2)
+  empty_text = np.asarray(empty_text, np.float32)
+
+  def loss_fn(params, x1, x0, t, text, text_mask):
+    v = model.apply({"params": params}, flow.interpolate(x0, x1, t)[0], t, text, text_mask)
+    loss, _ = flow.flow_matching_loss(v, x0, x1)
+    return loss
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def train_step(state: state_lib.TrainState, batch: dict, rng: jax.Array):
+    x1 = batch["latent"].astype(jnp.float32)
+    b = x1.shape[0]
+    if b % micro:
+      raise ValueError(f"batch {b} is not divisible by train.micro_batches {micro}")
+    k_drop, k_t, k_noise = jax.random.split(rng, 3)
+    text, text_mask, dropped = apply_caption_dropout(
+        k_drop, batch["text"].astype(jnp.float32), batch["text_mask"], empty_text, dropout)
+    t = flow.sample_timesteps(k_t, b, fcfg.timestep_sampling, float(fcfg.logit_mean),
+                              float(fcfg.logit_std), shift)
+    x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
+
+    inputs = tuple(_to_micro(a, micro) for a in (x1, x0, t, text, text_mask))
+
+    def accumulate(carry, mb):
+      loss_sum, grad_sum = carry
+      loss, grads = grad_fn(state.params, *mb)
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), inputs)
+    loss = loss_sum / micro  # equal micro-batch sizes: the mean of means is the batch mean
+    grads = jax.tree.map(lambda g: g / micro, grad_sum)
+    grad_norm = optax.global_norm(grads)
+
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state_lib.ema_update(state.ema_params, params, decay)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "caption_dropped": jnp.mean(dropped.astype(jnp.float32))}
+    return new_state, metrics
+
+  return train_step

@@ -1,0 +1,389 @@
+"""The DiT training loop: `train(config, workdir)`.
+
+Order of work (nothing compiles before the config has been checked):
+  1. `validate_config`: one `ConfigError` line listing every problem (mesh vs devices, batch vs
+     data axes and micro-batches, data path / manifest vs model dims, schedule names, ...).
+  2. Mesh; abstract state with `jax.eval_shape` (params keep their logical axis names, so the
+     optimizer moments and EMA inherit the parameter shardings); a jitted init with out_shardings
+     materializes every array directly in its shards.
+  3. Auto-resume from the newest checkpoint in `workdir` (state onto this run's shardings, data
+     iterator at its saved position); otherwise `train.init_from` params, otherwise a fresh init.
+  4. Steps: jit(train_step) with explicit in/out shardings and the state donated. The step rng is
+     fold_in(PRNGKey(seed), step), so a resumed run draws what the uninterrupted run drew.
+  5. Metrics are fetched lazily (at log and checkpoint steps) so the host does not wait on every
+     step; a NaN/inf loss or grad norm stops the run with `TrainingDiverged` *before* the state is
+     saved, so the newest checkpoint is always a good one.
+  6. Checkpoints every `checkpoint_every` steps, at the end, and at the next step boundary after
+     SIGTERM/SIGINT (then `train` returns normally: preemption exits 0).
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from clu import parameter_overview
+
+from svg_jax import config as config_lib
+from svg_jax import flow, parallel
+from svg_jax.data import pipeline as pipeline_lib
+from svg_jax.data import records
+from svg_jax.models.nextdit import NextDiT
+from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax.train import dit_step
+from svg_jax.train import metrics as metrics_lib
+from svg_jax.train import state as state_lib
+
+EMPTY_TEXT_FILE = "empty_text.npy"
+TASKS = ("dit",)
+
+
+class ConfigError(ValueError):
+  """The config cannot run; the message is one line naming every problem."""
+
+
+class TrainingDiverged(RuntimeError):
+  """A non-finite loss or gradient norm; the bad state was not saved."""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _manifest_or_none(path: str):
+  try:
+    return records.read_manifest(path)
+  except Exception:  # reported by validate_config as one line
+    return None
+
+
+def validate_config(config, num_devices: int | None = None,
+                    process_count: int | None = None) -> tuple[int, ...]:
+  """Checks everything that can be checked without compiling; returns the mesh shape."""
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  process_count = jax.process_count() if process_count is None else process_count
+  problems: list[str] = []
+  if config.task not in TASKS:
+    problems.append(f"task {config.task!r} is not supported by this trainer (only {TASKS})")
+  shape = None
+  try:
+    shape = parallel.mesh_shape(dict(config.mesh), num_devices)
+  except ValueError as e:
+    problems.append(str(e))
+  try:
+    model_cfg = config_lib.nextdit_config(config)
+  except ValueError as e:
+    problems.append(str(e))
+    model_cfg = None
+  t = config.train
+  gb, micro = int(t.global_batch_size), int(t.micro_batches)
+  if micro < 1:
+    problems.append(f"train.micro_batches must be >= 1, got {micro}")
+  elif gb % micro:
+    problems.append(f"train.global_batch_size {gb} is not divisible by train.micro_batches {micro}")
+  elif shape is not None:
+    shards = shape[0] * shape[1]
+    if (gb // micro) % shards:
+      problems.append(f"the micro batch {gb // micro} (train.global_batch_size {gb} / "
+                      f"micro_batches {micro}) is not divisible by the {shards} batch shards of "
+                      f"mesh data x fsdp = {shape[0]} x {shape[1]}")
+  if gb % process_count:
+    problems.append(f"train.global_batch_size {gb} is not divisible by {process_count} processes")
+  for name in ("num_steps", "log_every", "checkpoint_every"):
+    if int(t[name]) < 1:
+      problems.append(f"train.{name} must be >= 1, got {t[name]}")
+  if t.lr_schedule not in state_lib.LR_SCHEDULES:
+    problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {state_lib.LR_SCHEDULES}")
+  if config.flow.timestep_sampling not in flow.TIMESTEP_KINDS:
+    problems.append(f"flow.timestep_sampling {config.flow.timestep_sampling!r} is not one of "
+                    f"{flow.TIMESTEP_KINDS}")
+  if not 0.0 <= float(t.caption_dropout) <= 1.0:
+    problems.append(f"train.caption_dropout must be in [0, 1], got {t.caption_dropout}")
+  if not 0.0 <= float(t.ema_decay) <= 1.0:
+    problems.append(f"train.ema_decay must be in [0, 1], got {t.ema_decay}")
+  if t.chip != "auto" and t.chip not in metrics_lib.PEAK_TFLOPS:
+    problems.append(f"train.chip {t.chip!r} is not one of "
+                    f"{['auto'] + sorted(metrics_lib.PEAK_TFLOPS)}")
+  if t.init_from and not os.path.isdir(t.init_from):
+    problems.append(f"train.init_from {t.init_from!r} does not exist")
+
+  path = config.data.path
+  if not path:
+    problems.append("data.path is empty (a folder with manifest.json and ArrayRecord shards)")
+  elif not os.path.isdir(path):
+    problems.append(f"data.path {path!r} does not exist")
+  else:
+    manifest = _manifest_or_none(path)
+    if manifest is None:
+      problems.append(f"data.path {path!r} has no readable {records.MANIFEST_NAME}")
+    elif model_cfg is not None:
+      if manifest["text"]["kind"] != "text_features":
+        problems.append(f"data.path {path!r} holds {manifest['text']['kind']}; the DiT trainer "
+                        "needs precomputed text_features")
+      elif manifest["text"].get("dim") != model_cfg.cap_feat_dim:
+        problems.append(f"the dataset's text features have dim {manifest['text'].get('dim')} but "
+                        f"model.cap_feat_dim is {model_cfg.cap_feat_dim}")
+      if manifest["latent_channels"] != model_cfg.in_channels:
+        problems.append(f"the dataset's latents have {manifest['latent_channels']} channels but "
+                        f"model.in_channels is {model_cfg.in_channels}")
+      try:
+        empty = load_empty_text(config, log_substitute=False)
+        if empty.shape[1] != model_cfg.cap_feat_dim:
+          problems.append(f"data.empty_text has dim {empty.shape[1]}, model.cap_feat_dim is "
+                          f"{model_cfg.cap_feat_dim}")
+        if empty.shape[0] > min(config.data.caption_len_buckets or (config.data.max_caption_len,)):
+          problems.append(f"data.empty_text has {empty.shape[0]} tokens, more than the shortest "
+                          "caption length bucket")
+      except (OSError, ValueError) as e:
+        problems.append(str(e))
+  try:
+    _pipeline_config(config, max(gb // max(process_count, 1), 1)).validate()
+  except ValueError as e:
+    problems.append(f"data: {e}")
+  if problems:
+    raise ConfigError("; ".join(p.replace("\n", " ") for p in problems))
+  return shape
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def load_empty_text(config, *, log_substitute: bool = True) -> np.ndarray:
+  """The empty-prompt features [Le, D] (see `data.empty_text` in svg_jax/config.py)."""
+  spec, dim = config.data.empty_text, int(config.model.cap_feat_dim)
+  path = None
+  if spec == "auto":
+    candidate = os.path.join(config.data.path, EMPTY_TEXT_FILE)
+    path = candidate if os.path.exists(candidate) else None
+  elif spec != "zeros":
+    path = spec
+    if not os.path.exists(path):
+      raise ValueError(f"data.empty_text {path!r} does not exist")
+  if path is None:
+    if log_substitute:
+      logging.warning("no %s in %s: the empty prompt is one all-zero feature token (a stand-in "
+                      "for <bos> features; fine for synthetic data)", EMPTY_TEXT_FILE,
+                      config.data.path)
+    return np.zeros((1, dim), np.float32)
+  arr = np.load(path).astype(np.float32)
+  if arr.ndim == 3 and arr.shape[0] == 1:
+    arr = arr[0]
+  if arr.ndim != 2 or arr.shape[0] < 1:
+    raise ValueError(f"data.empty_text {path!r} has shape {arr.shape}; expected [tokens, dim]")
+  return arr
+
+
+def _pipeline_config(config, per_process_batch: int) -> pipeline_lib.PipelineConfig:
+  d = config.data
+  return pipeline_lib.PipelineConfig(
+      per_process_batch_size=per_process_batch, max_caption_len=int(d.max_caption_len),
+      caption_len_buckets=tuple(d.caption_len_buckets), seed=int(d.shuffle_seed),
+      prefetch_buffer_size=int(d.prefetch), num_threads=min(4, int(d.prefetch)))
+
+
+def make_data_iterator(config):
+  per_process = int(config.train.global_batch_size) // jax.process_count()
+  return pipeline_lib.make_pipeline(config.data.path, _pipeline_config(config, per_process))
+
+
+class Setup:
+  """Model, optimizer, abstract state and shardings, jitted init and step for one mesh."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.rules = config.axis_rules
+    self.model_cfg = config_lib.nextdit_config(config)
+    self.model = NextDiT(self.model_cfg)
+    self.tx = state_lib.make_optimizer(config.train)
+    c = self.model_cfg
+    dummy = (jnp.zeros((1, 2 * c.patch_size, 2 * c.patch_size, c.in_channels), jnp.float32),
+             jnp.zeros((1,), jnp.float32), jnp.zeros((1, 2, c.cap_feat_dim), jnp.float32),
+             jnp.ones((1, 2), bool))
+
+    def boxed_state(rng):
+      return state_lib.create_state(self.model.init(rng, *dummy)["params"], self.tx)
+
+    boxed = jax.eval_shape(boxed_state, jax.random.PRNGKey(0))
+    self.state_shardings = parallel.logical_shardings(boxed, mesh, self.rules)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        state_lib.unbox(boxed), self.state_shardings)
+    self._init = jax.jit(lambda rng: state_lib.unbox(boxed_state(rng)),
+                         out_shardings=self.state_shardings)
+    self._from_params = jax.jit(lambda p: state_lib.create_state(p, self.tx),
+                                in_shardings=(self.state_shardings.params,),
+                                out_shardings=self.state_shardings)
+    self.empty_text = load_empty_text(config)
+    step = dit_step.make_train_step(self.model, self.tx, config, self.empty_text)
+    repl = parallel.replicated(mesh)
+    batch_sh = {k: parallel.batch_sharding(mesh, nd) for k, nd in
+                (("latent", 4), ("text", 3), ("text_mask", 2), ("text_len", 1))}
+    self.step = jax.jit(step, in_shardings=(self.state_shardings, batch_sh, repl),
+                        out_shardings=(self.state_shardings, repl), donate_argnums=0)
+
+  def init_state(self, seed: int):
+    return self._init(jax.random.PRNGKey(seed))
+
+  def state_from_params(self, params):
+    return self._from_params(params)
+
+  def device_batch(self, local_batch: dict) -> dict:
+    return parallel.global_batch({k: local_batch[k] for k in dit_step.MODEL_INPUTS}, self.mesh)
+
+
+def restore_state(config, workdir: str, mesh, step: int | None = None):
+  """The saved state of `workdir` (newest step by default) on `mesh`'s shardings; returns
+  (state, step). Restoring onto a mesh other than the one that saved it is supported."""
+  setup = Setup(config, mesh)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    state, _ = ckpt.restore(step, setup.abstract_state)
+    return state, step
+  finally:
+    ckpt.close()
+
+
+class _StopFlag:
+  """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and returns."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def install(self) -> None:
+    if threading.current_thread() is not threading.main_thread():
+      return  # signal handlers can only be set from the main thread
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signal is not None:  # a second signal: the user does not want to wait for the save
+      raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}")
+    self.signal = signal.Signals(signum).name  # no logging here: handlers interrupt anything
+
+  def uninstall(self) -> None:
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+    self._old = {}
+
+
+def _check_finite(step: int, host: dict, ckpt) -> None:
+  for key in ("loss", "grad_norm"):
+    value = float(host[key])
+    if not math.isfinite(value):
+      ckpt.wait()
+      last = ckpt.latest_step()
+      where = (f"the last good checkpoint is step {last} in {ckpt.directory}" if last is not None
+               else "no checkpoint was written")
+      raise TrainingDiverged(f"{key} is {value} at step {step}: training stopped without saving "
+                             f"this state; {where}")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns a summary:
+  {"step", "stopped_by" (signal name or None), "resumed_from" (step or None), "last_record"}."""
+  parallel.initialize_distributed()
+  mesh_shape = validate_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  t = config.train
+  num_steps, log_every, ckpt_every = int(t.num_steps), int(t.log_every), int(t.checkpoint_every)
+
+  mesh = parallel.make_mesh(dict(config.mesh))
+  logging.info("mesh %s over %d devices (%s)", dict(zip(parallel.MESH_AXES, mesh_shape)),
+               jax.device_count(), jax.devices()[0].device_kind)
+  setup = Setup(config, mesh)
+  data_iter = make_data_iterator(config)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_checkpoints),
+                               async_save=bool(t.async_checkpointing))
+  logger = metrics_lib.MetricsLogger(workdir, num_steps=num_steps, num_devices=jax.device_count(),
+                                     chip=t.chip, is_main=is_main)
+  config_json = ckpt_lib.config_to_json(config)
+  stop = _StopFlag()
+  resumed_from = None
+  try:
+    with parallel.mesh_context(mesh, setup.rules):
+      latest = ckpt.latest_step()
+      if latest is not None:
+        state, _ = ckpt.restore(latest, setup.abstract_state, data_iter)
+        resumed_from = latest
+        logging.info("resumed from %s step %d", ckpt.directory, latest)
+        logger.event(latest, event="resume")
+      elif t.init_from:
+        params = ckpt_lib.load_params(t.init_from, setup.abstract_state.params)
+        state = setup.state_from_params(params)
+        logger.event(0, event="init_from", source=t.init_from)
+      else:
+        state = setup.init_state(int(config.seed))
+        logger.event(0, event="start")
+      if is_main:
+        logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(
+            state.params, include_stats=False))
+      step = int(jax.device_get(state.step))
+      if step != (resumed_from or 0):
+        raise RuntimeError(f"checkpoint {resumed_from} holds state.step {step}")
+      base_rng = jax.random.PRNGKey(int(config.seed))
+      last_saved = resumed_from
+      pending: list[tuple[int, Any, int, int, float]] = []
+      last_record = None
+      stop.install()
+      first = True
+      while step < num_steps and stop.signal is None:
+        local = next(data_iter)
+        if step + 1 == int(t.debug_nan_step):
+          local = dict(local, latent=np.full_like(local["latent"], np.nan))
+        b, h, w = local["latent"].shape[:3]
+        cap_len = local["text"].shape[1]
+        n_img = (h // setup.model_cfg.patch_size) * (w // setup.model_cfg.patch_size)
+        batch = setup.device_batch(local)
+        state, m = setup.step(state, batch, jax.random.fold_in(base_rng, step))
+        step += 1
+        gb = int(t.global_batch_size)
+        pending.append((step, m, gb, gb * (n_img + cap_len),
+                        metrics_lib.dit_train_flops(setup.model_cfg, gb, (h, w), cap_len)))
+        if first:  # exclude compilation from the throughput numbers
+          jax.block_until_ready(m)
+          logger.restart_clock()
+          first = False
+        at_end = step == num_steps or stop.signal is not None
+        save_now = step % ckpt_every == 0 or at_end
+        if step % log_every == 0 or save_now:
+          for s, pm, images, tokens, flops in pending:
+            host = jax.device_get(pm)
+            _check_finite(s, host, ckpt)
+            logger.add(host, images=images, tokens=tokens, flops=flops)
+            if s % log_every == 0 or (at_end and s == step):
+              last_record = logger.write(s)
+          pending = []
+        if save_now and last_saved != step:
+          ckpt.save(step, state, data_iter, config_json)
+          last_saved = step
+          logger.event(step, event="checkpoint")
+      if stop.signal is not None:
+        if last_saved != step:
+          for s, pm, *_ in pending:
+            _check_finite(s, jax.device_get(pm), ckpt)
+          ckpt.save(step, state, data_iter, config_json)
+        logging.warning("%s received: saved step %d to %s and stopping", stop.signal, step,
+                        ckpt.directory)
+        logger.event(step, event="stopped", signal=stop.signal)
+      ckpt.wait()
+      return {"step": step, "stopped_by": stop.signal, "resumed_from": resumed_from,
+              "last_record": last_record}
+  finally:
+    stop.uninstall()
+    ckpt.close()
+    logger.close()

@@ -1,0 +1,370 @@
+"""The DiT training loop on CPU: mesh equivalence, kill/resume, SIGTERM, NaN stop, bad configs and
+a falling loss, on tiny models and synthetic learnable record datasets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from svg_jax import parallel
+from svg_jax.data import records
+from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax.train import loop
+from svg_jax.train import metrics as metrics_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import tiny  # noqa: E402
+
+# Model dims divisible by every mesh axis used below (fsdp 4 on dim/adaln, tensor 2 on heads/mlp).
+MODEL = dict(in_channels=8, cap_feat_dim=16, dim=64, n_heads=4, n_kv_heads=2, axes_dims=(4, 6, 6),
+             n_layers=1, n_refiner_layers=1, multiple_of=32)
+# The same overrides as command-line flags, for the subprocess tests.
+FLAGS = ["--config.model.in_channels=8", "--config.model.cap_feat_dim=16",
+         "--config.model.dim=64", "--config.model.n_heads=4", "--config.model.n_kv_heads=2",
+         "--config.model.axes_dims=(4,6,6)", "--config.model.n_layers=1",
+         "--config.model.n_refiner_layers=1", "--config.model.multiple_of=32",
+         "--config.data.caption_len_buckets=(16,)", "--config.data.max_caption_len=16"]
+
+
+def _dataset(path, buckets=((4, 4),), n=64, seed=0):
+  records.write_random_dataset(path, buckets=buckets, num_records=n, latent_channels=8,
+                               text_dim=16, learnable=True, caption_len=(1, 8), seed=seed)
+  return str(path)
+
+
+def _config(data_dir, **train):
+  c = tiny.get_config()
+  c.model.update(MODEL)
+  c.data.path = data_dir
+  c.data.caption_len_buckets = (16,)
+  c.data.max_caption_len = 16
+  c.train.global_batch_size = 8
+  c.train.log_every = 1
+  c.train.checkpoint_every = 1000
+  c.train.async_checkpointing = True
+  c.train.update(train)
+  return c
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+  """step -> loss; a step logged twice (recomputed after a resume) keeps its last value."""
+  return {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return _dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+# ----------------------------------------------------------------------------- 1. meshes
+
+
+def _run_steps(config, mesh, n):
+  setup = loop.Setup(config, mesh)
+  it = loop.make_data_iterator(config)
+  out = []
+  with parallel.mesh_context(mesh, config.axis_rules):
+    state = setup.init_state(config.seed)
+    rng = jax.random.PRNGKey(config.seed)
+    for step in range(n):
+      state, m = setup.step(state, setup.device_batch(next(it)), jax.random.fold_in(rng, step))
+      out.append((float(m["loss"]), float(m["grad_norm"])))
+    params = jax.device_get(state.params)
+  return np.array(out), params
+
+
+@pytest.fixture(scope="module")
+def one_device_run(data_dir):
+  config = _config(data_dir, caption_dropout=0.5)  # dropout on: the drop pattern must match too
+  config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+  return _run_steps(config, parallel.make_mesh(config.mesh, jax.devices()[:1]), 5)
+
+
+@pytest.mark.parametrize("sizes, micro", [(dict(data=8, fsdp=1, tensor=1), 1),
+                                          (dict(data=2, fsdp=4, tensor=1), 1),
+                                          (dict(data=2, fsdp=2, tensor=2), 2)])
+def test_meshes_give_the_same_losses(data_dir, one_device_run, sizes, micro):
+  """Sharded steps equal one-device steps; the (2,2,2) case also accumulates gradients over two
+  micro-batches, which must equal one batch (the same noise and t are drawn for the batch)."""
+  assert jax.device_count() == 8
+  ref, ref_params = one_device_run
+  assert np.all(np.isfinite(ref)) and len(set(ref[:, 0])) == 5
+  config = _config(data_dir, caption_dropout=0.5, micro_batches=micro)
+  config.mesh.update(sizes)
+  got, params = _run_steps(config, parallel.make_mesh(sizes), 5)
+  dl, dg = np.max(np.abs(got - ref), axis=0)
+  print(f"{sizes} micro_batches={micro}: max |loss diff| {dl:.3g}, max |grad norm diff| {dg:.3g}")
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+  diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params, ref_params)
+  print(f"  max |param diff| after 5 steps {max(jax.tree.leaves(diffs)):.3g}")
+  assert max(jax.tree.leaves(diffs)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- 2./3. processes
+
+
+NUM_STEPS = 60
+
+
+def _command(data_dir, workdir, num_steps=NUM_STEPS):
+  return [sys.executable, os.path.join(REPO, "launch", "train.py"),
+          "--config", os.path.join(REPO, "configs", "tiny.py"), "--workdir", str(workdir),
+          f"--config.data.path={data_dir}", f"--config.train.num_steps={num_steps}",
+          "--config.train.global_batch_size=8", "--config.train.lr=2e-3",
+          "--config.train.warmup_steps=5", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=3", "--config.train.keep_checkpoints=2", *FLAGS]
+
+
+def _env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one compile, one device
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _wait_for_step(proc, workdir, k, timeout=240):
+  path = os.path.join(workdir, "metrics.jsonl")
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if proc.poll() is not None:
+      raise AssertionError(f"the run ended (rc {proc.returncode}) before step {k}")
+    if os.path.exists(path) and any(r.get("step", 0) >= k and "loss" in r
+                                    for r in _records(workdir)):
+      return
+    time.sleep(0.02)
+  raise AssertionError(f"no step {k} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_dir, tmp_path_factory):
+  """An uninterrupted run of launch/train.py (one device); step -> loss."""
+  workdir = tmp_path_factory.mktemp("ref")
+  out = subprocess.run(_command(data_dir, workdir), env=_env(), capture_output=True,
+                       text=True, timeout=400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+  return losses
+
+
+@pytest.mark.slow
+def test_loss_falls_on_learnable_data(reference_run):
+  first = np.mean([reference_run[s] for s in range(1, 11)])
+  last = np.mean([reference_run[s] for s in range(NUM_STEPS - 9, NUM_STEPS + 1)])
+  print(f"loss: first 10 steps {first:.4f}, last 10 steps {last:.4f}")
+  assert last < 0.6 * first
+
+
+@pytest.mark.slow
+def test_sigkill_resume_reproduces_the_losses(data_dir, reference_run, tmp_path):
+  k = int(np.random.default_rng().integers(5, 21))
+  proc = subprocess.Popen(_command(data_dir, tmp_path), env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    _wait_for_step(proc, tmp_path, k)
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = max(_losses(tmp_path))
+  assert killed_at < NUM_STEPS, "the run finished before it could be killed"
+  out = subprocess.run(_command(data_dir, tmp_path), env=_env(), capture_output=True,
+                       text=True, timeout=400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  resumes = [r for r in _records(tmp_path) if r.get("event") == "resume"]
+  assert len(resumes) == 1 and 0 < resumes[0]["step"] <= killed_at
+  losses = _losses(tmp_path)
+  assert sorted(losses) == list(range(1, NUM_STEPS + 1))
+  diff = max(abs(losses[s] - reference_run[s]) for s in losses)
+  print(f"killed after step {killed_at}, resumed at {resumes[0]['step']}: max |loss diff| {diff}")
+  assert diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
+  proc = subprocess.Popen(_command(data_dir, tmp_path), env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    _wait_for_step(proc, tmp_path, 4)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  assert "SIGTERM received: saved step" in err
+  stopped = [r for r in _records(tmp_path) if r.get("event") == "stopped"]
+  assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"
+  step = stopped[0]["step"]
+  assert 4 <= step < NUM_STEPS
+  # The checkpoint of the stop step is complete and loadable (here onto an 8-device mesh).
+  config = _config(data_dir)
+  state, saved = loop.restore_state(config, str(tmp_path), parallel.make_mesh(config.mesh))
+  assert saved == step and int(state.step) == step
+
+
+# ----------------------------------------------------------------------------- 4. NaN
+
+
+def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
+  config = _config(data_dir, num_steps=12, checkpoint_every=2, log_every=3, debug_nan_step=6)
+  with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 6: training stopped "
+                     r"without saving this state; the last good checkpoint is step 4"):
+    loop.train(config, str(tmp_path))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
+  assert ckpt.all_steps() == [2, 4]
+  ckpt.close()
+  # Loadable, finite, and the same values on two other meshes (restore onto a different mesh).
+  config.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  a, step = loop.restore_state(config, str(tmp_path), parallel.make_mesh(config.mesh))
+  config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+  b, _ = loop.restore_state(config, str(tmp_path),
+                            parallel.make_mesh(config.mesh, jax.devices()[:1]))
+  assert step == 4 and int(a.step) == 4
+  leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
+  assert all(np.all(np.isfinite(x)) for x in leaves_a)
+  assert all(np.array_equal(x, y) for x, y in zip(leaves_a, leaves_b))
+  kernel = a.params["layers_0"]["feed_forward"]["w1"]["kernel"]
+  assert len({str(s.index) for s in kernel.addressable_shards}) > 1  # really sharded
+
+  # init_from (next stage): only the params are read; optimizer and EMA start afresh from them.
+  config.train.update(dict(debug_nan_step=-1, init_from=str(tmp_path)))
+  mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
+  setup = loop.Setup(config, mesh)
+  params = ckpt_lib.load_params(str(tmp_path), setup.abstract_state.params)
+  assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), jax.device_get(params),
+                                   jax.device_get(a.params)))
+  fresh = setup.state_from_params(params)
+  assert int(fresh.step) == 0
+  assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(fresh.ema_params),
+                                   jax.device_get(a.params)))
+  assert all(not np.any(x) for x in jax.tree.leaves(jax.device_get(fresh.opt_state)))
+  wrong = _config(data_dir)
+  wrong.model.dim = 32
+  wrong.model.axes_dims = (2, 2, 4)
+  with pytest.raises(ValueError, match="init_from: the checkpoint's params do not fit the model"):
+    ckpt_lib.load_params(str(tmp_path), loop.Setup(wrong, mesh).abstract_state.params)
+
+
+# ----------------------------------------------------------------------------- 5. bad configs
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.mesh.update(dict(data=3, fsdp=1, tensor=1)),
+     "needs 3 devices but this run has 8"),
+    (lambda c: c.train.update(dict(global_batch_size=12)),
+     "micro batch 12 .* is not divisible by the 8 batch shards"),
+    (lambda c: c.train.update(dict(global_batch_size=16, micro_batches=3)),
+     "global_batch_size 16 is not divisible by train.micro_batches 3"),
+    (lambda c: c.data.update(dict(path="/nonexistent/data")),
+     "data.path '/nonexistent/data' does not exist"),
+    (lambda c: c.model.update(dict(cap_feat_dim=32)),
+     "text features have dim 16 but model.cap_feat_dim is 32"),
+])
+def test_bad_config_fails_with_one_line_before_compiling(data_dir, tmp_path, monkeypatch, change,
+                                                         message):
+  config = _config(data_dir)
+  change(config)
+
+  def no_compile(*args, **kwargs):
+    raise AssertionError("compiled before the config was checked")
+
+  monkeypatch.setattr(loop.jax, "jit", no_compile)
+  monkeypatch.setattr(loop.jax, "eval_shape", no_compile)
+  with pytest.raises(loop.ConfigError, match=message) as info:
+    loop.train(config, str(tmp_path))
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_field_fails_on_the_command_line(data_dir, tmp_path):
+  cmd = _command(data_dir, tmp_path, 2) + ["--config.train.lerning_rate=1e-3"]
+  out = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  lines = [l for l in out.stderr.splitlines() if l.strip()]
+  assert lines == [lines[0]] and lines[0].startswith(
+      "config error: unknown config field 'lerning_rate' (given as --config.train.lerning_rate)")
+  assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def test_flop_count_matches_xla_cost_analysis():
+  """The analytic forward FLOPs agree with XLA's count of the compiled forward (fp32, 1 device)."""
+  from svg_jax import config as config_lib
+  from svg_jax.models.nextdit import NextDiT
+  c = tiny.get_config()
+  c.model.update(MODEL)
+  cfg = config_lib.nextdit_config(c)
+  model = NextDiT(cfg)
+  b, h, w, lc = 2, 4, 6, 16
+  args = (np.zeros((b, h, w, 8), np.float32), np.zeros((b,), np.float32),
+          np.zeros((b, lc, 16), np.float32), np.ones((b, lc), bool))
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
+  fwd = jax.jit(model.apply).lower(params, *args).compile().cost_analysis()
+  fwd = fwd[0] if isinstance(fwd, list) else fwd
+  ours = metrics_lib.dit_train_flops(cfg, b, (h, w), lc) / 3
+  # XLA also counts elementwise work (norms, RoPE, softmax), so it is a little higher.
+  print(f"analytic forward FLOPs / XLA's: {ours / fwd['flops']:.3f}")
+  assert 0.8 * fwd["flops"] < ours <= 1.05 * fwd["flops"], (ours, fwd["flops"])
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_caption_dropout_uses_the_empty_prompt():
+  from svg_jax.train import dit_step
+  rng = np.random.default_rng(0)
+  text = rng.standard_normal((6, 5, 4)).astype(np.float32)
+  mask = np.arange(5)[None] < np.array([5, 3, 1, 2, 4, 5])[:, None]
+  empty = rng.standard_normal((2, 4)).astype(np.float32)
+  key = jax.random.PRNGKey(0)
+  t1, m1, d1 = dit_step.apply_caption_dropout(key, text, mask, empty, 1.0)
+  assert np.all(np.asarray(d1))
+  np.testing.assert_array_equal(np.asarray(m1), np.broadcast_to(np.arange(5) < 2, (6, 5)))
+  np.testing.assert_array_equal(np.asarray(t1)[:, :2], np.broadcast_to(empty, (6, 2, 4)))
+  assert not np.any(np.asarray(t1)[:, 2:])
+  t0, m0, d0 = dit_step.apply_caption_dropout(key, text, mask, empty, 0.0)
+  assert not np.any(np.asarray(d0))
+  np.testing.assert_array_equal(np.asarray(t0), text)
+  np.testing.assert_array_equal(np.asarray(m0), mask)
+  with pytest.raises(ValueError, match="the empty prompt has 6 tokens but the caption is padded"):
+    dit_step.apply_caption_dropout(key, text, mask, np.zeros((6, 4), np.float32), 0.5)
+
+
+def test_empty_text_from_the_dataset_folder(data_dir, tmp_path):
+  config = _config(data_dir)
+  np.testing.assert_array_equal(loop.load_empty_text(config), np.zeros((1, 16), np.float32))
+  feats = np.arange(32, dtype=np.float32).reshape(2, 16)
+  np.save(tmp_path / "bos.npy", feats)
+  config.data.empty_text = str(tmp_path / "bos.npy")
+  np.testing.assert_array_equal(loop.load_empty_text(config), feats)
+  np.save(tmp_path / "bad.npy", np.zeros((2, 8), np.float32))
+  config.data.empty_text = str(tmp_path / "bad.npy")
+  with pytest.raises(loop.ConfigError, match="data.empty_text has dim 8, model.cap_feat_dim is 16"):
+    loop.validate_config(config)
+
+
+def test_lr_schedules():
+  from svg_jax.train import state as state_lib
+  c = tiny.get_config().train
+  c.update(dict(lr=1e-3, warmup_steps=10, num_steps=110, lr_schedule="constant"))
+  assert float(state_lib.lr_schedule(c)(0)) == pytest.approx(1e-3)
+  c.lr_schedule = "warmup_constant"
+  f = state_lib.lr_schedule(c)
+  assert [float(f(s)) for s in (0, 5, 10, 100)] == pytest.approx([0, 5e-4, 1e-3, 1e-3])
+  c.lr_schedule = "warmup_cosine"
+  f = state_lib.lr_schedule(c)
+  # Half way through the 100 decay steps the cosine is at half the peak; it ends at 0.
+  assert [float(f(s)) for s in (5, 10, 60, 110)] == pytest.approx([5e-4, 1e-3, 5e-4, 0],
+                                                                    abs=1e-9)
