@@ -28,7 +28,6 @@ def get_config(variant: str = "stage1_256"):
   c.model.update(dict(compute_dtype="bfloat16", scan_layers=True, remat_policy="full"))
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   c.data.resolution = STAGES[variant]
-  c.data.caption_len_buckets = (64, 128, 256)
   c.data.max_caption_len = 256
   c.train.global_batch_size = 512
   c.train.lr = 2e-4

@@ -14,7 +14,6 @@ def get_config():
       scan_layers=False, remat_policy="none", compute_dtype="float32"))
   c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   c.data.resolution = 64
-  c.data.caption_len_buckets = (32, 64)
   c.data.max_caption_len = 64
   c.train.global_batch_size = 16
   c.train.num_steps = 300

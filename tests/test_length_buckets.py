@@ -33,3 +33,17 @@ def test_padding_fraction_counts_pipeline_padding():
   grouped = lb.padding_fraction(np.array([10, 40, 12, 44]), 0, (32, 64), batch_size=2,
                                 group_by_length=True)
   assert grouped == (22 + 20 + 24 + 20) / (86 + 106)
+
+
+def test_pipeline_fits_buckets_to_the_manifest_histogram():
+  from svg_jax.data.pipeline import PipelineConfig
+  histogram = {"20": 300, "27": 500, "31": 200, "60": 10}  # json keys are strings
+  fitted = PipelineConfig(4, max_caption_len=64, num_caption_buckets=3).length_buckets(histogram)
+  # 24 | 32 | 64 pads 300*4 + 500*5 + 200*1 + 10*4 tokens, the least any 3 multiples of 8 can
+  assert fitted == (24, 32, 64)
+  lengths = np.repeat([20, 27, 31, 60], [300, 500, 200, 10])
+  assert _padding(lengths, fitted) == 3940 < _padding(lengths, (32, 64))
+  # explicit buckets win; no histogram or num_caption_buckets=0 falls back to multiples of 32
+  assert PipelineConfig(4, max_caption_len=64, caption_len_buckets=(16, 64),
+                        num_caption_buckets=3).length_buckets(histogram) == (16, 64)
+  assert PipelineConfig(4, max_caption_len=64).length_buckets(histogram) == (32, 64)

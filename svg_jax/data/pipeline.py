@@ -48,6 +48,7 @@ import ml_dtypes
 import numpy as np
 from grain.sources import ArrayRecordDataSource
 
+from svg_jax.data import length_buckets as length_buckets_lib
 from svg_jax.data import records
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,11 @@ class PipelineConfig:
 
   per_process_batch_size: examples per batch on this process (global batch / process count).
   max_caption_len: longest caption kept (tokens); longer ones are cut and reported.
-  caption_len_buckets: increasing pad lengths; empty means multiples of 32 up to max_caption_len.
-    The last bucket must equal max_caption_len.
+  caption_len_buckets: increasing pad lengths; the last must equal max_caption_len. Empty means:
+    fitted to the dataset's caption-length histogram (manifest `text_len_histogram`) when
+    `num_caption_buckets` > 0 (see svg_jax/data/length_buckets.py; bench/padding.py measures the
+    padding this saves), else multiples of 32 up to max_caption_len.
+  num_caption_buckets: how many buckets to fit when caption_len_buckets is empty (0: don't fit).
   seed: shuffle seed; must be the same on every host.
   bucket_weights: mixing weight per bucket key ("<h>x<w>"); None means the manifest record counts.
   buckets: bucket keys to use; empty means all buckets of the manifest.
@@ -84,6 +88,7 @@ class PipelineConfig:
   per_process_batch_size: int
   max_caption_len: int = 256
   caption_len_buckets: tuple[int, ...] = ()
+  num_caption_buckets: int = 0
   seed: int = 0
   bucket_weights: Mapping[str, float] | None = None
   buckets: tuple[str, ...] = ()
@@ -108,9 +113,15 @@ class PipelineConfig:
         cfg[key] = tuple(cfg[key])
     return cls(**cfg)
 
-  def length_buckets(self) -> tuple[int, ...]:
-    b = tuple(int(v) for v in self.caption_len_buckets) or default_caption_buckets(
-        self.max_caption_len)
+  def length_buckets(self, text_len_histogram: Mapping[str, int] | None = None) -> tuple[int, ...]:
+    b = tuple(int(v) for v in self.caption_len_buckets)
+    if not b and self.num_caption_buckets > 0 and text_len_histogram:
+      lengths = np.repeat([int(k) for k in text_len_histogram],
+                          [int(v) for v in text_len_histogram.values()])
+      b = length_buckets_lib.optimal_length_buckets(
+          lengths, self.num_caption_buckets, multiple=8, max_len=self.max_caption_len)
+      b = b[:-1] + (self.max_caption_len,)
+    b = b or default_caption_buckets(self.max_caption_len)
     if any(v < 1 for v in b) or list(b) != sorted(set(b)):
       raise ValueError(f"caption_len_buckets must be positive and strictly increasing, got {b}")
     if b[-1] != self.max_caption_len:
@@ -293,7 +304,7 @@ def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[
       raise ValueError(f"bucket_weights must be positive, got {dict(zip(keys, weights))}")
 
   text_kind, text_dim = manifest["text"]["kind"], manifest["text"].get("dim")
-  length_buckets = config.length_buckets()
+  length_buckets = config.length_buckets(manifest.get("text_len_histogram"))
   collate = _Collate(length_buckets, text_kind, config.latent_dtype, config.text_dtype,
                      config.pad_token_id)
   per_bucket = []
