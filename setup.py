@@ -27,6 +27,7 @@ TEST = [
     "pytest>=8",
     "torch==2.13.0",
     "scikit-image==0.26.0",  # SSIM reference
+    "tensorflow-datasets==4.9.10",  # tfds mock data for the precompute reader (no TensorFlow needed)
     "diffusers>=0.42,<0.43",
 ]
 

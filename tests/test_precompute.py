@@ -1,0 +1,511 @@
+"""Feature precomputation: real images, bad inputs, resume, processes, tfds, the pipeline, the CLI.
+
+References: the records are checked against `SVGAutoencoder.encode` of `autoencoder.preprocess`'s
+crop (itself tested against transformers' DINOv3 in test_autoencoder) and `text.TextEncoder`
+(tested against transformers' Gemma2Model in test_gemma2 / test_demo_text_encoder), loaded
+independently from the same files: a tiny random DINOv3 saved as an official .pth through
+svg_jax.convert, and the demo text encoder folder (HF safetensors + tokenizer). The real images
+are the shared test assets; bad files are made with PIL / raw bytes here.
+"""
+import dataclasses
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import ml_collections
+import ml_dtypes
+import numpy as np
+import pytest
+from PIL import Image
+
+import test_dinov3
+from svg_jax import autoencoder as ae_lib
+from svg_jax import demo_text_encoder as demo
+from svg_jax import latent_stats as ls
+from svg_jax import text as text_lib
+from svg_jax.convert import dinov3 as enc_conv
+from svg_jax.convert.torch_pickle import save_torch_file
+from svg_jax.data import pipeline, records, shapes
+from svg_jax.data import precompute as pc
+
+ASSETS = "/work/shared/assets/svg_t2i"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENC = test_dinov3.SMALL  # dim 64, 3 blocks, 2 registers, patch 16
+CAPTIONS = [shapes.item_spec(0, "train", i, 64)["prompt"] for i in range(120)]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """Tiny random DINOv3 (.pth, official keys), statistics, and the demo text encoder."""
+  root = tmp_path_factory.mktemp("precompute_models")
+  model = test_dinov3._random_hf(test_dinov3.SMALL_HF, seed=21)
+  params = enc_conv.hf_to_params(test_dinov3._hf_state(model), ENC)
+  enc_path = str(root / "dinov3_tiny.pth")
+  save_torch_file(enc_path, enc_conv.params_to_official(params, ENC))
+  stats_path = str(root / "stats.pt")
+  rng = np.random.default_rng(3)
+  ls.save_latent_stats(stats_path, rng.normal(0, 0.3, ENC.dim), rng.uniform(0.5, 1.5, ENC.dim))
+  text_dir = demo.ensure_demo_text_encoder(str(root / "text"), CAPTIONS, seed=0)
+  return {"encoder": enc_path, "stats": stats_path, "text": text_dir}
+
+
+def _config(files, **overrides):
+  c = pc.default_config()
+  c.autoencoder.encoder.update(dataclasses.asdict(ENC))
+  c.autoencoder.encoder_path, c.autoencoder.stats_path = files["encoder"], files["stats"]
+  c.precompute.text_encoder_dir = files["text"]
+  c.precompute.update(dict(resolution=64, min_side=16, batch_size=4, records_per_shard=64,
+                           num_threads=2))
+  c.precompute.update(overrides)
+  return c
+
+
+@pytest.fixture(scope="module")
+def job_factory(files):
+  """Builds Precomputers; the loaded encoders are shared between tests (loading is slow)."""
+  cache = {}
+
+  def make(**overrides):
+    config = _config(files, **overrides)
+    mode = config.precompute.text_mode
+    if mode not in cache:
+      cache[mode] = pc.build(config)
+    base = cache[mode]
+    text_side = base.text
+    text_side.cfg = config.precompute  # same model; lengths / prompts from this config
+    return pc.Precomputer(config.precompute, base.ae, text_side,
+                          process_index=overrides.get("process_index", 0),
+                          process_count=overrides.get("process_count", 1),
+                          stream=sys.stdout)
+
+  return make
+
+
+@pytest.fixture(scope="module")
+def references(files):
+  """Independent single-device encoder and a float32 TextEncoder from the same files."""
+  config = _config(files)
+  ae = ae_lib.SVGAutoencoder.from_config(config.autoencoder, decoder=False)
+  te = text_lib.TextEncoder.from_pretrained(files["text"], max_length=text_lib.TRAIN_MAX_LENGTH)
+  return ae, te
+
+
+def _read_all(out):
+  manifest = records.read_manifest(out)
+  recs = []
+  for s in manifest["shards"]:
+    for raw in records.read_shard(os.path.join(out, s["name"])):
+      rec = records.decode_record(raw)
+      assert records.bucket_key(rec["bucket"]) == s["bucket"]
+      recs.append(rec)
+  return manifest, {r["source"]: r for r in recs}
+
+
+def _write_jsonl(path, lines):
+  with open(path, "w") as f:
+    for line in lines:
+      f.write(line if isinstance(line, str) else json.dumps(line))
+      f.write("\n")
+  return str(path)
+
+
+def _bf16_close(got_bf16, want_f32):
+  """max |got - want| in units of 2^-8 |want| (half a bf16 ulp at most): got is want rounded to
+  bf16 when this is <= 1; fp32 noise (other batch padding, other device split) can flip a
+  rounding near a midpoint, so callers allow 2 (one bf16 ulp)."""
+  got = np.asarray(got_bf16, np.float32)
+  want = np.asarray(want_f32, np.float32)
+  err = np.abs(got - want)
+  return float(np.max(err / (np.abs(want) * 2.0 ** -8 + 1e-6)))
+
+
+def test_acceptance_two_real_images_plus_corrupt_and_missing(files, job_factory, references,
+                                                             tmp_path):
+  corrupt = tmp_path / "corrupt.png"
+  corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+  jsonl = _write_jsonl(tmp_path / "train.jsonl", [
+      {"path": f"{ASSETS}/hello.png", "prompt": "the word hello"},
+      {"path": "corrupt.png", "prompt": "a broken file"},
+      {"image_path": f"{ASSETS}/man.jpg", "super_high_quality_caption": "a man"},
+      {"path": "missing.jpg", "prompt": "not there"},
+  ])
+  job = job_factory(resolution=256)
+  out = str(tmp_path / "out")
+  manifest = job.run(pc.list_inputs(jsonl, "jsonl", job.cfg), out)
+  assert manifest == records.read_manifest(out)
+  manifest, recs = _read_all(out)
+  assert sorted(recs) == [f"{ASSETS}/hello.png", f"{ASSETS}/man.jpg"]
+  bad = {b["key"]: b["reason"] for b in manifest["bad_inputs"]}
+  assert set(bad) == {"corrupt.png", "missing.jpg"}
+  assert "missing file" in bad["missing.jpg"]
+  assert "corrupt" in bad["corrupt.png"]
+  assert manifest["num_inputs"] == 4 and manifest["num_records"] == 2
+  # hello.png is RGBA: converted (alpha on white), counted, not dropped.
+  assert manifest["conversions"] == {"alpha_on_white": {"count": 1,
+                                                        "examples": [f"{ASSETS}/hello.png"]}}
+  assert manifest["buckets"] == {"12x20": 1, "16x16": 1}  # 320x192 and 256x256 pixels
+  assert manifest["fingerprints"] == {
+      "encoder": "sha256:" + ls.file_sha256(files["encoder"]),
+      "statistics": job.ae.fingerprints["statistics"],
+      "text_encoder": job.text.fingerprint()}
+
+  # A trainer can compute the same fingerprints from its config without loading any model.
+  config = _config(files, resolution=256)
+  assert pc.expected_fingerprints(config) == manifest["fingerprints"]
+  config.autoencoder.bf16_stats = True
+  assert pc.expected_fingerprints(config)["statistics"].endswith(":bf16")
+  config.precompute.hidden_layer = -1
+  with pytest.raises(records.FingerprintMismatchError, match="text_encoder"):
+    records.check_fingerprints(manifest, pc.expected_fingerprints(config))
+
+  ref_ae, ref_te = references
+  hist = {}
+  for path, caption, prompt in (
+      (f"{ASSETS}/hello.png", "the word hello", text_lib.BASE_SYSTEM_PROMPT),
+      (f"{ASSETS}/man.jpg", "a man", text_lib.SUPER_HIGH_QUALITY_SYSTEM_PROMPT)):
+    rec = recs[path]
+    crop, (w, h) = ae_lib.preprocess(path, 256)
+    want = ref_ae.encode(crop[None])[0]
+    assert rec["latent"].dtype == ml_dtypes.bfloat16 and rec["latent"].shape == want.shape
+    assert rec["bucket"] == (h // 16, w // 16)
+    with Image.open(path) as im:
+      assert rec["orig_size"] == im.size
+    rel = _bf16_close(rec["latent"], want)
+    print(f"{os.path.basename(path)}: latent vs SVGAutoencoder.encode: {rel:.3f} half-ulps")
+    assert rel <= 2.0
+    assert rec["caption"] == caption
+    ids, mask = text_lib.tokenize(ref_te.tokenizer, [caption], prompt, text_lib.TRAIN_MAX_LENGTH)
+    feats, lens = ref_te.encode_tokens(ids, mask)
+    n = int(lens[0])
+    assert rec["text_len"] == n == int(mask.sum()) and rec["text_features"].shape == (n, 128)
+    rel = _bf16_close(rec["text_features"], np.asarray(feats)[0, :n])
+    print(f"{os.path.basename(path)}: text features vs TextEncoder: {rel:.3f} half-ulps")
+    assert rel <= 2.0
+    hist[str(n)] = hist.get(str(n), 0) + 1
+  assert manifest["text_len_histogram"] == dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+  # The unconditional features: "" -> <bos> only, no system prompt, bf16 precision.
+  empty = np.load(os.path.join(out, pc.EMPTY_TEXT_FILE))
+  feats, lens = ref_te.empty_prompt_features()
+  assert int(lens[0]) == 1 and empty.shape == (1, 128) and empty.dtype == np.float32
+  assert _bf16_close(empty, np.asarray(feats)[0, :1]) <= 2.0
+  assert np.array_equal(empty, pc.bf16_round(empty))
+  assert manifest["empty_text"]["shape"] == [1, 128]
+
+  # The training pipeline reads the output.
+  it = pipeline.make_pipeline(out, {"per_process_batch_size": 1, "max_caption_len": 256,
+                                    "num_threads": 0, "prefetch_buffer_size": 0},
+                              process_index=0, process_count=1,
+                              expected_fingerprints=manifest["fingerprints"])
+  for _ in range(2):
+    batch = next(it)
+    rec = recs[str(batch["source"][0])]
+    n = rec["text_len"]
+    np.testing.assert_array_equal(batch["latent"][0], rec["latent"].astype(np.float32))
+    np.testing.assert_array_equal(batch["text"][0, :n], rec["text_features"].astype(np.float32))
+    assert batch["text_mask"][0].sum() == n
+
+
+def _png(img, **kw):
+  buf = io.BytesIO()
+  img.save(buf, format="PNG", **kw)
+  return buf.getvalue()
+
+
+def _rgb(w, h, seed):
+  return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def test_every_bad_input_kind_is_reported_and_conversions_kept(job_factory, references, tmp_path):
+  d = tmp_path / "imgs"
+  d.mkdir()
+  (d / "good.png").write_bytes(_png(_rgb(48, 40, 0)))
+  (d / "zero.png").write_bytes(b"")
+  (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg at all" * 8)
+  whole = _png(_rgb(64, 64, 1))
+  (d / "truncated.png").write_bytes(whole[:len(whole) // 2])
+  (d / "tiny.png").write_bytes(_png(_rgb(8, 8, 2)))
+  _rgb(40, 40, 3).convert("CMYK").save(d / "cmyk.jpg", format="JPEG")
+  sixteen = np.random.default_rng(4).integers(0, 65536, (40, 40), dtype=np.uint16)
+  Image.fromarray(sixteen).save(d / "sixteen.png")
+  assert Image.open(d / "sixteen.png").mode.startswith("I")
+  _rgb(40, 40, 5).convert("P").save(d / "palette.png")
+  rgba = np.random.default_rng(6).integers(0, 256, (40, 40, 4), dtype=np.uint8)
+  Image.fromarray(rgba, mode="RGBA").save(d / "rgba.png")
+  Image.fromarray(np.random.default_rng(8).random((40, 40), np.float32), mode="F").save(
+      d / "float_mode.tif")
+  lines = [
+      {"path": "imgs/good.png", "prompt": "a red circle"},
+      {"path": "imgs/missing.png", "prompt": "a red circle"},
+      {"path": "imgs/zero.png", "prompt": "a red circle"},
+      {"path": "imgs/corrupt.jpg", "prompt": "a red circle"},
+      {"path": "imgs/truncated.png", "prompt": "a red circle"},
+      {"path": "imgs/tiny.png", "prompt": "a red circle"},
+      {"path": "imgs/cmyk.jpg", "prompt": "a blue square"},
+      {"path": "imgs/sixteen.png", "prompt": "a green triangle"},
+      {"path": "imgs/palette.png", "prompt": "a white diamond"},
+      {"path": "imgs/rgba.png", "super_high_quality_caption": "a purple circle"},
+      {"path": "imgs/float_mode.tif", "prompt": "a red circle"},
+      {"path": "imgs/good.png", "prompt": ""},
+      {"path": "imgs/good.png", "prompt": "   \n"},
+      {"path": "imgs/good.png", "prompt": 42},
+      {"path": "imgs/good.png", "prompt": None},
+      {"path": "imgs/good.png"},
+      "{not json",
+      "[1, 2, 3]",
+      {"prompt": "no path"},
+      "",  # blank lines are not inputs
+  ]
+  jsonl = _write_jsonl(tmp_path / "data.jsonl", lines)
+  job = job_factory()
+  out = str(tmp_path / "out")
+  manifest = job.run(pc.list_inputs(jsonl, "jsonl", job.cfg), out)
+  _, recs = _read_all(out)
+  good = ["imgs/good.png", "imgs/cmyk.jpg", "imgs/sixteen.png", "imgs/palette.png",
+          "imgs/rgba.png"]
+  assert sorted(recs) == sorted(good)
+  assert {k: v["count"] for k, v in manifest["conversions"].items()} == {
+      "cmyk": 1, "16bit": 1, "palette": 1, "alpha_on_white": 1}
+  assert manifest["conversions"]["cmyk"]["examples"] == ["imgs/cmyk.jpg"]
+  got = [(b["key"], b["reason"]) for b in manifest["bad_inputs"]]
+  want = [("imgs/missing.png", "missing file"), ("imgs/zero.png", "zero-byte"),
+          ("imgs/corrupt.jpg", "corrupt"), ("imgs/truncated.png", "truncated"),
+          ("imgs/tiny.png", "too small: 8x8"), ("imgs/float_mode.tif", "unsupported mode F"),
+          ("imgs/good.png", "empty caption"), ("imgs/good.png", "empty caption"),
+          ("imgs/good.png", "caption is not a string (int"),
+          ("imgs/good.png", "caption is not a string (NoneType"),
+          ("imgs/good.png", "neither 'super_high_quality_caption' nor 'prompt'"),
+          ("data.jsonl:17", "not valid JSON"), ("data.jsonl:18", "a JSON list, not an object"),
+          ("data.jsonl:19", "no 'path' / 'image_path'")]
+  assert [k for k, _ in got] == [k for k, _ in want], got
+  for (key, reason), (_, frag) in zip(got, want):
+    assert frag in reason, (key, reason, frag)
+  assert manifest["num_inputs"] == len(lines) - 1
+  assert manifest["num_records"] + len(got) == manifest["num_inputs"]
+  # The converted images' latents are the encoder's output on the documented conversions.
+  ref_ae, _ = references
+  for key in ("imgs/cmyk.jpg", "imgs/sixteen.png", "imgs/palette.png", "imgs/rgba.png"):
+    crop, _ = ae_lib.preprocess(str(tmp_path / key), 64)
+    assert _bf16_close(recs[key]["latent"], ref_ae.encode(crop[None])[0]) <= 2.0
+  # The console summary names every bad input.
+  text = pc.summary(manifest)
+  for key, reason in got:
+    assert f"bad input {key}: {reason}" in text
+
+
+def test_folder_input(job_factory, tmp_path):
+  d = tmp_path / "folder"
+  (d / "sub").mkdir(parents=True)
+  _rgb(40, 48, 0).save(d / "a.png")
+  (d / "a.txt").write_text("a red circle\n")
+  _rgb(40, 40, 1).save(d / "sub" / "b.jpg")
+  (d / "sub" / "b.txt").write_text("a blue square")
+  _rgb(40, 40, 2).save(d / "no_caption.png")
+  _rgb(40, 40, 3).save(d / "empty.png")
+  (d / "empty.txt").write_text("  \n")
+  (d / "notes.md").write_text("not an image")
+  job = job_factory()
+  items = pc.read_folder(str(d))
+  assert [it.key for it in items] == ["a.png", "empty.png", "no_caption.png", "sub/b.jpg"]
+  manifest = job.run(pc.list_inputs(str(d), "folder", job.cfg), str(tmp_path / "out"))
+  _, recs = _read_all(str(tmp_path / "out"))
+  assert recs["a.png"]["caption"] == "a red circle"  # the newline of the file is stripped
+  assert sorted(recs) == ["a.png", "sub/b.jpg"]
+  assert {b["key"]: b["reason"] for b in manifest["bad_inputs"]} == {
+      "empty.png": "empty caption", "no_caption.png": "missing caption file no_caption.txt"}
+
+
+def _demo_jsonl(tmp_path, n):
+  root = str(tmp_path / "shapes")
+  shapes.write_dataset(root, n, 0, 64)
+  return os.path.join(root, "train.jsonl")
+
+
+def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_path,
+                                                               monkeypatch):
+  jsonl = _demo_jsonl(tmp_path, 10)
+  job = job_factory(records_per_shard=4)  # 3 chunks: 4 + 4 + 2 inputs
+  inputs = pc.list_inputs(jsonl, "jsonl", job.cfg)
+  full_out = str(tmp_path / "full")
+  full = job.run(inputs, full_out)
+  _, full_recs = _read_all(full_out)
+  assert len(full_recs) == 10 and len(full["bad_inputs"]) == 0
+
+  out = str(tmp_path / "resumed")
+  calls = []
+  real_flush = pc.Precomputer._flush
+
+  def crash_in_chunk_1(self, writer, group, stats):
+    if calls and calls[-1] == 1:
+      real_flush(self, writer, group[:1], stats)  # a partial shard is being written ...
+      raise KeyboardInterrupt("killed")  # ... when the job dies
+    real_flush(self, writer, group, stats)
+
+  real_run_chunk = pc.Precomputer.run_chunk
+
+  def spy(self, inputs, c, out, progress):
+    calls.append(c)
+    return real_run_chunk(self, inputs, c, out, progress)
+
+  monkeypatch.setattr(pc.Precomputer, "run_chunk", spy)
+  monkeypatch.setattr(pc.Precomputer, "_flush", crash_in_chunk_1)
+  with pytest.raises(KeyboardInterrupt):
+    job.run(inputs, out)
+  assert calls == [0, 1]
+  assert os.path.isfile(pc._chunk_file(out, 0)) and not os.path.isfile(pc._chunk_file(out, 1))
+  assert not os.path.exists(os.path.join(out, records.MANIFEST_NAME))
+  done0 = open(pc._chunk_file(out, 0)).read()
+  # Debris of a harder kill: a stale shard of chunk 1 and a scratch folder.
+  with open(os.path.join(out, "c000001-p000-4x4-00000.array_record"), "wb") as f:
+    f.write(b"half a shard")
+  os.makedirs(os.path.join(out, pc.PROGRESS_DIR, "chunk-000001.tmp-99999"))
+
+  monkeypatch.setattr(pc.Precomputer, "_flush", real_flush)
+  calls.clear()
+  resumed = job.run(inputs, out)
+  assert calls == [1, 2]  # chunk 0 skipped
+  assert open(pc._chunk_file(out, 0)).read() == done0
+  assert resumed == full
+  _, recs = _read_all(out)
+  assert recs.keys() == full_recs.keys()
+  for key, rec in recs.items():
+    for field, value in rec.items():
+      if isinstance(value, np.ndarray):
+        np.testing.assert_array_equal(value, full_recs[key][field])
+      else:
+        assert value == full_recs[key][field], (key, field)
+  assert sorted(os.listdir(os.path.join(out, pc.PROGRESS_DIR))) == [
+      "chunk-000000.json", "chunk-000001.json", "chunk-000002.json", pc.PLAN_FILE]
+  assert sorted(os.listdir(out)) == sorted(
+      [s["name"] for s in full["shards"]] + [records.MANIFEST_NAME, pc.EMPTY_TEXT_FILE,
+                                             pc.PROGRESS_DIR])
+  # A third run has nothing to do; a run with another chunking is refused.
+  calls.clear()
+  assert job.run(inputs, out) == full and calls == []
+  other = job_factory(records_per_shard=5)
+  with pytest.raises(ValueError, match=r"different plan \(differs in \['records_per_shard'\]\)"):
+    other.run(inputs, out)
+  # A shard deleted after the fact makes its chunk redo.
+  os.remove(os.path.join(out, full["shards"][-1]["name"]))
+  calls.clear()
+  assert job_factory(records_per_shard=4).run(inputs, out) == full and calls == [2]
+
+
+def test_processes_split_the_chunks(job_factory, tmp_path):
+  jsonl = _demo_jsonl(tmp_path, 7)
+  single = job_factory(records_per_shard=2)
+  inputs = pc.list_inputs(jsonl, "jsonl", single.cfg)
+  want = single.run(inputs, str(tmp_path / "one"))
+  _, want_recs = _read_all(str(tmp_path / "one"))
+  out = str(tmp_path / "two")
+  p1 = job_factory(records_per_shard=2, process_index=1, process_count=2)
+  assert p1.run(inputs, out) is None  # chunks 1, 3 done; 0, 2 missing: no manifest yet
+  assert not os.path.exists(os.path.join(out, records.MANIFEST_NAME))
+  p0 = job_factory(records_per_shard=2, process_index=0, process_count=2)
+  got = p0.run(inputs, out)
+  names = [s["name"] for s in got["shards"]]
+  assert all(n.startswith(f"c{c:06d}-p{c % 2:03d}-") for n in names for c in [int(n[1:7])])
+  assert {int(n[1:7]) % 2 for n in names if "-p001-" in n} == {1}
+  strip = lambda m: {k: v for k, v in m.items() if k != "shards"}
+  assert strip(got) == strip(want)
+  _, recs = _read_all(out)
+  assert recs.keys() == want_recs.keys()
+  for key in recs:
+    np.testing.assert_array_equal(recs[key]["latent"], want_recs[key]["latent"])
+    np.testing.assert_array_equal(recs[key]["text_features"], want_recs[key]["text_features"])
+
+
+def test_token_ids_mode(job_factory, references, tmp_path):
+  jsonl = _demo_jsonl(tmp_path, 3)
+  job = job_factory(text_mode="token_ids")
+  manifest = job.run(pc.list_inputs(jsonl, "jsonl", job.cfg), str(tmp_path / "out"))
+  assert manifest["text"] == {"kind": "token_ids", "dim": None}
+  _, recs = _read_all(str(tmp_path / "out"))
+  _, te = references
+  for item in shapes.read_split(str(tmp_path / "shapes"), "train"):
+    rec = recs[os.path.relpath(item["path"], str(tmp_path / "shapes"))]
+    ids = te.tokenizer(text_lib.BASE_SYSTEM_PROMPT + item["prompt"])["input_ids"]
+    np.testing.assert_array_equal(rec["token_ids"], ids)
+  empty = np.load(str(tmp_path / "out" / pc.EMPTY_TEXT_FILE))
+  np.testing.assert_array_equal(empty, [te.tokenizer.bos_token_id])
+
+
+def test_tfds_mock_data(job_factory, tmp_path):
+  # tensorflow-datasets without TensorFlow: data_source and mock_data need no TF.
+  import tensorflow_datasets as tfds
+
+  class TinyCaptions(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "caption": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+      yield 0, {"image": np.zeros((16, 16, 3), np.uint8), "caption": "x"}
+
+  job = job_factory(min_side=1)
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    inputs = pc.list_inputs("tiny_captions", "tfds", job.cfg)
+    source = tfds.data_source("tiny_captions", split="train")
+    examples = [source[i] for i in range(5)]
+    manifest = job.run(inputs, str(tmp_path / "out"))
+  assert len(inputs) == 5 and manifest["num_records"] == 5, manifest["bad_inputs"]
+  _, recs = _read_all(str(tmp_path / "out"))
+  ref_ae = job.ae
+  for i, ex in enumerate(examples):
+    rec = recs[f"tiny_captions/train[{i}]"]
+    assert rec["caption"] == ex["caption"]
+    h, w = ex["image"].shape[:2]
+    assert rec["orig_size"] == (w, h)
+    crop, _ = ae_lib.preprocess(ex["image"], 64)
+    assert _bf16_close(rec["latent"], ref_ae.encode(crop[None])[0]) <= 2.0
+
+
+def test_helpers():
+  assert [pc.text_pad_length(n, 256) for n in (1, 8, 9, 33, 200, 256)] == [8, 8, 16, 64, 256, 256]
+  assert pc.text_pad_length(100, 96) == 96
+  p = pc.Progress(10, stream=io.StringIO(), min_interval=0.0)
+  p.update(done=4, good=3)
+  assert "4/10 inputs" in p.stream.getvalue() and "ETA" in p.stream.getvalue()
+  p.update(done=6, good=6)
+  assert p.stream.getvalue().endswith("\n")
+  c = pc.precompute_defaults()
+  c.update(text_mode="logits", output_dtype="float32", max_length=100, process_index=2)
+  with pytest.raises(ValueError) as e:
+    pc.validate_config(c)
+  for frag in ("text_mode 'logits'", "output_dtype 'float32'", "max_length 100",
+               "process_index and process_count"):
+    assert frag in str(e.value)
+
+
+def test_cli_on_the_demo_dataset(files, tmp_path):
+  jsonl = _demo_jsonl(tmp_path, 5)
+  out = tmp_path / "records"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  enc = dataclasses.asdict(ENC)
+  cmd = [sys.executable, os.path.join(REPO, "launch", "precompute.py"), f"--input={jsonl}",
+         "--input-format=jsonl", f"--out={out}",
+         f"--config.autoencoder.encoder_path={files['encoder']}",
+         f"--config.autoencoder.stats_path={files['stats']}",
+         f"--config.precompute.text_encoder_dir={files['text']}",
+         "--config.precompute.resolution=64", "--config.precompute.batch_size=4"]
+  cmd += [f"--config.autoencoder.encoder.{k}={v}" for k, v in enc.items()
+          if k in ("dim", "depth", "num_heads", "ffn_hidden", "num_register_tokens")]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  print(proc.stdout)
+  assert "images/s" in proc.stdout and "bad inputs: 0" in proc.stdout
+  assert "5/5 inputs" in proc.stderr and "ETA" in proc.stderr
+  manifest, recs = _read_all(str(out))
+  assert manifest["num_records"] == 5 and manifest["buckets"] == {"4x4": 5}
+  assert manifest["text"] == {"kind": "text_features", "dim": 128}
+  items = shapes.read_split(str(tmp_path / "shapes"), "train")
+  assert sorted(r["caption"] for r in recs.values()) == sorted(i["prompt"] for i in items)
