@@ -1,0 +1,630 @@
+"""Text-to-image generation: prompts -> text features -> one jitted guided trajectory -> pixels.
+
+`Generator` holds the DiT params, the text encoder and the pixel decoder. `generate` runs, per
+batch of prompts, the official sampling recipe (svg_t2i_reference.md §4.3-4.4, §6):
+- the negative prompt is the empty caption "" (<bos> only), stacked as [cond; uncond] rows and
+  evaluated in ONE model call per solver step, on the same latent for both halves
+  (`sampling.guided_velocity`);
+- renorm-CFG (default, scale 4) or standard CFG, DPM-Solver++ 2M (default, shift 10) or an ODE
+  solver, fp32 solver state;
+- the initial noise of an image is `sampling.initial_noise(seed, [H/16, W/16, C])`; benchmark seeds
+  are `sampling.eval_seed(i, k)` = 42 + 4 i + k.
+
+Shapes stay static under jit: every batch has `batch_size` rows (the last one padded with empty
+prompts, dropped afterwards) and the text features are padded to one length per call (the longest
+prompt rounded up to a multiple of 8, or a fixed `text_length`). Padding never changes outputs: the
+DiT masks padded caption keys and places image RoPE ids after the valid caption tokens. So one
+trajectory program is compiled per (batch, text length, latent size, sampler settings).
+
+Given a mesh, the batch is split over its (data, fsdp) axes and the weights are replicated.
+Loading helpers read the DiT from a training workdir (EMA or raw params) or from converted weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from svg_jax import autoencoder as ae_lib
+from svg_jax import parallel, sampling, text
+from svg_jax.models.nextdit import NextDiT, NextDiTConfig, abstract_params
+
+log = logging.getLogger(__name__)
+
+# Official sampling defaults (scripts/sample.sh, eval/generation): 50 steps, CFG 4, DPM, shift 10.
+DEFAULTS = dict(steps=50, cfg_scale=4.0, cfg_mode="renorm", shift=10.0, solver="dpm")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+  """Everything a trajectory's program depends on besides the shapes (cfg_scale is traced)."""
+  steps: int = DEFAULTS["steps"]
+  cfg_scale: float = DEFAULTS["cfg_scale"]
+  cfg_mode: str = DEFAULTS["cfg_mode"]
+  shift: float = DEFAULTS["shift"]
+  solver: str = DEFAULTS["solver"]
+  renorm: float = 1.0
+
+  def validate(self) -> None:
+    problems = []
+    if self.solver not in sampling.SOLVERS:
+      problems.append(f"unknown solver {self.solver!r}; expected one of {sampling.SOLVERS}")
+    if self.cfg_mode not in sampling.CFG_MODES:
+      problems.append(f"unknown cfg mode {self.cfg_mode!r}; expected one of {sampling.CFG_MODES}")
+    if not isinstance(self.steps, (int, np.integer)) or self.steps < 1:
+      problems.append(f"steps must be a positive int, got {self.steps!r}")
+    elif self.solver != "dpm" and self.steps < 2:
+      problems.append(f"solver {self.solver!r} needs steps >= 2 (grid points), got {self.steps}")
+    if not (math.isfinite(self.shift) and self.shift > 0):
+      problems.append(f"shift must be a positive number, got {self.shift!r}")
+    if not math.isfinite(self.cfg_scale):
+      problems.append(f"cfg scale must be finite, got {self.cfg_scale!r}")
+    if problems:
+      raise ValueError("; ".join(problems))
+
+
+# ------------------------------------------------------------------------------------------------
+# Resolutions and grids
+
+
+def parse_resolution(spec: str | int | Sequence[int], multiple: int = 16) -> tuple[int, int]:
+  """'WxH' (e.g. '1024x1024', '768x1344'), 'N' (square) or (h, w) -> (height, width) in pixels.
+
+  Width and height must be positive multiples of `multiple` (the latent's pixels per token).
+  """
+  if isinstance(spec, str):
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[x\*]\s*(\d+))?\s*", spec.lower())
+    if not m:
+      raise ValueError(f"resolution {spec!r} is not 'WIDTHxHEIGHT' (e.g. 1024x1024) or one number")
+    w = int(m.group(1))
+    h = int(m.group(2)) if m.group(2) else w
+  elif isinstance(spec, (int, np.integer)):
+    h = w = int(spec)
+  else:
+    h, w = (int(v) for v in spec)
+  bad = [f"{name} {v}" for name, v in (("width", w), ("height", h)) if v <= 0 or v % multiple]
+  if bad:
+    raise ValueError(f"resolution {w}x{h}: {' and '.join(bad)} not a positive multiple of "
+                     f"{multiple} (one latent token covers {multiple}x{multiple} pixels)")
+  return h, w
+
+
+def make_grid(images: Sequence[np.ndarray] | np.ndarray, cols: int) -> np.ndarray:
+  """uint8 images [N, H, W, 3] of one size -> one [rows * H, cols * W, 3] image, row-major,
+  no spacing; empty cells of the last row are black."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f"make_grid needs images [N, H, W, C] with N >= 1, got {images.shape}")
+  if cols < 1:
+    raise ValueError(f"grid columns must be >= 1, got {cols}")
+  n, h, w, c = images.shape
+  cols = min(cols, n)
+  rows = -(-n // cols)
+  grid = np.zeros((rows * h, cols * w, c), images.dtype)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
+  return grid
+
+
+# ------------------------------------------------------------------------------------------------
+# The trajectory (pure, jitted with the params as an argument)
+
+
+def trajectory(params, noise, cap_feats, cap_mask, cfg_scale, *, model: NextDiT,
+               settings: SamplerSettings) -> jax.Array:
+  """Noise [B, h, w, C] -> latents [B, h, w, C] (fp32). cap_feats / cap_mask hold 2B rows:
+  [cond rows; uncond rows]; the solver sees only the B conditional states."""
+
+  def model_fn(x2, t2):
+    return model.apply({"params": params}, x2, t2, cap_feats, cap_mask)
+
+  velocity = sampling.guided_velocity(model_fn, settings.cfg_mode, cfg_scale, settings.renorm)
+  return sampling.sample(velocity, noise, solver=settings.solver, steps=settings.steps,
+                         shift=settings.shift)
+
+
+class Generator:
+  """DiT params + text encoder + decoder -> uint8 images.
+
+  dit_params: plain fp32 Flax params of `NextDiT(dit_cfg)`.
+  text_encoder: a `text.TextEncoder` (its system prompt is used for non-empty prompts), or any
+    object with `tokenize(captions, pad_to)`, `encode_tokens(ids, mask)` and `cfg.hidden_size`.
+  autoencoder: an `SVGAutoencoder` with a decoder.
+  mesh: split each batch over the mesh's batch axes (weights replicated); None = default device.
+  """
+
+  def __init__(self, dit_cfg: NextDiTConfig, dit_params: Any, text_encoder: Any,
+               autoencoder: ae_lib.SVGAutoencoder, *, mesh: Mesh | None = None,
+               pad_multiple: int = text.PAD_MULTIPLE):
+    dit_cfg.validate()
+    problems = []
+    if autoencoder.decoder_params is None:
+      problems.append("the autoencoder has no decoder")
+    if autoencoder.stats.dim != dit_cfg.in_channels:
+      problems.append(f"latent statistics have {autoencoder.stats.dim} channels, the DiT "
+                      f"in_channels is {dit_cfg.in_channels}")
+    hidden = getattr(getattr(text_encoder, "cfg", None), "hidden_size", None)
+    if hidden is not None and hidden != dit_cfg.cap_feat_dim:
+      problems.append(f"the text encoder gives {hidden}-dim features, the DiT cap_feat_dim is "
+                      f"{dit_cfg.cap_feat_dim}")
+    if problems:
+      raise ValueError("Generator: " + "; ".join(problems))
+    self.cfg, self.text_encoder, self.autoencoder, self.mesh = (dit_cfg, text_encoder,
+                                                                autoencoder, mesh)
+    self.pad_multiple = pad_multiple
+    self.model = NextDiT(dit_cfg)
+    place = (jnp.asarray if mesh is None else
+             lambda x: jax.device_put(x, parallel.replicated(mesh)))
+    self.params = jax.tree.map(place, dit_params)
+    self._programs: dict[SamplerSettings, Callable] = {}
+    self._empty: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+  # ---- sizes
+
+  @property
+  def pixels_per_token(self) -> int:
+    """Pixels per latent token along each side, times the DiT patch (the resolution multiple)."""
+    return self.autoencoder.decoder_cfg.upsample_factor * self.cfg.patch_size
+
+  def latent_shape(self, resolution) -> tuple[int, int, int]:
+    """(height, width) pixels (or a 'WxH' string) -> the latent [h, w, C]."""
+    h, w = parse_resolution(resolution, self.pixels_per_token)
+    f = self.autoencoder.decoder_cfg.upsample_factor
+    return h // f, w // f, self.cfg.in_channels
+
+  def batch_multiple(self) -> int:
+    return 1 if self.mesh is None else parallel.batch_axis_size(self.mesh)
+
+  # ---- text
+
+  def text_length(self, prompts: Sequence[str]) -> int:
+    """The padded caption length of `prompts`: the longest, rounded up to pad_multiple."""
+    _, mask = self.text_encoder.tokenize(list(prompts))
+    longest = int(mask.sum(axis=1).max())
+    return -(-longest // self.pad_multiple) * self.pad_multiple
+
+  def _uncond(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+    if length not in self._empty:
+      ids, mask = self.text_encoder.tokenize([text.UNCONDITIONAL], pad_to=length)
+      feats, _ = self.text_encoder.encode_tokens(ids, mask)
+      self._empty[length] = (np.asarray(feats, np.float32), mask)
+    return self._empty[length]
+
+  def text_features(self, prompts: Sequence[str], length: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """[cond rows; uncond rows] features [2B, L, D] fp32 and mask [2B, L] for B prompts."""
+    ids, mask = self.text_encoder.tokenize(list(prompts), pad_to=length)
+    feats, _ = self.text_encoder.encode_tokens(ids, mask)
+    e_feats, e_mask = self._uncond(length)
+    b = len(prompts)
+    feats = np.concatenate([np.asarray(feats, np.float32), np.repeat(e_feats, b, axis=0)])
+    return feats, np.concatenate([mask, np.repeat(e_mask, b, axis=0)])
+
+  # ---- sampling
+
+  def _program(self, settings: SamplerSettings) -> Callable:
+    key = dataclasses.replace(settings, cfg_scale=0.0)  # the scale is a traced argument
+    if key not in self._programs:
+      self._programs[key] = jax.jit(functools.partial(trajectory, model=self.model,
+                                                      settings=key))
+    return self._programs[key]
+
+  def _put(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    return jax.device_put(x, parallel.batch_sharding(self.mesh, x.ndim))
+
+  def noise(self, seeds: Sequence[int], latent_shape: Sequence[int]) -> np.ndarray:
+    """The initial noise of each seed: `sampling.initial_noise(seed, latent_shape)` rows."""
+    return np.asarray(sampling.initial_noise_batch(np.asarray(seeds, np.int32), latent_shape))
+
+  def latents(self, prompts: Sequence[str], seeds: Sequence[int], resolution,
+              settings: SamplerSettings = SamplerSettings(), *, batch_size: int = 0,
+              text_length: int | None = None,
+              progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Sampled latents [N, h, w, C] fp32 (normalized latent space) for prompts[i] with seeds[i]."""
+    prompts, seeds = _check_prompts_seeds(prompts, seeds)
+    settings.validate()
+    shape = self.latent_shape(resolution)
+    n = len(prompts)
+    length = self.text_length(prompts) if text_length is None else int(text_length)
+    if length % self.pad_multiple:
+      raise ValueError(f"text_length {length} is not a multiple of {self.pad_multiple}")
+    chunk = batch_size if batch_size and batch_size > 0 else n
+    mult = self.batch_multiple()
+    chunk = -(-chunk // mult) * mult
+    program = self._program(settings)
+    scale = jnp.float32(settings.cfg_scale)
+    out = []
+    for start in range(0, n, chunk):
+      part_p, part_s = prompts[start:start + chunk], seeds[start:start + chunk]
+      k = len(part_p)
+      # Pad the last batch (empty prompts, seed 0) so every batch has one shape: one compile.
+      part_p = part_p + [text.UNCONDITIONAL] * (chunk - k)
+      part_s = part_s + [0] * (chunk - k)
+      feats, mask = self.text_features(part_p, length)
+      noise = self.noise(part_s, shape)
+      z = program(self.params, self._put(noise), self._put(feats), self._put(mask), scale)
+      out.append(np.asarray(z)[:k])
+      if progress is not None:
+        progress(start + k, n)
+    return np.concatenate(out)
+
+  def decode(self, latents: np.ndarray) -> np.ndarray:
+    """Latents -> uint8 images [N, H, W, 3]."""
+    return ae_lib.to_uint8(self.autoencoder.decode(latents))
+
+  def generate(self, prompts: Sequence[str], seeds: Sequence[int], resolution,
+               settings: SamplerSettings = SamplerSettings(), *, batch_size: int = 0,
+               text_length: int | None = None,
+               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """uint8 images [N, H, W, 3] of prompts[i] from the noise of seeds[i]."""
+    z = self.latents(prompts, seeds, resolution, settings, batch_size=batch_size,
+                     text_length=text_length, progress=progress)
+    return self.decode(z)
+
+  # ---- loading
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, *, text_encoder: str,
+                  tokenizer: str | None = None, system_type: str = "base",
+                  checkpoint: str | None = None, ema: bool = True, step: int | None = None,
+                  weights: str | None = None, weights_format: str | None = None,
+                  mesh: Mesh | None = None) -> "Generator":
+    """Build from `config` (its `model` and `autoencoder` sections) and local files.
+
+    DiT weights: exactly one of `checkpoint` (a training workdir; its saved `model` section
+    replaces config.model, EMA or raw params) and `weights` + `weights_format`
+    (flax | official | safetensors | diffusers, laid out for config.model).
+    """
+    if (checkpoint is None) == (weights is None):
+      raise ValueError("give exactly one of a training checkpoint (--checkpoint) and converted "
+                       "weights (--weights with --format)")
+    if checkpoint is not None:
+      dit_cfg = checkpoint_model_config(checkpoint, step, config)
+      params = load_checkpoint_params(checkpoint, dit_cfg, ema=ema, step=step, mesh=mesh)
+    else:
+      from svg_jax.config import nextdit_config
+      from svg_jax.convert.dit_io import load_dit
+
+      if not weights_format:
+        raise ValueError("--weights needs --format (flax | official | safetensors | diffusers)")
+      dit_cfg = nextdit_config(config)
+      params = load_dit(weights, weights_format, dit_cfg)
+    enc = text.TextEncoder.from_pretrained(text_encoder, tokenizer,
+                                           system_prompt=text.system_prompt(system_type),
+                                           max_length=text.SAMPLE_MAX_LENGTH)
+    ae = ae_lib.SVGAutoencoder.from_config(config, encoder=False, decoder=True, mesh=mesh)
+    return cls(dit_cfg, params, enc, ae, mesh=mesh)
+
+
+def _check_prompts_seeds(prompts, seeds) -> tuple[list[str], list[int]]:
+  if isinstance(prompts, str):
+    raise TypeError("prompts must be a sequence of str, got a single str")
+  prompts, seeds = list(prompts), [int(s) for s in seeds]
+  if not prompts:
+    raise ValueError("no prompts to generate")
+  if len(prompts) != len(seeds):
+    raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+  bad = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+  if bad:
+    raise TypeError(f"prompts {bad[:5]} are not strings")
+  out_of_range = [s for s in seeds if not 0 <= s < 2 ** 31]
+  if out_of_range:
+    raise ValueError(f"seeds must lie in [0, 2^31), got {out_of_range[:5]}")
+  return prompts, seeds
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading DiT params from a training workdir
+
+
+def checkpoint_model_config(workdir: str, step: int | None = None,
+                            base: ml_collections.ConfigDict | None = None) -> NextDiTConfig:
+  """The NextDiTConfig a training run saved with its checkpoint (newest step by default).
+
+  Implementation-only fields (compute dtype, attention backend, scan, remat) come from `base`'s
+  model section when given, so sampling can pick them for its hardware.
+  """
+  from svg_jax.train import checkpoint as ckpt_lib
+
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = _resolve_step(ckpt.latest_step(), step, ckpt.all_steps(), ckpt.directory)
+    saved = ckpt.read_config(step)
+  finally:
+    ckpt.close()
+  if "model" not in saved:
+    raise ValueError(f"the config saved in {workdir} at step {step} has no `model` section")
+  model = dict(saved["model"])
+  if base is not None:
+    for k in ("compute_dtype", "attention_backend", "remat_policy"):
+      model[k] = base.model[k]
+  known = {f.name for f in dataclasses.fields(NextDiTConfig)}
+  unknown = sorted(set(model) - known)
+  if unknown:
+    raise ValueError(f"the saved model config has unknown fields {unknown}")
+  model = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+  cfg = NextDiTConfig(**model)
+  cfg.validate()
+  return cfg
+
+
+def _resolve_step(latest, step, all_steps, directory) -> int:
+  if latest is None:
+    raise FileNotFoundError(f"no finished checkpoint in {directory}")
+  if step is None:
+    return latest
+  if step not in all_steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: "
+                            f"{sorted(all_steps)})")
+  return step
+
+
+def _abstract_plain(cfg: NextDiTConfig, mesh: Mesh | None):
+  import flax.linen as nn
+
+  sharding = (SingleDeviceSharding(jax.devices()[0]) if mesh is None
+              else parallel.replicated(mesh))
+  tree = nn.meta.unbox(abstract_params(cfg))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_checkpoint_params(workdir: str, cfg: NextDiTConfig, *, ema: bool = True,
+                           step: int | None = None, mesh: Mesh | None = None):
+  """EMA (`ema_params`) or raw (`params`) DiT params of a training workdir's checkpoint.
+
+  Raw params go through `train.checkpoint.load_params`. That function reads only `params`, so
+  the EMA tree is read by `_load_state_item` here, the same partial Orbax restore of another key
+  of the saved `state` (an adapter until the checkpoint module offers it).
+  """
+  from svg_jax.train import checkpoint as ckpt_lib
+
+  abstract = _abstract_plain(cfg, mesh)
+  if not ema:
+    return ckpt_lib.load_params(workdir, abstract, step)
+  return _load_state_item(workdir, "ema_params", abstract, step)
+
+
+def _load_state_item(workdir: str, item: str, abstract, step: int | None):
+  import orbax.checkpoint as ocp
+  from svg_jax.train import checkpoint as ckpt_lib
+
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoint folder at {directory}")
+  manager = ocp.CheckpointManager(
+      directory, item_names=ckpt_lib.ITEMS, options=ocp.CheckpointManagerOptions(read_only=True),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  try:
+    step = _resolve_step(manager.latest_step(), step, list(manager.all_steps()), directory)
+    meta = manager.item_metadata(step)["state"]
+    saved = meta.tree if hasattr(meta, "tree") else meta
+    if item not in saved:
+      raise ValueError(f"the checkpoint of step {step} in {directory} has no `{item}` (it holds "
+                       f"{sorted(saved)})")
+    _check_same_tree(saved[item], abstract, f"{item} of step {step} in {directory}")
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
+        abstract)
+    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={item: abstract}, restore_args={item: restore_args}, partial_restore=True)))
+    log.info("loaded %s of step %d from %s", item, step, directory)
+    return out["state"][item]
+  finally:
+    manager.close()
+
+
+def _check_same_tree(saved, target, what: str) -> None:
+  flat = lambda t: {jax.tree_util.keystr(k): v  # noqa: E731
+                    for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+  s, t = flat(saved), flat(target)
+  missing, unexpected = sorted(set(t) - set(s)), sorted(set(s) - set(t))
+  shapes = sorted(f"{k}: saved {tuple(s[k].shape)}, model {tuple(t[k].shape)}"
+                  for k in set(s) & set(t) if tuple(s[k].shape) != tuple(t[k].shape))
+  if missing or unexpected or shapes:
+    raise ValueError(f"{what} does not fit the model: missing {missing}; unexpected "
+                     f"{unexpected}; mis-shaped {shapes}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+
+
+def _temp_name(path: str, tmp_dir: str | None) -> str:
+  # Host and pid in the name: several processes may write into one shared folder.
+  name = f".{os.path.basename(path)}.tmp-{socket.gethostname()}-{os.getpid()}"
+  return os.path.join(tmp_dir or os.path.dirname(path) or ".", name)
+
+
+def atomic_save_png(image: np.ndarray, path: str, tmp_dir: str | None = None) -> None:
+  """Write a PNG under a temporary name (in `tmp_dir`, default the target's folder, on the same
+  file system), then rename it into place: readers never see a partial file."""
+  from PIL import Image
+
+  tmp = _temp_name(path, tmp_dir)
+  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
+  os.replace(tmp, path)
+
+
+def atomic_write_text(text_: str, path: str, tmp_dir: str | None = None) -> None:
+  tmp = _temp_name(path, tmp_dir)
+  with open(tmp, "w") as f:
+    f.write(text_)
+  os.replace(tmp, path)
+
+
+class Progress:
+  """A one-line progress report: done/total, images/s, elapsed and ETA (stderr-like print)."""
+
+  def __init__(self, total: int, what: str = "images", printer=print):
+    self.total, self.what, self.printer = total, what, printer
+    self.t0 = time.perf_counter()
+
+  def __call__(self, done: int, total: int | None = None) -> None:
+    total = self.total if total is None else total
+    dt = time.perf_counter() - self.t0
+    rate = done / dt if dt > 0 else 0.0
+    eta = (total - done) / rate if rate > 0 else float("nan")
+    self.printer(f"[{done}/{total}] {self.what} {rate:.2f}/s elapsed {dt:.1f}s eta {eta:.1f}s",
+                 flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark generation (the layouts the official GenEval and DPG-Bench scorers read)
+
+BENCHMARKS = ("geneval", "dpg")
+GENEVAL_METADATA = "metadata.jsonl"
+TMP_DIR = ".tmp"
+
+
+def read_prompt_file(path: str, benchmark: str) -> list[dict]:
+  """A benchmark prompt file: one JSON object per line with `prompt` (DPG: and `filename`)."""
+  if benchmark not in BENCHMARKS:
+    raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
+  need = ("prompt", "filename") if benchmark == "dpg" else ("prompt",)
+  items, problems = [], []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        item = json.loads(line)
+      except json.JSONDecodeError as e:
+        problems.append(f"line {n}: not JSON ({e})")
+        continue
+      if not isinstance(item, dict):
+        problems.append(f"line {n}: not a JSON object")
+        continue
+      missing = [k for k in need if not isinstance(item.get(k), str) or not item.get(k)]
+      if missing:
+        problems.append(f"line {n}: missing or empty {missing}")
+      items.append(item)
+  if not items and not problems:
+    problems.append("no prompts")
+  if benchmark == "dpg" and not problems:
+    stems = [dpg_grid_name(it["filename"]) for it in items]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+      problems.append(f"several prompts share the output names {dup[:5]}")
+  if problems:
+    raise ValueError(f"{path} is not a {benchmark} prompt file: " + "; ".join(problems[:10]))
+  return items
+
+
+def dpg_grid_name(filename: str) -> str:
+  """DPG-Bench grid file of a prompt: its `filename` with a .png suffix ('286.txt' -> '286.png')."""
+  return os.path.splitext(os.path.basename(filename))[0] + ".png"
+
+
+def geneval_sample_path(outdir: str, index: int, k: int) -> str:
+  return os.path.join(outdir, f"{index:05d}", "samples", f"{k:05d}.png")
+
+
+def prompt_files(benchmark: str, outdir: str, index: int, item: dict,
+                 images_per_prompt: int) -> list[str]:
+  """Every file a finished prompt has."""
+  if benchmark == "geneval":
+    return [os.path.join(outdir, f"{index:05d}", GENEVAL_METADATA)] + [
+        geneval_sample_path(outdir, index, k) for k in range(images_per_prompt)]
+  return [os.path.join(outdir, dpg_grid_name(item["filename"]))]
+
+
+def _missing_images(benchmark, outdir, index, item, images_per_prompt) -> list[int]:
+  if benchmark == "geneval":
+    meta = os.path.join(outdir, f"{index:05d}", GENEVAL_METADATA)
+    if os.path.exists(meta):
+      with open(meta) as f:
+        saved = f.read().strip()
+      if json.loads(saved) != item:
+        raise ValueError(f"{meta} holds another prompt ({saved[:80]}...) than line {index} of the "
+                         "prompt file; use a fresh output folder for another prompt file")
+    return [k for k in range(images_per_prompt)
+            if not os.path.exists(geneval_sample_path(outdir, index, k))]
+  grid = os.path.join(outdir, dpg_grid_name(item["filename"]))
+  return [] if os.path.exists(grid) else list(range(images_per_prompt))
+
+
+def run_benchmark(generator: Generator, items: Sequence[dict], benchmark: str, outdir: str,
+                  resolution, settings: SamplerSettings = SamplerSettings(), *,
+                  batch_size: int = 4, images_per_prompt: int = 4, process_index: int = 0,
+                  process_count: int = 1, printer=print) -> dict:
+  """Generate the benchmark images of this process's prompts (index i with i % count == this).
+
+  Resumable: a prompt whose files all exist is skipped; a GenEval prompt with some samples gets
+  only the missing ones. Files appear atomically (temporary name, then rename). Image k of prompt
+  i uses the seed 42 + images_per_prompt * i + k. Returns counts for the report.
+  """
+  if benchmark not in BENCHMARKS:
+    raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
+  if benchmark == "dpg" and images_per_prompt != 4:
+    raise ValueError(f"DPG-Bench grids are 2x2: images_per_prompt must be 4, got "
+                     f"{images_per_prompt}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process index {process_index} outside [0, {process_count})")
+  mine = [i for i in range(len(items)) if i % process_count == process_index]
+  todo, skipped = [], 0
+  for i in mine:
+    ks = _missing_images(benchmark, outdir, i, items[i], images_per_prompt)
+    meta = os.path.join(outdir, f"{i:05d}", GENEVAL_METADATA)
+    if benchmark == "geneval" and not ks and not os.path.exists(meta):
+      atomic_write_text(json.dumps(items[i]) + "\n", meta)  # samples there, metadata lost
+    skipped += not ks
+    todo += [(i, k) for k in ks]
+  summary = dict(prompts=len(mine), skipped=skipped, images=len(todo), written=0)
+  printer(f"{benchmark}: process {process_index}/{process_count} has {len(mine)} prompts, "
+          f"{skipped} already finished, {len(todo)} images to generate", flush=True)
+  if not todo:
+    return summary
+  # Temporary files live in a hidden folder, never among the files a scorer lists (GenEval reads
+  # every file of samples/); a crash can leave only stale files there.
+  tmp_dir = os.path.join(outdir, TMP_DIR)
+  os.makedirs(tmp_dir, exist_ok=True)
+  prompts = [items[i]["prompt"] for i, _ in todo]
+  # One caption length for the whole run: one compiled trajectory.
+  length = generator.text_length(sorted(set(prompts)))
+  chunk = batch_size if batch_size > 0 else len(todo)
+  buffered: dict[int, dict[int, np.ndarray]] = {}
+  progress = Progress(len(todo), printer=printer)
+  for start in range(0, len(todo), chunk):
+    part = todo[start:start + chunk]
+    images = generator.generate([items[i]["prompt"] for i, _ in part],
+                                [sampling.eval_seed(i, k, images_per_prompt) for i, k in part],
+                                resolution, settings, batch_size=chunk, text_length=length)
+    for (i, k), img in zip(part, images):
+      if benchmark == "geneval":
+        folder = os.path.join(outdir, f"{i:05d}")
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        meta = os.path.join(folder, GENEVAL_METADATA)
+        if not os.path.exists(meta):
+          atomic_write_text(json.dumps(items[i]) + "\n", meta, tmp_dir)
+        atomic_save_png(img, geneval_sample_path(outdir, i, k), tmp_dir)
+        summary["written"] += 1
+      else:
+        buffered.setdefault(i, {})[k] = img
+        if len(buffered[i]) == images_per_prompt:
+          done = buffered.pop(i)
+          grid = make_grid([done[q] for q in range(images_per_prompt)], 2)
+          atomic_save_png(grid, os.path.join(outdir, dpg_grid_name(items[i]["filename"])),
+                          tmp_dir)
+          summary["written"] += 1
+    progress(start + len(part))
+  try:
+    os.rmdir(tmp_dir)  # only when empty (another process may still be writing)
+  except OSError:
+    pass
+  return summary

@@ -1,0 +1,418 @@
+"""Generation: the jitted guided trajectory vs a plain step loop; seeds, sharding, loading, CLIs.
+
+The reference trajectories here are written from the spec (svg_t2i_reference.md §1.6, §4.3-4.4),
+not through svg_jax.sampling: a Python loop over float64 grids that calls the DiT once for the
+conditional and once for the unconditional caption (each padded only to its own length, not the
+Generator's shared length), applies renorm / standard CFG in numpy and takes DPM-Solver++ 2M or
+Euler steps. Random tiny DiT, decoder and statistics; the offline demo text encoder (random Gemma-2
+architecture, locally trained tokenizer); prompts from the real benchmark files.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from svg_jax import autoencoder as ae_lib
+from svg_jax import config as config_lib
+from svg_jax import demo_text_encoder as demo
+from svg_jax import generate as gen
+from svg_jax import latent_stats as ls
+from svg_jax import parallel
+from svg_jax.convert import decoder as dec_conv
+from svg_jax.convert.dit_io import save_dit
+from svg_jax.convert.safetensors_io import save_safetensors
+from svg_jax.models.decoder import Decoder, DecoderConfig
+from svg_jax.models.nextdit import NextDiT, NextDiTConfig
+from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax.train import state as state_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = "/work/shared/assets/prompts"
+GENEVAL = [json.loads(line) for line in open(os.path.join(PROMPTS, "geneval_metadata.jsonl"))]
+DPG = [json.loads(line) for line in open(os.path.join(PROMPTS, "dpg.jsonl"))]
+SPEC = demo.DemoSpec(vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                     head_dim=16, intermediate_size=64)
+DIT = NextDiTConfig(in_channels=8, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+                    n_kv_heads=1, multiple_of=16, cap_feat_dim=SPEC.hidden_size,
+                    axes_dims=(4, 6, 6), axes_lens=(600, 64, 64), scan_layers=False)
+DEC = DecoderConfig(z_channels=8, ch=8, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, norm_groups=4)
+RES = (32, 48)  # (height, width) pixels -> a 2x3 latent
+TOL = 1e-5  # relative to the largest latent value; measured 3.5e-7 (DPM), 6.6e-7 (Euler)
+
+
+def _random_dit_params(seed):
+  """Random values for every leaf (the final layer is zero-initialized, which would give v = 0)."""
+  shapes = nn.meta.unbox(jax.eval_shape(lambda: NextDiT(DIT).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, DIT.in_channels)), jnp.zeros((1,)),
+      jnp.zeros((1, 8, DIT.cap_feat_dim)), jnp.ones((1, 8), bool))["params"]))
+  rng = np.random.default_rng(seed)
+
+  def draw(x):
+    if len(x.shape) == 1:  # norms and biases
+      return (1.0 + rng.normal(0, 0.3, x.shape)).astype(np.float32)
+    return rng.normal(0, 1.0 / np.sqrt(x.shape[0]), x.shape).astype(np.float32)
+
+  return jax.tree.map(draw, shapes)
+
+
+def _decoder_fields():
+  return dict(z_channels=DEC.z_channels, ch=DEC.ch, ch_mult=DEC.ch_mult,
+              num_res_blocks=DEC.num_res_blocks, norm_groups=DEC.norm_groups)
+
+
+def _write_config(path, files):
+  model = {k: getattr(DIT, k) for k in DIT.__dataclass_fields__}
+  with open(path, "w") as f:
+    f.write("from svg_jax import config as base\n\n\n"
+            "def get_config():\n"
+            "  c = base.base_config()\n"
+            f"  c.model.update({model!r})\n"
+            f"  c.autoencoder.decoder.update({_decoder_fields()!r})\n"
+            f"  c.autoencoder.decoder_path = {files['decoder']!r}\n"
+            f"  c.autoencoder.stats_path = {files['stats']!r}\n"
+            "  return c\n")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("gen")
+  captions = [it["prompt"] for it in GENEVAL[:40]] + [it["prompt"] for it in DPG[:4]]
+  enc = demo.ensure_demo_text_encoder(str(root / "text"), captions, seed=0, spec=SPEC)
+  dec_params = jax.jit(Decoder(DEC).init)(jax.random.PRNGKey(1),
+                                          jnp.zeros((1, 2, 2, DEC.z_channels)))
+  dec_path = str(root / "decoder.safetensors")
+  save_safetensors(dec_path, dec_conv.params_to_official(dec_params["params"], DEC))
+  rng = np.random.default_rng(2)
+  stats_path = str(root / "stats.pt")
+  ls.save_latent_stats(stats_path, rng.normal(0, 0.5, DEC.z_channels),
+                       rng.uniform(0.5, 2.0, DEC.z_channels))
+  params = _random_dit_params(3)
+  weights = str(root / "dit.msgpack")
+  save_dit(params, weights, "flax", DIT)
+  out = dict(text=enc, decoder=dec_path, stats=stats_path, weights=weights, params=params,
+             config=str(root / "cfg.py"))
+  _write_config(out["config"], out)
+  return out
+
+
+def _config(files):
+  c = config_lib.base_config()
+  c.model.update({k: getattr(DIT, k) for k in DIT.__dataclass_fields__})
+  c.autoencoder.decoder.update(_decoder_fields())
+  c.autoencoder.decoder_path = files["decoder"]
+  c.autoencoder.stats_path = files["stats"]
+  return c
+
+
+@pytest.fixture(scope="module")
+def generator(files):
+  return gen.Generator.from_config(_config(files), text_encoder=files["text"],
+                                   weights=files["weights"], weights_format="flax")
+
+
+# ----------------------------------------------------------------------------- reference loop
+
+
+def _spec_trajectory(generator, prompts, seeds, solver, steps, shift, scale, mode):
+  """Plain Python loop: model(cond) and model(uncond) per step, CFG in numpy, float64 updates."""
+  model = NextDiT(DIT)
+  apply = jax.jit(lambda p, x, t, c, m: model.apply({"params": p}, x, t, c, m))
+  enc = generator.text_encoder
+  cond, cond_len = enc(prompts)  # padded to this batch's own longest (multiple of 8)
+  unc, unc_len = enc([""])  # "" -> <bos> only, padded to 8
+  cond_mask = np.arange(cond.shape[1])[None] < np.asarray(cond_len)[:, None]
+  unc_mask = np.arange(unc.shape[1])[None] < np.asarray(unc_len)[:, None]
+  b = len(prompts)
+  unc, unc_mask = np.repeat(np.asarray(unc), b, 0), np.repeat(unc_mask, b, 0)
+  h, w = RES[0] // 16, RES[1] // 16
+  x = np.stack([np.asarray(jax.random.normal(jax.random.key(s), (h, w, DIT.in_channels)))
+                for s in seeds]).astype(np.float64)
+
+  def velocity(x, t):
+    xs, ts = jnp.asarray(x, jnp.float32), jnp.full((b,), t, jnp.float32)
+    vc = np.asarray(apply(generator.params, xs, ts, cond, cond_mask), np.float64)
+    vu = np.asarray(apply(generator.params, xs, ts, unc, unc_mask), np.float64)
+    v = vu + scale * (vc - vu)
+    if mode == "renorm":  # clip each sample's guided velocity to the conditional one's norm
+      nc = np.sqrt((vc ** 2).sum(axis=(1, 2, 3), keepdims=True))
+      nv = np.sqrt((v ** 2).sum(axis=(1, 2, 3), keepdims=True))
+      v = v * np.minimum(1.0, nc / (nv + 1e-12))
+    return v
+
+  if solver == "euler":
+    t = np.linspace(0, 1, steps)
+    t = t / (t + shift - shift * t)
+    for i in range(steps - 1):
+      x = x + (t[i + 1] - t[i]) * velocity(x, t[i])
+    return x
+  # DPM-Solver++ 2M, time_uniform_flow grid, 1st-order first and last steps.
+  sig = 1 - np.linspace(1, 1e-3, steps + 1)
+  sig = (shift * sig / (1 + (shift - 1) * sig))[::-1]
+  lam = lambda s: np.log(1 - s) - np.log(s) if s > 0 else np.inf  # noqa: E731
+  prev = None
+  for i in range(steps):
+    s, s_next = sig[i], sig[i + 1]
+    x0 = x + s * velocity(x, 1 - s)  # data prediction (x - s eps) / (1 - s)
+    if s_next == 0:
+      x = x0
+    else:
+      h = lam(s_next) - lam(s)
+      d = x0
+      if prev is not None and i < steps - 1:
+        r = (lam(s) - lam(sig[i - 1])) / h
+        d = x0 + (x0 - prev) / (2 * r)
+      x = (s_next / s) * x - (1 - s_next) * np.expm1(-h) * d
+    prev = x0
+  return x
+
+
+@pytest.mark.parametrize("solver, steps, mode, scale", [("dpm", 4, "renorm", 4.0),
+                                                        ("euler", 3, "standard", 2.5)])
+def test_jitted_generation_equals_the_spec_loop(generator, solver, steps, mode, scale):
+  prompts = [GENEVAL[i]["prompt"] for i in (0, 130, 300)]
+  seeds = [5, 42, 1234]
+  settings = gen.SamplerSettings(steps=steps, cfg_scale=scale, cfg_mode=mode, shift=3.0,
+                                 solver=solver)
+  # batch 2 over 3 prompts: the last batch is padded (and its padding dropped).
+  got = generator.latents(prompts, seeds, RES, settings, batch_size=2)
+  want = _spec_trajectory(generator, prompts, seeds, solver, steps, 3.0, scale, mode)
+  assert got.shape == (3, 2, 3, DIT.in_channels) and got.dtype == np.float32
+  err = np.max(np.abs(got - want)) / np.max(np.abs(want))
+  assert err < TOL, err
+  # The trajectory is not trivial: guidance and the steps matter.
+  assert np.max(np.abs(want - _spec_trajectory(generator, prompts, seeds, solver, steps, 3.0, 1.0,
+                                               mode))) > 100 * TOL * np.max(np.abs(want))
+  images = generator.generate(prompts, seeds, RES, settings, batch_size=2)
+  assert images.shape == (3, 32, 48, 3) and images.dtype == np.uint8
+  dec = ae_lib.to_uint8(generator.autoencoder.decode(want.astype(np.float32)))
+  assert np.max(np.abs(images.astype(int) - dec)) <= 1
+
+
+def test_seeds_give_the_official_noise(generator):
+  seeds = [42, 43, 42 + 4 * 7 + 3]
+  noise = generator.noise(seeds, (2, 3, 8))
+  for row, s in zip(noise, seeds):
+    np.testing.assert_array_equal(row, np.asarray(jax.random.normal(jax.random.key(s), (2, 3, 8))))
+  assert [gen.sampling.eval_seed(i, k) for i, k in ((0, 0), (0, 3), (7, 3))] == [42, 45, 73]
+
+
+def test_batch_sharded_over_a_mesh_equals_one_device(files, generator):
+  mesh = parallel.make_mesh(dict(data=2, fsdp=1, tensor=1), jax.devices()[:2])
+  sharded = gen.Generator(generator.cfg, files["params"], generator.text_encoder,
+                          ae_lib.SVGAutoencoder.from_config(_config(files), encoder=False,
+                                                            mesh=mesh), mesh=mesh)
+  prompts = [GENEVAL[i]["prompt"] for i in (1, 2, 3)]
+  settings = gen.SamplerSettings(steps=3)
+  a = sharded.latents(prompts, [1, 2, 3], RES, settings, batch_size=1)  # rounded up to 2
+  b = generator.latents(prompts, [1, 2, 3], RES, settings, batch_size=3)
+  np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.max(np.abs(b)))
+
+
+def test_bad_settings_are_clear_errors(generator):
+  with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+    generator.generate(["a cat"], [0], RES, gen.SamplerSettings(solver="rk4"))
+  with pytest.raises(ValueError, match="unknown cfg mode"):
+    gen.SamplerSettings(cfg_mode="x").validate()
+  with pytest.raises(ValueError, match="width 40 .*multiple of 16"):
+    gen.parse_resolution("40x32")
+  with pytest.raises(ValueError, match="not 'WIDTHxHEIGHT'"):
+    gen.parse_resolution("big")
+  assert gen.parse_resolution("768x1344") == (1344, 768)
+  with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+    generator.generate(["a", "b"], [0], RES)
+
+
+def test_make_grid():
+  imgs = np.arange(5 * 2 * 3 * 3, dtype=np.uint8).reshape(5, 2, 3, 3)
+  grid = gen.make_grid(imgs, 2)
+  assert grid.shape == (6, 6, 3)
+  np.testing.assert_array_equal(grid[2:4, 3:6], imgs[3])
+  assert not grid[4:6, 3:6].any()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def test_loads_ema_and_raw_params_from_a_training_checkpoint(files, generator, tmp_path):
+  params = jax.tree.map(jnp.asarray, files["params"])
+  tx = optax.adam(1e-3)
+  state = state_lib.create_state(params, tx).replace(
+      ema_params=jax.tree.map(lambda p: p * 0.5 + 0.1, params), step=jnp.asarray(7, jnp.int32))
+  config = _config(files)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  it = iter(grain.MapDataset.range(4).to_iter_dataset())
+  ckpt.save(7, state, it, ckpt_lib.config_to_json(config))
+  ckpt.close()
+  assert gen.checkpoint_model_config(str(tmp_path)) == DIT
+  ema = gen.load_checkpoint_params(str(tmp_path), DIT, ema=True)
+  raw = gen.load_checkpoint_params(str(tmp_path), DIT, ema=False, step=7)
+  for got, want in ((ema, state.ema_params), (raw, state.params)):
+    jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
+                 got, want)
+  with pytest.raises(FileNotFoundError, match="step 8"):
+    gen.load_checkpoint_params(str(tmp_path), DIT, step=8)
+  g = gen.Generator.from_config(config, text_encoder=files["text"], checkpoint=str(tmp_path))
+  assert g.cfg == DIT
+  jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
+               g.params, state.ema_params)
+
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _tree(root):
+  return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root)
+                for f in fs)
+
+
+def _mtimes(root):
+  return {p: os.stat(os.path.join(root, p)).st_mtime_ns for p in _tree(root)}
+
+
+def _png(path):
+  return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_geneval_layout_sharding_and_resume(generator, tmp_path):
+  items = GENEVAL[:3]
+  settings = gen.SamplerSettings(steps=2)
+  kw = dict(batch_size=3, images_per_prompt=4, process_count=2, printer=lambda *a, **k: None)
+  s0 = gen.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
+                         process_index=0, **kw)
+  assert s0 == dict(prompts=2, skipped=0, images=8, written=8)
+  expected0 = [f"{i:05d}/{f}" for i in (0, 2) for f in
+               ["metadata.jsonl"] + [f"samples/{k:05d}.png" for k in range(4)]]
+  assert _tree(tmp_path) == sorted(expected0)
+  gen.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings, process_index=1,
+                    **kw)
+  assert _tree(tmp_path) == sorted(expected0 + [f"00001/{f}" for f in
+                                                ["metadata.jsonl"] +
+                                                [f"samples/{k:05d}.png" for k in range(4)]])
+  for i in range(3):
+    with open(tmp_path / f"{i:05d}" / "metadata.jsonl") as f:
+      assert [json.loads(line) for line in f] == [items[i]]
+  # Image k of prompt i comes from seed 42 + 4 i + k.
+  img = _png(tmp_path / "00002" / "samples" / "00001.png")
+  assert img.shape == (32, 48, 3)
+  # (batch and caption length as in the run: the same compiled program)
+  want = generator.generate([items[2]["prompt"]], [42 + 8 + 1], RES, settings, batch_size=3,
+                            text_length=generator.text_length([it["prompt"] for it in items]))[0]
+  assert np.max(np.abs(img.astype(int) - want)) <= 1
+  # Resume: finished prompts are not touched, a partial prompt gets its missing sample only.
+  before = _mtimes(tmp_path)
+  os.remove(tmp_path / "00002" / "samples" / "00003.png")
+  s = gen.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
+                        process_index=0, **kw)
+  assert s == dict(prompts=2, skipped=1, images=1, written=1)
+  after = _mtimes(tmp_path)
+  changed = sorted(p for p in after if after[p] != before.get(p))
+  assert changed == ["00002/samples/00003.png"], changed
+  assert not [p for p in _tree(tmp_path) if ".tmp" in p] and not os.path.exists(tmp_path / ".tmp")
+  s = gen.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
+                        process_index=0, **kw)
+  assert s == dict(prompts=2, skipped=2, images=0, written=0) and _mtimes(tmp_path) == after
+
+
+def test_dpg_grids(generator, tmp_path):
+  items = DPG[:2]
+  settings = gen.SamplerSettings(steps=2)
+  s = gen.run_benchmark(generator, items, "dpg", str(tmp_path), RES, settings, batch_size=3,
+                        printer=lambda *a, **k: None)
+  names = [os.path.splitext(it["filename"])[0] + ".png" for it in items]
+  assert s["written"] == 2 and _tree(tmp_path) == sorted(names)
+  grid = _png(tmp_path / names[1])
+  assert grid.shape == (64, 96, 3)
+  want = generator.generate([items[1]["prompt"]] * 4, [46, 47, 48, 49], RES, settings,
+                            batch_size=3,
+                            text_length=generator.text_length([it["prompt"] for it in items]))
+  for k in range(4):
+    r, c = divmod(k, 2)
+    cell = grid[32 * r:32 * (r + 1), 48 * c:48 * (c + 1)]
+    assert np.max(np.abs(cell.astype(int) - want[k])) <= 1, k
+  before = _mtimes(tmp_path)
+  os.remove(tmp_path / names[0])
+  s = gen.run_benchmark(generator, items, "dpg", str(tmp_path), RES, settings, batch_size=3,
+                        printer=lambda *a, **k: None)
+  assert s == dict(prompts=2, skipped=1, images=4, written=1)
+  assert _mtimes(tmp_path)[names[1]] == before[names[1]]
+
+
+def test_prompt_file_errors(tmp_path):
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "a cat"}\n{"filename": "x.txt"}\nnot json\n')
+  with pytest.raises(ValueError, match="line 2: missing or empty \\['prompt'\\].*line 3: not JSON"):
+    gen.read_prompt_file(str(bad), "geneval")
+  with pytest.raises(ValueError, match="line 1: missing or empty \\['filename'\\]"):
+    gen.read_prompt_file(str(bad), "dpg")
+  with pytest.raises(ValueError, match="unknown benchmark"):
+    gen.read_prompt_file(str(bad), "coco")
+
+
+# ----------------------------------------------------------------------------- the CLIs
+
+
+def _run(script, *args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+
+
+def _common(files):
+  return [f"--config={files['config']}", f"--text_encoder={files['text']}",
+          f"--weights={files['weights']}", "--format=flax", "--steps=2", "--resolution=48x32"]
+
+
+@pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
+def test_sample_cli(files, tmp_path):
+  jsonl = tmp_path / "p.jsonl"
+  jsonl.write_text(json.dumps({"prompt": GENEVAL[5]["prompt"]}) + "\n")
+  out = tmp_path / "out"
+  r = _run("sample.py", *_common(files), f"--prompt={GENEVAL[0]['prompt']}",
+           f"--prompts_jsonl={jsonl}", "--num_images=2", "--seed=10", "--batch_size=3",
+           "--solver=euler", "--cfg=3", f"--outdir={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "[4/4]" in r.stdout
+  assert _tree(out) == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png",
+                        "metadata.jsonl"]
+  assert _png(out / "grid.png").shape == (64, 96, 3)  # 2x2 cells of 32x48
+  meta = [json.loads(line) for line in open(out / "metadata.jsonl")]
+  assert [(m["file"], m["prompt"], m["seed"]) for m in meta] == [
+      ("00000.png", GENEVAL[0]["prompt"], 10), ("00001.png", GENEVAL[0]["prompt"], 11),
+      ("00002.png", GENEVAL[5]["prompt"], 12), ("00003.png", GENEVAL[5]["prompt"], 13)]
+  assert meta[0]["solver"] == "euler" and meta[0]["cfg"] == 3.0 and meta[0]["width"] == 48
+
+
+@pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
+def test_benchmark_cli_writes_the_official_layouts(files, tmp_path):
+  out = tmp_path / "geneval"
+  r = _run("generate_benchmark.py", *_common(files), "--benchmark=geneval",
+           f"--prompts={PROMPTS}/geneval_metadata.jsonl", "--limit=2", f"--outdir={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _tree(out) == sorted(f"{i:05d}/{f}" for i in range(2) for f in
+                              ["metadata.jsonl"] + [f"samples/{k:05d}.png" for k in range(4)])
+  out = tmp_path / "dpg"
+  r = _run("generate_benchmark.py", *_common(files), "--benchmark=dpg",
+           f"--prompts={PROMPTS}/dpg.jsonl", "--limit=2", "--process_count=2",
+           "--process_index=1", f"--outdir={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _tree(out) == [os.path.splitext(DPG[1]["filename"])[0] + ".png"]
+  assert _png(out / _tree(out)[0]).shape == (64, 96, 3)
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--solver=rk4", "--solver=rk4"),
+    ("--resolution=100x100", "width 100 and height 100 not a positive multiple of 16"),
+])
+def test_bad_flags_fail_clearly(files, tmp_path, flag, message):
+  r = _run("sample.py", *_common(files), "--prompt=a cat", f"--outdir={tmp_path}", flag)
+  assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+  assert "Traceback" not in r.stderr
