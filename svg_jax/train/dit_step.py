@@ -48,6 +48,21 @@ def apply_caption_dropout(rng, text, text_mask, empty_text, prob: float):
   return text, text_mask, dropped
 
 
+def apply_token_dropout(rng, token_ids, text_mask, empty_ids, prob: float):
+  """Token-id twin of `apply_caption_dropout`: dropped captions become the empty prompt's ids
+  (`<bos>`), right-padded with the batch's padding id (position 0 of a padded row is never pad)."""
+  b, length = token_ids.shape
+  le = empty_ids.shape[0]
+  if le > length:
+    raise ValueError(f"the empty prompt has {le} tokens but the caption is padded to {length}")
+  pad = jnp.zeros((length,), token_ids.dtype).at[:le].set(jnp.asarray(empty_ids, token_ids.dtype))
+  empty_mask = jnp.arange(length) < le
+  dropped = jax.random.bernoulli(rng, prob, (b,))
+  token_ids = jnp.where(dropped[:, None], pad[None], token_ids)
+  text_mask = jnp.where(dropped[:, None], empty_mask[None], text_mask.astype(bool))
+  return token_ids, text_mask, dropped
+
+
 def _to_micro(x, m: int):
   """[B, ...] -> [m, B/m, ...] with micro-batch k = rows k, k+m, k+2m, ...: every device keeps
   an equal share of every micro-batch, so slicing moves no data between devices."""
@@ -59,8 +74,11 @@ def _to_micro(x, m: int):
 
 
 def make_train_step(model, tx: optax.GradientTransformation, config,
-                    empty_text: np.ndarray) -> Callable:
+                    empty_text: np.ndarray, text_model=None) -> Callable:
   """Builds the pure step for `model` (a NextDiT) with the optimizer `tx` and the config.
+
+  empty_text: the empty prompt's features [Le, D], or with `text_model` (a frozen Gemma2Encoder,
+  online mode) its token ids [Le].
 
   The returned function must run under `parallel.mesh_context` (its sharding constraints name the
   mesh axes); jit it with in/out shardings and `donate_argnums=0`.
@@ -75,7 +93,17 @@ def make_train_step(model, tx: optax.GradientTransformation, config,
   if fcfg.resolution_shift:
     # The nominal resolution's token count (official: (train_res / 16)^2), not the bucket's.
     shift = flow.shift_factor_for_seq_len((int(config.data.resolution) // 16 // patch) ** 2)
-  empty_text = np.asarray(empty_text, np.float32)
+  empty_text = np.asarray(empty_text, np.int32 if text_model is not None else np.float32)
+
+  def condition(batch, rng, text_params):
+    """(text features [B, L, D] fp32, mask [B, L] bool, dropped [B]) for the batch."""
+    if text_model is None:
+      return apply_caption_dropout(rng, batch["text"].astype(jnp.float32), batch["text_mask"],
+                                   empty_text, dropout)
+    ids, mask, dropped = apply_token_dropout(rng, batch["token_ids"], batch["text_mask"],
+                                             empty_text, dropout)
+    feats, _ = text_model.apply({"params": text_params}, ids, mask)
+    return jax.lax.stop_gradient(feats.astype(jnp.float32)), mask, dropped
 
   def loss_fn(params, x1, x0, t, text, text_mask):
     v = model.apply({"params": params}, flow.interpolate(x0, x1, t)[0], t, text, text_mask)
@@ -84,14 +112,13 @@ def make_train_step(model, tx: optax.GradientTransformation, config,
 
   grad_fn = jax.value_and_grad(loss_fn)
 
-  def train_step(state: state_lib.TrainState, batch: dict, rng: jax.Array):
+  def train_step(state: state_lib.TrainState, batch: dict, rng: jax.Array, text_params=None):
     x1 = batch["latent"].astype(jnp.float32)
     b = x1.shape[0]
     if b % micro:
       raise ValueError(f"batch {b} is not divisible by train.micro_batches {micro}")
     k_drop, k_t, k_noise = jax.random.split(rng, 3)
-    text, text_mask, dropped = apply_caption_dropout(
-        k_drop, batch["text"].astype(jnp.float32), batch["text_mask"], empty_text, dropout)
+    text, text_mask, dropped = condition(batch, k_drop, text_params)
     t = flow.sample_timesteps(k_t, b, fcfg.timestep_sampling, float(fcfg.logit_mean),
                               float(fcfg.logit_std), shift)
     x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)

@@ -1,0 +1,56 @@
+"""Online text mode: the step runs the frozen Gemma-2 on token ids and gives the same loss and
+gradients as the step on precomputed features of the same captions (caption dropout included)."""
+import jax
+import numpy as np
+
+from svg_jax import config as config_lib
+from svg_jax import parallel
+from svg_jax.data import shapes
+from svg_jax.demo_text_encoder import ensure_demo_text_encoder
+from svg_jax.models.gemma2 import Gemma2Encoder
+from svg_jax.models.nextdit import NextDiT, NextDiTConfig
+from svg_jax.text import TextEncoder
+from svg_jax.train import dit_step, state as state_lib
+
+
+def test_token_mode_equals_feature_mode(tmp_path):
+  items = [shapes.make_item(0, "train", i, 64) for i in range(40)]
+  captions = [it["prompt"] for it in items]
+  enc = TextEncoder.from_pretrained(ensure_demo_text_encoder(str(tmp_path / "te"), captions))
+  batch_captions = captions[:8]
+  length = 48
+  ids, mask = enc.tokenize(batch_captions, pad_to=length)
+  feats, _ = enc.encode_tokens(ids, mask)
+  empty_ids, empty_mask = enc.tokenize([""], pad_to=8)
+  empty_feats = np.asarray(enc.encode_tokens(empty_ids, empty_mask)[0])[0, :1]
+
+  config = config_lib.base_config()
+  config.train.caption_dropout = 0.5  # both branches of the dropout in one batch
+  config.data.resolution = 64
+  cfg = NextDiTConfig(in_channels=8, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
+                      n_kv_heads=1, multiple_of=32, cap_feat_dim=enc.cfg.hidden_size,
+                      axes_dims=(8, 12, 12), scan_layers=False)
+  config.model.update(cfg.__dict__)
+  model = NextDiT(cfg)
+  rng = np.random.default_rng(0)
+  latent = rng.standard_normal((8, 4, 4, 8)).astype(np.float32)
+  params = model.init(jax.random.PRNGKey(0), latent, np.zeros(8, np.float32),
+                      np.asarray(feats), mask)["params"]
+  tx = state_lib.make_optimizer(config.train)
+  unboxed = state_lib.unbox(params)
+
+  by_features = dit_step.make_train_step(model, tx, config, empty_feats)
+  by_tokens = dit_step.make_train_step(model, tx, config, np.asarray(empty_ids[0, :1]),
+                                       text_model=Gemma2Encoder(enc.cfg))
+  key = jax.random.PRNGKey(3)
+  mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  with parallel.mesh_context(mesh, config.axis_rules):
+    _, m_feat = jax.jit(by_features)(state_lib.create_state(unboxed, tx),
+                                     {"latent": latent, "text": feats, "text_mask": mask}, key)
+    _, m_tok = jax.jit(by_tokens)(state_lib.create_state(unboxed, tx),
+                                  {"latent": latent, "token_ids": ids, "text_mask": mask}, key,
+                                  enc.params)
+  assert 0 < float(m_feat["caption_dropped"]) < 1  # some captions dropped, some kept
+  assert float(m_feat["caption_dropped"]) == float(m_tok["caption_dropped"])
+  np.testing.assert_allclose(float(m_tok["loss"]), float(m_feat["loss"]), rtol=1e-5)
+  np.testing.assert_allclose(float(m_tok["grad_norm"]), float(m_feat["grad_norm"]), rtol=1e-4)
