@@ -28,6 +28,7 @@ TEST = [
     "torch==2.13.0",
     "scikit-image==0.26.0",  # SSIM reference
     "tensorflow-datasets==4.9.10",  # tfds mock data for the precompute reader (no TensorFlow needed)
+    "scipy", "tqdm",  # needed by the lpips package, installed with --no-deps by launch/env.sh
     "diffusers>=0.42,<0.43",
 ]
 

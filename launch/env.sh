@@ -13,11 +13,14 @@ if [ ! -x "$SVG_JAX_VENV/bin/python" ]; then
   "$PY" -m venv "$SVG_JAX_VENV"
 fi
 stamp="$SVG_JAX_VENV/.svg_jax_setup_sha"
-want=$(sha256sum "$SVG_JAX_ROOT/setup.py" | cut -c1-16)
+want=$(cat "$SVG_JAX_ROOT/setup.py" "$SVG_JAX_ROOT/launch/env.sh" | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "installing svg-jax and its test extra into $SVG_JAX_VENV ..." >&2
   "$SVG_JAX_VENV/bin/python" -m pip install -q --upgrade pip >&2
   "$SVG_JAX_VENV/bin/python" -m pip install -q -e "$SVG_JAX_ROOT[test]" >&2
+  # LPIPS parity reference. --no-deps: its torchvision requirement would pull a multi-GB CUDA torch,
+  # and the test builds the VGG16 it needs from torch.nn itself.
+  "$SVG_JAX_VENV/bin/python" -m pip install -q --no-deps lpips==0.1.4 >&2
   echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091

@@ -3,6 +3,11 @@ of a TPU pod slice. Resumes from the newest checkpoint in --workdir.
 
   python launch/train.py --config configs/tiny.py --workdir /tmp/run \
       --config.data.path=/data/demo --config.train.num_steps=200
+  python launch/train.py --config configs/decoder.py:tiny --workdir /tmp/decoder_run
+
+`task = "dit"` trains the DiT on precomputed records; `task = "decoder"` trains the pixel decoder
+behind the frozen DINOv3 on images (with `data.demo_dir` set, the offline demo files are made
+first).
 
 Exit status: 0 when done or stopped by SIGTERM/SIGINT (after saving), 2 for a bad config
 (one line on stderr, nothing compiled), 3 when the loss became NaN/inf (nothing bad saved).
@@ -43,12 +48,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
-  if config.task != "dit":
-    print(f"config error: task {config.task!r} has no trainer yet (only 'dit')", file=sys.stderr)
+  from svg_jax.train import loop
+  if config.task not in loop.TASKS:
+    print(f"config error: task {config.task!r} has no trainer (one of {loop.TASKS})",
+          file=sys.stderr)
     sys.exit(2)
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  from svg_jax.train import loop
+  if config.task == "decoder" and config.data.demo_dir:
+    from svg_jax.train import decoder_demo
+    decoder_demo.prepare(config)
   try:
     summary = loop.train(config, flags.FLAGS.workdir)
   except loop.ConfigError as e:

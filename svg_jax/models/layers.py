@@ -21,8 +21,15 @@ ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 
 def _materialized_transpose(a: jax.Array) -> jax.Array:
   """a.T as a real row-major copy, so XLA:CPU hands the following dot to its fast (YNNPACK) path
-  instead of folding the transpose into a dot it only runs on the slow, upcasting path."""
+  instead of folding the transpose into a dot it only runs on the slow, upcasting path.
+
+  Only on a single CPU device: under a multi-device mesh the pinned layout stops the partitioner
+  from carrying the batch sharding through the transpose, and the weight-gradient dots then
+  all-gather the whole micro-batch onto every device (seen in launch/aot_compile.py)."""
   t = a.T
+  mesh = jax.sharding.get_abstract_mesh()
+  if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
+    return t
   return with_layout_constraint(t, Layout(major_to_minor=(0, 1)))
 
 

@@ -1,4 +1,15 @@
-"""The DiT training loop: `train(config, workdir)`.
+"""The training loop of every task: `train(config, workdir)`.
+
+`config.task` picks a task setup: "dit" (`DiTSetup` below) or "decoder"
+(svg_jax/train/decoder_task.py). A setup is what differs between tasks; the loop (resume, signals,
+NaN stop, checkpoints, metrics) is shared. A setup provides:
+  rules, abstract_state (ShapeDtypeStructs with shardings), state_shardings,
+  init_state(seed), state_from_params(params)  (jitted, sharded; params = the trained model),
+  step(state, batch, rng) -> (state, metrics)   (jitted; metrics hold at least loss, grad_norm),
+  make_data_iterator()  (a Grain iterator whose state goes into checkpoints),
+  device_batch(local), batch_counts(local) -> (images, tokens, flops), poison(local) (NaN batch),
+  logger_class (a MetricsLogger), eval_due(step, at_end), evaluate(state, step) -> dict
+  (written to metrics.jsonl as an "eval" record).
 
 Order of work (nothing compiles before the config has been checked):
   1. `validate_config`: one `ConfigError` line listing every problem (mesh vs devices, batch vs
@@ -41,7 +52,7 @@ from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import state as state_lib
 
 EMPTY_TEXT_FILE = "empty_text.npy"
-TASKS = ("dit",)
+TASKS = ("dit", "decoder")
 
 
 class ConfigError(ValueError):
@@ -75,11 +86,12 @@ def validate_config(config, num_devices: int | None = None,
     shape = parallel.mesh_shape(dict(config.mesh), num_devices)
   except ValueError as e:
     problems.append(str(e))
-  try:
-    model_cfg = config_lib.nextdit_config(config)
-  except ValueError as e:
-    problems.append(str(e))
-    model_cfg = None
+  if config.task == "dit":
+    try:
+      model_cfg = config_lib.nextdit_config(config)
+    except ValueError as e:
+      problems.append(str(e))
+      model_cfg = None
   t = config.train
   gb, micro = int(t.global_batch_size), int(t.micro_batches)
   if micro < 1:
@@ -99,6 +111,25 @@ def validate_config(config, num_devices: int | None = None,
       problems.append(f"train.{name} must be >= 1, got {t[name]}")
   if t.lr_schedule not in state_lib.LR_SCHEDULES:
     problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {state_lib.LR_SCHEDULES}")
+  if config.task == "dit":
+    problems += _dit_problems(config, model_cfg, gb, process_count)
+  if t.chip != "auto" and t.chip not in metrics_lib.PEAK_TFLOPS:
+    problems.append(f"train.chip {t.chip!r} is not one of "
+                    f"{['auto'] + sorted(metrics_lib.PEAK_TFLOPS)}")
+  if t.init_from and not os.path.isdir(t.init_from):
+    problems.append(f"train.init_from {t.init_from!r} does not exist")
+  if config.task == "decoder":
+    from svg_jax.train import decoder_task  # the decoder task imports this module
+    problems += decoder_task.config_problems(config)
+  if problems:
+    raise ConfigError("; ".join(p.replace("\n", " ") for p in problems))
+  return shape
+
+
+def _dit_problems(config, model_cfg, gb: int, process_count: int) -> list[str]:
+  """The checks only the DiT task needs (flow, caption dropout, EMA, the record dataset)."""
+  problems: list[str] = []
+  t = config.train
   if config.flow.timestep_sampling not in flow.TIMESTEP_KINDS:
     problems.append(f"flow.timestep_sampling {config.flow.timestep_sampling!r} is not one of "
                     f"{flow.TIMESTEP_KINDS}")
@@ -106,12 +137,6 @@ def validate_config(config, num_devices: int | None = None,
     problems.append(f"train.caption_dropout must be in [0, 1], got {t.caption_dropout}")
   if not 0.0 <= float(t.ema_decay) <= 1.0:
     problems.append(f"train.ema_decay must be in [0, 1], got {t.ema_decay}")
-  if t.chip != "auto" and t.chip not in metrics_lib.PEAK_TFLOPS:
-    problems.append(f"train.chip {t.chip!r} is not one of "
-                    f"{['auto'] + sorted(metrics_lib.PEAK_TFLOPS)}")
-  if t.init_from and not os.path.isdir(t.init_from):
-    problems.append(f"train.init_from {t.init_from!r} does not exist")
-
   path = config.data.path
   if not path:
     problems.append("data.path is empty (a folder with manifest.json and ArrayRecord shards)")
@@ -145,9 +170,7 @@ def validate_config(config, num_devices: int | None = None,
     _pipeline_config(config, max(gb // max(process_count, 1), 1)).validate()
   except ValueError as e:
     problems.append(f"data: {e}")
-  if problems:
-    raise ConfigError("; ".join(p.replace("\n", " ") for p in problems))
-  return shape
+  return problems
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -187,12 +210,28 @@ def _pipeline_config(config, per_process_batch: int) -> pipeline_lib.PipelineCon
 
 
 def make_data_iterator(config):
+  """The training iterator of `config`'s task (a Grain iterator that checkpoints its position)."""
+  if config.task == "decoder":
+    from svg_jax.train import decoder_task
+    return decoder_task.make_data_iterator(config)
   per_process = int(config.train.global_batch_size) // jax.process_count()
   return pipeline_lib.make_pipeline(config.data.path, _pipeline_config(config, per_process))
 
 
-class Setup:
+def Setup(config, mesh):  # noqa: N802 (a factory standing where the DiT setup class stood)
+  """The task setup of `config.task` on `mesh` (see the module docstring)."""
+  if config.task == "decoder":
+    from svg_jax.train import decoder_task
+    return decoder_task.DecoderSetup(config, mesh)
+  if config.task != "dit":
+    raise ConfigError(f"task {config.task!r} is not supported by this trainer (only {TASKS})")
+  return DiTSetup(config, mesh)
+
+
+class DiTSetup:
   """Model, optimizer, abstract state and shardings, jitted init and step for one mesh."""
+
+  logger_class = metrics_lib.MetricsLogger
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
@@ -234,6 +273,28 @@ class Setup:
 
   def device_batch(self, local_batch: dict) -> dict:
     return parallel.global_batch({k: local_batch[k] for k in dit_step.MODEL_INPUTS}, self.mesh)
+
+  def make_data_iterator(self):
+    return make_data_iterator(self.config)
+
+  def batch_counts(self, local_batch: dict) -> tuple[int, int, float]:
+    """(images, tokens, FLOPs) of one global step on a batch shaped like `local_batch`."""
+    _, h, w = local_batch["latent"].shape[:3]
+    cap_len = local_batch["text"].shape[1]
+    p = self.model_cfg.patch_size
+    gb = int(self.config.train.global_batch_size)
+    return (gb, gb * ((h // p) * (w // p) + cap_len),
+            metrics_lib.dit_train_flops(self.model_cfg, gb, (h, w), cap_len))
+
+  def poison(self, local_batch: dict) -> dict:
+    return dict(local_batch, latent=np.full_like(local_batch["latent"], np.nan))
+
+  def eval_due(self, step: int, at_end: bool) -> bool:
+    del step, at_end
+    return False  # the DiT task has no in-loop evaluation
+
+  def evaluate(self, state, step: int) -> dict:
+    raise NotImplementedError("the DiT task has no in-loop evaluation")
 
 
 def restore_state(config, workdir: str, mesh, step: int | None = None):
@@ -306,10 +367,10 @@ def train(config, workdir: str) -> dict[str, Any]:
   logging.info("mesh %s over %d devices (%s)", dict(zip(parallel.MESH_AXES, mesh_shape)),
                jax.device_count(), jax.devices()[0].device_kind)
   setup = Setup(config, mesh)
-  data_iter = make_data_iterator(config)
+  data_iter = setup.make_data_iterator()
   ckpt = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_checkpoints),
                                async_save=bool(t.async_checkpointing))
-  logger = metrics_lib.MetricsLogger(workdir, num_steps=num_steps, num_devices=jax.device_count(),
+  logger = setup.logger_class(workdir, num_steps=num_steps, num_devices=jax.device_count(),
                                      chip=t.chip, is_main=is_main)
   config_json = ckpt_lib.config_to_json(config)
   stop = _StopFlag()
@@ -344,23 +405,20 @@ def train(config, workdir: str) -> dict[str, Any]:
       while step < num_steps and stop.signal is None:
         local = next(data_iter)
         if step + 1 == int(t.debug_nan_step):
-          local = dict(local, latent=np.full_like(local["latent"], np.nan))
-        b, h, w = local["latent"].shape[:3]
-        cap_len = local["text"].shape[1]
-        n_img = (h // setup.model_cfg.patch_size) * (w // setup.model_cfg.patch_size)
+          local = setup.poison(local)
+        counts = setup.batch_counts(local)
         batch = setup.device_batch(local)
         state, m = setup.step(state, batch, jax.random.fold_in(base_rng, step))
         step += 1
-        gb = int(t.global_batch_size)
-        pending.append((step, m, gb, gb * (n_img + cap_len),
-                        metrics_lib.dit_train_flops(setup.model_cfg, gb, (h, w), cap_len)))
+        pending.append((step, m, *counts))
         if first:  # exclude compilation from the throughput numbers
           jax.block_until_ready(m)
           logger.restart_clock()
           first = False
         at_end = step == num_steps or stop.signal is not None
         save_now = step % ckpt_every == 0 or at_end
-        if step % log_every == 0 or save_now:
+        eval_now = setup.eval_due(step, at_end)
+        if step % log_every == 0 or save_now or eval_now:
           for s, pm, images, tokens, flops in pending:
             host = jax.device_get(pm)
             _check_finite(s, host, ckpt)
@@ -368,6 +426,10 @@ def train(config, workdir: str) -> dict[str, Any]:
             if s % log_every == 0 or (at_end and s == step):
               last_record = logger.write(s)
           pending = []
+        if eval_now:  # after the finiteness check of this step's metrics
+          result = setup.evaluate(state, step)
+          logger.event(step, event="eval", **result)
+          logging.info("step %d eval: %s", step, result)
         if save_now and last_saved != step:
           ckpt.save(step, state, data_iter, config_json)
           last_saved = step

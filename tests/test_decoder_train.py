@@ -1,0 +1,447 @@
+"""Decoder training: LPIPS against the `lpips` package, the PatchGAN discriminator against torch,
+the step's losses against a direct formulation, and the shared loop on the demo (falling loss,
+held-out PSNR, checkpoints and resume through launch/train.py)."""
+import json
+import os
+import subprocess
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from svg_jax.convert import lpips as lpips_conv
+from svg_jax.models import lpips as lpips_model
+from svg_jax.models.decoder import Decoder, DecoderConfig
+from svg_jax.models.dinov3 import DINOv3Config, DINOv3ViT
+from svg_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
+from svg_jax.train import decoder_step
+from svg_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configs import decoder as decoder_configs  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- LPIPS
+
+
+def _torchvision_vgg16_features() -> torch.nn.Sequential:
+  """VGG16 `features` in torchvision's layer layout (indices 0..30), random weights."""
+  layers, cin = [], 3
+  for entry in lpips_model.VGG16_LAYOUT:
+    if isinstance(entry, str):
+      layers.append(torch.nn.MaxPool2d(2, 2))
+      continue
+    layers += [torch.nn.Conv2d(cin, entry[1], 3, padding=1), torch.nn.ReLU(inplace=True)]
+    cin = entry[1]
+  layers.append(torch.nn.MaxPool2d(2, 2))
+  return torch.nn.Sequential(*layers)
+
+
+@pytest.fixture
+def lpips_package(monkeypatch):
+  """The `lpips` package. torchvision cannot be installed beside this torch, so when it is absent
+  `torchvision.models.vgg16` is provided by the layout above (LPIPS itself is the package's)."""
+  try:
+    import torchvision  # noqa: F401
+  except ImportError:
+    tv = types.ModuleType("torchvision")
+    models = types.ModuleType("torchvision.models")
+
+    def vgg16(pretrained=False, **kwargs):
+      assert not pretrained, "no pretrained weights offline"
+      return types.SimpleNamespace(features=_torchvision_vgg16_features())
+
+    models.vgg16 = vgg16
+    tv.models = models
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "torchvision.models", models)
+    for name in [m for m in sys.modules if m == "lpips" or m.startswith("lpips.")]:
+      monkeypatch.delitem(sys.modules, name)
+  import lpips
+  return lpips
+
+
+def _package_states(net) -> tuple[dict, dict]:
+  """The package model's weights in the two standard file layouts (torchvision, lpips vgg.pth)."""
+  vgg, lin = {}, {}
+  for key, value in net.state_dict().items():
+    if key.startswith("net.slice"):
+      idx, kind = key.split(".")[-2:]
+      vgg[f"features.{idx}.{kind}"] = value.numpy()
+    elif key.startswith("lin") and not key.startswith("lins."):  # `lins` aliases the same heads
+      lin[key] = value.numpy()
+  return vgg, lin
+
+
+def test_lpips_matches_the_lpips_package(lpips_package, tmp_path):
+  torch.manual_seed(0)
+  net = lpips_package.LPIPS(pretrained=False, net="vgg", pnet_rand=True, verbose=False).eval()
+  with torch.no_grad():
+    for k in range(5):  # the package initialises its heads at random too; make them positive
+      getattr(net, f"lin{k}").model[1].weight.uniform_(0.0, 0.2)
+  vgg, lin = _package_states(net)
+  # Through the files: torchvision's file is legacy-serialized (the loader's torch fallback),
+  # the heads' file in the zip format.
+  torch.save({k: torch.from_numpy(v) for k, v in vgg.items()} | {
+      "classifier.0.weight": torch.zeros(4, 4)}, tmp_path / "vgg16.pth",
+      _use_new_zipfile_serialization=False)
+  torch.save({k: torch.from_numpy(v) for k, v in lin.items()}, tmp_path / "vgg.pth")
+  params = lpips_conv.load_lpips(tmp_path / "vgg16.pth", tmp_path / "vgg.pth")
+  # The package's own published heads (legacy-serialized) read with the expected keys and shapes.
+  published = lpips_conv.read_state(os.path.join(os.path.dirname(lpips_package.__file__),
+                                                 "weights", "v0.1", "vgg.pth"))
+  assert {k: v.shape for k, v in published.items()} == lpips_conv.lin_shapes()
+
+  rng = np.random.default_rng(0)
+  a = rng.uniform(-1, 1, (3, 48, 40, 3)).astype(np.float32)
+  b = np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
+  with torch.no_grad():
+    ta, tb = (torch.from_numpy(x.transpose(0, 3, 1, 2)) for x in (a, b))
+    want = net(ta, tb).numpy().reshape(-1)
+    want_feats = net.net(net.scaling_layer(ta))
+  got = np.asarray(lpips_model.LPIPS().apply({"params": params}, a, b))
+  feats = lpips_model.VGG16Features().apply(
+      {"params": params["vgg"]},
+      (a - np.asarray(lpips_model.SHIFT, np.float32)) / np.asarray(lpips_model.SCALE, np.float32))
+  for ours, theirs in zip(feats, want_feats):
+    theirs = theirs.numpy().transpose(0, 2, 3, 1)
+    err = np.max(np.abs(np.asarray(ours) - theirs)) / np.max(np.abs(theirs))
+    print(f"VGG16 tap {theirs.shape}: max rel err {err:.2e}")
+    assert err < 1e-5
+  print(f"LPIPS {want}: max abs err {np.max(np.abs(got - want)):.2e}")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert np.all(want > 0)
+
+
+def test_lpips_files_with_wrong_keys_are_errors(tmp_path):
+  vgg = {k: np.zeros(s, np.float32) for k, s in lpips_conv.vgg_shapes().items()}
+  lin = {k: np.zeros(s, np.float32) for k, s in lpips_conv.lin_shapes().items()}
+  del vgg["features.28.bias"]
+  vgg["features.30.weight"] = np.zeros((1,), np.float32)
+  lin["lin0.model.1.weight"] = np.zeros((1, 32, 1, 1), np.float32)
+  with pytest.raises(ValueError, match=r"missing keys: features.28.bias; unexpected keys: "
+                     r"features.30.weight"):
+    lpips_conv.to_params(vgg, lin)
+  del vgg["features.30.weight"]
+  vgg["features.28.bias"] = np.zeros((512,), np.float32)
+  with pytest.raises(ValueError, match=r"mis-shaped keys: lin0.model.1.weight \(1, 32, 1, 1\)"):
+    lpips_conv.to_params(vgg, lin)
+
+
+# ----------------------------------------------------------------------------- discriminator
+
+
+def _torch_discriminator(cfg: DiscriminatorConfig) -> torch.nn.Sequential:
+  """taming's NLayerDiscriminator layout, from torch.nn layers."""
+  ch = cfg.channels()
+  seq = [torch.nn.Conv2d(cfg.in_channels, ch[0], 4, 2, 1), torch.nn.LeakyReLU(0.2)]
+  for i in range(1, cfg.n_layers + 1):
+    seq += [torch.nn.Conv2d(ch[i - 1], ch[i], 4, 2 if i < cfg.n_layers else 1, 1, bias=False),
+            torch.nn.BatchNorm2d(ch[i]), torch.nn.LeakyReLU(0.2)]
+  seq.append(torch.nn.Conv2d(ch[-2], 1, 4, 1, 1))
+  return torch.nn.Sequential(*seq)
+
+
+def test_discriminator_matches_torch_in_train_mode():
+  cfg = DiscriminatorConfig(ndf=8, n_layers=3)
+  model = NLayerDiscriminator(cfg)
+  x = np.random.default_rng(1).uniform(-1, 1, (4, 40, 40, 3)).astype(np.float32)
+  variables = jax.device_get(nn.unbox(model.init(jax.random.PRNGKey(0), x, True)))
+  p = variables["params"]
+  # weights_init: conv kernels N(0, 0.02), BatchNorm scale N(1, 0.02).
+  k = np.concatenate([np.ravel(p[f"conv_{i}"]["kernel"]) for i in range(5)])
+  assert abs(np.std(k) - 0.02) < 0.002 and abs(np.mean(k)) < 0.002
+  s = np.concatenate([np.ravel(p[f"norm_{i}"]["scale"]) for i in range(1, 4)])
+  assert abs(np.mean(s) - 1) < 0.01 and 0.01 < np.std(s) < 0.03
+
+  net = _torch_discriminator(cfg).train()
+  convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+  norms = [m for m in net if isinstance(m, torch.nn.BatchNorm2d)]
+  with torch.no_grad():
+    for i, conv in enumerate(convs):
+      conv.weight.copy_(torch.tensor(p[f"conv_{i}"]["kernel"].transpose(3, 2, 0, 1)))
+      if conv.bias is not None:
+        conv.bias.copy_(torch.tensor(p[f"conv_{i}"]["bias"]))
+    for i, bn in enumerate(norms, 1):
+      bn.weight.copy_(torch.tensor(p[f"norm_{i}"]["scale"]))
+      bn.bias.copy_(torch.tensor(p[f"norm_{i}"]["bias"]))
+    want = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+  got, new = model.apply(variables, x, True, mutable=["batch_stats"])
+  print(f"logits {want.shape}: max abs err {np.max(np.abs(np.asarray(got) - want)):.2e}")
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  for i, bn in enumerate(norms, 1):  # running averages (torch momentum 0.1, unbiased variance)
+    stats = jax.device_get(new["batch_stats"][f"norm_{i}"])
+    np.testing.assert_allclose(stats["mean"], bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], bn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+  net.eval()  # eval mode uses the running averages
+  with torch.no_grad():
+    want_eval = net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+  got_eval = model.apply({"params": p, "batch_stats": new["batch_stats"]}, x, False)
+  np.testing.assert_allclose(np.asarray(got_eval), want_eval, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the step
+
+ENC = DINOv3Config(patch_size=4, dim=16, depth=1, num_heads=2, ffn_hidden=32, num_register_tokens=1,
+                   scan_layers=False)
+DEC = DecoderConfig(z_channels=16, ch=8, ch_mult=(1, 2, 2), num_res_blocks=0, norm_groups=4)
+DISC = DiscriminatorConfig(ndf=8, n_layers=2)
+
+
+def _loss_cfg(disc_start, lpips_weight=1.0):
+  return types.SimpleNamespace(lpips_weight=lpips_weight, disc_weight=0.5, disc_factor=1.0,
+                               disc_start=disc_start)
+
+
+def _train_cfg():
+  return types.SimpleNamespace(lr=1e-3, warmup_steps=0, lr_schedule="constant", num_steps=10)
+
+
+@pytest.fixture(scope="module")
+def step_setup():
+  return _step_inputs()
+
+
+def _step_inputs():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
+  enc = jax.device_get(DINOv3ViT(ENC).init(k[0], np.zeros((1, 16, 16, 3), np.float32))["params"])
+  dec = Decoder(DEC).init(k[1], np.zeros((1, 4, 4, 16), np.float32))["params"]
+  disc = NLayerDiscriminator(DISC).init(k[2], np.zeros((2, 16, 16, 3), np.float32), True)
+  lp = lpips_model.LPIPS().init(k[3], np.zeros((1, 16, 16, 3)), np.zeros((1, 16, 16, 3)))
+  unbox = lambda t: jax.device_get(nn.unbox(t))  # noqa: E731
+  frozen = {"encoder": unbox(enc), "mean": rng.normal(0, 0.1, 16).astype(np.float32),
+            "std": rng.uniform(0.5, 1.5, 16).astype(np.float32),
+            "lpips": jax.tree.map(jnp.abs, unbox(lp["params"]))}
+  return images, unbox(dec), unbox(disc), frozen
+
+
+def _direct(images, state, frozen, lpips_weight):
+  """The §3.3 losses written out plainly: separate full gradients of nll and g, the adaptive
+  weight from the `conv_out` kernel's gradients (returns the pieces; the caller combines them)."""
+  x = images.astype(np.float32) / 127.5 - 1
+  from svg_jax.autoencoder import encode_images
+  feats = encode_images(frozen["encoder"], frozen["mean"], frozen["std"], images, ENC)
+  feats = feats * frozen["std"] + frozen["mean"]
+  dec, disc = Decoder(DEC), NLayerDiscriminator(DISC)
+
+  def d_apply(p, stats, im):
+    out, new = disc.apply({"params": p, "batch_stats": stats}, im, True, mutable=["batch_stats"])
+    return out, new["batch_stats"]
+
+  def nll_fn(params):
+    xh = dec.apply({"params": params}, feats)
+    per = lpips_model.LPIPS().apply({"params": frozen["lpips"]}, x, xh)
+    rec = jnp.abs(x - xh) + lpips_weight * per[:, None, None, None]  # broadcast, as official
+    return jnp.sum(rec) / x.shape[0]
+
+  def g_fn(params):
+    xh = dec.apply({"params": params}, feats)
+    return -jnp.mean(d_apply(state.disc_params, state.disc_stats, xh)[0])
+
+  nll, g_nll = jax.value_and_grad(nll_fn)(state.params)
+  g, g_g = jax.value_and_grad(g_fn)(state.params)
+  a = jnp.linalg.norm(jnp.ravel(g_nll["conv_out"]["kernel"]))
+  b = jnp.linalg.norm(jnp.ravel(g_g["conv_out"]["kernel"]))
+  d_weight = jnp.clip(a / (b + 1e-4), 0, 1e4) * 0.5
+  xh = dec.apply({"params": state.params}, feats)
+
+  def hinge_fn(p):
+    _, s = d_apply(p, state.disc_stats, xh)  # the generator pass updates running stats first
+    real, s = d_apply(p, s, jnp.asarray(x))
+    fake, s = d_apply(p, s, xh)
+    return 0.5 * (jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))), s
+
+  (hinge, stats), d_grads = jax.value_and_grad(hinge_fn, has_aux=True)(state.disc_params)
+  return dict(nll=nll, g=g, d_weight=d_weight, g_nll=g_nll, g_g=g_g, hinge=hinge,
+              d_grads=d_grads, stats=stats)
+
+
+def _max_rel(a, b):
+  """Max over leaves of max |a - b| / max |b|, the scale floored at 1e-3 of the largest leaf's
+  (gradients that are zero in exact arithmetic, e.g. of attention k biases, are pure rounding)."""
+  a, b = jax.device_get(a), jax.device_get(b)
+  top = max(float(np.max(np.abs(v))) for v in jax.tree.leaves(b))
+  errs = jax.tree.map(lambda u, v: float(np.max(np.abs(u - v)) / max(float(np.max(np.abs(v))),
+                                                                      1e-3 * top)), a, b)
+  return max(jax.tree.leaves(errs))
+
+
+def test_step_matches_the_direct_formulas(step_setup):
+  """Against the plain formulation (SGD with lr 1 exposes the gradients in the updated params):
+  at step 3 >= disc_start 2 the GAN terms and the adaptive weight enter; at step 1 they do not."""
+  images, dec, disc_vars, frozen = step_setup
+  tx = optax.sgd(1.0)
+  step = jax.jit(decoder_step.make_train_step(ENC, DEC, DISC, tx, tx, _loss_cfg(2, 1.0),
+                                              _train_cfg()))
+  base = decoder_step.create_state(dec, disc_vars, tx, tx)
+  ref = jax.jit(_direct, static_argnums=3)(images, base, frozen, 1.0)
+  for step0 in (3, 1):
+    state = base.replace(step=jnp.asarray(step0))
+    new, m = step(state, {"image": images}, jax.random.PRNGKey(0), frozen)
+    m = jax.device_get(m)
+    factor = 1.0 if step0 >= 2 else 0.0
+    coef = float(ref["d_weight"]) * factor
+    grads = jax.tree.map(lambda u, v: u + coef * v, ref["g_nll"], ref["g_g"])
+    got_grads = jax.tree.map(lambda p, q: p - q, dec, jax.device_get(new.params))
+    err = _max_rel(got_grads, grads)
+    print(f"step {step0}: nll {m['nll']:.3f} / {float(ref['nll']):.3f}, g {m['g_loss']:.4f} / "
+          f"{float(ref['g']):.4f}, d_weight {m['d_weight']:.4f} / {float(ref['d_weight']):.4f}; "
+          f"max rel decoder grad err {err:.2e}")
+    assert float(m["disc_factor"]) == factor
+    np.testing.assert_allclose(m["nll"], ref["nll"], rtol=1e-5)
+    np.testing.assert_allclose(m["loss"], float(ref["nll"]) + coef * float(ref["g"]), rtol=1e-5)
+    assert err < 1e-4
+    if factor:
+      assert float(ref["d_weight"]) > 0 and coef * float(ref["g"]) != 0
+      np.testing.assert_allclose(m["g_loss"], ref["g"], rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(m["d_weight"], ref["d_weight"], rtol=1e-4)
+      np.testing.assert_allclose(m["d_loss"], ref["hinge"], rtol=1e-5)
+      got_d = jax.tree.map(lambda p, q: p - q, disc_vars["params"],
+                           jax.device_get(new.disc_params))
+      d_err = _max_rel(got_d, ref["d_grads"])
+      print(f"  max rel discriminator grad err {d_err:.2e}")
+      assert d_err < 1e-4
+      assert _max_rel(new.disc_stats, ref["stats"]) < 1e-5
+    else:
+      assert float(m["d_loss"]) == 0 and float(m["g_loss"]) == 0
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(new.disc_params),
+                   disc_vars["params"])
+
+
+def test_adaptive_weight_and_hinge_formulas():
+  a, b = np.array([3.0, 4.0], np.float32), np.array([0.0, 1.0], np.float32)
+  assert float(decoder_step.adaptive_weight(a, b, 0.5)) == pytest.approx(0.5 * 5 / 1.0001)
+  assert float(decoder_step.adaptive_weight(a, 0 * b, 0.5)) == pytest.approx(0.5 * 1e4)  # clamp
+  real, fake = np.array([2.0, 0.5, -1.0]), np.array([-2.0, 0.0, 0.5])
+  assert float(decoder_step.hinge_d_loss(real, fake)) == pytest.approx(
+      0.5 * (np.mean([0.0, 0.5, 2.0]) + np.mean([0.0, 1.0, 1.5])))
+
+
+# ----------------------------------------------------------------------------- image pipeline
+
+
+def test_image_pipeline_is_deterministic_resumable_and_skips_bad_images(tmp_path):
+  from PIL import Image
+  from svg_jax.data import buckets, image_pipeline
+  rng = np.random.default_rng(0)
+  lines = []
+  for i in range(6):
+    arr = rng.integers(0, 256, (40 + 8 * i, 30 + 4 * i, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / f"{i}.png")
+    lines.append({"path": f"{i}.png", "prompt": "x"})
+  (tmp_path / "bad.png").write_bytes(b"not an image")
+  lines.insert(2, {"path": "bad.png"})
+  (tmp_path / "list.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  cfg = image_pipeline.ImagePipelineConfig(per_process_batch_size=2, resolution=16, seed=3)
+  it = image_pipeline.make_image_pipeline(tmp_path / "list.jsonl", cfg, process_index=0,
+                                          process_count=1)
+  batches = [next(it)["image"] for _ in range(4)]
+  state = it.get_state()
+  after = [next(it)["image"] for _ in range(3)]
+  assert all(b.shape == (2, 16, 16, 3) and b.dtype == np.uint8 for b in batches)
+  # Every image is the official center crop of one listed good image.
+  good = {i: np.asarray(buckets.center_crop(Image.open(tmp_path / f"{i}.png"), (16, 16)))
+          for i in range(6)}
+  for img in np.concatenate(batches):
+    assert any(np.array_equal(img, g) for g in good.values())
+  again = image_pipeline.make_image_pipeline(tmp_path / "list.jsonl", cfg, process_index=0,
+                                             process_count=1)
+  assert all(np.array_equal(next(again)["image"], b) for b in batches)  # same seed, same order
+  again.set_state(state)
+  assert all(np.array_equal(next(again)["image"], b) for b in after)  # resumes exactly
+  with pytest.raises(ValueError, match="has no \"path\""):
+    (tmp_path / "nopath.jsonl").write_text('{"prompt": "x"}\n')
+    image_pipeline.read_image_list(tmp_path / "nopath.jsonl")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+TINY = {"autoencoder.encoder": dict(dim=32, depth=2, num_heads=2, ffn_hidden=64,
+                                    num_register_tokens=1, scan_layers=False),
+        "autoencoder.decoder": dict(z_channels=32, ch=8, ch_mult=(1, 1, 1, 1, 2),
+                                    num_res_blocks=0, norm_groups=4),
+        "discriminator": dict(ndf=8, n_layers=2),
+        "data": dict(resolution=32, num_eval_images=8, demo_num_train=48, demo_num_heldout=8),
+        "train": dict(global_batch_size=8, eval_batch_size=8, log_every=1, lr=2e-3)}
+
+
+def _flags(demo_dir, **train):
+  out = [f"--config.data.demo_dir={demo_dir}"]
+  for section, values in TINY.items():
+    for k, v in {**values, **(train if section == "train" else {})}.items():
+      v = "(" + ",".join(map(str, v)) + ")" if isinstance(v, tuple) else v
+      out.append(f"--config.{section}.{k}={v}")
+  return out
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _run(workdir, demo_dir, **train):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config",
+         os.path.join(REPO, "configs", "decoder.py") + ":tiny", "--workdir", str(workdir),
+         *_flags(demo_dir, **train)]
+  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+
+
+@pytest.mark.slow
+def test_launch_trains_evaluates_and_resumes(tmp_path):
+  """launch/train.py with the tiny config on the demo (a 2-device mesh): the loss falls, the
+  held-out PSNR is logged, and a second invocation resumes from the checkpoint."""
+  demo, work = tmp_path / "demo", tmp_path / "run"
+  common = dict(checkpoint_every=20, eval_every=20)
+  out = _run(work, demo, num_steps=40, **common)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stderr.count("no LPIPS weights configured") == 1
+  recs = _records(work)
+  losses = {r["step"]: r["loss"] for r in recs if "loss" in r}
+  assert sorted(losses) == list(range(1, 41))
+  first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in
+                                                                     range(36, 41)])
+  evals = [r for r in recs if r.get("event") == "eval"]
+  print(f"loss first 5 {first:.1f}, last 5 {last:.1f}; PSNR {[e['heldout_psnr'] for e in evals]}")
+  assert last < 0.7 * first
+  assert [e["step"] for e in evals] == [20, 40] and evals[1]["heldout_psnr"] > 10
+  assert {"d_loss", "d_weight", "l1", "nll"} <= set(recs[-3])
+  out = _run(work, demo, num_steps=46, **common)
+  assert out.returncode == 0, out.stderr[-3000:]
+  recs = _records(work)
+  assert [r["step"] for r in recs if r.get("event") == "resume"] == [40]
+  assert max(r["step"] for r in recs if "loss" in r) == 46
+
+
+@pytest.mark.slow
+def test_nan_stops_and_bad_config_is_one_line(tmp_path):
+  """In-process on the 8-device mesh: a NaN batch stops the run before its state is saved."""
+  config = decoder_configs.get_config("tiny")
+  for section, values in TINY.items():
+    config[section].update(values)
+  config.data.demo_dir = str(tmp_path / "demo")
+  from svg_jax.train import decoder_demo
+  decoder_demo.prepare(config)
+  config.train.update(dict(num_steps=6, checkpoint_every=2, debug_nan_step=3,
+                           eval_every=100))
+  with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 3: training stopped "
+                     r"without saving this state; the last good checkpoint is step 2"):
+    loop.train(config, str(tmp_path / "run"))
+  config.loss.lpips_vgg_path = "/nonexistent/vgg16.pth"
+  config.autoencoder.decoder.z_channels = 24
+  with pytest.raises(loop.ConfigError) as info:
+    loop.validate_config(config)
+  msg = str(info.value)
+  assert "\n" not in msg and "set both loss.lpips_vgg_path and loss.lpips_lin_path" in msg
+  assert "autoencoder.decoder.z_channels 24 != encoder dim 32" in msg
