@@ -124,6 +124,20 @@ def preprocess(src: Any, resolution: int, patch_size: int = 16, max_ratio: float
 # The autoencoder object
 
 
+def config_fingerprints(c: ml_collections.ConfigDict) -> dict[str, str]:
+  """Fingerprints of the encoder weights and latent statistics an `autoencoder` config section
+  names (only those set), as precompute writes them into a manifest: a trainer compares them
+  with its dataset's to refuse latents made with other weights or statistics."""
+  out = {}
+  if c.encoder_path:
+    out["encoder"] = path_fingerprint(c.encoder_path) + (
+        f":prefix={c.encoder_prefix}" if c.encoder_prefix else "")
+  if c.stats_path:
+    stats = latent_stats.load_latent_stats(c.stats_path, c.stats_layer)
+    out["statistics"] = stats.fingerprint + (":bf16" if c.bf16_stats else "")
+  return out
+
+
 def path_fingerprint(path: str | os.PathLike) -> str:
   """sha256 of a weights file, or of a folder's files (names and contents, sorted)."""
   path = os.fspath(path)

@@ -368,3 +368,18 @@ def test_lr_schedules():
   # Half way through the 100 decay steps the cosine is at half the peak; it ends at 0.
   assert [float(f(s)) for s in (5, 10, 60, 110)] == pytest.approx([5e-4, 1e-3, 5e-4, 0],
                                                                     abs=1e-9)
+
+
+def test_data_from_other_statistics_is_refused(tmp_path):
+  """The trainer checks the dataset's fingerprints against the statistics its config names."""
+  stats = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets", "svg_t2i",
+                       "dinov3_s16p_layer_patchtoken_stats_dist.pt")
+  path = str(tmp_path / "data")
+  records.write_random_dataset(path, buckets=((4, 4),), num_records=16, latent_channels=8,
+                               text_dim=16, fingerprints={"statistics": "sha256:0000:row11"})
+  config = _config(path)
+  config.autoencoder.stats_path = stats
+  with pytest.raises(records.FingerprintMismatchError, match="statistics"):
+    loop.make_data_iterator(config)
+  config.autoencoder.stats_path = ""  # nothing named, nothing to check
+  loop.make_data_iterator(config).close()

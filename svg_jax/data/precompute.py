@@ -403,15 +403,10 @@ def expected_fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
   """The fingerprints a dataset precomputed with `config` carries, computed from the files alone
   (no model is loaded): what a trainer passes to `pipeline.make_pipeline(expected_fingerprints=)`
   to refuse data made with other weights, statistics or text settings."""
-  from svg_jax.autoencoder import path_fingerprint
+  from svg_jax.autoencoder import config_fingerprints
 
-  a = config.autoencoder
-  stats = ls_lib.load_latent_stats(a.stats_path, a.stats_layer)
   cfg = config.precompute if "precompute" in config else precompute_defaults()
-  return {"encoder": path_fingerprint(a.encoder_path) + (
-              f":prefix={a.encoder_prefix}" if a.encoder_prefix else ""),
-          "statistics": stats.fingerprint + (":bf16" if a.bf16_stats else ""),
-          "text_encoder": text_fingerprint(cfg)}
+  return {**config_fingerprints(config.autoencoder), "text_encoder": text_fingerprint(cfg)}
 
 
 class TextSide:

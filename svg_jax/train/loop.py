@@ -42,6 +42,7 @@ from absl import logging
 from clu import parameter_overview
 
 from svg_jax import config as config_lib
+from svg_jax import autoencoder as ae_lib
 from svg_jax import flow, parallel
 from svg_jax.data import pipeline as pipeline_lib
 from svg_jax.data import records
@@ -205,7 +206,8 @@ def _pipeline_config(config, per_process_batch: int) -> pipeline_lib.PipelineCon
   d = config.data
   return pipeline_lib.PipelineConfig(
       per_process_batch_size=per_process_batch, max_caption_len=int(d.max_caption_len),
-      caption_len_buckets=tuple(d.caption_len_buckets), seed=int(d.shuffle_seed),
+      caption_len_buckets=tuple(d.caption_len_buckets),
+      num_caption_buckets=int(d.num_caption_buckets), seed=int(d.shuffle_seed),
       prefetch_buffer_size=int(d.prefetch), num_threads=min(4, int(d.prefetch)))
 
 
@@ -215,7 +217,8 @@ def make_data_iterator(config):
     from svg_jax.train import decoder_task
     return decoder_task.make_data_iterator(config)
   per_process = int(config.train.global_batch_size) // jax.process_count()
-  return pipeline_lib.make_pipeline(config.data.path, _pipeline_config(config, per_process))
+  return pipeline_lib.make_pipeline(config.data.path, _pipeline_config(config, per_process),
+                                    expected_fingerprints=ae_lib.config_fingerprints(config.autoencoder))
 
 
 def Setup(config, mesh):  # noqa: N802 (a factory standing where the DiT setup class stood)
