@@ -74,6 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
   # "zeros" = that stand-in always; anything else = the path of an .npy file.
   c.data.empty_text = "auto"
 
+  # Online text mode: when data.path holds token ids (precompute.text_mode = "token_ids"), the
+  # trainer runs this frozen Gemma-2 (local HF folder) inside the step instead of reading features.
+  c.text = ml_collections.ConfigDict()
+  c.text.encoder_dir = ""
+  c.text.hidden_layer = -2  # official: hidden_states[-2]
+
   c.flow = ml_collections.ConfigDict()
   c.flow.timestep_sampling = "logit_normal"  # logit_normal | uniform
   c.flow.logit_mean = 0.0

@@ -1,7 +1,10 @@
 """Online text mode: the step runs the frozen Gemma-2 on token ids and gives the same loss and
 gradients as the step on precomputed features of the same captions (caption dropout included)."""
+import os
+
 import jax
 import numpy as np
+import pytest
 
 from svg_jax import config as config_lib
 from svg_jax import parallel
@@ -54,3 +57,31 @@ def test_token_mode_equals_feature_mode(tmp_path):
   assert float(m_feat["caption_dropped"]) == float(m_tok["caption_dropped"])
   np.testing.assert_allclose(float(m_tok["loss"]), float(m_feat["loss"]), rtol=1e-5)
   np.testing.assert_allclose(float(m_tok["grad_norm"]), float(m_feat["grad_norm"]), rtol=1e-4)
+
+
+def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
+  """`launch/train.py`'s loop on a token-id dataset: Gemma-2 runs inside the step (online mode)."""
+  from svg_jax.data import records
+  from svg_jax.train import loop
+
+  captions = [shapes.make_item(0, "train", i, 64)["prompt"] for i in range(20)]
+  te = ensure_demo_text_encoder(str(tmp_path / "te"), captions)
+  enc = TextEncoder.from_pretrained(te)
+  data = str(tmp_path / "data")
+  records.write_random_dataset(data, buckets=((4, 4),), num_records=32, latent_channels=8,
+                               text_kind="token_ids", vocab_size=len(enc.tokenizer),
+                               caption_len=(1, 6))
+  np.save(os.path.join(data, loop.EMPTY_TEXT_FILE), enc.tokenize([""])[0][0, :1])
+  config = config_lib.base_config()
+  config.model.update(dict(in_channels=8, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
+                           n_kv_heads=1, multiple_of=32, cap_feat_dim=enc.cfg.hidden_size,
+                           axes_dims=(8, 12, 12), scan_layers=False, compute_dtype="float32",
+                           remat_policy="none"))
+  config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
+  config.data.update(dict(path=data, max_caption_len=16, resolution=64))
+  config.train.update(dict(global_batch_size=8, num_steps=3, log_every=1, checkpoint_every=3))
+  with pytest.raises(loop.ConfigError, match="text.encoder_dir"):
+    loop.validate_config(config)
+  config.text.encoder_dir = te
+  out = loop.train(config, str(tmp_path / "run"))
+  assert out["step"] == 3 and np.isfinite(out["last_record"]["loss"])

@@ -25,9 +25,6 @@ from svg_jax import flow
 from svg_jax.parallel import BATCH_AXES
 from svg_jax.train import state as state_lib
 
-MODEL_INPUTS = ("latent", "text", "text_mask", "text_len")
-
-
 def apply_caption_dropout(rng, text, text_mask, empty_text, prob: float):
   """Replaces whole captions by the empty prompt with probability `prob` per sample.
 

@@ -41,8 +41,8 @@ import numpy as np
 from absl import logging
 from clu import parameter_overview
 
-from svg_jax import config as config_lib
 from svg_jax import autoencoder as ae_lib
+from svg_jax import config as config_lib
 from svg_jax import flow, parallel
 from svg_jax.data import pipeline as pipeline_lib
 from svg_jax.data import records
@@ -148,9 +148,12 @@ def _dit_problems(config, model_cfg, gb: int, process_count: int) -> list[str]:
     if manifest is None:
       problems.append(f"data.path {path!r} has no readable {records.MANIFEST_NAME}")
     elif model_cfg is not None:
-      if manifest["text"]["kind"] != "text_features":
-        problems.append(f"data.path {path!r} holds {manifest['text']['kind']}; the DiT trainer "
-                        "needs precomputed text_features")
+      kind = manifest["text"]["kind"]
+      if kind == "token_ids":  # online mode: the trainer runs the frozen text encoder
+        problems += _online_text_problems(config, model_cfg)
+      elif kind != "text_features":
+        problems.append(f"data.path {path!r} holds {kind}; the DiT trainer needs text_features "
+                        "or token_ids")
       elif manifest["text"].get("dim") != model_cfg.cap_feat_dim:
         problems.append(f"the dataset's text features have dim {manifest['text'].get('dim')} but "
                         f"model.cap_feat_dim is {model_cfg.cap_feat_dim}")
@@ -159,7 +162,9 @@ def _dit_problems(config, model_cfg, gb: int, process_count: int) -> list[str]:
                         f"model.in_channels is {model_cfg.in_channels}")
       try:
         empty = load_empty_text(config, log_substitute=False)
-        if empty.shape[1] != model_cfg.cap_feat_dim:
+        if kind == "token_ids":
+          pass  # token ids of the empty prompt; their features come from the text encoder
+        elif empty.shape[1] != model_cfg.cap_feat_dim:
           problems.append(f"data.empty_text has dim {empty.shape[1]}, model.cap_feat_dim is "
                           f"{model_cfg.cap_feat_dim}")
         if empty.shape[0] > min(config.data.caption_len_buckets or (config.data.max_caption_len,)):
@@ -172,6 +177,37 @@ def _dit_problems(config, model_cfg, gb: int, process_count: int) -> list[str]:
   except ValueError as e:
     problems.append(f"data: {e}")
   return problems
+
+
+def _online_text_problems(config, model_cfg) -> list[str]:
+  if not config.text.encoder_dir:
+    return [f"data.path {config.data.path!r} holds token ids: set text.encoder_dir to the local "
+            "Gemma-2 folder the trainer runs on them (online mode)"]
+  from svg_jax.convert.gemma2 import config_from_hf_json
+  try:
+    text_cfg = config_from_hf_json(config.text.encoder_dir,
+                                   hidden_layer=int(config.text.hidden_layer))
+  except (OSError, ValueError) as e:
+    return [f"text.encoder_dir: {e}"]
+  if text_cfg.hidden_size != model_cfg.cap_feat_dim:
+    return [f"the text encoder's hidden size {text_cfg.hidden_size} != model.cap_feat_dim "
+            f"{model_cfg.cap_feat_dim}"]
+  return []
+
+
+def load_text_encoder(config, mesh):
+  """Online mode: (Gemma2Encoder, params placed on `mesh` by their logical axes, shardings)."""
+  from svg_jax.convert.gemma2 import config_from_hf_json, load_gemma2
+  from svg_jax.models.gemma2 import Gemma2Encoder
+
+  cfg = config_from_hf_json(config.text.encoder_dir, hidden_layer=int(config.text.hidden_layer))
+  model = Gemma2Encoder(cfg)
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  boxed = jax.eval_shape(lambda i: model.init(jax.random.PRNGKey(0), i, jnp.ones((1, 8), bool)),
+                         ids)["params"]
+  shardings = parallel.logical_shardings(boxed, mesh, config.axis_rules)
+  params = jax.device_put(load_gemma2(config.text.encoder_dir, cfg, only_needed=True), shardings)
+  return model, params, shardings
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -194,7 +230,10 @@ def load_empty_text(config, *, log_substitute: bool = True) -> np.ndarray:
                       "for <bos> features; fine for synthetic data)", EMPTY_TEXT_FILE,
                       config.data.path)
     return np.zeros((1, dim), np.float32)
-  arr = np.load(path).astype(np.float32)
+  arr = np.load(path)
+  if np.issubdtype(arr.dtype, np.integer):  # online mode: the empty prompt's token ids [Le]
+    return arr.reshape(-1).astype(np.int32)
+  arr = arr.astype(np.float32)
   if arr.ndim == 3 and arr.shape[0] == 1:
     arr = arr[0]
   if arr.ndim != 2 or arr.shape[0] < 1:
@@ -217,8 +256,9 @@ def make_data_iterator(config):
     from svg_jax.train import decoder_task
     return decoder_task.make_data_iterator(config)
   per_process = int(config.train.global_batch_size) // jax.process_count()
+  expected = ae_lib.config_fingerprints(config.autoencoder)
   return pipeline_lib.make_pipeline(config.data.path, _pipeline_config(config, per_process),
-                                    expected_fingerprints=ae_lib.config_fingerprints(config.autoencoder))
+                                    expected_fingerprints=expected)
 
 
 def Setup(config, mesh):  # noqa: N802 (a factory standing where the DiT setup class stood)
@@ -261,12 +301,24 @@ class DiTSetup:
                                 in_shardings=(self.state_shardings.params,),
                                 out_shardings=self.state_shardings)
     self.empty_text = load_empty_text(config)
-    step = dit_step.make_train_step(self.model, self.tx, config, self.empty_text)
+    online = records.read_manifest(config.data.path)["text"]["kind"] == "token_ids"
+    text_model = None
     repl = parallel.replicated(mesh)
-    batch_sh = {k: parallel.batch_sharding(mesh, nd) for k, nd in
-                (("latent", 4), ("text", 3), ("text_mask", 2), ("text_len", 1))}
-    self.step = jax.jit(step, in_shardings=(self.state_shardings, batch_sh, repl),
-                        out_shardings=(self.state_shardings, repl), donate_argnums=0)
+    if online:
+      text_model, text_params, text_sh = load_text_encoder(config, mesh)
+      text_batch = (("token_ids", 2), ("text_mask", 2), ("text_len", 1))
+    else:
+      text_batch = (("text", 3), ("text_mask", 2), ("text_len", 1))
+    step = dit_step.make_train_step(self.model, self.tx, config, self.empty_text, text_model)
+    batch_sh = {k: parallel.batch_sharding(mesh, nd) for k, nd in (("latent", 4),) + text_batch}
+    self.batch_keys = tuple(batch_sh)
+    if online:  # the frozen text params are an input of every step, never part of the state
+      jitted = jax.jit(step, in_shardings=(self.state_shardings, batch_sh, repl, text_sh),
+                       out_shardings=(self.state_shardings, repl), donate_argnums=0)
+      self.step = lambda state, batch, rng: jitted(state, batch, rng, text_params)
+    else:
+      self.step = jax.jit(step, in_shardings=(self.state_shardings, batch_sh, repl),
+                          out_shardings=(self.state_shardings, repl), donate_argnums=0)
 
   def init_state(self, seed: int):
     return self._init(jax.random.PRNGKey(seed))
@@ -275,7 +327,7 @@ class DiTSetup:
     return self._from_params(params)
 
   def device_batch(self, local_batch: dict) -> dict:
-    return parallel.global_batch({k: local_batch[k] for k in dit_step.MODEL_INPUTS}, self.mesh)
+    return parallel.global_batch({k: local_batch[k] for k in self.batch_keys}, self.mesh)
 
   def make_data_iterator(self):
     return make_data_iterator(self.config)
@@ -283,7 +335,7 @@ class DiTSetup:
   def batch_counts(self, local_batch: dict) -> tuple[int, int, float]:
     """(images, tokens, FLOPs) of one global step on a batch shaped like `local_batch`."""
     _, h, w = local_batch["latent"].shape[:3]
-    cap_len = local_batch["text"].shape[1]
+    cap_len = local_batch["text_mask"].shape[1]
     p = self.model_cfg.patch_size
     gb = int(self.config.train.global_batch_size)
     return (gb, gb * ((h // p) * (w // p) + cap_len),
