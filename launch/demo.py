@@ -13,7 +13,7 @@ flags.DEFINE_integer("decoder_steps", 800, "pixel-decoder training steps")
 flags.DEFINE_integer("dit_steps", 2000, "DiT training steps")
 flags.DEFINE_integer("sample_steps", 25, "DPM-Solver++ steps")
 flags.DEFINE_float("cfg_scale", 4.0, "renorm-CFG scale")
-flags.DEFINE_float("shift", 3.0, "time shift of the sampling grid")
+flags.DEFINE_float("shift", 1.0, "time shift of the sampling grid")
 FLAGS = flags.FLAGS
 
 

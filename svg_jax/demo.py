@@ -25,8 +25,8 @@ class DemoSettings:
   workdir: str = "runs/demo"
   num_train: int = 2000
   num_heldout: int = 300
-  decoder_steps: int = 1200
-  dit_steps: int = 3000
+  decoder_steps: int = 800
+  dit_steps: int = 2000
   sample_steps: int = 25
   cfg_scale: float = 4.0
   shift: float = 1.0
