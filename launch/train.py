@@ -12,7 +12,6 @@ first).
 Exit status: 0 when done or stopped by SIGTERM/SIGINT (after saving), 2 for a bad config
 (one line on stderr, nothing compiled), 3 when the loss became NaN/inf (nothing bad saved).
 """
-import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -20,13 +19,6 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tensorboard/")
-
-
-class _QuietLibraries(py_logging.Filter):
-  """Drops the per-save INFO chatter of Orbax so the progress lines stay readable."""
-
-  def filter(self, record):
-    return record.levelno >= py_logging.WARNING or "orbax" not in record.pathname
 
 
 def _parse_flags(argv):
@@ -53,8 +45,8 @@ def main(argv):
     print(f"config error: task {config.task!r} has no trainer (one of {loop.TASKS})",
           file=sys.stderr)
     sys.exit(2)
-  logging.set_verbosity(logging.INFO)
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  from svg_jax.train import metrics
+  metrics.console_logging()
   if config.task == "decoder" and config.data.demo_dir:
     from svg_jax.train import decoder_demo
     decoder_demo.prepare(config)

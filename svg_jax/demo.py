@@ -15,7 +15,6 @@ import time
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -187,7 +186,8 @@ class Stages:
 
 def run(s: DemoSettings) -> dict:
   stages = Stages(s)
-  logging.set_verbosity(logging.WARNING)
+  from svg_jax.train import metrics
+  metrics.console_logging()
   dec = stages._timed("1/5 decoder training (demo data, random ViT-S/16+ encoder, statistics)",
                       stages.train_decoder)
   text_dir = stages._timed("2/5 demo text encoder", lambda: stages.text_encoder(dec))

@@ -191,10 +191,8 @@ class DecoderSetup:
                                        disc.init(k_disc, img, True), self.tx, self.disc_tx)
 
     boxed = jax.eval_shape(boxed_state, jax.random.PRNGKey(0))
-    self.state_shardings = parallel.logical_shardings(boxed, mesh, self.rules)
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state_lib.unbox(boxed), self.state_shardings)
+    self.state_shardings, self.abstract_state = state_lib.sharded_abstract_state(
+        boxed, mesh, self.rules)
     self._init = jax.jit(lambda rng: state_lib.unbox(boxed_state(rng)),
                          out_shardings=self.state_shardings)
 

@@ -291,17 +291,16 @@ class DiTSetup:
       return state_lib.create_state(self.model.init(rng, *dummy)["params"], self.tx)
 
     boxed = jax.eval_shape(boxed_state, jax.random.PRNGKey(0))
-    self.state_shardings = parallel.logical_shardings(boxed, mesh, self.rules)
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        state_lib.unbox(boxed), self.state_shardings)
+    self.state_shardings, self.abstract_state = state_lib.sharded_abstract_state(
+        boxed, mesh, self.rules)
     self._init = jax.jit(lambda rng: state_lib.unbox(boxed_state(rng)),
                          out_shardings=self.state_shardings)
     self._from_params = jax.jit(lambda p: state_lib.create_state(p, self.tx),
                                 in_shardings=(self.state_shardings.params,),
                                 out_shardings=self.state_shardings)
     self.empty_text = load_empty_text(config)
-    online = records.read_manifest(config.data.path)["text"]["kind"] == "token_ids"
+    manifest = _manifest_or_none(config.data.path) if config.data.path else None
+    online = manifest is not None and manifest["text"]["kind"] == "token_ids"
     text_model = None
     repl = parallel.replicated(mesh)
     if online:

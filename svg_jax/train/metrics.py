@@ -31,6 +31,21 @@ log = logging.getLogger(__name__)
 PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0, "cpu": None}
 
 
+class _QuietLibraries(logging.Filter):
+  """Drops the per-save INFO chatter of Orbax so the progress lines stay readable."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def console_logging() -> None:
+  """INFO on the console for our progress lines, without Orbax's per-save messages."""
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+
+
 def detect_chip(device=None) -> str:
   """Maps a jax device kind to a `PEAK_TFLOPS` key ("cpu" for anything unknown)."""
   device = device or jax.devices()[0]

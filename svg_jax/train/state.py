@@ -63,6 +63,17 @@ def unbox(tree):
   return nn.meta.unbox(tree)
 
 
+def sharded_abstract_state(boxed_state, mesh, rules):
+  """(shardings, abstract state) of an eval_shape'd, logically boxed state on `mesh`: the
+  optimizer moments and EMA inherit the shardings of the parameters they mirror."""
+  from svg_jax import parallel
+
+  shardings = parallel.logical_shardings(boxed_state, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          unbox(boxed_state), shardings)
+  return shardings, abstract
+
+
 def ema_update(ema, params, decay: float):
   """ema <- decay * ema + (1 - decay) * params (fp32)."""
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
