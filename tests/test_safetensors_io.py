@@ -12,6 +12,7 @@ import safetensors
 import safetensors.torch
 import torch
 
+from test_torch_pickle import bits, torch_bits  # the same bit-exact comparisons
 from svg_jax.convert.safetensors_io import (load_safetensors, load_sharded_safetensors,
                                             save_safetensors)
 
@@ -23,21 +24,6 @@ NP = {
     torch.complex64: np.complex64,
 }
 NP = {k: np.dtype(v) for k, v in NP.items()}
-
-
-def bits(a):
-  a = np.ascontiguousarray(a).reshape(-1)
-  if a.dtype == np.bool_:
-    return a
-  unit = a.dtype.itemsize // 2 if a.dtype.kind == 'c' else a.dtype.itemsize
-  return a.view(f'u{unit}')
-
-
-def torch_bits(t):
-  t = t.contiguous()
-  if t.dtype == torch.bfloat16:  # torch has no numpy() for bf16
-    t = t.view(torch.uint16)
-  return bits(t.numpy())
 
 
 def random_tensors(rng):

@@ -24,11 +24,9 @@ import json
 import os
 from typing import Any, Mapping
 
-import flax
-import jax
 import numpy as np
 
-from svg_jax.convert import errors
+from svg_jax.convert import errors, scan_layout
 from svg_jax.convert.safetensors_io import load_safetensors, load_sharded_safetensors
 from svg_jax.convert.torch_pickle import load_torch_file
 from svg_jax.models.dinov3 import DINOv3Config, abstract_params, rope_periods
@@ -218,26 +216,12 @@ def check_hf_config(config: Mapping[str, Any], cfg: DINOv3Config) -> None:
 
 
 def _unscanned_flat(params, cfg: DINOv3Config) -> dict[tuple, Any]:
-  """Flatten params to {path: leaf}, splitting a scanned `blocks/block` stack into `blocks_{i}`."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(flax.linen.meta.unbox(params)))
-  out = {}
-  for path, leaf in flat.items():
-    if path[:2] == ("blocks", "block"):
-      for i in range(cfg.depth):
-        out[(f"blocks_{i}",) + path[2:]] = (
-            jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-            if isinstance(leaf, jax.ShapeDtypeStruct) else leaf[i])
-    else:
-      out[path] = leaf
-  return out
+  del cfg  # the stack's own depth decides, so a wrong depth shows up as mismatched keys
+  return scan_layout.unscan(params, ("blocks", "block"), "blocks")
 
 
 def _rescan(flat: dict[tuple, np.ndarray], cfg: DINOv3Config) -> dict:
-  if cfg.scan_layers:
-    for path in [p for p in flat if p[0] == "blocks_0"]:
-      flat[("blocks", "block") + path[1:]] = np.stack(
-          [flat.pop((f"blocks_{i}",) + path[1:]) for i in range(cfg.depth)])
-  return flax.traverse_util.unflatten_dict(flat)
+  return scan_layout.rescan(flat, ("blocks", "block"), "blocks", cfg.depth, cfg.scan_layers)
 
 
 def _params_flat(params, cfg: DINOv3Config) -> dict[tuple, np.ndarray]:

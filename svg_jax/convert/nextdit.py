@@ -11,10 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Iterator
 
-import flax
-import jax
 import numpy as np
 
+from svg_jax.convert import scan_layout
 from svg_jax.convert.errors import KeyMismatchError
 from svg_jax.models.nextdit import NextDiTConfig, abstract_params
 
@@ -125,35 +124,17 @@ def official_shapes(cfg: NextDiTConfig) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
+_STACK = ("layers", "block")
+
+
 def unscanned_flat(params) -> dict[tuple, Any]:
-  """Flatten params to {path: array}, splitting a scanned `layers/block` stack into `layers_{i}`
-  (as many as the stack holds, so a stack of the wrong depth shows up as missing/unexpected keys)."""
-  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(flax.linen.meta.unbox(params)))
-  out = {}
-  for path, leaf in flat.items():
-    if path[:2] == ("layers", "block"):
-      for i in range(leaf.shape[0]):
-        out[(f"layers_{i}",) + path[2:]] = _layer_slice(leaf, i)
-    else:
-      out[path] = leaf
-  return out
-
-
-def _layer_slice(leaf, i: int):
-  if isinstance(leaf, jax.ShapeDtypeStruct):
-    return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-  return leaf[i]
+  """Flatten params to {path: array}, a scanned `layers/block` stack split into `layers_{i}`."""
+  return scan_layout.unscan(params, _STACK, "layers")
 
 
 def rescan(flat: dict[tuple, np.ndarray], cfg: NextDiTConfig) -> dict:
   """Inverse of `unscanned_flat` for the model's layout (stack `layers_{i}` when scanning)."""
-  if cfg.scan_layers:
-    stacked = {}
-    for path in [p for p in flat if p[0] == "layers_0"]:
-      stacked[("layers", "block") + path[1:]] = np.stack(
-          [flat.pop((f"layers_{i}",) + path[1:]) for i in range(cfg.n_layers)])
-    flat.update(stacked)
-  return flax.traverse_util.unflatten_dict(flat)
+  return scan_layout.rescan(flat, _STACK, "layers", cfg.n_layers, cfg.scan_layers)
 
 
 def official_to_params(state: dict[str, np.ndarray], cfg: NextDiTConfig) -> dict:
