@@ -3,7 +3,7 @@
 Two record shapes (synthetic records from `records.write_random_dataset`, read back through
 `pipeline.make_pipeline` exactly as the trainer does):
 
-  tiny  configs/tiny.py: latent 4x4x384, text 128-dim, 8-60 tokens, batch 16. The consumer is the
+  tiny  configs/tiny.py: latent 8x8x384, text 128-dim, 8-60 tokens, batch 16. The consumer is the
         real jitted DiT train step of `loop.Setup` on the same batches, on this CPU, measured in
         alternating rounds with the loader in the same process (bench/harness.py practice).
   2b    stage 1 of configs/svg_t2i_2b.py: latent 16x16x384 bf16, text 2304-dim, 64-128 tokens.
@@ -17,7 +17,8 @@ The loader must keep >= 10x ahead. `--threads` sets Grain read threads and `--wo
 processes (hosts have many cores; this machine has 2 shared ones: on it 1, 2 and 4 threads read
 at the same rate, the decode is bound by one core / the GIL).
 
-  python bench/loader.py [--shapes tiny,2b] [--threads 2] [--rounds 4]
+  python bench/loader.py [--shapes tiny,2b] [--threads 2] [--workers 0] [--rounds 4]
+                         [--compression default,uncompressed]
 """
 import argparse
 import os
@@ -67,7 +68,7 @@ def bench_tiny(args, workdir):
   config = _config("tiny")
   m = config.model
   batch = int(config.train.global_batch_size)
-  hw = int(config.data.resolution) // 16
+  hw = int(config.data.resolution) // int(config.autoencoder.encoder.patch_size)
   buckets = tuple(config.data.caption_len_buckets) or (32, int(config.data.max_caption_len))
   data_dir = os.path.join(workdir, "tiny")
   records.write_random_dataset(data_dir, buckets=[(hw, hw)], num_records=512,
@@ -107,20 +108,21 @@ def bench_tiny(args, workdir):
   return st / lb
 
 
-def bench_2b(args, workdir):
+def bench_2b(args, workdir, compression):
   from svg_jax import config as config_lib
   from svg_jax.data import records
   from svg_jax.train import metrics
 
   config = _config("svg_t2i_2b", "stage1_256")
   cfg = config_lib.nextdit_config(config)
-  hw = int(config.data.resolution) // 16
+  hw = int(config.data.resolution) // int(config.autoencoder.encoder.patch_size)
   buckets = (64, 128)
-  data_dir = os.path.join(workdir, "2b")
+  data_dir = os.path.join(workdir, f"2b_{compression}")
   start = time.perf_counter()
   records.write_random_dataset(data_dir, buckets=[(hw, hw)], num_records=args.records_2b,
                                latent_channels=cfg.in_channels, text_dim=cfg.cap_feat_dim,
-                               caption_len=(63, 127), vocab_size=4096, records_per_shard=64)
+                               caption_len=(63, 127), vocab_size=4096, records_per_shard=64,
+                               compression=compression)
   write_s = time.perf_counter() - start
   size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(data_dir) for f in fs)
   batch = args.batch_2b
@@ -130,7 +132,7 @@ def bench_2b(args, workdir):
   lb = statistics.median(_time_loader(it, args.loader_batches_2b) for _ in range(args.rounds))
   samples_s = batch / lb
   gb = int(config.train.global_batch_size)
-  print(f"2b stage 1: per-process batch {batch}, latent {first['latent'].shape[1:]} "
+  print(f"2b stage 1, {compression} shards: per-process batch {batch}, latent {first['latent'].shape[1:]} "
         f"{first['latent'].dtype}, text {first['text'].shape[1:]} {first['text'].dtype}; "
         f"{args.records_2b} records, {size / args.records_2b / 1e6:.2f} MB each on disk "
         f"(written in {write_s:.1f} s); loader threads {args.threads}, workers {args.workers}")
@@ -163,6 +165,8 @@ def main(argv=None):
   p.add_argument("--batch-2b", type=int, default=16, help="2b: per-process batch")
   p.add_argument("--records-2b", type=int, default=192)
   p.add_argument("--mfu", type=float, default=0.4)
+  p.add_argument("--compression", default="default,uncompressed",
+                 help="2b: shard compressions to compare (records.COMPRESSIONS)")
   p.add_argument("--workdir", default="", help="where the records go (default: a temp dir)")
   args = p.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
@@ -171,7 +175,8 @@ def main(argv=None):
     if "tiny" in shapes:
       bench_tiny(args, workdir)
     if "2b" in shapes:
-      bench_2b(args, workdir)
+      for compression in args.compression.split(","):
+        bench_2b(args, workdir, compression)
 
 
 if __name__ == "__main__":

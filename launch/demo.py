@@ -1,7 +1,7 @@
 """The embedded default end to end (README Quickstart), offline on CPU:
 demo data -> decoder training -> precompute -> DiT training -> sampling -> ShapesGenEval.
 
-  python launch/demo.py [--workdir runs/demo] [--dit_steps 2000]
+  python launch/demo.py [--workdir runs/demo] [--dit_steps 1000]
 Finished stages are cached in the workdir; an interrupted run resumes.
 """
 from absl import app, flags
@@ -10,7 +10,7 @@ flags.DEFINE_string("workdir", "runs/demo", "where the demo writes data, checkpo
 flags.DEFINE_integer("num_train", 2000, "demo training images")
 flags.DEFINE_integer("num_heldout", 300, "held-out prompts (combinations never seen in training)")
 flags.DEFINE_integer("decoder_steps", 800, "pixel-decoder training steps")
-flags.DEFINE_integer("dit_steps", 2000, "DiT training steps")
+flags.DEFINE_integer("dit_steps", 1000, "DiT training steps")
 flags.DEFINE_integer("sample_steps", 25, "DPM-Solver++ steps")
 flags.DEFINE_float("cfg_scale", 4.0, "renorm-CFG scale")
 flags.DEFINE_float("shift", 1.0, "time shift of the sampling grid")

@@ -15,36 +15,18 @@ splits its batches over its local devices. Resumable: prompts whose files all ex
 GenEval prompt with some samples gets the missing ones; files appear atomically.
 """
 from absl import app, flags
-from ml_collections import config_flags
 
-from svg_jax import sampling
+import generator_flags
 
-config_flags.DEFINE_config_file("config", None, "ml_collections config with `model` and "
-                                "`autoencoder` sections", lock_config=True)
+generator_flags.define(resolution="1024x1024", batch_size=4,
+                       system_type_help="system prompt (official eval: base)")
 flags.DEFINE_enum("benchmark", None, ["geneval", "dpg"], "output layout")
 flags.DEFINE_string("prompts", None, "prompt jsonl (geneval_metadata.jsonl / dpg.jsonl format)")
 flags.DEFINE_string("outdir", None, "output folder")
 flags.DEFINE_integer("limit", 0, "only the first N prompts of the file (0: all)")
-flags.DEFINE_string("checkpoint", None, "training workdir to load the DiT from")
-flags.DEFINE_bool("ema", True, "with --checkpoint: the EMA params (--noema: the raw params)")
-flags.DEFINE_integer("step", None, "with --checkpoint: this step instead of the newest")
-flags.DEFINE_string("weights", None, "converted DiT weights (file or diffusers folder)")
-flags.DEFINE_enum("format", None, ["flax", "official", "safetensors", "diffusers"],
-                  "format of --weights")
-flags.DEFINE_string("text_encoder", None, "Gemma-2 folder (HF layout: config, safetensors)")
-flags.DEFINE_string("tokenizer", None, "tokenizer folder (default: --text_encoder)")
-flags.DEFINE_string("system_type", "base", "system prompt (official eval: base)")
 flags.DEFINE_integer("images_per_prompt", 4, "images per prompt (DPG grids need 4)")
-flags.DEFINE_integer("steps", 50, "sampling steps (DPM steps / ODE grid points)")
-flags.DEFINE_float("cfg", 4.0, "classifier-free guidance scale")
-flags.DEFINE_enum("cfg_mode", "renorm", list(sampling.CFG_MODES), "CFG variant")
-flags.DEFINE_float("shift", 10.0, "time shift of the sampling grid")
-flags.DEFINE_enum("solver", "dpm", list(sampling.SOLVERS), "ODE solver")
-flags.DEFINE_string("resolution", "1024x1024", "WIDTHxHEIGHT in pixels (multiples of 16)")
-flags.DEFINE_integer("batch_size", 4, "images per jitted trajectory")
 flags.DEFINE_integer("process_index", -1, "this shard (default: jax.process_index())")
 flags.DEFINE_integer("process_count", -1, "number of shards (default: jax.process_count())")
-flags.DEFINE_bool("shard", True, "split each batch over the local devices")
 FLAGS = flags.FLAGS
 
 
@@ -55,33 +37,21 @@ def main(argv):
   from svg_jax import generate as gen
   from svg_jax import parallel
 
-  try:  # before loading anything: a one-line error for bad input
-    resolution = gen.parse_resolution(FLAGS.resolution)
-    settings = gen.SamplerSettings(steps=FLAGS.steps, cfg_scale=FLAGS.cfg,
-                                   cfg_mode=FLAGS.cfg_mode, shift=FLAGS.shift,
-                                   solver=FLAGS.solver)
-    settings.validate()
+  resolution, settings = generator_flags.sampler_settings()  # before loading anything
+  try:
     items = gen.read_prompt_file(FLAGS.prompts, FLAGS.benchmark)
   except (ValueError, OSError) as e:
     raise app.UsageError(str(e)) from e
   if FLAGS.limit > 0:
     items = items[:FLAGS.limit]
-  if (FLAGS.checkpoint is None) == (FLAGS.weights is None):
-    raise app.UsageError("give exactly one of --checkpoint and --weights")
   parallel.initialize_distributed()
   index = jax.process_index() if FLAGS.process_index < 0 else FLAGS.process_index
   count = jax.process_count() if FLAGS.process_count < 0 else FLAGS.process_count
   if not 0 <= index < count:
     raise app.UsageError(f"--process_index {index} outside [0, {count})")
 
-  mesh = None
-  if FLAGS.shard and jax.local_device_count() > 1:
-    # Processes work on disjoint prompts, so each one's mesh holds only its own devices.
-    mesh = parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.local_devices())
-  generator = gen.Generator.from_config(
-      FLAGS.config, text_encoder=FLAGS.text_encoder, tokenizer=FLAGS.tokenizer,
-      system_type=FLAGS.system_type, checkpoint=FLAGS.checkpoint, ema=FLAGS.ema, step=FLAGS.step,
-      weights=FLAGS.weights, weights_format=FLAGS.format, mesh=mesh)
+  # Processes work on disjoint prompts, so each one's mesh holds only its own devices.
+  generator = generator_flags.make_generator(jax.local_devices())
   summary = gen.run_benchmark(generator, items, FLAGS.benchmark, FLAGS.outdir, resolution,
                               settings, batch_size=FLAGS.batch_size,
                               images_per_prompt=FLAGS.images_per_prompt, process_index=index,

@@ -368,7 +368,7 @@ def test_image_pipeline_is_deterministic_resumable_and_skips_bad_images(tmp_path
 
 TINY = {"autoencoder.encoder": dict(dim=32, depth=2, num_heads=2, ffn_hidden=64,
                                     num_register_tokens=1, scan_layers=False),
-        "autoencoder.decoder": dict(z_channels=32, ch=8, ch_mult=(1, 1, 1, 1, 2),
+        "autoencoder.decoder": dict(z_channels=32, ch=8, ch_mult=(1, 1, 1, 2),
                                     num_res_blocks=0, norm_groups=4),
         "discriminator": dict(ndf=8, n_layers=2),
         "data": dict(resolution=32, num_eval_images=8, demo_num_train=48, demo_num_heldout=8),

@@ -408,6 +408,30 @@ def test_benchmark_cli_writes_the_official_layouts(files, tmp_path):
   assert _png(out / _tree(out)[0]).shape == (64, 96, 3)
 
 
+@pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
+def test_evaluate_cli_scores_the_shapes_prompts(files, generator, tmp_path):
+  from svg_jax.data import shapes
+  from svg_jax.eval import shapes_geneval
+
+  data = tmp_path / "shapes"
+  shapes.write_dataset(str(data), 0, 6, 48)
+  out = tmp_path / "eval"
+  r = _run("evaluate.py", *_common(files), "--resolution=48", "--system_type=base",
+           f"--data={data}", f"--outdir={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _tree(out) == ["grid.png", "grid_prompts.txt", "scores.json"]
+  items = shapes.read_split(str(data), "heldout")
+  report = json.load(open(out / "scores.json"))
+  assert report["counts"] == {c: 1 for c in shapes.CATEGORIES}
+  assert (out / "grid_prompts.txt").read_text().split("\n")[:6] == [i["prompt"] for i in items]
+  # The same prompts, seeds (42 + 4i) and sampler in-process, scored by the library.
+  images = generator.generate([i["prompt"] for i in items], [42 + 4 * i for i in range(6)],
+                              (48, 48), gen.SamplerSettings(steps=2, shift=1.0))
+  want = shapes_geneval.score(list(images), [i["metadata"] for i in items])
+  assert report["scores"] == pytest.approx(want)
+  assert shapes_geneval.format_table(want, report["counts"]) in r.stdout
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--solver=rk4", "--solver=rk4"),
     ("--resolution=100x100", "width 100 and height 100 not a positive multiple of 16"),

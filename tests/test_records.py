@@ -155,6 +155,27 @@ def test_shard_writer_is_atomic_and_readable_by_grain(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["s.array_record"]
 
 
+def test_uncompressed_shards_read_back_the_same_and_are_larger(tmp_path):
+  """Compressible records (a constant latent, like a plain background): the default shard is
+  compressed, the uncompressed one holds every byte; both read back identically through Grain."""
+  rec = _record(h=16, w=16, c=128)
+  rec["latent"] = np.ones_like(rec["latent"])
+  payloads = [R.encode_record(rec)] * 16  # ~1 MB: files grow in 128 KiB steps
+  sizes = {}
+  for compression in ("default", "uncompressed"):
+    path = str(tmp_path / f"{compression}.array_record")
+    with R.ShardWriter(path, compression) as w:
+      for p in payloads:
+        w.write(p)
+    src = ArrayRecordDataSource([path])
+    assert [src[i] for i in range(len(src))] == payloads
+    sizes[compression] = os.path.getsize(path)
+  assert sizes["uncompressed"] >= sum(map(len, payloads)) > 4 * sizes["default"]
+  with pytest.raises(ValueError, match="unknown shard compression 'lz4'"):
+    R.DatasetWriter(tmp_path / "d", compression="lz4")
+  assert not os.path.exists(tmp_path / "d" / R.MANIFEST_NAME)
+
+
 def test_open_shard_errors_name_the_file(tmp_path):
   good = str(tmp_path / "good.array_record")
   with R.ShardWriter(good) as w:

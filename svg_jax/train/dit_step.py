@@ -89,7 +89,8 @@ def make_train_step(model, tx: optax.GradientTransformation, config,
   shift = None
   if fcfg.resolution_shift:
     # The nominal resolution's token count (official: (train_res / 16)^2), not the bucket's.
-    shift = flow.shift_factor_for_seq_len((int(config.data.resolution) // 16 // patch) ** 2)
+    pixels_per_token = int(config.autoencoder.encoder.patch_size) * patch
+    shift = flow.shift_factor_for_seq_len((int(config.data.resolution) // pixels_per_token) ** 2)
   empty_text = np.asarray(empty_text, np.int32 if text_model is not None else np.float32)
 
   def condition(batch, rng, text_params):

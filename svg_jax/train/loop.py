@@ -127,6 +127,20 @@ def validate_config(config, num_devices: int | None = None,
   return shape
 
 
+def bottleneck_problems(model_cfg) -> list[str]:
+  """A DiT narrower than its patch cannot learn the flow: the velocity x1 - x0 holds the noise in
+  every input dimension, but x_embedder keeps only `dim` of them, so the loss has a floor of about
+  (1 - dim / patch_dim) and samples keep undenoised noise in the lost directions (measured on the
+  demo: dim 192 over 384-channel latents plateaued at loss 0.65 even on 8 memorized images)."""
+  patch_dim = model_cfg.in_channels * model_cfg.patch_size ** 2
+  if model_cfg.dim >= patch_dim:
+    return []
+  return [f"model.dim {model_cfg.dim} is below the patch's {patch_dim} input dimensions "
+          f"(in_channels {model_cfg.in_channels} x patch_size^2 {model_cfg.patch_size ** 2}): the "
+          "x_embedder would drop noise directions that the velocity target keeps, a loss floor no "
+          "training removes; use model.dim >= in_channels x patch_size^2"]
+
+
 def _dit_problems(config, model_cfg, gb: int, process_count: int) -> list[str]:
   """The checks only the DiT task needs (flow, caption dropout, EMA, the record dataset)."""
   problems: list[str] = []
@@ -138,6 +152,8 @@ def _dit_problems(config, model_cfg, gb: int, process_count: int) -> list[str]:
     problems.append(f"train.caption_dropout must be in [0, 1], got {t.caption_dropout}")
   if not 0.0 <= float(t.ema_decay) <= 1.0:
     problems.append(f"train.ema_decay must be in [0, 1], got {t.ema_decay}")
+  if model_cfg is not None:
+    problems += bottleneck_problems(model_cfg)
   path = config.data.path
   if not path:
     problems.append("data.path is empty (a folder with manifest.json and ArrayRecord shards)")

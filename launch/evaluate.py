@@ -1,0 +1,49 @@
+"""Score a DiT on the demo's prompts: ShapesGenEval of one image per held-out prompt.
+
+  python launch/evaluate.py --benchmark=shapes --data=runs/demo/demo/shapes_64px_seed0 \
+      --config configs/tiny.py --config.autoencoder.decoder_path=runs/demo/decoder.safetensors \
+      --config.autoencoder.stats_path=runs/demo/demo/latent_stats_d384_l12_p8_seed0_64px.pt \
+      --checkpoint=runs/demo/dit --text_encoder=runs/demo/text_encoder --system_type=empty
+
+Prompts: the `--split` (default heldout: combinations never seen in training) of a shapes dataset
+folder (`svg_jax.data.shapes`), the first `--limit`. Prints the per-category table; with
+--outdir also grid.png, grid_prompts.txt and scores.json.
+"""
+from absl import app, flags
+
+import generator_flags
+
+generator_flags.define(resolution="64", batch_size=64, shift=1.0,
+                       system_type_help="system prompt the records were made with (the demo: "
+                       "empty)")
+flags.DEFINE_enum("benchmark", "shapes", ["shapes"], "the benchmark (GenEval / DPG images: "
+                  "launch/generate_benchmark.py, scored by their official scorers)")
+flags.DEFINE_string("data", None, "shapes dataset folder (train.jsonl, heldout.jsonl)")
+flags.DEFINE_enum("split", "heldout", ["heldout", "train"], "which prompts")
+flags.DEFINE_integer("limit", 0, "only the first N prompts (0: all)")
+flags.DEFINE_string("outdir", None, "where grid.png and scores.json go (default: nowhere)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from svg_jax.data import shapes
+  from svg_jax.eval import shapes_eval, shapes_geneval
+
+  resolution, settings = generator_flags.sampler_settings()
+  try:
+    items = shapes.read_split(FLAGS.data, FLAGS.split)
+  except (ValueError, OSError) as e:
+    raise app.UsageError(str(e)) from e
+  if FLAGS.limit > 0:
+    items = items[:FLAGS.limit]
+  generator = generator_flags.make_generator()
+  scores, _ = shapes_eval.evaluate(generator, items, resolution, settings,
+                                   batch_size=FLAGS.batch_size, outdir=FLAGS.outdir)
+  print(f"ShapesGenEval, {FLAGS.split} prompts of {FLAGS.data}:")
+  shapes_geneval.print_table(scores, shapes_eval.category_counts(items))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "data", "text_encoder"])
+  app.run(main)

@@ -1,0 +1,72 @@
+"""Flags shared by the launchers that generate images (sample.py, generate_benchmark.py,
+evaluate.py): the config, where the DiT weights come from, the text encoder, the sampler settings,
+and the helpers that turn them into a `Generator`."""
+from absl import app, flags
+from ml_collections import config_flags
+
+from svg_jax import sampling
+
+FLAGS = flags.FLAGS
+
+
+def define(*, resolution: str, batch_size: int, shift: float = 10.0,
+           system_type_help: str = "system prompt (base/align/aesthetics/real/4grid/empty)",
+           batch_size_help: str = "images per jitted trajectory") -> None:
+  """Defines the shared flags; the defaults that differ between launchers are arguments."""
+  config_flags.DEFINE_config_file("config", None, "ml_collections config with `model` and "
+                                  "`autoencoder` sections", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "training workdir to load the DiT from")
+  flags.DEFINE_bool("ema", True, "with --checkpoint: the EMA params (--noema: the raw params)")
+  flags.DEFINE_integer("step", None, "with --checkpoint: this step instead of the newest")
+  flags.DEFINE_string("weights", None, "converted DiT weights (file or diffusers folder)")
+  flags.DEFINE_enum("format", None, ["flax", "official", "safetensors", "diffusers"],
+                    "format of --weights")
+  flags.DEFINE_string("text_encoder", None, "Gemma-2 folder (HF layout: config, safetensors)")
+  flags.DEFINE_string("tokenizer", None, "tokenizer folder (default: --text_encoder)")
+  flags.DEFINE_string("system_type", "base", system_type_help)
+  flags.DEFINE_integer("steps", 50, "sampling steps (DPM steps / ODE grid points)")
+  flags.DEFINE_float("cfg", 4.0, "classifier-free guidance scale")
+  flags.DEFINE_enum("cfg_mode", "renorm", list(sampling.CFG_MODES), "CFG variant")
+  flags.DEFINE_float("shift", shift, "time shift of the sampling grid")
+  flags.DEFINE_enum("solver", "dpm", list(sampling.SOLVERS), "ODE solver")
+  flags.DEFINE_string("resolution", resolution, "WIDTHxHEIGHT in pixels (a multiple of the "
+                      "decoder's pixels per token, e.g. a bucket such as 768x1344), or one number "
+                      "for a square")
+  flags.DEFINE_integer("batch_size", batch_size, batch_size_help)
+  flags.DEFINE_bool("shard", True, "split each batch over the local devices")
+
+
+def sampler_settings():
+  """(resolution, SamplerSettings) from the flags; bad values are a one-line usage error, raised
+  before anything is loaded."""
+  from svg_jax import generate as gen
+
+  if (FLAGS.checkpoint is None) == (FLAGS.weights is None):
+    raise app.UsageError("give exactly one of --checkpoint and --weights")
+  try:
+    resolution = gen.parse_resolution(FLAGS.resolution)
+    settings = gen.SamplerSettings(steps=FLAGS.steps, cfg_scale=FLAGS.cfg,
+                                   cfg_mode=FLAGS.cfg_mode, shift=FLAGS.shift,
+                                   solver=FLAGS.solver)
+    settings.validate()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  return resolution, settings
+
+
+def make_generator(devices=None):
+  """The Generator the flags describe; with --shard, batches are split over `devices` (default:
+  this process's local devices)."""
+  import jax
+
+  from svg_jax import generate as gen
+  from svg_jax import parallel
+
+  devices = jax.local_devices() if devices is None else devices
+  mesh = None
+  if FLAGS.shard and len(devices) > 1:
+    mesh = parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices)
+  return gen.Generator.from_config(
+      FLAGS.config, text_encoder=FLAGS.text_encoder, tokenizer=FLAGS.tokenizer,
+      system_type=FLAGS.system_type, checkpoint=FLAGS.checkpoint, ema=FLAGS.ema, step=FLAGS.step,
+      weights=FLAGS.weights, weights_format=FLAGS.format, mesh=mesh)

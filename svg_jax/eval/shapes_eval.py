@@ -1,0 +1,48 @@
+"""ShapesGenEval of a generator: one image per demo prompt (seed of the official eval, 42 + 4i),
+scored with `shapes_geneval`; the evaluation behind `launch/evaluate.py --benchmark shapes` and the
+demo's last stage."""
+from __future__ import annotations
+
+import collections
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+
+from svg_jax import generate, sampling
+from svg_jax.eval import shapes_geneval
+
+GRID_IMAGES = 32  # the first prompts' images in grid.png (8 per row)
+
+
+def evaluate(generator: generate.Generator, items: Sequence[dict], resolution,
+             settings: generate.SamplerSettings, *, batch_size: int = 64,
+             outdir: str | None = None) -> tuple[dict, np.ndarray]:
+  """(scores, images) of the items ({prompt, metadata} lines of a shapes split). With `outdir`:
+  grid.png + grid_prompts.txt (the first GRID_IMAGES) and scores.json (scores, counts, settings)."""
+  if not items:
+    raise ValueError("no prompts to evaluate")
+  prompts = [item["prompt"] for item in items]
+  seeds = [sampling.eval_seed(i, 0) for i in range(len(prompts))]
+  images = generator.generate(prompts, seeds, resolution, settings, batch_size=batch_size,
+                              progress=generate.Progress(len(prompts)))
+  metadata = [item["metadata"] for item in items]
+  scores = shapes_geneval.score(list(images), metadata)
+  if outdir:
+    os.makedirs(outdir, exist_ok=True)
+    generate.atomic_save_png(generate.make_grid(images[:GRID_IMAGES], cols=8),
+                             os.path.join(outdir, "grid.png"))
+    generate.atomic_write_text("\n".join(prompts[:GRID_IMAGES]) + "\n",
+                               os.path.join(outdir, "grid_prompts.txt"))
+    generate.atomic_write_text(json.dumps({
+        "scores": scores, "counts": category_counts(items), "num_prompts": len(items),
+        "settings": {"steps": settings.steps, "cfg": settings.cfg_scale,
+                     "cfg_mode": settings.cfg_mode, "shift": settings.shift,
+                     "solver": settings.solver, "resolution": list(resolution)},
+    }, indent=2), os.path.join(outdir, "scores.json"))
+  return scores, images
+
+
+def category_counts(items: Sequence[dict]) -> dict[str, int]:
+  return dict(collections.Counter(item["metadata"]["tag"] for item in items))

@@ -1,0 +1,29 @@
+"""The demo's wiring (the full run is `bash launch/demo.sh`, minutes long, not a test)."""
+import dataclasses
+
+import pytest
+
+from svg_jax import config as config_lib
+from svg_jax import demo
+from svg_jax.train import loop
+
+
+def test_demo_dit_matches_its_encoder_and_is_wide_enough(tmp_path):
+  stages = demo.Stages(demo.DemoSettings(workdir=str(tmp_path)))
+  decoder = stages.decoder_config()
+  dit = stages.dit_config(str(tmp_path / "records"), decoder)
+  assert dit.autoencoder.encoder.patch_size == decoder.autoencoder.encoder.patch_size == 8
+  # The decoder upsamples by the encoder's patch, so reconstructions have the image size.
+  assert 2 ** (len(decoder.autoencoder.decoder.ch_mult) - 1) == 8
+  model = config_lib.nextdit_config(dit)
+  assert loop.bottleneck_problems(model) == []
+  narrow = dataclasses.replace(model, dim=192)
+  assert "model.dim 192 is below the patch's 384 input dimensions" in loop.bottleneck_problems(
+      narrow)[0]
+
+
+def test_a_stage_stopped_by_a_signal_stops_the_demo():
+  demo._finished({"stopped_by": None, "step": 800}, "decoder training")  # finished: goes on
+  with pytest.raises(SystemExit, match="decoder training stopped by SIGTERM at step 412 "
+                     r"\(checkpoint saved\); rerun the same command to resume"):
+    demo._finished({"stopped_by": "SIGTERM", "step": 412}, "decoder training")
