@@ -31,12 +31,8 @@ def main(argv):
   from svg_jax.eval import shapes_eval, shapes_geneval
 
   resolution, settings = generator_flags.sampler_settings()
-  try:
-    items = shapes.read_split(FLAGS.data, FLAGS.split)
-  except (ValueError, OSError) as e:
-    raise app.UsageError(str(e)) from e
-  if FLAGS.limit > 0:
-    items = items[:FLAGS.limit]
+  items = generator_flags.read_prompts(shapes.read_split, FLAGS.data, FLAGS.split,
+                                       limit=FLAGS.limit)
   generator = generator_flags.make_generator()
   scores, _ = shapes_eval.evaluate(generator, items, resolution, settings,
                                    batch_size=FLAGS.batch_size, outdir=FLAGS.outdir)

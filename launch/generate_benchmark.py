@@ -38,12 +38,8 @@ def main(argv):
   from svg_jax import parallel
 
   resolution, settings = generator_flags.sampler_settings()  # before loading anything
-  try:
-    items = gen.read_prompt_file(FLAGS.prompts, FLAGS.benchmark)
-  except (ValueError, OSError) as e:
-    raise app.UsageError(str(e)) from e
-  if FLAGS.limit > 0:
-    items = items[:FLAGS.limit]
+  items = generator_flags.read_prompts(gen.read_prompt_file, FLAGS.prompts, FLAGS.benchmark,
+                                       limit=FLAGS.limit)
   parallel.initialize_distributed()
   index = jax.process_index() if FLAGS.process_index < 0 else FLAGS.process_index
   count = jax.process_count() if FLAGS.process_count < 0 else FLAGS.process_count

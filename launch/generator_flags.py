@@ -54,6 +54,16 @@ def sampler_settings():
   return resolution, settings
 
 
+def read_prompts(read, *args, limit: int = 0) -> list:
+  """`read(*args)` (a prompt-file reader) with its errors as one-line usage errors, cut to the
+  first `limit` items (0: all)."""
+  try:
+    items = read(*args)
+  except (ValueError, OSError) as e:
+    raise app.UsageError(str(e)) from e
+  return items[:limit] if limit > 0 else items
+
+
 def make_generator(devices=None):
   """The Generator the flags describe; with --shard, batches are split over `devices` (default:
   this process's local devices)."""
