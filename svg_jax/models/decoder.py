@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from svg_jax.models import layers
+from svg_jax.models import config_dict, layers
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 DENSE_AXES = ("conv_in", "conv_out")
@@ -91,13 +91,7 @@ class DecoderConfig:
 
   @classmethod
   def from_dict(cls, d: Any) -> "DecoderConfig":
-    d = dict(d)
-    if "ch_mult" in d:
-      d["ch_mult"] = tuple(d["ch_mult"])
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown Decoder config fields: {sorted(unknown)}")
-    return cls(**d)
+    return config_dict.from_dict(cls, d, "Decoder", ("ch_mult",))
 
 
 def _dtype(name: str) -> Any:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svg_jax.models import layers
+from svg_jax.models import config_dict, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,11 +71,7 @@ class DINOv3Config:
 
   @classmethod
   def from_dict(cls, d: Any) -> "DINOv3Config":
-    d = dict(d)
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown DINOv3 config fields: {sorted(unknown)}")
-    return cls(**d)
+    return config_dict.from_dict(cls, d, "DINOv3")
 
 
 def rope_periods(cfg: DINOv3Config) -> np.ndarray:

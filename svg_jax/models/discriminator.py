@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from svg_jax.models import config_dict
+
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
 
 
@@ -45,11 +47,7 @@ class DiscriminatorConfig:
 
   @classmethod
   def from_dict(cls, d: Any) -> "DiscriminatorConfig":
-    d = dict(d)
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown discriminator config fields: {sorted(unknown)}")
-    return cls(**d)
+    return config_dict.from_dict(cls, d, "discriminator")
 
 
 def _torch_bias_init(fan_in: int):

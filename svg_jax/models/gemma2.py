@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svg_jax.models import layers
+from svg_jax.models import config_dict, layers
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 _ACT_AXES = ("activation_batch", "activation_length", "activation_embed")
@@ -111,13 +111,7 @@ class Gemma2Config:
 
   @classmethod
   def from_dict(cls, d: Any) -> "Gemma2Config":
-    d = dict(d)
-    if d.get("layer_types") is not None:
-      d["layer_types"] = tuple(d["layer_types"])
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown Gemma2 config fields: {sorted(unknown)}")
-    return cls(**d)
+    return config_dict.from_dict(cls, d, "Gemma2", ("layer_types",))
 
 
 def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

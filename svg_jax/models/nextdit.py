@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from svg_jax.models import layers
+from svg_jax.models import config_dict, layers
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -89,14 +89,7 @@ class NextDiTConfig:
 
   @classmethod
   def from_dict(cls, d: Any) -> "NextDiTConfig":
-    d = dict(d)
-    for key in ("axes_dims", "axes_lens"):
-      if key in d:
-        d[key] = tuple(d[key])
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-      raise ValueError(f"unknown NextDiT config fields: {sorted(unknown)}")
-    return cls(**d)
+    return config_dict.from_dict(cls, d, "NextDiT", ("axes_dims", "axes_lens"))
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:

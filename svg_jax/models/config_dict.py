@@ -1,0 +1,18 @@
+"""Model configs from plain dicts (ml_collections sections, saved JSON): one strict constructor."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+
+def from_dict(cls, d: Any, name: str, tuple_fields: Sequence[str] = ()):
+  """`cls(**d)`, with list values of `tuple_fields` made tuples (JSON and ml_collections give
+  lists) and unknown keys an error naming them."""
+  d = dict(d)
+  for key in tuple_fields:
+    if d.get(key) is not None:
+      d[key] = tuple(d[key])
+  unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+  if unknown:
+    raise ValueError(f"unknown {name} config fields: {sorted(unknown)}")
+  return cls(**d)
