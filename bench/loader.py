@@ -132,8 +132,9 @@ def bench_2b(args, workdir, compression):
   lb = statistics.median(_time_loader(it, args.loader_batches_2b) for _ in range(args.rounds))
   samples_s = batch / lb
   gb = int(config.train.global_batch_size)
-  print(f"2b stage 1, {compression} shards: per-process batch {batch}, latent {first['latent'].shape[1:]} "
-        f"{first['latent'].dtype}, text {first['text'].shape[1:]} {first['text'].dtype}; "
+  print(f"2b stage 1, {compression} shards: per-process batch {batch}, "
+        f"latent {first['latent'].shape[1:]} {first['latent'].dtype}, "
+        f"text {first['text'].shape[1:]} {first['text'].dtype}; "
         f"{args.records_2b} records, {size / args.records_2b / 1e6:.2f} MB each on disk "
         f"(written in {write_s:.1f} s); loader threads {args.threads}, workers {args.workers}")
   print(f"  loader {1 / lb:8.2f} batches/s = {samples_s:8.1f} samples/s "

@@ -2,14 +2,13 @@
 training -> sampling -> ShapesGenEval.
 
 Every stage runs through the same code a real run uses (the trainer, the precompute job, the
-generator, the loaders of real weights) and caches its output under the workdir: a rerun skips finished
-stages and resumes an interrupted training from its last checkpoint.
+generator, the loaders of real weights) and caches its output under the workdir: a rerun skips
+finished stages and resumes an interrupted training from its last checkpoint.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 import time
 
@@ -172,20 +171,17 @@ class Stages:
     heldout = shapes.read_split(os.path.dirname(decoder_config.data.jsonl), "heldout")
     settings = generate.SamplerSettings(solver="dpm", steps=self.s.sample_steps,
                                         cfg_scale=self.s.cfg_scale, shift=self.s.shift)
-    res = int(decoder_config.data.resolution)
-    out = os.path.join(self.workdir, "eval")
-    scores, _ = shapes_eval.evaluate(gen, heldout, (res, res), settings, outdir=out)
     # The ceiling the decoder allows: held-out ground truth through encoder + trained decoder.
     ae = ae_lib.SVGAutoencoder.from_config(config)
     truth = np.stack([np.asarray(Image.open(item["path"]).convert("RGB")) for item in heldout])
     recon = ae_lib.to_uint8(ae.decode(ae.encode(truth)))
     ceiling = shapes_geneval.score(list(recon), [item["metadata"] for item in heldout])
     psnr = float(np.mean([ae_lib.psnr(a, b) for a, b in zip(truth, recon)]))
-    with open(os.path.join(out, "scores.json")) as f:
-      report = json.load(f)
-    report.update({"decoder_reconstruction_ceiling": ceiling, "reconstruction_psnr_db": psnr,
-                   "demo_settings": dataclasses.asdict(self.s), "timings_s": self.timings})
-    generate.atomic_write_text(json.dumps(report, indent=2), os.path.join(out, "scores.json"))
+    res = int(decoder_config.data.resolution)
+    report = {"decoder_reconstruction_ceiling": ceiling, "reconstruction_psnr_db": psnr,
+              "demo_settings": dataclasses.asdict(self.s), "timings_s": self.timings}
+    scores, _ = shapes_eval.evaluate(gen, heldout, (res, res), settings,
+                                     outdir=os.path.join(self.workdir, "eval"), report=report)
     print("ShapesGenEval of held-out ground truth through encoder + trained decoder (the ceiling "
           f"this decoder allows; reconstruction PSNR {psnr:.1f} dB):")
     shapes_geneval.print_table(ceiling)

@@ -271,7 +271,8 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
     (lambda c: c.model.update(dict(cap_feat_dim=32)),
      "text features have dim 16 but model.cap_feat_dim is 32"),
     (lambda c: c.model.update(dict(patch_size=4)),
-     r"model.dim 64 is below the patch's 128 input dimensions \(in_channels 8 x patch_size\^2 16\)"),
+     r"model.dim 64 is below the patch's 128 input dimensions "
+     r"\(in_channels 8 x patch_size\^2 16\)"),
 ])
 def test_bad_config_fails_with_one_line_before_compiling(data_dir, tmp_path, monkeypatch, change,
                                                          message):

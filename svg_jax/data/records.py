@@ -39,9 +39,10 @@ from array_record.python.array_record_module import ArrayRecordReader, ArrayReco
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".array_record"
-# group_size 1 gives O(1) random access, which Grain's shuffling relies on. Compression: ArrayRecord's
-# default makes shards ~22% smaller; "uncompressed" reads 1.7x faster (bench/loader.py), the
-# choice for hosts whose loader cores are scarce. Readers take either without being told.
+# group_size 1 gives O(1) random access, which Grain's shuffling relies on. Compression:
+# ArrayRecord's default makes shards ~22% smaller; "uncompressed" reads 1.7x faster
+# (bench/loader.py), the choice for hosts whose loader cores are scarce. Readers take either
+# without being told.
 COMPRESSIONS = {"default": "", "uncompressed": ",uncompressed"}
 
 

@@ -18,9 +18,10 @@ GRID_IMAGES = 32  # the first prompts' images in grid.png (8 per row)
 
 def evaluate(generator: generate.Generator, items: Sequence[dict], resolution,
              settings: generate.SamplerSettings, *, batch_size: int = 64,
-             outdir: str | None = None) -> tuple[dict, np.ndarray]:
+             outdir: str | None = None, report: dict | None = None) -> tuple[dict, np.ndarray]:
   """(scores, images) of the items ({prompt, metadata} lines of a shapes split). With `outdir`:
-  grid.png + grid_prompts.txt (the first GRID_IMAGES) and scores.json (scores, counts, settings)."""
+  grid.png + grid_prompts.txt (the first GRID_IMAGES) and scores.json (scores, counts, settings,
+  and the caller's `report` fields)."""
   if not items:
     raise ValueError("no prompts to evaluate")
   prompts = [item["prompt"] for item in items]
@@ -40,6 +41,7 @@ def evaluate(generator: generate.Generator, items: Sequence[dict], resolution,
         "settings": {"steps": settings.steps, "cfg": settings.cfg_scale,
                      "cfg_mode": settings.cfg_mode, "shift": settings.shift,
                      "solver": settings.solver, "resolution": list(resolution)},
+        **(report or {}),
     }, indent=2), os.path.join(outdir, "scores.json"))
   return scores, images
 
