@@ -133,14 +133,23 @@ def _env():
   return env
 
 
-def _wait_for_step(proc, workdir, k, timeout=240):
+def _committed_checkpoints(workdir):
+  """Steps whose async save has finished: Orbax writes into a temporary folder and renames it to
+  the bare step number when the save is complete."""
+  directory = ckpt_lib.checkpoint_dir(str(workdir))
+  return [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+
+
+def _wait_for_step(proc, workdir, k, timeout=240, committed=False):
+  """Until step k is logged (and, with `committed`, some checkpoint's save has completed)."""
   path = os.path.join(workdir, "metrics.jsonl")
   t0 = time.time()
   while time.time() - t0 < timeout:
     if proc.poll() is not None:
       raise AssertionError(f"the run ended (rc {proc.returncode}) before step {k}")
-    if os.path.exists(path) and any(r.get("step", 0) >= k and "loss" in r
-                                    for r in _records(workdir)):
+    if (os.path.exists(path) and any(r.get("step", 0) >= k and "loss" in r
+                                     for r in _records(workdir))
+        and (not committed or _committed_checkpoints(workdir))):
       return
     time.sleep(0.02)
   raise AssertionError(f"no step {k} within {timeout} s")
@@ -172,7 +181,9 @@ def test_sigkill_resume_reproduces_the_losses(data_dir, reference_run, tmp_path)
   proc = subprocess.Popen(_command(data_dir, tmp_path), env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
-    _wait_for_step(proc, tmp_path, k)
+    # A kill before the first async save completes rightly restarts from step 0 (no resume to
+    # test), so the kill waits for a committed checkpoint as well as for step k.
+    _wait_for_step(proc, tmp_path, k, committed=True)
     proc.send_signal(signal.SIGKILL)
   finally:
     proc.wait()
