@@ -11,4 +11,8 @@ SIZES = {
                    multiple_of=256, cap_feat_dim=256, axes_dims=(16, 24, 24)), 8, 16, 16, 64),
     # the official 2B block shapes (dim 2304, 24/8 heads, FFN 9216), 1 main layer + 1+1 refiners
     "2b_slice": (dict(n_layers=1, n_refiner_layers=1), 2, 16, 16, 64),
+    # GPU sizes: the 2B block shapes (4 main layers, the official 2+2 refiners) at stage 1 (256 px,
+    # 16x16 latents) and stage 3 (1024 px, 64x64 latents), with the recipe's 256 caption tokens
+    "2b_256": (dict(n_layers=4, n_refiner_layers=2), 32, 16, 16, 256),
+    "2b_1024": (dict(n_layers=4, n_refiner_layers=2), 4, 64, 64, 256),
 }

@@ -2,9 +2,12 @@
 + torch.optim.AdamW on the same config, batch, token count and dtype, measured interleaved in one run.
 
   python bench/train_step.py --sizes tiny,calib,2b_slice --dtypes float32,bfloat16
+  python bench/train_step.py --sizes 2b_256,2b_1024 --dtypes bfloat16      # on a GPU
 
 bfloat16 means bf16 matmul inputs with fp32 params on our side and torch.autocast(bfloat16) on torch's.
-Prints images/s for both and our speed relative to torch (> 1 means we are faster).
+Prints images/s for both and our speed relative to torch (> 1 means we are faster), and our model
+TFLOP/s (the analytic count behind the trainer's MFU metric) with MFU where the chip's peak is known.
+On a GPU both sides run there: ours with cuDNN attention by default, torch eager with its SDPA.
 """
 from __future__ import annotations
 
@@ -19,6 +22,8 @@ flags.DEFINE_list("sizes", ["tiny", "calib", "2b_slice"], "model sizes to run")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes to run")
 flags.DEFINE_integer("rounds", 5, "interleaved rounds")
 flags.DEFINE_integer("per_round", 2, "steps per contender per round")
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
+                  "our attention backend; auto: cudnn on a GPU, xla elsewhere")
 FLAGS = flags.FLAGS
 
 from sizes import SIZES  # noqa: E402
@@ -34,14 +39,19 @@ def build(size: str, dtype: str):
 
   from svg_jax.convert import nextdit as keymap
   from svg_jax.models.nextdit import NextDiT, NextDiTConfig
+  from svg_jax.train import metrics
 
   overrides, batch, h, w, cap_len = SIZES[size]
+  on_gpu = jax.default_backend() == "gpu"
+  attention = FLAGS.attention if FLAGS.attention != "auto" else ("cudnn" if on_gpu else "xla")
   cfg = dataclasses.replace(NextDiTConfig(**overrides), compute_dtype=dtype, scan_layers=False,
-                            remat_policy="none")
+                            remat_policy="none", attention_backend=attention)
+  device = "cuda" if on_gpu else "cpu"
   torch.manual_seed(0)
   ref = Lumina2Transformer2DModel(**{k: v for k, v in keymap.diffusers_config(cfg).items()
                                      if not k.startswith("_")})
   official = keymap.diffusers_to_official({k: v.numpy() for k, v in ref.state_dict().items()}, cfg)
+  ref = ref.to(device)
   params = jax.device_put(keymap.official_to_params(official, cfg))
   rng = np.random.default_rng(0)
   x = rng.standard_normal((batch, h, w, cfg.in_channels)).astype(np.float32)
@@ -52,18 +62,20 @@ def build(size: str, dtype: str):
 
   # --- torch
   opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-15, weight_decay=0.0)
-  tx_, tt, tcap, tmask = (torch.from_numpy(a) for a in (x.transpose(0, 3, 1, 2).copy(), t, cap,
-                                                        mask.astype(np.int64)))
-  ttarget = torch.from_numpy(target.transpose(0, 3, 1, 2).copy())
+  tx_, tt, tcap, tmask = (torch.from_numpy(a).to(device)
+                          for a in (x.transpose(0, 3, 1, 2).copy(), t, cap, mask.astype(np.int64)))
+  ttarget = torch.from_numpy(target.transpose(0, 3, 1, 2).copy()).to(device)
   ref.train()
 
   def torch_step():
     opt.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
       out = ref(tx_, tt, tcap, tmask, return_dict=False)[0]
     loss = torch.mean((out.float() - ttarget) ** 2)
     loss.backward()
     opt.step()
+    if on_gpu:
+      torch.cuda.synchronize()
 
   # --- ours
   model = NextDiT(cfg)
@@ -87,20 +99,34 @@ def build(size: str, dtype: str):
     loss.block_until_ready()
 
   n_params = sum(p.numel() for p in ref.parameters())
-  return {"svg-jax": jax_step, "torch (diffusers)": torch_step}, batch, n_params, h * w + cap_len
+  flops = metrics.dit_train_flops(cfg, batch, (h, w), cap_len)
+  contenders = {"svg-jax": jax_step, "torch (diffusers)": torch_step}
+  return contenders, batch, n_params, (h // cfg.patch_size) * (w // cfg.patch_size) + cap_len, flops
 
 
 def main(argv):
   del argv
+  import statistics
+
+  import jax
   from harness import interleave, summarize
 
+  from svg_jax.train import metrics
+
+  device = jax.devices()[0]
+  peak = metrics.peak_tflops("auto")
+  print(f"device: {device.device_kind} ({device.platform}); bf16 peak used for MFU: {peak} TFLOP/s")
   for size in FLAGS.sizes:
     for dtype in FLAGS.dtypes:
-      contenders, batch, n_params, tokens = build(size, dtype)
+      contenders, batch, n_params, tokens, flops = build(size, dtype)
       times = interleave(contenders, rounds=FLAGS.rounds, per_round=FLAGS.per_round)
       print(f"\n== train step, {size} ({n_params / 1e6:.1f}M params, batch {batch}, {tokens} tokens), "
             f"{dtype}")
-      print(summarize(times, "torch (diffusers)", batch, "img"), flush=True)
+      print(summarize(times, "torch (diffusers)", batch, "img"))
+      tflops = flops / statistics.median(times["svg-jax"]) / 1e12
+      mfu = f", MFU {tflops / peak:.1%}" if peak else ""
+      print(f"svg-jax: {flops / 1e12:.3f} TFLOP per step (analytic), {tflops:.1f} TFLOP/s{mfu}",
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -70,8 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.shuffle_seed = 0
   # Features of the empty prompt (caption dropout's unconditional context; officially just `<bos>`
   # through the text encoder): "auto" = `<path>/empty_text.npy` ([Le, D] float) when present, else a
-  # stand-in of one all-zero token (what synthetic test datasets use; a warning is logged);
-  # "zeros" = that stand-in always; anything else = the path of an .npy file.
+  # stand-in of one fixed unit-RMS token (what synthetic test datasets use; a warning is logged);
+  # "stand_in" = that stand-in always; anything else = the path of an .npy file.
   c.data.empty_text = "auto"
 
   # Online text mode: when data.path holds token ids (precompute.text_mode = "token_ids"), the
@@ -109,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpointing = True  # Orbax writes in a background thread while training goes on
   # Test hook: the batch of this (1-based) step gets NaN latents, to exercise the divergence stop.
   c.train.debug_nan_step = -1
-  c.train.chip = "auto"  # peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | h100
+  c.train.chip = "auto"  # peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | h100 | h200
   return c
 
 

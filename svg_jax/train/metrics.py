@@ -27,8 +27,10 @@ from clu import metrics as clu_metrics
 
 log = logging.getLogger(__name__)
 
-# Peak dense bf16 TFLOP/s per chip; None where MFU is meaningless (CPU).
-PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0, "cpu": None}
+# Peak dense bf16 TFLOP/s per chip; None where MFU is meaningless (CPU). The H200 has the H100's
+# tensor cores (only its memory is larger and faster), so the same peak.
+PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0,
+               "h200": 989.0, "cpu": None}
 
 
 class _QuietLibraries(logging.Filter):
@@ -59,8 +61,10 @@ def detect_chip(device=None) -> str:
       return "v5p"
     if "v4" in kind:
       return "v4"
-  if device.platform == "gpu" and "h100" in kind:
-    return "h100"
+  if device.platform == "gpu":
+    for chip in ("h100", "h200"):
+      if chip in kind:
+        return chip
   return "cpu"
 
 
