@@ -1,11 +1,13 @@
-"""GPU only: our cuDNN attention backend against torch's scaled_dot_product_attention (the reference)
-and our XLA backend, on the 2B heads (24 query / 8 key-value heads of 96) with right-padded keys.
+"""GPU only: our cuDNN attention backend against torch's scaled_dot_product_attention (the
+reference) and our XLA backend, on the 2B heads (24 query / 8 key-value heads of 96) with
+right-padded keys.
 
   python bench/cudnn_attention.py
 
-Prints the largest error of each backend's output and of its gradients (of sum(out^2) with respect to
-q, k, v, relative to the largest reference gradient) against torch (bf16 inputs, fp32 reference), and
-the forward + backward time of each, side by side in one run, as ratios against torch.
+Prints the largest error of each backend's output and of its gradients (of sum(out^2) with
+respect to q, k, v, relative to the largest reference gradient) against torch (bf16 inputs, fp32
+reference), and the forward + backward time of each, side by side in one run, as ratios against
+torch.
 """
 from __future__ import annotations
 
@@ -48,7 +50,8 @@ def main(argv):
     mask = (torch.arange(n, device="cuda")[None, :] < torch.from_numpy(lengths).cuda()[:, None])
     rq, rk, rv = (t.clone().requires_grad_() for t in (tq, tk, tv))
     ref = torch.nn.functional.scaled_dot_product_attention(
-        rq, rk.repeat_interleave(rep, 1), rv.repeat_interleave(rep, 1), attn_mask=mask[:, None, None])
+        rq, rk.repeat_interleave(rep, 1), rv.repeat_interleave(rep, 1),
+        attn_mask=mask[:, None, None])
     (ref ** 2).sum().backward()
     ref = ref.detach().transpose(1, 2).cpu().numpy()
     ref_grads = [t.grad.transpose(1, 2).cpu().numpy() for t in (rq, rk, rv)]
@@ -67,7 +70,8 @@ def main(argv):
       err = float(np.max(np.abs(np.asarray(out, np.float32) - ref)))
       grad_errs = [float(np.max(np.abs(np.asarray(g, np.float32) - r)) / np.max(np.abs(r)))
                    for g, r in zip(grads, ref_grads)]
-      print(f"tokens {n}: {backend:<6} max |out - torch sdpa fp32| = {err:.3g}; gradients dq dk dv: "
+      print(f"tokens {n}: {backend:<6} max |out - torch sdpa fp32| = {err:.3g}; "
+            "gradients dq dk dv: "
             + " ".join(f"{e:.3g}" for e in grad_errs) + " (max error / max |reference|)")
       fns[f"svg-jax {backend}"] = (lambda f=fwd_bwd: jax.block_until_ready(f(jq, jk, jv)))
 

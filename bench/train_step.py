@@ -1,12 +1,15 @@
-"""DiT train step (forward, backward, AdamW): ours (jitted JAX) against diffusers' Lumina2Transformer2DModel
-+ torch.optim.AdamW on the same config, batch, token count and dtype, measured interleaved in one run.
+"""DiT train step (forward, backward, AdamW): ours (jitted JAX) against diffusers'
+Lumina2Transformer2DModel + torch.optim.AdamW on the same config, batch, token count and dtype,
+measured interleaved in one run.
 
   python bench/train_step.py --sizes tiny,calib,2b_slice --dtypes float32,bfloat16
   python bench/train_step.py --sizes 2b_256,2b_1024 --dtypes bfloat16      # on a GPU
 
-bfloat16 means bf16 matmul inputs with fp32 params on our side and torch.autocast(bfloat16) on torch's.
+bfloat16 means bf16 matmul inputs with fp32 params on our side and torch.autocast(bfloat16) on
+torch's.
 Prints images/s for both and our speed relative to torch (> 1 means we are faster), and our model
-TFLOP/s (the analytic count behind the trainer's MFU metric) with MFU where the chip's peak is known.
+TFLOP/s (the analytic count behind the trainer's MFU metric) with MFU where the chip's peak is
+known.
 On a GPU both sides run there: ours with cuDNN attention by default, torch eager with its SDPA.
 """
 from __future__ import annotations
@@ -120,8 +123,8 @@ def main(argv):
     for dtype in FLAGS.dtypes:
       contenders, batch, n_params, tokens, flops = build(size, dtype)
       times = interleave(contenders, rounds=FLAGS.rounds, per_round=FLAGS.per_round)
-      print(f"\n== train step, {size} ({n_params / 1e6:.1f}M params, batch {batch}, {tokens} tokens), "
-            f"{dtype}")
+      print(f"\n== train step, {size} ({n_params / 1e6:.1f}M params, batch {batch}, "
+            f"{tokens} tokens), {dtype}")
       print(summarize(times, "torch (diffusers)", batch, "img"))
       tflops = flops / statistics.median(times["svg-jax"]) / 1e12
       mfu = f", MFU {tflops / peak:.1%}" if peak else ""

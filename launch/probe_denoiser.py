@@ -27,7 +27,8 @@ def _read_records(folder: str) -> list[dict]:
   manifest = records.read_manifest(folder)
   out = []
   for shard in manifest["shards"]:
-    out += [records.decode_record(b) for b in records.read_shard(os.path.join(folder, shard["name"]))]
+    path = os.path.join(folder, shard["name"])
+    out += [records.decode_record(b) for b in records.read_shard(path)]
   if any("text_features" not in r for r in out):
     raise SystemExit(f"{folder}: records without text_features (token-id records need the text "
                      "encoder; probe a feature dataset)")

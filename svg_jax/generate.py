@@ -40,6 +40,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from svg_jax import autoencoder as ae_lib
 from svg_jax import parallel, sampling, text
+from svg_jax.data import jsonl as jsonl_lib
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig, abstract_params
 
 log = logging.getLogger(__name__)
@@ -498,22 +499,15 @@ def read_prompt_file(path: str, benchmark: str) -> list[dict]:
     raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
   need = ("prompt", "filename") if benchmark == "dpg" else ("prompt",)
   items, problems = [], []
-  with open(path) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        item = json.loads(line)
-      except json.JSONDecodeError as e:
-        problems.append(f"line {n}: not JSON ({e})")
-        continue
-      if not isinstance(item, dict):
-        problems.append(f"line {n}: not a JSON object")
-        continue
-      missing = [k for k in need if not isinstance(item.get(k), str) or not item.get(k)]
-      if missing:
-        problems.append(f"line {n}: missing or empty {missing}")
-      items.append(item)
+  for line in jsonl_lib.lines(path):
+    if line.problem:
+      problems.append(f"line {line.number}: {line.problem}")
+      continue
+    item = line.item
+    missing = [k for k in need if not isinstance(item.get(k), str) or not item.get(k)]
+    if missing:
+      problems.append(f"line {line.number}: missing or empty {missing}")
+    items.append(item)
   if not items and not problems:
     problems.append("no prompts")
   if benchmark == "dpg" and not problems:

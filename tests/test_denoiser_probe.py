@@ -15,7 +15,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("t", [0.05, 0.3, 0.8])
 def test_posterior_mean_of_a_two_point_prior(t):
-  """x1 = +a or -a with equal odds, x_t = t x1 + (1 - t) n: E[x1 | x_t] = a tanh(t a.x_t / (1-t)^2)."""
+  """x1 = +a or -a with equal odds, x_t = t x1 + (1 - t) n:
+  E[x1 | x_t] = a tanh(t a.x_t / (1 - t)^2)."""
   rng = np.random.default_rng(0)
   a = rng.standard_normal((4, 3))
   for _ in range(5):

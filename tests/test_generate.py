@@ -349,7 +349,8 @@ def test_dpg_grids(generator, tmp_path):
 def test_prompt_file_errors(tmp_path):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"prompt": "a cat"}\n{"filename": "x.txt"}\nnot json\n')
-  with pytest.raises(ValueError, match="line 2: missing or empty \\['prompt'\\].*line 3: not JSON"):
+  with pytest.raises(ValueError,
+                     match="line 2: missing or empty \\['prompt'\\].*line 3: not valid JSON"):
     gen.read_prompt_file(str(bad), "geneval")
   with pytest.raises(ValueError, match="line 1: missing or empty \\['filename'\\]"):
     gen.read_prompt_file(str(bad), "dpg")

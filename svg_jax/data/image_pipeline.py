@@ -15,7 +15,6 @@ next good one in the list (counted in `BadImages`); a list with no good image is
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Sequence
@@ -24,6 +23,7 @@ import grain
 import numpy as np
 
 from svg_jax.data import buckets
+from svg_jax.data import jsonl as jsonl_lib
 from svg_jax.data.images import BadImageError, open_rgb
 
 log = logging.getLogger(__name__)
@@ -56,17 +56,12 @@ def read_image_list(jsonl: str | os.PathLike) -> list[str]:
     raise FileNotFoundError(f"image list {jsonl} does not exist")
   base = os.path.dirname(os.path.abspath(jsonl))
   out = []
-  with open(jsonl) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        item = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{jsonl}:{n} is not JSON ({e})") from e
-      if not isinstance(item, dict) or "path" not in item:
-        raise ValueError(f"{jsonl}:{n} has no \"path\"")
-      out.append(os.path.join(base, item["path"]))
+  for line in jsonl_lib.lines(jsonl):
+    if line.problem:
+      raise ValueError(f"{jsonl}:{line.number} is {line.problem}")
+    if "path" not in line.item:
+      raise ValueError(f"{jsonl}:{line.number} has no \"path\"")
+    out.append(os.path.join(base, line.item["path"]))
   if not out:
     raise ValueError(f"{jsonl} lists no images")
   return out

@@ -62,6 +62,7 @@ from svg_jax import latent_stats as ls_lib
 from svg_jax import text as text_lib
 from svg_jax.data import buckets as buckets_lib
 from svg_jax.data import images as images_lib
+from svg_jax.data import jsonl as jsonl_lib
 from svg_jax.data import records
 
 PROGRESS_DIR = "progress"
@@ -205,36 +206,23 @@ def read_jsonl(path: str, system_prompt: str = "auto") -> list[Item]:
   root = os.path.dirname(os.path.abspath(path))
   name = os.path.basename(path)
   items = []
-  with open(path, "rb") as f:
-    for n, raw in enumerate(f, 1):
-      where = f"{name}:{n}"
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        items.append(Item(where, error=f"bad jsonl line: not UTF-8 ({e.reason})"))
-        continue
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        items.append(Item(where, error=f"bad jsonl line: not valid JSON ({e.msg})"))
-        continue
-      if not isinstance(obj, dict):
-        items.append(Item(where, error=f"bad jsonl line: a JSON {type(obj).__name__}, not an "
-                          "object"))
-        continue
-      rel = obj.get("path", obj.get("image_path"))
-      if not isinstance(rel, str) or not rel:
-        items.append(Item(where, error="bad jsonl line: no 'path' / 'image_path' string (keys "
-                          f"{sorted(obj)})"))
-        continue
-      try:
-        caption, prompt = _caption_and_prompt(obj, system_prompt)
-      except ValueError as e:
-        items.append(Item(rel, error=f"bad jsonl line {where}: {e}"))
-        continue
-      items.append(Item(rel, os.path.join(root, rel), caption, prompt))
+  for line in jsonl_lib.lines(path):
+    where = f"{name}:{line.number}"
+    if line.problem:
+      items.append(Item(where, error=f"bad jsonl line: {line.problem}"))
+      continue
+    obj = line.item
+    rel = obj.get("path", obj.get("image_path"))
+    if not isinstance(rel, str) or not rel:
+      items.append(Item(where, error="bad jsonl line: no 'path' / 'image_path' string (keys "
+                        f"{sorted(obj)})"))
+      continue
+    try:
+      caption, prompt = _caption_and_prompt(obj, system_prompt)
+    except ValueError as e:
+      items.append(Item(rel, error=f"bad jsonl line {where}: {e}"))
+      continue
+    items.append(Item(rel, os.path.join(root, rel), caption, prompt))
   return items
 
 

@@ -30,6 +30,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from svg_jax.data import jsonl as jsonl_lib
+
 BACKGROUND = (128, 128, 128)
 # Near-corners of the RGB cube around a mid-grey background: every pair is >= 150 apart in RGB,
 # so a half-way blend at a blurred edge never lands nearer a third colour.
@@ -394,11 +396,11 @@ def _complete(out_dir: str, manifest: dict) -> bool:
     jsonl = os.path.join(out_dir, f"{split}.jsonl")
     if not os.path.isfile(jsonl):
       return False
-    with open(jsonl) as f:
-      lines = [json.loads(line) for line in f if line.strip()]
-    if len(lines) != manifest["counts"][split]:
+    lines = list(jsonl_lib.lines(jsonl))
+    if len(lines) != manifest["counts"][split] or any(line.problem for line in lines):
       return False
-    if not all(os.path.isfile(os.path.join(out_dir, line["path"])) for line in lines):
+    if not all(os.path.isfile(os.path.join(out_dir, line.item.get("path", "")))
+               for line in lines):
       return False
   return True
 
@@ -464,14 +466,13 @@ def read_split(out_dir: str, split: str) -> list[dict]:
   if not os.path.isfile(jsonl):
     raise FileNotFoundError(f"{jsonl} does not exist; run write_dataset first")
   out = []
-  with open(jsonl) as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      item = json.loads(line)
-      missing = [k for k in ("path", "prompt", "metadata") if k not in item]
-      if missing:
-        raise ValueError(f"{jsonl}:{n} is missing keys {missing}")
-      item["path"] = os.path.join(os.path.abspath(out_dir), item["path"])
-      out.append(item)
+  for line in jsonl_lib.lines(jsonl):
+    if line.problem:
+      raise ValueError(f"{jsonl}:{line.number} is {line.problem}")
+    item = line.item
+    missing = [k for k in ("path", "prompt", "metadata") if k not in item]
+    if missing:
+      raise ValueError(f"{jsonl}:{line.number} is missing keys {missing}")
+    item["path"] = os.path.join(os.path.abspath(out_dir), item["path"])
+    out.append(item)
   return out

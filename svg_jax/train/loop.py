@@ -231,8 +231,8 @@ def load_text_encoder(config, mesh):
 
 def stand_in_empty_text(dim: int) -> np.ndarray:
   """One fixed token of unit RMS [1, dim]. Not zeros: a valid all-zero caption token leaves the
-  caption stream at the embedder's bias, whose RMSNorm gradient grows as 1 / rms; on the 2.6B model a
-  batch with a dropped caption had a gradient norm of 2e7 against 0.1 on the others."""
+  caption stream at the embedder's bias, whose RMSNorm gradient grows as 1 / rms; on the 2.6B
+  model a batch with a dropped caption had a gradient norm of 2e7 against 0.1 on the others."""
   token = np.random.default_rng(0).standard_normal((1, dim))
   return (token / np.sqrt(np.mean(token ** 2))).astype(np.float32)
 
