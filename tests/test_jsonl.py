@@ -15,7 +15,8 @@ def mixed(tmp_path):
 
 
 def test_lines_number_parse_and_name_problems(mixed):
-  got = [(ln.number, ln.item, ln.problem and ln.problem.split(" (")[0]) for ln in jsonl.lines(mixed)]
+  got = [(ln.number, ln.item, ln.problem and ln.problem.split(" (")[0])
+         for ln in jsonl.lines(mixed)]
   assert got == [(1, {"path": "a.png", "prompt": "p"}, None),
                  (4, None, "a JSON list, not an object"),
                  (5, None, "not valid JSON"),

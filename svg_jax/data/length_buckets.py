@@ -1,11 +1,11 @@
 """Caption-length buckets: choosing them from a length distribution, and measuring padding waste.
 
-A static-shape batch holds one aspect bucket (image tokens fixed) and pads its captions to one length
-bucket, so the padded tokens of a batch are sum(bucket - len_i). Two levers cut that waste:
-  * which buckets: `optimal_length_buckets` picks the k bucket lengths (multiples of `multiple`) that
-    minimize the total padding of a length sample (exact dynamic programme);
-  * how batches form: grouping records by length bucket before batching makes every caption in a batch
-    pay only its own bucket's padding instead of the longest caption's.
+A static-shape batch holds one aspect bucket (image tokens fixed) and pads its captions to one
+length bucket, so the padded tokens of a batch are sum(bucket - len_i). Two levers cut that waste:
+  * which buckets: `optimal_length_buckets` picks the k bucket lengths (multiples of `multiple`)
+    that minimize the total padding of a length sample (exact dynamic programme);
+  * how batches form: grouping records by length bucket before batching makes every caption in a
+    batch pay only its own bucket's padding instead of the longest caption's.
 """
 from __future__ import annotations
 
