@@ -109,7 +109,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpointing = True  # Orbax writes in a background thread while training goes on
   # Test hook: the batch of this (1-based) step gets NaN latents, to exercise the divergence stop.
   c.train.debug_nan_step = -1
-  c.train.chip = "auto"  # peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | h100 | h200
+  # Peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | h100 | h200.
+  c.train.chip = "auto"
   return c
 
 
