@@ -7,7 +7,6 @@ x1_hat = x_t + (1 - t) v against the true latent and against the exact posterior
 training latents with the same caption (`svg_jax/eval/denoiser_probe.py`). Latents are in the
 records' normalized space (variance about 1 per channel).
 """
-import os
 
 from absl import app, flags
 
@@ -24,11 +23,7 @@ FLAGS = flags.FLAGS
 
 def _read_records(folder: str) -> list[dict]:
   from svg_jax.data import records
-  manifest = records.read_manifest(folder)
-  out = []
-  for shard in manifest["shards"]:
-    path = os.path.join(folder, shard["name"])
-    out += [records.decode_record(b) for b in records.read_shard(path)]
+  out = [rec for _, rec in records.iter_records(folder)]
   if any("text_features" not in r for r in out):
     raise SystemExit(f"{folder}: records without text_features (token-id records need the text "
                      "encoder; probe a feature dataset)")

@@ -29,12 +29,7 @@ def dataset(tmp_path_factory):
 
 
 def _all_records(directory):
-  out = {}
-  for shard in R.read_manifest(directory)["shards"]:
-    for raw in R.read_shard(os.path.join(directory, shard["name"])):
-      rec = R.decode_record(raw)
-      out[rec["source"]] = rec
-  return out
+  return {rec["source"]: rec for _, rec in R.iter_records(directory)}
 
 
 def _cfg(**kw):

@@ -94,14 +94,11 @@ def references(files):
 
 
 def _read_all(out):
-  manifest = records.read_manifest(out)
   recs = []
-  for s in manifest["shards"]:
-    for raw in records.read_shard(os.path.join(out, s["name"])):
-      rec = records.decode_record(raw)
-      assert records.bucket_key(rec["bucket"]) == s["bucket"]
-      recs.append(rec)
-  return manifest, {r["source"]: r for r in recs}
+  for shard, rec in records.iter_records(out):
+    assert records.bucket_key(rec["bucket"]) == shard["bucket"]
+    recs.append(rec)
+  return records.read_manifest(out), {r["source"]: r for r in recs}
 
 
 def _write_jsonl(path, lines):

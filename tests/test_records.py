@@ -240,31 +240,27 @@ def test_random_dataset_contents(tmp_path, text_kind):
                              caption_len=(2, 5), latent_channels=5, text_dim=7, seed=3)
   assert m["buckets"] == {"2x4": 5, "3x3": 4}
   seen = []
-  for shard in m["shards"]:
-    for raw in R.read_shard(tmp_path / shard["name"]):
-      rec = R.decode_record(raw)
-      assert R.bucket_key(rec["bucket"]) == shard["bucket"]
-      assert rec["latent"].shape == rec["bucket"] + (5,)
-      assert 3 <= rec["text_len"] <= 6 and len(rec["caption"].split()) == rec["text_len"] - 1
-      if text_kind == "text_features":
-        assert rec["text_features"].shape == (rec["text_len"], 7)
-      else:
-        assert rec["token_ids"][0] == R.BOS_ID and rec["token_ids"].shape == (rec["text_len"],)
-      seen.append(rec["source"])
+  for shard, rec in R.iter_records(tmp_path):
+    assert R.bucket_key(rec["bucket"]) == shard["bucket"]
+    assert rec["latent"].shape == rec["bucket"] + (5,)
+    assert 3 <= rec["text_len"] <= 6 and len(rec["caption"].split()) == rec["text_len"] - 1
+    if text_kind == "text_features":
+      assert rec["text_features"].shape == (rec["text_len"], 7)
+    else:
+      assert rec["token_ids"][0] == R.BOS_ID and rec["token_ids"].shape == (rec["text_len"],)
+    seen.append(rec["source"])
   assert len(set(seen)) == 9
 
 
 def _r2_from_words(directory, vocab):
   """R^2 of a least-squares fit of the spatially averaged latent on bag-of-words caption counts."""
   x, y = [], []
-  for shard in R.read_manifest(directory)["shards"]:
-    for raw in R.read_shard(os.path.join(directory, shard["name"])):
-      rec = R.decode_record(raw)
-      bow = np.zeros(vocab)
-      for word in rec["caption"].split():
-        bow[int(word[1:])] += 1
-      x.append(bow / max(bow.sum(), 1))
-      y.append(rec["latent"].astype(np.float32).mean((0, 1)))
+  for _, rec in R.iter_records(directory):
+    bow = np.zeros(vocab)
+    for word in rec["caption"].split():
+      bow[int(word[1:])] += 1
+    x.append(bow / max(bow.sum(), 1))
+    y.append(rec["latent"].astype(np.float32).mean((0, 1)))
   x, y = np.array(x), np.array(y)
   coef, *_ = np.linalg.lstsq(x, y, rcond=None)
   return 1 - ((x @ coef - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()

@@ -419,6 +419,15 @@ def read_manifest(directory: str | os.PathLike) -> dict:
   return manifest
 
 
+def iter_records(directory: str | os.PathLike) -> Iterator[tuple[dict, dict]]:
+  """(manifest shard entry, decoded record) for every record of a dataset, shard by shard in the
+  manifest's order (the training loader reads through Grain; this is for tools and checks)."""
+  directory = os.fspath(directory)
+  for shard in read_manifest(directory)["shards"]:
+    for raw in read_shard(os.path.join(directory, shard["name"])):
+      yield shard, decode_record(raw)
+
+
 def check_fingerprints(manifest: Mapping[str, Any], expected: Mapping[str, str]) -> None:
   """Raises FingerprintMismatchError naming each expected fingerprint that is missing or differs.
 
