@@ -4,7 +4,8 @@
 
 For `--num` training records, prints per t the mean-square error of the DiT's data estimate
 x1_hat = x_t + (1 - t) v against the true latent and against the exact posterior mean over the
-training latents with the same caption (`svg_jax/eval/denoiser_probe.py`). Latents are in the
+training latents with the same caption (`svg_jax/eval/denoiser_probe.py`), and the errors of two
+noise-free baselines: the caption's mean latent and the mean of all latents. Latents are in the
 records' normalized space (variance about 1 per channel).
 """
 
@@ -64,12 +65,16 @@ def main(argv):
                                                   replace=False)
   table = denoiser_probe.probe(velocity, latents, captions, rows,
                                [float(t) for t in FLAGS.times], seed=FLAGS.seed)
+  first = table[0]
   print(f"{len(rows)} records of {len(recs)}; latent variance {float(np.var(latents)):.3f}; "
-        f"{table[0]['images_per_caption']:.1f} training images per probed caption")
-  print(f"{'t':>6}{'DiT vs x1':>12}{'posterior vs x1':>18}{'DiT vs posterior':>19}")
+        f"{first['images_per_caption']:.1f} training images per probed caption; baselines vs x1: "
+        f"caption mean {first['caption_mean_vs_x1']:.4f}, mean of all "
+        f"{first['global_mean_vs_x1']:.4f}")
+  print(f"{'t':>6}{'DiT vs x1':>12}{'posterior vs x1':>18}{'DiT vs posterior':>19}"
+        f"{'DiT vs caption mean':>22}")
   for row in table:
     print(f"{row['t']:>6.2f}{row['dit_vs_x1']:>12.4f}{row['posterior_vs_x1']:>18.4f}"
-          f"{row['dit_vs_posterior']:>19.4f}")
+          f"{row['dit_vs_posterior']:>19.4f}{row['dit_vs_caption_mean']:>22.4f}")
 
 
 if __name__ == "__main__":

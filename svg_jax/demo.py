@@ -59,7 +59,7 @@ def export_decoder(decoder_config, workdir: str, dst: str) -> str:
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           flax.linen.meta.unbox(shapes))
   params = jax.device_get(checkpoint.load_params(workdir, abstract))
-  tmp = dst + ".tmp"
+  tmp = f"{dst}.tmp{os.getpid()}"  # two evaluations of one workdir may export at once
   save_safetensors(tmp, convert.params_to_official(params, cfg))
   os.replace(tmp, dst)
   return dst
@@ -155,32 +155,52 @@ class Stages:
     return workdir
 
   # 5. sample the held-out prompts and score them
-  def evaluate(self, decoder_config, text_dir: str, dit_workdir: str) -> dict:
-    from PIL import Image
-
-    from svg_jax import autoencoder as ae_lib
+  def generator(self, decoder_config, text_dir: str, dit_workdir: str, step: int | None = None):
+    """The sampler of the DiT checkpoint (EMA params, latest step unless `step`) with the trained
+    decoder exported the way real decoder weights are read."""
     from svg_jax import generate
-    from svg_jax.data import shapes
-    from svg_jax.eval import shapes_eval, shapes_geneval
+
     config = self.dit_config(os.path.join(self.workdir, "records"), decoder_config)
     config.autoencoder.decoder_path = export_decoder(
         decoder_config, os.path.join(self.workdir, "decoder"),
         os.path.join(self.workdir, "decoder.safetensors"))
-    gen = generate.Generator.from_config(config, text_encoder=text_dir, checkpoint=dit_workdir,
-                                         system_type=self.s.system_prompt)
-    heldout = shapes.read_split(os.path.dirname(decoder_config.data.jsonl), "heldout")
-    settings = generate.SamplerSettings(solver="dpm", steps=self.s.sample_steps,
-                                        cfg_scale=self.s.cfg_scale, shift=self.s.shift)
-    # The ceiling the decoder allows: held-out ground truth through encoder + trained decoder.
+    return generate.Generator.from_config(config, text_encoder=text_dir, checkpoint=dit_workdir,
+                                          system_type=self.s.system_prompt, step=step), config
+
+  def heldout(self, decoder_config) -> list[dict]:
+    from svg_jax.data import shapes
+    return shapes.read_split(os.path.dirname(decoder_config.data.jsonl), "heldout")
+
+  def ceiling(self, decoder_config, config) -> tuple[dict, float]:
+    """ShapesGenEval of held-out ground truth through encoder + trained decoder (the best score
+    this decoder allows) and the reconstruction PSNR."""
+    from PIL import Image
+
+    from svg_jax import autoencoder as ae_lib
+    from svg_jax.eval import shapes_geneval
+
+    heldout = self.heldout(decoder_config)
     ae = ae_lib.SVGAutoencoder.from_config(config)
     truth = np.stack([np.asarray(Image.open(item["path"]).convert("RGB")) for item in heldout])
     recon = ae_lib.to_uint8(ae.decode(ae.encode(truth)))
     ceiling = shapes_geneval.score(list(recon), [item["metadata"] for item in heldout])
-    psnr = float(np.mean([ae_lib.psnr(a, b) for a, b in zip(truth, recon)]))
+    return ceiling, float(np.mean([ae_lib.psnr(a, b) for a, b in zip(truth, recon)]))
+
+  def sampler_settings(self):
+    from svg_jax import generate
+    return generate.SamplerSettings(solver="dpm", steps=self.s.sample_steps,
+                                    cfg_scale=self.s.cfg_scale, shift=self.s.shift)
+
+  def evaluate(self, decoder_config, text_dir: str, dit_workdir: str) -> dict:
+    from svg_jax.eval import shapes_eval, shapes_geneval
+
+    gen, config = self.generator(decoder_config, text_dir, dit_workdir)
+    ceiling, psnr = self.ceiling(decoder_config, config)
     res = int(decoder_config.data.resolution)
     report = {"decoder_reconstruction_ceiling": ceiling, "reconstruction_psnr_db": psnr,
               "demo_settings": dataclasses.asdict(self.s), "timings_s": self.timings}
-    scores, _ = shapes_eval.evaluate(gen, heldout, (res, res), settings,
+    scores, _ = shapes_eval.evaluate(gen, self.heldout(decoder_config), (res, res),
+                                     self.sampler_settings(),
                                      outdir=os.path.join(self.workdir, "eval"), report=report)
     print("ShapesGenEval of held-out ground truth through encoder + trained decoder (the ceiling "
           f"this decoder allows; reconstruction PSNR {psnr:.1f} dB):")

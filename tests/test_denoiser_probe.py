@@ -53,6 +53,25 @@ def test_probe_scores_oracle_denoisers():
   assert far["posterior_vs_x1"] > 0.1 > 1e-3 > near["posterior_vs_x1"]
 
 
+def test_probe_baselines_against_their_definitions():
+  rng = np.random.default_rng(2)
+  latents = rng.standard_normal((12, 2, 2, 3)).astype(np.float32)
+  captions = ["a", "b", "c"] * 4
+  rows = [0, 4, 5, 10]
+  mean_of = {c: latents[[i for i, k in enumerate(captions) if k == c]].mean(0) for c in "abc"}
+  expected_caption = np.mean([(mean_of[captions[r]] - latents[r]) ** 2 for r in rows])
+  expected_global = np.mean([(latents.mean(0) - latents[r]) ** 2 for r in rows])
+
+  def predicts_caption_mean(x_t, t, r):
+    return (np.stack([mean_of[captions[j]] for j in r]) - x_t) / (1 - t[:, None, None, None])
+
+  for row in denoiser_probe.probe(predicts_caption_mean, latents, captions, rows, [0.05, 0.5]):
+    assert row["dit_vs_caption_mean"] < 1e-10
+    assert row["dit_vs_x1"] == pytest.approx(expected_caption, rel=1e-5)
+    assert row["caption_mean_vs_x1"] == pytest.approx(expected_caption, rel=1e-6)
+    assert row["global_mean_vs_x1"] == pytest.approx(expected_global, rel=1e-6)
+
+
 def test_cli_on_a_trained_dit(tmp_path):
   sys.path.insert(0, REPO)
   from configs import tiny
@@ -77,6 +96,6 @@ def test_cli_on_a_trained_dit(tmp_path):
   lines = out.stdout.strip().splitlines()
   assert lines[0].startswith("6 records of 32")
   table = np.array([[float(v) for v in line.split()] for line in lines[2:]])
-  assert table.shape == (2, 4) and np.all(np.isfinite(table)) and list(table[:, 0]) == [0.1, 0.9]
+  assert table.shape == (2, 5) and np.all(np.isfinite(table)) and list(table[:, 0]) == [0.1, 0.9]
   # The ideal denoiser is nearly exact at t = 0.9 and far at t = 0.1 on these few, distinct latents.
   assert table[1, 2] < table[0, 2]

@@ -1,0 +1,94 @@
+"""How the demo's held-out ShapesGenEval score grows with DiT training: the demo pipeline (stages
+cached in the workdir, as `launch/demo.py`), then the DiT trained in segments to each of `--steps`
+(each segment resumes the last checkpoint, so the run equals one run of the longest length) and
+scored after each. Meant for a machine faster than the demo's 2-core CPU (a GPU), to measure what
+the 20-minute CPU budget leaves out.
+
+  python launch/demo_scaling.py --workdir runs/scaling --steps 1000,3000,10000 [--batch_size 64]
+
+Writes `<workdir>/<dit name>/scaling.json` (score table per step, seconds per segment) and
+`<workdir>/<dit name>/eval_<step>/` (grid.png, scores.json).
+"""
+import json
+import os
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("workdir", "runs/scaling", "demo workdir (data, decoder, records are shared)")
+flags.DEFINE_integer("num_train", 2000, "demo training images")
+flags.DEFINE_integer("num_heldout", 300, "held-out prompts")
+flags.DEFINE_integer("decoder_steps", 800, "pixel-decoder training steps")
+flags.DEFINE_list("steps", ["1000", "3000", "10000"], "DiT step counts at which to score")
+flags.DEFINE_integer("batch_size", 16, "DiT global batch size (the demo's: 16)")
+flags.DEFINE_float("lr", None, "DiT learning rate (default: configs/tiny.py's)")
+flags.DEFINE_integer("checkpoint_every", 1000, "DiT checkpoint period in steps")
+flags.DEFINE_bool("prepare_only", False, "stop after the cached stages (data, decoder, records)")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from svg_jax import demo
+  from svg_jax.eval import shapes_eval, shapes_geneval
+  from svg_jax.train import loop, metrics
+
+  steps = sorted(int(s) for s in FLAGS.steps)
+  if not steps or steps[0] <= 0:
+    raise app.UsageError(f"--steps must be positive step counts, got {FLAGS.steps}")
+  metrics.console_logging()
+  stages = demo.Stages(demo.DemoSettings(workdir=FLAGS.workdir, num_train=FLAGS.num_train,
+                                         num_heldout=FLAGS.num_heldout,
+                                         decoder_steps=FLAGS.decoder_steps))
+  dec = stages._timed("decoder", stages.train_decoder)
+  text_dir = stages._timed("text encoder", lambda: stages.text_encoder(dec))
+  records = stages._timed("precompute", lambda: stages.precompute(dec, text_dir))
+  if FLAGS.prepare_only:
+    return
+
+  config = stages.dit_config(records, dec)
+  config.train.global_batch_size = FLAGS.batch_size
+  config.train.checkpoint_every = FLAGS.checkpoint_every
+  if FLAGS.lr is not None:
+    config.train.lr = FLAGS.lr
+  name = f"dit_b{FLAGS.batch_size}_lr{config.train.lr:g}"
+  dit_dir = os.path.join(stages.workdir, name)
+  heldout = stages.heldout(dec)
+  res = int(dec.data.resolution)
+  table_path = os.path.join(dit_dir, "scaling.json")
+  table = json.load(open(table_path)) if os.path.exists(table_path) else {"rows": []}
+  done = {row["step"] for row in table["rows"]}
+  for n in steps:
+    if n in done:
+      continue
+    start = time.time()
+    config.train.num_steps = n
+    summary = loop.train(config, dit_dir)
+    if summary.get("stopped_by"):
+      raise SystemExit(f"stopped by {summary['stopped_by']} at step {summary['step']}")
+    train_s = time.time() - start
+    start = time.time()
+    gen, _ = stages.generator(dec, text_dir, dit_dir, step=n)
+    scores, _ = shapes_eval.evaluate(gen, heldout, (res, res), stages.sampler_settings(),
+                                     outdir=os.path.join(dit_dir, f"eval_{n}"))
+    table["rows"].append({"step": n, "images_seen": n * FLAGS.batch_size, "scores": scores,
+                          "final_loss": (summary.get("last_record") or {}).get("loss"), "train_s": train_s,
+                          "eval_s": time.time() - start})
+    table.update(batch_size=FLAGS.batch_size, lr=config.train.lr, num_train=FLAGS.num_train)
+    tmp = table_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(table, f, indent=2)
+    os.replace(tmp, table_path)
+    print(f"== step {n} ({n * FLAGS.batch_size} images seen):", flush=True)
+    shapes_geneval.print_table(scores)
+  print(f"{'step':>7} {'overall':>8} {'single':>7} {'two':>6} {'count':>6} {'colors':>7} "
+        f"{'pos':>6} {'attr':>6}")
+  for row in sorted(table["rows"], key=lambda r: r["step"]):
+    s = row["scores"]
+    print(f"{row['step']:>7} {s['overall']:>8.3f} {s['single_object']:>7.2f} "
+          f"{s['two_object']:>6.2f} {s['counting']:>6.2f} {s['colors']:>7.2f} "
+          f"{s['position']:>6.2f} {s['color_attr']:>6.2f}")
+
+
+if __name__ == "__main__":
+  app.run(main)
