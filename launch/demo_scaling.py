@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from svg_jax import demo
+  from svg_jax import demo, generate
   from svg_jax.eval import shapes_eval, shapes_geneval
   from svg_jax.train import loop, metrics
 
@@ -56,7 +56,10 @@ def main(argv):
   heldout = stages.heldout(dec)
   res = int(dec.data.resolution)
   table_path = os.path.join(dit_dir, "scaling.json")
-  table = json.load(open(table_path)) if os.path.exists(table_path) else {"rows": []}
+  table = {"rows": []}
+  if os.path.exists(table_path):
+    with open(table_path) as f:
+      table = json.load(f)
   done = {row["step"] for row in table["rows"]}
   for n in steps:
     if n in done:
@@ -71,14 +74,12 @@ def main(argv):
     gen, _ = stages.generator(dec, text_dir, dit_dir, step=n)
     scores, _ = shapes_eval.evaluate(gen, heldout, (res, res), stages.sampler_settings(),
                                      outdir=os.path.join(dit_dir, f"eval_{n}"))
+    last = summary.get("last_record") or {}
     table["rows"].append({"step": n, "images_seen": n * FLAGS.batch_size, "scores": scores,
-                          "final_loss": (summary.get("last_record") or {}).get("loss"), "train_s": train_s,
+                          "final_loss": last.get("loss"), "train_s": train_s,
                           "eval_s": time.time() - start})
     table.update(batch_size=FLAGS.batch_size, lr=config.train.lr, num_train=FLAGS.num_train)
-    tmp = table_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(table, f, indent=2)
-    os.replace(tmp, table_path)
+    generate.atomic_write_text(json.dumps(table, indent=2), table_path)
     print(f"== step {n} ({n * FLAGS.batch_size} images seen):", flush=True)
     shapes_geneval.print_table(scores)
   print(f"{'step':>7} {'overall':>8} {'single':>7} {'two':>6} {'count':>6} {'colors':>7} "

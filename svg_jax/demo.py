@@ -171,7 +171,7 @@ class Stages:
     from svg_jax.data import shapes
     return shapes.read_split(os.path.dirname(decoder_config.data.jsonl), "heldout")
 
-  def ceiling(self, decoder_config, config) -> tuple[dict, float]:
+  def ceiling(self, config, heldout: list[dict]) -> tuple[dict, float]:
     """ShapesGenEval of held-out ground truth through encoder + trained decoder (the best score
     this decoder allows) and the reconstruction PSNR."""
     from PIL import Image
@@ -179,7 +179,6 @@ class Stages:
     from svg_jax import autoencoder as ae_lib
     from svg_jax.eval import shapes_geneval
 
-    heldout = self.heldout(decoder_config)
     ae = ae_lib.SVGAutoencoder.from_config(config)
     truth = np.stack([np.asarray(Image.open(item["path"]).convert("RGB")) for item in heldout])
     recon = ae_lib.to_uint8(ae.decode(ae.encode(truth)))
@@ -195,11 +194,12 @@ class Stages:
     from svg_jax.eval import shapes_eval, shapes_geneval
 
     gen, config = self.generator(decoder_config, text_dir, dit_workdir)
-    ceiling, psnr = self.ceiling(decoder_config, config)
+    heldout = self.heldout(decoder_config)
+    ceiling, psnr = self.ceiling(config, heldout)
     res = int(decoder_config.data.resolution)
     report = {"decoder_reconstruction_ceiling": ceiling, "reconstruction_psnr_db": psnr,
               "demo_settings": dataclasses.asdict(self.s), "timings_s": self.timings}
-    scores, _ = shapes_eval.evaluate(gen, self.heldout(decoder_config), (res, res),
+    scores, _ = shapes_eval.evaluate(gen, heldout, (res, res),
                                      self.sampler_settings(),
                                      outdir=os.path.join(self.workdir, "eval"), report=report)
     print("ShapesGenEval of held-out ground truth through encoder + trained decoder (the ceiling "
