@@ -23,6 +23,8 @@ flags.DEFINE_list("steps", ["1000", "3000", "10000"], "DiT step counts at which 
 flags.DEFINE_integer("batch_size", 16, "DiT global batch size (the demo's: 16)")
 flags.DEFINE_float("lr", None, "DiT learning rate (default: configs/tiny.py's)")
 flags.DEFINE_integer("checkpoint_every", 1000, "DiT checkpoint period in steps")
+flags.DEFINE_bool("seen_prompts", False, "also score 50 training prompts per category "
+                  "(combinations the DiT was trained on)")
 flags.DEFINE_bool("prepare_only", False, "stop after the cached stages (data, decoder, records)")
 FLAGS = flags.FLAGS
 
@@ -67,28 +69,43 @@ def main(argv):
     start = time.time()
     config.train.num_steps = n
     summary = loop.train(config, dit_dir)
-    if summary.get("stopped_by"):
-      raise SystemExit(f"stopped by {summary['stopped_by']} at step {summary['step']}")
+    # A run stopped by a signal (a wall-clock `timeout`, preemption) scores the checkpoint it
+    # saved, so a time-boxed study still ends with a row, then stops.
+    stopped_by = summary.get("stopped_by")
+    if stopped_by:
+      n = int(summary["step"])
     train_s = time.time() - start
     start = time.time()
     gen, _ = stages.generator(dec, text_dir, dit_dir, step=n)
     scores, _ = shapes_eval.evaluate(gen, heldout, (res, res), stages.sampler_settings(),
                                      outdir=os.path.join(dit_dir, f"eval_{n}"))
+    row = {"step": n, "images_seen": n * FLAGS.batch_size, "scores": scores}
+    if FLAGS.seen_prompts:
+      row["seen_scores"], _ = shapes_eval.evaluate(gen, stages.seen(dec), (res, res),
+                                                   stages.sampler_settings(),
+                                                   outdir=os.path.join(dit_dir, f"seen_{n}"))
     last = summary.get("last_record") or {}
-    table["rows"].append({"step": n, "images_seen": n * FLAGS.batch_size, "scores": scores,
-                          "final_loss": last.get("loss"), "train_s": train_s,
-                          "eval_s": time.time() - start})
+    table["rows"].append({**row, "final_loss": last.get("loss"), "train_s": train_s,
+                          "eval_s": time.time() - start, "stopped_by": stopped_by})
     table.update(batch_size=FLAGS.batch_size, lr=config.train.lr, num_train=FLAGS.num_train)
     generate.atomic_write_text(json.dumps(table, indent=2), table_path)
     print(f"== step {n} ({n * FLAGS.batch_size} images seen):", flush=True)
     shapes_geneval.print_table(scores)
-  print(f"{'step':>7} {'overall':>8} {'single':>7} {'two':>6} {'count':>6} {'colors':>7} "
+    if FLAGS.seen_prompts:
+      print("training prompts:")
+      shapes_geneval.print_table(row["seen_scores"])
+    if stopped_by:
+      print(f"stopped by {stopped_by} at step {n}; rerun the command to continue", flush=True)
+      break
+  print(f"{'step':>12} {'overall':>8} {'single':>7} {'two':>6} {'count':>6} {'colors':>7} "
         f"{'pos':>6} {'attr':>6}")
   for row in sorted(table["rows"], key=lambda r: r["step"]):
-    s = row["scores"]
-    print(f"{row['step']:>7} {s['overall']:>8.3f} {s['single_object']:>7.2f} "
-          f"{s['two_object']:>6.2f} {s['counting']:>6.2f} {s['colors']:>7.2f} "
-          f"{s['position']:>6.2f} {s['color_attr']:>6.2f}")
+    for key, label in (("scores", ""), ("seen_scores", " seen")):
+      if key in row:
+        s = row[key]
+        print(f"{row['step']:>7}{label:5} {s['overall']:>8.3f} {s['single_object']:>7.2f} "
+              f"{s['two_object']:>6.2f} {s['counting']:>6.2f} {s['colors']:>7.2f} "
+              f"{s['position']:>6.2f} {s['color_attr']:>6.2f}")
 
 
 if __name__ == "__main__":

@@ -171,6 +171,19 @@ class Stages:
     from svg_jax.data import shapes
     return shapes.read_split(os.path.dirname(decoder_config.data.jsonl), "heldout")
 
+  def seen(self, decoder_config, per_category: int = 50) -> list[dict]:
+    """The first `per_category` training items of each category: prompts whose combinations the
+    DiT was trained on, so held-out minus seen scores measure the composition gap."""
+    from svg_jax.data import shapes
+    taken: dict[str, int] = {}
+    out = []
+    for item in shapes.read_split(os.path.dirname(decoder_config.data.jsonl), "train"):
+      tag = item["metadata"]["tag"]
+      if taken.get(tag, 0) < per_category:
+        taken[tag] = taken.get(tag, 0) + 1
+        out.append(item)
+    return out
+
   def ceiling(self, config, heldout: list[dict]) -> tuple[dict, float]:
     """ShapesGenEval of held-out ground truth through encoder + trained decoder (the best score
     this decoder allows) and the reconstruction PSNR."""

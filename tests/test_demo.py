@@ -1,10 +1,12 @@
 """The demo's wiring (the full run is `bash launch/demo.sh`, minutes long, not a test)."""
+import collections
 import dataclasses
 
 import pytest
 
 from svg_jax import config as config_lib
 from svg_jax import demo
+from svg_jax.data import shapes
 from svg_jax.train import loop
 
 
@@ -27,3 +29,19 @@ def test_a_stage_stopped_by_a_signal_stops_the_demo():
   with pytest.raises(SystemExit, match="decoder training stopped by SIGTERM at step 412 "
                      r"\(checkpoint saved\); rerun the same command to resume"):
     demo._finished({"stopped_by": "SIGTERM", "step": 412}, "decoder training")
+
+
+def test_seen_prompts_are_training_items_balanced_per_category(tmp_path):
+  stages = demo.Stages(demo.DemoSettings(workdir=str(tmp_path)))
+  decoder = stages.decoder_config()
+  data_dir = tmp_path / "data"
+  shapes.write_dataset(str(data_dir), num_train=60, num_heldout=12, image_size=32, seed=0)
+  decoder.data.jsonl = str(data_dir / "train.jsonl")
+  seen = stages.seen(decoder, per_category=3)
+  train = shapes.read_split(str(data_dir), "train")
+  assert collections.Counter(item["metadata"]["tag"] for item in seen) == {
+      tag: 3 for tag in shapes.CATEGORIES}
+  assert all(item in train for item in seen)
+  heldout_prompts = {item["prompt"] for item in stages.heldout(decoder)}
+  novel = [i for i in seen if i["metadata"]["tag"] != "single_object"]
+  assert not heldout_prompts & {item["prompt"] for item in novel}
