@@ -192,6 +192,34 @@ def test_bad_records_are_replaced_by_the_next_good_record_and_reported(tmp_path,
   assert "2 bad records replaced by the next good record" in it.report()
 
 
+@pytest.mark.parametrize("compression", ["uncompressed", "default"])
+def test_bit_rot_in_a_shard_is_a_reported_bad_record(tmp_path, compression):
+  """The loader skips the records' own crc32: one flipped bit on disk must still be caught, by the
+  Riegeli chunk hash ArrayRecord checks on read, and reported like any bad record."""
+  m = R.write_random_dataset(tmp_path, buckets=[(4, 4)], num_records=5, records_per_shard=5,
+                             latent_channels=64, text_dim=4, compression=compression)
+  shard = os.path.join(tmp_path, m["shards"][0]["name"])
+  raws = list(R.read_shard(shard))
+  with open(shard, "rb") as f:
+    data = bytearray(f.read())
+  if compression == "uncompressed":  # flip a bit inside record #3's latent bytes
+    at = data.index(raws[3][len(raws[3]) // 2:len(raws[3]) // 2 + 64]) + 32
+  else:  # compressed bytes cannot be located; the chunks come first, then zero padding
+    at = sum(map(len, raws)) // 2
+  data[at] ^= 0x08
+  with open(shard, "wb") as f:
+    f.write(data)
+  it = P.make_pipeline(str(tmp_path), _cfg(per_process_batch_size=5), process_index=0,
+                       process_count=1)
+  next(it)
+  stats = it.stats
+  assert stats["bad_records"] == 1, stats["bad_record_reports"]
+  report = stats["bad_record_reports"][0]
+  assert "hash mismatch" in report
+  if compression == "uncompressed":
+    assert report.startswith(f"{shard}#3: ")
+
+
 def test_corrupt_missing_or_miscounted_shards_fail_at_build_time(tmp_path):
   m = R.write_random_dataset(tmp_path, buckets=[(2, 2), (2, 4)], num_records=8, records_per_shard=2)
   names = [s["name"] for s in m["shards"]]
