@@ -6,7 +6,10 @@ Two record shapes (synthetic records from `records.write_random_dataset`, read b
   tiny  configs/tiny.py: latent 8x8x384, text 128-dim, 8-60 tokens, batch 16. The consumer is the
         real jitted DiT train step of `loop.Setup` on the same batches, on this CPU, measured in
         alternating rounds with the loader in the same process (bench/harness.py practice).
-  2b    stage 1 of configs/svg_t2i_2b.py: latent 16x16x384 bf16, text 2304-dim, 64-128 tokens.
+  2b    stage 1 of configs/svg_t2i_2b.py: latent 16x16x384 bf16, text 2304-dim, 64-128 tokens
+        (`--text token_ids`: the online text-encoder mode's records, token ids instead of
+        features; the consumer is still the DiT step alone, which only makes it faster than the
+        real one that also runs Gemma-2).
         A 2.6B step cannot run here, so the consumer is an accelerator host: the step time is the
         analytic FLOPs of the step (svg_jax/train/metrics.py, checked against XLA's count by
         launch/aot_compile.py) at `--mfu` of the chip's peak; a host with `chips_per_host` chips
@@ -108,7 +111,7 @@ def bench_tiny(args, workdir):
   return st / lb
 
 
-def bench_2b(args, workdir, compression):
+def bench_2b(args, workdir, compression, text_kind="text_features"):
   from svg_jax import config as config_lib
   from svg_jax.data import records
   from svg_jax.train import metrics
@@ -117,12 +120,12 @@ def bench_2b(args, workdir, compression):
   cfg = config_lib.nextdit_config(config)
   hw = int(config.data.resolution) // int(config.autoencoder.encoder.patch_size)
   buckets = (64, 128)
-  data_dir = os.path.join(workdir, f"2b_{compression}")
+  data_dir = os.path.join(workdir, f"2b_{compression}_{text_kind}")
   start = time.perf_counter()
   records.write_random_dataset(data_dir, buckets=[(hw, hw)], num_records=args.records_2b,
                                latent_channels=cfg.in_channels, text_dim=cfg.cap_feat_dim,
                                caption_len=(63, 127), vocab_size=4096, records_per_shard=64,
-                               compression=compression)
+                               compression=compression, text_kind=text_kind)
   write_s = time.perf_counter() - start
   size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(data_dir) for f in fs)
   batch = args.batch_2b
@@ -132,9 +135,10 @@ def bench_2b(args, workdir, compression):
   lb = statistics.median(_time_loader(it, args.loader_batches_2b) for _ in range(args.rounds))
   samples_s = batch / lb
   gb = int(config.train.global_batch_size)
-  print(f"2b stage 1, {compression} shards: per-process batch {batch}, "
+  text = first["text" if text_kind == "text_features" else "token_ids"]
+  print(f"2b stage 1, {compression} shards, {text_kind}: per-process batch {batch}, "
         f"latent {first['latent'].shape[1:]} {first['latent'].dtype}, "
-        f"text {first['text'].shape[1:]} {first['text'].dtype}; "
+        f"text {text.shape[1:]} {text.dtype}; "
         f"{args.records_2b} records, {size / args.records_2b / 1e6:.2f} MB each on disk "
         f"(written in {write_s:.1f} s); loader threads {args.threads}, workers {args.workers}")
   print(f"  loader {1 / lb:8.2f} batches/s = {samples_s:8.1f} samples/s "
@@ -168,6 +172,9 @@ def main(argv=None):
   p.add_argument("--mfu", type=float, default=0.4)
   p.add_argument("--compression", default="default,uncompressed",
                  help="2b: shard compressions to compare (records.COMPRESSIONS)")
+  p.add_argument("--text", default="text_features",
+                 help="2b: record text kinds to compare: text_features (precomputed Gemma-2 "
+                      "states) and/or token_ids (online text encoder, records.TEXT_FIELDS)")
   p.add_argument("--workdir", default="", help="where the records go (default: a temp dir)")
   args = p.parse_args(argv)
   with tempfile.TemporaryDirectory() as tmp:
@@ -176,8 +183,9 @@ def main(argv=None):
     if "tiny" in shapes:
       bench_tiny(args, workdir)
     if "2b" in shapes:
-      for compression in args.compression.split(","):
-        bench_2b(args, workdir, compression)
+      for text_kind in args.text.split(","):
+        for compression in args.compression.split(","):
+          bench_2b(args, workdir, compression, text_kind)
 
 
 if __name__ == "__main__":
