@@ -19,31 +19,39 @@ Axes = tuple[str | None, ...]
 ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 
 
-def _materialized_transpose(a: jax.Array) -> jax.Array:
-  """a.T as a real row-major copy, so XLA:CPU hands the following dot to its fast (YNNPACK) path
-  instead of folding the transpose into a dot it only runs on the slow, upcasting path.
+def _row_major(a: jax.Array) -> jax.Array:
+  """a as a real row-major array, so XLA:CPU hands the dot reading it to its fast (YNNPACK) path
+  instead of folding a transpose into a dot it only runs on the slow, upcasting path.
 
   Only on a single CPU device: under a multi-device mesh the pinned layout stops the partitioner
   from carrying the batch sharding through the transpose, and the weight-gradient dots then
   all-gather the whole micro-batch onto every device (seen in launch/aot_compile.py)."""
-  t = a.T
   mesh = jax.sharding.get_abstract_mesh()
   if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
-    return t
-  return with_layout_constraint(t, Layout(major_to_minor=(0, 1)))
+    return a
+  return with_layout_constraint(a, Layout(major_to_minor=tuple(range(a.ndim))))
+
+
+def _materialized_transpose(a: jax.Array) -> jax.Array:
+  """a with its last two axes swapped, as a real row-major copy."""
+  return _row_major(jnp.swapaxes(a, -1, -2))
 
 
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+  """[..., M, K] @ [..., K, N] -> [..., M, N] fp32, leading axes batched."""
+  batch = tuple(range(a.ndim - 2))
+  return jax.lax.dot_general(a, b, (((a.ndim - 1,), (a.ndim - 2,)), (batch, batch)),
+                             preferred_element_type=jnp.float32)
 
 
 @jax.custom_vjp
-def _bf16_matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
+def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
   return _dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
 
 
 def _bf16_matmul_fwd(x, w):
-  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  # Operands may be transposed views (attention's head-major layouts): copy them in bf16.
+  xb, wb = _row_major(x.astype(jnp.bfloat16)), _row_major(w.astype(jnp.bfloat16))
   return _dot(xb, wb), (xb, wb)
 
 
@@ -51,13 +59,27 @@ def _bf16_matmul_bwd(res, g):
   # Cotangents go back in bf16 with fp32 accumulation (plain autodiff would multiply the fp32
   # cotangent with a bf16 operand and run the whole backward upcast); transposes are made in bf16.
   xb, wb = res
-  gb = g.astype(jnp.bfloat16)
+  gb = _row_major(g.astype(jnp.bfloat16))
   dx = _dot(gb, _materialized_transpose(wb))
-  dw = _dot(_materialized_transpose(xb), gb)
+  m, k = xb.shape[-2:]
+  n = gb.shape[-1]
+  if m * k <= (m + k) * n:
+    dw = _dot(_materialized_transpose(xb), gb)
+  else:
+    # (g^T x)^T copies fewer elements when x is the wide one (an FFN's down projection). The dot's
+    # output is pinned row-major too: folded into the transpose it would leave the fast path.
+    dw = _materialized_transpose(_row_major(_dot(_materialized_transpose(gb), xb)))
   return dx, dw
 
 
-_bf16_matmul_2d.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def batched_matmul(a: jax.Array, b: jax.Array, compute_dtype: Dtype = jnp.float32) -> jax.Array:
+  """[..., M, K] @ [..., K, N] with fp32 output; bf16 compute keeps the backward dots bf16 too."""
+  if jnp.dtype(compute_dtype) == jnp.bfloat16:
+    return _bf16_matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+  return _dot(a.astype(compute_dtype), b.astype(compute_dtype))
 
 
 def matmul(x: jax.Array, kernel: jax.Array, compute_dtype: Dtype = jnp.float32) -> jax.Array:
@@ -66,13 +88,8 @@ def matmul(x: jax.Array, kernel: jax.Array, compute_dtype: Dtype = jnp.float32) 
   2-D operands: N-d dots cost 1.6x in the backward on CPU (cpu_perf_calibration.md). With bf16
   compute the backward is a custom VJP keeping every dot bf16 x bf16 -> fp32.
   """
-  lead = x.shape[:-1]
-  x2 = x.reshape(-1, x.shape[-1])
-  if jnp.dtype(compute_dtype) == jnp.bfloat16:
-    y = _bf16_matmul_2d(x2.astype(jnp.float32), kernel.astype(jnp.float32))
-  else:
-    y = _dot(x2.astype(compute_dtype), kernel.astype(compute_dtype))
-  return y.reshape(*lead, kernel.shape[-1])
+  y = batched_matmul(x.reshape(-1, x.shape[-1]), kernel, compute_dtype)
+  return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 class Linear(nn.Module):
@@ -98,6 +115,26 @@ class Linear(nn.Module):
     return y
 
 
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+  """silu(gate) * up. The VJP keeps only its inputs: autodiff would also save silu(gate), one more
+  fp32 pass over the FFN activations (XLA still shares sigmoid(gate) with the forward)."""
+  return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+  return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+  gate, up = res
+  sig = jax.nn.sigmoid(gate)
+  return g * up * sig * (1 + gate * (1 - sig)), g * gate * sig
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
   """x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype (the official fallback RMSNorm)."""
   x32 = x.astype(jnp.float32)
@@ -111,10 +148,14 @@ class RMSNorm(nn.Module):
   axis_name: str | None = "norm"
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, multiplier: jax.Array | None = None) -> jax.Array:
+    """multiplier: an optional factor broadcast against x (adaLN scale, gate). It is folded into
+    the weight first, so the backward reduces d_out * x_hat once for both instead of twice."""
     weight = self.param(
         "weight", nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis_name,)),
         (x.shape[-1],), jnp.float32)
+    if multiplier is not None:
+      weight = weight * multiplier
     return rms_normalize(x, self.eps) * weight
 
 
@@ -139,10 +180,12 @@ def _xla_attention(q, k, v, key_mask, scale, logits_soft_cap, extra_mask, comput
   b, t, h, d = q.shape
   kv = k.shape[2]
   rep = h // kv
-  # GQA without materializing repeated K/V: query head h uses kv head h // rep.
-  qg = q.reshape(b, t, kv, rep, d).astype(compute_dtype)
-  logits = jnp.einsum("btkrd,bskd->bkrts", qg, k.astype(compute_dtype),
-                      preferred_element_type=jnp.float32) * scale
+  s = k.shape[1]
+  # GQA without materializing repeated K/V: query head h uses kv head h // rep. Both products are
+  # canonical [b, kv, M, K] @ [b, kv, K, N] dots (what XLA:CPU's fast path takes).
+  qg = q.reshape(b, t, kv, rep, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, rep * t, d)
+  logits = batched_matmul(qg, k.transpose(0, 2, 3, 1), compute_dtype)
+  logits = logits.reshape(b, kv, rep, t, s) * scale
   if logits_soft_cap is not None:
     logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
   mask = None
@@ -156,9 +199,8 @@ def _xla_attention(q, k, v, key_mask, scale, logits_soft_cap, extra_mask, comput
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bkrts,bskd->btkrd", probs.astype(compute_dtype), v.astype(compute_dtype),
-                   preferred_element_type=jnp.float32)
-  return out.reshape(b, t, h, d)
+  out = batched_matmul(probs.reshape(b, kv, rep * t, s), v.transpose(0, 2, 1, 3), compute_dtype)
+  return out.reshape(b, kv, rep, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 def _require_platform(backend: str, platforms: Sequence[str]) -> None:

@@ -181,7 +181,7 @@ class FeedForward(nn.Module):
     dt = _dtype(cfg.compute_dtype)
     gate = layers.Linear(cfg.ffn_dim, ("embed", "mlp"), False, dt, name="w1")(x)
     up = layers.Linear(cfg.ffn_dim, ("embed", "mlp"), False, dt, name="w3")(x)
-    return layers.Linear(cfg.dim, ("mlp", "embed"), False, dt, name="w2")(nn.silu(gate) * up)
+    return layers.Linear(cfg.dim, ("mlp", "embed"), False, dt, name="w2")(layers.swiglu(gate, up))
 
 
 class JointBlock(nn.Module):
@@ -201,10 +201,10 @@ class JointBlock(nn.Module):
       mod = layers.Linear(4 * cfg.dim, ("adaln", "adaln_out"), True, _dtype(cfg.compute_dtype),
                           kernel_init=nn.initializers.zeros_init(), name="adaLN_modulation")(nn.silu(c))
       scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 4, axis=-1)
-      h = attn(norm("attention_norm1")(x) * (1 + scale_msa), cos, sin, kv_lengths)
-      x = x + jnp.tanh(gate_msa) * norm("attention_norm2")(h)
-      h = ffn(norm("ffn_norm1")(x) * (1 + scale_mlp))
-      x = x + jnp.tanh(gate_mlp) * norm("ffn_norm2")(h)
+      h = attn(norm("attention_norm1")(x, 1 + scale_msa), cos, sin, kv_lengths)
+      x = x + norm("attention_norm2")(h, jnp.tanh(gate_msa))
+      h = ffn(norm("ffn_norm1")(x, 1 + scale_mlp))
+      x = x + norm("ffn_norm2")(h, jnp.tanh(gate_mlp))
     else:
       x = x + norm("attention_norm2")(attn(norm("attention_norm1")(x), cos, sin, kv_lengths))
       x = x + norm("ffn_norm2")(ffn(norm("ffn_norm1")(x)))
