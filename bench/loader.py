@@ -8,8 +8,7 @@ Two record shapes (synthetic records from `records.write_random_dataset`, read b
         alternating rounds with the loader in the same process (bench/harness.py practice).
   2b    stage 1 of configs/svg_t2i_2b.py: latent 16x16x384 bf16, text 2304-dim, 64-128 tokens
         (`--text token_ids`: the online text-encoder mode's records, token ids instead of
-        features; the consumer is still the DiT step alone, which only makes it faster than the
-        real one that also runs Gemma-2).
+        features; its step also runs the frozen Gemma-2-2B forward, counted at the same MFU).
         A 2.6B step cannot run here, so the consumer is an accelerator host: the step time is the
         analytic FLOPs of the step (svg_jax/train/metrics.py, checked against XLA's count by
         launch/aot_compile.py) at `--mfu` of the chip's peak; a host with `chips_per_host` chips
@@ -114,6 +113,7 @@ def bench_tiny(args, workdir):
 def bench_2b(args, workdir, compression, text_kind="text_features"):
   from svg_jax import config as config_lib
   from svg_jax.data import records
+  from svg_jax.models.gemma2 import Gemma2Config
   from svg_jax.train import metrics
 
   config = _config("svg_t2i_2b", "stage1_256")
@@ -146,6 +146,8 @@ def bench_2b(args, workdir, compression, text_kind="text_features"):
   ratios = {}
   for cap in buckets:
     flops = metrics.dit_train_flops(cfg, gb, (hw, hw), cap)
+    if text_kind == "token_ids":  # the step also runs the frozen Gemma-2 forward
+      flops += metrics.gemma2_forward_flops(Gemma2Config(), gb, cap)
     for host, (chip, per_host) in HOSTS.items():
       peak = metrics.PEAK_TFLOPS[chip] * 1e12
       per_chip = gb / (flops / (args.mfu * peak))  # samples/s one chip consumes

@@ -333,6 +333,24 @@ def test_flop_count_matches_xla_cost_analysis():
   assert 0.8 * fwd["flops"] < ours <= 1.05 * fwd["flops"], (ours, fwd["flops"])
 
 
+def test_gemma2_flop_count_matches_xla_cost_analysis():
+  """The online text encoder's analytic forward FLOPs against XLA's count (fp32, 1 device)."""
+  from svg_jax.models.gemma2 import Gemma2Config, Gemma2Encoder
+  cfg = Gemma2Config(vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2,
+                     head_dim=8, intermediate_size=96, sliding_window=8)
+  b, length = 2, 24
+  args = (np.zeros((b, length), np.int32), np.ones((b, length), bool))
+  model = Gemma2Encoder(cfg)
+  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
+  fwd = jax.jit(model.apply).lower(params, *args).compile().cost_analysis()
+  fwd = fwd[0] if isinstance(fwd, list) else fwd
+  ours = metrics_lib.gemma2_forward_flops(cfg, b, length)
+  print(f"analytic Gemma-2 forward FLOPs / XLA's: {ours / fwd['flops']:.3f}")
+  assert 0.8 * fwd["flops"] < ours <= 1.05 * fwd["flops"], (ours, fwd["flops"])
+  # Only the layers up to hidden_states[-2] run: one fewer than the model has.
+  assert cfg.layers_needed == 2
+
+
 # ----------------------------------------------------------------------------- pieces
 
 

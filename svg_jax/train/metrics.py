@@ -101,6 +101,16 @@ def dit_train_flops(cfg, batch: int, latent_hw: tuple[int, int], cap_len: int) -
   return 3.0 * forward
 
 
+def gemma2_forward_flops(cfg, batch: int, tokens: int) -> float:
+  """FLOPs of the frozen text encoder's forward (online text mode) up to the hidden state the DiT
+  reads (`cfg.hidden_layer` of transformers' `hidden_states`); Gemma2Config `cfg`."""
+  layers = cfg.layers_needed
+  h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  per_token = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size
+  attention = 4 * q * tokens * tokens  # scores and weighted sum, unmasked as XLA computes them
+  return float(batch * layers * (2 * tokens * per_token + attention))
+
+
 @flax.struct.dataclass
 class TrainMetrics(clu_metrics.Collection):
   """Averages over a log window (lr: last value)."""
