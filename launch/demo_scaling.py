@@ -22,6 +22,8 @@ flags.DEFINE_integer("decoder_steps", 800, "pixel-decoder training steps")
 flags.DEFINE_list("steps", ["1000", "3000", "10000"], "DiT step counts at which to score")
 flags.DEFINE_integer("batch_size", 16, "DiT global batch size (the demo's: 16)")
 flags.DEFINE_float("lr", None, "DiT learning rate (default: configs/tiny.py's)")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"],
+                  "DiT matmul inputs (the CPU demo's: float32; bfloat16 for accelerators)")
 flags.DEFINE_integer("checkpoint_every", 1000, "DiT checkpoint period in steps")
 flags.DEFINE_bool("seen_prompts", False, "also score 50 training prompts per category "
                   "(combinations the DiT was trained on)")
@@ -51,9 +53,12 @@ def main(argv):
   config = stages.dit_config(records, dec)
   config.train.global_batch_size = FLAGS.batch_size
   config.train.checkpoint_every = FLAGS.checkpoint_every
+  config.model.compute_dtype = FLAGS.compute_dtype
   if FLAGS.lr is not None:
     config.train.lr = FLAGS.lr
   name = f"dit_b{FLAGS.batch_size}_lr{config.train.lr:g}"
+  if FLAGS.compute_dtype != "float32":
+    name += f"_{FLAGS.compute_dtype}"
   dit_dir = os.path.join(stages.workdir, name)
   heldout = stages.heldout(dec)
   res = int(dec.data.resolution)
