@@ -61,6 +61,7 @@ def main(argv):
     name += f"_{FLAGS.compute_dtype}"
   dit_dir = os.path.join(stages.workdir, name)
   heldout = stages.heldout(dec)
+  seen = stages.seen(dec) if FLAGS.seen_prompts else None
   res = int(dec.data.resolution)
   table_path = os.path.join(dit_dir, "scaling.json")
   table = {"rows": []}
@@ -85,8 +86,8 @@ def main(argv):
     scores, _ = shapes_eval.evaluate(gen, heldout, (res, res), stages.sampler_settings(),
                                      outdir=os.path.join(dit_dir, f"eval_{n}"))
     row = {"step": n, "images_seen": n * FLAGS.batch_size, "scores": scores}
-    if FLAGS.seen_prompts:
-      row["seen_scores"], _ = shapes_eval.evaluate(gen, stages.seen(dec), (res, res),
+    if seen:
+      row["seen_scores"], _ = shapes_eval.evaluate(gen, seen, (res, res),
                                                    stages.sampler_settings(),
                                                    outdir=os.path.join(dit_dir, f"seen_{n}"))
     last = summary.get("last_record") or {}
@@ -96,7 +97,7 @@ def main(argv):
     generate.atomic_write_text(json.dumps(table, indent=2), table_path)
     print(f"== step {n} ({n * FLAGS.batch_size} images seen):", flush=True)
     shapes_geneval.print_table(scores)
-    if FLAGS.seen_prompts:
+    if seen:
       print("training prompts:")
       shapes_geneval.print_table(row["seen_scores"])
     if stopped_by:
