@@ -80,6 +80,9 @@ def main(argv):
     stopped_by = summary.get("stopped_by")
     if stopped_by:
       n = int(summary["step"])
+    elif int(summary["step"]) != n:
+      raise SystemExit(f"{dit_dir} is already trained to step {summary['step']}, past the "
+                       f"milestone {n}: give --steps above it (or a new --workdir)")
     train_s = time.time() - start
     start = time.time()
     gen, _ = stages.generator(dec, text_dir, dit_dir, step=n)
