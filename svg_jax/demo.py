@@ -81,6 +81,7 @@ class Stages:
     self.workdir = os.path.abspath(s.workdir)
     os.makedirs(self.workdir, exist_ok=True)
     self.timings: dict[str, float] = {}
+    self._decoder_file: str | None = None  # exported once per process (the decoder is frozen)
 
   def _timed(self, name: str, fn):
     start = time.time()
@@ -161,9 +162,10 @@ class Stages:
     from svg_jax import generate
 
     config = self.dit_config(os.path.join(self.workdir, "records"), decoder_config)
-    config.autoencoder.decoder_path = export_decoder(
-        decoder_config, os.path.join(self.workdir, "decoder"),
-        os.path.join(self.workdir, "decoder.safetensors"))
+    if self._decoder_file is None:
+      self._decoder_file = export_decoder(decoder_config, os.path.join(self.workdir, "decoder"),
+                                          os.path.join(self.workdir, "decoder.safetensors"))
+    config.autoencoder.decoder_path = self._decoder_file
     return generate.Generator.from_config(config, text_encoder=text_dir, checkpoint=dit_workdir,
                                           system_type=self.s.system_prompt, step=step), config
 
