@@ -76,11 +76,15 @@ def peak_tflops(chip: str) -> float | None:
   return PEAK_TFLOPS[chip]
 
 
+def _gqa_swiglu_block_params(dim: int, heads: int, kv_heads: int, head_dim: int, ffn: int) -> int:
+  """Matmul weights of a GQA attention + gated-FFN block (q, k, v, o and three FFN matrices)."""
+  attn = dim * heads * head_dim + 2 * dim * kv_heads * head_dim + heads * head_dim * dim
+  return attn + 3 * dim * ffn
+
+
 def block_matmul_params(cfg) -> int:
   """Matmul weights applied to every token of one transformer block (see the module docstring)."""
-  d, hd = cfg.dim, cfg.head_dim
-  attn = d * cfg.n_heads * hd + 2 * d * cfg.n_kv_heads * hd + cfg.n_heads * hd * d
-  return attn + 3 * d * cfg.ffn_dim
+  return _gqa_swiglu_block_params(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim)
 
 
 def dit_train_flops(cfg, batch: int, latent_hw: tuple[int, int], cap_len: int) -> float:
@@ -104,11 +108,11 @@ def dit_train_flops(cfg, batch: int, latent_hw: tuple[int, int], cap_len: int) -
 def gemma2_forward_flops(cfg, batch: int, tokens: int) -> float:
   """FLOPs of the frozen text encoder's forward (online text mode) up to the hidden state the DiT
   reads (`cfg.hidden_layer` of transformers' `hidden_states`); Gemma2Config `cfg`."""
-  layers = cfg.layers_needed
-  h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  per_token = h * q + 2 * h * kv + q * h + 3 * h * cfg.intermediate_size
-  attention = 4 * q * tokens * tokens  # scores and weighted sum, unmasked as XLA computes them
-  return float(batch * layers * (2 * tokens * per_token + attention))
+  per_token = _gqa_swiglu_block_params(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                                       cfg.head_dim, cfg.intermediate_size)
+  # Scores and weighted sum, unmasked as XLA computes them.
+  attention = 4 * cfg.num_heads * cfg.head_dim * tokens * tokens
+  return float(batch * cfg.layers_needed * (2 * tokens * per_token + attention))
 
 
 @flax.struct.dataclass
