@@ -93,7 +93,7 @@ def precompute_defaults() -> ml_collections.ConfigDict:
   c.min_side = 64  # images whose shorter side is below this many pixels are reported as tiny
   c.batch_size = 16  # images (and captions) per jitted encoder call, per bucket
   c.records_per_shard = 1024  # inputs per chunk = most records in one shard; also the resume unit
-  # "default" (ArrayRecord's compression, ~22% smaller) or "uncompressed" (the loader reads 1.7x
+  # "default" (ArrayRecord's compression, ~22% smaller) or "uncompressed" (the loader reads ~2x
   # faster: for hosts whose loader cores cannot keep up, bench/loader.py).
   c.shard_compression = "default"
   # Storage dtype of latents and text features. Schema v1 stores floats as bfloat16 only.
