@@ -294,6 +294,9 @@ def test_state_resumes_at_the_exact_next_batch(dataset, tmp_path):
                           process_index=1, process_count=2)
   with pytest.raises(ValueError, match=r"differing: seed \(saved 7, now 9\)"):
     other.set_state(state)
+  # So is a state of the earlier format, whose record order was Grain's shuffle.
+  with pytest.raises(ValueError, match="pipeline/1.*cannot resume here"):
+    fresh.set_state({**state, "format": "svg_jax.data.pipeline/1"})
 
 
 @pytest.mark.slow

@@ -56,7 +56,8 @@ from svg_jax.data import records
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "svg_jax.data.pipeline/1"
+# /2: the record order changed (_EpochShuffle), so a /1 state would not resume at its next batch.
+STATE_FORMAT = "svg_jax.data.pipeline/2"
 _OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -455,7 +456,9 @@ class PipelineIterator(grain.DatasetIterator):
 
   def set_state(self, state: dict) -> None:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-      raise ValueError(f"not a pipeline state of format {STATE_FORMAT!r}")
+      raise ValueError(f"not a pipeline state of format {STATE_FORMAT!r} (got "
+                       f"{state.get('format') if isinstance(state, dict) else state!r}); states "
+                       "of other formats order the records differently and cannot resume here")
     theirs, ours = state["signature"], self.info.signature
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diff:
