@@ -1,12 +1,42 @@
-"""Interleaved timing: run contenders in alternating rounds in one process and report ratios.
+"""Interleaved timing: run contenders in alternating rounds and report ratios.
 
-Absolute times on shared machines drift by +-10% or more between runs; alternating short rounds of each
-contender and comparing min and median of the same run keeps the ratio meaningful.
+Absolute times on shared machines drift by +-10% or more between runs; alternating short rounds of
+each contender and comparing min and median of the same run keeps the ratio meaningful.
+
+`interleave` runs the contenders in this process. `interleave_processes` gives each its own
+process, which then sleeps while the others run: process-wide settings of one contender (our
+glibc malloc tuning, svg_jax/malloc_tuning.py, slows torch's CPU step by ~30%) then do not touch
+the other. A contender's program builds its work and hands it to `serve`.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 from typing import Callable
+
+_TAG = "@@harness "  # marks protocol lines on a contender's stdout; other lines pass through
+
+
+def _alternate(names: list[str], rounds: int, per_round: int,
+               run: Callable[[str, int], list[float]]) -> dict[str, list[float]]:
+  times = {name: [] for name in names}
+  for r in range(rounds):
+    order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
+    for name in order:
+      times[name] += run(name, per_round)
+  return times
+
+
+def _timed(fn: Callable[[], None], n: int) -> list[float]:
+  out = []
+  for _ in range(n):
+    start = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - start)
+  return out
 
 
 def interleave(contenders: dict[str, Callable[[], None]], rounds: int = 6, per_round: int = 2,
@@ -14,18 +44,59 @@ def interleave(contenders: dict[str, Callable[[], None]], rounds: int = 6, per_r
   """Each contender is a zero-argument callable that completes one unit of work (and blocks on it).
   Returns seconds per call, per contender."""
   for fn in contenders.values():
-    for _ in range(warmup):
-      fn()
-  times = {name: [] for name in contenders}
-  names = list(contenders)
-  for r in range(rounds):
-    order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
-    for name in order:
-      for _ in range(per_round):
-        start = time.perf_counter()
-        contenders[name]()
-        times[name].append(time.perf_counter() - start)
-  return times
+    _timed(fn, warmup)
+  return _alternate(list(contenders), rounds, per_round, lambda name, n: _timed(contenders[name], n))
+
+
+def serve(fn: Callable[[], None], info: dict | None = None) -> None:
+  """The contender's side of `interleave_processes`: announces `info` (JSON), then runs `fn` n
+  times for each n read from stdin and answers with the seconds per call."""
+  def send(message):
+    sys.stdout.write(_TAG + json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+  send({"info": info or {}})
+  for line in sys.stdin:
+    send({"times": _timed(fn, int(line))})
+
+
+def _receive(proc: subprocess.Popen, name: str) -> dict:
+  for line in proc.stdout:
+    if line.startswith(_TAG):
+      return json.loads(line[len(_TAG):])
+    sys.stderr.write(line)
+  raise RuntimeError(f"contender {name!r} exited with status {proc.wait()} before answering")
+
+
+def interleave_processes(commands: dict[str, list[str]], rounds: int = 6, per_round: int = 2,
+                         warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, dict]]:
+  """`interleave` with each contender in a process of its own: commands maps a name to the argv of
+  a program that calls `serve`. Contenders are built one after the other. Returns the seconds per
+  call and each contender's `info`."""
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # GPUs are shared by the two
+  procs: dict[str, subprocess.Popen] = {}
+  try:
+    infos = {}
+    for name, argv in commands.items():
+      procs[name] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+      infos[name] = _receive(procs[name], name)["info"]
+
+    def run(name, n):
+      procs[name].stdin.write(f"{n}\n")
+      procs[name].stdin.flush()
+      return _receive(procs[name], name)["times"]
+
+    for name in procs:
+      run(name, warmup)
+    return _alternate(list(procs), rounds, per_round, run), infos
+  finally:
+    for proc in procs.values():
+      proc.stdin.close()
+      try:
+        proc.wait(timeout=120)
+      except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def summarize(times: dict[str, list[float]], baseline: str, items_per_call: int, unit: str) -> str:

@@ -164,6 +164,8 @@ def bench_2b(args, workdir, compression, text_kind="text_features"):
 
 
 def main(argv=None):
+  from svg_jax import malloc_tuning
+  malloc_tuning.tune()  # as the launch scripts do, before JAX starts
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--shapes", default="tiny,2b")
   p.add_argument("--threads", type=int, default=2, help="Grain read threads")

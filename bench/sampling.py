@@ -3,6 +3,8 @@ over diffusers' Lumina2Transformer2DModel with diffusers' DPMSolverMultistepSche
 equivalence/sampler.md §2.3 says (the official sampler), same weights, batch, latent size, in fp32.
 
   python bench/sampling.py --sizes tiny,calib
+
+Each contender runs in a process of its own (bench/harness.py, as in bench/train_step.py).
 """
 from __future__ import annotations
 
@@ -15,10 +17,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_list("sizes", ["tiny", "calib"], "model sizes (see bench/train_step.py SIZES)")
 flags.DEFINE_integer("steps", 50, "sampling steps")
 flags.DEFINE_integer("rounds", 3, "interleaved rounds")
+flags.DEFINE_string("serve", None, "internal: be this contender's process (bench/harness.py)")
 FLAGS = flags.FLAGS
+OURS, TORCH = "svg-jax", "torch (diffusers)"
 
 
-def build(size: str, steps: int):
+def build(size: str, steps: int, compare: bool):
+  """The two contenders; with `compare`, also max |ours - torch| on the final latent (else None)."""
   import dataclasses
 
   import jax
@@ -83,24 +88,35 @@ def build(size: str, steps: int):
                            solver="dpm", steps=steps, shift=10.0)
 
   jnoise = jnp.asarray(noise)
-  ours = np.asarray(generate(params, jnoise))
-  theirs = torch_generate().numpy().transpose(0, 2, 3, 1)
-  err = float(np.abs(ours - theirs).max())
-  contenders = {"svg-jax": lambda: generate(params, jnoise).block_until_ready(),
-                "torch (diffusers)": torch_generate}
+  err = None
+  if compare:
+    ours = np.asarray(generate(params, jnoise))
+    theirs = torch_generate().numpy().transpose(0, 2, 3, 1)
+    err = float(np.abs(ours - theirs).max())
+  contenders = {OURS: lambda: generate(params, jnoise).block_until_ready(),
+                TORCH: torch_generate}
   return contenders, batch, err
 
 
 def main(argv):
   del argv
-  from harness import interleave, summarize
+  if FLAGS.serve:  # one contender's process
+    from harness import serve
+    if FLAGS.serve == OURS:
+      from svg_jax import malloc_tuning
+      malloc_tuning.tune()  # as the launch scripts do, before JAX starts
+    contenders, batch, err = build(FLAGS.sizes[0], FLAGS.steps, compare=FLAGS.serve == OURS)
+    return serve(contenders[FLAGS.serve], dict(batch=batch, err=err))
+  from harness import interleave_processes, summarize
 
   for size in FLAGS.sizes:
-    contenders, batch, err = build(size, FLAGS.steps)
-    times = interleave(contenders, rounds=FLAGS.rounds, per_round=1)
+    commands = {name: [sys.executable, os.path.abspath(__file__), f"--serve={name}",
+                       f"--sizes={size}", f"--steps={FLAGS.steps}"] for name in (OURS, TORCH)}
+    times, infos = interleave_processes(commands, rounds=FLAGS.rounds, per_round=1)
+    batch, err = infos[OURS]["batch"], infos[OURS]["err"]
     print(f"\n== {FLAGS.steps}-step DPM-Solver++ renorm-CFG, {size}, batch {batch} (x2 for CFG), "
           f"fp32; max |ours - torch| on the final latent: {err:.2e}")
-    print(summarize(times, "torch (diffusers)", batch, "img"), flush=True)
+    print(summarize(times, TORCH, batch, "img"), flush=True)
 
 
 if __name__ == "__main__":

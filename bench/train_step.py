@@ -11,6 +11,8 @@ Prints images/s for both and our speed relative to torch (> 1 means we are faste
 TFLOP/s (the analytic count behind the trainer's MFU metric) with MFU where the chip's peak is
 known.
 On a GPU both sides run there: ours with cuDNN attention by default, torch eager with its SDPA.
+Each contender runs in a process of its own (bench/harness.py): ours with the launch scripts'
+malloc settings (svg_jax/malloc_tuning.py), torch with glibc's defaults, which suit it better.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ flags.DEFINE_integer("rounds", 5, "interleaved rounds")
 flags.DEFINE_integer("per_round", 2, "steps per contender per round")
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
                   "our attention backend; auto: cudnn on a GPU, xla elsewhere")
+flags.DEFINE_string("serve", None, "internal: be this contender's process (bench/harness.py)")
+OURS, TORCH = "svg-jax", "torch (diffusers)"
 FLAGS = flags.FLAGS
 
 from sizes import SIZES  # noqa: E402
@@ -103,16 +107,29 @@ def build(size: str, dtype: str):
 
   n_params = sum(p.numel() for p in ref.parameters())
   flops = metrics.dit_train_flops(cfg, batch, (h, w), cap_len)
-  contenders = {"svg-jax": jax_step, "torch (diffusers)": torch_step}
+  contenders = {OURS: jax_step, TORCH: torch_step}
   return contenders, batch, n_params, (h // cfg.patch_size) * (w // cfg.patch_size) + cap_len, flops
+
+
+def serve(name: str) -> None:
+  """One contender's process: builds the size / dtype of the flags and serves its step."""
+  from harness import serve as serve_steps
+
+  if name == OURS:
+    from svg_jax import malloc_tuning
+    malloc_tuning.tune()  # as the launch scripts do, before JAX starts
+  contenders, batch, n_params, tokens, flops = build(FLAGS.sizes[0], FLAGS.dtypes[0])
+  serve_steps(contenders[name], dict(batch=batch, n_params=n_params, tokens=tokens, flops=flops))
 
 
 def main(argv):
   del argv
+  if FLAGS.serve:
+    return serve(FLAGS.serve)
   import statistics
 
   import jax
-  from harness import interleave, summarize
+  from harness import interleave_processes, summarize
 
   from svg_jax.train import metrics
 
@@ -121,15 +138,19 @@ def main(argv):
   print(f"device: {device.device_kind} ({device.platform}); bf16 peak used for MFU: {peak} TFLOP/s")
   for size in FLAGS.sizes:
     for dtype in FLAGS.dtypes:
-      contenders, batch, n_params, tokens, flops = build(size, dtype)
-      times = interleave(contenders, rounds=FLAGS.rounds, per_round=FLAGS.per_round)
-      print(f"\n== train step, {size} ({n_params / 1e6:.1f}M params, batch {batch}, "
-            f"{tokens} tokens), {dtype}")
-      print(summarize(times, "torch (diffusers)", batch, "img"))
-      tflops = flops / statistics.median(times["svg-jax"]) / 1e12
+      commands = {name: [sys.executable, os.path.abspath(__file__), f"--serve={name}",
+                         f"--sizes={size}", f"--dtypes={dtype}", f"--attention={FLAGS.attention}"]
+                  for name in (OURS, TORCH)}
+      times, infos = interleave_processes(commands, rounds=FLAGS.rounds,
+                                          per_round=FLAGS.per_round)
+      info = infos[OURS]
+      print(f"\n== train step, {size} ({info['n_params'] / 1e6:.1f}M params, batch "
+            f"{info['batch']}, {info['tokens']} tokens), {dtype}")
+      print(summarize(times, TORCH, info["batch"], "img"))
+      tflops = info["flops"] / statistics.median(times[OURS]) / 1e12
       mfu = f", MFU {tflops / peak:.1%}" if peak else ""
-      print(f"svg-jax: {flops / 1e12:.3f} TFLOP per step (analytic), {tflops:.1f} TFLOP/s{mfu}",
-            flush=True)
+      print(f"svg-jax: {info['flops'] / 1e12:.3f} TFLOP per step (analytic), {tflops:.1f} "
+            f"TFLOP/s{mfu}", flush=True)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  from svg_jax import malloc_tuning
+  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   from svg_jax import demo, generate
   from svg_jax.eval import shapes_eval, shapes_geneval

@@ -32,6 +32,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  from svg_jax import malloc_tuning
+  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from svg_jax import parallel

@@ -32,6 +32,8 @@ def _read_records(folder: str) -> list[dict]:
 
 
 def main(argv):
+  from svg_jax import malloc_tuning
+  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   import jax
   import numpy as np

@@ -29,6 +29,8 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
+  from svg_jax import malloc_tuning
+  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   import json
   import math

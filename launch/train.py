@@ -37,6 +37,8 @@ def _parse_flags(argv):
 
 
 def main(argv):
+  from svg_jax import malloc_tuning
+  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config

@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from svg_jax import malloc_tuning  # noqa: E402
+
+malloc_tuning.tune()  # before JAX starts its CPU threads: XLA's temporaries are then reused
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -50,7 +50,7 @@ import ml_dtypes
 import numpy as np
 from grain.sources import ArrayRecordDataSource
 
-from svg_jax.data import allocator
+from svg_jax import malloc_tuning
 from svg_jax.data import length_buckets as length_buckets_lib
 from svg_jax.data import records
 
@@ -88,7 +88,7 @@ class PipelineConfig:
   num_threads, prefetch_buffer_size: Grain read threads and buffered batches per process.
   num_workers: Grain worker processes (0 = no multiprocessing).
   reuse_freed_memory: keep freed loader buffers in the process instead of faulting them in again
-    (glibc malloc settings for the whole process, svg_jax/data/allocator.py).
+    (glibc malloc settings for the whole process, svg_jax/malloc_tuning.py).
   max_reports: how many bad-record / truncated-caption entries the state keeps (counts are exact).
   """
   per_process_batch_size: int
@@ -228,7 +228,7 @@ class _BucketReader:
 
   def __call__(self, index: int) -> dict:
     if self.reuse_freed_memory:
-      allocator.reuse_freed_memory()  # once per process: Grain workers are processes of their own
+      malloc_tuning.tune()  # once per process: Grain workers are processes of their own
     index = int(index)
     bad = []
     for k in range(self.num_records):

@@ -1,0 +1,40 @@
+"""glibc malloc settings, checked against the kernel's page-fault counter: with glibc's defaults an
+XLA:CPU execution with large temporaries faults all of them in again on every call; tuned, it
+reuses them."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_PROBE = """
+import json, resource, sys
+from svg_jax import malloc_tuning
+applied = malloc_tuning.tune()
+import jax, jax.numpy as jnp
+# 64 MB of input, and temporaries above glibc's largest mmap threshold (32 MB)
+f = jax.jit(lambda x: (jnp.cumsum(jnp.sin(x), axis=0) * jnp.cumsum(jnp.cos(x), axis=1)).sum(0))
+x = jnp.ones((4096, 4096), jnp.float32)
+faults = []
+for _ in range(8):  # the fewest of any call: the heap may still grow in the first few
+  start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  f(x).block_until_ready()
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+print(json.dumps({"applied": applied, "faults": min(faults[2:])}))
+"""
+
+
+def _probe(opt_out):
+  env = dict(os.environ, SVG_JAX_DEFAULT_MALLOC="1" if opt_out else "0")
+  out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True,
+                       env=env)
+  return json.loads(out.stdout.splitlines()[-1])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings; a no-op elsewhere")
+def test_xla_temporaries_are_reused_instead_of_faulted_in_every_call():
+  default, tuned = _probe(opt_out=True), _probe(opt_out=False)
+  assert not default["applied"] and tuned["applied"]
+  assert default["faults"] > 20000, default  # ~64 MB+ of temporaries faulted in on every call
+  assert tuned["faults"] < 500, (default, tuned)
