@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 
 import ml_collections
 import ml_dtypes
@@ -335,6 +336,13 @@ def test_every_epoch_is_a_fresh_permutation_of_its_bucket():
   positions = np.random.default_rng(0).permutation(4 * n)  # straddles epochs in any order
   assert [other(p) for p in positions] == [epochs[p // n][p % n] for p in positions]
   assert [P._EpochShuffle(n, seed=6)(i) for i in range(n)] != epochs[0]
+  # Half way through an epoch the next one's permutation is drawn in the background.
+  ahead = P._EpochShuffle(n, seed=5)
+  ahead(n // 2)
+  deadline = time.monotonic() + 30
+  while 1 not in ahead._perms and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert list(ahead._perms[1]) == epochs[1]
 
 
 _FAULTS_PROBE = """

@@ -158,27 +158,44 @@ class _EpochShuffle:
 
   Stands in for Grain's `shuffle`, whose per-index cipher cost ~16% of the loader's CPU (perf,
   bench/loader.py). A permutation is a pure function of (seed, epoch), so every host and every
-  resume agree; it costs 4 bytes per record and only the two latest epochs are kept (Grain's read
-  threads can straddle an epoch boundary). Picklable, for Grain worker processes.
+  resume agree. It costs 4 bytes per record and the three latest epochs are kept (Grain's read
+  threads can straddle an epoch boundary). Drawing one takes seconds for 1e8 records (6 s here),
+  so the next epoch's is drawn in the background once this one is half read. Picklable, for Grain
+  worker processes.
   """
+
+  _KEEP = 3
 
   def __init__(self, num_records: int, seed: int):
     self.num_records, self.seed = int(num_records), int(seed)
     self._perms: dict[int, np.ndarray] = {}
+    self._started: set[int] = set()
     self._lock = threading.Lock()
+
+  def _draw(self, epoch: int) -> np.ndarray:
+    perm = np.arange(self.num_records, dtype=np.uint32 if self.num_records < 2**32 else np.int64)
+    np.random.default_rng([self.seed, epoch]).shuffle(perm)
+    return perm
 
   def permutation(self, epoch: int) -> np.ndarray:
     with self._lock:
       perm = self._perms.get(epoch)
-      if perm is None:
-        rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(self.num_records).astype(np.uint32)
-        self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+    if perm is None:
+      perm = self._draw(epoch)  # outside the lock: reads of the epochs already drawn go on
+      with self._lock:
         self._perms[epoch] = perm
-      return perm
+        for old in sorted(self._perms)[:-self._KEEP]:
+          del self._perms[old]
+    return perm
 
   def __call__(self, position: int) -> int:
     epoch, i = divmod(int(position), self.num_records)
+    if i >= self.num_records // 2 and epoch + 1 not in self._started:
+      with self._lock:
+        start = epoch + 1 not in self._started
+        self._started.add(epoch + 1)
+      if start:
+        threading.Thread(target=self.permutation, args=(epoch + 1,), daemon=True).start()
     return int(self.permutation(epoch)[i])
 
   def __getstate__(self) -> dict:
