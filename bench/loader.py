@@ -21,7 +21,7 @@ processes (hosts have many cores; this machine has 2 shared ones: on it 2 thread
 faster than 1, and 4 no faster than 2).
 
   python bench/loader.py [--shapes tiny,2b] [--threads 2] [--workers 0] [--rounds 4]
-                         [--compression default,uncompressed]
+                         [--compression zstd,uncompressed]
 """
 import argparse
 import os
@@ -177,7 +177,7 @@ def main(argv=None):
   p.add_argument("--batch-2b", type=int, default=16, help="2b: per-process batch")
   p.add_argument("--records-2b", type=int, default=192)
   p.add_argument("--mfu", type=float, default=0.4)
-  p.add_argument("--compression", default="default,uncompressed",
+  p.add_argument("--compression", default="zstd,uncompressed",
                  help="2b: shard compressions to compare (records.COMPRESSIONS)")
   p.add_argument("--text", default="text_features",
                  help="2b: record text kinds to compare: text_features (precomputed Gemma-2 "

@@ -417,13 +417,13 @@ def test_processes_split_the_chunks(job_factory, tmp_path):
 def test_uncompressed_shards_hold_the_same_records(job_factory, tmp_path):
   jsonl = _demo_jsonl(tmp_path, 3)
   got = {}
-  for compression in ("default", "uncompressed"):
+  for compression in ("zstd", "uncompressed"):
     job = job_factory(shard_compression=compression)
     manifest = job.run(pc.list_inputs(jsonl, "jsonl", job.cfg), str(tmp_path / compression))
     assert manifest["precompute"]["shard_compression"] == compression
     got[compression] = _read_all(str(tmp_path / compression))[1]
-  assert got["default"].keys() == got["uncompressed"].keys()
-  for key, rec in got["default"].items():
+  assert got["zstd"].keys() == got["uncompressed"].keys()
+  for key, rec in got["zstd"].items():
     np.testing.assert_array_equal(rec["latent"], got["uncompressed"][key]["latent"])
     np.testing.assert_array_equal(rec["text_features"], got["uncompressed"][key]["text_features"])
   with pytest.raises(ValueError, match="shard_compression 'lz4' is not one of"):

@@ -162,7 +162,7 @@ def test_uncompressed_shards_read_back_the_same_and_are_larger(tmp_path):
   rec["latent"] = np.ones_like(rec["latent"])
   payloads = [R.encode_record(rec)] * 16  # ~1 MB: files grow in 128 KiB steps
   sizes = {}
-  for compression in ("default", "uncompressed"):
+  for compression in ("zstd", "uncompressed"):
     path = str(tmp_path / f"{compression}.array_record")
     with R.ShardWriter(path, compression) as w:
       for p in payloads:
@@ -170,7 +170,7 @@ def test_uncompressed_shards_read_back_the_same_and_are_larger(tmp_path):
     src = ArrayRecordDataSource([path])
     assert [src[i] for i in range(len(src))] == payloads
     sizes[compression] = os.path.getsize(path)
-  assert sizes["uncompressed"] >= sum(map(len, payloads)) > 4 * sizes["default"]
+  assert sizes["uncompressed"] >= sum(map(len, payloads)) > 4 * sizes["zstd"]
   with pytest.raises(ValueError, match="unknown shard compression 'lz4'"):
     R.DatasetWriter(tmp_path / "d", compression="lz4")
   assert not os.path.exists(tmp_path / "d" / R.MANIFEST_NAME)
