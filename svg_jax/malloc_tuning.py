@@ -26,18 +26,20 @@ _M_ARENA_MAX = -8
 SETTINGS = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
 OPT_OUT = "SVG_JAX_DEFAULT_MALLOC"
 
-_tuned_in_pid: int | None = None
+_outcome: tuple[int, bool] | None = None  # (pid, applied): the loader asks on every record
 
 
 def tune() -> bool:
   """Applies the settings to this process (once; Grain workers call it again). True if applied."""
-  global _tuned_in_pid
-  if _tuned_in_pid == os.getpid():
-    return True
+  global _outcome
+  pid = os.getpid()
+  if _outcome is None or _outcome[0] != pid:
+    _outcome = (pid, _apply())
+  return _outcome[1]
+
+
+def _apply() -> bool:
   if os.environ.get(OPT_OUT, "") not in ("", "0") or os.uname().sysname != "Linux":
     return False
   mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
-  if mallopt is None or not all(mallopt(param, value) == 1 for param, value in SETTINGS):
-    return False
-  _tuned_in_pid = os.getpid()
-  return True
+  return mallopt is not None and all(mallopt(param, value) == 1 for param, value in SETTINGS)

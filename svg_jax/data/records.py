@@ -238,8 +238,8 @@ def decode_record(data: bytes, verify_crc: bool = True) -> dict:
   """Parses and validates one record; raises BadRecordError with the reason on any problem.
 
   Arrays in the result are read-only numpy views of `data`, not copies (latent bf16, text bf16
-  / int32); `bucket` and `orig_size` are tuples. verify_crc=False only for bytes a checksummed store has
-  already verified (an ArrayRecord shard's reader).
+  / int32); `bucket` and `orig_size` are tuples. verify_crc=False only for bytes a checksummed
+  store has already verified (an ArrayRecord shard's reader).
   """
   if not isinstance(data, (bytes, bytearray, memoryview)):
     raise BadRecordError(f"record must be bytes, got {type(data).__name__}")
