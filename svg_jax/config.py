@@ -66,7 +66,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.caption_len_buckets = ()
   c.data.num_caption_buckets = 4
   c.data.max_caption_len = 256  # official training truncation (reference §1.5: 512 is ignored)
-  c.data.prefetch = 2
+  c.data.prefetch = 2  # batches buffered ahead of the step
+  # Grain read threads per process, and worker processes (0: read in the training process). A GPU
+  # or TPU host has the cores to spare; the 2-core CPU demo does not.
+  c.data.num_threads = 2
+  c.data.num_workers = 0
   c.data.shuffle_seed = 0
   # Features of the empty prompt (caption dropout's unconditional context; officially just `<bos>`
   # through the text encoder): "auto" = `<path>/empty_text.npy` ([Le, D] float) when present, else a

@@ -67,6 +67,28 @@ def data_dir(tmp_path_factory):
   return _dataset(tmp_path_factory.mktemp("data") / "ds")
 
 
+def test_data_config_sets_the_loaders_threads_and_worker_processes(data_dir):
+  """`data.num_workers` / `data.num_threads` reach the trainer's loader: Grain worker processes
+  give the batches of the in-process reader, and the state names the worker count it resumes
+  under."""
+  def first_batches(**data):
+    config = _config(data_dir)
+    config.data.update(data)
+    it = loop.make_data_iterator(config)
+    try:
+      return [next(it) for _ in range(3)], it.get_state()["signature"]["num_workers"]
+    finally:
+      it.close()
+
+  plain, plain_workers = first_batches()
+  pooled, pooled_workers = first_batches(num_workers=2, num_threads=3)
+  assert (plain_workers, pooled_workers) == (0, 2)
+  for a, b in zip(plain, pooled):
+    assert a.keys() == b.keys()
+    for key in a:
+      np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]))
+
+
 # ----------------------------------------------------------------------------- 1. meshes
 
 

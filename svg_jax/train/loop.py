@@ -271,7 +271,8 @@ def _pipeline_config(config, per_process_batch: int) -> pipeline_lib.PipelineCon
       per_process_batch_size=per_process_batch, max_caption_len=int(d.max_caption_len),
       caption_len_buckets=tuple(d.caption_len_buckets),
       num_caption_buckets=int(d.num_caption_buckets), seed=int(d.shuffle_seed),
-      prefetch_buffer_size=int(d.prefetch), num_threads=min(4, int(d.prefetch)))
+      prefetch_buffer_size=int(d.prefetch), num_threads=int(d.num_threads),
+      num_workers=int(d.num_workers))
 
 
 def make_data_iterator(config):
