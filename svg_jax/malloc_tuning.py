@@ -9,14 +9,28 @@ throughput, bench/loader.py). With one arena, no mmap and a 2 GiB trim threshold
 stay in the heap and the next step reuses them.
 
 Call `tune()` before JAX creates its CPU client (its threads keep the arena they started with);
-the launch scripts and the test session do it first thing. It is process-wide: it slowed torch's
-bf16 CPU step by ~30% (its threads then share one arena), so benchmarks run torch in a process of
-its own (bench/harness.py). Freed memory stays mapped (up to the trim threshold). Set
-SVG_JAX_DEFAULT_MALLOC=1 to keep glibc's defaults; elsewhere than glibc this is a no-op.
+the launch scripts and the test session do it first thing. It is process-wide, and one arena has
+costs of its own: torch's bf16 CPU step ~30% slower (its threads then share one arena, so
+benchmarks run torch in a process of its own, bench/harness.py) and XLA compiles ~25% slower.
+Freed memory stays mapped up to the 2 GiB trim threshold. `python bench/malloc_settings.py`
+measures the demo DiT's step: 1.17x / 1.33x faster at batch 16 / 32 (0.4 / 0.9 GiB of
+temporaries, no faults left), but at batch 64 (2.1 GiB, past the threshold) glibc trims and faults
+as before, and the step is 0.94x with 1.6x the memory. Disabling the trim (-1) made that step
+1.5x faster but let the heap grow to 2.3x the default's memory (7x on a synthetic kernel); a
+2 GiB top pad made it slower; so the bounded threshold stays.
+
+Where JAX will run on an accelerator its temporaries live there, and nothing here was measured to
+help; the one GPU run made with these settings prepared the demo 3x slower than an earlier one
+without them (unattributed). So `tune()` applies them only when the CPU is JAX's backend: no
+`JAX_PLATFORMS` naming another first, and no accelerator plugin installed (jax_plugins, libtpu).
+SVG_JAX_DEFAULT_MALLOC=1 keeps glibc's defaults always, =0 tunes always; elsewhere than glibc this
+is a no-op.
 """
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
 
 # mallopt parameter numbers from glibc's malloc.h
@@ -38,8 +52,26 @@ def tune() -> bool:
   return _outcome[1]
 
 
+def accelerator_expected(environ=os.environ) -> str | None:
+  """What makes JAX's default backend something other than the CPU in this process, or None."""
+  platforms = environ.get("JAX_PLATFORMS", "").strip().lower()
+  if platforms:  # the first one listed is the default backend
+    first = platforms.split(",")[0].strip()
+    return None if first == "cpu" else f"JAX_PLATFORMS={platforms}"
+  plugins = sorted(e.name for e in importlib.metadata.entry_points(group="jax_plugins"))
+  if plugins:
+    return "jax plugins " + ", ".join(plugins)
+  for module in ("jax_plugins", "libtpu"):
+    if importlib.util.find_spec(module) is not None:
+      return f"module {module}"
+  return None
+
+
 def _apply() -> bool:
-  if os.environ.get(OPT_OUT, "") not in ("", "0") or os.uname().sysname != "Linux":
+  choice = os.environ.get(OPT_OUT, "")
+  if choice not in ("", "0") or os.uname().sysname != "Linux":
+    return False
+  if choice == "" and accelerator_expected() is not None:
     return False
   mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
   return mallopt is not None and all(mallopt(param, value) == 1 for param, value in SETTINGS)

@@ -38,3 +38,27 @@ def test_xla_temporaries_are_reused_instead_of_faulted_in_every_call():
   assert not default["applied"] and tuned["applied"]
   assert default["faults"] > 20000, default  # ~64 MB+ of temporaries faulted in on every call
   assert tuned["faults"] < 500, (default, tuned)
+
+
+def test_the_settings_are_for_jax_on_the_cpu_only(monkeypatch):
+  """An accelerator backend keeps glibc's defaults unless SVG_JAX_DEFAULT_MALLOC=0 asks for them:
+  JAX_PLATFORMS names the default backend first, and an installed plugin makes one likely."""
+  from svg_jax import malloc_tuning
+
+  assert malloc_tuning.accelerator_expected({"JAX_PLATFORMS": "cpu"}) is None
+  assert malloc_tuning.accelerator_expected({"JAX_PLATFORMS": "cuda,cpu"}) == "JAX_PLATFORMS=cuda,cpu"
+  assert malloc_tuning.accelerator_expected({"JAX_PLATFORMS": " CPU , tpu"}) is None
+
+  class Plugin:
+    name = "xla_cuda13"
+
+  monkeypatch.setattr(malloc_tuning.importlib.metadata, "entry_points",
+                      lambda group: [Plugin()] if group == "jax_plugins" else [])
+  assert malloc_tuning.accelerator_expected({}) == "jax plugins xla_cuda13"
+  assert malloc_tuning.accelerator_expected({"JAX_PLATFORMS": "cpu"}) is None
+  for choice, applies in (("", False), ("1", False), ("0", True)):
+    monkeypatch.setenv("SVG_JAX_DEFAULT_MALLOC", choice)
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.setattr(malloc_tuning.ctypes, "CDLL", lambda _: type("libc", (), {
+        "mallopt": staticmethod(lambda param, value: 1)})())
+    assert malloc_tuning._apply() is applies, choice

@@ -88,7 +88,8 @@ class PipelineConfig:
   num_threads, prefetch_buffer_size: Grain read threads and buffered batches per process.
   num_workers: Grain worker processes (0 = no multiprocessing).
   reuse_freed_memory: keep freed loader buffers in the process instead of faulting them in again
-    (glibc malloc settings for the whole process, svg_jax/malloc_tuning.py).
+    (glibc malloc settings for the whole process, svg_jax/malloc_tuning.py; only where JAX's
+    backend is the CPU, unless SVG_JAX_DEFAULT_MALLOC=0).
   max_reports: how many bad-record / truncated-caption entries the state keeps (counts are exact).
   """
   per_process_batch_size: int

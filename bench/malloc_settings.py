@@ -1,0 +1,104 @@
+"""The demo DiT's CPU train step with glibc's malloc defaults against svg_jax/malloc_tuning.py's
+settings, at growing batch sizes: steps/s (interleaved, each setting in a process of its own),
+page faults per step, resident memory and compile time. Shows where the settings pay (temporaries
+under the 2 GiB trim threshold) and where they cost.
+
+  python bench/malloc_settings.py [--batches 16,32,64] [--dtype float32]
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+flags.DEFINE_list("batches", ["16", "32", "64"], "global batch sizes")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (the demo's: fp32)")
+flags.DEFINE_integer("rounds", 3, "interleaved rounds")
+flags.DEFINE_integer("per_round", 3, "steps per round")
+flags.DEFINE_string("serve", "", "internal: run one setting's step for the harness")
+FLAGS = flags.FLAGS
+
+DEFAULTS, TUNED = "glibc defaults", "malloc_tuning"
+
+
+def serve(name: str, batch: int) -> None:
+  import resource
+
+  from harness import serve as serve_steps
+
+  from svg_jax import malloc_tuning
+  os.environ[malloc_tuning.OPT_OUT] = "0" if name == TUNED else "1"
+  applied = malloc_tuning.tune()  # before JAX starts, as the launch scripts do
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from svg_jax.demo import ROOT, load_config_file
+  from svg_jax.models.nextdit import NextDiT, NextDiTConfig
+
+  model_cfg = load_config_file(os.path.join(ROOT, "configs", "tiny.py")).model.to_dict()
+  cfg = NextDiTConfig.from_dict({**model_cfg, "compute_dtype": FLAGS.dtype})
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = jax.random.normal(keys[0], (batch, 8, 8, cfg.in_channels))
+  t = jax.random.uniform(keys[1], (batch,))
+  cap = jax.random.normal(keys[2], (batch, 32, cfg.cap_feat_dim))
+  mask = jnp.ones((batch, 32), bool)
+  model = NextDiT(cfg)
+  params = jax.jit(model.init)(keys[3], x, t, cap, mask)["params"]
+  tx = optax.adamw(1e-4)
+  state = [params, tx.init(params)]
+
+  def step(params, opt, x, t, cap, mask):
+    def loss_fn(p):
+      return jnp.mean(jnp.square(model.apply({"params": p}, x, t, cap, mask) - x))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt, loss
+
+  start = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(*state, x, t, cap, mask).compile()
+  compile_s = time.perf_counter() - start
+  temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
+
+  def run():
+    state[0], state[1], loss = compiled(*state, x, t, cap, mask)
+    loss.block_until_ready()
+
+  for _ in range(3):  # the heap settles in the first steps
+    run()
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(3):
+    run()
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 3
+  rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+  serve_steps(run, dict(applied=applied, compile_s=compile_s, temp_gib=temp_gib,
+                        faults=faults, rss_gib=rss_gib))
+
+
+def main(argv):
+  del argv
+  if FLAGS.serve:
+    name, batch = FLAGS.serve.rsplit(":", 1)
+    return serve(name, int(batch))
+  from harness import interleave_processes, summarize
+
+  for batch in (int(b) for b in FLAGS.batches):
+    commands = {name: [sys.executable, os.path.abspath(__file__), f"--serve={name}:{batch}",
+                       f"--dtype={FLAGS.dtype}"] for name in (DEFAULTS, TUNED)}
+    times, infos = interleave_processes(commands, rounds=FLAGS.rounds, per_round=FLAGS.per_round)
+    if not infos[TUNED]["applied"]:
+      raise SystemExit("malloc_tuning did not apply here (not glibc, or an accelerator backend)")
+    print(f"\n== demo DiT train step ({FLAGS.dtype}), batch {batch}: "
+          f"{infos[DEFAULTS]['temp_gib']:.2f} GiB of XLA temporaries")
+    print(summarize(times, DEFAULTS, batch, "img"))
+    for name, info in infos.items():
+      print(f"{name:<28}{info['faults']:>10.0f} page faults/step, peak RSS {info['rss_gib']:.2f} "
+            f"GiB, compile {info['compile_s']:.1f}s", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
