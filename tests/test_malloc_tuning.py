@@ -56,9 +56,9 @@ def test_the_settings_are_for_jax_on_the_cpu_only(monkeypatch):
                       lambda group: [Plugin()] if group == "jax_plugins" else [])
   assert malloc_tuning.accelerator_expected({}) == "jax plugins xla_cuda13"
   assert malloc_tuning.accelerator_expected({"JAX_PLATFORMS": "cpu"}) is None
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  monkeypatch.setattr(malloc_tuning.ctypes, "CDLL", lambda _: type("libc", (), {
+      "mallopt": staticmethod(lambda param, value: 1)})())  # this process keeps its settings
   for choice, applies in (("", False), ("1", False), ("0", True)):
     monkeypatch.setenv("SVG_JAX_DEFAULT_MALLOC", choice)
-    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
-    monkeypatch.setattr(malloc_tuning.ctypes, "CDLL", lambda _: type("libc", (), {
-        "mallopt": staticmethod(lambda param, value: 1)})())
     assert malloc_tuning._apply() is applies, choice

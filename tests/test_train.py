@@ -70,10 +70,11 @@ def data_dir(tmp_path_factory):
 def test_data_config_sets_the_loaders_threads_and_worker_processes(data_dir):
   """`data.num_workers` / `data.num_threads` reach the trainer's loader: Grain worker processes
   give the batches of the in-process reader, and the state names the worker count it resumes
-  under."""
+  under (the thread count leaves no trace in the batches, so its wiring is read directly)."""
   def first_batches(**data):
     config = _config(data_dir)
     config.data.update(data)
+    assert loop._pipeline_config(config, 8).num_threads == config.data.num_threads
     it = loop.make_data_iterator(config)
     try:
       return [next(it) for _ in range(3)], it.get_state()["signature"]["num_workers"]
