@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 
 import ml_collections
@@ -343,6 +344,33 @@ def test_every_epoch_is_a_fresh_permutation_of_its_bucket():
   while 1 not in ahead._perms and time.monotonic() < deadline:
     time.sleep(0.01)
   assert list(ahead._perms[1]) == epochs[1]
+
+
+def test_an_epoch_is_drawn_once_however_many_threads_ask_for_it():
+  """Read threads and the background thread that reach an epoch being drawn wait for that draw."""
+  n = 1000
+  shuffle = P._EpochShuffle(n, seed=5)
+  draws = []
+  real_draw = shuffle._draw
+
+  def slow_draw(epoch):
+    draws.append(epoch)
+    time.sleep(0.2)  # long enough for every other caller to arrive while it runs
+    return real_draw(epoch)
+
+  shuffle._draw = slow_draw
+  got = []
+  callers = [threading.Thread(target=lambda: got.append(shuffle(n + 7))) for _ in range(4)]
+  callers.append(threading.Thread(target=lambda: shuffle(n // 2)))  # starts epoch 1 in background
+  for c in callers:
+    c.start()
+  for c in callers:
+    c.join()
+  deadline = time.monotonic() + 30
+  while shuffle._drawing and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert sorted(draws) == [0, 1]
+  assert got == [int(P._EpochShuffle(n, seed=5).permutation(1)[7])] * 4
 
 
 _FAULTS_PROBE = """

@@ -170,6 +170,7 @@ class _EpochShuffle:
   def __init__(self, num_records: int, seed: int):
     self.num_records, self.seed = int(num_records), int(seed)
     self._perms: dict[int, np.ndarray] = {}
+    self._drawing: dict[int, threading.Event] = {}  # epochs being drawn, set once stored
     self._started: set[int] = set()
     self._lock = threading.Lock()
 
@@ -179,14 +180,30 @@ class _EpochShuffle:
     return perm
 
   def permutation(self, epoch: int) -> np.ndarray:
+    """The epoch's permutation, drawn once: a caller that finds it being drawn (the background
+    thread, or another read thread) waits for that draw instead of repeating it."""
     with self._lock:
       perm = self._perms.get(epoch)
-    if perm is None:
+      pending = None if perm is not None else self._drawing.get(epoch)
+      if perm is None and pending is None:
+        self._drawing[epoch] = threading.Event()
+    if perm is not None:
+      return perm
+    if pending is not None:
+      pending.wait()
+      with self._lock:
+        perm = self._perms.get(epoch)
+      # Evicted already (three newer epochs drawn meanwhile): drawing again gives the same order.
+      return perm if perm is not None else self._draw(epoch)
+    try:
       perm = self._draw(epoch)  # outside the lock: reads of the epochs already drawn go on
       with self._lock:
         self._perms[epoch] = perm
         for old in sorted(self._perms)[:-self._KEEP]:
           del self._perms[old]
+    finally:
+      with self._lock:
+        self._drawing.pop(epoch).set()
     return perm
 
   def __call__(self, position: int) -> int:
