@@ -14,6 +14,9 @@ flags.DEFINE_integer("dit_steps", 1000, "DiT training steps")
 flags.DEFINE_integer("sample_steps", 25, "DPM-Solver++ steps")
 flags.DEFINE_float("cfg_scale", 4.0, "renorm-CFG scale")
 flags.DEFINE_float("shift", 1.0, "time shift of the sampling grid")
+flags.DEFINE_enum("text_weights", "word_context", ["word_context", "random"],
+                  "demo Gemma-2 weights: constructed word + previous-word features, or HF's "
+                  "random init (svg_jax/demo_text_encoder.py)")
 FLAGS = flags.FLAGS
 
 
@@ -26,7 +29,8 @@ def main(argv):
   demo.run(demo.DemoSettings(
       workdir=FLAGS.workdir, num_train=FLAGS.num_train, num_heldout=FLAGS.num_heldout,
       decoder_steps=FLAGS.decoder_steps, dit_steps=FLAGS.dit_steps,
-      sample_steps=FLAGS.sample_steps, cfg_scale=FLAGS.cfg_scale, shift=FLAGS.shift))
+      sample_steps=FLAGS.sample_steps, cfg_scale=FLAGS.cfg_scale, shift=FLAGS.shift,
+      text_weights=FLAGS.text_weights))
 
 
 if __name__ == "__main__":

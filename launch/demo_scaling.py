@@ -29,6 +29,8 @@ flags.DEFINE_integer("num_workers", 0, "Grain loader worker processes (config da
 flags.DEFINE_integer("checkpoint_every", 1000, "DiT checkpoint period in steps")
 flags.DEFINE_bool("seen_prompts", False, "also score 50 training prompts per category "
                   "(combinations the DiT was trained on)")
+flags.DEFINE_enum("text_weights", "word_context", ["word_context", "random"],
+                  "demo Gemma-2 weights (launch/demo.py --text_weights)")
 flags.DEFINE_bool("prepare_only", False, "stop after the cached stages (data, decoder, records)")
 FLAGS = flags.FLAGS
 
@@ -47,7 +49,8 @@ def main(argv):
   metrics.console_logging()
   stages = demo.Stages(demo.DemoSettings(workdir=FLAGS.workdir, num_train=FLAGS.num_train,
                                          num_heldout=FLAGS.num_heldout,
-                                         decoder_steps=FLAGS.decoder_steps))
+                                         decoder_steps=FLAGS.decoder_steps,
+                                         text_weights=FLAGS.text_weights))
   dec = stages._timed("decoder", stages.train_decoder)
   text_dir = stages._timed("text encoder", lambda: stages.text_encoder(dec))
   records = stages._timed("precompute", lambda: stages.precompute(dec, text_dir))

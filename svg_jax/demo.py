@@ -31,6 +31,10 @@ class DemoSettings:
   # Captions are encoded without the official system prompt: the random demo Gemma-2 gives an
   # instruction prefix no meaning, it only dilutes the few caption tokens (text.SYSTEM_PROMPTS).
   system_prompt: str = "empty"
+  # The demo Gemma-2's weights (svg_jax/demo_text_encoder.py): "word_context" features keep each
+  # word and its neighbour; the random init blurs them, which caps the held-out composition
+  # categories (launch/probe_captions.py: 0.43 against 0.89 with 4-head readers).
+  text_weights: str = "word_context"
   seed: int = 0
 
 
@@ -113,12 +117,20 @@ class Stages:
   # 2. the offline text encoder (tokenizer trained on the training captions only)
   def text_encoder(self, decoder_config) -> str:
     from svg_jax.data import shapes
-    from svg_jax.demo_text_encoder import ensure_demo_text_encoder
+    from svg_jax.demo_text_encoder import DemoSpec, ensure_demo_text_encoder
 
     data_dir = os.path.dirname(decoder_config.data.jsonl)
     captions = [item["prompt"] for item in shapes.read_split(data_dir, "train")]
-    return ensure_demo_text_encoder(os.path.join(self.workdir, "text_encoder"), captions,
-                                    seed=self.s.seed)
+    folder = os.path.join(self.workdir, "text_encoder")
+    try:
+      return ensure_demo_text_encoder(folder, captions, seed=self.s.seed,
+                                      spec=DemoSpec(weights=self.s.text_weights))
+    except ValueError as e:
+      if "built differently" not in str(e):
+        raise
+      # A workdir from an older demo (other weights): its records and DiT belong to that encoder.
+      raise SystemExit(f"demo: {e}. The records and DiT of {self.workdir} were made with that "
+                       "encoder: run the demo in a fresh --workdir") from e
 
   # 3. precompute latents and text features of the training split
   def precompute(self, decoder_config, text_dir: str) -> str:

@@ -45,3 +45,19 @@ def test_seen_prompts_are_training_items_balanced_per_category(tmp_path):
   heldout_prompts = {item["prompt"] for item in stages.heldout(decoder)}
   novel = [i for i in seen if i["metadata"]["tag"] != "single_object"]
   assert not heldout_prompts & {item["prompt"] for item in novel}
+
+
+def test_a_workdir_of_the_other_text_encoder_stops_the_demo_with_a_clear_message(tmp_path):
+  """A workdir made before the demo's text encoder changed holds records and a DiT of the old one:
+  the demo refuses it with the fix instead of mixing the two."""
+  data_dir = tmp_path / "data"
+  shapes.write_dataset(str(data_dir), num_train=24, num_heldout=6, image_size=32, seed=0)
+  old = demo.Stages(demo.DemoSettings(workdir=str(tmp_path / "w"), text_weights="random"))
+  decoder = old.decoder_config()
+  decoder.data.jsonl = str(data_dir / "train.jsonl")
+  folder = old.text_encoder(decoder)
+  new = demo.Stages(demo.DemoSettings(workdir=str(tmp_path / "w")))
+  assert new.s.text_weights == "word_context"
+  with pytest.raises(SystemExit, match=r"differs in \['spec'\].*run the demo in a fresh --workdir"):
+    new.text_encoder(decoder)
+  assert old.text_encoder(decoder) == folder  # the old settings still find their encoder

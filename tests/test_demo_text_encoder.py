@@ -134,3 +134,43 @@ def test_idempotent_and_refuses_mismatch(folder, tmp_path):
   assert not (tmp_path / "none").exists()
   with open(os.path.join(folder, demo.MARKER)) as f:
     assert json.load(f)["seed"] == 0
+
+
+@pytest.fixture(scope="module")
+def context_folder(tmp_path_factory):
+  return demo.ensure_demo_text_encoder(str(tmp_path_factory.mktemp("demo") / "context"), CAPTIONS,
+                                       seed=0, spec=demo.DemoSpec(weights="word_context"))
+
+
+def test_word_context_weights_give_each_token_its_word_and_the_previous_one(context_folder):
+  """Read by transformers, the constructed checkpoint's hidden_states[-2] at token t is
+  [word vector of t, 1, word vector of t - 1, 1], the word vectors taken from its embedding table
+  (Gemma's sqrt(hidden) scaling applied); our encoder gives the same features."""
+  enc = text.TextEncoder.from_pretrained(context_folder, max_length=256)
+  batch = [CAPTIONS[3], CAPTIONS[7] + " and " + CAPTIONS[11], CAPTIONS[260], ""]
+  ids, mask = enc.tokenize(batch)
+  ref = _hf_hidden_states(context_folder, ids, mask)[-2]
+  model = transformers.Gemma2Model.from_pretrained(context_folder)
+  table = model.embed_tokens.weight.detach().numpy() * np.sqrt(model.config.hidden_size)
+  half = table.shape[1] // 2
+  words = table[:, :half - 1]
+  for row in range(len(batch)):
+    for t in np.flatnonzero(mask[row]):
+      previous = ids[row, t - 1] if t else ids[row, 0]  # <bos> can only attend to itself
+      expected = np.concatenate([words[ids[row, t]], [1.0], words[previous], [1.0]])
+      np.testing.assert_allclose(ref[row, t], expected, atol=2e-3, err_msg=f"{row}, {t}")
+  feats, _ = enc.encode_tokens(ids, mask)
+  assert float(np.abs(np.asarray(feats) - ref)[mask].max()) <= TOL
+  # Distinct words stay apart (the random init puts "red" and "blue" at cosine 0.77).
+  red, blue = (words[enc.tokenizer.convert_tokens_to_ids(w)] for w in ("▁red", "▁blue"))
+  assert abs(float(red @ blue)) < 0.5
+
+
+def test_word_context_weights_refuse_other_shapes_and_unknown_kinds(tmp_path):
+  cfg = demo.model_config(demo.DemoSpec(num_kv_heads=1), 64)
+  with pytest.raises(ValueError, match="num_kv_heads x head_dim"):
+    demo.word_context_params(cfg, 0)
+  with pytest.raises(ValueError, match="unknown demo text encoder weights"):
+    demo.ensure_demo_text_encoder(str(tmp_path / "x"), CAPTIONS, seed=0,
+                                  spec=demo.DemoSpec(weights="trained"))
+  assert not (tmp_path / "x").exists()
