@@ -33,6 +33,7 @@ flags.DEFINE_string("serve", None, "internal: be this contender's process (bench
 OURS, TORCH = "svg-jax", "torch (diffusers)"
 FLAGS = flags.FLAGS
 
+from dit_step import mse_step  # noqa: E402
 from sizes import SIZES  # noqa: E402
 
 
@@ -91,18 +92,10 @@ def build(size: str, dtype: str):
   inputs = tuple(jnp.asarray(a) for a in (x, t, cap, mask))
   jtarget = jnp.asarray(target)
 
-  @jax.jit
-  def step(params, opt_state, inputs):
-    def loss_fn(p):
-      return jnp.mean(jnp.square(model.apply({"params": p}, *inputs) - jtarget))
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  step = jax.jit(step.__wrapped__, donate_argnums=(0, 1))
+  step = jax.jit(mse_step(model, tx), donate_argnums=(0, 1))
 
   def jax_step():
-    state["params"], state["opt"], loss = step(state["params"], state["opt"], inputs)
+    state["params"], state["opt"], loss = step(state["params"], state["opt"], *inputs, jtarget)
     loss.block_until_ready()
 
   n_params = sum(p.numel() for p in ref.parameters())
