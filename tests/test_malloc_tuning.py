@@ -17,11 +17,11 @@ import jax, jax.numpy as jnp
 f = jax.jit(lambda x: (jnp.cumsum(jnp.sin(x), axis=0) * jnp.cumsum(jnp.cos(x), axis=1)).sum(0))
 x = jnp.ones((4096, 4096), jnp.float32)
 faults = []
-for _ in range(8):  # the fewest of any call: the heap may still grow in the first few
+for _ in range(24):
   start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
-print(json.dumps({"applied": applied, "faults": min(faults[2:])}))
+print(json.dumps({"applied": applied, "faults": faults[2:]}))  # after the first calls' setup
 """
 
 
@@ -34,10 +34,16 @@ def _probe(opt_out):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc settings; a no-op elsewhere")
 def test_xla_temporaries_are_reused_instead_of_faulted_in_every_call():
+  """With the defaults every call faults its temporaries in again. Tuned, most calls fault
+  nothing; on some calls the heap still grows by a temporary's size (a freed block split by small
+  allocations no longer fits it: strace shows brk growing, never shrinking), which faults fresh
+  pages. That happened on at most 6 of 22 calls in 27 processes (session 8)."""
   default, tuned = _probe(opt_out=True), _probe(opt_out=False)
   assert not default["applied"] and tuned["applied"]
-  assert default["faults"] > 20000, default  # ~64 MB+ of temporaries faulted in on every call
-  assert tuned["faults"] < 500, (default, tuned)
+  assert min(default["faults"]) > 20000, default  # ~64 MB+ of temporaries on every call
+  reused = sum(n < 500 for n in tuned["faults"])
+  assert reused > len(tuned["faults"]) / 2, (default, tuned)
+  assert sum(tuned["faults"]) < 0.4 * sum(default["faults"]), (default, tuned)
 
 
 def test_the_settings_are_for_jax_on_the_cpu_only(monkeypatch):
