@@ -48,8 +48,8 @@ def main(argv):
   prompts = train[0] + heldout[0]
   enc = text.TextEncoder.from_pretrained(FLAGS.text_encoder,
                                          system_prompt=text.system_prompt(FLAGS.system_type))
-  _, mask = enc.tokenize(prompts)
-  feats, _ = enc.encode_tokens(*enc.tokenize(prompts, pad_to=mask.shape[1]))
+  ids, mask = enc.tokenize(prompts)
+  feats, _ = enc.encode_tokens(ids, mask)
   feats = np.asarray(feats, np.float32)
   vocabulary = sorted({w for p in prompts for w in p.split()})
   ref, ref_mask = caption_probe.word_context_features(

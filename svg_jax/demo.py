@@ -117,7 +117,7 @@ class Stages:
   # 2. the offline text encoder (tokenizer trained on the training captions only)
   def text_encoder(self, decoder_config) -> str:
     from svg_jax.data import shapes
-    from svg_jax.demo_text_encoder import DemoSpec, ensure_demo_text_encoder
+    from svg_jax.demo_text_encoder import BuiltDifferently, DemoSpec, ensure_demo_text_encoder
 
     data_dir = os.path.dirname(decoder_config.data.jsonl)
     captions = [item["prompt"] for item in shapes.read_split(data_dir, "train")]
@@ -125,9 +125,7 @@ class Stages:
     try:
       return ensure_demo_text_encoder(folder, captions, seed=self.s.seed,
                                       spec=DemoSpec(weights=self.s.text_weights))
-    except ValueError as e:
-      if "built differently" not in str(e):
-        raise
+    except BuiltDifferently as e:
       # A workdir from an older demo (other weights): its records and DiT belong to that encoder.
       raise SystemExit(f"demo: {e}. The records and DiT of {self.workdir} were made with that "
                        "encoder: run the demo in a fresh --workdir") from e

@@ -33,7 +33,7 @@ import numpy as np
 from svg_jax import text
 from svg_jax.convert import gemma2 as convert
 from svg_jax.convert.safetensors_io import save_safetensors
-from svg_jax.models.gemma2 import Gemma2Config, Gemma2Encoder
+from svg_jax.models.gemma2 import Gemma2Config, Gemma2Encoder, abstract_params
 
 MARKER = "demo_text_encoder.json"
 FORMAT_VERSION = 1
@@ -177,12 +177,11 @@ def random_params(cfg: Gemma2Config, seed: int, norm_std: float) -> dict:
   return jax.tree_util.tree_map_with_path(offsets, params)
 
 
-def _previous_token_kernel(cfg: Gemma2Config, max_len: int) -> np.ndarray:
+def _previous_token_kernel(freqs: np.ndarray, head_dim: int, max_len: int) -> np.ndarray:
   """Weights over the RoPE frequency pairs whose summed cosines peak at a relative offset of one
   token: the largest margin over every other offset up to `max_len` (a small linear program)."""
   from scipy.optimize import linprog
 
-  freqs = cfg.rope_theta ** (-np.arange(0, cfg.head_dim, 2) / cfg.head_dim)
   # Offsets from the previous token: -1 is the token itself, larger ones reach further back.
   others = np.array([d for d in range(-1, max_len) if d != 0])
   n = len(freqs)
@@ -191,7 +190,7 @@ def _previous_token_kernel(cfg: Gemma2Config, max_len: int) -> np.ndarray:
                 b_ub=np.zeros(len(others)), A_eq=np.r_[np.ones(n), 0.0][None],
                 b_eq=[1.0], bounds=[(0, None)] * n + [(None, None)])
   if res.status != 0 or -res.fun <= 0:
-    raise RuntimeError(f"no previous-token kernel for head_dim {cfg.head_dim}: {res.message}")
+    raise RuntimeError(f"no previous-token kernel for head_dim {head_dim}: {res.message}")
   return res.x[:n]
 
 
@@ -212,7 +211,8 @@ def word_context_params(cfg: Gemma2Config, seed: int, max_len: int = 128) -> dic
   if cfg.num_kv_heads * hd != half or cfg.num_heads % cfg.num_kv_heads:
     raise ValueError(f"word_context weights need num_kv_heads x head_dim = hidden_size / 2 "
                      f"({cfg.num_kv_heads} x {hd} != {half})")
-  params = jax.tree_util.tree_map(np.zeros_like, random_params(cfg, seed, 0.0))
+  params = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, np.float32),
+                                  abstract_params(cfg))
   rng = np.random.default_rng([int(seed), 2])
   words = rng.standard_normal((cfg.vocab_size, half - 1))
   words /= np.linalg.norm(words, axis=1, keepdims=True)
@@ -223,8 +223,8 @@ def word_context_params(cfg: Gemma2Config, seed: int, max_len: int = 128) -> dic
 
   # After input_layernorm every token's constant channel is sqrt(h / 2) (the half has norm sqrt(2)).
   unit = np.sqrt(h / 2.0)
-  weights = _previous_token_kernel(cfg, max_len)
-  freqs = cfg.rope_theta ** (-np.arange(0, hd, 2) / hd)
+  freqs = cfg.rope_theta ** (-np.arange(0, hd, 2) / hd)  # RoPE's, as gemma2.rope_cos_sin
+  weights = _previous_token_kernel(freqs, hd, max_len)
   # Raw peak score 55 (x query scale) sits where the soft cap at 50 still separates it from the
   # runner-up (69% of the peak within 128 tokens) by ~8 nats.
   peak = 55.0 * np.sqrt(cfg.query_pre_attn_scalar)
@@ -275,6 +275,10 @@ def build(folder: str, captions: Sequence[str], seed: int, spec: DemoSpec = Demo
     json.dump(_marker(spec, seed, captions), f, indent=2, sort_keys=True)
 
 
+class BuiltDifferently(ValueError):
+  """The folder holds a demo text encoder built from other captions, seed or spec."""
+
+
 def _check_existing(folder: str, expected: dict) -> None:
   path = os.path.join(folder, MARKER)
   if not os.path.isfile(path):
@@ -284,8 +288,8 @@ def _check_existing(folder: str, expected: dict) -> None:
     existing = json.load(f)
   if existing != expected:
     diff = sorted(k for k in set(existing) | set(expected) if existing.get(k) != expected.get(k))
-    raise ValueError(f"{folder} holds a demo text encoder built differently (differs in {diff}); "
-                     "use another folder or delete it")
+    raise BuiltDifferently(f"{folder} holds a demo text encoder built differently (differs in "
+                           f"{diff}); use another folder or delete it")
 
 
 def ensure_demo_text_encoder(folder: str, captions: Sequence[str], seed: int = 0,

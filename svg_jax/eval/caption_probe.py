@@ -21,6 +21,7 @@ and the text encoder's features do not, the text encoder loses.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -118,30 +119,32 @@ def reader_logits(params: dict, features: jax.Array, mask: jax.Array) -> list[ja
   return [pooled[:, a] @ head for a, head in enumerate(params["heads"])]
 
 
-def fit_reader(features: np.ndarray, mask: np.ndarray, targets: np.ndarray, *, seed: int,
-               steps: int = 1500, lr: float = 3e-3, l2: float = 1e-4, num_heads: int = 1) -> dict:
-  """A reader fit (full batch, Adam) to read `targets` [N, A, S] from `features` [N, L, D]."""
-  features, mask, targets = jnp.asarray(features), jnp.asarray(mask), jnp.asarray(targets)
-
-  def loss(params):
-    logits = reader_logits(params, features, mask)
+@functools.partial(jax.jit, static_argnames=("steps", "lr", "l2"))
+def _fit(params, features, mask, targets, *, steps: int, lr: float, l2: float):
+  """Full-batch Adam on the readers' cross-entropy; one compile per feature shape, not per seed."""
+  def loss(p):
+    logits = reader_logits(p, features, mask)
     ce = sum(optax.softmax_cross_entropy_with_integer_labels(lg, targets[:, a]).mean()
              for a, lg in enumerate(logits))
-    return ce + l2 * sum(jnp.sum(x ** 2) for x in jax.tree.leaves(params))
+    return ce + l2 * sum(jnp.sum(x ** 2) for x in jax.tree.leaves(p))
 
   opt = optax.adam(lr)
 
-  @jax.jit
-  def run(params):
-    def step(carry, _):
-      p, state = carry
-      grads = jax.grad(loss)(p)
-      updates, state = opt.update(grads, state, p)
-      return (optax.apply_updates(p, updates), state), None
-    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
-    return params
+  def step(carry, _):
+    p, state = carry
+    updates, state = opt.update(jax.grad(loss)(p), state, p)
+    return (optax.apply_updates(p, updates), state), None
 
-  return run(init_reader(jax.random.key(seed), features.shape[-1], num_heads=num_heads))
+  (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=steps)
+  return params
+
+
+def fit_reader(features: np.ndarray, mask: np.ndarray, targets: np.ndarray, *, seed: int,
+               steps: int = 1500, lr: float = 3e-3, l2: float = 1e-4, num_heads: int = 1) -> dict:
+  """A reader fit (full batch, Adam) to read `targets` [N, A, S] from `features` [N, L, D]."""
+  params = init_reader(jax.random.key(seed), features.shape[-1], num_heads=num_heads)
+  return _fit(params, jnp.asarray(features), jnp.asarray(mask), jnp.asarray(targets),
+              steps=steps, lr=lr, l2=l2)
 
 
 def read(params: dict, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
