@@ -37,6 +37,7 @@ from svg_jax.models.gemma2 import Gemma2Config, Gemma2Encoder, abstract_params
 
 MARKER = "demo_text_encoder.json"
 FORMAT_VERSION = 1
+WEIGHT_KINDS = ("random", "word_context")  # DemoSpec.weights
 # Gemma's special-token layout.
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>"}
@@ -258,15 +259,13 @@ def _marker(spec: DemoSpec, seed: int, captions: Sequence[str]) -> dict:
 
 def build(folder: str, captions: Sequence[str], seed: int, spec: DemoSpec = DemoSpec()) -> None:
   """Writes every file of the demo encoder into `folder` (the marker last)."""
+  if spec.weights not in WEIGHT_KINDS:  # before the tokenizer is trained for nothing
+    raise ValueError(f"unknown demo text encoder weights {spec.weights!r}; expected one of "
+                     f"{WEIGHT_KINDS}")
   vocab = write_demo_tokenizer(folder, captions, spec.vocab_size)
   cfg = model_config(spec, vocab)
-  if spec.weights == "random":
-    params = random_params(cfg, seed, spec.norm_std)
-  elif spec.weights == "word_context":
-    params = word_context_params(cfg, seed)
-  else:
-    raise ValueError(f"unknown demo text encoder weights {spec.weights!r}; expected 'random' or "
-                     "'word_context'")
+  params = (random_params(cfg, seed, spec.norm_std) if spec.weights == "random"
+            else word_context_params(cfg, seed))
   flat = convert.params_to_hf(params, cfg)
   save_safetensors(os.path.join(folder, "model.safetensors"), flat, metadata={"format": "pt"})
   with open(os.path.join(folder, "config.json"), "w") as f:

@@ -14,11 +14,11 @@ costs of its own: torch's bf16 CPU step ~30% slower (its threads then share one 
 benchmarks run torch in a process of its own, bench/harness.py) and XLA compiles ~25% slower.
 Freed memory stays mapped up to the 2 GiB trim threshold. `python bench/malloc_settings.py`
 measures the demo DiT's step: 1.17x / 1.33x faster at batch 16 / 32 (0.4 / 0.9 GiB of
-temporaries; no faults on most steps, though the one heap can still grow by a temporary when small
-allocations have split the freed block), but at batch 64 (2.1 GiB, past the threshold) glibc trims and faults
-as before, and the step is 0.94x with 1.6x the memory. Disabling the trim (-1) made that step
-1.5x faster but let the heap grow to 2.3x the default's memory (7x on a synthetic kernel); a
-2 GiB top pad made it slower; so the bounded threshold stays.
+temporaries; no faults on most steps, though the one heap can still grow by a temporary when
+small allocations have split the freed block), but at batch 64 (2.1 GiB, past the threshold) glibc
+trims and faults as before, and the step is 0.94x with 1.6x the memory. Disabling the trim (-1)
+made that step 1.5x faster but let the heap grow to 2.3x the default's memory (7x on a synthetic
+kernel); a 2 GiB top pad made it slower; so the bounded threshold stays.
 
 Where JAX will run on an accelerator its temporaries live there, and nothing here was measured to
 help; the one GPU run made with these settings prepared the demo 3x slower than an earlier one

@@ -1,5 +1,6 @@
 """The caption probe: its targets say what the rendered images show, and its readers tell features
-that carry held-out combinations (word context) from features that only tell captions apart (identity)."""
+that carry held-out combinations (word context) from features that only tell captions apart
+(identity)."""
 import numpy as np
 import pytest
 

@@ -59,7 +59,8 @@ def prompt_targets(metadata: Mapping[str, Any]) -> np.ndarray:
   return out
 
 
-def distinct_prompts(items: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict], np.ndarray]:
+def distinct_prompts(items: Sequence[Mapping[str, Any]]
+                     ) -> tuple[list[str], list[dict], np.ndarray]:
   """(prompts, their metadata, how many items each has), in order of first appearance."""
   order: dict[str, int] = {}
   metadata: list[dict] = []
