@@ -6,6 +6,13 @@ the 20-minute CPU budget leaves out.
 
   python launch/demo_scaling.py --workdir runs/scaling --steps 1000,3000,10000 [--batch_size 64]
 
+With `--pure_noise` the DiT trains only at flow time t ~ 0 and each step is scored by its
+noise-averaged one-step estimate, not by samples: the caption pathway alone
+(`svg_jax/eval/caption_pathway.py`), which fits the CPU's budget where the whole flow does not.
+
+  python launch/demo_scaling.py --workdir runs/demo --pure_noise --seen_prompts \
+      --steps 4000,8000,12000,16000
+
 Writes `<workdir>/<dit name>/scaling.json` (score table per step, seconds per segment) and
 `<workdir>/<dit name>/eval_<step>/` (grid.png, scores.json).
 """
@@ -31,6 +38,10 @@ flags.DEFINE_bool("seen_prompts", False, "also score 50 training prompts per cat
                   "(combinations the DiT was trained on)")
 flags.DEFINE_enum("text_weights", "word_context", ["word_context", "random"],
                   "demo Gemma-2 weights (launch/demo.py --text_weights)")
+flags.DEFINE_bool("pure_noise", False, "train only at flow time t ~ 0 and score the DiT's "
+                  "noise-averaged one-step estimate (its caption pathway alone); with "
+                  "--seen_prompts also the true caption means")
+flags.DEFINE_integer("draws", 16, "noise draws averaged per prompt with --pure_noise")
 flags.DEFINE_bool("prepare_only", False, "stop after the cached stages (data, decoder, records)")
 FLAGS = flags.FLAGS
 
@@ -40,7 +51,7 @@ def main(argv):
   malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   from svg_jax import demo, generate
-  from svg_jax.eval import shapes_eval, shapes_geneval
+  from svg_jax.eval import caption_pathway, shapes_eval, shapes_geneval
   from svg_jax.train import loop, metrics
 
   steps = sorted(int(s) for s in FLAGS.steps)
@@ -69,10 +80,23 @@ def main(argv):
     name += f"_{FLAGS.compute_dtype}"
   if FLAGS.num_workers:
     name += f"_w{FLAGS.num_workers}"  # a loader state does not resume under another worker count
+  if FLAGS.pure_noise:
+    caption_pathway.set_pure_noise_times(config)
+    name += "_t0"
   dit_dir = os.path.join(stages.workdir, name)
   heldout = stages.heldout(dec)
   seen = stages.seen(dec) if FLAGS.seen_prompts else None
   res = int(dec.data.resolution)
+
+  def score(gen, items, outdir, training_prompts):
+    """(scores, extra fields) of one prompt set at one checkpoint."""
+    if not FLAGS.pure_noise:
+      return shapes_eval.evaluate(gen, items, (res, res), stages.sampler_settings(),
+                                  outdir=outdir)[0], {}
+    report = caption_pathway.evaluate(gen, items, (res, res), draws=FLAGS.draws, outdir=outdir,
+                                      records_dir=records if training_prompts else None)
+    return report.pop("scores"), report
+
   table_path = os.path.join(dit_dir, "scaling.json")
   table = {"rows": []}
   if os.path.exists(table_path):
@@ -96,23 +120,27 @@ def main(argv):
     train_s = time.time() - start
     start = time.time()
     gen, _ = stages.generator(dec, text_dir, dit_dir, step=n)
-    scores, _ = shapes_eval.evaluate(gen, heldout, (res, res), stages.sampler_settings(),
-                                     outdir=os.path.join(dit_dir, f"eval_{n}"))
-    row = {"step": n, "images_seen": n * FLAGS.batch_size, "scores": scores}
+    scores, extra = score(gen, heldout, os.path.join(dit_dir, f"eval_{n}"), False)
+    row = {"step": n, "images_seen": n * FLAGS.batch_size, "scores": scores, **extra}
     if seen:
-      row["seen_scores"], _ = shapes_eval.evaluate(gen, seen, (res, res),
-                                                   stages.sampler_settings(),
-                                                   outdir=os.path.join(dit_dir, f"seen_{n}"))
+      row["seen_scores"], extra = score(gen, seen, os.path.join(dit_dir, f"seen_{n}"), True)
+      row.update({f"seen_{k}": v for k, v in extra.items()})
     last = summary.get("last_record") or {}
     table["rows"].append({**row, "final_loss": last.get("loss"), "train_s": train_s,
                           "eval_s": time.time() - start, "stopped_by": stopped_by})
-    table.update(batch_size=FLAGS.batch_size, lr=config.train.lr, num_train=FLAGS.num_train)
+    table.update(batch_size=FLAGS.batch_size, lr=config.train.lr, num_train=FLAGS.num_train,
+                 pure_noise=FLAGS.pure_noise)
     generate.atomic_write_text(json.dumps(table, indent=2), table_path)
     print(f"== step {n} ({n * FLAGS.batch_size} images seen):", flush=True)
     shapes_geneval.print_table(scores)
     if seen:
       print("training prompts:")
       shapes_geneval.print_table(row["seen_scores"])
+    if FLAGS.pure_noise:
+      print({k: v for k, v in row.items() if "right" in k or "distance" in k})
+      if seen:
+        print("true caption means of the training prompts:")
+        shapes_geneval.print_table(row["seen_caption_means_scores"])
     if stopped_by:
       print(f"stopped by {stopped_by} at step {n}; rerun the command to continue", flush=True)
       break

@@ -136,6 +136,20 @@ def test_idempotent_and_refuses_mismatch(folder, tmp_path):
     assert json.load(f)["seed"] == 0
 
 
+def test_a_marker_from_before_weight_kinds_is_a_random_encoder(folder, tmp_path):
+  old = tmp_path / "old"
+  old.mkdir()
+  with open(os.path.join(folder, demo.MARKER)) as f:
+    marker = json.load(f)
+  del marker["spec"]["weights"]  # as sessions 1-7 wrote it
+  with open(old / demo.MARKER, "w") as f:
+    json.dump(marker, f)
+  assert demo.ensure_demo_text_encoder(str(old), CAPTIONS, seed=0) == str(old)
+  with pytest.raises(demo.BuiltDifferently, match=r"differs in \['spec'\]"):
+    demo.ensure_demo_text_encoder(str(old), CAPTIONS, seed=0,
+                                  spec=demo.DemoSpec(weights="word_context"))
+
+
 @pytest.fixture(scope="module")
 def context_folder(tmp_path_factory):
   return demo.ensure_demo_text_encoder(str(tmp_path_factory.mktemp("demo") / "context"), CAPTIONS,

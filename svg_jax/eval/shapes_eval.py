@@ -31,19 +31,24 @@ def evaluate(generator: generate.Generator, items: Sequence[dict], resolution,
   metadata = [item["metadata"] for item in items]
   scores = shapes_geneval.score(list(images), metadata)
   if outdir:
-    os.makedirs(outdir, exist_ok=True)
-    generate.atomic_save_png(generate.make_grid(images[:GRID_IMAGES], cols=8),
-                             os.path.join(outdir, "grid.png"))
-    generate.atomic_write_text("\n".join(prompts[:GRID_IMAGES]) + "\n",
-                               os.path.join(outdir, "grid_prompts.txt"))
-    generate.atomic_write_text(json.dumps({
+    save(outdir, images, prompts, {
         "scores": scores, "counts": category_counts(items), "num_prompts": len(items),
         "settings": {"steps": settings.steps, "cfg": settings.cfg_scale,
                      "cfg_mode": settings.cfg_mode, "shift": settings.shift,
                      "solver": settings.solver, "resolution": list(resolution)},
         **(report or {}),
-    }, indent=2), os.path.join(outdir, "scores.json"))
+    })
   return scores, images
+
+
+def save(outdir: str, images: np.ndarray, prompts: Sequence[str], report: dict) -> None:
+  """grid.png + grid_prompts.txt (the first GRID_IMAGES) and `report` as scores.json."""
+  os.makedirs(outdir, exist_ok=True)
+  generate.atomic_save_png(generate.make_grid(images[:GRID_IMAGES], cols=8),
+                           os.path.join(outdir, "grid.png"))
+  generate.atomic_write_text("\n".join(prompts[:GRID_IMAGES]) + "\n",
+                             os.path.join(outdir, "grid_prompts.txt"))
+  generate.atomic_write_text(json.dumps(report, indent=2), os.path.join(outdir, "scores.json"))
 
 
 def category_counts(items: Sequence[dict]) -> dict[str, int]:
