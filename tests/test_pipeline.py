@@ -405,4 +405,6 @@ def test_loader_buffers_are_reused_instead_of_faulted_in_again(tmp_path):
 
   default, reused = faults_per_batch(False), faults_per_batch(True)
   assert default > 500, default  # ~2000 here: the problem the setting is for exists
-  assert reused < 50, (default, reused)
+  # ~30 on an idle machine; threads racing a busy one keep more buffers alive at once (86
+  # measured beside a training run), so the check is the ratio.
+  assert reused * 10 < default, (default, reused)
