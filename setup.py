@@ -1,43 +1,54 @@
 """svg-jax: a JAX/Flax reimplementation of SVG-T2I (text-to-image diffusion in DINOv3 feature space)."""
 from setuptools import find_packages, setup
 
-# Exact pins: a fresh install must resolve the stack the tests and benchmarks were measured on.
+# Compatible ranges: lower bounds are what the code needs, upper bounds stop at the next release
+# line that may break it. The exact versions the tests and benchmarks were measured with are in
+# constraints.txt (`pip install -e ".[test]" -c constraints.txt`; launch/env.sh and CI use it).
 RUNTIME = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "grain==0.2.18",
-    "array-record==0.8.6",
-    "ml-collections==1.1.0",
-    "clu==0.0.12",
-    "numpy>=2.0,<2.5",
+    "jax>=0.10.2,<0.12",
+    "jaxlib>=0.10.2,<0.12",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "array-record>=0.8.6,<0.9",
+    "ml-collections>=1.1,<2",
+    "clu>=0.0.12,<0.1",
+    "numpy>=2.0,<3",
     "ml-dtypes>=0.5",
-    "msgpack>=1.0",
+    "msgpack>=1.0,<2",
     "safetensors>=0.4,<0.9",
     "pillow>=10",
-    "tensorboardX==2.6.5",
-    "absl-py>=2.0",
-    "sentencepiece==0.2.3",
+    "tensorboardX>=2.6,<3",
+    "absl-py>=2.0,<3",
+    "sentencepiece>=0.2,<0.3",
     "tokenizers>=0.22,<0.24",
     "transformers>=5.0,<6",  # tokenizers of real Gemma folders and the demo tokenizer (svg_jax/text.py)
 ]
 TEST = [
     "pytest>=8",
-    "torch==2.13.0",
-    "scikit-image==0.26.0",  # SSIM reference
-    "tensorflow-datasets==4.9.10",  # tfds mock data for the precompute reader (no TensorFlow needed)
+    "torch==2.13.0",  # the reference implementations run on its CPU build
+    "jax[tpu]",  # libtpu: XLA:TPU compiles of the train step for TPU topologies, on any host
+    "scikit-image>=0.24",  # SSIM reference
+    "tensorflow-datasets>=4.9",  # tfds mock data for the precompute reader (no TensorFlow needed)
     "scipy", "tqdm",  # needed by the lpips package, installed with --no-deps by launch/env.sh
     "diffusers>=0.42,<0.43",
+    "vermin>=1.6",  # the minimum Python version of the source (tests/test_repo_hygiene.py)
 ]
 
 setup(
     name="svg-jax",
     version="0.1.0",
     description=__doc__,
-    python_requires=">=3.11,<3.12",
+    license="Apache-2.0",
+    python_requires=">=3.10,<3.13",
     packages=find_packages(include=["svg_jax", "svg_jax.*"]),
+    package_data={"svg_jax.assets": ["*.pt", "prompts/*.jsonl"]},
     install_requires=RUNTIME,
-    extras_require={"test": TEST},
+    extras_require={
+        "test": TEST,
+        "tpu": ["jax[tpu]"],  # Cloud TPU VMs: `pip install -e ".[tpu]"`
+        "cuda": ["jax[cuda12]"],  # NVIDIA GPUs, CUDA 12 wheels
+        "cuda13": ["jax[cuda13]"],  # NVIDIA GPUs, CUDA 13 wheels
+    },
 )

@@ -1,11 +1,12 @@
 """Does the Grain loader keep ahead of the train step? Batches/s of the loader against steps/s.
 
-Two record shapes (synthetic records from `records.write_random_dataset`, read back through
+Two record shapes (synthetic records from `synthetic.write_random_dataset`, read back through
 `pipeline.make_pipeline` exactly as the trainer does):
 
   tiny  configs/tiny.py: latent 8x8x384, text 128-dim, 8-60 tokens, batch 16. The consumer is the
-        real jitted DiT train step of `loop.Setup` on the same batches, on this CPU, measured in
-        alternating rounds with the loader in the same process (bench/harness.py practice).
+        real jitted DiT train step of `dit_task.DiTSetup` on the same batches, on this CPU,
+        measured in alternating rounds with the loader in the same process (bench/harness.py
+        practice).
   2b    stage 1 of configs/svg_t2i_2b.py: latent 16x16x384 bf16, text 2304-dim; one dataset per
         padded caption length (64 and 128 tokens, captions of half to all of it)
         (`--text token_ids`: the online text-encoder mode's records, token ids instead of
@@ -65,8 +66,8 @@ def bench_tiny(args, workdir):
   from absl import logging as absl_logging
 
   from svg_jax import parallel
-  from svg_jax.data import records
-  from svg_jax.train import loop
+  from svg_jax.data import synthetic
+  from svg_jax.train import dit_task
 
   absl_logging.set_verbosity(absl_logging.ERROR)  # the empty-prompt stand-in is expected here
   config = _config("tiny")
@@ -75,13 +76,13 @@ def bench_tiny(args, workdir):
   hw = int(config.data.resolution) // int(config.autoencoder.encoder.patch_size)
   buckets = tuple(config.data.caption_len_buckets) or (32, int(config.data.max_caption_len))
   data_dir = os.path.join(workdir, "tiny")
-  records.write_random_dataset(data_dir, buckets=[(hw, hw)], num_records=512,
-                               latent_channels=int(m.in_channels), text_dim=int(m.cap_feat_dim),
-                               caption_len=(7, 59), records_per_shard=128)
+  synthetic.write_random_dataset(data_dir, buckets=[(hw, hw)], num_records=512,
+                                 latent_channels=int(m.in_channels), text_dim=int(m.cap_feat_dim),
+                                 caption_len=(7, 59), records_per_shard=128)
   it = _pipeline(data_dir, batch, buckets, args.threads, "float32")
 
   mesh = parallel.make_mesh(dict(config.mesh))
-  setup = loop.Setup(config, mesh)
+  setup = dit_task.DiTSetup(config, mesh)
   state = setup.init_state(0)
   first = next(it)
   device_batch = setup.device_batch(first)
@@ -114,7 +115,7 @@ def bench_tiny(args, workdir):
 
 def bench_2b(args, workdir, compression, text_kind="text_features"):
   from svg_jax import config as config_lib
-  from svg_jax.data import records
+  from svg_jax.data import synthetic
   from svg_jax.models.gemma2 import Gemma2Config
   from svg_jax.train import metrics
 
@@ -128,11 +129,11 @@ def bench_2b(args, workdir, compression, text_kind="text_features"):
     # Captions of cap/2 .. cap tokens (with <bos>), all padded to cap: the records the step reads.
     data_dir = os.path.join(workdir, f"2b_{compression}_{text_kind}_{cap}")
     start = time.perf_counter()
-    records.write_random_dataset(data_dir, buckets=[(hw, hw)], num_records=args.records_2b,
-                                 latent_channels=cfg.in_channels, text_dim=cfg.cap_feat_dim,
-                                 caption_len=(cap // 2, cap - 1), vocab_size=4096,
-                                 records_per_shard=64, compression=compression,
-                                 text_kind=text_kind)
+    synthetic.write_random_dataset(data_dir, buckets=[(hw, hw)], num_records=args.records_2b,
+                                   latent_channels=cfg.in_channels, text_dim=cfg.cap_feat_dim,
+                                   caption_len=(cap // 2, cap - 1), vocab_size=4096,
+                                   records_per_shard=64, compression=compression,
+                                   text_kind=text_kind)
     write_s = time.perf_counter() - start
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(data_dir) for f in fs)
     it = _pipeline(data_dir, batch, (cap,), args.threads, "bfloat16", args.workers)

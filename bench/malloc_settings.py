@@ -38,10 +38,10 @@ def serve(name: str, batch: int) -> None:
   import jax.numpy as jnp
   import optax
 
-  from svg_jax.demo import ROOT, load_config_file
+  from svg_jax.demo import configs
   from svg_jax.models.nextdit import NextDiT, NextDiTConfig
 
-  model_cfg = load_config_file(os.path.join(ROOT, "configs", "tiny.py")).model.to_dict()
+  model_cfg = configs.dit().model.to_dict()
   cfg = NextDiTConfig.from_dict({**model_cfg, "compute_dtype": FLAGS.dtype})
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   x = jax.random.normal(keys[0], (batch, 8, 8, cfg.in_channels))

@@ -18,18 +18,16 @@ flags.DEFINE_integer("batch", 16, "per-process batch size")
 flags.DEFINE_integer("image_tokens", 256, "image tokens per sample (stage 1: 256x256 -> 16x16)")
 FLAGS = flags.FLAGS
 
-PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "assets",
-                       "prompts")
 
 
 def main(argv):
   del argv
   import numpy as np
 
-  from svg_jax import text
+  from svg_jax import assets, text
   from svg_jax.data import length_buckets as lb
-  from svg_jax.data import shapes
-  from svg_jax.demo_text_encoder import ensure_demo_text_encoder
+  from svg_jax.demo import shapes
+  from svg_jax.demo.text_encoder import ensure_demo_text_encoder
 
   data_dir = os.path.join(FLAGS.workdir, "shapes")
   shapes.write_dataset(data_dir, 240, 120, 64, seed=0)
@@ -38,8 +36,8 @@ def main(argv):
       os.path.join(FLAGS.workdir, "text_encoder"), demo + [
           item["prompt"] for item in shapes.read_split(data_dir, "heldout")]))
   sources = {"demo": demo}
-  for name, file in (("geneval", "geneval_metadata.jsonl"), ("dpg", "dpg.jsonl")):
-    with open(os.path.join(PROMPTS, file)) as f:
+  for name, file in (("geneval", assets.GENEVAL_PROMPTS), ("dpg", assets.DPG_PROMPTS)):
+    with open(file) as f:
       sources[name] = [json.loads(line)["prompt"] for line in f if line.strip()]
 
   print(f"stage 1: {FLAGS.image_tokens} image tokens, batch {FLAGS.batch}, training truncation "

@@ -1,6 +1,6 @@
 """50-step DPM-Solver++ 2M renorm-CFG generation: ours (one jitted trajectory) against a PyTorch loop
 over diffusers' Lumina2Transformer2DModel with diffusers' DPMSolverMultistepScheduler set up as
-equivalence/sampler.md §2.3 says (the official sampler), same weights, batch, latent size, in fp32.
+docs/equivalence/sampler.md §2.3 says (the official sampler), same weights, batch, latent size, in fp32.
 
   python bench/sampling.py --sizes tiny,calib
 

@@ -6,7 +6,7 @@ SIZES = {
     # latents) has the calibration model's width and depth
     "tiny": (dict(in_channels=384, dim=192, n_layers=4, n_refiner_layers=1, n_heads=3, n_kv_heads=1,
                   multiple_of=64, cap_feat_dim=128, axes_dims=(16, 24, 24)), 16, 4, 4, 32),
-    # the calibration model of cpu_perf_calibration.md (16.7M params, 256 image + 64 caption tokens)
+    # the calibration model of docs/cpu_performance.md (16.7M params, 256 image + 64 caption tokens)
     "calib": (dict(in_channels=384, dim=384, n_layers=4, n_refiner_layers=1, n_heads=6, n_kv_heads=2,
                    multiple_of=256, cap_feat_dim=256, axes_dims=(16, 24, 24)), 8, 16, 16, 64),
     # the official 2B block shapes (dim 2304, 24/8 heads, FFN 9216), 1 main layer + 1+1 refiners

@@ -1,4 +1,4 @@
-"""The official SVG-T2I 2.6B DiT and its training stages (reference §1.2, §5).
+"""The official SVG-T2I 2.6B DiT and its training stages (docs/reference.md §1.2, §5).
 
 Variants (`--config configs/svg_t2i_2b.py:<variant>`):
   stage1_256   256px, global batch 512 (official: micro 16 x 32 GPUs), lr 2e-4 constant
@@ -25,7 +25,10 @@ def get_config(variant: str = "stage1_256"):
   if variant not in STAGES:
     raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(STAGES)}")
   c = base.base_config()
-  c.model.update(dict(compute_dtype="bfloat16", scan_layers=True, remat_policy="full"))
+  # auto: splash attention when compiled for TPUs (svg_jax/models/splash_attention.py), xla on
+  # other devices; GPUs want --config.model.attention_backend=cudnn.
+  c.model.update(dict(compute_dtype="bfloat16", scan_layers=True, remat_policy="full",
+                      attention_backend="auto"))
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   c.data.resolution = STAGES[variant]
   c.data.max_caption_len = 256

@@ -16,7 +16,7 @@ flags.DEFINE_float("cfg_scale", 4.0, "renorm-CFG scale")
 flags.DEFINE_float("shift", 1.0, "time shift of the sampling grid")
 flags.DEFINE_enum("text_weights", "word_context", ["word_context", "random"],
                   "demo Gemma-2 weights: constructed word + previous-word features, or HF's "
-                  "random init (svg_jax/demo_text_encoder.py)")
+                  "random init (svg_jax/demo/text_encoder.py)")
 FLAGS = flags.FLAGS
 
 
@@ -24,9 +24,9 @@ def main(argv):
   from svg_jax import malloc_tuning
   malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
-  from svg_jax import demo
+  from svg_jax.demo import pipeline
 
-  demo.run(demo.DemoSettings(
+  pipeline.run(pipeline.DemoSettings(
       workdir=FLAGS.workdir, num_train=FLAGS.num_train, num_heldout=FLAGS.num_heldout,
       decoder_steps=FLAGS.decoder_steps, dit_steps=FLAGS.dit_steps,
       sample_steps=FLAGS.sample_steps, cfg_scale=FLAGS.cfg_scale, shift=FLAGS.shift,

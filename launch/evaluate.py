@@ -6,8 +6,8 @@
       --checkpoint=runs/demo/dit --text_encoder=runs/demo/text_encoder --system_type=empty
 
 Prompts: the `--split` (default heldout: combinations never seen in training) of a shapes dataset
-folder (`svg_jax.data.shapes`), the first `--limit`. Prints the per-category table; with
---outdir also grid.png, grid_prompts.txt and scores.json.
+folder (`svg_jax/demo/shapes.py`), the first `--limit`. Prints the per-category table; with
+--out also grid.png, grid_prompts.txt and scores.json.
 """
 from absl import app, flags
 
@@ -21,7 +21,7 @@ flags.DEFINE_enum("benchmark", "shapes", ["shapes"], "the benchmark (GenEval / D
 flags.DEFINE_string("data", None, "shapes dataset folder (train.jsonl, heldout.jsonl)")
 flags.DEFINE_enum("split", "heldout", ["heldout", "train"], "which prompts")
 flags.DEFINE_integer("limit", 0, "only the first N prompts (0: all)")
-flags.DEFINE_string("outdir", None, "where grid.png and scores.json go (default: nowhere)")
+flags.DEFINE_string("out", None, "where grid.png and scores.json go (default: nowhere)")
 FLAGS = flags.FLAGS
 
 
@@ -29,17 +29,16 @@ def main(argv):
   from svg_jax import malloc_tuning
   malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
-  from svg_jax.data import shapes
-  from svg_jax.eval import shapes_eval, shapes_geneval
+  from svg_jax.demo import evaluate, geneval, shapes
 
   resolution, settings = generator_flags.sampler_settings()
   items = generator_flags.read_prompts(shapes.read_split, FLAGS.data, FLAGS.split,
                                        limit=FLAGS.limit)
   generator = generator_flags.make_generator()
-  scores, _ = shapes_eval.evaluate(generator, items, resolution, settings,
-                                   batch_size=FLAGS.batch_size, outdir=FLAGS.outdir)
+  scores, _ = evaluate.evaluate(generator, items, resolution, settings,
+                                batch_size=FLAGS.batch_size, outdir=FLAGS.out)
   print(f"ShapesGenEval, {FLAGS.split} prompts of {FLAGS.data}:")
-  shapes_geneval.print_table(scores, shapes_eval.category_counts(items))
+  geneval.print_table(scores, evaluate.category_counts(items))
 
 
 if __name__ == "__main__":

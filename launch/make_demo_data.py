@@ -1,24 +1,47 @@
 """Writes the offline demo dataset (coloured shapes with GenEval-style captions) to a directory.
 
-  python launch/make_demo_data.py --out /tmp/shapes --num_train 2000 --num_heldout 300 \
+  python launch/make_demo_data.py --out runs/shapes --num_train 2000 --num_heldout 300 \
       --image_size 64 --seed 0
 
-Rerunning with the same flags on a complete directory does nothing; see svg_jax.data.shapes.
+Rerunning with the same flags on a complete directory does nothing; see svg_jax/demo/shapes.py.
+
+With --decoder_files, --out gets what the demo decoder (configs/decoder.py:tiny) trains on, as
+the demo makes it (svg_jax/demo/decoder_data.py): the dataset in shapes_<size>px_seed<seed>/, a
+random DINOv3 of that config's encoder made from --seed and its latent statistics. The command
+then prints the config flags that point launch/train.py at them:
+
+  python launch/make_demo_data.py --out runs/decoder_files --decoder_files
+  python launch/train.py --config configs/decoder.py:tiny --workdir runs/decoder <printed flags>
 """
 from absl import app, flags
-
-from svg_jax.data import shapes
 
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 2000, "Number of training images.")
 _NUM_HELDOUT = flags.DEFINE_integer("num_heldout", 300, "Number of held-out images.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side in pixels (64 or 128 typical).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed; every image is a function of (seed, split, index).")
+_DECODER_FILES = flags.DEFINE_bool(
+    "decoder_files", False, "also the random DINOv3 of configs/decoder.py:tiny's encoder and its "
+    "latent statistics, and print the config flags for launch/train.py")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from svg_jax import malloc_tuning
+  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
+  from svg_jax.demo import configs, decoder_data, shapes
+
+  if _DECODER_FILES.value:
+    config = configs.decoder()
+    config.data.resolution = _IMAGE_SIZE.value
+    paths = decoder_data.prepare_for(config, _OUT.value, num_train=_NUM_TRAIN.value,
+                                     num_heldout=_NUM_HELDOUT.value, seed=_SEED.value)
+    flags_out = [f"--config.{key}={value}" for key, value in paths.items()]
+    if _IMAGE_SIZE.value != configs.RESOLUTION:
+      flags_out.append(f"--config.data.resolution={_IMAGE_SIZE.value}")
+    print(" ".join(flags_out))
+    return
   manifest = shapes.write_dataset(_OUT.value, _NUM_TRAIN.value, _NUM_HELDOUT.value,
                                   _IMAGE_SIZE.value, _SEED.value)
   counts = manifest["counts"]

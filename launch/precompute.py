@@ -1,12 +1,12 @@
 """Precompute training records: images + captions -> DINOv3 latents + Gemma-2 features.
 
-  python launch/precompute.py --input data/train.jsonl --input-format jsonl --out /data/records \
+  python launch/precompute.py --input data/train.jsonl --input_format jsonl --out /data/records \
       --config.autoencoder.encoder_path=dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth \
       --config.autoencoder.stats_path=dinov3_s16p_layer_patchtoken_stats_dist.pt \
       --config.precompute.text_encoder_dir=gemma-2-2b --config.precompute.resolution=256
 
---config defaults to svg_jax/data/precompute.py (its get_config: `autoencoder` + `precompute`
-sections); another config file needs an `autoencoder` section and may have a `precompute` one.
+--config defaults to configs/precompute.py (`autoencoder` + `precompute` sections); another config
+file needs an `autoencoder` section and may have a `precompute` one.
 Rerun the same command to resume: finished chunks are skipped. On a multi-host job run it on
 every host; each process does its share and the last to finish writes manifest.json.
 Exit status 0 also when some inputs were bad (they are listed in the summary and manifest.json).
@@ -22,10 +22,10 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 config_flags.DEFINE_config_file(
-    "config", os.path.join(_REPO, "svg_jax", "data", "precompute.py"),
+    "config", os.path.join(_REPO, "configs", "precompute.py"),
     "ml_collections config file with `autoencoder` and `precompute` sections", lock_config=True)
 flags.DEFINE_string("input", None, "a jsonl file, an image folder, or a TFDS dataset name")
-flags.DEFINE_enum("input-format", "jsonl", ["jsonl", "folder", "tfds"], "kind of --input")
+flags.DEFINE_enum("input_format", "jsonl", ["jsonl", "folder", "tfds"], "kind of --input")
 flags.DEFINE_string("out", None, "output folder (shards, manifest.json, empty_text.npy)")
 flags.mark_flags_as_required(["input", "out"])
 FLAGS = flags.FLAGS
@@ -37,7 +37,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from svg_jax import parallel
-  from svg_jax.data import precompute
+  from svg_jax import precompute
+  from svg_jax.data import sources
 
   config = FLAGS.config
   if "precompute" not in config or config.precompute.process_count < 0:
@@ -45,7 +46,7 @@ def main(argv):
   if "autoencoder" not in config:
     raise app.UsageError("the config has no `autoencoder` section")
   job = precompute.build(config)
-  inputs = precompute.list_inputs(FLAGS.input, FLAGS["input-format"].value, job.cfg)
+  inputs = sources.list_inputs(FLAGS.input, FLAGS.input_format, job.cfg)
   job.run(inputs, FLAGS.out)
 
 

@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "ml_collections config file with an `autoencoder` "
-                                "section (svg_jax.autoencoder.autoencoder_defaults)",
+                                "section (svg_jax.config.autoencoder_defaults)",
                                 lock_config=True)
 flags.DEFINE_list("images", None, "image files and/or folders (comma separated)")
 flags.DEFINE_string("out", None, "output folder for the pairs and metrics.json")
@@ -36,6 +36,7 @@ def main(argv):
 
   from svg_jax import autoencoder as ae_lib
   from svg_jax.data.images import BadImageError
+  from svg_jax.eval import image_metrics
 
   ae = ae_lib.SVGAutoencoder.from_config(FLAGS.config)
   paths = ae_lib.list_images(FLAGS.images)
@@ -62,8 +63,8 @@ def main(argv):
       used_names.add(name)
       Image.fromarray(np.concatenate([orig, rec], axis=1)).save(
           os.path.join(FLAGS.out, name + ".png"))
-      results[path] = {"name": name, "bucket": list(bucket), "psnr": ae_lib.psnr(orig, rec),
-                       "ssim": ae_lib.ssim(orig, rec)}
+      results[path] = {"name": name, "bucket": list(bucket), "psnr": image_metrics.psnr(orig, rec),
+                       "ssim": image_metrics.ssim(orig, rec)}
   for path in paths:
     if path in results:
       r = results[path]

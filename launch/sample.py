@@ -4,13 +4,13 @@
       --config.autoencoder.decoder_path=svg_autoencoder-P-stage3.ckpt \
       --config.autoencoder.stats_path=dinov3_s16p_layer_patchtoken_stats_dist.pt \
       --weights=dit-stage4/consolidated.00-of-01.pth --format=official \
-      --text_encoder=gemma-2-2b --prompt="a photo of a cat" --outdir=out
+      --text_encoder=gemma-2-2b --prompt="a photo of a cat" --out=out
 
 DiT weights: `--checkpoint=<training workdir>` (EMA params unless --noema; its saved `model`
 section replaces the config's) or `--weights` + `--format` (flax | official | safetensors |
 diffusers). The config gives the autoencoder (decoder and statistics paths) and the model section
 for --weights. Image j (prompts in order, --num_images each) uses seed --seed + j and is written
-as `<outdir>/{j:05d}.png`; `<outdir>/grid.png` holds them all; `<outdir>/metadata.jsonl` has one
+as `<out>/{j:05d}.png`; `<out>/grid.png` holds them all; `<out>/metadata.jsonl` has one
 line per image (file, prompt, seed and the sampler settings).
 """
 from absl import app, flags
@@ -24,7 +24,7 @@ flags.DEFINE_string("prompts_jsonl", None, "jsonl file, one object with `prompt`
 flags.DEFINE_integer("num_images", 1, "images per prompt")
 flags.DEFINE_integer("seed", 0, "seed of the first image; image j uses seed + j")
 flags.DEFINE_integer("grid_cols", 0, "columns of grid.png (0: about the square root)")
-flags.DEFINE_string("outdir", None, "output folder")
+flags.DEFINE_string("out", None, "output folder")
 FLAGS = flags.FLAGS
 
 
@@ -37,6 +37,8 @@ def main(argv):
   import os
 
   from svg_jax import generate as gen
+  from svg_jax.utils import atomic_files
+  from svg_jax.utils.progress import Progress
 
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_jsonl:
@@ -57,13 +59,13 @@ def main(argv):
   jobs = [p for p in prompts for _ in range(FLAGS.num_images)]
   seeds = [FLAGS.seed + j for j in range(len(jobs))]
   images = generator.generate(jobs, seeds, resolution, settings, batch_size=FLAGS.batch_size,
-                              progress=gen.Progress(len(jobs)))
-  os.makedirs(FLAGS.outdir, exist_ok=True)
+                              progress=Progress(len(jobs), what="images"))
+  os.makedirs(FLAGS.out, exist_ok=True)
   h, w = resolution
   lines = []
   for j, (prompt, seed, img) in enumerate(zip(jobs, seeds, images)):
     name = f"{j:05d}.png"
-    gen.atomic_save_png(img, os.path.join(FLAGS.outdir, name))
+    atomic_files.save_png(os.path.join(FLAGS.out, name), img)
     lines.append(json.dumps(dict(file=name, prompt=prompt, seed=seed, width=w, height=h,
                                  steps=settings.steps, cfg=settings.cfg_scale,
                                  cfg_mode=settings.cfg_mode, shift=settings.shift,
@@ -71,11 +73,11 @@ def main(argv):
                                  checkpoint=FLAGS.checkpoint, ema=FLAGS.ema,
                                  weights=FLAGS.weights)))
   cols = FLAGS.grid_cols or math.ceil(math.sqrt(len(images)))
-  gen.atomic_save_png(gen.make_grid(images, cols), os.path.join(FLAGS.outdir, "grid.png"))
-  gen.atomic_write_text("\n".join(lines) + "\n", os.path.join(FLAGS.outdir, "metadata.jsonl"))
-  print(f"wrote {len(images)} images, grid.png and metadata.jsonl to {FLAGS.outdir}")
+  atomic_files.save_png(os.path.join(FLAGS.out, "grid.png"), gen.make_grid(images, cols))
+  atomic_files.write_text(os.path.join(FLAGS.out, "metadata.jsonl"), "\n".join(lines) + "\n")
+  print(f"wrote {len(images)} images, grid.png and metadata.jsonl to {FLAGS.out}")
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "text_encoder", "outdir"])
+  flags.mark_flags_as_required(["config", "text_encoder", "out"])
   app.run(main)

@@ -1,13 +1,13 @@
 """Train a model from an ml_collections config; the same command on a laptop, a GPU or every host
 of a TPU pod slice. Resumes from the newest checkpoint in --workdir.
 
-  python launch/train.py --config configs/tiny.py --workdir /tmp/run \
+  python launch/train.py --config configs/tiny.py --workdir runs/tiny \
       --config.data.path=/data/demo --config.train.num_steps=200
-  python launch/train.py --config configs/decoder.py:tiny --workdir /tmp/decoder_run
+  python launch/train.py --config configs/decoder.py:tiny --workdir runs/decoder
 
 `task = "dit"` trains the DiT on precomputed records; `task = "decoder"` trains the pixel decoder
-behind the frozen DINOv3 on images (with `data.demo_dir` set, the offline demo files are made
-first).
+behind the frozen DINOv3 on images (the tiny variant's files: launch/make_demo_data.py
+--decoder_files, which prints the path flags to add).
 
 Exit status: 0 when done or stopped by SIGTERM/SIGINT (after saving), 2 for a bad config
 (one line on stderr, nothing compiled), 3 when the loss became NaN/inf (nothing bad saved).
@@ -42,20 +42,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
-  from svg_jax.train import loop
-  if config.task not in loop.TASKS:
-    print(f"config error: task {config.task!r} has no trainer (one of {loop.TASKS})",
+  from svg_jax.train import loop, trainer
+  if config.task not in trainer.TASKS:
+    print(f"config error: task {config.task!r} has no trainer (one of {tuple(trainer.TASKS)})",
           file=sys.stderr)
     sys.exit(2)
+  from svg_jax import parallel
   from svg_jax.train import metrics
   metrics.console_logging()
-  if config.task == "decoder" and config.data.demo_dir:
-    from svg_jax.train import decoder_demo
-    decoder_demo.prepare(config)
   try:
-    summary = loop.train(config, flags.FLAGS.workdir)
+    summary = trainer.train(config, flags.FLAGS.workdir)
   except loop.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except parallel.DistributedSetupError as e:
+    print(f"multi-host setup error: {e}", file=sys.stderr)
     sys.exit(2)
   except loop.TrainingDiverged as e:
     print(f"training diverged: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Image <-> latent: preprocess, encode (DINOv3 + statistics), decode (statistics^-1 + decoder).
 
-The SVG autoencoder of SVG-T2I (reference §2.2-2.4, §3):
+The SVG autoencoder of SVG-T2I (docs/reference.md §2.2-2.4, §3):
   encode: image (uint8 or [0, 1], channel-last) -> ImageNet normalization -> frozen DINOv3
           -> final-norm patch tokens f [B, H/16, W/16, 384] -> z = (f - mean) / (std + 1e-8)
   decode: z -> f = z * std + mean -> pixel decoder -> image in about [-1, 1]
@@ -8,16 +8,10 @@ The SVG autoencoder of SVG-T2I (reference §2.2-2.4, §3):
 `SVGAutoencoder` holds the frozen weights, configs and statistics and runs them jitted (one
 compile per input shape), in fixed-size chunks, with the batch optionally sharded over a mesh.
 `preprocess` is the official DiT-training crop: closest aspect-ratio bucket + center crop.
-
-Reconstruction quality (`psnr`, `ssim`) lives here too, being what `launch/reconstruct.py` and the
-decoder's held-out evaluation report. SSIM is the standard one of Wang et al. (2004): per channel,
-Gaussian window 11x11 with sigma 1.5, K1 0.01, K2 0.03, population (co)variances, averaged over
-the windows that fit inside the image (equal to skimage's `structural_similarity(...,
-gaussian_weights=True, sigma=1.5, use_sample_covariance=False)`), then over channels.
+Reconstruction quality (PSNR, SSIM): `eval/image_metrics.py`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import math
@@ -39,31 +33,6 @@ from svg_jax.data.images import imagenet_normalize, open_rgb
 from svg_jax.latent_stats import LatentStats
 from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax.models.dinov3 import DINOv3Config, DINOv3ViT
-
-
-def autoencoder_defaults() -> ml_collections.ConfigDict:
-  """The `config.autoencoder` section. Paths are empty: real weights are the user's files."""
-  c = ml_collections.ConfigDict()
-  # DINOv3 weights: the official dinov3_vits16plus_pretrain_lvd1689m-*.pth, an official or HF
-  # .safetensors, an HF DINOv3ViTModel folder, or an SVG autoencoder .ckpt (encoder_prefix
-  # "encoder.": it holds a copy of the encoder next to the decoder).
-  c.encoder_path = ""
-  c.encoder_prefix = ""  # key prefix selected and stripped in the encoder file ("" = none)
-  c.encoder = ml_collections.ConfigDict(dataclasses.asdict(DINOv3Config()))  # ViT-S/16+
-  # Pixel decoder weights: the official SVG autoencoder .ckpt (`decoder.*` in `state_dict`), a
-  # .pth state dict, or .safetensors, with official or diffusers key names.
-  c.decoder_path = ""
-  c.decoder_format = "auto"  # auto | official | diffusers
-  c.decoder = ml_collections.ConfigDict(dataclasses.asdict(DecoderConfig()))  # released ddconfig
-  # Latent statistics: the official dinov3_s16p_layer_patchtoken_stats_dist.pt (not shipped) or
-  # a file written by latent_stats.save_latent_stats (the demo's random encoder).
-  c.stats_path = ""
-  c.stats_layer = -1  # row of the [layers, C] statistics; official -1 (= layer 11)
-  # Round mean/std to bf16 before normalizing, as the official DiT training does (bit-exact
-  # training latents); denormalization always uses the fp32 statistics, as official sampling.
-  c.bf16_stats = False
-  c.batch_size = 0  # images per jitted call (chunks; the last is padded); 0 = the whole input
-  return c
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +202,7 @@ class SVGAutoencoder:
   def from_config(cls, config: ml_collections.ConfigDict, *, encoder: bool = True,
                   decoder: bool = True, mesh: Mesh | None = None,
                   sharding: NamedSharding | None = None) -> "SVGAutoencoder":
-    """Load what `config.autoencoder` (or an `autoencoder_defaults()` section) points at.
+    """Load what `config.autoencoder` (or a `config.autoencoder_defaults()` section) points at.
 
     encoder / decoder: which halves to load; each needs its path set.
     """
@@ -309,57 +278,6 @@ class SVGAutoencoder:
   def reconstruct(self, images: Any) -> np.ndarray:
     """encode then decode: uint8 images -> uint8 reconstructions."""
     return to_uint8(self.decode(self.encode(images)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Reconstruction quality
-
-
-def psnr(a: Any, b: Any, data_range: float = 255.0) -> float:
-  """Peak signal-to-noise ratio in dB over all pixels and channels (inf for equal images)."""
-  a, b = _pair(a, b)
-  mse = float(np.mean((a - b) ** 2))
-  return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-  """Normalized 1-D Gaussian taps (the 2-D window is their outer product)."""
-  x = np.arange(size, dtype=np.float64) - (size - 1) / 2
-  g = np.exp(-0.5 * (x / sigma) ** 2)
-  return g / g.sum()
-
-
-def _filter_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
-  """Separable 'valid' correlation of [H, W, C] with g along H and W."""
-  k = g.shape[0]
-  x = np.lib.stride_tricks.sliding_window_view(x, k, axis=0) @ g
-  return np.lib.stride_tricks.sliding_window_view(x, k, axis=1) @ g
-
-
-def ssim(a: Any, b: Any, data_range: float = 255.0, win_size: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> float:
-  """Mean SSIM of two images [H, W] or [H, W, C] (see the module docstring)."""
-  a, b = _pair(a, b)
-  if a.ndim == 2:
-    a, b = a[..., None], b[..., None]
-  if min(a.shape[:2]) < win_size:
-    raise ValueError(f"SSIM needs images of at least {win_size}x{win_size}, got {a.shape[:2]}")
-  g = gaussian_window(win_size, sigma)
-  c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-  mu_a, mu_b = _filter_valid(a, g), _filter_valid(b, g)
-  var_a = _filter_valid(a * a, g) - mu_a ** 2
-  var_b = _filter_valid(b * b, g) - mu_b ** 2
-  cov = _filter_valid(a * b, g) - mu_a * mu_b
-  s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) *
-                                                   (var_a + var_b + c2))
-  return float(s.mean())
-
-
-def _pair(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  if a.shape != b.shape:
-    raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
-  return a, b
 
 
 def list_images(paths: Sequence[str], extensions: Sequence[str] = (

@@ -1,4 +1,5 @@
-"""The default experiment config (ml_collections) every file under configs/ starts from.
+"""The config schema: the default experiment config every file under configs/ starts from, and
+the sections other jobs share (`autoencoder_defaults`, `precompute_defaults`).
 
 Every number a user may want to change is a field here with a documented default; config files override
 fields, the command line overrides them again (`--config.train.lr=1e-4`). Unknown fields are errors
@@ -10,7 +11,10 @@ import dataclasses
 
 import ml_collections
 
-from svg_jax import autoencoder
+from svg_jax import text as text_lib
+from svg_jax.data import records
+from svg_jax.models.decoder import DecoderConfig
+from svg_jax.models.dinov3 import DINOv3Config
 from svg_jax.models.nextdit import NextDiTConfig
 
 # Logical axis -> mesh axes. Parameters are FSDP-sharded on their `embed` (model width) axis and
@@ -41,8 +45,78 @@ DEFAULT_AXIS_RULES = (
 
 
 def nextdit_2b() -> ml_collections.ConfigDict:
-  """The official 2B model section (reference §1.2): 2,611,246,336 parameters."""
+  """The official 2B model section (docs/reference.md §1.2): 2,611,246,336 parameters."""
   return ml_collections.ConfigDict(dataclasses.asdict(NextDiTConfig()))
+
+
+def autoencoder_defaults() -> ml_collections.ConfigDict:
+  """The `config.autoencoder` section. Paths are empty: real weights are the user's files."""
+  c = ml_collections.ConfigDict()
+  # DINOv3 weights: the official dinov3_vits16plus_pretrain_lvd1689m-*.pth, an official or HF
+  # .safetensors, an HF DINOv3ViTModel folder, or an SVG autoencoder .ckpt (encoder_prefix
+  # "encoder.": it holds a copy of the encoder next to the decoder).
+  c.encoder_path = ""
+  c.encoder_prefix = ""  # key prefix selected and stripped in the encoder file ("" = none)
+  c.encoder = ml_collections.ConfigDict(dataclasses.asdict(DINOv3Config()))  # ViT-S/16+
+  # Pixel decoder weights: the official SVG autoencoder .ckpt (`decoder.*` in `state_dict`), a
+  # .pth state dict, or .safetensors, with official or diffusers key names.
+  c.decoder_path = ""
+  c.decoder_format = "auto"  # auto | official | diffusers
+  c.decoder = ml_collections.ConfigDict(dataclasses.asdict(DecoderConfig()))  # released ddconfig
+  # Latent statistics: the official dinov3_s16p_layer_patchtoken_stats_dist.pt (the package ships
+  # it: `svg_jax.assets.OFFICIAL_LATENT_STATS`) or a file written by
+  # latent_stats.save_latent_stats (the demo's random encoder).
+  c.stats_path = ""
+  c.stats_layer = -1  # row of the [layers, C] statistics; official -1 (= layer 11)
+  # Round mean/std to bf16 before normalizing, as the official DiT training does (bit-exact
+  # training latents); denormalization always uses the fp32 statistics, as official sampling.
+  c.bf16_stats = False
+  c.batch_size = 0  # images per jitted call (chunks; the last is padded); 0 = the whole input
+  return c
+
+
+def precompute_defaults() -> ml_collections.ConfigDict:
+  """The `config.precompute` section (the encoder comes from `config.autoencoder`)."""
+  c = ml_collections.ConfigDict()
+  # Local HF-format Gemma-2 folder (config.json + safetensors) and its tokenizer folder
+  # ("" = the same folder). In token_ids mode only the tokenizer is read.
+  c.text_encoder_dir = ""
+  c.tokenizer_dir = ""
+  c.hidden_layer = -2  # official: hidden_states[-2]
+  # Token budget including <bos> and the system prompt: official training truncates at 256.
+  c.max_length = text_lib.TRAIN_MAX_LENGTH
+  # "auto" = the official training rule (`super_high_quality_caption` items get the `align`
+  # prompt, all others `base`), or a name of text.SYSTEM_PROMPTS forced on every caption.
+  c.system_prompt = "auto"
+  c.text_mode = "features"  # features (bf16 hidden states) | token_ids (text encoder run online)
+  c.resolution = 256  # bucket set of this training resolution (15 buckets at 256, 27 at 512)
+  c.max_ratio = 4.0  # largest aspect ratio of the buckets (official 4)
+  c.min_side = 64  # images whose shorter side is below this many pixels are reported as tiny
+  c.batch_size = 16  # images (and captions) per jitted encoder call, per bucket
+  c.records_per_shard = 1024  # inputs per chunk = most records in one shard; also the resume unit
+  # "uncompressed" (the loader reads ~2x faster, bench/loader.py) or "zstd" (~22% smaller shards,
+  # for hosts with loader cores to spare).
+  c.shard_compression = records.DEFAULT_COMPRESSION
+  # Storage dtype of latents and text features. Schema v1 stores floats as bfloat16 only.
+  c.output_dtype = "bfloat16"
+  c.num_threads = 4  # image decode / crop threads
+  # -1 = jax.process_index() / jax.process_count(); set both to split a job by hand.
+  c.process_index = -1
+  c.process_count = -1
+  # tfds input: split, data_dir ("" = TFDS's default) and the feature names.
+  c.tfds_split = "train"
+  c.tfds_data_dir = ""
+  c.tfds_image_key = "image"
+  c.tfds_caption_key = "caption"
+  return c
+
+
+def precompute_job_config() -> ml_collections.ConfigDict:
+  """`autoencoder` + `precompute` sections: what `launch/precompute.py` reads."""
+  c = ml_collections.ConfigDict()
+  c.autoencoder = autoencoder_defaults()
+  c.precompute = precompute_defaults()
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -51,7 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 42
 
   c.model = nextdit_2b()
-  c.autoencoder = autoencoder.autoencoder_defaults()
+  c.autoencoder = autoencoder_defaults()
 
   # Device mesh: sizes of (data, fsdp, tensor); exactly one may be -1 (= the remaining devices).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -65,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
   # (64, 128, 256) gave 9-11% (bench/padding.py). Each bucket is one more compiled shape.
   c.data.caption_len_buckets = ()
   c.data.num_caption_buckets = 4
-  c.data.max_caption_len = 256  # official training truncation (reference §1.5: 512 is ignored)
+  c.data.max_caption_len = 256  # official training truncation (docs/reference.md §1.5: 512 is ignored)
   c.data.prefetch = 2  # batches buffered ahead of the step
   # Grain read threads per process, and worker processes (0: read in the training process). A GPU
   # or TPU host has the cores to spare; the 2-core CPU demo does not.
@@ -88,7 +162,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.timestep_sampling = "logit_normal"  # logit_normal | uniform
   c.flow.logit_mean = 0.0
   c.flow.logit_std = 1.0
-  c.flow.resolution_shift = True  # the official shift e^mu(resolution) toward noise (§4.2)
+  c.flow.resolution_shift = True  # the official shift e^mu(resolution) toward noise (docs/reference.md §4.2)
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch_size = 512
@@ -103,7 +177,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0
   c.train.grad_clip = 2.0
   c.train.caption_dropout = 0.1
-  # The official decay is 0.95 per step (a ~20-step horizon, reference §5); 0.9999 averages over
+  # The official decay is 0.95 per step (a ~20-step horizon, docs/reference.md §5); 0.9999 averages over
   # ~10k steps, the usual horizon for DiT training runs of 10^5+ steps. Set 0.95 to match official.
   c.train.ema_decay = 0.9999
   c.train.init_from = ""  # checkpoint dir of an earlier stage: params (not optimizer) + EMA from them

@@ -1,6 +1,6 @@
 """Rectified-flow training: the linear path, timestep sampling with the resolution shift, the loss.
 
-Conventions follow the official SVG-T2I transport (reference §4.1-4.2): t = 0 is noise, t = 1 is
+Conventions follow the official SVG-T2I transport (docs/reference.md §4.1-4.2): t = 0 is noise, t = 1 is
 data, x_t = t * x1 + (1 - t) * x0 and the model regresses the velocity u = x1 - x0 with an
 unweighted per-sample MSE. Training t is logit-normal (t = sigmoid(u), u ~ N(mean, std)) and is then
 shifted toward noise by the SD3/Flux shift with factor e^mu, mu linear in the token count through
@@ -94,7 +94,7 @@ def sample_timesteps(rng: jax.Array, batch: int, kind: str = "logit_normal", mea
 
 def flow_matching_loss(velocity_pred: jax.Array, x0: jax.Array, x1: jax.Array,
                        mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Unweighted velocity MSE (reference §4.1), computed in float32.
+  """Unweighted velocity MSE (docs/reference.md §4.1), computed in float32.
 
   Args:
     velocity_pred: model output v(x_t, t), [b, ...].

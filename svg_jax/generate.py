@@ -1,7 +1,7 @@
 """Text-to-image generation: prompts -> text features -> one jitted guided trajectory -> pixels.
 
 `Generator` holds the DiT params, the text encoder and the pixel decoder. `generate` runs, per
-batch of prompts, the official sampling recipe (svg_t2i_reference.md §4.3-4.4, §6):
+batch of prompts, the official sampling recipe (docs/reference.md §4.3-4.4, §6):
 - the negative prompt is the empty caption "" (<bos> only), stacked as [cond; uncond] rows and
   evaluated in ONE model call per solver step, on the same latent for both halves
   (`sampling.guided_velocity`);
@@ -17,33 +17,29 @@ DiT masks padded caption keys and places image RoPE ids after the valid caption 
 trajectory program is compiled per (batch, text length, latent size, sampler settings).
 
 Given a mesh, the batch is split over its (data, fsdp) axes and the weights are replicated.
-Loading helpers read the DiT from a training workdir (EMA or raw params) or from converted weights.
+The DiT comes from a training workdir (`train/dit_checkpoint.py`: EMA or raw params) or from
+converted weights (`convert/dit_io.py`). Benchmark layouts: `eval/benchmarks.py`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import logging
 import math
-import os
 import re
-import socket
-import time
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from svg_jax import autoencoder as ae_lib
+from svg_jax import config as config_lib
 from svg_jax import parallel, sampling, text
-from svg_jax.data import jsonl as jsonl_lib
-from svg_jax.models.nextdit import NextDiT, NextDiTConfig, abstract_params
-
-log = logging.getLogger(__name__)
+from svg_jax.convert import dit_io
+from svg_jax.models.nextdit import NextDiT, NextDiTConfig
+from svg_jax.train import dit_checkpoint
 
 # Official sampling defaults (scripts/sample.sh, eval/generation): 50 steps, CFG 4, DPM, shift 10.
 DEFAULTS = dict(steps=50, cfg_scale=4.0, cfg_mode="renorm", shift=10.0, solver="dpm")
@@ -296,16 +292,13 @@ class Generator:
       raise ValueError("give exactly one of a training checkpoint (--checkpoint) and converted "
                        "weights (--weights with --format)")
     if checkpoint is not None:
-      dit_cfg = checkpoint_model_config(checkpoint, step, config)
-      params = load_checkpoint_params(checkpoint, dit_cfg, ema=ema, step=step, mesh=mesh)
+      dit_cfg = dit_checkpoint.saved_model_config(checkpoint, step, config)
+      params = dit_checkpoint.load_params(checkpoint, dit_cfg, ema=ema, step=step, mesh=mesh)
     else:
-      from svg_jax.config import nextdit_config
-      from svg_jax.convert.dit_io import load_dit
-
       if not weights_format:
         raise ValueError("--weights needs --format (flax | official | safetensors | diffusers)")
-      dit_cfg = nextdit_config(config)
-      params = load_dit(weights, weights_format, dit_cfg)
+      dit_cfg = config_lib.nextdit_config(config)
+      params = dit_io.load_dit(weights, weights_format, dit_cfg)
     enc = text.TextEncoder.from_pretrained(text_encoder, tokenizer,
                                            system_prompt=text.system_prompt(system_type),
                                            max_length=text.SAMPLE_MAX_LENGTH)
@@ -328,297 +321,3 @@ def _check_prompts_seeds(prompts, seeds) -> tuple[list[str], list[int]]:
   if out_of_range:
     raise ValueError(f"seeds must lie in [0, 2^31), got {out_of_range[:5]}")
   return prompts, seeds
-
-
-# ------------------------------------------------------------------------------------------------
-# Loading DiT params from a training workdir
-
-
-def checkpoint_model_config(workdir: str, step: int | None = None,
-                            base: ml_collections.ConfigDict | None = None) -> NextDiTConfig:
-  """The NextDiTConfig a training run saved with its checkpoint (newest step by default).
-
-  Implementation-only fields (compute dtype, attention backend, scan, remat) come from `base`'s
-  model section when given, so sampling can pick them for its hardware.
-  """
-  from svg_jax.train import checkpoint as ckpt_lib
-
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-  try:
-    step = _resolve_step(ckpt.latest_step(), step, ckpt.all_steps(), ckpt.directory)
-    saved = ckpt.read_config(step)
-  finally:
-    ckpt.close()
-  if "model" not in saved:
-    raise ValueError(f"the config saved in {workdir} at step {step} has no `model` section")
-  model = dict(saved["model"])
-  if base is not None:
-    for k in ("compute_dtype", "attention_backend", "remat_policy"):
-      model[k] = base.model[k]
-  known = {f.name for f in dataclasses.fields(NextDiTConfig)}
-  unknown = sorted(set(model) - known)
-  if unknown:
-    raise ValueError(f"the saved model config has unknown fields {unknown}")
-  model = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
-  cfg = NextDiTConfig(**model)
-  cfg.validate()
-  return cfg
-
-
-def _resolve_step(latest, step, all_steps, directory) -> int:
-  if latest is None:
-    raise FileNotFoundError(f"no finished checkpoint in {directory}")
-  if step is None:
-    return latest
-  if step not in all_steps:
-    raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: "
-                            f"{sorted(all_steps)})")
-  return step
-
-
-def _abstract_plain(cfg: NextDiTConfig, mesh: Mesh | None):
-  import flax.linen as nn
-
-  sharding = (SingleDeviceSharding(jax.devices()[0]) if mesh is None
-              else parallel.replicated(mesh))
-  tree = nn.meta.unbox(abstract_params(cfg))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-def load_checkpoint_params(workdir: str, cfg: NextDiTConfig, *, ema: bool = True,
-                           step: int | None = None, mesh: Mesh | None = None):
-  """EMA (`ema_params`) or raw (`params`) DiT params of a training workdir's checkpoint.
-
-  Raw params go through `train.checkpoint.load_params`. That function reads only `params`, so
-  the EMA tree is read by `_load_state_item` here, the same partial Orbax restore of another key
-  of the saved `state` (an adapter until the checkpoint module offers it).
-  """
-  from svg_jax.train import checkpoint as ckpt_lib
-
-  abstract = _abstract_plain(cfg, mesh)
-  if not ema:
-    return ckpt_lib.load_params(workdir, abstract, step)
-  return _load_state_item(workdir, "ema_params", abstract, step)
-
-
-def _load_state_item(workdir: str, item: str, abstract, step: int | None):
-  import orbax.checkpoint as ocp
-  from svg_jax.train import checkpoint as ckpt_lib
-
-  directory = ckpt_lib.checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoint folder at {directory}")
-  manager = ocp.CheckpointManager(
-      directory, item_names=ckpt_lib.ITEMS, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler()})
-  try:
-    step = _resolve_step(manager.latest_step(), step, list(manager.all_steps()), directory)
-    meta = manager.item_metadata(step)["state"]
-    saved = meta.tree if hasattr(meta, "tree") else meta
-    if item not in saved:
-      raise ValueError(f"the checkpoint of step {step} in {directory} has no `{item}` (it holds "
-                       f"{sorted(saved)})")
-    _check_same_tree(saved[item], abstract, f"{item} of step {step} in {directory}")
-    restore_args = jax.tree.map(
-        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-        abstract)
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={item: abstract}, restore_args={item: restore_args}, partial_restore=True)))
-    log.info("loaded %s of step %d from %s", item, step, directory)
-    return out["state"][item]
-  finally:
-    manager.close()
-
-
-def _check_same_tree(saved, target, what: str) -> None:
-  flat = lambda t: {jax.tree_util.keystr(k): v  # noqa: E731
-                    for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
-  s, t = flat(saved), flat(target)
-  missing, unexpected = sorted(set(t) - set(s)), sorted(set(s) - set(t))
-  shapes = sorted(f"{k}: saved {tuple(s[k].shape)}, model {tuple(t[k].shape)}"
-                  for k in set(s) & set(t) if tuple(s[k].shape) != tuple(t[k].shape))
-  if missing or unexpected or shapes:
-    raise ValueError(f"{what} does not fit the model: missing {missing}; unexpected "
-                     f"{unexpected}; mis-shaped {shapes}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Files
-
-
-def _temp_name(path: str, tmp_dir: str | None) -> str:
-  # Host and pid in the name: several processes may write into one shared folder.
-  name = f".{os.path.basename(path)}.tmp-{socket.gethostname()}-{os.getpid()}"
-  return os.path.join(tmp_dir or os.path.dirname(path) or ".", name)
-
-
-def atomic_save_png(image: np.ndarray, path: str, tmp_dir: str | None = None) -> None:
-  """Write a PNG under a temporary name (in `tmp_dir`, default the target's folder, on the same
-  file system), then rename it into place: readers never see a partial file."""
-  from PIL import Image
-
-  tmp = _temp_name(path, tmp_dir)
-  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-  os.replace(tmp, path)
-
-
-def atomic_write_text(text_: str, path: str, tmp_dir: str | None = None) -> None:
-  tmp = _temp_name(path, tmp_dir)
-  with open(tmp, "w") as f:
-    f.write(text_)
-  os.replace(tmp, path)
-
-
-class Progress:
-  """A one-line progress report: done/total, images/s, elapsed and ETA (stderr-like print)."""
-
-  def __init__(self, total: int, what: str = "images", printer=print):
-    self.total, self.what, self.printer = total, what, printer
-    self.t0 = time.perf_counter()
-
-  def __call__(self, done: int, total: int | None = None) -> None:
-    total = self.total if total is None else total
-    dt = time.perf_counter() - self.t0
-    rate = done / dt if dt > 0 else 0.0
-    eta = (total - done) / rate if rate > 0 else float("nan")
-    self.printer(f"[{done}/{total}] {self.what} {rate:.2f}/s elapsed {dt:.1f}s eta {eta:.1f}s",
-                 flush=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# Benchmark generation (the layouts the official GenEval and DPG-Bench scorers read)
-
-BENCHMARKS = ("geneval", "dpg")
-GENEVAL_METADATA = "metadata.jsonl"
-TMP_DIR = ".tmp"
-
-
-def read_prompt_file(path: str, benchmark: str) -> list[dict]:
-  """A benchmark prompt file: one JSON object per line with `prompt` (DPG: and `filename`)."""
-  if benchmark not in BENCHMARKS:
-    raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
-  need = ("prompt", "filename") if benchmark == "dpg" else ("prompt",)
-  items, problems = [], []
-  for line in jsonl_lib.lines(path):
-    if line.problem:
-      problems.append(f"line {line.number}: {line.problem}")
-      continue
-    item = line.item
-    missing = [k for k in need if not isinstance(item.get(k), str) or not item.get(k)]
-    if missing:
-      problems.append(f"line {line.number}: missing or empty {missing}")
-    items.append(item)
-  if not items and not problems:
-    problems.append("no prompts")
-  if benchmark == "dpg" and not problems:
-    stems = [dpg_grid_name(it["filename"]) for it in items]
-    dup = sorted({s for s in stems if stems.count(s) > 1})
-    if dup:
-      problems.append(f"several prompts share the output names {dup[:5]}")
-  if problems:
-    raise ValueError(f"{path} is not a {benchmark} prompt file: " + "; ".join(problems[:10]))
-  return items
-
-
-def dpg_grid_name(filename: str) -> str:
-  """DPG-Bench grid file of a prompt: its `filename` with a .png suffix ('286.txt' -> '286.png')."""
-  return os.path.splitext(os.path.basename(filename))[0] + ".png"
-
-
-def geneval_sample_path(outdir: str, index: int, k: int) -> str:
-  return os.path.join(outdir, f"{index:05d}", "samples", f"{k:05d}.png")
-
-
-def prompt_files(benchmark: str, outdir: str, index: int, item: dict,
-                 images_per_prompt: int) -> list[str]:
-  """Every file a finished prompt has."""
-  if benchmark == "geneval":
-    return [os.path.join(outdir, f"{index:05d}", GENEVAL_METADATA)] + [
-        geneval_sample_path(outdir, index, k) for k in range(images_per_prompt)]
-  return [os.path.join(outdir, dpg_grid_name(item["filename"]))]
-
-
-def _missing_images(benchmark, outdir, index, item, images_per_prompt) -> list[int]:
-  if benchmark == "geneval":
-    meta = os.path.join(outdir, f"{index:05d}", GENEVAL_METADATA)
-    if os.path.exists(meta):
-      with open(meta) as f:
-        saved = f.read().strip()
-      if json.loads(saved) != item:
-        raise ValueError(f"{meta} holds another prompt ({saved[:80]}...) than line {index} of the "
-                         "prompt file; use a fresh output folder for another prompt file")
-    return [k for k in range(images_per_prompt)
-            if not os.path.exists(geneval_sample_path(outdir, index, k))]
-  grid = os.path.join(outdir, dpg_grid_name(item["filename"]))
-  return [] if os.path.exists(grid) else list(range(images_per_prompt))
-
-
-def run_benchmark(generator: Generator, items: Sequence[dict], benchmark: str, outdir: str,
-                  resolution, settings: SamplerSettings = SamplerSettings(), *,
-                  batch_size: int = 4, images_per_prompt: int = 4, process_index: int = 0,
-                  process_count: int = 1, printer=print) -> dict:
-  """Generate the benchmark images of this process's prompts (index i with i % count == this).
-
-  Resumable: a prompt whose files all exist is skipped; a GenEval prompt with some samples gets
-  only the missing ones. Files appear atomically (temporary name, then rename). Image k of prompt
-  i uses the seed 42 + images_per_prompt * i + k. Returns counts for the report.
-  """
-  if benchmark not in BENCHMARKS:
-    raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
-  if benchmark == "dpg" and images_per_prompt != 4:
-    raise ValueError(f"DPG-Bench grids are 2x2: images_per_prompt must be 4, got "
-                     f"{images_per_prompt}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process index {process_index} outside [0, {process_count})")
-  mine = [i for i in range(len(items)) if i % process_count == process_index]
-  todo, skipped = [], 0
-  for i in mine:
-    ks = _missing_images(benchmark, outdir, i, items[i], images_per_prompt)
-    meta = os.path.join(outdir, f"{i:05d}", GENEVAL_METADATA)
-    if benchmark == "geneval" and not ks and not os.path.exists(meta):
-      atomic_write_text(json.dumps(items[i]) + "\n", meta)  # samples there, metadata lost
-    skipped += not ks
-    todo += [(i, k) for k in ks]
-  summary = dict(prompts=len(mine), skipped=skipped, images=len(todo), written=0)
-  printer(f"{benchmark}: process {process_index}/{process_count} has {len(mine)} prompts, "
-          f"{skipped} already finished, {len(todo)} images to generate", flush=True)
-  if not todo:
-    return summary
-  # Temporary files live in a hidden folder, never among the files a scorer lists (GenEval reads
-  # every file of samples/); a crash can leave only stale files there.
-  tmp_dir = os.path.join(outdir, TMP_DIR)
-  os.makedirs(tmp_dir, exist_ok=True)
-  prompts = [items[i]["prompt"] for i, _ in todo]
-  # One caption length for the whole run: one compiled trajectory.
-  length = generator.text_length(sorted(set(prompts)))
-  chunk = batch_size if batch_size > 0 else len(todo)
-  buffered: dict[int, dict[int, np.ndarray]] = {}
-  progress = Progress(len(todo), printer=printer)
-  for start in range(0, len(todo), chunk):
-    part = todo[start:start + chunk]
-    images = generator.generate([items[i]["prompt"] for i, _ in part],
-                                [sampling.eval_seed(i, k, images_per_prompt) for i, k in part],
-                                resolution, settings, batch_size=chunk, text_length=length)
-    for (i, k), img in zip(part, images):
-      if benchmark == "geneval":
-        folder = os.path.join(outdir, f"{i:05d}")
-        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
-        meta = os.path.join(folder, GENEVAL_METADATA)
-        if not os.path.exists(meta):
-          atomic_write_text(json.dumps(items[i]) + "\n", meta, tmp_dir)
-        atomic_save_png(img, geneval_sample_path(outdir, i, k), tmp_dir)
-        summary["written"] += 1
-      else:
-        buffered.setdefault(i, {})[k] = img
-        if len(buffered[i]) == images_per_prompt:
-          done = buffered.pop(i)
-          grid = make_grid([done[q] for q in range(images_per_prompt)], 2)
-          atomic_save_png(grid, os.path.join(outdir, dpg_grid_name(items[i]["filename"])),
-                          tmp_dir)
-          summary["written"] += 1
-    progress(start + len(part))
-  try:
-    os.rmdir(tmp_dir)  # only when empty (another process may still be writing)
-  except OSError:
-    pass
-  return summary

@@ -1,6 +1,6 @@
 """Per-channel statistics of the DINOv3 latent: reading them, normalizing and denormalizing.
 
-SVG-T2I's DiT works on DINOv3 final-norm patch tokens standardized per channel (reference §2.3):
+SVG-T2I's DiT works on DINOv3 final-norm patch tokens standardized per channel (docs/reference.md §2.3):
   z = (f - mean) / (std + 1e-8)        (training / precompute)
   f = z * std + mean                   (sampling; no epsilon)
 with `mean`, `std` one row (official: -1 = layer 11) of the official statistics file, a torch zip

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -45,6 +46,25 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[Any] | None = None) -> Me
   shape = mesh_shape(sizes, len(devices))
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
                        devices=devices)
+
+
+def make_hybrid_mesh(sizes: dict[str, int], num_slices: int,
+                     devices: Sequence[Any] | None = None) -> Mesh:
+  """A multi-slice mesh: `data` spans the slices (data-centre network), `sizes` lay out each slice.
+
+  `sizes` are one slice's axis sizes (one may be -1); the mesh's data axis is num_slices x
+  sizes["data"], slice-major, so the FSDP and tensor collectives stay on a slice's chip
+  interconnect and only the data-parallel gradient reduction crosses slices. Devices must carry
+  `slice_index` (TPU multi-slice)."""
+  devices = list(jax.devices() if devices is None else devices)
+  slices = sorted({getattr(d, "slice_index", None) for d in devices}, key=str)
+  if len(slices) != num_slices or len(devices) % num_slices:
+    raise ValueError(f"hybrid mesh: {num_slices} slices asked, the {len(devices)} devices are in "
+                     f"slices {slices}")
+  ici = mesh_shape(sizes, len(devices) // num_slices)
+  dcn = (num_slices,) + (1,) * (len(MESH_AXES) - 1)
+  grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def axis_rules(rules) -> tuple[tuple[str, Any], ...]:
@@ -82,19 +102,61 @@ def batch_axis_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def initialize_distributed() -> None:
-  """`jax.distributed.initialize()` when the launcher says this run spans several processes.
+# The explicit set, for plain SSH or any launcher JAX does not detect: all three or none.
+EXPLICIT_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
-  On a TPU pod slice / SLURM / an explicit coordinator, JAX detects the cluster itself; on one process
-  this is a no-op, so the same command works on a laptop and on every host of a slice.
+
+class DistributedSetupError(ValueError):
+  """The environment describes a multi-process run that cannot be started (one line)."""
+
+
+def explicit_cluster(env=None) -> dict[str, Any] | None:
+  """`jax.distributed.initialize` kwargs from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+  JAX_PROCESS_ID, None when none is set; a partial or malformed set raises one line."""
+  env = os.environ if env is None else env
+  given = {k: env[k] for k in EXPLICIT_ENV if env.get(k)}
+  if not given:
+    return None
+  if len(given) < len(EXPLICIT_ENV):
+    missing = [k for k in EXPLICIT_ENV if k not in given]
+    raise DistributedSetupError(f"{', '.join(sorted(given))} set but {', '.join(missing)} not: an "
+                                "explicit multi-host start needs all of " + ", ".join(EXPLICIT_ENV))
+  try:
+    num, pid = int(given["JAX_NUM_PROCESSES"]), int(given["JAX_PROCESS_ID"])
+  except ValueError:
+    raise DistributedSetupError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got "
+                                f"{given['JAX_NUM_PROCESSES']!r} and {given['JAX_PROCESS_ID']!r}"
+                                ) from None
+  if num < 1 or not 0 <= pid < num:
+    raise DistributedSetupError(f"JAX_PROCESS_ID={pid} is outside [0, JAX_NUM_PROCESSES={num})")
+  if ":" not in given["JAX_COORDINATOR_ADDRESS"]:
+    raise DistributedSetupError("JAX_COORDINATOR_ADDRESS must be host:port, got "
+                                f"{given['JAX_COORDINATOR_ADDRESS']!r}")
+  return dict(coordinator_address=given["JAX_COORDINATOR_ADDRESS"], num_processes=num,
+              process_id=pid)
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize` when the launcher says this run spans several processes.
+
+  Explicit (`EXPLICIT_ENV`, all three) or detected by JAX itself: a TPU pod slice's metadata,
+  SLURM (`srun`, one task per host), OpenMPI (`mpirun`). On one process this is a no-op, so the
+  same command works on a laptop and on every host of a slice.
   """
+  if jax.distributed.is_initialized():
+    return
+  explicit = explicit_cluster()
+  if explicit is not None:
+    if explicit["num_processes"] > 1:
+      jax.distributed.initialize(**explicit)
+    return
   multi = any(os.environ.get(k) for k in (
-      "JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-      "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
-  if os.environ.get("SLURM_NTASKS") == "1" or os.environ.get("TPU_WORKER_HOSTNAMES", "x") in (
-      "localhost", ""):
+      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+      "OMPI_COMM_WORLD_SIZE"))
+  if os.environ.get("SLURM_NTASKS") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE") == "1" or (
+      os.environ.get("TPU_WORKER_HOSTNAMES", "x") in ("localhost", "")):
     multi = False
-  if multi and not jax.distributed.is_initialized():
+  if multi:
     jax.distributed.initialize()
 
 

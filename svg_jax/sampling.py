@@ -1,6 +1,6 @@
 """Samplers for the flow model: time grids, ODE solvers, DPM-Solver++ 2M and renorm-CFG.
 
-Conventions (svg_t2i_reference.md §4): flow time t in [0, 1], t = 0 is noise and t = 1 is data,
+Conventions (docs/reference.md §4): flow time t in [0, 1], t = 0 is noise and t = 1 is data,
 x_t = t * x1 + (1 - t) * x0, and the model is a velocity field `velocity_fn(x, t) -> v` with
 v ~ x1 - x0, x fp32 [B, ...] and t fp32 [B]. DPM-Solver works in the noise level s = sigma = 1 - t.
 
@@ -11,7 +11,7 @@ solvers are plain traceable functions: wrap the call in `jax.jit` with the param
 
 Time grids and solver coefficients are host constants computed in float64 numpy from concrete
 `steps` / `shift` and cast to fp32 once, which gives the correctly rounded grid that diffusers
-uses (equivalence/sampler.md §2.2).
+uses (docs/equivalence/sampler.md §2.2).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Text conditioning: tokenizer loading, the official system prompts, padding rules, text features.
 
-Facts of the official SVG-T2I code (reference §1.5) this module reproduces:
+Facts of the official SVG-T2I code (docs/reference.md §1.5) this module reproduces:
 - A system prompt is glued in front of the caption with no separator. Training uses `base`, items
   carrying `super_high_quality_caption` use the "highest degree of image-text alignment" variant
   (the same string as the sampler's `align`); the sampler picks one by `--system_type`.
@@ -89,7 +89,7 @@ def with_system_prompt(caption: str, prompt: str) -> str:
 def load_tokenizer(model_dir: str):
   """A Hugging Face tokenizer from a local folder (never the hub), padding on the right.
 
-  Works for a real Gemma tokenizer folder and for the demo one (`svg_jax.demo_text_encoder`).
+  Works for a real Gemma tokenizer folder and for the demo one (`svg_jax/demo/text_encoder.py`).
   The tokenizer must add <bos> by itself and have a pad token, as Gemma's does.
   """
   if not os.path.isdir(model_dir):

@@ -1,5 +1,5 @@
 """The reference NextDiT for parity tests: diffusers' Lumina2Transformer2DModel, aligned to the
-official SVG-T2I model as measured in ../shared/docs/equivalence/nextdit.md §8:
+official SVG-T2I model as measured in docs/equivalence/nextdit.md §8:
 q/k-norm eps set to the config's value and the RoPE tables replaced by fp32-angle complex64 tables.
 """
 import numpy as np
@@ -21,7 +21,7 @@ def random_official_state(cfg: NextDiTConfig, seed: int = 0, qk_scale: float = 1
       fan_in = shape[-1] if len(shape) == 2 else 1
       w = rng.standard_normal(shape) / np.sqrt(fan_in)
     state[key] = w.astype(np.float32)
-  if qk_scale != 1.0:  # shrink q/k so the q/k-norm eps matters (equivalence/nextdit.md §4.1)
+  if qk_scale != 1.0:  # shrink q/k so the q/k-norm eps matters (docs/equivalence/nextdit.md §4.1)
     qk_rows = (cfg.n_heads + cfg.n_kv_heads) * cfg.head_dim
     for key in state:
       if key.endswith("attention.qkv.weight"):

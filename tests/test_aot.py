@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from svg_jax import parallel
-from svg_jax.train import aot, loop
+from svg_jax.train import aot, dit_task
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 MIB = 2 ** 20
@@ -39,11 +39,11 @@ def test_2b_state_over_1mib_is_fsdp_sharded(mesh_shape):
   assert jax.device_count() == 8
   config = _config("svg_t2i_2b", "stage1_256")
   mesh = parallel.make_mesh(dict(zip(parallel.MESH_AXES, mesh_shape)))
-  setup = loop.Setup(config, mesh)  # eval_shape only: the 2.6B state is never allocated
+  setup = dit_task.DiTSetup(config, mesh)  # eval_shape only: the 2.6B state is never allocated
   fsdp = mesh.shape["fsdp"]
   leaves = jax.tree_util.tree_leaves_with_path(setup.abstract_state)
   n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
-  assert n_params == 2_611_246_336  # reference §1.2: the state really is the 2B model's
+  assert n_params == 2_611_246_336  # docs/reference.md §1.2: the state really is the 2B model's
   big = [(p, x) for p, x in leaves if math.prod(x.shape) * np.dtype(x.dtype).itemsize > MIB]
   assert len(big) > 50  # params, mu, nu, ema of every large kernel
   unsharded = []

@@ -1,8 +1,8 @@
 """SVGAutoencoder: encode vs transformers, decode vs diffusers, sharding, files, metrics, the CLI.
 
 References nobody here wrote: `transformers.DINOv3ViTModel` (the official DINOv3 function,
-equivalence/autoencoder.md §1) fed torchvision-style ImageNet-normalized pixels, followed by the
-official normalization evaluated by torch; `diffusers`' `vae.Decoder` (the official decoder, §2)
+docs/equivalence/autoencoder.md §1) fed torchvision-style ImageNet-normalized pixels, followed by the
+official normalization evaluated by torch; `diffusers`' `vae.Decoder` (the official decoder, docs/equivalence/autoencoder.md §2)
 applied to latents denormalized by torch; skimage's PSNR / SSIM. Random weights and random
 statistics everywhere, fp32. The random small models are built by the helpers of
 tests/test_dinov3.py and tests/test_decoder.py (weights move only through svg_jax.convert).
@@ -23,15 +23,17 @@ from PIL import Image
 import test_decoder
 import test_dinov3
 from svg_jax import autoencoder as ae_lib
+from svg_jax import config as config_lib
 from svg_jax import latent_stats as ls
 from svg_jax import parallel
 from svg_jax.convert import decoder as dec_conv
 from svg_jax.convert import dinov3 as enc_conv
 from svg_jax.convert.torch_pickle import save_torch_file
+from svg_jax.eval import image_metrics
 from svg_jax.data import buckets
 
 ATOL = 1e-4
-ASSETS = "/work/shared/assets/svg_t2i"
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENC = test_dinov3.SMALL  # dim 64, 3 blocks, 2 registers
 DEC = test_decoder.SMALL  # z_channels 16, 5 levels (16x)
@@ -227,34 +229,34 @@ def test_psnr_and_ssim_match_skimage():
     want_ssim = structural_similarity(a, b, data_range=255, gaussian_weights=True, sigma=1.5,
                                       use_sample_covariance=False,
                                       channel_axis=-1 if len(shape) == 3 else None)
-    assert abs(ae_lib.ssim(a, b) - want_ssim) < 1e-10, shape
-    assert abs(ae_lib.psnr(a, b) - peak_signal_noise_ratio(a, b, data_range=255)) < 1e-10
+    assert abs(image_metrics.ssim(a, b) - want_ssim) < 1e-10, shape
+    assert abs(image_metrics.psnr(a, b) - peak_signal_noise_ratio(a, b, data_range=255)) < 1e-10
   # Smooth images (high SSIM) too, where the variance terms are small.
   yy, xx = np.mgrid[0:40, 0:56]
   a = np.stack([yy * 4, xx * 3, (xx + yy) * 2], -1).astype(np.uint8)
   b = np.clip(a.astype(int) + rng.integers(-2, 3, a.shape), 0, 255).astype(np.uint8)
   want = structural_similarity(a, b, data_range=255, gaussian_weights=True, sigma=1.5,
                                use_sample_covariance=False, channel_axis=-1)
-  assert abs(ae_lib.ssim(a, b) - want) < 1e-10 and want > 0.9
+  assert abs(image_metrics.ssim(a, b) - want) < 1e-10 and want > 0.9
 
 
 def test_psnr_and_ssim_hand_cases():
   rng = np.random.default_rng(8)
   a = rng.integers(0, 256, (24, 30, 3)).astype(np.uint8)
-  assert ae_lib.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
-  assert ae_lib.psnr(a, a) == float("inf")
+  assert image_metrics.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+  assert image_metrics.psnr(a, a) == float("inf")
   # Constant images p and q: variances are 0, so SSIM = (2pq + C1) / (p^2 + q^2 + C1).
   c1 = (0.01 * 255) ** 2
   for p, q in [(100, 110), (0, 255), (50, 50)]:
     x, y = np.full((16, 16), p, np.uint8), np.full((16, 16), q, np.uint8)
-    assert ae_lib.ssim(x, y) == pytest.approx((2 * p * q + c1) / (p * p + q * q + c1), rel=1e-12)
+    assert image_metrics.ssim(x, y) == pytest.approx((2 * p * q + c1) / (p * p + q * q + c1), rel=1e-12)
   # A constant shift of 5 everywhere: MSE 25.
-  assert ae_lib.psnr(np.zeros((8, 8)), np.full((8, 8), 5.0)) == pytest.approx(
+  assert image_metrics.psnr(np.zeros((8, 8)), np.full((8, 8), 5.0)) == pytest.approx(
       10 * np.log10(255 ** 2 / 25), rel=1e-12)
   with pytest.raises(ValueError, match="at least 11x11"):
-    ae_lib.ssim(np.zeros((10, 30)), np.zeros((10, 30)))
+    image_metrics.ssim(np.zeros((10, 30)), np.zeros((10, 30)))
   with pytest.raises(ValueError, match="differ in shape"):
-    ae_lib.psnr(np.zeros((8, 8)), np.zeros((8, 9)))
+    image_metrics.psnr(np.zeros((8, 8)), np.zeros((8, 9)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,7 +280,7 @@ def weight_files(tmp_path_factory, encoder):
   stats_path = str(root / "stats.pt")
   rng = np.random.default_rng(9)
   ls.save_latent_stats(stats_path, rng.normal(0, 0.3, ENC.dim), rng.uniform(0.5, 1.5, ENC.dim))
-  cfg = ae_lib.autoencoder_defaults()
+  cfg = config_lib.autoencoder_defaults()
   cfg.encoder.update({**dataclasses.asdict(ENC)})
   cfg.decoder.update({**dataclasses.asdict(DEC64)})
   cfg.encoder_path, cfg.decoder_path, cfg.stats_path = enc_path, dec_path, stats_path
@@ -309,7 +311,7 @@ def test_from_config_loads_the_official_formats(weight_files, encoder):
   # A config that wraps the section (config.autoencoder) works the same way.
   wrapped = ml_collections.ConfigDict({"autoencoder": cfg.to_dict()})
   assert ae_lib.SVGAutoencoder.from_config(wrapped, decoder=False).stats.dim == ENC.dim
-  bare = ae_lib.autoencoder_defaults()
+  bare = config_lib.autoencoder_defaults()
   with pytest.raises(ValueError, match="autoencoder.encoder_path and autoencoder.decoder_path"):
     ae_lib.SVGAutoencoder.from_config(bare)
   bare.encoder_path = cfg.encoder_path
@@ -323,7 +325,7 @@ def test_reconstruct_cli_end_to_end(weight_files, tmp_path):
   config_file = tmp_path / "ae_config.py"
   config_file.write_text(
       "import ml_collections\n"
-      "from svg_jax.autoencoder import autoencoder_defaults\n\n\n"
+      "from svg_jax.config import autoencoder_defaults\n\n\n"
       "def get_config():\n"
       "  c = ml_collections.ConfigDict()\n"
       "  c.autoencoder = autoencoder_defaults()\n"
@@ -362,8 +364,8 @@ def test_reconstruct_cli_end_to_end(weight_files, tmp_path):
     np.testing.assert_array_equal(orig, crop)
     # The right half is this autoencoder's reconstruction of the crop (PNG is lossless).
     assert np.abs(rec.astype(int) - ae.reconstruct(crop[None])[0].astype(int)).max() <= 1
-    assert by_name[name]["psnr"] == pytest.approx(ae_lib.psnr(orig, rec), rel=1e-9)
-    assert by_name[name]["ssim"] == pytest.approx(ae_lib.ssim(orig, rec), rel=1e-9)
+    assert by_name[name]["psnr"] == pytest.approx(image_metrics.psnr(orig, rec), rel=1e-9)
+    assert by_name[name]["ssim"] == pytest.approx(image_metrics.ssim(orig, rec), rel=1e-9)
     assert any(l.startswith(path) and f"PSNR {by_name[name]['psnr']:.2f} dB" in l for l in lines)
   mean_psnr = np.mean([m["psnr"] for m in metrics["images"]])
   assert metrics["mean_psnr"] == pytest.approx(mean_psnr)

@@ -1,11 +1,13 @@
-"""Aspect-ratio buckets (reference §2.5) and the official center crop (§2.4)."""
+"""Aspect-ratio buckets (docs/reference.md §2.5) and the official center crop (§2.4)."""
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from svg_jax.data import buckets
 
-# Reference §2.5, 256 px stage, (width, height) in the official enumeration order.
+# docs/reference.md §2.5, 256 px stage, (width, height) in the official enumeration order.
 BUCKETS_256 = [(512, 128), (464, 128), (448, 128), (448, 144), (400, 144), (336, 192), (320, 192),
                (256, 256), (192, 320), (192, 336), (144, 400), (144, 448), (128, 448), (128, 464),
                (128, 512)]
@@ -125,6 +127,6 @@ def test_center_crop_rounds_half_to_even():
 
 
 def test_bucket_crop_real_image():
-  img = Image.open("/work/shared/assets/svg_t2i/hello.png").convert("RGB")
+  img = Image.open(os.path.join(os.path.dirname(__file__), "assets", "hello.png")).convert("RGB")
   out, bucket = buckets.bucket_crop(img, BUCKETS_256)
   assert bucket == (320, 192) and out.size == (320, 192)

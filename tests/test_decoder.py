@@ -3,10 +3,10 @@
 The reference is `diffusers.models.autoencoders.vae.Decoder` built with
 `convert.decoder.diffusers_config` (an `AttnUpDecoderBlock2D` at the lowest level,
 `mid_block_add_attention=True`), which equals the official SVG-T2I decoder
-(equivalence/autoencoder.md §2: <= 2.4e-5 in fp32). Every weight is random, including GroupNorm
+(docs/equivalence/autoencoder.md §2: <= 2.4e-5 in fp32). Every weight is random, including GroupNorm
 affines and biases, so no block is invisible. fp32 on CPU, latents NCHW for torch and NHWC for us,
-one square and one non-square latent. The official names are pinned to reference §3.2 and to
-spot checks of equivalence §2.2 (official up.{L} <-> diffusers up_blocks.{n-1-L}).
+one square and one non-square latent. The official names are pinned to docs/reference.md §3.2 and to
+spot checks of docs/equivalence/autoencoder.md §2.2 (official up.{L} <-> diffusers up_blocks.{n-1-L}).
 """
 import argparse
 import dataclasses
@@ -122,7 +122,7 @@ def test_negative_controls(reference, apply_fn):
 
 
 def test_official_names_follow_the_reference():
-  # Facts from reference §3.2 and equivalence/autoencoder.md §2.2 for the released ddconfig.
+  # Facts from docs/reference.md §3.2 and docs/equivalence/autoencoder.md §2.2 for the released ddconfig.
   cfg = DecoderConfig()
   shapes = {}
   for path, off, dif, kind, shape in conv.key_map(cfg):

@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from svg_jax.convert import lpips as lpips_conv
+from svg_jax.demo import decoder_data
 from svg_jax.models import lpips as lpips_model
 from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax.models.dinov3 import DINOv3Config, DINOv3ViT
 from svg_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
 from svg_jax.train import decoder_step
-from svg_jax.train import loop
+from svg_jax.train import loop, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -225,7 +226,7 @@ def _step_inputs():
 
 
 def _direct(images, state, frozen, lpips_weight):
-  """The §3.3 losses written out plainly: separate full gradients of nll and g, the adaptive
+  """The docs/reference.md §3.3 losses written out plainly: separate full gradients of nll and g, the adaptive
   weight from the `conv_out` kernel's gradients (returns the pieces; the caller combines them)."""
   x = images.astype(np.float32) / 127.5 - 1
   from svg_jax.autoencoder import encode_images
@@ -371,12 +372,25 @@ TINY = {"autoencoder.encoder": dict(dim=32, depth=2, num_heads=2, ffn_hidden=64,
         "autoencoder.decoder": dict(z_channels=32, ch=8, ch_mult=(1, 1, 1, 2),
                                     num_res_blocks=0, norm_groups=4),
         "discriminator": dict(ndf=8, n_layers=2),
-        "data": dict(resolution=32, num_eval_images=8, demo_num_train=48, demo_num_heldout=8),
+        "data": dict(resolution=32, num_eval_images=8),
         "train": dict(global_batch_size=8, eval_batch_size=8, log_every=1, lr=2e-3)}
 
 
-def _flags(demo_dir, **train):
-  out = [f"--config.data.demo_dir={demo_dir}"]
+def _tiny_config():
+  config = decoder_configs.get_config("tiny")
+  for section, values in TINY.items():
+    config[section].update(values)
+  return config
+
+
+def _prepare(config, folder):
+  """The demo's files for this config's encoder, made the way the demo makes them; the trainer
+  then reads them through plain config paths, like any user's."""
+  return decoder_data.prepare_for(config, str(folder), num_train=48, num_heldout=8, seed=0)
+
+
+def _flags(paths, **train):
+  out = [f"--config.{key}={value}" for key, value in paths.items()]
   for section, values in TINY.items():
     for k, v in {**values, **(train if section == "train" else {})}.items():
       v = "(" + ",".join(map(str, v)) + ")" if isinstance(v, tuple) else v
@@ -389,12 +403,12 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
-def _run(workdir, demo_dir, **train):
+def _run(workdir, paths, **train):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
   cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config",
          os.path.join(REPO, "configs", "decoder.py") + ":tiny", "--workdir", str(workdir),
-         *_flags(demo_dir, **train)]
+         *_flags(paths, **train)]
   return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
 
 
@@ -402,9 +416,9 @@ def _run(workdir, demo_dir, **train):
 def test_launch_trains_evaluates_and_resumes(tmp_path):
   """launch/train.py with the tiny config on the demo (a 2-device mesh): the loss falls, the
   held-out PSNR is logged, and a second invocation resumes from the checkpoint."""
-  demo, work = tmp_path / "demo", tmp_path / "run"
+  paths, work = _prepare(_tiny_config(), tmp_path / "demo"), tmp_path / "run"
   common = dict(checkpoint_every=20, eval_every=20)
-  out = _run(work, demo, num_steps=40, **common)
+  out = _run(work, paths, num_steps=40, **common)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stderr.count("no LPIPS weights configured") == 1
   recs = _records(work)
@@ -417,7 +431,7 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
   assert last < 0.7 * first
   assert [e["step"] for e in evals] == [20, 40] and evals[1]["heldout_psnr"] > 10
   assert {"d_loss", "d_weight", "l1", "nll"} <= set(recs[-3])
-  out = _run(work, demo, num_steps=46, **common)
+  out = _run(work, paths, num_steps=46, **common)
   assert out.returncode == 0, out.stderr[-3000:]
   recs = _records(work)
   assert [r["step"] for r in recs if r.get("event") == "resume"] == [40]
@@ -427,21 +441,17 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_nan_stops_and_bad_config_is_one_line(tmp_path):
   """In-process on the 8-device mesh: a NaN batch stops the run before its state is saved."""
-  config = decoder_configs.get_config("tiny")
-  for section, values in TINY.items():
-    config[section].update(values)
-  config.data.demo_dir = str(tmp_path / "demo")
-  from svg_jax.train import decoder_demo
-  decoder_demo.prepare(config)
+  config = _tiny_config()
+  _prepare(config, tmp_path / "demo")
   config.train.update(dict(num_steps=6, checkpoint_every=2, debug_nan_step=3,
                            eval_every=100))
   with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 3: training stopped "
                      r"without saving this state; the last good checkpoint is step 2"):
-    loop.train(config, str(tmp_path / "run"))
+    trainer.train(config, str(tmp_path / "run"))
   config.loss.lpips_vgg_path = "/nonexistent/vgg16.pth"
   config.autoencoder.decoder.z_channels = 24
   with pytest.raises(loop.ConfigError) as info:
-    loop.validate_config(config)
+    trainer.validate_config(config)
   msg = str(info.value)
   assert "\n" not in msg and "set both loss.lpips_vgg_path and loss.lpips_lin_path" in msg
   assert "autoencoder.decoder.z_channels 24 != encoder dim 32" in msg

@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 
 from svg_jax import config as config_lib
-from svg_jax import demo
-from svg_jax.data import shapes
-from svg_jax.train import loop
+from svg_jax.demo import pipeline as demo
+from svg_jax.demo import shapes
+from svg_jax.train import dit_task
 
 
 def test_demo_dit_matches_its_encoder_and_is_wide_enough(tmp_path):
@@ -18,9 +18,9 @@ def test_demo_dit_matches_its_encoder_and_is_wide_enough(tmp_path):
   # The decoder upsamples by the encoder's patch, so reconstructions have the image size.
   assert 2 ** (len(decoder.autoencoder.decoder.ch_mult) - 1) == 8
   model = config_lib.nextdit_config(dit)
-  assert loop.bottleneck_problems(model) == []
+  assert dit_task.bottleneck_problems(model) == []
   narrow = dataclasses.replace(model, dim=192)
-  assert "model.dim 192 is below the patch's 384 input dimensions" in loop.bottleneck_problems(
+  assert "model.dim 192 is below the patch's 384 input dimensions" in dit_task.bottleneck_problems(
       narrow)[0]
 
 

@@ -12,10 +12,10 @@ import sentencepiece as spm
 import torch
 import transformers
 
-from svg_jax import demo_text_encoder as demo
 from svg_jax import text
 from svg_jax.convert import gemma2 as convert
-from svg_jax.data import shapes
+from svg_jax.demo import shapes
+from svg_jax.demo import text_encoder as demo
 
 TOL = 1e-4
 CAPTIONS = ([shapes.item_spec(0, "train", i, 64)["prompt"] for i in range(240)]
@@ -141,7 +141,7 @@ def test_a_marker_from_before_weight_kinds_is_a_random_encoder(folder, tmp_path)
   old.mkdir()
   with open(os.path.join(folder, demo.MARKER)) as f:
     marker = json.load(f)
-  del marker["spec"]["weights"]  # as sessions 1-7 wrote it
+  del marker["spec"]["weights"]  # as the demo wrote it before it had weight kinds
   with open(old / demo.MARKER, "w") as f:
     json.dump(marker, f)
   assert demo.ensure_demo_text_encoder(str(old), CAPTIONS, seed=0) == str(old)

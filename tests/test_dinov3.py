@@ -1,7 +1,7 @@
 """DINOv3 ViT: parity with `transformers.DINOv3ViTModel`, and the official / HF checkpoint formats.
 
 The reference is HF's implementation, which computes the official dinov3 function
-(equivalence/autoencoder.md §1). Every parameter is randomized (LayerScale, norms, biases, tokens),
+(docs/equivalence/autoencoder.md §1). Every parameter is randomized (LayerScale, norms, biases, tokens),
 so no branch of the network hides behind an init value. Weights move only through
 `svg_jax.convert.dinov3`, the same key map the importer and exporter use.
 """
@@ -24,7 +24,7 @@ ATOL = 1e-4
 SMALL = dinov3.DINOv3Config(dim=64, depth=3, num_heads=2, ffn_hidden=96, num_register_tokens=2)
 VITS = dinov3.DINOv3Config()
 
-# equivalence/autoencoder.md §1.2: the HF config equivalent to official `dinov3_vits16plus`.
+# docs/equivalence/autoencoder.md §1.2: the HF config equivalent to official `dinov3_vits16plus`.
 VITS_HF = dict(patch_size=16, num_channels=3, hidden_size=384, intermediate_size=1536,
                num_hidden_layers=12, num_attention_heads=6, use_gated_mlp=True, hidden_act="silu", layer_norm_eps=1e-5,
                rope_theta=100.0, num_register_tokens=4, query_bias=True, key_bias=False,
@@ -98,7 +98,7 @@ def test_hf_config_is_the_reference_table():
 
 
 def test_parameter_count_vits16plus(vits_hf):
-  # Reference §2.1's count: every official parameter (mask_token's 384 included, though unused at
+  # docs/reference.md §2.1's count: every official parameter (mask_token's 384 included, though unused at
   # inference), no buffers. Our tree holds exactly those: 28,697,088 + 384.
   count = dinov3.count_params(dinov3.abstract_params(VITS))
   assert count == 28_697_472
@@ -210,7 +210,7 @@ def test_official_format_round_trips(vits_hf, vits_params):
   hf_state = _hf_state(vits_hf)
   params = vits_params
   official = conv.params_to_official(params, VITS)
-  # Facts of the official state dict (reference §2.1).
+  # Facts of the official state dict (docs/reference.md §2.1).
   assert len(official) == 212
   spec = {"cls_token": (1, 1, 384), "storage_tokens": (1, 4, 384), "mask_token": (1, 384),
           "patch_embed.proj.weight": (384, 3, 16, 16), "rope_embed.periods": (16,),

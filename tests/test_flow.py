@@ -1,4 +1,4 @@
-"""Flow-matching pieces against the reference numbers (§4.1-4.2), diffusers' shift helpers,
+"""Flow-matching pieces against the reference numbers (docs/reference.md §4.1-4.2), diffusers' shift helpers,
 torch's MSE and closed forms of the logit-normal distribution."""
 import math
 
@@ -27,7 +27,7 @@ def _logit(p):
   return math.log(p / (1.0 - p))
 
 
-# (image side, tokens, mu, e^mu) from reference §4.2; mu at 512 is 0.5 + 0.65 * 768 / 3840 = 0.63.
+# (image side, tokens, mu, e^mu) from docs/reference.md §4.2; mu at 512 is 0.5 + 0.65 * 768 / 3840 = 0.63.
 REFERENCE_SHIFTS = [(256, 256, 0.5, 1.6487), (512, 1024, 0.63, 1.8776), (1024, 4096, 1.15, 3.1582)]
 
 
@@ -55,7 +55,7 @@ def test_shift_matches_sigma_formula_and_diffusers(diffusers_refs):
   for mu in (0.5, 0.63, 1.15, math.log(10.0)):
     f = math.exp(mu)
     got = np.asarray(flow.shift_timesteps(jnp.asarray(t, jnp.float32), f), np.float64)
-    # Reference §4.2 written out in float64: sigma = 1 - t, sigma' = f s / (f s + 1 - s).
+    # docs/reference.md §4.2 written out in float64: sigma = 1 - t, sigma' = f s / (f s + 1 - s).
     sigma = 1.0 - t
     want = 1.0 - f * sigma / (f * sigma + 1.0 - sigma)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-7)

@@ -1,12 +1,13 @@
 """Generation: the jitted guided trajectory vs a plain step loop; seeds, sharding, loading, CLIs.
 
-The reference trajectories here are written from the spec (svg_t2i_reference.md §1.6, §4.3-4.4),
+The reference trajectories here are written from the spec (docs/reference.md §1.6, §4.3-4.4),
 not through svg_jax.sampling: a Python loop over float64 grids that calls the DiT once for the
 conditional and once for the unconditional caption (each padded only to its own length, not the
 Generator's shared length), applies renorm / standard CFG in numpy and takes DPM-Solver++ 2M or
 Euler steps. Random tiny DiT, decoder and statistics; the offline demo text encoder (random Gemma-2
 architecture, locally trained tokenizer); prompts from the real benchmark files.
 """
+import io
 import json
 import os
 import subprocess
@@ -21,24 +22,26 @@ import optax
 import pytest
 from PIL import Image
 
+from svg_jax import assets
 from svg_jax import autoencoder as ae_lib
 from svg_jax import config as config_lib
-from svg_jax import demo_text_encoder as demo
 from svg_jax import generate as gen
 from svg_jax import latent_stats as ls
 from svg_jax import parallel
 from svg_jax.convert import decoder as dec_conv
 from svg_jax.convert.dit_io import save_dit
 from svg_jax.convert.safetensors_io import save_safetensors
+from svg_jax.demo import text_encoder as demo
+from svg_jax.eval import benchmarks
 from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig
 from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax.train import dit_checkpoint
 from svg_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROMPTS = "/work/shared/assets/prompts"
-GENEVAL = [json.loads(line) for line in open(os.path.join(PROMPTS, "geneval_metadata.jsonl"))]
-DPG = [json.loads(line) for line in open(os.path.join(PROMPTS, "dpg.jsonl"))]
+GENEVAL = [json.loads(line) for line in open(assets.GENEVAL_PROMPTS)]
+DPG = [json.loads(line) for line in open(assets.DPG_PROMPTS)]
 SPEC = demo.DemoSpec(vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                      head_dim=16, intermediate_size=64)
 DIT = NextDiTConfig(in_channels=8, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
@@ -252,14 +255,14 @@ def test_loads_ema_and_raw_params_from_a_training_checkpoint(files, generator, t
   it = iter(grain.MapDataset.range(4).to_iter_dataset())
   ckpt.save(7, state, it, ckpt_lib.config_to_json(config))
   ckpt.close()
-  assert gen.checkpoint_model_config(str(tmp_path)) == DIT
-  ema = gen.load_checkpoint_params(str(tmp_path), DIT, ema=True)
-  raw = gen.load_checkpoint_params(str(tmp_path), DIT, ema=False, step=7)
+  assert dit_checkpoint.saved_model_config(str(tmp_path)) == DIT
+  ema = dit_checkpoint.load_params(str(tmp_path), DIT, ema=True)
+  raw = dit_checkpoint.load_params(str(tmp_path), DIT, ema=False, step=7)
   for got, want in ((ema, state.ema_params), (raw, state.params)):
     jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
                  got, want)
   with pytest.raises(FileNotFoundError, match="step 8"):
-    gen.load_checkpoint_params(str(tmp_path), DIT, step=8)
+    dit_checkpoint.load_params(str(tmp_path), DIT, step=8)
   g = gen.Generator.from_config(config, text_encoder=files["text"], checkpoint=str(tmp_path))
   assert g.cfg == DIT
   jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
@@ -285,14 +288,14 @@ def _png(path):
 def test_geneval_layout_sharding_and_resume(generator, tmp_path):
   items = GENEVAL[:3]
   settings = gen.SamplerSettings(steps=2)
-  kw = dict(batch_size=3, images_per_prompt=4, process_count=2, printer=lambda *a, **k: None)
-  s0 = gen.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
+  kw = dict(batch_size=3, images_per_prompt=4, process_count=2, stream=io.StringIO())
+  s0 = benchmarks.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
                          process_index=0, **kw)
   assert s0 == dict(prompts=2, skipped=0, images=8, written=8)
   expected0 = [f"{i:05d}/{f}" for i in (0, 2) for f in
                ["metadata.jsonl"] + [f"samples/{k:05d}.png" for k in range(4)]]
   assert _tree(tmp_path) == sorted(expected0)
-  gen.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings, process_index=1,
+  benchmarks.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings, process_index=1,
                     **kw)
   assert _tree(tmp_path) == sorted(expected0 + [f"00001/{f}" for f in
                                                 ["metadata.jsonl"] +
@@ -310,14 +313,14 @@ def test_geneval_layout_sharding_and_resume(generator, tmp_path):
   # Resume: finished prompts are not touched, a partial prompt gets its missing sample only.
   before = _mtimes(tmp_path)
   os.remove(tmp_path / "00002" / "samples" / "00003.png")
-  s = gen.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
+  s = benchmarks.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
                         process_index=0, **kw)
   assert s == dict(prompts=2, skipped=1, images=1, written=1)
   after = _mtimes(tmp_path)
   changed = sorted(p for p in after if after[p] != before.get(p))
   assert changed == ["00002/samples/00003.png"], changed
   assert not [p for p in _tree(tmp_path) if ".tmp" in p] and not os.path.exists(tmp_path / ".tmp")
-  s = gen.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
+  s = benchmarks.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
                         process_index=0, **kw)
   assert s == dict(prompts=2, skipped=2, images=0, written=0) and _mtimes(tmp_path) == after
 
@@ -325,8 +328,8 @@ def test_geneval_layout_sharding_and_resume(generator, tmp_path):
 def test_dpg_grids(generator, tmp_path):
   items = DPG[:2]
   settings = gen.SamplerSettings(steps=2)
-  s = gen.run_benchmark(generator, items, "dpg", str(tmp_path), RES, settings, batch_size=3,
-                        printer=lambda *a, **k: None)
+  s = benchmarks.run_benchmark(generator, items, "dpg", str(tmp_path), RES, settings, batch_size=3,
+                        stream=io.StringIO())
   names = [os.path.splitext(it["filename"])[0] + ".png" for it in items]
   assert s["written"] == 2 and _tree(tmp_path) == sorted(names)
   grid = _png(tmp_path / names[1])
@@ -340,8 +343,8 @@ def test_dpg_grids(generator, tmp_path):
     assert np.max(np.abs(cell.astype(int) - want[k])) <= 1, k
   before = _mtimes(tmp_path)
   os.remove(tmp_path / names[0])
-  s = gen.run_benchmark(generator, items, "dpg", str(tmp_path), RES, settings, batch_size=3,
-                        printer=lambda *a, **k: None)
+  s = benchmarks.run_benchmark(generator, items, "dpg", str(tmp_path), RES, settings, batch_size=3,
+                        stream=io.StringIO())
   assert s == dict(prompts=2, skipped=1, images=4, written=1)
   assert _mtimes(tmp_path)[names[1]] == before[names[1]]
 
@@ -351,11 +354,11 @@ def test_prompt_file_errors(tmp_path):
   bad.write_text('{"prompt": "a cat"}\n{"filename": "x.txt"}\nnot json\n')
   with pytest.raises(ValueError,
                      match="line 2: missing or empty \\['prompt'\\].*line 3: not valid JSON"):
-    gen.read_prompt_file(str(bad), "geneval")
+    benchmarks.read_prompt_file(str(bad), "geneval")
   with pytest.raises(ValueError, match="line 1: missing or empty \\['filename'\\]"):
-    gen.read_prompt_file(str(bad), "dpg")
+    benchmarks.read_prompt_file(str(bad), "dpg")
   with pytest.raises(ValueError, match="unknown benchmark"):
-    gen.read_prompt_file(str(bad), "coco")
+    benchmarks.read_prompt_file(str(bad), "coco")
 
 
 # ----------------------------------------------------------------------------- the CLIs
@@ -379,9 +382,9 @@ def test_sample_cli(files, tmp_path):
   out = tmp_path / "out"
   r = _run("sample.py", *_common(files), f"--prompt={GENEVAL[0]['prompt']}",
            f"--prompts_jsonl={jsonl}", "--num_images=2", "--seed=10", "--batch_size=3",
-           "--solver=euler", "--cfg=3", f"--outdir={out}")
+           "--solver=euler", "--cfg=3", f"--out={out}")
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "[4/4]" in r.stdout
+  assert "4/4 images" in r.stderr  # the progress line (stderr) reached the end
   assert _tree(out) == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png",
                         "metadata.jsonl"]
   assert _png(out / "grid.png").shape == (64, 96, 3)  # 2x2 cells of 32x48
@@ -396,14 +399,14 @@ def test_sample_cli(files, tmp_path):
 def test_benchmark_cli_writes_the_official_layouts(files, tmp_path):
   out = tmp_path / "geneval"
   r = _run("generate_benchmark.py", *_common(files), "--benchmark=geneval",
-           f"--prompts={PROMPTS}/geneval_metadata.jsonl", "--limit=2", f"--outdir={out}")
+           "--limit=2", f"--out={out}")  # the packaged GenEval prompts by default
   assert r.returncode == 0, r.stderr[-3000:]
   assert _tree(out) == sorted(f"{i:05d}/{f}" for i in range(2) for f in
                               ["metadata.jsonl"] + [f"samples/{k:05d}.png" for k in range(4)])
   out = tmp_path / "dpg"
   r = _run("generate_benchmark.py", *_common(files), "--benchmark=dpg",
-           f"--prompts={PROMPTS}/dpg.jsonl", "--limit=2", "--process_count=2",
-           "--process_index=1", f"--outdir={out}")
+           f"--prompts={assets.DPG_PROMPTS}", "--limit=2", "--process_count=2",
+           "--process_index=1", f"--out={out}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert _tree(out) == [os.path.splitext(DPG[1]["filename"])[0] + ".png"]
   assert _png(out / _tree(out)[0]).shape == (64, 96, 3)
@@ -411,14 +414,13 @@ def test_benchmark_cli_writes_the_official_layouts(files, tmp_path):
 
 @pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
 def test_evaluate_cli_scores_the_shapes_prompts(files, generator, tmp_path):
-  from svg_jax.data import shapes
-  from svg_jax.eval import shapes_geneval
+  from svg_jax.demo import geneval, shapes
 
   data = tmp_path / "shapes"
   shapes.write_dataset(str(data), 0, 6, 48)
   out = tmp_path / "eval"
   r = _run("evaluate.py", *_common(files), "--resolution=48", "--system_type=base",
-           f"--data={data}", f"--outdir={out}")
+           f"--data={data}", f"--out={out}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert _tree(out) == ["grid.png", "grid_prompts.txt", "scores.json"]
   items = shapes.read_split(str(data), "heldout")
@@ -428,9 +430,9 @@ def test_evaluate_cli_scores_the_shapes_prompts(files, generator, tmp_path):
   # The same prompts, seeds (42 + 4i) and sampler in-process, scored by the library.
   images = generator.generate([i["prompt"] for i in items], [42 + 4 * i for i in range(6)],
                               (48, 48), gen.SamplerSettings(steps=2, shift=1.0))
-  want = shapes_geneval.score(list(images), [i["metadata"] for i in items])
+  want = geneval.score(list(images), [i["metadata"] for i in items])
   assert report["scores"] == pytest.approx(want)
-  assert shapes_geneval.format_table(want, report["counts"]) in r.stdout
+  assert geneval.format_table(want, report["counts"]) in r.stdout
 
 
 @pytest.mark.parametrize("flag, message", [
@@ -438,6 +440,6 @@ def test_evaluate_cli_scores_the_shapes_prompts(files, generator, tmp_path):
     ("--resolution=100x100", "width 100 and height 100 not a positive multiple of 16"),
 ])
 def test_bad_flags_fail_clearly(files, tmp_path, flag, message):
-  r = _run("sample.py", *_common(files), "--prompt=a cat", f"--outdir={tmp_path}", flag)
+  r = _run("sample.py", *_common(files), "--prompt=a cat", f"--out={tmp_path}", flag)
   assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
   assert "Traceback" not in r.stderr

@@ -1,5 +1,6 @@
 """Image decoding (every odd and bad kind of file, made with PIL) and the pixel normalizations."""
 import io
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 from svg_jax.data import images
 from svg_jax.data.images import BadImageError, load_rgb
 
-ASSETS = "/work/shared/assets/svg_t2i"
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
 def _save(img, tmp_path, name, **kw):

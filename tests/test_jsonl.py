@@ -2,8 +2,9 @@
 built on it reports them."""
 import pytest
 
-from svg_jax import generate
-from svg_jax.data import image_pipeline, jsonl, shapes
+from svg_jax.data import image_pipeline, jsonl
+from svg_jax.demo import shapes
+from svg_jax.eval import benchmarks
 
 
 @pytest.fixture
@@ -29,7 +30,7 @@ def test_readers_stop_or_collect_as_documented(mixed, tmp_path):
     image_pipeline.read_image_list(mixed)  # stops at the first bad line
   with pytest.raises(ValueError, match=r"line 4: a JSON list.*line 5: not valid JSON.*"
                      r"line 6: not UTF-8"):
-    generate.read_prompt_file(str(mixed), "geneval")  # collects every bad line
+    benchmarks.read_prompt_file(str(mixed), "geneval")  # collects every bad line
   (tmp_path / "heldout.jsonl").write_bytes(mixed.read_bytes())
   with pytest.raises(ValueError, match=r"heldout.jsonl:1 is missing keys \['metadata'\]"):
     shapes.read_split(str(tmp_path), "heldout")

@@ -2,7 +2,7 @@
 
 The official file is read without torch (`load_torch_file`); torch reads the same file as the
 independent reference, and the normalization is compared with the official expression evaluated
-by torch on NCHW features (reference §2.3).
+by torch on NCHW features (docs/reference.md §2.3).
 """
 import os
 
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from svg_jax import assets
 from svg_jax import latent_stats as ls
 
-STATS_FILE = "/work/shared/assets/svg_t2i/dinov3_s16p_layer_patchtoken_stats_dist.pt"
+STATS_FILE = assets.OFFICIAL_LATENT_STATS
 OFFICIAL_SHA256 = "a504c54c6775f4e418f549915405a5d31ad685dca73d132b34b68cee60e5edd6"
 
 
@@ -30,7 +31,7 @@ def torch_stats():
 
 
 def test_row_11_values_from_the_reference(official):
-  # Reference §2.3 sanity values (6 decimals as printed there).
+  # docs/reference.md §2.3 sanity values (6 decimals as printed there).
   np.testing.assert_allclose(official.mean[:6], [-0.131083, 0.010059, -0.161521, 0.037100,
                                                  0.016241, -0.107212], atol=1e-6)
   np.testing.assert_allclose(official.std[:6], [0.392849, 0.375289, 0.370822, 0.395598,

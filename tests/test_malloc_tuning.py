@@ -37,7 +37,7 @@ def test_xla_temporaries_are_reused_instead_of_faulted_in_every_call():
   """With the defaults every call faults its temporaries in again. Tuned, most calls fault
   nothing; on some calls the heap still grows by a temporary's size (a freed block split by small
   allocations no longer fits it: strace shows brk growing, never shrinking), which faults fresh
-  pages. That happened on at most 6 of 22 calls in 27 processes (session 8)."""
+  pages. That happened on at most 6 of 22 calls in 27 processes."""
   default, tuned = _probe(opt_out=True), _probe(opt_out=False)
   assert not default["applied"] and tuned["applied"]
   assert min(default["faults"]) > 20000, default  # ~64 MB+ of temporaries on every call

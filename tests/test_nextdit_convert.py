@@ -1,5 +1,6 @@
 """Conversion of NextDiT weights: lossless round trips, the official 2B key set, strict errors,
-diffusers loading our export, the CLI."""
+diffusers loading our export, the CLI (also from a training workdir: Orbax writes it, diffusers
+loads the result strictly)."""
 import dataclasses
 import math
 import os
@@ -9,22 +10,34 @@ import sys
 import zipfile
 from pathlib import Path
 
+import grain
+import jax
 import ml_dtypes
 import numpy as np
+import optax
 import pytest
+import safetensors.torch
 import torch
 from diffusers import Lumina2Transformer2DModel
 
 import nextdit_reference as ref
 from svg_jax.convert import dit_io
 from svg_jax.convert import nextdit as keymap
-from svg_jax.convert import torch_pickle
+from svg_jax.convert import torch_pickle, weights_io
+from svg_jax.demo import configs as demo_configs
 from svg_jax.models.nextdit import NextDiTConfig
+from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax.train import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = NextDiTConfig(
     patch_size=2, in_channels=16, dim=96, n_layers=3, n_refiner_layers=2, n_heads=6, n_kv_heads=2,
     multiple_of=32, cap_feat_dim=32, axes_dims=(4, 6, 6), scan_layers=True)
+# configs/tiny.py with SMALL's architecture (its layers unscanned, unlike SMALL)
+SMALL_FLAGS = [f"--config.model.{k}={v}" for k, v in dict(
+    patch_size=2, in_channels=16, dim=96, n_layers=3, n_refiner_layers=2, n_heads=6, n_kv_heads=2,
+    multiple_of=32, cap_feat_dim=32, axes_dims="(4,6,6)").items()]
+CLI_TIMEOUT = 300
 
 
 def assert_trees_bitwise_equal(a, b):
@@ -81,7 +94,7 @@ def test_diffusers_loads_our_export_strictly(tmp_path):
 
 
 def test_official_2b_key_set_and_shapes():
-  """Reference §1.7: 400 tensors, these shapes, 2,611,246,336 parameters (abstract, nothing allocated)."""
+  """docs/reference.md §1.7: 400 tensors, these shapes, 2,611,246,336 parameters (abstract, nothing allocated)."""
   shapes = keymap.official_shapes(NextDiTConfig())
   assert len(shapes) == 400
   assert sum(math.prod(s) for s in shapes.values()) == 2_611_246_336
@@ -171,18 +184,107 @@ def test_malicious_official_checkpoint_is_refused_and_nothing_runs(tmp_path):
   assert not marker.exists()
 
 
+def _cli(*args):
+  cmd = [sys.executable, str(ROOT / "launch/convert.py"), *map(str, args)]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
 def test_convert_cli_official_to_diffusers(tmp_path):
   cfg = dataclasses.replace(SMALL, scan_layers=False)
   state = ref.random_official_state(cfg, seed=9)
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, tmp_path / "official.pth")
-  overrides = [f"--config.model.{k}={v}" for k, v in dict(
-      patch_size=2, in_channels=16, dim=96, n_layers=3, n_refiner_layers=2, n_heads=6, n_kv_heads=2,
-      multiple_of=32, cap_feat_dim=32, axes_dims="(4,6,6)").items()]
-  cmd = [sys.executable, str(ROOT / "launch/convert.py"), "--config", str(ROOT / "configs/tiny.py"),
-         *overrides, "--src", str(tmp_path / "official.pth"), "--src-format", "official",
-         "--dst", str(tmp_path / "dit"), "--dst-format", "diffusers"]
-  subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = _cli("--config", ROOT / "configs/tiny.py", *SMALL_FLAGS, "--src", tmp_path / "official.pth",
+             "--src_format", "official", "--dst", tmp_path / "dit", "--dst_format", "diffusers")
+  assert out.returncode == 0, out.stderr[-3000:]
   model = Lumina2Transformer2DModel.from_pretrained(tmp_path / "dit")
   theirs = model.state_dict()
   for k, v in keymap.official_to_diffusers(state, cfg).items():
     assert np.array_equal(theirs[k].numpy(), v), k
+
+
+# ----------------------------------------------------------------------------- training workdir
+
+
+def _random_params(seed: int) -> dict:
+  """SMALL's params (scanned, as the run trains them), every tensor random."""
+  return keymap.official_to_params(ref.random_official_state(SMALL, seed=seed), SMALL)
+
+
+@pytest.fixture(scope="module")
+def dit_run(tmp_path_factory):
+  """A DiT training workdir as the loop writes it: steps 3 and 5, each with EMA != params, and the
+  run's config: configs/tiny.py with SMALL's model, bf16 compute and scanned layers (hardware and
+  layout fields the converting --config may choose otherwise)."""
+  path = tmp_path_factory.mktemp("dit_run")
+  config = demo_configs.dit()
+  config.model.update(dataclasses.asdict(dataclasses.replace(SMALL, compute_dtype="bfloat16")))
+  ckpt = ckpt_lib.Checkpointer(str(path), async_save=False)
+  saved = {}
+  for step, seed in ((3, 10), (5, 20)):
+    params, ema = _random_params(seed), _random_params(seed + 1)
+    state = state_lib.create_state(jax.tree.map(np.asarray, params), optax.adam(1e-3)).replace(
+        ema_params=ema, step=np.int32(step))
+    data_iter = iter(grain.MapDataset.range(4).to_iter_dataset())
+    ckpt.save(step, state, data_iter, ckpt_lib.config_to_json(config))
+    saved[step] = {"params": params, "ema": ema}
+  ckpt.close()
+  return path, saved
+
+
+def _diffusers_state(folder: Path) -> dict[str, np.ndarray]:
+  """The folder loaded strictly into a Lumina2Transformer2DModel built from its config.json."""
+  model = Lumina2Transformer2DModel.from_config(Lumina2Transformer2DModel.load_config(folder))
+  state = safetensors.torch.load_file(str(folder / weights_io.DIFFUSERS_WEIGHTS))
+  model.load_state_dict(state, strict=True)
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("choice", ["latest_ema", "step3_raw"])
+def test_cli_converts_a_training_workdir(choice, dit_run, tmp_path):
+  run, saved = dit_run
+  if choice == "latest_ema":
+    args, want = ["--src", run], saved[5]["ema"]
+  else:  # the `checkpoints/` folder is accepted too
+    args, want = ["--src", run / "checkpoints", "--step", 3, "--noema"], saved[3]["params"]
+  out = _cli("--config", ROOT / "configs/tiny.py", *SMALL_FLAGS, *args, "--src_format", "flax",
+             "--dst", tmp_path / "dit", "--dst_format", "diffusers")
+  assert out.returncode == 0, out.stderr[-3000:]
+  theirs = _diffusers_state(tmp_path / "dit")
+  expected = keymap.official_to_diffusers(keymap.params_to_official(want, SMALL), SMALL)
+  assert set(theirs) == set(expected)
+  for k, v in expected.items():
+    assert theirs[k].tobytes() == v.tobytes(), k
+  # ... and not any other tree of the run (EMA vs raw, step 3 vs 5)
+  for step, trees in saved.items():
+    for which, tree in trees.items():
+      if tree is not want:
+        assert not np.array_equal(theirs["x_embedder.weight"],
+                                  np.asarray(tree["x_embedder"]["kernel"]).T), (step, which)
+
+
+@pytest.mark.parametrize("problem", ["config", "step", "noema_file", "decoder_noema"])
+def test_cli_workdir_errors_are_one_line(problem, dit_run, tmp_path):
+  run, saved = dit_run
+  args = ["--config", ROOT / "configs/tiny.py", *SMALL_FLAGS, "--src", run, "--src_format", "flax"]
+  if problem == "config":
+    args += ["--config.model.n_layers=2", "--config.model.rope_theta=500.0"]
+    named = ["step 5", "n_layers (run 3, config 2)", "rope_theta (run 10000.0, config 500.0)"]
+  elif problem == "step":
+    args += ["--step", 4]
+    named = ["no checkpoint of step 4 (steps: [3, 5])"]
+  elif problem == "noema_file":
+    dit_io.save_dit(saved[3]["params"], tmp_path / "p.msgpack", "flax", SMALL)
+    args = args[:-4] + ["--src", tmp_path / "p.msgpack", "--src_format", "flax", "--noema"]
+    named = ["training workdir only"]
+  else:
+    args = ["--model", "decoder", "--config", f"{ROOT}/configs/decoder.py:tiny", "--src", run,
+            "--src_format", "flax", "--noema"]
+    named = ["--model dit only"]
+  out = _cli(*args, "--dst", tmp_path / "out", "--dst_format", "diffusers")
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("convert error: "), out.stderr[-3000:]
+  assert all(n in lines[0] for n in named), lines[0]
+  assert "compute_dtype" not in lines[0] and "scan_layers" not in lines[0]
+  assert not (tmp_path / "out").exists()

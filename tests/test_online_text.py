@@ -8,8 +8,8 @@ import pytest
 
 from svg_jax import config as config_lib
 from svg_jax import parallel
-from svg_jax.data import shapes
-from svg_jax.demo_text_encoder import ensure_demo_text_encoder
+from svg_jax.demo import shapes
+from svg_jax.demo.text_encoder import ensure_demo_text_encoder
 from svg_jax.models.gemma2 import Gemma2Encoder
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig
 from svg_jax.text import TextEncoder
@@ -61,17 +61,17 @@ def test_token_mode_equals_feature_mode(tmp_path):
 
 def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
   """`launch/train.py`'s loop on a token-id dataset: Gemma-2 runs inside the step (online mode)."""
-  from svg_jax.data import records
-  from svg_jax.train import loop
+  from svg_jax.data import synthetic
+  from svg_jax.train import dit_task, loop, trainer
 
   captions = [shapes.make_item(0, "train", i, 64)["prompt"] for i in range(20)]
   te = ensure_demo_text_encoder(str(tmp_path / "te"), captions)
   enc = TextEncoder.from_pretrained(te)
   data = str(tmp_path / "data")
-  records.write_random_dataset(data, buckets=((4, 4),), num_records=32, latent_channels=8,
-                               text_kind="token_ids", vocab_size=len(enc.tokenizer),
-                               caption_len=(1, 6))
-  np.save(os.path.join(data, loop.EMPTY_TEXT_FILE), enc.tokenize([""])[0][0, :1])
+  synthetic.write_random_dataset(data, buckets=((4, 4),), num_records=32, latent_channels=8,
+                                 text_kind="token_ids", vocab_size=len(enc.tokenizer),
+                                 caption_len=(1, 6))
+  np.save(os.path.join(data, dit_task.EMPTY_TEXT_FILE), enc.tokenize([""])[0][0, :1])
   config = config_lib.base_config()
   config.model.update(dict(in_channels=8, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
                            n_kv_heads=1, multiple_of=32, cap_feat_dim=enc.cfg.hidden_size,
@@ -81,7 +81,7 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
   config.data.update(dict(path=data, max_caption_len=16, resolution=64))
   config.train.update(dict(global_batch_size=8, num_steps=3, log_every=1, checkpoint_every=3))
   with pytest.raises(loop.ConfigError, match="text.encoder_dir"):
-    loop.validate_config(config)
+    trainer.validate_config(config)
   config.text.encoder_dir = te
-  out = loop.train(config, str(tmp_path / "run"))
+  out = trainer.train(config, str(tmp_path / "run"))
   assert out["step"] == 3 and np.isfinite(out["last_record"]["loss"])

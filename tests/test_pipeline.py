@@ -20,6 +20,7 @@ from grain import checkpoint as grain_checkpoint
 
 from svg_jax.data import pipeline as P
 from svg_jax.data import records as R
+from svg_jax.data import synthetic
 
 BUCKET_COUNTS = {"2x2": 12, "2x3": 20, "3x2": 8}
 
@@ -27,9 +28,9 @@ BUCKET_COUNTS = {"2x2": 12, "2x3": 20, "3x2": 8}
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("ds"))
-  R.write_random_dataset(d, buckets=[(2, 2), (2, 3), (3, 2)], num_records=[12, 20, 8],
-                         caption_len=(0, 40), latent_channels=4, text_dim=8, records_per_shard=6,
-                         seed=1)
+  synthetic.write_random_dataset(d, buckets=[(2, 2), (2, 3), (3, 2)], num_records=[12, 20, 8],
+                                 caption_len=(0, 40), latent_channels=4, text_dim=8, records_per_shard=6,
+                                 seed=1)
   return d
 
 
@@ -146,8 +147,8 @@ def test_long_captions_are_cut_counted_and_reported(dataset, caplog):
 
 
 def test_token_id_datasets_and_bf16_output(tmp_path):
-  R.write_random_dataset(tmp_path, buckets=[(2, 2)], num_records=6, text_kind="token_ids",
-                         caption_len=(0, 5), latent_channels=3)
+  synthetic.write_random_dataset(tmp_path, buckets=[(2, 2)], num_records=6, text_kind="token_ids",
+                                 caption_len=(0, 5), latent_channels=3)
   recs = _all_records(str(tmp_path))
   cfg = _cfg(max_caption_len=8, caption_len_buckets=(4, 8), pad_token_id=-1,
              latent_dtype="bfloat16", text_dtype="bfloat16", per_process_batch_size=3)
@@ -171,8 +172,8 @@ def _rewrite_shard(path, corrupt):
 
 
 def test_bad_records_are_replaced_by_the_next_good_record_and_reported(tmp_path, caplog):
-  m = R.write_random_dataset(tmp_path, buckets=[(3, 3)], num_records=10, records_per_shard=5,
-                             latent_channels=2, text_dim=4)
+  m = synthetic.write_random_dataset(tmp_path, buckets=[(3, 3)], num_records=10, records_per_shard=5,
+                                     latent_channels=2, text_dim=4)
   shard0, shard1 = (os.path.join(tmp_path, s["name"]) for s in m["shards"])
   order = [R.decode_record(r)["source"] for p in (shard0, shard1) for r in R.read_shard(p)]
   _rewrite_shard(shard0, {2: lambda raw: raw[: len(raw) // 2]})  # truncated record
@@ -201,8 +202,8 @@ def test_bad_records_are_replaced_by_the_next_good_record_and_reported(tmp_path,
 def test_bit_rot_in_a_shard_is_a_reported_bad_record(tmp_path, compression):
   """The loader skips the records' own crc32: one flipped bit on disk must still be caught, by the
   Riegeli chunk hash ArrayRecord checks on read, and reported like any bad record."""
-  m = R.write_random_dataset(tmp_path, buckets=[(4, 4)], num_records=5, records_per_shard=5,
-                             latent_channels=64, text_dim=4, compression=compression)
+  m = synthetic.write_random_dataset(tmp_path, buckets=[(4, 4)], num_records=5, records_per_shard=5,
+                                     latent_channels=64, text_dim=4, compression=compression)
   shard = os.path.join(tmp_path, m["shards"][0]["name"])
   raws = list(R.read_shard(shard))
   with open(shard, "rb") as f:
@@ -226,7 +227,7 @@ def test_bit_rot_in_a_shard_is_a_reported_bad_record(tmp_path, compression):
 
 
 def test_corrupt_missing_or_miscounted_shards_fail_at_build_time(tmp_path):
-  m = R.write_random_dataset(tmp_path, buckets=[(2, 2), (2, 4)], num_records=8, records_per_shard=2)
+  m = synthetic.write_random_dataset(tmp_path, buckets=[(2, 2), (2, 4)], num_records=8, records_per_shard=2)
   names = [s["name"] for s in m["shards"]]
   cfg = _cfg()
   bad = os.path.join(tmp_path, names[1])
@@ -394,9 +395,9 @@ print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 
 def test_loader_buffers_are_reused_instead_of_faulted_in_again(tmp_path):
   """2B stage-1 sized records in a fresh reading process: with glibc's defaults every batch
   page-faults megabytes in again (the kernel counts them); with `reuse_freed_memory` it does not."""
-  R.write_random_dataset(tmp_path, buckets=[(16, 16)], num_records=64, latent_channels=384,
-                         text_dim=2304, caption_len=(63, 127), records_per_shard=64,
-                         compression="uncompressed")
+  synthetic.write_random_dataset(tmp_path, buckets=[(16, 16)], num_records=64, latent_channels=384,
+                                 text_dim=2304, caption_len=(63, 127), records_per_shard=64,
+                                 compression="uncompressed")
 
   def faults_per_batch(reuse):
     out = subprocess.run([sys.executable, "-c", _FAULTS_PROBE, str(tmp_path), str(int(reuse))],

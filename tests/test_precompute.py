@@ -11,11 +11,9 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-import ml_collections
 import ml_dtypes
 import numpy as np
 import pytest
@@ -23,15 +21,18 @@ from PIL import Image
 
 import test_dinov3
 from svg_jax import autoencoder as ae_lib
-from svg_jax import demo_text_encoder as demo
+from svg_jax import config as config_lib
 from svg_jax import latent_stats as ls
+from svg_jax import precompute as pc
 from svg_jax import text as text_lib
 from svg_jax.convert import dinov3 as enc_conv
 from svg_jax.convert.torch_pickle import save_torch_file
-from svg_jax.data import pipeline, records, shapes
-from svg_jax.data import precompute as pc
+from svg_jax.data import pipeline, records, sources
+from svg_jax.demo import shapes
+from svg_jax.demo import text_encoder as demo
+from svg_jax.utils.progress import Progress
 
-ASSETS = "/work/shared/assets/svg_t2i"
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENC = test_dinov3.SMALL  # dim 64, 3 blocks, 2 registers, patch 16
 CAPTIONS = [shapes.item_spec(0, "train", i, 64)["prompt"] for i in range(120)]
@@ -53,7 +54,7 @@ def files(tmp_path_factory):
 
 
 def _config(files, **overrides):
-  c = pc.default_config()
+  c = config_lib.precompute_job_config()
   c.autoencoder.encoder.update(dataclasses.asdict(ENC))
   c.autoencoder.encoder_path, c.autoencoder.stats_path = files["encoder"], files["stats"]
   c.precompute.text_encoder_dir = files["text"]
@@ -131,7 +132,7 @@ def test_acceptance_two_real_images_plus_corrupt_and_missing(files, job_factory,
   ])
   job = job_factory(resolution=256)
   out = str(tmp_path / "out")
-  manifest = job.run(pc.list_inputs(jsonl, "jsonl", job.cfg), out)
+  manifest = job.run(sources.list_inputs(jsonl, "jsonl", job.cfg), out)
   assert manifest == records.read_manifest(out)
   manifest, recs = _read_all(out)
   assert sorted(recs) == [f"{ASSETS}/hello.png", f"{ASSETS}/man.jpg"]
@@ -258,7 +259,7 @@ def test_every_bad_input_kind_is_reported_and_conversions_kept(job_factory, refe
   jsonl = _write_jsonl(tmp_path / "data.jsonl", lines)
   job = job_factory()
   out = str(tmp_path / "out")
-  manifest = job.run(pc.list_inputs(jsonl, "jsonl", job.cfg), out)
+  manifest = job.run(sources.list_inputs(jsonl, "jsonl", job.cfg), out)
   _, recs = _read_all(out)
   good = ["imgs/good.png", "imgs/cmyk.jpg", "imgs/sixteen.png", "imgs/palette.png",
           "imgs/rgba.png"]
@@ -304,9 +305,9 @@ def test_folder_input(job_factory, tmp_path):
   (d / "empty.txt").write_text("  \n")
   (d / "notes.md").write_text("not an image")
   job = job_factory()
-  items = pc.read_folder(str(d))
+  items = sources.read_folder(str(d))
   assert [it.key for it in items] == ["a.png", "empty.png", "no_caption.png", "sub/b.jpg"]
-  manifest = job.run(pc.list_inputs(str(d), "folder", job.cfg), str(tmp_path / "out"))
+  manifest = job.run(sources.list_inputs(str(d), "folder", job.cfg), str(tmp_path / "out"))
   _, recs = _read_all(str(tmp_path / "out"))
   assert recs["a.png"]["caption"] == "a red circle"  # the newline of the file is stripped
   assert sorted(recs) == ["a.png", "sub/b.jpg"]
@@ -324,7 +325,7 @@ def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_
                                                                monkeypatch):
   jsonl = _demo_jsonl(tmp_path, 10)
   job = job_factory(records_per_shard=4)  # 3 chunks: 4 + 4 + 2 inputs
-  inputs = pc.list_inputs(jsonl, "jsonl", job.cfg)
+  inputs = sources.list_inputs(jsonl, "jsonl", job.cfg)
   full_out = str(tmp_path / "full")
   full = job.run(inputs, full_out)
   _, full_recs = _read_all(full_out)
@@ -393,7 +394,7 @@ def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_
 def test_processes_split_the_chunks(job_factory, tmp_path):
   jsonl = _demo_jsonl(tmp_path, 7)
   single = job_factory(records_per_shard=2)
-  inputs = pc.list_inputs(jsonl, "jsonl", single.cfg)
+  inputs = sources.list_inputs(jsonl, "jsonl", single.cfg)
   want = single.run(inputs, str(tmp_path / "one"))
   _, want_recs = _read_all(str(tmp_path / "one"))
   out = str(tmp_path / "two")
@@ -419,7 +420,7 @@ def test_uncompressed_shards_hold_the_same_records(job_factory, tmp_path):
   got = {}
   for compression in ("zstd", "uncompressed"):
     job = job_factory(shard_compression=compression)
-    manifest = job.run(pc.list_inputs(jsonl, "jsonl", job.cfg), str(tmp_path / compression))
+    manifest = job.run(sources.list_inputs(jsonl, "jsonl", job.cfg), str(tmp_path / compression))
     assert manifest["precompute"]["shard_compression"] == compression
     got[compression] = _read_all(str(tmp_path / compression))[1]
   assert got["zstd"].keys() == got["uncompressed"].keys()
@@ -434,7 +435,7 @@ def test_uncompressed_shards_hold_the_same_records(job_factory, tmp_path):
 def test_token_ids_mode(job_factory, references, tmp_path):
   jsonl = _demo_jsonl(tmp_path, 3)
   job = job_factory(text_mode="token_ids")
-  manifest = job.run(pc.list_inputs(jsonl, "jsonl", job.cfg), str(tmp_path / "out"))
+  manifest = job.run(sources.list_inputs(jsonl, "jsonl", job.cfg), str(tmp_path / "out"))
   assert manifest["text"] == {"kind": "token_ids", "dim": None}
   _, recs = _read_all(str(tmp_path / "out"))
   _, te = references
@@ -466,7 +467,7 @@ def test_tfds_mock_data(job_factory, tmp_path):
 
   job = job_factory(min_side=1)
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
-    inputs = pc.list_inputs("tiny_captions", "tfds", job.cfg)
+    inputs = sources.list_inputs("tiny_captions", "tfds", job.cfg)
     source = tfds.data_source("tiny_captions", split="train")
     examples = [source[i] for i in range(5)]
     manifest = job.run(inputs, str(tmp_path / "out"))
@@ -485,12 +486,12 @@ def test_tfds_mock_data(job_factory, tmp_path):
 def test_helpers():
   assert [pc.text_pad_length(n, 256) for n in (1, 8, 9, 33, 200, 256)] == [8, 8, 16, 64, 256, 256]
   assert pc.text_pad_length(100, 96) == 96
-  p = pc.Progress(10, stream=io.StringIO(), min_interval=0.0)
+  p = Progress(10, what="inputs", stream=io.StringIO(), min_interval=0.0)
   p.update(done=4, good=3)
   assert "4/10 inputs" in p.stream.getvalue() and "ETA" in p.stream.getvalue()
   p.update(done=6, good=6)
   assert p.stream.getvalue().endswith("\n")
-  c = pc.precompute_defaults()
+  c = config_lib.precompute_defaults()
   c.update(text_mode="logits", output_dtype="float32", max_length=100, process_index=2)
   with pytest.raises(ValueError) as e:
     pc.validate_config(c)
@@ -506,7 +507,7 @@ def test_cli_on_the_demo_dataset(files, tmp_path):
   env["JAX_PLATFORMS"] = "cpu"
   enc = dataclasses.asdict(ENC)
   cmd = [sys.executable, os.path.join(REPO, "launch", "precompute.py"), f"--input={jsonl}",
-         "--input-format=jsonl", f"--out={out}",
+         "--input_format=jsonl", f"--out={out}",
          f"--config.autoencoder.encoder_path={files['encoder']}",
          f"--config.autoencoder.stats_path={files['stats']}",
          f"--config.precompute.text_encoder_dir={files['text']}",

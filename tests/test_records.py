@@ -11,6 +11,7 @@ import pytest
 from grain.sources import ArrayRecordDataSource
 
 from svg_jax.data import records as R
+from svg_jax.data import synthetic
 
 
 def _record(text_kind="text_features", h=3, w=5, c=4, length=7, dim=6, seed=0):
@@ -196,8 +197,8 @@ def test_open_shard_errors_name_the_file(tmp_path):
 
 
 def test_manifest_round_trip_validation_and_fingerprints(tmp_path):
-  manifest = R.write_random_dataset(tmp_path / "d", buckets=[(2, 2), (2, 3)], num_records=[5, 3],
-                                    records_per_shard=2, latent_channels=3, text_dim=4)
+  manifest = synthetic.write_random_dataset(tmp_path / "d", buckets=[(2, 2), (2, 3)], num_records=[5, 3],
+                                            records_per_shard=2, latent_channels=3, text_dim=4)
   assert manifest == json.load(open(tmp_path / "d" / "manifest.json"))
   assert manifest["schema_version"] == 1 and manifest["num_records"] == 8
   assert manifest["buckets"] == {"2x2": 5, "2x3": 3}
@@ -236,8 +237,8 @@ def test_dataset_writer_reports_bad_inputs_and_rejects_mixed_layouts(tmp_path):
 
 @pytest.mark.parametrize("text_kind", ["text_features", "token_ids"])
 def test_random_dataset_contents(tmp_path, text_kind):
-  m = R.write_random_dataset(tmp_path, buckets=[(2, 4), (3, 3)], num_records=9, text_kind=text_kind,
-                             caption_len=(2, 5), latent_channels=5, text_dim=7, seed=3)
+  m = synthetic.write_random_dataset(tmp_path, buckets=[(2, 4), (3, 3)], num_records=9, text_kind=text_kind,
+                                     caption_len=(2, 5), latent_channels=5, text_dim=7, seed=3)
   assert m["buckets"] == {"2x4": 5, "3x3": 4}
   seen = []
   for shard, rec in R.iter_records(tmp_path):
@@ -247,7 +248,7 @@ def test_random_dataset_contents(tmp_path, text_kind):
     if text_kind == "text_features":
       assert rec["text_features"].shape == (rec["text_len"], 7)
     else:
-      assert rec["token_ids"][0] == R.BOS_ID and rec["token_ids"].shape == (rec["text_len"],)
+      assert rec["token_ids"][0] == synthetic.BOS_ID and rec["token_ids"].shape == (rec["text_len"],)
     seen.append(rec["source"])
   assert len(set(seen)) == 9
 
@@ -269,7 +270,7 @@ def _r2_from_words(directory, vocab):
 def test_learnable_data_is_a_function_of_the_caption(tmp_path):
   kw = dict(buckets=[(4, 4)], num_records=160, latent_channels=4, text_dim=4, vocab_size=10,
             caption_len=(1, 4), records_per_shard=64)
-  R.write_random_dataset(tmp_path / "learn", learnable=True, **kw)
-  R.write_random_dataset(tmp_path / "noise", learnable=False, **kw)
+  synthetic.write_random_dataset(tmp_path / "learn", learnable=True, **kw)
+  synthetic.write_random_dataset(tmp_path / "noise", learnable=False, **kw)
   assert _r2_from_words(str(tmp_path / "learn"), 10) > 0.95
   assert _r2_from_words(str(tmp_path / "noise"), 10) < 0.3

@@ -1,6 +1,6 @@
 """Sampler parity: svg_jax.sampling vs diffusers' schedulers and the official reference numbers.
 
-Everything runs on the analytic Gaussian-mixture flow field of equivalence/sampler.md §5.1 (fp64,
+Everything runs on the analytic Gaussian-mixture flow field of docs/equivalence/sampler.md §5.1 (fp64,
 returned as fp32), through `jax.pure_callback` on the JAX side so both sides see the same field.
 Layout here is channels-last [B, H, W, C]; the doc's NCHW noise is transposed, and its "first 4
 (C0, H0, W0..3)" are [0, 0, 0:4, 0] here.
@@ -21,7 +21,7 @@ TOL_DPM_CFG, TOL_DPM_NOCFG, TOL_EULER = 1e-4, 1e-5, 5e-5
 
 
 # ------------------------------------------------------------------------------------------------
-# The analytic field (sampler.md §5.1)
+# The analytic field (docs/equivalence/sampler.md §5.1)
 # ------------------------------------------------------------------------------------------------
 
 def _mixture(seed):
@@ -51,7 +51,7 @@ def gm_velocity(x, t, mix):
 
 
 def np_cfg(vc, vu, dtype=np.float32):
-  """Renorm-CFG written from sampler.md §4, independently of svg_jax."""
+  """Renorm-CFG written from docs/equivalence/sampler.md §4, independently of svg_jax."""
   vc, vu = vc.astype(dtype), vu.astype(dtype)
   g = vu + dtype(CFG_SCALE) * (vc - vu)
   nc = np.sqrt(np.sum(vc**2, axis=(1, 2, 3), keepdims=True))
@@ -95,7 +95,7 @@ def run_jax(solver, steps, shift, cfg=True):
 
 
 def rk4_reference(f, x, grid):
-  """fp64 classical RK4 on a model-time grid (the 'exact ODE' of sampler.md)."""
+  """fp64 classical RK4 on a model-time grid (the 'exact ODE' of docs/equivalence/sampler.md)."""
   x = np.asarray(x, np.float64)
   tb = lambda t: np.full(x.shape[0], t)
   for t0, t1 in zip(grid[:-1], grid[1:]):
@@ -115,7 +115,7 @@ def exact_solution(cfg):
 
 
 # ------------------------------------------------------------------------------------------------
-# diffusers drivers (sampler.md §2.3, §3.2)
+# diffusers drivers (docs/equivalence/sampler.md §2.3, §3.2)
 # ------------------------------------------------------------------------------------------------
 
 DPM_SETTINGS = dict(num_train_timesteps=1000, use_flow_sigmas=True, flow_shift=10.0,
@@ -165,7 +165,7 @@ def test_dpm_grid_matches_diffusers_and_reference_values():
   assert s.shape == ref.shape == (51,)
   assert maxabs(s.astype(np.float32), ref) <= 2e-7
   assert s[-1] == 0.0 and ref[-1] == 0.0
-  # fp64 formula values of sampler.md §2.2.
+  # fp64 formula values of docs/equivalence/sampler.md §2.2.
   for i, v in {0: 0.999899909919, 1: 0.997861623169, 4: 0.991272385275,
                46: 0.464845749383, 49: 0.169347866624}.items():
     assert abs(s[i] - v) < 1e-11, (i, s[i], v)
@@ -302,7 +302,7 @@ def test_euler_default_diffusers_grid_fails(points):
 
 
 # ------------------------------------------------------------------------------------------------
-# Reference numbers from the official solver (sampler.md §5.3), torch-free
+# Reference numbers from the official solver (docs/equivalence/sampler.md §5.3), torch-free
 # ------------------------------------------------------------------------------------------------
 
 GOLDEN = {
@@ -341,7 +341,7 @@ def test_official_reference_numbers(name):
 def test_exact_solution_reference_and_discretisation_gaps():
   exact = exact_solution(True)
   _check_golden(exact[0], *EXACT)  # validates the field itself against the official harness
-  # Distances to the exact ODE solution quoted in sampler.md (§2.4, §3.2).
+  # Distances to the exact ODE solution quoted in docs/equivalence/sampler.md (§2.4, §3.2).
   for solver, shift, gap in [("dpm", 10.0, 0.39), ("euler", 10.0, 0.90), ("euler", 6.0, 0.90),
                              ("midpoint", 10.0, 0.29), ("midpoint", 6.0, 0.14)]:
     assert round(maxabs(run_jax(solver, 50, shift), exact), 2) == gap, (solver, shift)

@@ -1,28 +1,20 @@
 """The offline shapes dataset: determinism, on-disk layout, held-out combinations, GenEval
 format."""
 import json
-import pathlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from svg_jax.data import shapes
+from svg_jax import assets
+from svg_jax.demo import shapes
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-_GENEVAL_CANDIDATES = [
-    REPO / "shared" / "assets" / "prompts" / "geneval_metadata.jsonl",
-    REPO.parent / "shared" / "assets" / "prompts" / "geneval_metadata.jsonl",
-]
 
 
 def _real_geneval() -> list[dict]:
   """The official GenEval prompt metadata shipped with SVG-T2I (553 entries)."""
-  for path in _GENEVAL_CANDIDATES:
-    if path.is_file():
-      with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-  raise FileNotFoundError(f"geneval_metadata.jsonl not found in {_GENEVAL_CANDIDATES}")
+  with open(assets.GENEVAL_PROMPTS) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def _specs(split, count, seed=0, size=64):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from svg_jax.data import shapes
-from svg_jax.eval import shapes_geneval as sg
+from svg_jax.demo import geneval as sg
+from svg_jax.demo import shapes
 
 
 def _heldout(count, size, seed=0):

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from svg_jax import demo_text_encoder, text
-from svg_jax.data import shapes
+from svg_jax import text
+from svg_jax.demo import shapes
+from svg_jax.demo import text_encoder as demo_text_encoder
 from svg_jax.models.gemma2 import Gemma2Config, Gemma2Encoder
 
 CAPTIONS = [shapes.item_spec(0, "train", i, 64)["prompt"] for i in range(60)]

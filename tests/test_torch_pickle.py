@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import torch
 
+from svg_jax import assets
 from svg_jax.convert.torch_pickle import (UnknownObject, UnsafeCheckpointError, load_torch_file,
                                           save_torch_file)
 
-STATS = '/work/shared/assets/svg_t2i/dinov3_s16p_layer_patchtoken_stats_dist.pt'
+STATS = assets.OFFICIAL_LATENT_STATS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # torch dtype -> the numpy dtype our reader must produce.

@@ -11,10 +11,11 @@ import jax
 import numpy as np
 import pytest
 
+from svg_jax import assets
 from svg_jax import parallel
-from svg_jax.data import records
+from svg_jax.data import records, synthetic
 from svg_jax.train import checkpoint as ckpt_lib
-from svg_jax.train import loop
+from svg_jax.train import dit_task, loop, trainer
 from svg_jax.train import metrics as metrics_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +34,8 @@ FLAGS = ["--config.model.in_channels=8", "--config.model.cap_feat_dim=16",
 
 
 def _dataset(path, buckets=((4, 4),), n=64, seed=0):
-  records.write_random_dataset(path, buckets=buckets, num_records=n, latent_channels=8,
-                               text_dim=16, learnable=True, caption_len=(1, 8), seed=seed)
+  synthetic.write_random_dataset(path, buckets=buckets, num_records=n, latent_channels=8,
+                                 text_dim=16, learnable=True, caption_len=(1, 8), seed=seed)
   return str(path)
 
 
@@ -74,8 +75,8 @@ def test_data_config_sets_the_loaders_threads_and_worker_processes(data_dir):
   def first_batches(**data):
     config = _config(data_dir)
     config.data.update(data)
-    assert loop._pipeline_config(config, 8).num_threads == config.data.num_threads
-    it = loop.make_data_iterator(config)
+    assert dit_task._pipeline_config(config, 8).num_threads == config.data.num_threads
+    it = dit_task.make_data_iterator(config)
     try:
       return [next(it) for _ in range(3)], it.get_state()["signature"]["num_workers"]
     finally:
@@ -94,8 +95,8 @@ def test_data_config_sets_the_loaders_threads_and_worker_processes(data_dir):
 
 
 def _run_steps(config, mesh, n):
-  setup = loop.Setup(config, mesh)
-  it = loop.make_data_iterator(config)
+  setup = dit_task.DiTSetup(config, mesh)
+  it = dit_task.make_data_iterator(config)
   out = []
   with parallel.mesh_context(mesh, config.axis_rules):
     state = setup.init_state(config.seed)
@@ -243,7 +244,7 @@ def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
   assert 4 <= step < NUM_STEPS
   # The checkpoint of the stop step is complete and loadable (here onto an 8-device mesh).
   config = _config(data_dir)
-  state, saved = loop.restore_state(config, str(tmp_path), parallel.make_mesh(config.mesh))
+  state, saved = trainer.restore_state(config, str(tmp_path), parallel.make_mesh(config.mesh))
   assert saved == step and int(state.step) == step
 
 
@@ -254,15 +255,15 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
   config = _config(data_dir, num_steps=12, checkpoint_every=2, log_every=3, debug_nan_step=6)
   with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 6: training stopped "
                      r"without saving this state; the last good checkpoint is step 4"):
-    loop.train(config, str(tmp_path))
+    trainer.train(config, str(tmp_path))
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
   assert ckpt.all_steps() == [2, 4]
   ckpt.close()
   # Loadable, finite, and the same values on two other meshes (restore onto a different mesh).
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
-  a, step = loop.restore_state(config, str(tmp_path), parallel.make_mesh(config.mesh))
+  a, step = trainer.restore_state(config, str(tmp_path), parallel.make_mesh(config.mesh))
   config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-  b, _ = loop.restore_state(config, str(tmp_path),
+  b, _ = trainer.restore_state(config, str(tmp_path),
                             parallel.make_mesh(config.mesh, jax.devices()[:1]))
   assert step == 4 and int(a.step) == 4
   leaves_a, leaves_b = jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))
@@ -274,7 +275,7 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
   # init_from (next stage): only the params are read; optimizer and EMA start afresh from them.
   config.train.update(dict(debug_nan_step=-1, init_from=str(tmp_path)))
   mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
-  setup = loop.Setup(config, mesh)
+  setup = dit_task.DiTSetup(config, mesh)
   params = ckpt_lib.load_params(str(tmp_path), setup.abstract_state.params)
   assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), jax.device_get(params),
                                    jax.device_get(a.params)))
@@ -287,7 +288,7 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
   wrong.model.dim = 32
   wrong.model.axes_dims = (2, 2, 4)
   with pytest.raises(ValueError, match="init_from: the checkpoint's params do not fit the model"):
-    ckpt_lib.load_params(str(tmp_path), loop.Setup(wrong, mesh).abstract_state.params)
+    ckpt_lib.load_params(str(tmp_path), dit_task.DiTSetup(wrong, mesh).abstract_state.params)
 
 
 # ----------------------------------------------------------------------------- 5. bad configs
@@ -319,7 +320,7 @@ def test_bad_config_fails_with_one_line_before_compiling(data_dir, tmp_path, mon
   monkeypatch.setattr(loop.jax, "jit", no_compile)
   monkeypatch.setattr(loop.jax, "eval_shape", no_compile)
   with pytest.raises(loop.ConfigError, match=message) as info:
-    loop.train(config, str(tmp_path))
+    trainer.train(config, str(tmp_path))
   assert "\n" not in str(info.value)
 
 
@@ -399,17 +400,17 @@ def test_caption_dropout_uses_the_empty_prompt():
 
 def test_empty_text_from_the_dataset_folder(data_dir, tmp_path):
   config = _config(data_dir)
-  stand_in = loop.load_empty_text(config)  # no empty_text.npy in a synthetic dataset
+  stand_in = dit_task.load_empty_text(config)  # no empty_text.npy in a synthetic dataset
   assert stand_in.shape == (1, 16) and abs(np.sqrt(np.mean(stand_in ** 2)) - 1) < 1e-6
-  np.testing.assert_array_equal(stand_in, loop.load_empty_text(config))
+  np.testing.assert_array_equal(stand_in, dit_task.load_empty_text(config))
   feats = np.arange(32, dtype=np.float32).reshape(2, 16)
   np.save(tmp_path / "bos.npy", feats)
   config.data.empty_text = str(tmp_path / "bos.npy")
-  np.testing.assert_array_equal(loop.load_empty_text(config), feats)
+  np.testing.assert_array_equal(dit_task.load_empty_text(config), feats)
   np.save(tmp_path / "bad.npy", np.zeros((2, 8), np.float32))
   config.data.empty_text = str(tmp_path / "bad.npy")
   with pytest.raises(loop.ConfigError, match="data.empty_text has dim 8, model.cap_feat_dim is 16"):
-    loop.validate_config(config)
+    trainer.validate_config(config)
 
 
 def test_dropped_captions_keep_gradients_in_scale(data_dir):
@@ -443,14 +444,13 @@ def test_lr_schedules():
 
 def test_data_from_other_statistics_is_refused(tmp_path):
   """The trainer checks the dataset's fingerprints against the statistics its config names."""
-  stats = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "assets", "svg_t2i",
-                       "dinov3_s16p_layer_patchtoken_stats_dist.pt")
+  stats = assets.OFFICIAL_LATENT_STATS
   path = str(tmp_path / "data")
-  records.write_random_dataset(path, buckets=((4, 4),), num_records=16, latent_channels=8,
-                               text_dim=16, fingerprints={"statistics": "sha256:0000:row11"})
+  synthetic.write_random_dataset(path, buckets=((4, 4),), num_records=16, latent_channels=8,
+                                 text_dim=16, fingerprints={"statistics": "sha256:0000:row11"})
   config = _config(path)
   config.autoencoder.stats_path = stats
   with pytest.raises(records.FingerprintMismatchError, match="statistics"):
-    loop.make_data_iterator(config)
+    dit_task.make_data_iterator(config)
   config.autoencoder.stats_path = ""  # nothing named, nothing to check
-  loop.make_data_iterator(config).close()
+  dit_task.make_data_iterator(config).close()

@@ -1,17 +1,17 @@
 """The one key map of the pixel decoder: our Flax params <-> official SVG autoencoder <-> diffusers.
 
-Official layout (reference §3.2): the Lightning `.ckpt` of the SVG autoencoder, `state_dict` keys
-`decoder.*` (next to `encoder.*` DINOv3 weights and, in training checkpoints, `loss.*`; R
-checkpoints also `extra_vit.*` / `norm_vit.*`). diffusers layout:
+Official layout (docs/reference.md §3.2): the Lightning `.ckpt` of the SVG autoencoder,
+`state_dict` keys `decoder.*` (next to `encoder.*` DINOv3 weights and, in training checkpoints,
+`loss.*`; R checkpoints also `extra_vit.*` / `norm_vit.*`). diffusers layout:
 `diffusers.models.autoencoders.vae.Decoder` with an `AttnUpDecoderBlock2D` first
-(equivalence/autoencoder.md §2.2): official `up.{L}` is diffusers `up_blocks.{n-1-L}`.
+(docs/equivalence/autoencoder.md §2.2): official `up.{L}` is diffusers `up_blocks.{n-1-L}`.
 Transforms: 3x3 conv OIHW <-> HWIO; 1x1 convs (`nin_shortcut`, attention q/k/v/proj_out)
 [O, I, 1, 1] <-> kernel [I, O]; diffusers' attention projections are Linear [O, I].
 
 The official loader is `strict=False`, which silently leaves absent attention weights random; here
 every direction lists missing, unexpected and mis-shaped keys and raises. Keys of the other
 autoencoder components are ignored by their prefix only. Params are the inner `params` collection of
-`svg_jax.models.decoder.Decoder` (fp32 numpy arrays on import).
+`svg_jax.models.decoder.Decoder` (fp32 numpy arrays on import). File formats: decoder_io.py.
 """
 from __future__ import annotations
 
@@ -172,17 +172,33 @@ def _flat_params(params: Any) -> dict[tuple[str, ...], np.ndarray]:
   return {k: _to_numpy(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
 
 
-def _from_params(params: Any, cfg: DecoderConfig, fmt: str) -> dict[str, np.ndarray]:
-  names = list(_names(cfg, fmt))
-  flat = _flat_params(params)
-  expected = {path: shape for path, _, _, shape in names}
-  missing = {"/".join(p) for p in set(expected) - set(flat)}
-  unexpected = {"/".join(p) for p in set(flat) - set(expected)}
-  misshaped = {f"{'/'.join(p)} {tuple(flat[p].shape)} != {expected[p]}"
-               for p in set(expected) & set(flat) if tuple(flat[p].shape) != expected[p]}
+def check_param_shapes(shapes: Mapping[tuple[str, ...], tuple[int, ...]], cfg: DecoderConfig,
+                       what: str = "Flax decoder params") -> None:
+  """Raise KeyMismatchError unless `shapes` ({flax path: shape}) are exactly `cfg`'s params."""
+  expected = {path: shape for path, _, _, _, shape in key_map(cfg)}
+  missing = {"/".join(p) for p in set(expected) - set(shapes)}
+  unexpected = {"/".join(p) for p in set(shapes) - set(expected)}
+  misshaped = {f"{'/'.join(p)} {tuple(shapes[p])} != {expected[p]}"
+               for p in set(expected) & set(shapes) if tuple(shapes[p]) != expected[p]}
   if missing or unexpected or misshaped:
-    raise KeyMismatchError("Flax decoder params", missing, unexpected, misshaped)
-  return {key: _from_ours(layout, flat[path]) for path, key, layout, _ in names}
+    raise KeyMismatchError(what, missing, unexpected, misshaped)
+
+
+def _checked_flat(params: Any, cfg: DecoderConfig) -> dict[tuple[str, ...], np.ndarray]:
+  flat = _flat_params(params)
+  check_param_shapes({k: v.shape for k, v in flat.items()}, cfg)
+  return flat
+
+
+def _from_params(params: Any, cfg: DecoderConfig, fmt: str) -> dict[str, np.ndarray]:
+  flat = _checked_flat(params, cfg)
+  return {key: _from_ours(layout, flat[path]) for path, key, layout, _ in _names(cfg, fmt)}
+
+
+def params_from_tree(tree: Any, cfg: DecoderConfig) -> dict:
+  """A Flax params tree (or `{"params": ...}` variables) checked against `cfg` -> fp32 numpy."""
+  flat = _checked_flat(tree, cfg)
+  return flax.traverse_util.unflatten_dict({k: v.astype(np.float32) for k, v in flat.items()})
 
 
 def strip_official_prefix(state: Mapping[str, Any], prefix: str = OFFICIAL_PREFIX
@@ -232,7 +248,8 @@ def params_to_diffusers(params: Any, cfg: DecoderConfig) -> dict[str, np.ndarray
 
 
 def diffusers_config(cfg: DecoderConfig) -> dict[str, Any]:
-  """kwargs of the diffusers `vae.Decoder` that computes our decoder (equivalence §2.1)."""
+  """kwargs of the diffusers `vae.Decoder` that computes our decoder
+  (docs/equivalence/autoencoder.md §2.1)."""
   n = cfg.num_levels
   return dict(
       in_channels=cfg.z_channels, out_channels=cfg.out_ch,
@@ -240,6 +257,23 @@ def diffusers_config(cfg: DecoderConfig) -> dict[str, Any]:
       block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
       layers_per_block=cfg.num_res_blocks, norm_num_groups=cfg.norm_groups, act_fn="silu",
       norm_type="group", mid_block_add_attention=True)
+
+
+def check_diffusers_config(config: Mapping[str, Any], cfg: DecoderConfig) -> None:
+  """Raise if `vae.Decoder` kwargs (a diffusers folder's config.json) describe another decoder
+  than `cfg`; absent entries are not checked."""
+  diffs = []
+  for name, ours in diffusers_config(cfg).items():
+    if name not in config:
+      continue
+    theirs = config[name]
+    if isinstance(ours, tuple) and isinstance(theirs, list):
+      theirs = tuple(theirs)
+    if theirs != ours:
+      diffs.append(f"{name}={theirs!r} (the decoder config gives {ours!r})")
+  if diffs:
+    raise ValueError("diffusers decoder config.json does not match the decoder config: "
+                     + "; ".join(diffs))
 
 
 def detect_format(keys) -> tuple[str, str]:
@@ -260,6 +294,19 @@ def detect_format(keys) -> tuple[str, str]:
                    f"first keys: {sorted(keys)[:8]}")
 
 
+def read_torch_state(path: str | os.PathLike) -> dict[str, Any]:
+  """The state dict of a torch file: a Lightning checkpoint's `state_dict`, or the file's dict.
+  Read without torch; classes named in `hyper_parameters` stay inert placeholders."""
+  from svg_jax.convert import torch_pickle
+  obj = torch_pickle.load_torch_file(path, allow_unknown_objects=True)
+  if isinstance(obj, Mapping) and "state_dict" in obj:  # Lightning checkpoint
+    obj = obj["state_dict"]
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{os.fspath(path)}: expected a state dict or a Lightning checkpoint with "
+                     f"'state_dict', got {type(obj).__name__}")
+  return dict(obj)
+
+
 def _read_state(path: str | os.PathLike) -> dict[str, Any]:
   path = os.fspath(path)
   if not os.path.isfile(path):
@@ -268,14 +315,7 @@ def _read_state(path: str | os.PathLike) -> dict[str, Any]:
     from svg_jax.convert import safetensors_io
     return dict(safetensors_io.load_safetensors(path))
   if path.endswith(TORCH_SUFFIXES):
-    from svg_jax.convert import torch_pickle
-    obj = torch_pickle.load_torch_file(path, allow_unknown_objects=True)
-    if isinstance(obj, Mapping) and "state_dict" in obj:  # Lightning checkpoint
-      obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-      raise ValueError(f"{path}: expected a state dict or a Lightning checkpoint with "
-                       f"'state_dict', got {type(obj).__name__}")
-    return dict(obj)
+    return read_torch_state(path)
   raise ValueError(f"{path}: unknown decoder checkpoint file type; expected .safetensors or one of "
                    f"{TORCH_SUFFIXES}")
 
@@ -286,7 +326,12 @@ def load_decoder(path: str | os.PathLike, cfg: DecoderConfig, fmt: str = "auto")
   path: the official Lightning `.ckpt` (`state_dict` with `decoder.*`), a `.pth`/`.pt` state dict,
   or a `.safetensors` file, holding official keys (with or without `decoder.`) or diffusers keys.
   fmt: "auto" (from the key names), "official" or "diffusers"."""
-  state = _read_state(path)
+  return state_to_params(_read_state(path), cfg, fmt)
+
+
+def state_to_params(state: Mapping[str, Any], cfg: DecoderConfig, fmt: str = "auto") -> dict:
+  """A flat state dict -> Flax params. fmt: "auto" (from the key names), "official" (with or
+  without the `decoder.` prefix, other components' keys ignored) or "diffusers"."""
   prefix = ""
   if fmt == "auto":
     fmt, prefix = detect_format(state)

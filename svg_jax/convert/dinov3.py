@@ -1,8 +1,8 @@
 """The one key map of the DINOv3 ViT: our Flax params <-> official dinov3 state dict <-> HF.
 
-Official layout: the flat `dinov3_vits16plus_pretrain_lvd1689m-*.pth` state dict (reference §2.1:
+Official layout: the flat `dinov3_vits16plus_pretrain_lvd1689m-*.pth` state dict (docs/reference.md §2.1:
 212 tensors = 199 parameters + 13 buffers). HF layout: `transformers.DINOv3ViTModel.state_dict()`
-(equivalence/autoencoder.md §1.3). Each row of `_TOP` / `_BLOCK` / `_TAIL` names one Flax parameter
+(docs/equivalence/autoencoder.md §1.3). Each row of `_TOP` / `_BLOCK` / `_TAIL` names one Flax parameter
 and its official and HF keys, so importer, exporter and parity tests share this single table.
 
 The qkv bias. Officially `qkv` is a `LinearKMaskedBias`: the bias it adds is `bias * bias_mask`,
@@ -180,7 +180,7 @@ def hf_shapes(cfg: DINOv3Config) -> dict[str, tuple[int, ...]]:
 
 
 def hf_config(cfg: DINOv3Config) -> dict[str, Any]:
-  """Keyword arguments of the equivalent `transformers.DINOv3ViTConfig` (equivalence §1.2)."""
+  """Keyword arguments of the equivalent `transformers.DINOv3ViTConfig` (docs/equivalence/autoencoder.md §1.2)."""
   return {
       "patch_size": cfg.patch_size,
       "num_channels": cfg.in_channels,

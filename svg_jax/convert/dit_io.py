@@ -1,7 +1,10 @@
 """Read and write NextDiT weights in every supported format, through the one key map.
 
 Formats:
-  flax         a msgpack file of our params tree (flax.serialization), scanned or not
+  flax         read: a `task = "dit"` training workdir (or its `checkpoints/` folder), whose Orbax
+               checkpoint of the latest step (or `step`) gives the EMA params (or the raw ones),
+               or a msgpack file of our params tree (flax.serialization), scanned or not; written
+               as that msgpack file
   official     the official SVG-T2I `consolidated.00-of-01.pth` flat dict (fp32 or bf16)
   safetensors  the official key layout in a single .safetensors file
   diffusers    a `Lumina2Transformer2DModel` folder: config.json + diffusion_pytorch_model.safetensors
@@ -10,19 +13,17 @@ Reading never needs torch and never executes code from a file; writing `official
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 from pathlib import Path
 
-import flax
 import numpy as np
 
 from svg_jax.convert import nextdit as keymap
-from svg_jax.convert import safetensors_io, torch_pickle
+from svg_jax.convert import safetensors_io, torch_pickle, weights_io
 from svg_jax.models.nextdit import NextDiTConfig, abstract_params
 
 FORMATS = ("flax", "official", "safetensors", "diffusers")
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def _check_format(fmt: str) -> None:
@@ -30,15 +31,24 @@ def _check_format(fmt: str) -> None:
     raise ValueError(f"unknown DiT checkpoint format {fmt!r}; choose one of {FORMATS}")
 
 
-def load_dit(path: str | os.PathLike, fmt: str, cfg: NextDiTConfig) -> dict:
-  """Load weights in format `fmt` as fp32 Flax params laid out for `cfg` (scanned or not)."""
+def load_dit(path: str | os.PathLike, fmt: str, cfg: NextDiTConfig, step: int | None = None,
+             ema: bool | None = None) -> dict:
+  """Load weights in format `fmt` as fp32 Flax params laid out for `cfg` (scanned or not).
+
+  step, ema: the checkpoint step (default the latest) and EMA (True, the default) or raw params
+  of a training workdir (flax only)."""
   _check_format(fmt)
   path = Path(path)
   if not path.exists():
     raise FileNotFoundError(f"DiT checkpoint not found: {path}")
+  workdir = fmt == "flax" and path.is_dir()
+  if (step is not None or ema is not None) and not workdir:
+    raise ValueError("a step or EMA choice applies to a training workdir only (flax format, a "
+                     "folder)")
+  if workdir:
+    return params_from_tree(_workdir_params(path, cfg, step, ema is not False), cfg)
   if fmt == "flax":
-    tree = flax.serialization.msgpack_restore(path.read_bytes())
-    return params_from_tree(tree, cfg)
+    return params_from_tree(weights_io.load_flax_msgpack(path), cfg)
   if fmt == "official":
     state = torch_pickle.load_torch_file(path)
     if isinstance(state, dict) and "model" in state and not any("." in k for k in state):
@@ -46,10 +56,9 @@ def load_dit(path: str | os.PathLike, fmt: str, cfg: NextDiTConfig) -> dict:
     return keymap.official_to_params(_flat_arrays(state, path), cfg)
   if fmt == "safetensors":
     return keymap.official_to_params(safetensors_io.load_safetensors(path), cfg)
-  config_file = path / "config.json"
-  if config_file.exists():
-    keymap.check_diffusers_config(json.loads(config_file.read_text()), cfg)
-  state = safetensors_io.load_sharded_safetensors(path)
+  config, state = weights_io.load_diffusers_folder(path)
+  if config is not None:
+    keymap.check_diffusers_config(config, cfg)
   return keymap.official_to_params(keymap.diffusers_to_official(state, cfg), cfg)
 
 
@@ -59,23 +68,16 @@ def save_dit(params, path: str | os.PathLike, fmt: str, cfg: NextDiTConfig,
   _check_format(fmt)
   path = Path(path)
   if fmt == "flax":
-    tree = flax.traverse_util.unflatten_dict(
-        {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(
-            flax.core.unfreeze(flax.linen.meta.unbox(params))).items()})
-    _atomic_write(path, lambda tmp: tmp.write_bytes(flax.serialization.msgpack_serialize(tree)))
+    weights_io.save_flax_msgpack(path, params)
     return
   state = keymap.params_to_official(params, cfg, dtype)
   if fmt == "official":
-    _atomic_write(path, lambda tmp: torch_pickle.save_torch_file(tmp, state))
+    weights_io.atomic_write(path, lambda tmp: torch_pickle.save_torch_file(tmp, state))
   elif fmt == "safetensors":
-    _atomic_write(path, lambda tmp: safetensors_io.save_safetensors(tmp, state))
+    weights_io.atomic_write(path, lambda tmp: safetensors_io.save_safetensors(tmp, state))
   else:
-    path.mkdir(parents=True, exist_ok=True)
-    diffusers_state = keymap.official_to_diffusers(state, cfg)
-    _atomic_write(path / DIFFUSERS_WEIGHTS,
-                  lambda tmp: safetensors_io.save_safetensors(tmp, diffusers_state))
-    _atomic_write(path / "config.json", lambda tmp: tmp.write_text(
-        json.dumps(keymap.diffusers_config(cfg), indent=2)))
+    weights_io.save_diffusers_folder(path, keymap.official_to_diffusers(state, cfg),
+                                     keymap.diffusers_config(cfg))
 
 
 def params_from_tree(tree, cfg: NextDiTConfig) -> dict:
@@ -92,15 +94,29 @@ def params_from_tree(tree, cfg: NextDiTConfig) -> dict:
   return keymap.rescan(flat, cfg)
 
 
+def _workdir_params(workdir: Path, cfg: NextDiTConfig, step: int | None, ema: bool) -> dict:
+  """The EMA or raw params of a training run's Orbax checkpoint, on the host, once the model
+  config the run saved is the architecture of `cfg` (hardware fields and the layer layout may
+  differ: the tree is read in the run's layout and `params_from_tree` converts it)."""
+  import jax
+
+  from svg_jax.train import dit_checkpoint
+
+  run, step = weights_io.training_checkpoint(workdir, step, "dit")
+  saved = dit_checkpoint.saved_model_config(run, step)
+  free = set(dit_checkpoint.HARDWARE_FIELDS) | {"scan_layers"}
+  differ = [f"{f.name} (run {getattr(saved, f.name)!r}, config {getattr(cfg, f.name)!r})"
+            for f in dataclasses.fields(NextDiTConfig)
+            if f.name not in free and getattr(saved, f.name) != getattr(cfg, f.name)]
+  if differ:
+    raise ValueError(f"{workdir} step {step}: the model the run saved differs from the config's "
+                     "in " + "; ".join(differ))
+  layout = dataclasses.replace(cfg, scan_layers=saved.scan_layers)  # the hardware of `cfg`
+  return jax.device_get(dit_checkpoint.load_params(run, layout, ema=ema, step=step))
+
+
 def _flat_arrays(state, path) -> dict[str, np.ndarray]:
   bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
   if bad:
     raise ValueError(f"{path}: not a flat dict of tensors (entries {bad[:5]} are not tensors)")
   return state
-
-
-def _atomic_write(path: Path, write) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  write(tmp)
-  os.replace(tmp, path)

@@ -1,7 +1,7 @@
 """The one key map of the NextDiT: our Flax params <-> official SVG-T2I state dict <-> diffusers.
 
-Official layout: `consolidated.00-of-01.pth`, a flat dict (reference §1.7). diffusers layout:
-`Lumina2Transformer2DModel` (equivalence/nextdit.md §3). The Flax tree keeps q/k/v as separate kernels
+Official layout: `consolidated.00-of-01.pth`, a flat dict (docs/reference.md §1.7). diffusers layout:
+`Lumina2Transformer2DModel` (docs/equivalence/nextdit.md §3). The Flax tree keeps q/k/v as separate kernels
 (tensor-parallel friendly); the official fused `qkv` weight is their row-wise concatenation [q | k | v].
 Scanned layer stacks (`layers/block/...` with a leading layer axis) are split on export and stacked on
 import. Every direction checks names and shapes and lists any missing, unexpected or mis-shaped key.
@@ -53,7 +53,7 @@ _TOP = [
     ("final_layer.adaLN_modulation.1.bias", ("final_adaLN", "bias"), "copy"),
 ]
 
-# Official -> diffusers names (equivalence/nextdit.md §3). Block keys use the `{B}.{i}.` prefix.
+# Official -> diffusers names (docs/equivalence/nextdit.md §3). Block keys use the `{B}.{i}.` prefix.
 _DIFFUSERS_TOP = {
     "x_embedder.weight": "x_embedder.weight",
     "x_embedder.bias": "x_embedder.bias",
@@ -183,7 +183,7 @@ def params_to_official(params, cfg: NextDiTConfig, dtype=np.float32) -> dict[str
 
 
 def _official_order(cfg: NextDiTConfig):
-  """key_map entries in the official module registration order (reference §1.7)."""
+  """key_map entries in the official module registration order (docs/reference.md §1.7)."""
   entries = {k: (k, p, kind) for k, p, kind in key_map(cfg)}
   order = ["x_embedder.weight", "x_embedder.bias"]
   block_suffixes = [_QKV[0]] + [s for s, _, _ in _BLOCK]
@@ -272,7 +272,7 @@ def _is_modulated(prefix: str) -> bool:
 
 
 def diffusers_config(cfg: NextDiTConfig) -> dict[str, Any]:
-  """`config.json` of the equivalent `Lumina2Transformer2DModel` (equivalence/nextdit.md §2)."""
+  """`config.json` of the equivalent `Lumina2Transformer2DModel` (docs/equivalence/nextdit.md §2)."""
   return {
       "_class_name": "Lumina2Transformer2DModel",
       "sample_size": 128,

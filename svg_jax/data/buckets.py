@@ -1,4 +1,4 @@
-"""Aspect-ratio buckets and the official center crop (reference §2.4-2.5).
+"""Aspect-ratio buckets and the official center crop (docs/reference.md §2.4-2.5).
 
 Sizes are (width, height) pairs throughout, as PIL's `Image.size` and the official code have them;
 a latent or array made from a crop of size (w, h) is [h, w, ...] (rows first).

@@ -3,7 +3,7 @@
 `load_rgb` turns whatever PIL can open into an RGB uint8 array [H, W, 3] plus an `ImageInfo` saying
 what was done, or raises `BadImageError` whose `reason` names the problem (missing, empty,
 truncated / corrupt, too small, unsupported mode), so a long precompute job can count and report
-bad inputs by key instead of crashing (DESIGN.md, Data).
+bad inputs by key instead of crashing (docs/design.md, Data).
 
 Mode handling (the official DiT loader composites RGBA on white and converts P and L to RGB;
 it skips every other mode; we convert more modes and record which conversion was applied):

@@ -1,10 +1,10 @@
 """SVG-T2I pixel decoder: the LDM convolutional `Decoder` with its always-on lowest-level attention.
 
 Maps channel-last DINOv3 latents [B, h, w, z_channels] to images [B, 16h, 16w, out_ch] in about
-[-1, 1] (reference §3.1; 2**(len(ch_mult)-1) upsampling in general). It computes what the official
+[-1, 1] (docs/reference.md §3.1; 2**(len(ch_mult)-1) upsampling in general). It computes what the official
 `ldm.modules.diffusionmodules.model.Decoder` of SVG-T2I computes, which equals
 `diffusers.models.autoencoders.vae.Decoder` with an `AttnUpDecoderBlock2D` as the first up block
-(equivalence/autoencoder.md §2):
+(docs/equivalence/autoencoder.md §2):
 
   conv_in 3x3 -> mid (ResnetBlock, AttnBlock, ResnetBlock)
   -> for level L = n-1 .. 0: num_res_blocks+1 ResnetBlocks (channels ch*ch_mult[L]), each
@@ -47,7 +47,7 @@ DENSE_AXES = ("conv_in", "conv_out")
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-  """Decoder hyperparameters; defaults are the released autoencoder ddconfig (reference §3.1)."""
+  """Decoder hyperparameters; defaults are the released autoencoder ddconfig (docs/reference.md §3.1)."""
   z_channels: int = 384
   ch: int = 128
   ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)

@@ -1,7 +1,7 @@
 """DINOv3 ViT encoder (frozen), the feature extractor whose patch tokens are SVG-T2I's latent space.
 
 Computes what the official `dinov3_vits16plus` `forward_features(x)["x_norm_patchtokens"]` computes
-(reference §2.1-2.2; equal to `transformers.DINOv3ViTModel`, equivalence/autoencoder.md §1):
+(docs/reference.md §2.1-2.2; equal to `transformers.DINOv3ViTModel`, docs/equivalence/autoencoder.md §1):
   * patch embedding: conv kernel = stride = patch (done here as patchify + one 2-D matmul),
   * tokens [CLS, registers, patches]; no absolute position embedding,
   * pre-norm blocks x += ls1 * attn(norm1(x)); x += ls2 * swiglu(norm2(x)), LayerNorm eps 1e-5,
@@ -27,7 +27,7 @@ from svg_jax.models import config_dict, layers
 
 @dataclasses.dataclass(frozen=True)
 class DINOv3Config:
-  """Architecture; defaults are ViT-S/16+ exactly as the official `dinov3_vits16plus` (§2.1)."""
+  """Architecture; defaults are ViT-S/16+ exactly as the official `dinov3_vits16plus` (docs/reference.md §2.1)."""
   patch_size: int = 16
   in_channels: int = 3
   dim: int = 384

@@ -1,6 +1,6 @@
 """PatchGAN discriminator of SVG-T2I's decoder training: taming-transformers' NLayerDiscriminator.
 
-Reference §3.3: 3 layers, BatchNorm, weights_init N(0, 0.02). The network (ndf = 64, NHWC here):
+docs/reference.md §3.3: 3 layers, BatchNorm, weights_init N(0, 0.02). The network (ndf = 64, NHWC here):
   conv 4x4 s2 p1 (3 -> ndf, bias), LeakyReLU(0.2)
   for n = 1 .. n_layers-1: conv 4x4 s2 p1 (ndf*min(2^(n-1), 8) -> ndf*min(2^n, 8), no bias),
                            BatchNorm, LeakyReLU(0.2)

@@ -1,6 +1,6 @@
 """Gemma-2 text encoder (frozen): token ids -> one chosen hidden state, as transformers computes it.
 
-SVG-T2I conditions on `hidden_states[-2]` of google/gemma-2-2b (reference §1.5). Indices follow
+SVG-T2I conditions on `hidden_states[-2]` of google/gemma-2-2b (docs/reference.md §1.5). Indices follow
 transformers' convention: the tuple has num_layers + 1 entries, entry 0 is the scaled embedding,
 entry k (1 <= k < num_layers) the raw output of decoder layer k - 1, and the last entry the
 final-RMSNorm-ed output of the last layer. Only the layers up to the chosen entry are built and run,

@@ -1,6 +1,6 @@
 """Building blocks shared by every model: 2-D Linear, RMSNorm, attention with backend dispatch, RoPE.
 
-Numerics follow DESIGN.md: parameters are fp32, matmul inputs are cast to a compute dtype with fp32
+Numerics follow docs/design.md: parameters are fp32, matmul inputs are cast to a compute dtype with fp32
 accumulation and fp32 output, norms / RoPE / softmax statistics run in fp32.
 """
 from __future__ import annotations
@@ -13,10 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.layout import Layout, with_layout_constraint
 
+from svg_jax.models import splash_attention
+
 Dtype = Any
 Axes = tuple[str | None, ...]
 
-ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+# auto: splash when the trace compiles for a TPU (the current mesh's devices), xla otherwise.
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash", "auto")
 
 
 def _row_major(a: jax.Array) -> jax.Array:
@@ -27,7 +30,7 @@ def _row_major(a: jax.Array) -> jax.Array:
   from carrying the batch sharding through the transpose, and the weight-gradient dots then
   all-gather the whole micro-batch onto every device (seen in launch/aot_compile.py)."""
   mesh = jax.sharding.get_abstract_mesh()
-  if jax.default_backend() != "cpu" or (not mesh.empty and mesh.size > 1):
+  if splash_attention.compile_platform() != "cpu" or (not mesh.empty and mesh.size > 1):
     return a
   return with_layout_constraint(a, Layout(major_to_minor=tuple(range(a.ndim))))
 
@@ -85,7 +88,7 @@ def batched_matmul(a: jax.Array, b: jax.Array, compute_dtype: Dtype = jnp.float3
 def matmul(x: jax.Array, kernel: jax.Array, compute_dtype: Dtype = jnp.float32) -> jax.Array:
   """x[..., in] @ kernel[in, out] on 2-D operands, fp32 output.
 
-  2-D operands: N-d dots cost 1.6x in the backward on CPU (cpu_perf_calibration.md). With bf16
+  2-D operands: N-d dots cost 1.6x in the backward on CPU (docs/cpu_performance.md). With bf16
   compute the backward is a custom VJP keeping every dot bf16 x bf16 -> fp32.
   """
   y = batched_matmul(x.reshape(-1, x.shape[-1]), kernel, compute_dtype)
@@ -220,28 +223,6 @@ def _cudnn_attention(q, k, v, kv_lengths, scale, compute_dtype):
   return out.astype(jnp.float32)
 
 
-def _splash_attention(q, k, v, kv_lengths, scale):
-  _require_platform("splash", ("tpu",))
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
-  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
-
-  b, t, h, d = q.shape
-  s = k.shape[1]
-  rep = h // k.shape[2]
-  mask = sm.MultiHeadMask([sm.FullMask((t, s)) for _ in range(h)])
-  kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
-  # Padded keys get segment 0, everything else (all queries included) segment 1: masked exactly.
-  valid = jnp.ones((b, s), bool) if kv_lengths is None else key_mask_from_lengths(kv_lengths, s)
-  kv_seg = valid.astype(jnp.int32)
-  q_seg = jnp.ones((b, t), jnp.int32)
-  qh = jnp.swapaxes(q * scale, 1, 2)  # splash takes [heads, T, D] per example, unscaled logits
-  kh = jnp.repeat(jnp.swapaxes(k, 1, 2), rep, axis=1)
-  vh = jnp.repeat(jnp.swapaxes(v, 1, 2), rep, axis=1)
-  out = jax.vmap(lambda qq, kk, vv, qs, ks: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(qs, ks)))(
-      qh, kh, vh, q_seg, kv_seg)
-  return jnp.swapaxes(out, 1, 2).astype(jnp.float32)
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_lengths: jax.Array | None = None,
               backend: str = "xla", scale: float | None = None, logits_soft_cap: float | None = None,
               extra_mask: jax.Array | None = None, compute_dtype: Dtype = jnp.float32) -> jax.Array:
@@ -249,11 +230,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_lengths: jax.Array
 
   q: [B, T, H, D]; k, v: [B, S, KV, D] with H % KV == 0; kv_lengths: [B] number of valid (leading)
   keys, or None for no padding. extra_mask: optional bool [B, 1 or H, T, S] (causal / sliding window),
-  xla backend only. Returns [B, T, H, D] fp32.
+  xla backend only. backend: one of ATTENTION_BACKENDS (splash: svg_jax/models/splash_attention.py).
+  Returns [B, T, H, D] fp32.
   """
   if q.shape[2] % k.shape[2]:
     raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if backend == "auto":
+    tpu = splash_attention.compile_platform() == "tpu"
+    backend = "splash" if tpu and logits_soft_cap is None and extra_mask is None else "xla"
   if backend == "xla":
     key_mask = None if kv_lengths is None else key_mask_from_lengths(kv_lengths, k.shape[1])
     return _xla_attention(q, k, v, key_mask, scale, logits_soft_cap, extra_mask, compute_dtype)
@@ -263,7 +248,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_lengths: jax.Array
     raise ValueError(f"attention backend {backend!r} supports only key-padding masks; use 'xla'")
   if backend == "cudnn":
     return _cudnn_attention(q, k, v, kv_lengths, scale, compute_dtype)
-  return _splash_attention(q, k, v, kv_lengths, scale)
+  return splash_attention.splash_attention(q, k, v, kv_lengths, scale, compute_dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +259,7 @@ def lumina_rope_tables(axes_dims: Sequence[int], axes_lens: Sequence[int], theta
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
   """Per-axis (cos, sin) tables [len_i, dim_i/2], built the official way.
 
-  Angles are computed in float64 on the host and rounded to float32 before cos/sin (reference §1.3);
+  Angles are computed in float64 on the host and rounded to float32 before cos/sin (docs/reference.md §1.3);
   the tables are host constants, never parameters.
   """
   tables = []

@@ -1,6 +1,6 @@
 """LPIPS (Zhang et al. 2018, VGG variant) as taming-transformers / the `lpips` package compute it.
 
-Used by decoder training (reference §3.3: rec = L1 + 1.0 * LPIPS on [-1, 1] images):
+Used by decoder training (docs/reference.md §3.3: rec = L1 + 1.0 * LPIPS on [-1, 1] images):
   x -> (x - shift) / scale           shift (-.030, -.088, -.188), scale (.458, .448, .450)
   -> VGG16 `features` (torchvision layout, 3x3 convs with padding 1, ReLU, 2x2 max-pools), tapped
      after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (64, 128, 256, 512, 512 channels)

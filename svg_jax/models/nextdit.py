@@ -1,6 +1,6 @@
 """Unified Next-DiT (Lumina-Image-2.0 single-stream transformer) as used by SVG-T2I.
 
-Computes exactly what the official `model_dino.NextDiT` computes on valid tokens (reference §1.3-1.4),
+Computes exactly what the official `model_dino.NextDiT` computes on valid tokens (docs/reference.md §1.3-1.4),
 with a static layout that jit likes:
   * context refiner over the right-padded caption [B, Lc] (key mask = caption mask),
   * noise refiner over the image tokens [B, N] (one latent size per batch, so no padding),
@@ -27,7 +27,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 @dataclasses.dataclass(frozen=True)
 class NextDiTConfig:
-  """Model hyperparameters; defaults are the official 2B model (reference §1.2)."""
+  """Model hyperparameters; defaults are the official 2B model (docs/reference.md §1.2)."""
   patch_size: int = 1
   in_channels: int = 384
   dim: int = 2304
@@ -39,7 +39,7 @@ class NextDiTConfig:
   ffn_dim_multiplier: float | None = None
   norm_eps: float = 1e-5
   # Official q/k RMSNorm eps: 1e-6 with the plain fallback (requirements.txt), 1e-5 with apex. The
-  # released checkpoint's value is unverified (equivalence/nextdit.md §4.1).
+  # released checkpoint's value is unverified (docs/equivalence/nextdit.md §4.1).
   qk_norm_eps: float = 1e-6
   cap_feat_dim: int = 2304
   axes_dims: tuple[int, ...] = (32, 32, 32)
@@ -102,7 +102,7 @@ def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> j
 
 def position_ids(cap_lens: jax.Array, cap_pad_len: int, grid_h: int, grid_w: int
                  ) -> tuple[jax.Array, jax.Array]:
-  """Official RoPE ids (reference §1.4): caption j -> (j, 0, 0), padding -> (0, 0, 0),
+  """Official RoPE ids (docs/reference.md §1.4): caption j -> (j, 0, 0), padding -> (0, 0, 0),
   image (r, c) -> (effective caption length, r, c). Returns (caption ids [B, Lc, 3], image ids [B, N, 3]).
   """
   b = cap_lens.shape[0]

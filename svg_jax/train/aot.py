@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of the DiT train step: per-device memory and FLOPs without running it.
 
-`compile_step` lowers and compiles the jitted step of `svg_jax.train.loop.Setup` on abstract inputs
-(`jax.ShapeDtypeStruct`s carrying their shardings), so nothing is allocated and a 2.6B model can be
-compiled for a simulated pod on fake CPU devices
+`compile_step` lowers and compiles the jitted step of `svg_jax.train.dit_task.DiTSetup` on abstract
+inputs (`jax.ShapeDtypeStruct`s carrying their shardings), so nothing is allocated and a 2.6B
+model can be compiled for a simulated pod on fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, set before jax is imported).
 
 Two facts about XLA's numbers shape this file:
@@ -16,11 +16,18 @@ Two facts about XLA's numbers shape this file:
     and 2 layers and extrapolates linearly to `n_layers` (exact for a stack of identical blocks;
     FLOPs do not depend on how the batch is split into micro-batches, except the few elementwise
     gradient additions).
+
+TPU slices need no TPU: `tpu_target` parses a Cloud accelerator type ("v5e-256", "2xv5p-128") and
+builds its devices from libtpu's topology description (`jax.experimental.topologies`), and the
+same step is compiled by XLA:TPU for them, Pallas kernels (splash attention) included. The
+generation facts (HBM, peak FLOP/s, slice shapes) are `metrics.TPU_GENERATIONS` / `PEAK_TFLOPS`.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+import re
 import time
 from typing import Any
 
@@ -31,7 +38,7 @@ import numpy as np
 from svg_jax import config as config_lib
 from svg_jax import parallel
 from svg_jax.models import layers
-from svg_jax.train import loop
+from svg_jax.train import dit_task
 from svg_jax.train import metrics as metrics_lib
 
 GIB = 1024 ** 3
@@ -43,7 +50,9 @@ LATENT_DOWNSAMPLE = 16  # DINOv3 ViT-S/16+: one latent pixel per 16x16 image pat
 
 
 def latent_hw(config) -> tuple[int, int]:
-  r = int(config.data.resolution) // LATENT_DOWNSAMPLE
+  """The latent grid of a square image at the config's resolution (the encoder's patch size)."""
+  r = int(config.data.resolution) // int(config.autoencoder.encoder.get("patch_size",
+                                                                         LATENT_DOWNSAMPLE))
   return r, r
 
 
@@ -63,18 +72,19 @@ def abstract_batch(config, mesh, *, cap_len: int, hw: tuple[int, int] | None = N
 
 def compile_step(config, mesh, *, cap_len: int, hw: tuple[int, int] | None = None,
                  compiler_options: dict | None = None):
-  """Lowers and compiles `loop.Setup(config, mesh).step` on abstract inputs.
+  """Lowers and compiles `dit_task.DiTSetup(config, mesh).step` on abstract inputs.
 
-  compiler_options default to ANALYSIS_ONLY.
+  compiler_options default to ANALYSIS_ONLY on CPU devices, XLA's defaults on others.
   Returns (compiled, setup, seconds spent lowering + compiling)."""
-  setup = loop.Setup(config, mesh)  # built outside the mesh context, as the loop does
+  if compiler_options is None:
+    compiler_options = ANALYSIS_ONLY if mesh_platform(mesh) == "cpu" else {}
+  setup = dit_task.DiTSetup(config, mesh)  # built outside the mesh context, as the loop does
   batch = abstract_batch(config, mesh, cap_len=cap_len, hw=hw)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=parallel.replicated(mesh))
   start = time.perf_counter()
   with parallel.mesh_context(mesh, setup.rules):
     lowered = setup.step.lower(setup.abstract_state, batch, rng)
-    compiled = lowered.compile(
-        compiler_options=ANALYSIS_ONLY if compiler_options is None else compiler_options)
+    compiled = lowered.compile(compiler_options=compiler_options)
   return compiled, setup, time.perf_counter() - start
 
 
@@ -114,6 +124,13 @@ def memory_report(compiled, setup) -> dict[str, float]:
   # Peak live bytes: inputs + temporaries + the outputs that do not reuse a donated input.
   report["total"] = ma.argument_size_in_bytes + ma.temp_size_in_bytes + max(
       ma.output_size_in_bytes - ma.alias_size_in_bytes, 0)
+  if mesh_platform(setup.mesh) == "tpu":
+    # XLA:TPU also gives its heap simulation's peak, which can exceed the sum above (a tiny
+    # step reported no temporaries but a peak 50 MB over its arguments), and the program itself
+    # sits in HBM: the verdict takes the larger figure plus the program.
+    report["xla_peak"] = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)
+    report["program"] = ma.generated_code_size_in_bytes
+    report["total"] = max(report["total"], report["xla_peak"]) + report["program"]
   return report
 
 
@@ -179,3 +196,147 @@ def describe(config, mesh) -> dict[str, Any]:
           "per_device_micro_batch": b // micro / shards,
           "remat": config.model.remat_policy, "n_layers": int(config.model.n_layers),
           "attention": config.model.attention_backend}
+
+
+def mesh_platform(mesh) -> str:
+  return mesh.devices.flat[0].platform
+
+
+# ----------------------------------------------------------------------------- TPU slices
+
+_TARGET = re.compile(r"^(?:(\d+)\s*x\s*)?(v4|v5e|v5litepod|v5p|v6e)-(\d+)$")
+
+
+def slice_shapes(generation: str) -> dict[int, tuple[int, ...]]:
+  """chips -> the slice's chip grid, for the standard slices of a generation: from one host's
+  box, double the last of the smallest axes (v5e 2x4, 4x4, ..., 16x16; v4 2x2x2, 2x2x4, 2x4x4)."""
+  gen = metrics_lib.TPU_GENERATIONS[generation]
+  shape = [2, 2, 1] if gen.torus_dims == 3 else [2, 2]
+  shapes = {1: (1,) * gen.torus_dims} if gen.torus_dims == 2 else {}
+  while math.prod(shape) <= gen.max_chips:
+    shapes[math.prod(shape)] = tuple(shape)
+    smallest = min(shape)
+    i = max(j for j, n in enumerate(shape) if n == smallest)
+    shape[i] *= 2
+  return shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuTarget:
+  """A TPU slice (or several) to compile for. `name` is Cloud's accelerator type."""
+  name: str
+  generation: str
+  chips: int  # per slice
+  num_slices: int
+  shape: tuple[int, ...]  # a slice's chip grid
+
+  @property
+  def topology(self) -> str:
+    return f"{self.generation}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def hbm_bytes(self) -> float:
+    return metrics_lib.TPU_GENERATIONS[self.generation].hbm_gib * GIB
+
+  @property
+  def peak_flops(self) -> float:
+    return metrics_lib.PEAK_TFLOPS[self.generation] * 1e12
+
+  def devices(self) -> list:
+    """The slices' devices from libtpu's topology description (no TPU needed)."""
+    from jax.experimental import topologies
+
+    gen = metrics_lib.TPU_GENERATIONS[self.generation]
+    topo = topologies.get_topology_desc(
+        platform="tpu", topology_name=self.topology, chip_config_name=gen.chip_config,
+        chips_per_host_bounds=gen.host_bounds, num_slices=self.num_slices)
+    devices = list(topo.devices)
+    if len(devices) != self.chips * self.num_slices:
+      raise RuntimeError(f"libtpu built {len(devices)} devices for {self.name}, expected "
+                         f"{self.chips * self.num_slices} (one per chip)")
+    return devices
+
+
+def tpu_target(text: str) -> TpuTarget:
+  """'v5e-256', 'v5p-128', '2x v5e-256', '2xv6e-64' -> TpuTarget; a bad name raises one line.
+
+  The number is Cloud's: chips for v5e / v6e, TensorCores (2 a chip) for v4 / v5p."""
+  m = _TARGET.match(text.strip().lower())
+  if not m:
+    raise ValueError(f"bad TPU target {text!r}: expected [<slices>x]<generation>-<size>, e.g. "
+                     f"v5e-256, v5p-128, 2xv5e-256, generations {sorted(metrics_lib.TPU_GENERATIONS)}")
+  slices, generation, size = int(m.group(1) or 1), m.group(2), int(m.group(3))
+  generation = "v5e" if generation == "v5litepod" else generation
+  gen = metrics_lib.TPU_GENERATIONS[generation]
+  shapes = slice_shapes(generation)
+  chips, rem = divmod(size, gen.cores_per_chip)
+  if rem or chips not in shapes or slices < 1:
+    sizes = ", ".join(str(c * gen.cores_per_chip) for c in sorted(shapes))
+    raise ValueError(f"bad TPU target {text!r}: {generation} slices are {generation}-N with N in "
+                     f"{sizes}" + (" (TensorCores, 2 a chip)" if gen.cores_per_chip > 1 else "")
+                     + ("" if slices >= 1 else "; at least one slice"))
+  name = f"{generation}-{size}" if slices == 1 else f"{slices}x{generation}-{size}"
+  return TpuTarget(name, generation, chips, slices, shapes[chips])
+
+
+def tpu_mesh(target: TpuTarget, sizes: dict[str, int]):
+  """The mesh on `target`'s devices. `sizes` lay out the whole mesh on one slice; on several
+  slices they lay out each slice, and the data axis is multiplied across the slices."""
+  devices = target.devices()
+  if target.num_slices == 1:
+    return parallel.make_mesh(sizes, devices)
+  return parallel.make_hybrid_mesh(sizes, target.num_slices, devices)
+
+
+def fit_report(memory: dict[str, float], target: TpuTarget) -> dict[str, Any]:
+  """The per-device peak against the chip's HBM."""
+  hbm = target.hbm_bytes
+  return {"hbm": hbm, "fits": memory["total"] <= hbm, "hbm_used": memory["total"] / hbm,
+          "headroom": hbm - memory["total"]}
+
+
+def _oom_line(error: Exception) -> str | None:
+  """XLA:TPU's one-line reason when a program does not fit in HBM, else None."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+    return None
+  lines = [ln.strip() for ln in text.splitlines() if "memory" in ln.lower()]
+  return (lines[0] if lines else text.splitlines()[0])[:300]
+
+
+def step_report(config, mesh, *, cap_len: int, target: TpuTarget | None = None,
+                flops: bool = False) -> dict[str, Any]:
+  """Compiles the step of `config` on `mesh` and describes it: the mesh and batch layout, memory
+  per device (`memory_report`), XLA's and our analytic FLOPs, and on a TPU target the fit
+  against the chip's HBM. A TPU compile that XLA refuses for lack of HBM gives fits=False with
+  its reason (no memory figures)."""
+  out = describe(config, mesh)
+  out.update(cap_len=cap_len, latent_hw=latent_hw(config),
+             device_kind=mesh.devices.flat[0].device_kind)
+  if target is not None:
+    out.update(target=target.name, topology=target.topology, num_slices=target.num_slices,
+               peak_tflops=metrics_lib.PEAK_TFLOPS[target.generation])
+  out["analytic_flops"] = analytic_flops_per_device(config, mesh, cap_len=cap_len)
+  try:
+    compiled, setup, seconds = compile_step(config, mesh, cap_len=cap_len)
+  except Exception as e:  # noqa: BLE001  (only XLA's out-of-memory refusal is a verdict)
+    reason = _oom_line(e) if target is not None else None
+    if reason is None:
+      raise
+    out.update(compile_s=None, memory=None, fits=False, hbm=target.hbm_bytes, error=reason)
+    return out
+  out["compile_s"] = round(seconds, 1)
+  out["memory"] = memory_report(compiled, setup)
+  if target is not None:  # Mosaic kernels (splash attention) in the compiled program
+    out["pallas_calls"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+  out["xla_flops_scanned"] = cost_flops(compiled)
+  if target is not None:
+    out.update(fit_report(out["memory"], target))
+    out["ideal_step_s"] = out["analytic_flops"] / target.peak_flops
+  if flops:
+    f = xla_step_flops(config, mesh, cap_len=cap_len)
+    out.update(xla_flops=f["total"], xla_flops_per_layer=f["per_layer"],
+               flops_compile_s=round(f["seconds"], 1),
+               analytic_over_xla=out["analytic_flops"] / f["total"],
+               expected_from_remat=remat_expected_ratio(config, cap_len=cap_len))
+  return out

@@ -8,8 +8,8 @@ happens inside `save`, the file writes in the background), keep the newest `keep
 own slice of the data at the exact next batch.
 
 Restoring takes an abstract target tree whose leaves carry the *target* shardings, so a checkpoint
-written on one mesh restores onto any other. `load_params` reads only the params of another run
-(stage transitions: `train.init_from`).
+written on one mesh restores onto any other. `load_state_item` reads one entry of the saved state
+(`load_params`: the params of another run, for stage transitions with `train.init_from`).
 """
 from __future__ import annotations
 
@@ -90,44 +90,67 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(source: str, abstract_params, step: int | None = None):
-  """The `params` of another run's checkpoint (its workdir or its `checkpoints` folder), placed on
-  the shardings of `abstract_params`; the optimizer state and EMA of that run are not read.
+def resolve_step(latest: int | None, step: int | None, all_steps, directory: str) -> int:
+  """`step`, or the newest when None; FileNotFoundError naming the folder when there is none."""
+  if latest is None:
+    raise FileNotFoundError(f"no finished checkpoint in {directory}")
+  if step is None:
+    return latest
+  if step not in all_steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {directory} (steps: "
+                            f"{sorted(all_steps)})")
+  return step
 
-  Raises FileNotFoundError naming the folder when it holds no checkpoint, and ValueError listing
-  the mismatched parameters when the trees differ.
+
+def load_state_item(source: str, item: str, abstract, step: int | None = None, *,
+                    what: str = "checkpoint"):
+  """One entry of a run's saved `state` (`params`, `ema_params`, ...) of step `step` (default:
+  the newest), from its workdir or its `checkpoints` folder, placed on the shardings of
+  `abstract`; nothing else of the state is read.
+
+  Raises FileNotFoundError naming the folder when it holds no such checkpoint, and ValueError
+  (prefixed `what:`) listing the mismatched entries when the trees differ.
   """
   directory = source if os.path.basename(os.path.normpath(source)) == SUBDIR else checkpoint_dir(
       source)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"init_from: no checkpoint folder at {directory}")
+    raise FileNotFoundError(f"{what}: no checkpoint folder at {directory}")
   manager = ocp.CheckpointManager(
       directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True),
       item_handlers={"state": ocp.PyTreeCheckpointHandler()})
   try:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"init_from: {directory} holds no finished checkpoint")
+    try:
+      step = resolve_step(manager.latest_step(), step, list(manager.all_steps()), directory)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{what}: {e}") from None
     meta = manager.item_metadata(step)["state"]
     saved = meta.tree if hasattr(meta, "tree") else meta
-    _check_same_params(saved["params"], abstract_params)
+    if item not in saved:
+      raise ValueError(f"{what}: the checkpoint of step {step} in {directory} has no `{item}` (it "
+                       f"holds {sorted(saved)})")
+    _check_same_tree(saved[item], abstract, f"{what}: the checkpoint's {item}")
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
-        abstract_params)
+        abstract)
     out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": abstract_params}, restore_args={"params": restore_args},
-        partial_restore=True)))
-    log.info("init_from: loaded params of step %d from %s", step, directory)
-    return out["state"]["params"]
+        item={item: abstract}, restore_args={item: restore_args}, partial_restore=True)))
+    log.info("%s: loaded %s of step %d from %s", what, item, step, directory)
+    return out["state"][item]
   finally:
     manager.close()
+
+
+def load_params(source: str, abstract_params, step: int | None = None):
+  """The `params` of another run's checkpoint (stage transitions: `train.init_from`); the
+  optimizer state and EMA of that run are not read."""
+  return load_state_item(source, "params", abstract_params, step, what="init_from")
 
 
 def _flat(tree) -> dict[str, Any]:
   return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_same_params(saved, target) -> None:
+def _check_same_tree(saved, target, what: str) -> None:
   saved_f, target_f = _flat(saved), _flat(target)
   missing = sorted(set(target_f) - set(saved_f))
   unexpected = sorted(set(saved_f) - set(target_f))
@@ -135,8 +158,8 @@ def _check_same_params(saved, target) -> None:
                   for k in set(saved_f) & set(target_f)
                   if tuple(saved_f[k].shape) != tuple(target_f[k].shape))
   if missing or unexpected or shapes:
-    raise ValueError("init_from: the checkpoint's params do not fit the model: "
-                     f"missing {missing}; unexpected {unexpected}; mis-shaped {shapes}")
+    raise ValueError(f"{what} do not fit the model: missing {missing}; unexpected {unexpected}; "
+                     f"mis-shaped {shapes}")
 
 
 def config_to_json(config) -> dict:

@@ -1,4 +1,4 @@
-"""The decoder-training step of SVG-T2I (reference §3.3): pure `train_step(state, batch, rng,
+"""The decoder-training step of SVG-T2I (docs/reference.md §3.3): pure `train_step(state, batch, rng,
 frozen) -> (state, metrics)` over images, with a frozen DINOv3 encoder inside the step.
 
 One step on a global batch {image: uint8 [B, H, W, 3]}:

@@ -19,11 +19,14 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
+from svg_jax import config as base
 from svg_jax import latent_stats, parallel
-from svg_jax.autoencoder import psnr, to_uint8
+from svg_jax.autoencoder import to_uint8
+from svg_jax.eval.image_metrics import psnr
 from svg_jax.convert.dinov3 import load_dinov3
 from svg_jax.convert.lpips import load_lpips
 from svg_jax.data import image_pipeline
@@ -33,13 +36,48 @@ from svg_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminato
 from svg_jax.train import decoder_step
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import state as state_lib
+from svg_jax.train import task_api
 
 SECTIONS = ("loss", "discriminator")
 DATA_FIELDS = ("jsonl", "heldout_jsonl", "num_eval_images")
 
 
-def config_problems(config) -> list[str]:
-  """Everything about a decoder config that can be checked without compiling."""
+def default_config() -> ml_collections.ConfigDict:
+  """The decoder task's fields and the official recipe (configs/decoder.py documents both)."""
+  c = base.base_config()
+  c.task = "decoder"
+
+  c.data.jsonl = ""  # training images (official jsonl: one {"path": ...} a line)
+  c.data.heldout_jsonl = ""  # held-out images for the PSNR evaluation
+  c.data.num_eval_images = 64  # the first N held-out images (0 = no evaluation)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lpips_vgg_path = ""  # torchvision VGG16 state dict
+  c.loss.lpips_lin_path = ""  # lpips package weights/v0.1/vgg.pth
+  c.loss.lpips_weight = 1.0
+  c.loss.disc_weight = 0.5
+  c.loss.disc_factor = 1.0
+  c.loss.disc_start = 2500  # iterations (official: 5000 Lightning global steps)
+
+  c.discriminator = ml_collections.ConfigDict(dict(
+      in_channels=3, ndf=64, n_layers=3, bn_eps=1e-5, bn_momentum=0.1, leaky_slope=0.2))
+
+  t = c.train
+  t.lr, t.b1, t.b2, t.eps = 1e-4, 0.5, 0.9, 1e-8  # torch Adam
+  t.weight_decay, t.grad_clip = 0.0, 0.0
+  t.lr_schedule, t.warmup_steps = "constant", 0
+  t.caption_dropout = 0.0  # unused by this task
+  t.eval_every = 1000
+  t.eval_batch_size = 16
+  t.log_every = 50
+  t.checkpoint_every = 2000
+  return c
+
+
+def config_problems(config, process_count: int) -> list[str]:
+  """Everything about a decoder config that can be checked without compiling (the loop has
+  checked the batch against the processes; the image pipeline needs nothing more of them)."""
+  del process_count
   problems = []
   missing = [s for s in SECTIONS if s not in config]
   missing += [f"data.{f}" for f in DATA_FIELDS if f not in config.data]
@@ -317,3 +355,6 @@ class DecoderSetup:
     finite = [v for v in values if math.isfinite(v)]
     mean = float(np.mean(finite)) if finite else math.inf
     return {"heldout_psnr": mean, "heldout_images": len(values)}
+
+
+TASK = task_api.Task(name="decoder", config_problems=config_problems, make_setup=DecoderSetup)

@@ -2,8 +2,8 @@
 
 One step on a global batch {latent [B,H,W,C], text [B,L,D], text_mask [B,L], text_len [B]}:
   1. caption dropout: each sample's caption is replaced, with probability `caption_dropout`, by the
-     empty-prompt features (officially `<bos>` alone through the text encoder; reference §1.5),
-  2. t ~ logit-normal (or uniform) shifted toward noise by e^mu of the nominal resolution (§4.2),
+     empty-prompt features (officially `<bos>` alone through the text encoder; docs/reference.md §1.5),
+  2. t ~ logit-normal (or uniform) shifted toward noise by e^mu of the nominal resolution (docs/reference.md §4.2),
      x0 ~ N(0, I), x_t = t x1 + (1 - t) x0, target x1 - x0 (svg_jax.flow),
   3. the loss and gradients are accumulated over `micro_batches` equal slices with `lax.scan`;
      all randomness is drawn for the whole batch first, so the result does not depend on the number

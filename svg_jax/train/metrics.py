@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -31,6 +31,25 @@ log = logging.getLogger(__name__)
 # tensor cores (only its memory is larger and faster), so the same peak.
 PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0,
                "h200": 989.0, "cpu": None}
+
+
+class TpuGeneration(NamedTuple):
+  """The rest of a TPU generation's facts (Cloud TPU system-architecture pages), as
+  launch/aot_compile.py --target builds its slices; the peak is `PEAK_TFLOPS` above."""
+  hbm_gib: float  # HBM per chip, as the pages give it (XLA keeps a little for itself)
+  torus_dims: int  # slices are AxB (2: v5e, v6e) or AxBxC (3: v4, v5p)
+  cores_per_chip: int  # Cloud accelerator types count TensorCores: v4-32, v5p-32 are 16 chips
+  chip_config: str  # libtpu chip config with one JAX device per chip (v4's megacore)
+  max_chips: int  # the largest single slice
+  host_bounds: tuple  # chips of one host as an (x, y, z) box
+
+
+TPU_GENERATIONS = {
+    "v4": TpuGeneration(32.0, 3, 2, "megacore", 4096, (2, 2, 1)),
+    "v5e": TpuGeneration(16.0, 2, 1, "default", 256, (2, 2, 1)),
+    "v5p": TpuGeneration(95.0, 3, 2, "default", 4096, (2, 2, 1)),
+    "v6e": TpuGeneration(32.0, 2, 1, "default", 256, (2, 2, 1)),
+}
 
 
 class _QuietLibraries(logging.Filter):

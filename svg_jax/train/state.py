@@ -1,6 +1,6 @@
 """The train state (step, fp32 params, optimizer state, EMA params) and the optimizer from config.
 
-The optimizer follows the official recipe (reference §5): global-norm gradient clipping, then AdamW
+The optimizer follows the official recipe (docs/reference.md §5): global-norm gradient clipping, then AdamW
 (b1, b2, eps, weight decay from `config.train`) with a learning-rate schedule:
   constant         lr at every step (the official choice)
   warmup_constant  linear 0 -> lr over `warmup_steps`, then lr

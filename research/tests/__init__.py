@@ -1,0 +1,1 @@
+"""Tests of the studies and probes (collected by pytest.ini's testpaths beside tests/)."""

@@ -1,0 +1,241 @@
+"""Input sources of the precompute job: what the items are and how one is loaded.
+
+Inputs (`list_inputs`), each item with a source key that names it in every report:
+  jsonl   the official training list: one JSON object a line, `{"path", "prompt"}` or
+          `{"image_path", "super_high_quality_caption"}` (relative paths are resolved against the
+          jsonl's folder; blank lines are skipped); the key is the path as written, a bad line's
+          key is `<file>:<line number>`.
+  folder  image files (by extension) with a same-name `.txt` caption next to each; the key is the
+          file name relative to the folder.
+  tfds    a prepared TFDS dataset (ArrayRecord file format) read through `tfds.data_source`, which
+          needs tensorflow-datasets but not TensorFlow; the key is `<name>/<split>[<index>]`.
+
+`load_item`: caption check, image decode (`images.open_rgb`: RGBA / LA / P / CMYK / gray / 16-bit
+inputs are CONVERTED to RGB and counted per conversion kind, not dropped), official bucket + center
+crop at `resolution`. A bad input raises `BadInput` with the reason the job reports.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+from typing import Any, Callable, Sequence
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from svg_jax import text as text_lib
+from svg_jax.data import buckets as buckets_lib
+from svg_jax.data import images as images_lib
+from svg_jax.data import jsonl as jsonl_lib
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+INPUT_FORMATS = ("jsonl", "folder", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  """One input. `image` is a path, encoded bytes or a decoded array; `error` marks an input that
+  is bad before anything is read (a bad jsonl line, a missing caption file)."""
+  key: str
+  image: Any = None
+  caption: Any = None
+  system_prompt: str = text_lib.BASE_SYSTEM_PROMPT
+  error: str | None = None
+
+
+class Inputs:
+  """An ordered, indexable list of inputs and a fingerprint of it (for the resume plan)."""
+
+  def __init__(self, get: Callable[[int], Item], length: int, fingerprint: str):
+    self._get, self._len, self.fingerprint = get, length, fingerprint
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, index: int) -> Item:
+    return self._get(index)
+
+  @classmethod
+  def from_items(cls, items: Sequence[Item]) -> "Inputs":
+    items = list(items)
+    h = hashlib.sha256()
+    for it in items:
+      h.update(it.key.encode("utf-8", "backslashreplace") + b"\0")
+    return cls(items.__getitem__, len(items), "keys-sha256:" + h.hexdigest())
+
+
+def _caption_and_prompt(obj: dict, system_prompt: str) -> tuple[Any, str]:
+  caption, prompt = text_lib.training_caption(obj)
+  if system_prompt != "auto":
+    prompt = text_lib.SYSTEM_PROMPTS[system_prompt]
+  return caption, prompt
+
+
+def read_jsonl(path: str, system_prompt: str = "auto") -> list[Item]:
+  """Items of an official training jsonl (see the module docstring)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"input jsonl {path} does not exist")
+  root = os.path.dirname(os.path.abspath(path))
+  name = os.path.basename(path)
+  items = []
+  for line in jsonl_lib.lines(path):
+    where = f"{name}:{line.number}"
+    if line.problem:
+      items.append(Item(where, error=f"bad jsonl line: {line.problem}"))
+      continue
+    obj = line.item
+    rel = obj.get("path", obj.get("image_path"))
+    if not isinstance(rel, str) or not rel:
+      items.append(Item(where, error="bad jsonl line: no 'path' / 'image_path' string (keys "
+                        f"{sorted(obj)})"))
+      continue
+    try:
+      caption, prompt = _caption_and_prompt(obj, system_prompt)
+    except ValueError as e:
+      items.append(Item(rel, error=f"bad jsonl line {where}: {e}"))
+      continue
+    items.append(Item(rel, os.path.join(root, rel), caption, prompt))
+  return items
+
+
+def read_folder(folder: str, system_prompt: str = "auto") -> list[Item]:
+  """Image files of a folder (sorted, recursive) with same-name `.txt` captions."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"input folder {folder} does not exist")
+  prompt = text_lib.SYSTEM_PROMPTS["base" if system_prompt == "auto" else system_prompt]
+  items = []
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for fname in sorted(files):
+      if not fname.lower().endswith(IMAGE_EXTENSIONS):
+        continue
+      path = os.path.join(root, fname)
+      key = os.path.relpath(path, folder)
+      txt = os.path.splitext(path)[0] + ".txt"
+      if not os.path.isfile(txt):
+        items.append(Item(key, error=f"missing caption file {os.path.relpath(txt, folder)}"))
+        continue
+      try:
+        with open(txt, encoding="utf-8") as f:
+          caption = f.read().strip()
+      except (OSError, UnicodeDecodeError) as e:
+        items.append(Item(key, error=f"unreadable caption file ({e})"))
+        continue
+      items.append(Item(key, path, caption, prompt))
+  items.sort(key=lambda it: it.key)
+  return items
+
+
+def read_tfds(name: str, split: str, data_dir: str = "", image_key: str = "image",
+              caption_key: str = "caption", system_prompt: str = "auto") -> Inputs:
+  """A prepared TFDS dataset through `tfds.data_source` (random access, no TensorFlow)."""
+  try:
+    import tensorflow_datasets as tfds
+  except ImportError as e:
+    raise ImportError("--input_format tfds needs tensorflow-datasets (`pip install "
+                      "tensorflow-datasets`; TensorFlow itself is not needed)") from e
+  source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  prompt = text_lib.SYSTEM_PROMPTS["base" if system_prompt == "auto" else system_prompt]
+
+  def get(i: int) -> Item:
+    key = f"{name}/{split}[{i}]"
+    try:
+      ex = source[i]
+    except Exception as e:  # a record that cannot be read or decoded is one bad input
+      return Item(key, error=f"unreadable tfds example ({type(e).__name__}: {e})")
+    missing = [k for k in (image_key, caption_key) if k not in ex]
+    if missing:
+      return Item(key, error=f"tfds example has no {missing} (features {sorted(ex)})")
+    caption = ex[caption_key]
+    if isinstance(caption, bytes):
+      try:
+        caption = caption.decode("utf-8")
+      except UnicodeDecodeError:
+        return Item(key, error="caption is not UTF-8 text")
+    return Item(key, ex[image_key], caption, prompt)
+
+  return Inputs(get, len(source), f"tfds:{name}/{split}:{len(source)}")
+
+
+def list_inputs(source: str, input_format: str, cfg: ml_collections.ConfigDict) -> Inputs:
+  """The ordered inputs of `source` in `input_format` (jsonl | folder | tfds)."""
+  if input_format == "jsonl":
+    return Inputs.from_items(read_jsonl(source, cfg.system_prompt))
+  if input_format == "folder":
+    return Inputs.from_items(read_folder(source, cfg.system_prompt))
+  if input_format == "tfds":
+    return read_tfds(source, cfg.tfds_split, cfg.tfds_data_dir, cfg.tfds_image_key,
+                     cfg.tfds_caption_key, cfg.system_prompt)
+  raise ValueError(f"input format {input_format!r} is not one of {INPUT_FORMATS}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-item loading (threads)
+
+
+class BadInput(Exception):
+  """An input that gives no record; `reason` says why."""
+
+  def __init__(self, reason: str):
+    super().__init__(reason)
+    self.reason = reason
+
+
+def _array_image(arr: Any) -> Any:
+  """A decoded tfds image array -> what `images.open_rgb` takes (RGB stays an array)."""
+  arr = np.asarray(arr)
+  if arr.ndim == 3 and arr.shape[-1] == 3 and arr.dtype == np.uint8:
+    return arr
+  if arr.ndim == 3 and arr.shape[-1] == 1:
+    arr = arr[..., 0]
+  try:  # other layouts go through PNG so open_rgb applies its documented mode conversions
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+  except (TypeError, ValueError, OSError) as e:
+    raise BadInput(f"unsupported image array {arr.dtype} {arr.shape} ({e})") from None
+  return buf.getvalue()
+
+
+def check_caption(caption: Any) -> str:
+  if not isinstance(caption, str):
+    raise BadInput(f"caption is not a string ({type(caption).__name__}: {caption!r:.60})")
+  if not caption.strip():
+    raise BadInput("empty caption")
+  return caption
+
+
+@dataclasses.dataclass
+class Loaded:
+  item: Item
+  crop: np.ndarray  # uint8 [h, w, 3]
+  bucket: tuple[int, int]  # latent units (rows, cols)
+  orig_size: tuple[int, int]  # (w, h) pixels
+  conversion: str
+
+
+def load_item(item: Item, cfg: ml_collections.ConfigDict, patch_size: int) -> Loaded:
+  """Caption check, decode, mode conversion, bucket + crop; raises BadInput."""
+  if item.error is not None:
+    raise BadInput(item.error)
+  check_caption(item.caption)
+  src = item.image
+  if isinstance(src, np.ndarray):
+    src = _array_image(src)
+  try:
+    if isinstance(src, np.ndarray):
+      h, w = src.shape[:2]
+      if min(h, w) < cfg.min_side:
+        raise images_lib.BadImageError(f"too small: {w}x{h}, shorter side < {cfg.min_side}")
+      rgb, conversion = Image.fromarray(src), "none"
+    else:
+      rgb, info = images_lib.open_rgb(src, min_size=cfg.min_side)
+      w, h, conversion = info.width, info.height, info.conversion
+  except images_lib.BadImageError as e:
+    raise BadInput(e.reason) from None
+  bucket_list = buckets_lib.buckets_for_resolution(cfg.resolution, patch_size, cfg.max_ratio)
+  crop, (bw, bh) = buckets_lib.bucket_crop(rgb, bucket_list)
+  crop = np.asarray(crop, np.uint8).reshape(bh, bw, 3)
+  return Loaded(item, crop, buckets_lib.latent_hw((bw, bh), patch_size), (w, h), conversion)

@@ -1,0 +1,213 @@
+"""The embedded default, end to end on CPU: demo data -> decoder training -> precompute -> DiT
+training -> sampling -> ShapesGenEval.
+
+Every stage runs through the same code a real run uses (the trainer, the precompute job, the
+generator, the loaders of real weights) and caches its output under the workdir: a rerun skips
+finished stages and resumes an interrupted training from its last checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from svg_jax import autoencoder as ae_lib
+from svg_jax import config as config_lib
+from svg_jax import generate, precompute
+from svg_jax.convert import decoder_io
+from svg_jax.data import sources
+from svg_jax.demo import configs, decoder_data, evaluate, geneval, shapes
+from svg_jax.demo.text_encoder import BuiltDifferently, DemoSpec, ensure_demo_text_encoder
+from svg_jax.eval import image_metrics
+from svg_jax.models.decoder import DecoderConfig
+from svg_jax.train import metrics, trainer
+
+
+@dataclasses.dataclass
+class DemoSettings:
+  workdir: str = "runs/demo"
+  num_train: int = 2000
+  num_heldout: int = 300
+  decoder_steps: int = 800
+  dit_steps: int = 1000
+  sample_steps: int = 25
+  cfg_scale: float = 4.0
+  shift: float = 1.0
+  # Captions are encoded without the official system prompt: the random demo Gemma-2 gives an
+  # instruction prefix no meaning, it only dilutes the few caption tokens (text.SYSTEM_PROMPTS).
+  system_prompt: str = "empty"
+  # The demo Gemma-2's weights (text_encoder.py): "word_context" features keep each word and its
+  # neighbour; the random init blurs them, which caps the held-out composition categories
+  # (research/probe_captions.py: 0.43 against 0.89 with 4-head readers).
+  text_weights: str = "word_context"
+  seed: int = 0
+
+
+def export_decoder(decoder_config, workdir: str, dst: str) -> str:
+  """The trained decoder of a `task = "decoder"` workdir as official-key safetensors (the format
+  `autoencoder.decoder_path` reads for real weights)."""
+  cfg = DecoderConfig.from_dict(decoder_config.autoencoder.decoder.to_dict())
+  params = decoder_io.load_decoder_weights(workdir, "flax", cfg)
+  # Written under a temp name holding the pid, then renamed: two evaluations may export at once.
+  decoder_io.save_decoder_weights(params, dst, "safetensors", cfg)
+  return dst
+
+
+def _finished(summary: dict, stage: str) -> None:
+  """A training stopped by a signal (preemption, Ctrl-C) has saved its state: the demo stops too,
+  instead of running later stages on an unfinished model; a rerun resumes it."""
+  if summary.get("stopped_by"):
+    raise SystemExit(f"demo: {stage} stopped by {summary['stopped_by']} at step {summary['step']} "
+                     "(checkpoint saved); rerun the same command to resume")
+
+
+class Stages:
+  """The demo's stages; each returns what later stages need and is cached in `workdir`."""
+
+  def __init__(self, s: DemoSettings):
+    self.s = s
+    self.workdir = os.path.abspath(s.workdir)
+    os.makedirs(self.workdir, exist_ok=True)
+    self.timings: dict[str, float] = {}
+    self._decoder_file: str | None = None  # exported once per process (the decoder is frozen)
+
+  def _timed(self, name: str, fn):
+    start = time.time()
+    print(f"== {name}", flush=True)
+    out = fn()
+    self.timings[name] = time.time() - start
+    print(f"== {name}: {self.timings[name]:.0f}s", flush=True)
+    return out
+
+  # 1. decoder training on the demo's files: the shapes data, a random encoder, its statistics
+  def decoder_config(self) -> ml_collections.ConfigDict:
+    """The decoder config before its files exist (their paths are set by `train_decoder`)."""
+    c = configs.decoder()
+    c.train.num_steps = self.s.decoder_steps
+    return c
+
+  def train_decoder(self) -> ml_collections.ConfigDict:
+    c = self.decoder_config()
+    decoder_data.prepare_for(c, os.path.join(self.workdir, "demo"), num_train=self.s.num_train,
+                             num_heldout=self.s.num_heldout, seed=self.s.seed)
+    _finished(trainer.train(c, os.path.join(self.workdir, "decoder")), "decoder training")
+    return c
+
+  # 2. the offline text encoder (tokenizer trained on the training captions only)
+  def text_encoder(self, decoder_config) -> str:
+    data_dir = os.path.dirname(decoder_config.data.jsonl)
+    captions = [item["prompt"] for item in shapes.read_split(data_dir, "train")]
+    folder = os.path.join(self.workdir, "text_encoder")
+    try:
+      return ensure_demo_text_encoder(folder, captions, seed=self.s.seed,
+                                      spec=DemoSpec(weights=self.s.text_weights))
+    except BuiltDifferently as e:
+      # A workdir from an older demo (other weights): its records and DiT belong to that encoder.
+      raise SystemExit(f"demo: {e}. The records and DiT of {self.workdir} were made with that "
+                       "encoder: run the demo in a fresh --workdir") from e
+
+  # 3. precompute latents and text features of the training split
+  def precompute(self, decoder_config, text_dir: str) -> str:
+    out = os.path.join(self.workdir, "records")
+    c = config_lib.precompute_job_config()
+    c.autoencoder = decoder_config.autoencoder
+    p = c.precompute
+    p.text_encoder_dir = text_dir
+    p.resolution = int(decoder_config.data.resolution)
+    p.min_side = int(decoder_config.data.resolution) // 2
+    p.batch_size = 64
+    p.system_prompt = self.s.system_prompt
+    job = precompute.build(c)
+    job.run(sources.list_inputs(decoder_config.data.jsonl, "jsonl", job.cfg), out)
+    return out
+
+  # 4. DiT training on the records
+  def dit_config(self, records: str, decoder_config) -> ml_collections.ConfigDict:
+    c = configs.dit()
+    # The encoder that made the records: its patch sets the latent grid (and the time shift's
+    # token count), its fingerprints are checked against the records' manifest.
+    c.autoencoder = decoder_config.autoencoder
+    c.data.path = records
+    c.train.num_steps = self.s.dit_steps
+    c.seed = self.s.seed
+    return c
+
+  def train_dit(self, records: str, decoder_config) -> str:
+    workdir = os.path.join(self.workdir, "dit")
+    _finished(trainer.train(self.dit_config(records, decoder_config), workdir), "DiT training")
+    return workdir
+
+  # 5. sample the held-out prompts and score them
+  def generator(self, decoder_config, text_dir: str, dit_workdir: str, step: int | None = None):
+    """The sampler of the DiT checkpoint (EMA params, latest step unless `step`) with the trained
+    decoder exported the way real decoder weights are read."""
+    config = self.dit_config(os.path.join(self.workdir, "records"), decoder_config)
+    if self._decoder_file is None:
+      self._decoder_file = export_decoder(decoder_config, os.path.join(self.workdir, "decoder"),
+                                          os.path.join(self.workdir, "decoder.safetensors"))
+    config.autoencoder.decoder_path = self._decoder_file
+    return generate.Generator.from_config(config, text_encoder=text_dir, checkpoint=dit_workdir,
+                                          system_type=self.s.system_prompt, step=step), config
+
+  def heldout(self, decoder_config) -> list[dict]:
+    return shapes.read_split(os.path.dirname(decoder_config.data.jsonl), "heldout")
+
+  def seen(self, decoder_config, per_category: int = 50) -> list[dict]:
+    """The first `per_category` training items of each category: prompts whose combinations the
+    DiT was trained on, so held-out minus seen scores measure the composition gap."""
+    taken: dict[str, int] = {}
+    out = []
+    for item in shapes.read_split(os.path.dirname(decoder_config.data.jsonl), "train"):
+      tag = item["metadata"]["tag"]
+      if taken.get(tag, 0) < per_category:
+        taken[tag] = taken.get(tag, 0) + 1
+        out.append(item)
+    return out
+
+  def ceiling(self, config, heldout: list[dict]) -> tuple[dict, float]:
+    """ShapesGenEval of held-out ground truth through encoder + trained decoder (the best score
+    this decoder allows) and the reconstruction PSNR."""
+    ae = ae_lib.SVGAutoencoder.from_config(config)
+    truth = np.stack([np.asarray(Image.open(item["path"]).convert("RGB")) for item in heldout])
+    recon = ae_lib.to_uint8(ae.decode(ae.encode(truth)))
+    ceiling = geneval.score(list(recon), [item["metadata"] for item in heldout])
+    return ceiling, float(np.mean([image_metrics.psnr(a, b) for a, b in zip(truth, recon)]))
+
+  def sampler_settings(self):
+    return generate.SamplerSettings(solver="dpm", steps=self.s.sample_steps,
+                                    cfg_scale=self.s.cfg_scale, shift=self.s.shift)
+
+  def evaluate(self, decoder_config, text_dir: str, dit_workdir: str) -> dict:
+    gen, config = self.generator(decoder_config, text_dir, dit_workdir)
+    heldout = self.heldout(decoder_config)
+    ceiling, psnr = self.ceiling(config, heldout)
+    res = int(decoder_config.data.resolution)
+    report = {"decoder_reconstruction_ceiling": ceiling, "reconstruction_psnr_db": psnr,
+              "demo_settings": dataclasses.asdict(self.s), "timings_s": self.timings}
+    scores, _ = evaluate.evaluate(gen, heldout, (res, res), self.sampler_settings(),
+                                  outdir=os.path.join(self.workdir, "eval"), report=report)
+    print("ShapesGenEval of held-out ground truth through encoder + trained decoder (the ceiling "
+          f"this decoder allows; reconstruction PSNR {psnr:.1f} dB):")
+    geneval.print_table(ceiling)
+    return scores
+
+
+def run(s: DemoSettings) -> dict:
+  stages = Stages(s)
+  metrics.console_logging()
+  dec = stages._timed("1/5 decoder training (demo data, random DINOv3 encoder, statistics)",
+                      stages.train_decoder)
+  text_dir = stages._timed("2/5 demo text encoder", lambda: stages.text_encoder(dec))
+  records = stages._timed("3/5 precompute", lambda: stages.precompute(dec, text_dir))
+  dit = stages._timed("4/5 DiT training", lambda: stages.train_dit(records, dec))
+  scores = stages._timed("5/5 sampling held-out prompts + ShapesGenEval",
+                         lambda: stages.evaluate(dec, text_dir, dit))
+  print("ShapesGenEval of the generated held-out samples:")
+  geneval.print_table(scores)
+  print("timings: " + ", ".join(f"{k.split(' ')[0]} {v:.0f}s" for k, v in stages.timings.items()))
+  print(f"outputs: {stages.workdir}/eval (grid.png, scores.json)")
+  return scores

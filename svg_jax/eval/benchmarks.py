@@ -1,0 +1,156 @@
+"""Benchmark generation in the layouts the official GenEval and DPG-Bench scorers read.
+
+  geneval  <out>/{i:05d}/metadata.jsonl (the prompt's line) and <out>/{i:05d}/samples/{k:05d}.png
+  dpg      <out>/<stem of filename>.png, a 2x2 grid of the 4 images (row-major)
+
+The official prompt files ship in the package (`svg_jax.assets.GENEVAL_PROMPTS`, `DPG_PROMPTS`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from svg_jax import generate, sampling
+from svg_jax.data import jsonl as jsonl_lib
+from svg_jax.utils import atomic_files
+from svg_jax.utils.progress import Progress
+
+BENCHMARKS = ("geneval", "dpg")
+GENEVAL_METADATA = "metadata.jsonl"
+TMP_DIR = ".tmp"
+
+
+def read_prompt_file(path: str, benchmark: str) -> list[dict]:
+  """A benchmark prompt file: one JSON object per line with `prompt` (DPG: and `filename`)."""
+  if benchmark not in BENCHMARKS:
+    raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
+  need = ("prompt", "filename") if benchmark == "dpg" else ("prompt",)
+  items, problems = [], []
+  for line in jsonl_lib.lines(path):
+    if line.problem:
+      problems.append(f"line {line.number}: {line.problem}")
+      continue
+    item = line.item
+    missing = [k for k in need if not isinstance(item.get(k), str) or not item.get(k)]
+    if missing:
+      problems.append(f"line {line.number}: missing or empty {missing}")
+    items.append(item)
+  if not items and not problems:
+    problems.append("no prompts")
+  if benchmark == "dpg" and not problems:
+    stems = [dpg_grid_name(it["filename"]) for it in items]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+      problems.append(f"several prompts share the output names {dup[:5]}")
+  if problems:
+    raise ValueError(f"{path} is not a {benchmark} prompt file: " + "; ".join(problems[:10]))
+  return items
+
+
+def dpg_grid_name(filename: str) -> str:
+  """DPG-Bench grid file of a prompt: its `filename` with a .png suffix ('286.txt' -> '286.png')."""
+  return os.path.splitext(os.path.basename(filename))[0] + ".png"
+
+
+def geneval_sample_path(outdir: str, index: int, k: int) -> str:
+  return os.path.join(outdir, f"{index:05d}", "samples", f"{k:05d}.png")
+
+
+def prompt_files(benchmark: str, outdir: str, index: int, item: dict,
+                 images_per_prompt: int) -> list[str]:
+  """Every file a finished prompt has."""
+  if benchmark == "geneval":
+    return [os.path.join(outdir, f"{index:05d}", GENEVAL_METADATA)] + [
+        geneval_sample_path(outdir, index, k) for k in range(images_per_prompt)]
+  return [os.path.join(outdir, dpg_grid_name(item["filename"]))]
+
+
+def _missing_images(benchmark, outdir, index, item, images_per_prompt) -> list[int]:
+  if benchmark == "geneval":
+    meta = os.path.join(outdir, f"{index:05d}", GENEVAL_METADATA)
+    if os.path.exists(meta):
+      with open(meta) as f:
+        saved = f.read().strip()
+      if json.loads(saved) != item:
+        raise ValueError(f"{meta} holds another prompt ({saved[:80]}...) than line {index} of the "
+                         "prompt file; use a fresh output folder for another prompt file")
+    return [k for k in range(images_per_prompt)
+            if not os.path.exists(geneval_sample_path(outdir, index, k))]
+  grid = os.path.join(outdir, dpg_grid_name(item["filename"]))
+  return [] if os.path.exists(grid) else list(range(images_per_prompt))
+
+
+def run_benchmark(generator: generate.Generator, items: Sequence[dict], benchmark: str,
+                  outdir: str, resolution, settings: generate.SamplerSettings = generate.SamplerSettings(), *,
+                  batch_size: int = 4, images_per_prompt: int = 4, process_index: int = 0,
+                  process_count: int = 1, stream=None) -> dict:
+  """Generate the benchmark images of this process's prompts (index i with i % count == this).
+
+  Resumable: a prompt whose files all exist is skipped; a GenEval prompt with some samples gets
+  only the missing ones. Files appear atomically (temporary name, then rename). Image k of prompt
+  i uses the seed 42 + images_per_prompt * i + k. Returns counts for the report.
+  """
+  if benchmark not in BENCHMARKS:
+    raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
+  if benchmark == "dpg" and images_per_prompt != 4:
+    raise ValueError(f"DPG-Bench grids are 2x2: images_per_prompt must be 4, got "
+                     f"{images_per_prompt}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process index {process_index} outside [0, {process_count})")
+  mine = [i for i in range(len(items)) if i % process_count == process_index]
+  todo, skipped = [], 0
+  for i in mine:
+    ks = _missing_images(benchmark, outdir, i, items[i], images_per_prompt)
+    meta = os.path.join(outdir, f"{i:05d}", GENEVAL_METADATA)
+    if benchmark == "geneval" and not ks and not os.path.exists(meta):
+      atomic_files.write_text(meta, json.dumps(items[i]) + "\n")  # samples there, metadata lost
+    skipped += not ks
+    todo += [(i, k) for k in ks]
+  summary = dict(prompts=len(mine), skipped=skipped, images=len(todo), written=0)
+  stream = stream or sys.stdout
+  print(f"{benchmark}: process {process_index}/{process_count} has {len(mine)} prompts, "
+        f"{skipped} already finished, {len(todo)} images to generate", file=stream, flush=True)
+  if not todo:
+    return summary
+  # Temporary files live in a hidden folder, never among the files a scorer lists (GenEval reads
+  # every file of samples/); a crash can leave only stale files there.
+  tmp_dir = os.path.join(outdir, TMP_DIR)
+  os.makedirs(tmp_dir, exist_ok=True)
+  prompts = [items[i]["prompt"] for i, _ in todo]
+  # One caption length for the whole run: one compiled trajectory.
+  length = generator.text_length(sorted(set(prompts)))
+  chunk = batch_size if batch_size > 0 else len(todo)
+  buffered: dict[int, dict[int, np.ndarray]] = {}
+  progress = Progress(len(todo), what="images", stream=stream)
+  for start in range(0, len(todo), chunk):
+    part = todo[start:start + chunk]
+    images = generator.generate([items[i]["prompt"] for i, _ in part],
+                                [sampling.eval_seed(i, k, images_per_prompt) for i, k in part],
+                                resolution, settings, batch_size=chunk, text_length=length)
+    for (i, k), img in zip(part, images):
+      if benchmark == "geneval":
+        folder = os.path.join(outdir, f"{i:05d}")
+        os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+        meta = os.path.join(folder, GENEVAL_METADATA)
+        if not os.path.exists(meta):
+          atomic_files.write_text(meta, json.dumps(items[i]) + "\n", tmp_dir)
+        atomic_files.save_png(geneval_sample_path(outdir, i, k), img, tmp_dir)
+        summary["written"] += 1
+      else:
+        buffered.setdefault(i, {})[k] = img
+        if len(buffered[i]) == images_per_prompt:
+          done = buffered.pop(i)
+          grid = generate.make_grid([done[q] for q in range(images_per_prompt)], 2)
+          atomic_files.save_png(os.path.join(outdir, dpg_grid_name(items[i]["filename"])), grid,
+                                tmp_dir)
+          summary["written"] += 1
+    progress(start + len(part))
+  try:
+    os.rmdir(tmp_dir)  # only when empty (another process may still be writing)
+  except OSError:
+    pass
+  return summary

@@ -1,0 +1,440 @@
+"""Feature precomputation: images + captions -> normalized DINOv3 latents + Gemma-2 features, as
+ArrayRecord shards and a manifest the training pipeline reads (`launch/precompute.py` is the CLI).
+
+Inputs come from `data/sources.py` (jsonl / image folder / tfds).
+
+Work per item: `sources.load_item` (caption check, decode, conversion, bucket + center crop); items are grouped by bucket and encoded `batch_size` at a time by the
+jitted SVGAutoencoder (batch sharded over this process's devices) and the jitted Gemma-2
+(`text.TextEncoder`). The caption gets its system prompt by the official training rule
+(`text.training_caption`) unless `system_prompt` names one. Records hold bf16 latents and either
+bf16 text features cut to their valid length or the token ids.
+
+Bad inputs (missing / zero-byte / corrupt / truncated image, image smaller than `min_side`, image
+mode that cannot be converted, empty or non-string caption, missing `.txt`, bad jsonl line) are
+reported as {"key", "reason"} in the manifest's `bad_inputs` and on the console; the job goes on.
+
+Resumability and processes. The ordered input list is cut into chunks of `records_per_shard`
+consecutive inputs; chunk c belongs to process c % process_count. A chunk is written through a
+`records.DatasetWriter` into a scratch folder (at most one shard per bucket, since a chunk holds at
+most records_per_shard inputs), its shards are renamed into the output as
+`c<chunk>-p<process>-<bucket>-<n>.array_record`, and then `progress/chunk-<c>.json` (its shards,
+bad inputs, conversions, text lengths) is written atomically: that file is what marks a chunk done.
+A rerun skips done chunks and redoes any other one from scratch (its stale shards removed);
+`progress/plan.json` pins the input list, chunking and models, so a rerun with anything else
+changed is refused instead of mixing two datasets. The process that finds every chunk done writes
+`empty_text.npy` and `manifest.json` (schema of records.py, plus `text_len_histogram`,
+`conversions`, `empty_text`, `precompute`); all of them produce the same bytes.
+
+`empty_text.npy` holds the features of the unconditional caption "" (<bos> alone, 1 token),
+[1, D] float32 of bf16-rounded values like the records: what `train.dit_task.load_empty_text`
+reads for caption dropout (`data.empty_text = "auto"`). In token-id mode it holds the ids [1] int32.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import ml_dtypes
+import ml_collections
+import numpy as np
+
+from svg_jax import autoencoder
+from svg_jax import config as config_lib
+from svg_jax import parallel
+from svg_jax import text as text_lib
+from svg_jax.data import records
+from svg_jax.data import sources
+from svg_jax.data.sources import BadInput, Inputs, Loaded
+from svg_jax.utils import atomic_files
+from svg_jax.utils.progress import Progress
+
+PROGRESS_DIR = "progress"
+PLAN_FILE = "plan.json"
+EMPTY_TEXT_FILE = "empty_text.npy"  # the name the DiT task's empty-prompt loader looks for
+TEXT_MODES = ("features", "token_ids")
+MAX_CONVERSION_EXAMPLES = 20  # keys listed per conversion kind in the manifest
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+  problems = []
+  if c.text_mode not in TEXT_MODES:
+    problems.append(f"text_mode {c.text_mode!r} is not one of {TEXT_MODES}")
+  elif c.text_mode == "features" and not c.text_encoder_dir:
+    problems.append("text_encoder_dir is empty (a local Gemma-2 folder) but text_mode is features")
+  elif c.text_mode == "token_ids" and not (c.tokenizer_dir or c.text_encoder_dir):
+    problems.append("set tokenizer_dir (or text_encoder_dir) for text_mode token_ids")
+  if c.system_prompt != "auto" and c.system_prompt not in text_lib.SYSTEM_PROMPTS:
+    problems.append(f"system_prompt {c.system_prompt!r} is not 'auto' or one of "
+                    f"{sorted(text_lib.SYSTEM_PROMPTS)}")
+  if c.max_length < 8 or c.max_length % text_lib.PAD_MULTIPLE:
+    problems.append(f"max_length {c.max_length} must be a positive multiple of "
+                    f"{text_lib.PAD_MULTIPLE}")
+  if c.shard_compression not in records.COMPRESSIONS:
+    problems.append(f"shard_compression {c.shard_compression!r} is not one of "
+                    f"{sorted(records.COMPRESSIONS)}")
+  for name in ("resolution", "batch_size", "records_per_shard", "min_side", "num_threads"):
+    if int(c[name]) < 1:
+      problems.append(f"{name} must be >= 1, got {c[name]}")
+  if c.output_dtype != "bfloat16":
+    problems.append(f"output_dtype {c.output_dtype!r}: record schema v{records.SCHEMA_VERSION} "
+                    "stores floats as bfloat16 only")
+  if (c.process_index < 0) != (c.process_count < 0):
+    problems.append("set both process_index and process_count, or neither (-1)")
+  elif c.process_count >= 0 and not 0 <= c.process_index < c.process_count:
+    problems.append(f"process_index {c.process_index} not in [0, {c.process_count})")
+  if problems:
+    raise ValueError("precompute config: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------
+# Text
+
+
+def text_pad_length(longest: int, max_length: int) -> int:
+  """Static padded lengths 8, 16, 32, ... (capped at max_length): few compiles of the encoder."""
+  n = text_lib.PAD_MULTIPLE
+  while n < longest:
+    n *= 2
+  return min(n, max_length)
+
+
+def text_fingerprint(cfg: ml_collections.ConfigDict) -> str:
+  """The manifest's `text_encoder` fingerprint: files, layer, max length, prompt rule, mode."""
+  tok_dir = cfg.tokenizer_dir or cfg.text_encoder_dir
+  parts = [f"tokenizer={autoencoder.path_fingerprint(tok_dir)}"]
+  if cfg.text_mode == "features":
+    parts.insert(0, f"model={autoencoder.path_fingerprint(cfg.text_encoder_dir)}")
+    parts.append(f"layer={cfg.hidden_layer}")
+  parts += [f"max_length={cfg.max_length}", f"system_prompt={cfg.system_prompt}",
+            f"mode={cfg.text_mode}"]
+  return ";".join(parts)
+
+
+def expected_fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """The fingerprints a dataset precomputed with `config` carries, computed from the files alone
+  (no model is loaded): what a trainer passes to `pipeline.make_pipeline(expected_fingerprints=)`
+  to refuse data made with other weights, statistics or text settings."""
+  cfg = config.precompute if "precompute" in config else config_lib.precompute_defaults()
+  return {**autoencoder.config_fingerprints(config.autoencoder), "text_encoder": text_fingerprint(cfg)}
+
+
+class TextSide:
+  """Tokenizer (+ Gemma-2 in features mode): full texts -> per-caption arrays and lengths."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, encoder: Any = None, tokenizer: Any = None):
+    self.cfg = cfg
+    self.mode = cfg.text_mode
+    if encoder is None and self.mode == "features":
+      encoder = text_lib.TextEncoder.from_pretrained(
+          cfg.text_encoder_dir, cfg.tokenizer_dir or None, hidden_layer=cfg.hidden_layer,
+          max_length=cfg.max_length, feature_dtype="bfloat16", system_prompt="")
+    self.encoder = encoder
+    if tokenizer is None:
+      tokenizer = (encoder.tokenizer if encoder is not None else
+                   text_lib.load_tokenizer(cfg.tokenizer_dir or cfg.text_encoder_dir))
+    self.tokenizer = tokenizer
+    self.dim = None if encoder is None else int(encoder.cfg.hidden_size)
+
+  def fingerprint(self) -> str:
+    return text_fingerprint(self.cfg)
+
+  def encode(self, texts: Sequence[str], batch_size: int) -> list[np.ndarray]:
+    """Texts (system prompt already in front) -> one array per text at its valid length:
+    bf16 [len, D] features or int32 [len] ids."""
+    n = len(texts)
+    rows = list(texts) + [text_lib.UNCONDITIONAL] * (-n % batch_size)  # fixed batch shapes
+    out = []
+    for start in range(0, len(rows), batch_size):
+      part = rows[start:start + batch_size]
+      ids, mask = text_lib.tokenize(self.tokenizer, part, "", self.cfg.max_length)
+      lens = mask.sum(1)
+      pad = text_pad_length(ids.shape[1], self.cfg.max_length)
+      if pad != ids.shape[1]:
+        ids, mask = text_lib.tokenize(self.tokenizer, part, "", self.cfg.max_length, pad_to=pad)
+      if self.mode == "features":
+        feats, _ = self.encoder.encode_tokens(ids, mask)
+        feats = np.asarray(feats)
+        out += [feats[i, :lens[i]] for i in range(len(part))]
+      else:
+        out += [ids[i, :lens[i]] for i in range(len(part))]
+    return out[:n]
+
+  def empty_text(self) -> np.ndarray:
+    """The unconditional caption "" (<bos> only): [1, D] float32 (bf16 values) or [1] int32."""
+    arr = self.encode([text_lib.UNCONDITIONAL], 1)[0]
+    return arr.astype(np.float32) if self.mode == "features" else arr.astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def _chunk_file(out: str, c: int) -> str:
+  return os.path.join(out, PROGRESS_DIR, f"chunk-{c:06d}.json")
+
+
+def _chunk_prefix(c: int) -> str:
+  return f"c{c:06d}-"
+
+
+class Precomputer:
+  """Runs the job of one process (see the module docstring).
+
+  ae: an `SVGAutoencoder` with its encoder (its `batch_size`, mesh and fingerprints are used).
+  text_side: a `TextSide`. cfg: a `config_lib.precompute_defaults()` section.
+  """
+
+  def __init__(self, cfg: ml_collections.ConfigDict, ae: Any, text_side: TextSide, *,
+               process_index: int | None = None, process_count: int | None = None,
+               stream=None):
+    validate_config(cfg)
+    self.cfg, self.ae, self.text = cfg, ae, text_side
+    if process_index is None:
+      process_index = cfg.process_index if cfg.process_index >= 0 else None
+      process_count = cfg.process_count if cfg.process_count >= 0 else None
+    if process_index is None or process_count is None:
+      process_index, process_count = jax.process_index(), jax.process_count()
+    self.process_index, self.process_count = process_index, process_count
+    self.stream = stream or sys.stdout
+    self.patch_size = ae.encoder_cfg.patch_size
+    self.fingerprints = {"encoder": ae.fingerprints.get("encoder", "unknown"),
+                         "statistics": ae.fingerprints["statistics"],
+                         "text_encoder": text_side.fingerprint()}
+    self.text_layout = ({"kind": "text_features", "dim": text_side.dim}
+                        if text_side.mode == "features" else {"kind": "token_ids", "dim": None})
+
+  def _print(self, msg: str) -> None:
+    print(msg, file=self.stream, flush=True)
+
+  # -- plan
+
+  def _plan(self, inputs: Inputs) -> dict:
+    c = self.cfg
+    return {"inputs": inputs.fingerprint, "num_inputs": len(inputs),
+            "records_per_shard": int(c.records_per_shard), "resolution": int(c.resolution),
+            "max_ratio": float(c.max_ratio), "min_side": int(c.min_side),
+            "fingerprints": self.fingerprints, "text": self.text_layout,
+            "latent_channels": int(self.ae.encoder_cfg.dim),
+            "schema_version": records.SCHEMA_VERSION}
+
+  def _check_plan(self, out: str, plan: dict) -> None:
+    path = os.path.join(out, PROGRESS_DIR, PLAN_FILE)
+    if os.path.isfile(path):
+      with open(path) as f:
+        old = json.load(f)
+      if old != plan:
+        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+        raise ValueError(f"{out} holds a precompute run with a different plan (differs in "
+                         f"{diff}); use another output folder or delete it")
+    else:
+      if os.path.exists(os.path.join(out, records.MANIFEST_NAME)):
+        raise FileExistsError(f"{out} holds a dataset not written by this precompute "
+                              f"(no {PROGRESS_DIR}/{PLAN_FILE}); use another output folder")
+      os.makedirs(os.path.join(out, PROGRESS_DIR), exist_ok=True)
+      atomic_files.write_json(path, plan)
+
+  # -- one chunk
+
+  def _flush(self, writer: records.DatasetWriter, group: list[Loaded], stats: dict) -> None:
+    crops = np.stack([g.crop for g in group])
+    latents = self.ae.encode(crops)
+    texts = [g.item.system_prompt + g.item.caption for g in group]
+    text_arrays = self.text.encode(texts, self.cfg.batch_size)
+    text_name = "text_features" if self.text.mode == "features" else "token_ids"
+    for g, z, t in zip(group, latents, text_arrays):
+      writer.add({"latent": z, "caption": g.item.caption, text_name: t, "text_len": int(t.shape[0]),
+                  "bucket": g.bucket, "orig_size": g.orig_size, "source": g.item.key})
+      hist = stats["text_len_histogram"]
+      hist[str(t.shape[0])] = hist.get(str(t.shape[0]), 0) + 1
+
+  def run_chunk(self, inputs: Inputs, c: int, out: str, progress: Progress) -> dict:
+    """Processes chunk c from scratch and marks it done; returns its done-file content."""
+    n = int(self.cfg.records_per_shard)
+    indices = range(c * n, min(len(inputs), (c + 1) * n))
+    for stale in glob.glob(os.path.join(out, _chunk_prefix(c) + "*")):
+      os.remove(stale)
+    for stale in glob.glob(os.path.join(out, PROGRESS_DIR, f"chunk-{c:06d}.tmp-*")):
+      shutil.rmtree(stale, ignore_errors=True)  # scratch of a killed run
+    scratch = os.path.join(out, PROGRESS_DIR, f"chunk-{c:06d}.tmp-{os.getpid()}")
+    stats = {"text_len_histogram": {}, "conversions": [], "bad_inputs": []}
+    pending: dict[tuple[int, int], list[Loaded]] = {}
+
+    def load(i: int):
+      item = inputs[i]
+      try:
+        return sources.load_item(item, self.cfg, self.patch_size)
+      except BadInput as e:
+        return item.key, e.reason
+
+    writer = records.DatasetWriter(scratch, fingerprints=self.fingerprints, records_per_shard=n,
+                                   compression=self.cfg.shard_compression)
+    try:
+      # Decoded crops are held only for a window of inputs (memory stays bounded at 1024 px).
+      window = max(4 * int(self.cfg.batch_size), 4 * int(self.cfg.num_threads))
+      with concurrent.futures.ThreadPoolExecutor(self.cfg.num_threads) as pool:
+        results = (r for s in range(0, len(indices), window)
+                   for r in pool.map(load, indices[s:s + window]))
+        for result in results:
+          if isinstance(result, tuple):
+            key, reason = result
+            writer.report_bad(key, reason)
+            stats["bad_inputs"].append({"key": key, "reason": reason})
+            progress.update(done=1)
+            continue
+          if result.conversion != "none":
+            stats["conversions"].append({"key": result.item.key, "kind": result.conversion})
+          group = pending.setdefault(result.bucket, [])
+          group.append(result)
+          if len(group) >= self.cfg.batch_size:
+            self._flush(writer, group, stats)
+            progress.update(done=len(group), good=len(group))
+            pending[result.bucket] = []
+      for bucket in sorted(pending):
+        if pending[bucket]:
+          self._flush(writer, pending[bucket], stats)
+          progress.update(done=len(pending[bucket]), good=len(pending[bucket]))
+      manifest = writer.close()
+    except BaseException:
+      writer.__exit__(*sys.exc_info())
+      shutil.rmtree(scratch, ignore_errors=True)
+      raise
+    shards = []
+    for s in manifest["shards"]:
+      name = f"{_chunk_prefix(c)}p{self.process_index:03d}-{s['name']}"
+      os.replace(os.path.join(scratch, s["name"]), os.path.join(out, name))
+      shards.append({"name": name, "bucket": s["bucket"], "num_records": s["num_records"]})
+    done = {"chunk": c, "process_index": self.process_index, "num_inputs": len(indices),
+            "shards": shards, **stats}
+    atomic_files.write_json(_chunk_file(out, c), done)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return done
+
+  # -- the whole job
+
+  def num_chunks(self, inputs: Inputs) -> int:
+    return -(-len(inputs) // int(self.cfg.records_per_shard))
+
+  def run(self, inputs: Inputs, out: str) -> dict | None:
+    """Processes this process's unfinished chunks; writes the manifest when every chunk is done
+    (returns it), else returns None (another process will)."""
+    out = os.fspath(out)
+    os.makedirs(out, exist_ok=True)
+    self._check_plan(out, self._plan(inputs))
+    mine = [c for c in range(self.num_chunks(inputs))
+            if c % self.process_count == self.process_index]
+    todo = [c for c in mine if not self._chunk_done(out, c)]
+    n = int(self.cfg.records_per_shard)
+    total = sum(min(len(inputs), (c + 1) * n) - c * n for c in todo)
+    self._print(f"precompute: {len(inputs)} inputs in {self.num_chunks(inputs)} chunks; process "
+                f"{self.process_index}/{self.process_count} has {len(mine)} chunks, "
+                f"{len(mine) - len(todo)} already done, {total} inputs to do")
+    progress = Progress(total, what="inputs", stream=sys.stderr)
+    start = time.perf_counter()
+    for c in todo:
+      self.run_chunk(inputs, c, out, progress)
+    elapsed = time.perf_counter() - start
+    self.images_per_second = progress.good / elapsed if elapsed > 0 and progress.good else 0.0
+    self._print(f"precompute: {progress.good} images encoded in {elapsed:.1f} s: "
+                f"{self.images_per_second:.2f} images/s ({progress.done - progress.good} bad)")
+    if not all(self._chunk_done(out, c) for c in range(self.num_chunks(inputs))):
+      self._print("precompute: other processes still have chunks to do; the last one to finish "
+                  "writes manifest.json")
+      return None
+    manifest = self.finalize(inputs, out)
+    self._print(summary(manifest))
+    return manifest
+
+  def _chunk_done(self, out: str, c: int) -> bool:
+    path = _chunk_file(out, c)
+    if not os.path.isfile(path):
+      return False
+    with open(path) as f:
+      done = json.load(f)
+    # A done chunk whose shards went missing is redone.
+    return all(os.path.isfile(os.path.join(out, s["name"])) for s in done["shards"])
+
+  def finalize(self, inputs: Inputs, out: str) -> dict:
+    """Merges the chunk files into manifest.json and writes empty_text.npy; returns the manifest."""
+    shards, bad, conversions, hist = [], [], [], {}
+    for c in range(self.num_chunks(inputs)):
+      with open(_chunk_file(out, c)) as f:
+        done = json.load(f)
+      shards += done["shards"]
+      bad += done["bad_inputs"]
+      conversions += done["conversions"]
+      for k, v in done["text_len_histogram"].items():
+        hist[k] = hist.get(k, 0) + v
+    counts: dict[str, int] = {}
+    for s in shards:
+      counts[s["bucket"]] = counts.get(s["bucket"], 0) + s["num_records"]
+    kinds: dict[str, dict] = {}
+    for conv in conversions:
+      entry = kinds.setdefault(conv["kind"], {"count": 0, "examples": []})
+      entry["count"] += 1
+      if len(entry["examples"]) < MAX_CONVERSION_EXAMPLES:
+        entry["examples"].append(conv["key"])
+    empty = self.text.empty_text()
+    atomic_files.save_npy(os.path.join(out, EMPTY_TEXT_FILE), empty)
+    c = self.cfg
+    manifest = {
+        "schema_version": records.SCHEMA_VERSION,
+        "num_records": sum(counts.values()),
+        "buckets": dict(sorted(counts.items())),
+        "shards": shards,
+        "fingerprints": self.fingerprints,
+        "text": self.text_layout,
+        "latent_channels": int(self.ae.encoder_cfg.dim),
+        "bad_inputs": bad,
+        "num_inputs": len(inputs),
+        "conversions": kinds,
+        "text_len_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+        "empty_text": {"file": EMPTY_TEXT_FILE, "shape": list(empty.shape),
+                       "dtype": str(empty.dtype), "caption": text_lib.UNCONDITIONAL},
+        "precompute": {"resolution": int(c.resolution), "max_ratio": float(c.max_ratio),
+                       "patch_size": int(self.patch_size), "max_length": int(c.max_length),
+                       "system_prompt": c.system_prompt, "text_mode": c.text_mode,
+                       "hidden_layer": int(c.hidden_layer), "min_side": int(c.min_side),
+                       "records_per_shard": int(c.records_per_shard),
+                       "shard_compression": c.shard_compression,
+                       "bf16_stats": bool(self.ae.bf16_stats)},
+    }
+    records.write_manifest(out, manifest)
+    return manifest
+
+
+def summary(manifest: dict, max_lines: int = 50) -> str:
+  """The console summary: records per bucket, conversions, every bad input (up to max_lines)."""
+  lines = [f"precompute: {manifest['num_records']} records from {manifest['num_inputs']} inputs "
+           f"in {len(manifest['shards'])} shards; buckets (rows x cols in latent units): "
+           + ", ".join(f"{k}: {v}" for k, v in manifest["buckets"].items())]
+  for kind, entry in sorted(manifest["conversions"].items()):
+    lines.append(f"  converted ({kind}): {entry['count']}, e.g. {', '.join(entry['examples'][:3])}")
+  bad = manifest["bad_inputs"]
+  lines.append(f"  bad inputs: {len(bad)}")
+  lines += [f"  bad input {b['key']}: {b['reason']}" for b in bad[:max_lines]]
+  if len(bad) > max_lines:
+    lines.append(f"  ... and {len(bad) - max_lines} more (all in manifest.json)")
+  return "\n".join(lines)
+
+
+def build(config: ml_collections.ConfigDict, *, stream=None) -> Precomputer:
+  """Loads the encoder (batch sharded over this process's local devices) and the text side."""
+  cfg = config.precompute if "precompute" in config else config_lib.precompute_defaults()
+  validate_config(cfg)
+  ae_cfg = ml_collections.ConfigDict(config.autoencoder.to_dict())
+  ae_cfg.batch_size = int(cfg.batch_size)
+  mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
+  ae = autoencoder.SVGAutoencoder.from_config(ae_cfg, decoder=False, mesh=mesh)
+  return Precomputer(cfg, ae, TextSide(cfg), stream=stream)
+
+
+def bf16_round(x: Any) -> np.ndarray:
+  """float32 values of x rounded to bf16 (the precision records store)."""
+  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)

@@ -1,0 +1,54 @@
+"""The DiT of a training workdir, for sampling: the model config its run saved and its EMA or raw
+params, placed on a mesh (replicated) or on one device."""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import ml_collections
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from svg_jax import parallel
+from svg_jax.models.nextdit import NextDiTConfig, abstract_params
+from svg_jax.train import checkpoint as ckpt_lib
+
+# Implementation-only model fields a sampler may choose for its own hardware.
+HARDWARE_FIELDS = ("compute_dtype", "attention_backend", "remat_policy")
+
+
+def saved_model_config(workdir: str, step: int | None = None,
+                       base: ml_collections.ConfigDict | None = None) -> NextDiTConfig:
+  """The NextDiTConfig a training run saved with its checkpoint (newest step by default); the
+  `HARDWARE_FIELDS` come from `base`'s model section when given."""
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    step = ckpt_lib.resolve_step(ckpt.latest_step(), step, ckpt.all_steps(), ckpt.directory)
+    saved = ckpt.read_config(step)
+  finally:
+    ckpt.close()
+  if "model" not in saved:
+    raise ValueError(f"the config saved in {workdir} at step {step} has no `model` section")
+  model = dict(saved["model"])
+  if base is not None:
+    for k in HARDWARE_FIELDS:
+      model[k] = base.model[k]
+  known = {f.name for f in dataclasses.fields(NextDiTConfig)}
+  unknown = sorted(set(model) - known)
+  if unknown:
+    raise ValueError(f"the saved model config has unknown fields {unknown}")
+  model = {k: tuple(v) if isinstance(v, list) else v for k, v in model.items()}
+  cfg = NextDiTConfig(**model)
+  cfg.validate()
+  return cfg
+
+
+def load_params(workdir: str, cfg: NextDiTConfig, *, ema: bool = True, step: int | None = None,
+                mesh: Mesh | None = None):
+  """EMA (`ema_params`) or raw (`params`) DiT params of a training workdir's checkpoint."""
+  sharding = (SingleDeviceSharding(jax.devices()[0]) if mesh is None
+              else parallel.replicated(mesh))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          nn.meta.unbox(abstract_params(cfg)))
+  item = "ema_params" if ema else "params"
+  return ckpt_lib.load_state_item(workdir, item, abstract, step, what=f"DiT {item}")

@@ -1,0 +1,60 @@
+"""What a training task gives the shared loop: a `Task` and the `TaskSetup` it builds.
+
+The loop (svg_jax/train/loop.py) knows only this interface. Each task module (dit_task.py,
+decoder_task.py) exports one `Task` built from this file, and only the trainer (trainer.py) names
+the tasks, so imports run one way: task modules and the loop import this file, the trainer
+imports them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator, Protocol
+
+
+class TaskSetup(Protocol):
+  """Model, optimizer, abstract state and shardings, jitted init and step of a task on one mesh."""
+
+  rules: Any  # logical-axis rules for `parallel.mesh_context`
+  abstract_state: Any  # ShapeDtypeStructs with shardings (restores and `init_from` target it)
+  state_shardings: Any
+  logger_class: type  # a metrics.MetricsLogger
+
+  def init_state(self, seed: int) -> Any:
+    """A fresh state, every array made directly in its shards."""
+
+  def state_from_params(self, params) -> Any:
+    """A fresh state around trained params (a later stage starts from an earlier one's)."""
+
+  def step(self, state, batch: dict, rng) -> tuple[Any, dict]:
+    """Jitted; the metrics hold at least `loss` and `grad_norm`."""
+
+  def make_data_iterator(self) -> Iterator[dict]:
+    """A Grain iterator whose state goes into every checkpoint."""
+
+  def device_batch(self, local_batch: dict) -> dict:
+    """This process's batch -> the global batch, sharded over the mesh."""
+
+  def batch_counts(self, local_batch: dict) -> tuple[int, int, float]:
+    """(images, tokens, FLOPs) of one global step on a batch shaped like `local_batch`."""
+
+  def poison(self, local_batch: dict) -> dict:
+    """The batch made NaN (`train.debug_nan_step` tests the divergence stop)."""
+
+  def eval_due(self, step: int, at_end: bool) -> bool:
+    """Whether `evaluate` runs after this step."""
+
+  def evaluate(self, state, step: int) -> dict:
+    """Numbers written to metrics.jsonl as an "eval" record."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  """A trainable task: `config.task == name` selects it.
+
+  config_problems(config, process_count) lists, one line each, what the task needs of a config
+  beyond the loop's own checks (nothing compiles or allocates); make_setup(config, mesh) builds
+  its setup after those checks passed."""
+
+  name: str
+  config_problems: Callable[[Any, int], list[str]]
+  make_setup: Callable[[Any, Any], TaskSetup]

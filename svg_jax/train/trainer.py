@@ -1,0 +1,38 @@
+"""Training by config: the tasks this trainer knows, and the loop's entry points with
+`config.task` looked up among them.
+
+The only module that names every task; the loop (loop.py) takes a task as an argument and the
+task modules know only the interface (task_api.py), so no import runs back up to here.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from svg_jax.train import decoder_task, dit_task, loop
+from svg_jax.train.task_api import Task
+
+TASKS: dict[str, Task] = {t.name: t for t in (dit_task.TASK, decoder_task.TASK)}
+
+
+def get(name: str) -> Task:
+  """The task called `name`; a `loop.ConfigError` for a name no task has."""
+  if name not in TASKS:
+    raise loop.ConfigError(f"task {name!r} is not supported by this trainer "
+                           f"(only {tuple(TASKS)})")
+  return TASKS[name]
+
+
+def validate_config(config, num_devices: int | None = None,
+                    process_count: int | None = None) -> tuple[int, ...]:
+  """`loop.validate_config` for the task of `config`; returns the mesh shape."""
+  return loop.validate_config(config, get(config.task), num_devices, process_count)
+
+
+def train(config, workdir: str) -> dict[str, Any]:
+  """`loop.train` for the task of `config` (see loop.py for the summary it returns)."""
+  return loop.train(config, workdir, get(config.task))
+
+
+def restore_state(config, workdir: str, mesh, step: int | None = None):
+  """`loop.restore_state` for the task of `config`: (state, step) on `mesh`'s shardings."""
+  return loop.restore_state(config, workdir, mesh, get(config.task), step)

@@ -1,0 +1,59 @@
+"""Files that appear whole or not at all: written under a temporary name, then renamed.
+
+A killed run never leaves a half-written file under the final name, and a reader never sees one.
+The temporary name holds the host and the pid, so several processes may write into one shared
+folder; it lives in `tmp_dir` (default: the target's folder, so the rename stays on one file system).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from typing import Any, Callable
+
+import numpy as np
+
+
+def temp_name(path: str | os.PathLike, tmp_dir: str | None = None) -> str:
+  path = os.fspath(path)
+  name = f".{os.path.basename(path)}.tmp-{socket.gethostname()}-{os.getpid()}"
+  return os.path.join(tmp_dir or os.path.dirname(path) or ".", name)
+
+
+def write(path: str | os.PathLike, write_to: Callable[[str], Any],
+          tmp_dir: str | None = None) -> None:
+  """`write_to(tmp)` writes the file at `tmp`; it is then renamed to `path`. On an error the
+  temporary file is removed and the error goes on."""
+  tmp = temp_name(path, tmp_dir)
+  try:
+    write_to(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: str | os.PathLike, text: str, tmp_dir: str | None = None) -> None:
+  def to(tmp):
+    with open(tmp, "w") as f:
+      f.write(text)
+  write(path, to, tmp_dir)
+
+
+def write_json(path: str | os.PathLike, obj: Any, tmp_dir: str | None = None) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=True), tmp_dir)
+
+
+def save_npy(path: str | os.PathLike, array: Any, tmp_dir: str | None = None) -> None:
+  def to(tmp):
+    with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a bare name
+      np.save(f, array)
+  write(path, to, tmp_dir)
+
+
+def save_png(path: str | os.PathLike, image: Any, tmp_dir: str | None = None) -> None:
+  from PIL import Image
+
+  write(path, lambda tmp: Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG"),
+        tmp_dir)
