@@ -1,17 +1,18 @@
 """svg-jax: a JAX/Flax reimplementation of SVG-T2I (text-to-image diffusion in DINOv3 feature space)."""
 from setuptools import find_packages, setup
 
-# Compatible ranges: lower bounds are what the code needs, upper bounds stop at the next release
-# line that may break it. The exact versions the tests and benchmarks were measured with are in
+# Compatible ranges: upper bounds stop at the next release line that may break the code; lower
+# bounds are the newest releases that still ship for Python 3.10 (jax 0.6, flax 0.10, orbax 0.11,
+# grain 0.2.13; docs/design_notes.md says what was run on them). The exact versions the tests and benchmarks were measured with are in
 # constraints.txt (`pip install -e ".[test]" -c constraints.txt`; launch/env.sh and CI use it).
 RUNTIME = [
-    "jax>=0.10.2,<0.12",
-    "jaxlib>=0.10.2,<0.12",
-    "flax>=0.12.8,<0.13",
+    "jax>=0.6.2,<0.12",
+    "jaxlib>=0.6.2,<0.12",
+    "flax>=0.10.7,<0.13",
     "optax>=0.2.8,<0.3",
-    "orbax-checkpoint>=0.12.8,<0.13",
-    "grain>=0.2.18,<0.3",
-    "array-record>=0.8.6,<0.9",
+    "orbax-checkpoint>=0.11.30,<0.13",
+    "grain>=0.2.13,<0.3",
+    "array-record>=0.8.1,<0.9",
     "ml-collections>=1.1,<2",
     "clu>=0.0.12,<0.1",
     "numpy>=2.0,<3",
@@ -29,10 +30,12 @@ TEST = [
     "pytest>=8",
     "torch==2.13.0",  # the reference implementations run on its CPU build
     "jax[tpu]",  # libtpu: XLA:TPU compiles of the train step for TPU topologies, on any host
-    "scikit-image>=0.24",  # SSIM reference
+    "scikit-image>=0.25",  # SSIM reference
     "tensorflow-datasets>=4.9",  # tfds mock data for the precompute reader (no TensorFlow needed)
     "scipy", "tqdm",  # needed by the lpips package, installed with --no-deps by launch/env.sh
-    "diffusers>=0.42,<0.43",
+    "diffusers>=0.42,<0.43; python_version >= '3.11'",
+    "diffusers>=0.41,<0.42; python_version < '3.11'",  # the newest diffusers for Python 3.10
+    "tensorboard>=2.16",  # reads back the trainer's event files (tests/test_validation.py)
     "vermin>=1.6",  # the minimum Python version of the source (tests/test_repo_hygiene.py)
 ]
 

@@ -11,12 +11,9 @@ torch.
 """
 from __future__ import annotations
 
-import os
-import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_list("tokens", ["512", "4352"], "sequence lengths (stage 1 and stage 3 of the recipe)")
 flags.DEFINE_integer("batch", 4, "batch")
 FLAGS = flags.FLAGS

@@ -13,8 +13,6 @@ import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 flags.DEFINE_list("batches", ["16", "32", "64"], "global batch sizes")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (the demo's: fp32)")
 flags.DEFINE_integer("rounds", 3, "interleaved rounds")

@@ -13,7 +13,6 @@ import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_list("sizes", ["tiny", "calib"], "model sizes (see bench/train_step.py SIZES)")
 flags.DEFINE_integer("steps", 50, "sampling steps")
 flags.DEFINE_integer("rounds", 3, "interleaved rounds")

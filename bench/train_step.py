@@ -22,7 +22,6 @@ import sys
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_list("sizes", ["tiny", "calib", "2b_slice"], "model sizes to run")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes to run")
 flags.DEFINE_integer("rounds", 5, "interleaved rounds")

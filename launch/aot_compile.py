@@ -22,8 +22,8 @@ Driver mode runs each combination as a subprocess and prints its lines:
 
   python launch/aot_compile.py --all [--devices-list 8,64,256 | --targets v5e-8,v6e-64] \\
       [--variants stage1_256,...]
-  python launch/aot_compile.py --fit --targets v5e-64 --variants stage2_512   (largest micro-batch
-      that fits, per remat policy: none, dots, full)
+  python launch/aot_compile.py --fit --targets v5e-64 --variants stage2_512 [--remats dots,full]
+      (the largest micro-batch per device that fits, for the first remat policy that fits)
 
 Printed per device: parameter, optimizer-state, EMA, argument, output and temporary bytes
 (`memory_analysis()`), the peak against the chip's HBM and a fit verdict (TPU targets), XLA's
@@ -73,6 +73,7 @@ def _parser():
   p.add_argument("--devices-list", default="8,64,256")
   p.add_argument("--targets", default="", help="driver: TPU targets instead of --devices-list")
   p.add_argument("--variants", default=",".join(VARIANTS))
+  p.add_argument("--remats", default=",".join(REMAT_ORDER), help="--fit: policies to try")
   p.add_argument("--timeout", type=int, default=3600, help="driver: seconds per combination")
   return p
 
@@ -171,8 +172,8 @@ def print_one(r: dict) -> None:
     print("                   " + " ".join(f"{_gib(v):>11}" for _, v in rows))
   if "fits" in r:
     verdict = "FITS" if r["fits"] else "DOES NOT FIT"
-    used = (f"{_gib(m['total'])} of {_gib(r['hbm'])} GiB HBM ({100 * r['hbm_used']:.0f}%)"
-            if m else r.get("error", ""))
+    used = (f"{_gib(m['total'])} of the {_gib(r['hbm'])} GiB of HBM XLA:TPU allows "
+            f"({100 * r['hbm_used']:.0f}%)" if m else r.get("error", ""))
     print(f"  verdict: {verdict}: {used}")
   if "analytic_flops" in r:
     line = (f"  per device FLOPs: analytic {r['analytic_flops']:.4e}; XLA as counted (loop bodies "
@@ -245,34 +246,49 @@ def driver(args) -> int:
   return 1 if failed else 0
 
 
+def _per_device_step_batch(args, config_spec, target_name) -> int:
+  """Samples per device per optimizer step on a target (no compile): global batch / batch shards."""
+  from svg_jax import parallel
+  from svg_jax.train import aot
+
+  target = aot.tpu_target(target_name)
+  config, _ = _load_config(config_spec)
+  if args.mesh:
+    shape = [int(v) for v in args.mesh.split(",")]
+  else:
+    shape = list(parallel.mesh_shape(dict(config.mesh), target.chips))
+    shape[0] *= target.num_slices
+  gb = args.global_batch or int(config.train.global_batch_size)
+  return gb // (shape[0] * shape[1])
+
+
 def fit_driver(args) -> int:
-  """Per target and variant: for each remat policy (least recomputation first), the largest
-  power-of-two micro-batch per device that fits, halving from the whole per-device batch."""
+  """Per target and variant: for each remat policy in --remats (least recomputation first), the
+  largest power-of-two micro-batch per device that fits, halving from the whole per-device step
+  batch; the first policy that fits at all is the row's recommendation."""
   if not args.targets:
     raise ValueError("--fit needs --targets")
   for config, extra, label in _combinations(args):
-    for remat in REMAT_ORDER:
-      best, per_device = None, None
+    start = _per_device_step_batch(args, config, extra["--target"])
+    found = False
+    for remat in args.remats.split(","):
       a = argparse.Namespace(**dict(vars(args), config=config, variant="", remat=remat,
                                     per_device_batch=0, micro_batches=0))
-      probe = _run_child(a, dict(extra, **{"--micro-batches": 1, "--n-layers": 1}),
-                         f"{label} probe")
-      if probe is None:
-        break
-      per_device = int(probe["per_device_micro_batch"])
-      while per_device >= 1:
+      per_device = start
+      while per_device >= 1 and not found:
         r = _run_child(a, dict(extra, **{"--per-device-batch": per_device}),
                        f"{label} {remat} {per_device}/device")
-        if r is not None and r.get("fits"):
-          best = r
-          break
+        if r is not None:
+          print(f"{label} remat {remat} {per_device}/device: "
+                f"{'fits' if r.get('fits') else 'does not fit'} "
+                f"({_gib(r['memory']['total']) if r.get('memory') else '-'} GiB)", flush=True)
+          print("  json " + json.dumps(r), flush=True)
+          found = bool(r.get("fits"))
         per_device //= 2
-      if best is None:
-        print(f"{label} remat {remat}: nothing fits", flush=True)
-        continue
-      print_one(best)
-      print("  json " + json.dumps(best), flush=True)
-      break  # a policy with less recomputation fits: the others would only be slower
+      if found:
+        break  # less recomputation fits: the other policies would only be slower
+    if not found:
+      print(f"{label}: nothing fits with remat {args.remats}", flush=True)
   return 0
 
 

@@ -27,6 +27,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from svg_jax import cli
+
 config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 flags.DEFINE_enum("model", "dit", ["dit", "decoder"], "which model's weights")
 flags.DEFINE_string("src", None, "source path")
@@ -88,4 +90,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "src", "src_format", "dst", "dst_format"])
-  app.run(main)
+  cli.run(main)

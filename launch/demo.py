@@ -4,7 +4,9 @@ demo data -> decoder training -> precompute -> DiT training -> sampling -> Shape
   python launch/demo.py [--workdir runs/demo] [--dit_steps 1000]
 Finished stages are cached in the workdir; an interrupted run resumes.
 """
-from absl import app, flags
+from absl import flags
+
+from svg_jax import cli
 
 flags.DEFINE_string("workdir", "runs/demo", "where the demo writes data, checkpoints and results")
 flags.DEFINE_integer("num_train", 2000, "demo training images")
@@ -17,12 +19,12 @@ flags.DEFINE_float("shift", 1.0, "time shift of the sampling grid")
 flags.DEFINE_enum("text_weights", "word_context", ["word_context", "random"],
                   "demo Gemma-2 weights: constructed word + previous-word features, or HF's "
                   "random init (svg_jax/demo/text_encoder.py)")
+flags.DEFINE_integer("validate_every", 100, "DiT steps between validation grids and held-out "
+                     "losses in TensorBoard (0: off)")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   from svg_jax.demo import pipeline
 
@@ -30,8 +32,8 @@ def main(argv):
       workdir=FLAGS.workdir, num_train=FLAGS.num_train, num_heldout=FLAGS.num_heldout,
       decoder_steps=FLAGS.decoder_steps, dit_steps=FLAGS.dit_steps,
       sample_steps=FLAGS.sample_steps, cfg_scale=FLAGS.cfg_scale, shift=FLAGS.shift,
-      text_weights=FLAGS.text_weights))
+      text_weights=FLAGS.text_weights, validate_every=FLAGS.validate_every))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

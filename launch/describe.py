@@ -2,8 +2,10 @@
 
   python launch/describe.py --config configs/svg_t2i_2b.py:stage1_256
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from svg_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 
@@ -24,4 +26,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

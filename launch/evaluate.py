@@ -9,7 +9,9 @@ Prompts: the `--split` (default heldout: combinations never seen in training) of
 folder (`svg_jax/demo/shapes.py`), the first `--limit`. Prints the per-category table; with
 --out also grid.png, grid_prompts.txt and scores.json.
 """
-from absl import app, flags
+from absl import flags
+
+from svg_jax import cli
 
 import generator_flags
 
@@ -26,8 +28,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   from svg_jax.demo import evaluate, geneval, shapes
 
@@ -43,4 +43,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "data", "text_encoder"])
-  app.run(main)
+  cli.run(main)

@@ -15,6 +15,8 @@ GenEval prompt with some samples gets the missing ones; files appear atomically.
 """
 from absl import app, flags
 
+from svg_jax import cli
+
 import generator_flags
 
 generator_flags.define(resolution="1024x1024", batch_size=4,
@@ -31,8 +33,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   import jax
 
@@ -61,4 +61,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "benchmark", "out", "text_encoder"])
-  app.run(main)
+  cli.run(main)

@@ -15,6 +15,8 @@ then prints the config flags that point launch/train.py at them:
 """
 from absl import app, flags
 
+from svg_jax import cli
+
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 2000, "Number of training images.")
 _NUM_HELDOUT = flags.DEFINE_integer("num_heldout", 300, "Number of held-out images.")
@@ -28,8 +30,6 @@ _DECODER_FILES = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   from svg_jax.demo import configs, decoder_data, shapes
 
   if _DECODER_FILES.value:
@@ -50,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,14 +12,13 @@ every host; each process does its share and the last to finish writes manifest.j
 Exit status 0 also when some inputs were bad (they are listed in the summary and manifest.json).
 """
 import os
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
+from svg_jax import cli
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _REPO not in sys.path:
-  sys.path.insert(0, _REPO)
 
 config_flags.DEFINE_config_file(
     "config", os.path.join(_REPO, "configs", "precompute.py"),
@@ -32,8 +31,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   from svg_jax import parallel
@@ -51,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -11,8 +11,10 @@ encoded and decoded; `<out>/<name>.png` holds the crop and its reconstruction si
 PSNR (dB) / SSIM per image and their means are printed and written to `<out>/metrics.json`.
 Images that cannot be read are reported by name and counted, never silently dropped.
 """
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from svg_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "ml_collections config file with an `autoencoder` "
                                 "section (svg_jax.config.autoencoder_defaults)",
@@ -24,8 +26,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   import json
   import os
@@ -85,4 +85,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "images", "out"])
-  app.run(main)
+  cli.run(main)

@@ -15,6 +15,8 @@ line per image (file, prompt, seed and the sampler settings).
 """
 from absl import app, flags
 
+from svg_jax import cli
+
 import generator_flags
 
 generator_flags.define(resolution="1024x1024", batch_size=1,
@@ -29,8 +31,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   import json
   import math
@@ -80,4 +80,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "text_encoder", "out"])
-  app.run(main)
+  cli.run(main)

@@ -9,13 +9,22 @@ of a TPU pod slice. Resumes from the newest checkpoint in --workdir.
 behind the frozen DINOv3 on images (the tiny variant's files: launch/make_demo_data.py
 --decoder_files, which prints the path flags to add).
 
+Several processes (a pod slice, a GPU cluster, local processes with JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID; docs/pods.md) run this same command; a signal to any of them
+stops all of them at the same step.
+
 Exit status: 0 when done or stopped by SIGTERM/SIGINT (after saving), 2 for a bad config
-(one line on stderr, nothing compiled), 3 when the loss became NaN/inf (nothing bad saved).
+(one line on stderr, nothing compiled), 3 when the loss became NaN/inf (nothing bad saved), 4 when
+the workdir's checkpoints cannot resume this run (one line: every step damaged, or a loader state
+of another pipeline).
 """
+import signal
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from svg_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
 flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tensorboard/")
@@ -37,8 +46,6 @@ def _parse_flags(argv):
 
 
 def main(argv):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
@@ -61,9 +68,15 @@ def main(argv):
   except loop.TrainingDiverged as e:
     print(f"training diverged: {e}", file=sys.stderr)
     sys.exit(3)
+  except loop.ResumeError as e:
+    print(f"resume error: {e}", file=sys.stderr)
+    sys.exit(4)
+  # Saved and done: a preemption notice that reaches this host late (after the others stopped
+  # it) must not turn the exit status of a finished run into a kill.
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
   logging.info("finished: %s", {k: v for k, v in summary.items() if k != "last_record"})
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=_parse_flags)
+  cli.run(main, flags_parser=_parse_flags)

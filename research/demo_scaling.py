@@ -22,6 +22,8 @@ import time
 
 from absl import app, flags
 
+from svg_jax import cli
+
 flags.DEFINE_string("workdir", "runs/scaling", "demo workdir (data, decoder, records are shared)")
 flags.DEFINE_integer("num_train", 2000, "demo training images")
 flags.DEFINE_integer("num_heldout", 300, "held-out prompts")
@@ -48,8 +50,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   import caption_pathway  # research/, beside this script
   from svg_jax.demo import evaluate, geneval, pipeline
@@ -157,4 +157,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,8 @@ import json
 
 from absl import app, flags
 
+from svg_jax import cli
+
 flags.DEFINE_string("data", None, "shapes dataset folder (train.jsonl, heldout.jsonl)")
 flags.DEFINE_string("text_encoder", None, "Gemma-2 folder (HF layout) the records were made with")
 flags.DEFINE_string("system_type", "empty", "system prompt the records were made with (the demo: "
@@ -81,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

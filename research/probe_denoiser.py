@@ -9,7 +9,9 @@ noise-free baselines: the caption's mean latent and the mean of all latents. Lat
 records' normalized space (variance about 1 per channel).
 """
 
-from absl import app, flags
+from absl import flags
+
+from svg_jax import cli
 
 flags.DEFINE_string("records", None, "precomputed records folder (manifest.json + shards)")
 flags.DEFINE_string("checkpoint", None, "training workdir of the DiT (EMA params)")
@@ -32,15 +34,13 @@ def _read_records(folder: str) -> list[dict]:
 
 
 def main(argv):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # before JAX starts its CPU threads (see the module)
   del argv
   import jax
   import numpy as np
 
   import denoiser_probe  # research/, beside this script
   from svg_jax.models.nextdit import NextDiT
-  from svg_jax.train import dit_checkpoint
+  from svg_jax import dit_checkpoint
 
   recs = _read_records(FLAGS.records)
   shapes_seen = {r["latent"].shape for r in recs}
@@ -80,4 +80,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -151,6 +151,10 @@ def base_config() -> ml_collections.ConfigDict:
   # stand-in of one fixed unit-RMS token (what synthetic test datasets use; a warning is logged);
   # "stand_in" = that stand-in always; anything else = the path of an .npy file.
   c.data.empty_text = "auto"
+  # Held-out flow loss (svg_jax/train/validation.py): a records folder made by precompute (e.g. a
+  # held-out split; "" = none), evaluated every `train.eval_every` steps and at the end on its
+  # first `validation.loss_records` records.
+  c.data.eval_path = ""
 
   # Online text mode: when data.path holds token ids (precompute.text_mode = "token_ids"), the
   # trainer runs this frozen Gemma-2 (local HF folder) inside the step instead of reading features.
@@ -189,6 +193,37 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.debug_nan_step = -1
   # Peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | h100 | h200.
   c.train.chip = "auto"
+  # In-training validation (svg_jax/train/validation.py; 0 = off): sample grids of the validation
+  # prompts every `sample_every` steps, the held-out loss of `data.eval_path` every `eval_every`;
+  # both also after the last step (not after a preemption signal, which saves at once).
+  c.train.sample_every = 0
+  c.train.eval_every = 0
+
+  # What the validation samples and how; the grids go to <workdir>/samples/step_XXXXXX.png and to
+  # TensorBoard (`validation/samples`), decoded by autoencoder.decoder_path (none: no grids).
+  c.validation = ml_collections.ConfigDict()
+  c.validation.prompts = ()  # prompt strings
+  c.validation.prompts_file = ""  # more prompts: a jsonl of {"prompt": ...} lines
+  # Features of the prompts when text.encoder_dir is empty: an .npz written by
+  # `validation.write_prompt_features` (launch/prompt_features.py). With text.encoder_dir set the
+  # trainer encodes the prompts itself at start-up (system prompt `system_prompt` below).
+  c.validation.text_features = ""
+  c.validation.system_prompt = "base"  # a name of text.SYSTEM_PROMPTS
+  c.validation.seeds = ()  # one per prompt; empty = 0, 1, 2, ... (the same every time)
+  c.validation.resolution = 0  # pixels of a square image; 0 = data.resolution
+  c.validation.steps = 25
+  c.validation.cfg_scale = 4.0
+  c.validation.cfg_mode = "renorm"  # renorm | standard | none
+  c.validation.shift = 10.0  # the sampler's time shift (official 10 at 1024 px)
+  c.validation.solver = "dpm"  # dpm | euler | midpoint | heun
+  c.validation.batch_size = 0  # images per trajectory call (0 = all prompts in one)
+  c.validation.grid_cols = 0  # 0 = about the square root of the prompt count
+  # The held-out loss: fixed records, fixed noise per record (from `loss_seed`) and fixed times.
+  c.validation.loss_records = 64
+  c.validation.loss_timesteps = (0.05, 0.2, 0.5, 0.8)
+  c.validation.loss_seed = 0
+  c.validation.loss_batch_size = 16  # records per jitted call (rounded up to the batch shards)
+  c.validation.loss_on_ema = False  # False: the trained params (the training loss's twin)
   return c
 
 

@@ -17,7 +17,7 @@ DiT masks padded caption keys and places image RoPE ids after the valid caption 
 trajectory program is compiled per (batch, text length, latent size, sampler settings).
 
 Given a mesh, the batch is split over its (data, fsdp) axes and the weights are replicated.
-The DiT comes from a training workdir (`train/dit_checkpoint.py`: EMA or raw params) or from
+The DiT comes from a training workdir (`dit_checkpoint.py`: EMA or raw params) or from
 converted weights (`convert/dit_io.py`). Benchmark layouts: `eval/benchmarks.py`.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from svg_jax import autoencoder as ae_lib
@@ -39,7 +40,7 @@ from svg_jax import config as config_lib
 from svg_jax import parallel, sampling, text
 from svg_jax.convert import dit_io
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig
-from svg_jax.train import dit_checkpoint
+from svg_jax import dit_checkpoint
 
 # Official sampling defaults (scripts/sample.sh, eval/generation): 50 steps, CFG 4, DPM, shift 10.
 DEFAULTS = dict(steps=50, cfg_scale=4.0, cfg_mode="renorm", shift=10.0, solver="dpm")
@@ -196,20 +197,14 @@ class Generator:
 
   def _uncond(self, length: int) -> tuple[np.ndarray, np.ndarray]:
     if length not in self._empty:
-      ids, mask = self.text_encoder.tokenize([text.UNCONDITIONAL], pad_to=length)
-      feats, _ = self.text_encoder.encode_tokens(ids, mask)
-      self._empty[length] = (np.asarray(feats, np.float32), mask)
+      self._empty[length] = encode_prompts(self.text_encoder, [text.UNCONDITIONAL], length)
     return self._empty[length]
 
   def text_features(self, prompts: Sequence[str], length: int
                     ) -> tuple[np.ndarray, np.ndarray]:
     """[cond rows; uncond rows] features [2B, L, D] fp32 and mask [2B, L] for B prompts."""
-    ids, mask = self.text_encoder.tokenize(list(prompts), pad_to=length)
-    feats, _ = self.text_encoder.encode_tokens(ids, mask)
-    e_feats, e_mask = self._uncond(length)
-    b = len(prompts)
-    feats = np.concatenate([np.asarray(feats, np.float32), np.repeat(e_feats, b, axis=0)])
-    return feats, np.concatenate([mask, np.repeat(e_mask, b, axis=0)])
+    feats, mask = encode_prompts(self.text_encoder, prompts, length)
+    return guided_rows(feats, mask, *self._uncond(length))
 
   # ---- sampling
 
@@ -223,7 +218,10 @@ class Generator:
   def _put(self, x: np.ndarray) -> jax.Array:
     if self.mesh is None:
       return jnp.asarray(x)
-    return jax.device_put(x, parallel.batch_sharding(self.mesh, x.ndim))
+    # Every process holds the whole host array and gives its own devices their rows (a mesh
+    # that spans hosts, as in-training validation uses, needs no transfer between them).
+    sharding = parallel.batch_sharding(self.mesh, x.ndim)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
   def noise(self, seeds: Sequence[int], latent_shape: Sequence[int]) -> np.ndarray:
     """The initial noise of each seed: `sampling.initial_noise(seed, latent_shape)` rows."""
@@ -244,8 +242,6 @@ class Generator:
     chunk = batch_size if batch_size and batch_size > 0 else n
     mult = self.batch_multiple()
     chunk = -(-chunk // mult) * mult
-    program = self._program(settings)
-    scale = jnp.float32(settings.cfg_scale)
     out = []
     for start in range(0, n, chunk):
       part_p, part_s = prompts[start:start + chunk], seeds[start:start + chunk]
@@ -254,12 +250,26 @@ class Generator:
       part_p = part_p + [text.UNCONDITIONAL] * (chunk - k)
       part_s = part_s + [0] * (chunk - k)
       feats, mask = self.text_features(part_p, length)
-      noise = self.noise(part_s, shape)
-      z = program(self.params, self._put(noise), self._put(feats), self._put(mask), scale)
-      out.append(np.asarray(z)[:k])
+      out.append(self.latents_from_features(feats, mask, part_s, shape, settings)[:k])
       if progress is not None:
         progress(start + k, n)
     return np.concatenate(out)
+
+  def latents_from_features(self, feats: np.ndarray, mask: np.ndarray, seeds: Sequence[int],
+                            latent_shape: Sequence[int],
+                            settings: SamplerSettings = SamplerSettings()) -> np.ndarray:
+    """One batch of B images: [cond rows; uncond rows] features [2B, L, D] and mask [2B, L] (as
+    `text_features` gives them) and B seeds -> latents [B, h, w, C] fp32 on every process. B must
+    be a multiple of `batch_multiple()`; one program per shape and sampler settings."""
+    if feats.shape[0] != 2 * len(seeds) or len(seeds) % self.batch_multiple():
+      raise ValueError(f"{feats.shape[0]} feature rows for {len(seeds)} seeds (need 2 per seed, "
+                       f"seeds a multiple of {self.batch_multiple()})")
+    noise = self.noise(seeds, latent_shape)
+    z = self._program(settings)(self.params, self._put(noise), self._put(feats), self._put(mask),
+                                jnp.float32(settings.cfg_scale))
+    if z.is_fully_addressable:
+      return np.asarray(z)
+    return np.asarray(multihost_utils.process_allgather(z, tiled=True))  # every host's share
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
     """Latents -> uint8 images [N, H, W, 3]."""
@@ -304,6 +314,24 @@ class Generator:
                                            max_length=text.SAMPLE_MAX_LENGTH)
     ae = ae_lib.SVGAutoencoder.from_config(config, encoder=False, decoder=True, mesh=mesh)
     return cls(dit_cfg, params, enc, ae, mesh=mesh)
+
+
+def encode_prompts(text_encoder: Any, prompts: Sequence[str], length: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Features [B, L, D] fp32 and mask [B, L] of prompts padded to `length` tokens (the encoder
+  adds its system prompt to non-empty prompts)."""
+  ids, mask = text_encoder.tokenize(list(prompts), pad_to=length)
+  feats, _ = text_encoder.encode_tokens(ids, mask)
+  return np.asarray(feats, np.float32), np.asarray(mask, bool)
+
+
+def guided_rows(feats: np.ndarray, mask: np.ndarray, uncond_feats: np.ndarray,
+                uncond_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """B prompts' features / mask and the empty prompt's [1, L, ...] -> the trajectory's
+  [cond rows; uncond rows] layout [2B, L, ...]."""
+  b = feats.shape[0]
+  return (np.concatenate([feats, np.repeat(uncond_feats, b, axis=0)]),
+          np.concatenate([mask, np.repeat(uncond_mask, b, axis=0)]))
 
 
 def _check_prompts_seeds(prompts, seeds) -> tuple[list[str], list[int]]:

@@ -23,13 +23,15 @@ kernel); a 2 GiB top pad made it slower; so the bounded threshold stays.
 Where JAX will run on an accelerator its temporaries live there, and nothing here was measured to
 help; the one GPU run made with these settings prepared the demo 3x slower than an earlier one
 without them (unattributed). So `tune()` applies them only when the CPU is JAX's backend: no
-`JAX_PLATFORMS` naming another first, and no accelerator plugin installed (jax_plugins, libtpu).
+`JAX_PLATFORMS` naming another first, no accelerator plugin installed (jax_plugins), and no
+libtpu where TPU chips are attached.
 SVG_JAX_DEFAULT_MALLOC=1 keeps glibc's defaults always, =0 tunes always; elsewhere than glibc this
 is a no-op.
 """
 from __future__ import annotations
 
 import ctypes
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -62,10 +64,17 @@ def accelerator_expected(environ=os.environ) -> str | None:
   plugins = sorted(e.name for e in importlib.metadata.entry_points(group="jax_plugins"))
   if plugins:
     return "jax plugins " + ", ".join(plugins)
-  for module in ("jax_plugins", "libtpu"):
-    if importlib.util.find_spec(module) is not None:
-      return f"module {module}"
+  if importlib.util.find_spec("jax_plugins") is not None:
+    return "module jax_plugins"
+  # libtpu also serves XLA:TPU compiles on CPU-only hosts (launch/aot_compile.py, the tests), so
+  # it counts only where TPU chips are attached: /dev/accel* (v2-v4) or /dev/vfio (v5e and later).
+  if importlib.util.find_spec("libtpu") is not None and tpu_chips_attached():
+    return "module libtpu with TPU chips attached"
   return None
+
+
+def tpu_chips_attached() -> bool:
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def _apply() -> bool:

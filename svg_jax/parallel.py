@@ -17,6 +17,10 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+# `jax.set_mesh` (a context manager) arrived in jax 0.7.1; jax 0.6, the newest on Python 3.10, has
+# `jax.sharding.use_mesh` for the same (its `set_mesh` is a global setter there).
+_use_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -86,7 +90,7 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules):
   """Make `mesh` the current mesh and `rules` the logical axis rules (for constraints in models)."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules(rules)):
+  with _use_mesh(mesh), nn.logical_axis_rules(axis_rules(rules)):
     yield
 
 
@@ -158,6 +162,17 @@ def initialize_distributed() -> None:
     multi = False
   if multi:
     jax.distributed.initialize()
+
+
+def process_batch_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, ...]:
+  """The rows of a global batch (sharded over the batch axes) that this process's devices hold,
+  in the order `global_batch` takes them from the process's local batch (ascending)."""
+  indices = batch_sharding(mesh, 1).devices_indices_map((global_batch_size,))
+  rows = set()
+  for device, (index,) in indices.items():
+    if device.process_index == jax.process_index():
+      rows.update(range(*index.indices(global_batch_size)))
+  return tuple(sorted(rows))
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

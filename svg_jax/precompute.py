@@ -226,13 +226,12 @@ class Precomputer:
 
   def _check_plan(self, out: str, plan: dict) -> None:
     path = os.path.join(out, PROGRESS_DIR, PLAN_FILE)
-    if os.path.isfile(path):
-      with open(path) as f:
-        old = json.load(f)
+    old = atomic_files.read_json(path)
+    if old is not None:
       if old != plan:
-        diff = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
         raise ValueError(f"{out} holds a precompute run with a different plan (differs in "
-                         f"{diff}); use another output folder or delete it")
+                         f"{atomic_files.differing_keys(old, plan)}); use another output folder "
+                         "or delete it")
     else:
       if os.path.exists(os.path.join(out, records.MANIFEST_NAME)):
         raise FileExistsError(f"{out} holds a dataset not written by this precompute "

@@ -6,9 +6,12 @@ description; nothing runs).
 - The tiny DiT's step for a v5e-8 (mesh data 1, fsdp 4, tensor 2) and for two v5e-4 slices (data
   across the slices, FSDP within): every parameter, optimizer moment and EMA array of the
   compiled executable's input and output is sharded as the config's logical-axis rules say
-  (checked against the rules table itself, on the parameters' logical names); the per-device
-  memory figures are positive, the arguments hold at least the state's shards, and attention
-  `auto` compiled to the Pallas splash kernel (Mosaic custom calls in the program).
+  (Flax's reading of the rules on the parameters' logical names), and the large kernels are split
+  over fsdp; the per-device memory figures are positive, the arguments hold at least the state's
+  shards, and attention `auto` compiled to the Pallas splash kernel (Mosaic custom calls in the
+  program).
+- The HBM table is XLA:TPU's: a program that needs more is refused with that figure, for every
+  generation; a train step XLA refuses is reported as not fitting, with XLA's reason.
 - On two slices each fsdp group of the mesh lies in one slice and the data axis spans both.
 - The command line prints a fit verdict and one JSON line for a 2-slice target.
 """
@@ -16,9 +19,11 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -26,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from svg_jax import config as config_lib
 from svg_jax import parallel
 from svg_jax.models import nextdit
-from svg_jax.train import aot
+from svg_jax.train import aot, metrics
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -67,6 +72,30 @@ def test_bad_target_is_one_line(bad, capsys):
   assert len(err.splitlines()) == 1 and "bad TPU target" in err
 
 
+@pytest.mark.parametrize("generation", sorted(metrics.TPU_GENERATIONS))
+def test_hbm_table_is_what_xla_tpu_allows(generation):
+  """A program needing 128 GiB of temporaries per chip: XLA:TPU refuses it, naming its HBM."""
+  target = aot.tpu_target(f"{generation}-{4 * metrics.TPU_GENERATIONS[generation].cores_per_chip}")
+  mesh = jax.make_mesh((4,), ("x",), devices=target.devices())
+  x = jax.ShapeDtypeStruct((4 * 2 ** 16, 2 ** 16), jnp.float32,
+                           sharding=NamedSharding(mesh, P("x")))
+  f = jax.jit(lambda a: jnp.sum(jnp.cos(jnp.concatenate([jnp.sin(a * i) for i in range(8)], 1)),
+                                axis=1))
+  with pytest.raises(Exception, match="available HBM") as e:
+    f.lower(x).compile()
+  available = float(re.search(r"available HBM \(([0-9.]+)G\)", str(e.value)).group(1))
+  assert available == metrics.TPU_GENERATIONS[generation].hbm_gib
+
+
+def test_a_step_xla_refuses_is_a_verdict():
+  """The 2B stage-3 step with 128 samples per chip of a v5e-4: no fit, XLA's reason kept."""
+  config = _module("configs/svg_t2i_2b.py", "cfg_2b_tpu").get_config("stage3_1024")
+  target = aot.tpu_target("v5e-4")
+  mesh = aot.tpu_mesh(target, dict(config.mesh))
+  r = aot.step_report(config, mesh, cap_len=256, target=target)
+  assert r["fits"] is False and r["memory"] is None and "15.75G" in r["error"]
+
+
 def _logical_specs(config):
   """Every parameter's logical axis names, from the model's boxed abstract init."""
   cfg = config_lib.nextdit_config(config)
@@ -75,10 +104,11 @@ def _logical_specs(config):
 
 
 def _check_state_shardings(compiled, setup, config, mesh):
-  rules = dict(config.axis_rules)
+  rules = parallel.axis_rules(config.axis_rules)
   specs = _logical_specs(config)
+  # Flax's reading of the rules (in priority order, a mesh axis at most once per array).
   expected = jax.tree.map(
-      lambda spec: NamedSharding(mesh, P(*(rules[name] if name else None for name in spec))),
+      lambda spec: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(spec), rules)),
       specs, is_leaf=lambda x: isinstance(x, P))
   (state_in, *_), _ = compiled.input_shardings
   state_out = compiled.output_shardings[0]
@@ -142,7 +172,7 @@ def test_tiny_step_compiles_for_two_slices():
 def test_cli_prints_verdict_and_json(capsys):
   cli = _module("launch/aot_compile.py", "aot_cli")
   assert cli.main(["--config", os.path.join(ROOT, "configs/tiny.py"), "--target", "2xv5e-4",
-                   "--n-layers", "1", "--attention", "auto"]) == 0
+                   "--n-layers", "1", "--global-batch", "8", "--attention", "auto"]) == 0
   out = capsys.readouterr().out.strip().splitlines()
   r = json.loads(out[-1])
   assert r["target"] == "2xv5e-4" and r["devices"] == 8 and r["num_slices"] == 2

@@ -38,8 +38,7 @@ def test_unknown_variant_is_refused():
 
 
 def test_stage_variants_carry_the_official_recipe():
-  sys.path.insert(0, str(ROOT / "configs"))
-  import svg_t2i_2b
+  from configs import svg_t2i_2b
   for variant, res in [("stage1_256", 256), ("stage2_512", 512), ("stage3_1024", 1024),
                        ("stage4_sft", 1024)]:
     c = svg_t2i_2b.get_config(variant)

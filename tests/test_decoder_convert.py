@@ -29,7 +29,7 @@ from diffusers.models.autoencoders.vae import Decoder as TorchDecoder
 from svg_jax.convert import decoder as keymap
 from svg_jax.convert import decoder_io, safetensors_io, weights_io
 from svg_jax.models.decoder import Decoder, DecoderConfig
-from svg_jax.train import checkpoint
+from svg_jax import checkpoint
 from test_decoder import _max_err, _torch_forward
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,9 +24,9 @@ from svg_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminato
 from svg_jax.train import decoder_step
 from svg_jax.train import loop, trainer
 
+from configs import decoder as decoder_configs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import decoder as decoder_configs  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- LPIPS

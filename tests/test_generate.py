@@ -35,8 +35,8 @@ from svg_jax.demo import text_encoder as demo
 from svg_jax.eval import benchmarks
 from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig
-from svg_jax.train import checkpoint as ckpt_lib
-from svg_jax.train import dit_checkpoint
+from svg_jax import checkpoint as ckpt_lib
+from svg_jax import dit_checkpoint
 from svg_jax.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -62,6 +62,15 @@ def test_the_settings_are_for_jax_on_the_cpu_only(monkeypatch):
                       lambda group: [Plugin()] if group == "jax_plugins" else [])
   assert malloc_tuning.accelerator_expected({}) == "jax plugins xla_cuda13"
   assert malloc_tuning.accelerator_expected({"JAX_PLATFORMS": "cpu"}) is None
+  # libtpu (the test extra installs it for XLA:TPU compiles) counts only beside TPU chips.
+  monkeypatch.setattr(malloc_tuning.importlib.metadata, "entry_points", lambda group: [])
+  monkeypatch.setattr(malloc_tuning.importlib.util, "find_spec",
+                      lambda name: object() if name == "libtpu" else None)
+  for chips, expected in ((False, None), (True, "module libtpu with TPU chips attached")):
+    monkeypatch.setattr(malloc_tuning, "tpu_chips_attached", lambda: chips)
+    assert malloc_tuning.accelerator_expected({}) == expected
+  monkeypatch.setattr(malloc_tuning.importlib.metadata, "entry_points",
+                      lambda group: [Plugin()] if group == "jax_plugins" else [])
   monkeypatch.delenv("JAX_PLATFORMS", raising=False)
   monkeypatch.setattr(malloc_tuning.ctypes, "CDLL", lambda _: type("libc", (), {
       "mallopt": staticmethod(lambda param, value: 1)})())  # this process keeps its settings

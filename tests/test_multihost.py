@@ -1,16 +1,29 @@
-"""Multi-host start-up: `launch/train.py` as several local processes under JAX's distributed
-runtime (CPU collectives), started by the explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-JAX_PROCESS_ID set that plain SSH or any launcher can give; a partial set is a one-line error."""
+"""Several hosts: `launch/train.py` as several local processes under JAX's distributed runtime
+(CPU collectives), started by the explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+JAX_PROCESS_ID set that plain SSH or any launcher can give (a partial set is a one-line error).
+
+Processes x devices 1x4, 2x2 (and 4x1) train on the same batches with the same noise, so their
+losses agree to float noise; a signal to one process or to all of them stops every process at
+one step with one checkpoint and exit 0; a killed process takes the others down with it instead
+of leaving them hanging; a checkpoint of 2 processes resumes on 1 and back. Every subprocess wait
+has a timeout, so a hang fails the test instead of blocking the suite."""
+import atexit
+import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
+import numpy as np
 import pytest
 
 from svg_jax import parallel
-from svg_jax.data import synthetic
-from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax.data import pipeline, synthetic
+from svg_jax import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.in_channels=8", "--config.model.cap_feat_dim=16", "--config.model.dim=32",
@@ -28,9 +41,18 @@ def _command(data_dir, workdir, steps):
           f"--config.train.checkpoint_every={steps}", *TINY]
 
 
+# One persistent compile cache for every launch of this module: the runs compile the same few
+# programs, so all but the first launch of each layout skip most of their compile time.
+_CACHE = tempfile.mkdtemp(prefix="svg_jax_multihost_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+
+
 def _env(**extra):
   env = {k: v for k, v in os.environ.items() if k not in parallel.EXPLICIT_ENV}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu", **extra)
+  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(extra)
   return env
 
 
@@ -86,3 +108,182 @@ def test_explicit_coordinator_starts_two_processes_that_train_together(data_dir,
     assert "over 4 devices" in err, err[-3000:]
   directory = ckpt_lib.checkpoint_dir(str(workdir))
   assert sorted(int(n) for n in os.listdir(directory) if n.isdigit()) == [4]
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+def _launch(data_dir, workdir, steps, processes, devices, *extra):
+  """`processes` local processes of launch/train.py with `devices` CPU devices each."""
+  port = _free_port()
+  procs = []
+  for i in range(processes):
+    env = _env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
+               JAX_PROCESS_ID=str(i)) if processes > 1 else _env()
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    procs.append(subprocess.Popen(
+        _command(data_dir, workdir, steps) + list(extra), env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True))
+  return procs
+
+
+def _wait(procs, timeout):
+  """(return codes, stderr texts) once all have exited; every process is killed at the end, so
+  a hang fails within `timeout` seconds."""
+  deadline = time.monotonic() + timeout
+  errs = []
+  try:
+    for p in procs:
+      errs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[1])
+  finally:
+    for p in procs:
+      p.kill()
+  return [p.returncode for p in procs], errs
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
+
+
+def _run(data_dir, workdir, steps, processes, devices, *extra, timeout=400):
+  codes, errs = _wait(_launch(data_dir, workdir, steps, processes, devices, *extra), timeout)
+  assert codes == [0] * processes, errs[0][-3000:] + errs[-1][-3000:]
+  return errs
+
+
+STEPS = 9
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data_dir, tmp_path_factory):
+  """1 process x 4 devices, uninterrupted: step -> loss."""
+  workdir = tmp_path_factory.mktemp("ref1x4")
+  _run(data_dir, workdir, STEPS, 1, 4)
+  losses = _losses(workdir)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  return losses
+
+
+def test_loader_rows_make_the_same_global_batches_on_any_process_count(data_dir):
+  """The local batches of 2 processes (and of 4) put together are the 1-process global batch,
+  record for record, also after a resume that changes the process count (`combine_states`)."""
+  def take(processes, n, state=None):
+    its = [pipeline.make_pipeline(data_dir, dict(per_process_batch_size=8 // processes,
+                                                 max_caption_len=16, caption_len_buckets=(16,)),
+                                  process_index=p, process_count=processes)
+           for p in range(processes)]
+    if state is not None:
+      for p, it in enumerate(its):
+        it.set_state_of_processes(state, p)
+    batches = [[next(it) for _ in range(n)] for it in its]
+    sources = [np.concatenate([b[k]["source"] for b in batches]).tolist() for k in range(n)]
+    return sources, [it.get_state() for it in its]
+
+  one, _ = take(1, 12)  # 12 x 8 examples: three epochs of the 32 records
+  assert all(len(set(b)) == 8 for b in one)
+  epochs = [sorted(sum(one[e * 4:(e + 1) * 4], [])) for e in range(3)]
+  assert epochs[0] == epochs[1] == epochs[2] and len(set(epochs[0])) == 32
+  assert sum(one[0:4], []) != sum(one[4:8], [])  # every epoch is a new permutation
+  for processes in (2, 4):
+    got, _ = take(processes, 12)
+    assert got == one, processes
+  first, states = take(2, 5)
+  rest, _ = take(4, 7, state=states)  # saved by 2 processes, resumed by 4
+  assert first + rest == one
+  back, states4 = take(4, 5)
+  rest, _ = take(1, 7, state=states4)
+  assert back + rest == one
+
+
+def test_two_processes_train_like_one(data_dir, one_process_run, tmp_path):
+  """2 processes x 2 devices: the losses of 1 process x 4 devices, step for step."""
+  _run(data_dir, tmp_path, STEPS, 2, 2)
+  got = _losses(tmp_path)
+  diff = max(abs(got[s] - one_process_run[s]) for s in one_process_run)
+  print(f"1x4 vs 2x2: max |loss diff| {diff:.3g}")
+  assert sorted(got) == sorted(one_process_run) and diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_four_processes_train_like_one(data_dir, one_process_run, tmp_path):
+  _run(data_dir, tmp_path, STEPS, 4, 1, timeout=500)
+  got = _losses(tmp_path)
+  diff = max(abs(got[s] - one_process_run[s]) for s in one_process_run)
+  print(f"1x4 vs 4x1: max |loss diff| {diff:.3g}")
+  assert sorted(got) == sorted(one_process_run) and diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_a_checkpoint_resumes_on_another_process_count(data_dir, one_process_run, tmp_path):
+  """2x2 to step 3, 1x4 on to step 6, 2x2 on to the end: the losses of the uninterrupted run
+  (the data position travels as one global number, the state onto each mesh)."""
+  for steps, processes, devices in ((3, 2, 2), (6, 1, 4), (STEPS, 2, 2)):
+    _run(data_dir, tmp_path, steps, processes, devices)
+  resumes = [r["step"] for r in _records(tmp_path) if r.get("event") == "resume"]
+  assert resumes == [3, 6]
+  got = _losses(tmp_path)
+  diff = max(abs(got[s] - one_process_run[s]) for s in one_process_run)
+  print(f"2x2 -> 1x4 -> 2x2 against 1x4: max |loss diff| {diff:.3g}")
+  assert sorted(got) == sorted(one_process_run) and diff <= 1e-6
+
+
+def _wait_for_step(procs, workdir, k, timeout=300):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert all(p.poll() is None for p in procs), "a process ended early"
+    if os.path.exists(path) and any(r.get("step", 0) >= k and "loss" in r
+                                    for r in _records(workdir)):
+      return
+    time.sleep(0.05)
+  raise AssertionError(f"no step {k} within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("targets", [(1,), (0, 1)], ids=["one", "both_1s_apart"])
+def test_a_signal_stops_every_process_at_one_step(data_dir, tmp_path, targets):
+  """SIGTERM to process 1 alone, or to both a second apart: both stop at the same step, save it
+  together and exit 0 (before the stop agreement, each stopped at its own step and the other hung
+  in a collective)."""
+  procs = _launch(data_dir, tmp_path, 100_000, 2, 2, "--config.train.checkpoint_every=100000")
+  try:
+    _wait_for_step(procs, tmp_path, 3)
+    for n, i in enumerate(targets):
+      if n:
+        time.sleep(1.0)
+      procs[i].send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    codes, errs = _wait(procs, 120)
+  finally:
+    for p in procs:
+      p.kill()
+  print(f"both exited {time.monotonic() - sent:.1f} s after the last signal")
+  assert codes == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+  saved = [int(line.split("saved step ")[1].split()[0]) for e in errs for line in e.splitlines()
+           if "saved step" in line]
+  assert len(saved) == 2 and saved[0] == saved[1], saved
+  assert sorted(int(n) for n in os.listdir(ckpt_lib.checkpoint_dir(str(tmp_path)))) == saved[:1]
+  stopped = [r for r in _records(tmp_path) if r.get("event") == "stopped"]
+  assert [r["step"] for r in stopped] == saved[:1]
+  assert [r["step"] for r in _records(tmp_path) if r.get("event") == "checkpoint"] == saved[:1]
+
+
+@pytest.mark.slow
+def test_a_killed_process_takes_the_other_down(data_dir, tmp_path):
+  """SIGKILL to process 1: process 0 exits non-zero within a bound instead of hanging."""
+  procs = _launch(data_dir, tmp_path, 100_000, 2, 2, "--config.train.checkpoint_every=100000")
+  try:
+    _wait_for_step(procs, tmp_path, 3)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    codes, errs = _wait(procs[:1], 200)
+  finally:
+    for p in procs:
+      p.kill()
+  print(f"process 0 exited with {codes[0]} {time.monotonic() - killed:.1f} s after the kill")
+  assert codes[0] not in (0, None), errs[0][-3000:]

@@ -26,7 +26,7 @@ from svg_jax.convert import nextdit as keymap
 from svg_jax.convert import torch_pickle, weights_io
 from svg_jax.demo import configs as demo_configs
 from svg_jax.models.nextdit import NextDiTConfig
-from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import state as state_lib
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -62,8 +62,13 @@ def _rel(a, b):
 def test_splash_fp32_matches_jax_attention(padded, mesh_shape):
   q, k, v = _qkv()
   lengths = jnp.asarray(LENGTHS, jnp.int32) if padded else None
-  splash = lambda q, k, v: layers.attention(q, k, v, kv_lengths=lengths, backend="splash")  # noqa: E731
-  ref = lambda q, k, v: _reference(q, k, v, lengths)  # noqa: E731
+
+  def splash(q, k, v):
+    return layers.attention(q, k, v, kv_lengths=lengths, backend="splash")
+
+  def ref(q, k, v):
+    return _reference(q, k, v, lengths)
+
   (_, out_ref), g_ref = _loss_and_grads(ref, q, k, v)
   if mesh_shape is None:
     (_, out), g = _loss_and_grads(splash, q, k, v)
@@ -114,18 +119,18 @@ def _tiny_model_config(backend):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   c = module.get_config()
-  c.model.update(dict(n_layers=2, attention_backend=backend))
+  c.model.update(dict(n_layers=1, attention_backend=backend))
   return config_lib.nextdit_config(c)
 
 
 def test_nextdit_splash_matches_xla():
   rng = np.random.default_rng(0)
-  b, hw, lc = 4, 8, 40  # joint sequence 64 + 40: padded to 128 inside the backend
+  b, hw, lc = 2, 8, 40  # joint sequence 64 + 40: padded to 128 inside the backend
   cfg = _tiny_model_config("xla")
   x = jnp.asarray(rng.standard_normal((b, hw, hw, cfg.in_channels)), jnp.float32)
   t = jnp.asarray(rng.uniform(size=b), jnp.float32)
   cap = jnp.asarray(rng.standard_normal((b, lc, cfg.cap_feat_dim)), jnp.float32)
-  cap_mask = jnp.arange(lc)[None] < jnp.asarray([40, 3, 17, 1])[:, None]
+  cap_mask = jnp.arange(lc)[None] < jnp.asarray([40, 3])[:, None]
   params = nextdit.NextDiT(cfg).init(jax.random.PRNGKey(0), x, t, cap, cap_mask)["params"]
   # Non-zero output layers, so the gradients reach every block.
   params = jax.tree.map(lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape),

@@ -14,13 +14,13 @@ import pytest
 from svg_jax import assets
 from svg_jax import parallel
 from svg_jax.data import records, synthetic
-from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import dit_task, loop, trainer
 from svg_jax.train import metrics as metrics_lib
 
+from configs import tiny
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import tiny  # noqa: E402
 
 # Model dims divisible by every mesh axis used below (fsdp 4 on dim/adaln, tensor 2 on heads/mlp).
 MODEL = dict(in_channels=8, cap_feat_dim=16, dim=64, n_heads=4, n_kv_heads=2, axes_dims=(4, 6, 6),
@@ -291,6 +291,88 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
     ckpt_lib.load_params(str(tmp_path), dit_task.DiTSetup(wrong, mesh).abstract_state.params)
 
 
+# ----------------------------------------------------------------------------- damaged checkpoints
+
+
+def _truncate_largest(folder):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+
+
+def _remove(path):
+  os.remove(path)
+
+
+DAMAGES = {
+    "truncated_state": lambda step: _truncate_largest(os.path.join(step, "state")),
+    "no_manifest": lambda step: _remove(os.path.join(step, "state", "manifest.ocdbt")),
+    "no_data_iter": lambda step: _remove(os.path.join(step, "data_iter", "process_0-of-1.json")),
+    "truncated_data_iter": lambda step: open(
+        os.path.join(step, "data_iter", "process_0-of-1.json"), "w").write('{"format": "sv'),
+}
+
+
+@pytest.fixture(scope="module")
+def six_steps(data_dir, tmp_path_factory):
+  """An uninterrupted in-process run of 6 steps with checkpoints at 2, 4, 6: step -> loss."""
+  workdir = tmp_path_factory.mktemp("six")
+  trainer.train(_config(data_dir, num_steps=6, checkpoint_every=2), str(workdir))
+  return _losses(workdir)
+
+
+@pytest.mark.parametrize("newest, older", [("truncated_state", "no_manifest"),
+                                           ("no_data_iter", "truncated_data_iter")])
+def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(data_dir, six_steps, tmp_path,
+                                                                  caplog, newest, older):
+  """Steps 6 and 4 damaged (truncated or missing files): each is named in one line with its
+  reason and moved aside (kept), step 2 is restored, and the run goes on with the losses of the
+  uninterrupted run; the "checkpoint" events name only saves that committed."""
+  config = _config(data_dir, num_steps=6, checkpoint_every=2)
+  trainer.train(config, str(tmp_path))
+  directory = ckpt_lib.checkpoint_dir(str(tmp_path))
+  DAMAGES[newest](os.path.join(directory, "6"))
+  DAMAGES[older](os.path.join(directory, "4"))
+  caplog.set_level("ERROR")
+  config.train.num_steps = 8
+  summary = trainer.train(config, str(tmp_path))
+  assert summary["resumed_from"] == 2 and summary["step"] == 8
+  lines = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+  print("\n".join(lines))
+  aside = os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR)
+  assert len(lines) == 2 and all("\n" not in line for line in lines)
+  for line, step, nxt in ((lines[0], 6, 4), (lines[1], 4, 2)):
+    assert line.startswith(f"checkpoint {os.path.join(directory, str(step))} cannot be restored (")
+    assert f"moved to {os.path.join(aside, str(step))}; restoring step {nxt}" in line
+  assert sorted(os.listdir(aside)) == ["4", "6"]  # kept, not deleted
+  assert sorted(ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps()) == [4, 6, 8]
+  losses = _losses(tmp_path)
+  assert max(abs(losses[s] - six_steps[s]) for s in six_steps) <= 1e-6
+  events = [r["step"] for r in _records(tmp_path) if r.get("event") == "checkpoint"]
+  assert events == [2, 4, 6, 4, 6, 8]
+
+
+def test_no_intact_checkpoint_and_an_old_loader_state_are_one_line(data_dir, tmp_path):
+  config = _config(data_dir, num_steps=2, checkpoint_every=2)
+  trainer.train(config, str(tmp_path))
+  state_file = os.path.join(ckpt_lib.checkpoint_dir(str(tmp_path)), "2", "data_iter",
+                            "process_0-of-1.json")
+  with open(state_file) as f:
+    state = json.load(f)
+  with open(state_file, "w") as f:  # the loader-state format of the per-process loader
+    json.dump({**state, "format": "svg_jax.data.pipeline/2"}, f)
+  config.train.num_steps = 4
+  with pytest.raises(loop.ResumeError, match=r"format.*pipeline/2.*is intact") as info:
+    trainer.train(config, str(tmp_path))
+  assert "\n" not in str(info.value)
+  DAMAGES["no_manifest"](os.path.dirname(os.path.dirname(state_file)))
+  with pytest.raises(loop.ResumeError, match="no intact checkpoint in .*damaged_checkpoints") as e:
+    trainer.train(config, str(tmp_path))
+  assert "\n" not in str(e.value)
+  assert os.listdir(os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR)) == ["2"]
+
+
 # ----------------------------------------------------------------------------- 5. bad configs
 
 
@@ -308,6 +390,14 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
     (lambda c: c.model.update(dict(patch_size=4)),
      r"model.dim 64 is below the patch's 128 input dimensions "
      r"\(in_channels 8 x patch_size\^2 16\)"),
+    (lambda c: c.train.update(dict(lr=-1.0)), r"train.lr must be > 0, got -1.0"),
+    (lambda c: c.train.update(dict(b2=1.0)), r"train.b2 must be in \[0, 1\), got 1.0"),
+    (lambda c: c.train.update(dict(ema_decay=1.0)), r"train.ema_decay must be in \[0, 1\)"),
+    (lambda c: c.train.update(dict(grad_clip=-2.0)), r"train.grad_clip must be >= 0"),
+    (lambda c: c.train.update(dict(lr_schedule="warmup_cosine", warmup_steps=100,
+                                   num_steps=50)),
+     r"train.warmup_steps 100 must be below train.num_steps 50"),
+    (lambda c: c.flow.update(dict(logit_std=0.0)), r"flow.logit_std must be > 0"),
 ])
 def test_bad_config_fails_with_one_line_before_compiling(data_dir, tmp_path, monkeypatch, change,
                                                          message):
@@ -322,6 +412,16 @@ def test_bad_config_fails_with_one_line_before_compiling(data_dir, tmp_path, mon
   with pytest.raises(loop.ConfigError, match=message) as info:
     trainer.train(config, str(tmp_path))
   assert "\n" not in str(info.value)
+
+
+def test_a_negative_lr_is_one_line_and_exit_2_on_the_command_line(data_dir, tmp_path):
+  out = subprocess.run(_command(data_dir, tmp_path, 2) + ["--config.train.lr=-1"], env=_env(),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if "config error" in l]
+  assert len(lines) == 1 and "train.lr must be > 0, got -1" in lines[0]
+  assert "Traceback" not in out.stderr
+  assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
 
 
 def test_unknown_field_fails_on_the_command_line(data_dir, tmp_path):

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 import flax
 import numpy as np
 
-from svg_jax.convert import errors
+from svg_jax.convert import errors, layouts
 from svg_jax.models.decoder import DecoderConfig
 
 OFFICIAL_PREFIX = "decoder."
@@ -31,10 +31,10 @@ FORMATS = ("official", "diffusers")
 TORCH_SUFFIXES = (".ckpt", ".pth", ".pt", ".bin")
 
 # Per-format layout of the source tensor for each kind of our parameters.
-#   conv3: ours [3, 3, I, O] (HWIO);  shortcut / attn: ours [I, O];  vector: as is.
+# (convert/layouts.py: conv = OIHW <-> HWIO, conv1x1 = [O, I, 1, 1] <-> [I, O], linear = [O, I] <-> [I, O].)
 _LAYOUT = {
-    "official": {"conv3": "oihw", "shortcut": "oi11", "attn": "oi11", "vector": "vector"},
-    "diffusers": {"conv3": "oihw", "shortcut": "oi11", "attn": "oi", "vector": "vector"},
+    "official": {"conv3": "conv", "shortcut": "conv1x1", "attn": "conv1x1", "vector": "vector"},
+    "diffusers": {"conv3": "conv", "shortcut": "conv1x1", "attn": "linear", "vector": "vector"},
 }
 
 
@@ -102,36 +102,6 @@ def key_map(cfg: DecoderConfig) -> list[tuple[tuple[str, ...], str, str, str, tu
   return entries
 
 
-def _source_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  if layout == "oihw":
-    return (shape[3], shape[2], shape[0], shape[1])
-  if layout == "oi11":
-    return (shape[1], shape[0], 1, 1)
-  if layout == "oi":
-    return (shape[1], shape[0])
-  return shape
-
-
-def _to_ours(layout: str, w: np.ndarray) -> np.ndarray:
-  if layout == "oihw":
-    return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
-  if layout == "oi11":
-    return np.ascontiguousarray(w[:, :, 0, 0].T)
-  if layout == "oi":
-    return np.ascontiguousarray(w.T)
-  return w
-
-
-def _from_ours(layout: str, w: np.ndarray) -> np.ndarray:
-  if layout == "oihw":
-    return np.ascontiguousarray(w.transpose(3, 2, 0, 1))
-  if layout == "oi11":
-    return np.ascontiguousarray(w.T[:, :, None, None])
-  if layout == "oi":
-    return np.ascontiguousarray(w.T)
-  return w
-
-
 def _to_numpy(v: Any) -> np.ndarray:
   """numpy / jax / torch (CPU) tensor -> numpy, without importing torch."""
   if hasattr(v, "detach") and hasattr(v, "cpu"):  # a torch tensor
@@ -152,7 +122,7 @@ def _names(cfg: DecoderConfig, fmt: str) -> Iterator[tuple[tuple[str, ...], str,
 
 def _to_params(flat: Mapping[str, Any], cfg: DecoderConfig, fmt: str, what: str) -> dict:
   names = list(_names(cfg, fmt))
-  expected = {key: _source_shape(layout, shape) for _, key, layout, shape in names}
+  expected = {key: layouts.torch_shape(layout, shape) for _, key, layout, shape in names}
   missing = set(expected) - set(flat)
   unexpected = set(flat) - set(expected)
   misshaped = {f"{k} {tuple(np.shape(flat[k]))} != {expected[k]}" for k in set(expected) & set(flat)
@@ -161,7 +131,7 @@ def _to_params(flat: Mapping[str, Any], cfg: DecoderConfig, fmt: str, what: str)
     raise KeyMismatchError(what, missing, unexpected, misshaped)
   out = {}
   for path, key, layout, _ in names:
-    out[path] = _to_ours(layout, _to_numpy(flat[key]).astype(np.float32))
+    out[path] = layouts.to_flax(layout, _to_numpy(flat[key]).astype(np.float32))
   return flax.traverse_util.unflatten_dict(out)
 
 
@@ -192,7 +162,7 @@ def _checked_flat(params: Any, cfg: DecoderConfig) -> dict[tuple[str, ...], np.n
 
 def _from_params(params: Any, cfg: DecoderConfig, fmt: str) -> dict[str, np.ndarray]:
   flat = _checked_flat(params, cfg)
-  return {key: _from_ours(layout, flat[path]) for path, key, layout, _ in _names(cfg, fmt)}
+  return {key: layouts.to_torch(layout, flat[path]) for path, key, layout, _ in _names(cfg, fmt)}
 
 
 def params_from_tree(tree: Any, cfg: DecoderConfig) -> dict:

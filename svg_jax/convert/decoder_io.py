@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from svg_jax import checkpoint
 from svg_jax.convert import decoder as keymap
 from svg_jax.convert import safetensors_io, torch_pickle, weights_io
-from svg_jax.models.decoder import DecoderConfig
+from svg_jax.models.decoder import Decoder, DecoderConfig
 
 FORMATS = ("flax", "official", "safetensors", "diffusers")
 
@@ -92,8 +93,6 @@ def _workdir_params(workdir: Path, cfg: DecoderConfig, step: int | None) -> dict
   import flax
   import jax
 
-  from svg_jax.models.decoder import Decoder
-  from svg_jax.train import checkpoint
 
   run, step = weights_io.training_checkpoint(workdir, step, "decoder")
   ckpt = checkpoint.Checkpointer(run, read_only=True)

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from svg_jax.convert import errors, scan_layout
+from svg_jax.convert import errors, layouts, scan_layout
 from svg_jax.convert.safetensors_io import load_safetensors, load_sharded_safetensors
 from svg_jax.convert.torch_pickle import load_torch_file
 from svg_jax.models.dinov3 import DINOv3Config, abstract_params, rope_periods
@@ -122,34 +122,19 @@ def _flat_shapes(cfg: DINOv3Config) -> dict[tuple, tuple[int, ...]]:
 
 
 def _ext_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  if kind == "linear":
-    return shape[::-1]
-  if kind == "conv":
-    h, w, i, o = shape
-    return (o, i, h, w)
-  if kind == "lead1":
-    return (1,) + shape
-  return shape
+  return (1,) + tuple(shape) if kind == "lead1" else layouts.torch_shape(_layout(kind), shape)
 
 
 def _to_ext(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind == "linear":
-    return np.ascontiguousarray(x.T)
-  if kind == "conv":
-    return np.ascontiguousarray(x.transpose(3, 2, 0, 1))
-  if kind == "lead1":
-    return x[None]
-  return x
+  return x[None] if kind == "lead1" else layouts.to_torch(_layout(kind), x)
 
 
 def _from_ext(kind: str, x: np.ndarray) -> np.ndarray:
-  if kind == "linear":
-    return np.ascontiguousarray(x.T)
-  if kind == "conv":
-    return np.ascontiguousarray(x.transpose(2, 3, 1, 0))
-  if kind == "lead1":
-    return x[0]
-  return x
+  return x[0] if kind == "lead1" else layouts.to_flax(_layout(kind), x)
+
+
+def _layout(kind: str) -> str:
+  return kind if kind in ("linear", "conv") else "vector"
 
 
 def official_shapes(cfg: DINOv3Config) -> dict[str, tuple[int, ...]]:
@@ -283,7 +268,7 @@ def official_to_params(state: Mapping[str, Any], cfg: DINOv3Config) -> dict:
                         "(mask_k_bias means the k bias is masked)")
       flat[path] = w
     elif kind == _QKV_W:
-      flat[path] = np.ascontiguousarray(w.T)
+      flat[path] = layouts.to_flax("linear", w)
     else:
       flat[path] = _from_ext(kind, w)
   if problems:
@@ -307,7 +292,7 @@ def params_to_official(params, cfg: DINOv3Config) -> dict[str, np.ndarray]:
       state[off] = w.copy()
       state[off.replace("attn.qkv.bias", _BIAS_MASK)] = np.ones_like(w)
     elif kind == _QKV_W:
-      state[off] = np.ascontiguousarray(w.T)
+      state[off] = layouts.to_torch("linear", w)
     else:
       state[off] = np.ascontiguousarray(_to_ext(kind, w))
     if off == "patch_embed.proj.bias":
@@ -342,7 +327,8 @@ def hf_to_params(state: Mapping[str, Any], cfg: DINOv3Config) -> dict:
   flat = {}
   for path, _, _, hf, kind in _rows(cfg):
     if kind == _QKV_W:
-      flat[path] = np.concatenate([np.asarray(state[k], np.float32).T for k in hf], axis=1)
+      flat[path] = np.concatenate(
+          [layouts.to_flax("linear", np.asarray(state[k], np.float32)) for k in hf], axis=1)
     elif kind == _QKV_B:
       zeros = np.zeros((cfg.dim,), np.float32)
       flat[path] = np.concatenate(
@@ -364,7 +350,7 @@ def params_to_hf(params, cfg: DINOv3Config, hub_names: bool = False) -> dict[str
     w = flat[path]
     if kind == _QKV_W:
       for key, part in zip(hf, np.split(w, 3, axis=1)):
-        state[key] = np.ascontiguousarray(part.T)
+        state[key] = layouts.to_torch("linear", part)
     elif kind == _QKV_B:
       if _k_bias_problem(w, cfg.dim):
         raise ValueError(f"params {'/'.join(path)} has a non-zero k slice; HF DINOv3 has no k bias")

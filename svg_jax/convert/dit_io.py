@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from svg_jax import dit_checkpoint
 from svg_jax.convert import nextdit as keymap
 from svg_jax.convert import safetensors_io, torch_pickle, weights_io
 from svg_jax.models.nextdit import NextDiTConfig, abstract_params
@@ -100,7 +101,6 @@ def _workdir_params(workdir: Path, cfg: NextDiTConfig, step: int | None, ema: bo
   differ: the tree is read in the run's layout and `params_from_tree` converts it)."""
   import jax
 
-  from svg_jax.train import dit_checkpoint
 
   run, step = weights_io.training_checkpoint(workdir, step, "dit")
   saved = dit_checkpoint.saved_model_config(run, step)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from svg_jax.convert import layouts
 from svg_jax.models.gemma2 import LAYER_TYPES, Gemma2Config
 
 _CAUSAL_LM_PREFIX = "model."
@@ -117,7 +118,7 @@ def hf_to_params(flat: Mapping[str, Any], cfg: Gemma2Config, *, only_needed: boo
     if value.shape != shape:
       problems.append(f"{key}: shape {value.shape}, expected {shape}")
       continue
-    value = value.T if transpose else value
+    value = layouts.to_flax("linear", value) if transpose else value
     node = params
     for name in path[:-1]:
       node = node.setdefault(name, {})
@@ -167,7 +168,7 @@ def params_to_hf(params: Mapping[str, Any], cfg: Gemma2Config, *, prefix: str = 
       continue
     key, _, shape, transpose = by_path[path]
     value = np.asarray(value)
-    value = value.T if transpose else value
+    value = layouts.to_torch("linear", value) if transpose else value
     if value.shape != shape:
       problems.append(f"{'.'.join(path)}: gives {key} of shape {value.shape}, expected {shape}")
       continue

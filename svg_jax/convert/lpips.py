@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from svg_jax.convert import errors
+from svg_jax.convert import errors, layouts
 from svg_jax.models import lpips as lpips_model
 
 IGNORED_VGG_PREFIXES = ("classifier.",)
@@ -87,7 +87,7 @@ def to_params(vgg_state: Mapping[str, Any], lin_state: Mapping[str, Any],
       continue
     idx = entry[0]
     w = np.asarray(vgg_state[f"features.{idx}.weight"], np.float32)
-    vgg[f"conv_{idx}_kernel"] = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
+    vgg[f"conv_{idx}_kernel"] = layouts.to_flax("conv", w)
     vgg[f"conv_{idx}_bias"] = np.asarray(vgg_state[f"features.{idx}.bias"], np.float32)
   params = {"vgg": vgg}
   for k in range(len(lpips_model.TAP_CHANNELS)):

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from svg_jax.convert import scan_layout
+from svg_jax.convert import layouts, scan_layout
 from svg_jax.convert.errors import KeyMismatchError
 from svg_jax.models.nextdit import NextDiTConfig, abstract_params
 
@@ -152,9 +152,9 @@ def official_to_params(state: dict[str, np.ndarray], cfg: NextDiTConfig) -> dict
     if kind == "qkv":
       sizes = np.cumsum([cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim])
       for p, part in zip(path, np.split(w, sizes, axis=0)):
-        flat[p] = np.ascontiguousarray(part.T)
+        flat[p] = layouts.to_flax("linear", part)
     elif kind == "linear":
-      flat[path] = np.ascontiguousarray(w.T)
+      flat[path] = layouts.to_flax("linear", w)
     else:
       flat[path] = w
   return rescan(flat, cfg)
@@ -173,9 +173,9 @@ def params_to_official(params, cfg: NextDiTConfig, dtype=np.float32) -> dict[str
   state = {}
   for key, path, kind in _official_order(cfg):
     if kind == "qkv":
-      w = np.concatenate([flat[p].T for p in path], axis=0)
+      w = np.concatenate([layouts.to_torch("linear", flat[p]) for p in path], axis=0)
     elif kind == "linear":
-      w = flat[path].T
+      w = layouts.to_torch("linear", flat[path])
     else:
       w = flat[path]
     state[key] = np.ascontiguousarray(w).astype(dtype)

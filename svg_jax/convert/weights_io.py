@@ -15,6 +15,7 @@ from typing import Any, Callable
 import flax
 import numpy as np
 
+from svg_jax import checkpoint
 from svg_jax.convert import safetensors_io
 from svg_jax.utils import atomic_files
 
@@ -54,7 +55,6 @@ def training_checkpoint(path: str | os.PathLike, step: int | None,
   """(run folder, step) of a training workdir or of its `checkpoints/` folder: `step`, or the
   latest finished checkpoint. FileNotFoundError naming `path` (and the steps it has) otherwise;
   `task` names the run expected there."""
-  from svg_jax.train import checkpoint  # Orbax and Grain: only for this source
 
   path = Path(path)
   run = path.parent if path.name == checkpoint.SUBDIR else path

@@ -2,9 +2,15 @@
 
 Per aspect bucket (one MapDataset each, all latents in a batch share one shape):
 
-  range(records) -> repeat -> [process_index::process_count] -> a new permutation per epoch
-    -> read + decode -> batch(per-process batch size, drop_remainder) with captions padded to a
-    length bucket
+  this process's examples -> their positions in the bucket's stream -> a new permutation per
+    epoch -> read + decode -> batch(per-process batch size, drop_remainder) with captions padded
+    to a length bucket
+
+The bucket's stream is cut into global batches of `global batch size` consecutive positions; a
+process reads the rows of each global batch that its devices hold (by default the contiguous block
+`[p * b, (p + 1) * b)` of the per-process batch b). So which records form global batch k of a
+bucket, and their order in it, depend on (seed, k, row) only, never on the number of processes:
+1 process x 4 devices, 2 x 2 and 4 x 1 train on the same batches.
 
 then a deterministic weighted mix of the batched buckets (Grain's `MapDataset.mix`: element k comes
 from a bucket that is a pure function of k and the weights; weights default to the manifest's global
@@ -30,7 +36,10 @@ Bad data is counted and reported, never silently dropped and never a crash:
 
 `make_pipeline` returns a `PipelineIterator` (a Grain DatasetIterator, so Grain's Orbax
 CheckpointHandler can save it) whose `get_state()` is JSON-serializable and whose `set_state()`
-resumes at the exact next batch.
+resumes at the exact next batch. The position in the state is one global number (global batches
+consumed); only the bad-data counters are per process. `combine_states` turns the states saved by
+P processes into the state of one process of a run with Q processes, so a run resumes on another
+host count.
 """
 from __future__ import annotations
 
@@ -57,7 +66,8 @@ from svg_jax.data import records
 log = logging.getLogger(__name__)
 
 # /2: the record order changed (_EpochShuffle), so a /1 state would not resume at its next batch.
-STATE_FORMAT = "svg_jax.data.pipeline/2"
+# /3: global batches independent of the process count, and a new permutation every epoch.
+STATE_FORMAT = "svg_jax.data.pipeline/3"
 _OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -73,7 +83,8 @@ def default_caption_buckets(max_caption_len: int, step: int = 32) -> tuple[int, 
 class PipelineConfig:
   """Input-pipeline settings (one ml_collections sub-config maps onto this with `from_mapping`).
 
-  per_process_batch_size: examples per batch on this process (global batch / process count).
+  per_process_batch_size: examples per batch on this process (global batch / process count; the
+    global batch is this times the process count).
   max_caption_len: longest caption kept (tokens); longer ones are cut and reported.
   caption_len_buckets: increasing pad lengths; the last must equal max_caption_len. Empty means:
     fitted to the dataset's caption-length histogram (manifest `text_len_histogram`) when
@@ -223,6 +234,19 @@ class _EpochShuffle:
     self.__init__(state["num_records"], state["seed"])
 
 
+class _GlobalRows:
+  """Maps this process's i-th example of a bucket to its position in the bucket's stream: row
+  `rows[i % b]` of global batch `i // b` (b = len(rows)), i.e. `(i // b) * global_batch + row`.
+  Picklable, for Grain worker processes."""
+
+  def __init__(self, global_batch: int, rows: Sequence[int]):
+    self.global_batch, self.rows = int(global_batch), tuple(int(r) for r in rows)
+
+  def __call__(self, i: int) -> int:
+    batch, j = divmod(int(i), len(self.rows))
+    return batch * self.global_batch + self.rows[j]
+
+
 class _BucketReader:
   """Maps a bucket-local record index to a decoded, caption-truncated example.
 
@@ -359,11 +383,26 @@ def _resolve_process(process_index: int | None, process_count: int | None) -> tu
   return process_index, process_count
 
 
+def _resolve_rows(rows: Sequence[int] | None, per_process: int, process_index: int,
+                  global_batch: int) -> tuple[int, ...]:
+  if rows is None:
+    return tuple(range(process_index * per_process, (process_index + 1) * per_process))
+  rows = tuple(int(r) for r in rows)
+  if len(rows) != per_process or any(not 0 <= r < global_batch for r in rows):
+    raise ValueError(f"rows {rows} must be {per_process} rows of the global batch of "
+                     f"{global_batch}")
+  return rows
+
+
 def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[str, Any], *,
                   process_index: int | None = None, process_count: int | None = None,
-                  expected_fingerprints: Mapping[str, str] | None = None
+                  expected_fingerprints: Mapping[str, str] | None = None,
+                  rows: Sequence[int] | None = None
                   ) -> tuple[grain.IterDataset, PipelineInfo]:
   """Builds the Grain IterDataset (batches still carry `_bad` / `_truncated`) and its info.
+
+  rows: the rows of every global batch this process reads, in the order its local batch holds
+  them (`parallel.process_batch_rows` of the mesh); default the contiguous block of the process.
 
   Fails here, naming the file, on a missing manifest, fingerprint mismatch, or a missing,
   unreadable or mis-counted shard of a used bucket.
@@ -372,6 +411,8 @@ def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[
     config = PipelineConfig.from_mapping(config)
   config.validate()
   process_index, process_count = _resolve_process(process_index, process_count)
+  global_batch = config.per_process_batch_size * process_count
+  rows = _resolve_rows(rows, config.per_process_batch_size, process_index, global_batch)
   data_dir = os.fspath(data_dir)
   manifest = records.read_manifest(data_dir)
   if expected_fingerprints:
@@ -408,9 +449,8 @@ def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[
       shards.append((path, s["num_records"]))
     reader = _BucketReader(key, shards, text_kind, text_dim, manifest["latent_channels"],
                            config.max_caption_len, config.reuse_freed_memory)
-    ds = (grain.MapDataset.range(reader.num_records)
-          .repeat()
-          [process_index::process_count]
+    ds = (grain.MapDataset.range(0, 2**62)  # endless: this process's examples of the bucket
+          .map(_GlobalRows(global_batch, rows))
           .map(_EpochShuffle(reader.num_records, _bucket_seed(config.seed, key)))
           .map(reader)
           .batch(config.per_process_batch_size, drop_remainder=True, batch_fn=collate))
@@ -429,11 +469,9 @@ def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[
       "manifest_sha256": manifest_hash,
       "buckets": list(keys),
       "weights": list(weights),
-      "per_process_batch_size": config.per_process_batch_size,
+      "global_batch_size": global_batch,
       "caption_len_buckets": list(length_buckets),
       "seed": config.seed,
-      "process_index": process_index,
-      "process_count": process_count,
       "num_workers": config.num_workers,
   }
   info = PipelineInfo(keys, weights, text_kind, manifest, signature)
@@ -461,6 +499,16 @@ class PipelineIterator(grain.DatasetIterator):
   @property
   def stats(self) -> dict:
     return copy.deepcopy(self._stats)
+
+  def close(self) -> None:
+    """Stops the reader threads / worker processes (grain's own `close` since 0.2.15; older grain,
+    the newest on Python 3.10, has it on the iterators only)."""
+    base = getattr(super(), "close", None)
+    if base is not None:
+      base()
+      return
+    for parent in getattr(self, "_parents", ()):
+      getattr(parent, "close", lambda: None)()
 
   def report(self) -> str:
     s = self._stats
@@ -490,30 +538,73 @@ class PipelineIterator(grain.DatasetIterator):
             "grain": self._parent.get_state(), "stats": self.stats}
 
   def set_state(self, state: dict) -> None:
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-      raise ValueError(f"not a pipeline state of format {STATE_FORMAT!r} (got "
-                       f"{state.get('format') if isinstance(state, dict) else state!r}); states "
-                       "of other formats order the records differently and cannot resume here")
-    theirs, ours = state["signature"], self.info.signature
-    diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-    if diff:
-      raise ValueError("the saved pipeline state belongs to a different pipeline; differing: "
-                       + ", ".join(f"{k} (saved {theirs.get(k)!r}, now {ours.get(k)!r})"
-                                   for k in diff))
+    _check_state(state, self.info.signature)
     self._parent.set_state(state["grain"])
     self._stats = copy.deepcopy(state["stats"])
+
+  def set_state_of_processes(self, states: Sequence[dict], process_index: int) -> None:
+    """Resumes from the states that P processes saved, as process `process_index` of this run
+    (any process count): see `combine_states`."""
+    self.set_state(combine_states(states, process_index, self._max_reports))
+
+
+class StateMismatchError(ValueError):
+  """A saved loader state that this pipeline cannot resume from (other format or settings)."""
+
+
+def _check_state(state, signature: dict) -> None:
+  if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+    raise StateMismatchError(
+        f"not a pipeline state of format {STATE_FORMAT!r} (got "
+        f"{state.get('format') if isinstance(state, dict) else state!r}); states of other "
+        "formats order the records differently and cannot resume here")
+  theirs, ours = state["signature"], signature
+  diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+  if diff:
+    raise StateMismatchError(
+        "the saved pipeline state belongs to a different pipeline; differing: "
+        + ", ".join(f"{k} (saved {theirs.get(k)!r}, now {ours.get(k)!r})" for k in diff))
+
+
+def combine_states(states: Sequence[dict], process_index: int, max_reports: int = 100) -> dict:
+  """The state of process `process_index` of a run resuming from the states its P processes
+  saved (`states[p]` of process p), whatever its own process count: the position is global and
+  the same in every saved state; the counters are per process, so process 0 takes their sums
+  (and the first report lines) and the others start at zero, which keeps the totals exact."""
+  if not states:
+    raise ValueError("no saved loader state")
+  for s in states:
+    if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
+      _check_state(s, {})  # raises the format line
+  positions = {json.dumps(s["grain"], sort_keys=True) for s in states}
+  if len(positions) != 1:
+    raise ValueError(f"the {len(states)} saved loader states disagree on the position: "
+                     f"{sorted(positions)}")
+  if process_index != 0:
+    return {**states[0], "stats": {**_empty_stats(), "batches": states[0]["stats"]["batches"]}}
+  stats = _empty_stats()
+  for s in states:
+    for key in ("batches", "examples", "bad_records", "truncated_captions"):
+      stats[key] += s["stats"][key]
+    for key in ("bad_record_reports", "truncated_caption_reports"):
+      stats[key] = (stats[key] + s["stats"][key])[:max_reports]
+  # `batches` counts global batches (each process received one part of each): not summed.
+  stats["batches"] = states[0]["stats"]["batches"]
+  return {**states[0], "stats": stats}
 
 
 def make_pipeline(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[str, Any], *,
                   process_index: int | None = None, process_count: int | None = None,
-                  expected_fingerprints: Mapping[str, str] | None = None) -> PipelineIterator:
+                  expected_fingerprints: Mapping[str, str] | None = None,
+                  rows: Sequence[int] | None = None) -> PipelineIterator:
   """The training iterator over a precomputed dataset directory (see the module docstring).
 
-  process_index / process_count default to jax.process_index() / jax.process_count().
+  process_index / process_count default to jax.process_index() / jax.process_count(); rows: see
+  `build_dataset`.
   """
   if not isinstance(config, PipelineConfig):
     config = PipelineConfig.from_mapping(config)
   ds, info = build_dataset(data_dir, config, process_index=process_index,
                            process_count=process_count,
-                           expected_fingerprints=expected_fingerprints)
+                           expected_fingerprints=expected_fingerprints, rows=rows)
   return PipelineIterator(iter(ds), info, config.max_reports)

@@ -27,14 +27,9 @@ from svg_jax.data.images import imagenet_normalize
 from svg_jax.demo import shapes
 from svg_jax.latent_stats import write_latent_stats
 from svg_jax.models.dinov3 import DINOv3Config, DINOv3ViT
+from svg_jax.utils import atomic_files
 
 STATS_IMAGES = 512  # training images the demo statistics are computed on (at most)
-
-
-def _atomic(path: str, write) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
 
 
 def make_random_encoder(path: str, cfg: DINOv3Config, seed: int) -> None:
@@ -43,7 +38,7 @@ def make_random_encoder(path: str, cfg: DINOv3Config, seed: int) -> None:
   params = jax.jit(lambda k: nn.unbox(DINOv3ViT(cfg).init(k, x)["params"]))(
       jax.random.PRNGKey(seed))
   state = params_to_official(jax.device_get(params), cfg)
-  _atomic(path, lambda tmp: save_torch_file(tmp, state))
+  atomic_files.write(path, lambda tmp: save_torch_file(tmp, state))
 
 
 def make_stats(path: str, encoder_path: str, cfg: DINOv3Config, jsonl: str, resolution: int
@@ -58,7 +53,7 @@ def make_stats(path: str, encoder_path: str, cfg: DINOv3Config, jsonl: str, reso
       images = np.stack([image_pipeline.load_crop(p, resolution) for p in paths[start:start + 64]])
       yield np.asarray(encode(params, images))
 
-  _atomic(path, lambda tmp: write_latent_stats(tmp, batches()))
+  atomic_files.write(path, lambda tmp: write_latent_stats(tmp, batches()))
 
 
 def prepare(folder: str, encoder: DINOv3Config, resolution: int, *, num_train: int,

@@ -45,6 +45,11 @@ class DemoSettings:
   # (research/probe_captions.py: 0.43 against 0.89 with 4-head readers).
   text_weights: str = "word_context"
   seed: int = 0
+  # Watching the DiT run (svg_jax/train/validation.py): a grid of `validation_prompts` held-out
+  # prompts and the held-out loss per noise level every `validate_every` steps, in TensorBoard
+  # (<workdir>/dit/tensorboard) and <workdir>/dit/samples; 0 = off.
+  validate_every: int = 100
+  validation_prompts: int = 8
 
 
 def export_decoder(decoder_config, workdir: str, dst: str) -> str:
@@ -123,6 +128,9 @@ class Stages:
     p.system_prompt = self.s.system_prompt
     job = precompute.build(c)
     job.run(sources.list_inputs(decoder_config.data.jsonl, "jsonl", job.cfg), out)
+    if self.s.validate_every:  # the held-out split too, for the DiT run's held-out loss
+      job.run(sources.list_inputs(decoder_config.data.heldout_jsonl, "jsonl", job.cfg),
+              out + "_heldout")
     return out
 
   # 4. DiT training on the records
@@ -136,9 +144,24 @@ class Stages:
     c.seed = self.s.seed
     return c
 
+  def watch(self, c, records: str, decoder_config) -> None:
+    """Validation on in the DiT config `c`: grids of the first held-out prompts, decoded by the
+    trained decoder, and the held-out split's loss per noise level."""
+    c.train.sample_every = c.train.eval_every = self.s.validate_every
+    c.data.eval_path = records + "_heldout"
+    c.text.encoder_dir = os.path.join(self.workdir, "text_encoder")
+    c.autoencoder.decoder_path = self.decoder_file(decoder_config)
+    prompts = [item["prompt"] for item in self.heldout(decoder_config)]
+    c.validation.update(dict(prompts=tuple(prompts[:self.s.validation_prompts]),
+                             system_prompt=self.s.system_prompt, steps=self.s.sample_steps,
+                             cfg_scale=self.s.cfg_scale, shift=self.s.shift))
+
   def train_dit(self, records: str, decoder_config) -> str:
     workdir = os.path.join(self.workdir, "dit")
-    _finished(trainer.train(self.dit_config(records, decoder_config), workdir), "DiT training")
+    config = self.dit_config(records, decoder_config)
+    if self.s.validate_every:
+      self.watch(config, records, decoder_config)
+    _finished(trainer.train(config, workdir), "DiT training")
     return workdir
 
   # 5. sample the held-out prompts and score them
@@ -146,12 +169,16 @@ class Stages:
     """The sampler of the DiT checkpoint (EMA params, latest step unless `step`) with the trained
     decoder exported the way real decoder weights are read."""
     config = self.dit_config(os.path.join(self.workdir, "records"), decoder_config)
+    config.autoencoder.decoder_path = self.decoder_file(decoder_config)
+    return generate.Generator.from_config(config, text_encoder=text_dir, checkpoint=dit_workdir,
+                                          system_type=self.s.system_prompt, step=step), config
+
+  def decoder_file(self, decoder_config) -> str:
+    """The trained decoder, exported once per process."""
     if self._decoder_file is None:
       self._decoder_file = export_decoder(decoder_config, os.path.join(self.workdir, "decoder"),
                                           os.path.join(self.workdir, "decoder.safetensors"))
-    config.autoencoder.decoder_path = self._decoder_file
-    return generate.Generator.from_config(config, text_encoder=text_dir, checkpoint=dit_workdir,
-                                          system_type=self.s.system_prompt, step=step), config
+    return self._decoder_file
 
   def heldout(self, decoder_config) -> list[dict]:
     return shapes.read_split(os.path.dirname(decoder_config.data.jsonl), "heldout")

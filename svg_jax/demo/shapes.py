@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from svg_jax.data import jsonl as jsonl_lib
+from svg_jax.utils import atomic_files
 
 BACKGROUND = (128, 128, 128)
 # Near-corners of the RGB cube around a mid-grey background: every pair is >= 150 apart in RGB,
@@ -405,20 +406,6 @@ def _complete(out_dir: str, manifest: dict) -> bool:
   return True
 
 
-def _atomic_write(path: str, write) -> None:
-  """write(tmp) then rename: a killed run never leaves a half-written file under `path`."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  write(tmp)
-  os.replace(tmp, path)
-
-
-def _write_text(text: str):
-  def write(tmp: str) -> None:
-    with open(tmp, "w") as f:
-      f.write(text)
-  return write
-
-
 def write_dataset(out_dir: str, num_train: int, num_heldout: int, image_size: int = 64,
                   seed: int = 0) -> dict:
   """Writes the dataset (PNGs, `train.jsonl`, `heldout.jsonl`, `manifest.json`) and returns the
@@ -431,13 +418,12 @@ def write_dataset(out_dir: str, num_train: int, num_heldout: int, image_size: in
     raise ValueError(f"image_size must be >= 32 for shapes to stay recognisable, got {image_size}")
   manifest = _manifest(num_train, num_heldout, image_size, seed)
   manifest_path = os.path.join(out_dir, MANIFEST)
-  if os.path.isfile(manifest_path):
-    with open(manifest_path) as f:
-      existing = json.load(f)
+  existing = atomic_files.read_json(manifest_path)
+  if existing is not None:
     if existing != manifest:
-      diff = sorted(k for k in set(existing) | set(manifest) if existing.get(k) != manifest.get(k))
-      raise ValueError(f"{out_dir} already holds a different shapes dataset (differs in {diff}); "
-                       "use another directory or delete it")
+      raise ValueError(f"{out_dir} already holds a different shapes dataset (differs in "
+                       f"{atomic_files.differing_keys(existing, manifest)}); use another "
+                       "directory or delete it")
     if _complete(out_dir, existing):
       return existing
   for split, count in (("train", num_train), ("heldout", num_heldout)):
@@ -449,12 +435,12 @@ def write_dataset(out_dir: str, num_train: int, num_heldout: int, image_size: in
       item = item_spec(seed, split, index, image_size)
       if not os.path.isfile(path):  # PNGs are written atomically, so an existing one is whole
         image = Image.fromarray(render(item["objects"], image_size))
-        _atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+        atomic_files.write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
       lines.append({"path": rel, "prompt": item["prompt"], "metadata": item["metadata"],
                     "objects": item["objects"]})
-    _atomic_write(os.path.join(out_dir, f"{split}.jsonl"),
-                  _write_text("".join(json.dumps(line) + "\n" for line in lines)))
-  _atomic_write(manifest_path, _write_text(json.dumps(manifest, indent=2)))
+    atomic_files.write_text(os.path.join(out_dir, f"{split}.jsonl"),
+                            "".join(json.dumps(line) + "\n" for line in lines))
+  atomic_files.write_text(manifest_path, json.dumps(manifest, indent=2))
   return manifest
 
 

@@ -16,11 +16,15 @@ heads, with the mesh axes that the logical rules give `activation_batch` and `he
 batch split that does not divide B, falls back to replication on that axis.
 
 Platforms: on TPU the kernel is compiled by Mosaic; on CPU it runs in Pallas interpret mode (same
-kernel code, for the tests; slow); anything else is an error. The platform is the current mesh's
-(an ahead-of-time compile for a TPU topology runs in a CPU-only process).
+kernel code, for the tests; slow, a warning says so once); anything else is an error. The platform
+is the current mesh's (an ahead-of-time compile for a TPU topology runs in a CPU-only process).
+
+Numerics: q is scaled in fp32, then q, k, v are cast to the compute dtype; the kernel accumulates
+in fp32 (softmax statistics included) and returns the compute dtype, cast back to fp32 here.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +34,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
+_warned: list = []  # the CPU interpret-mode warning is logged once per process
 LANES = 128  # the kernel's block sizes must be multiples of this (TPU vector lanes)
 BLOCK_CHOICES = (512, 256, 128)
 
@@ -74,6 +79,32 @@ def _fit(entry: Any, mesh, *sizes: int) -> Any:
   return entry if all(size % n == 0 for size in sizes) else None
 
 
+def _at_precision(fn, precision: str):
+  """fn(q, k, v, q_seg, kv_seg) with its forward and backward both traced at `precision`.
+
+  The kernel's dots take the ambient matmul precision: full fp32 passes for fp32 compute, the
+  MXU's native bf16 otherwise (Mosaic refuses bf16 operands at fp32 precision, which a global
+  jax_default_matmul_precision=highest asks for). A context manager around the call alone would
+  miss the kernel's backward, which is traced when the caller differentiates."""
+
+  @jax.custom_vjp
+  def run(q, k, v, q_seg, kv_seg):
+    with jax.default_matmul_precision(precision):
+      return fn(q, k, v, q_seg, kv_seg)
+
+  def run_fwd(q, k, v, q_seg, kv_seg):
+    with jax.default_matmul_precision(precision):
+      out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, q_seg, kv_seg), q, k, v)
+    return out, vjp  # jax.vjp's function is a pytree of the kernel's residuals
+
+  def run_bwd(vjp, g):
+    with jax.default_matmul_precision(precision):
+      return (*vjp(g), None, None)
+
+  run.defvjp(run_fwd, run_bwd)
+  return run
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array | None,
                      scale: float, compute_dtype: Any = jnp.float32) -> jax.Array:
   """q [B, T, H, D], k / v [B, S, KV, D], kv_lengths [B] valid leading keys (None: all).
@@ -99,17 +130,19 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.A
   kh = jnp.pad(kh, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
   vh = jnp.pad(vh, ((0, 0), (0, 0), (0, sp - s), (0, 0)))
   interpret = platform == "cpu"
+  if interpret and not _warned:
+    _warned.append(True)
+    logging.getLogger(__name__).warning(
+        "attention backend 'splash' on CPU runs the TPU kernel in Pallas interpret mode (slow; "
+        "for tests); use 'xla' or 'auto' to train on CPU")
 
-  # The kernel's dots take the ambient matmul precision: full fp32 passes for fp32 compute, the
-  # MXU's native bf16 otherwise (Mosaic refuses bf16 operands at fp32 precision, which a global
-  # jax_default_matmul_precision=highest would ask for).
   precision = "highest" if jnp.dtype(compute_dtype) == jnp.float32 else "default"
 
   def local(qh, kh, vh, q_seg, kv_seg):
     kernel = make_kernel(qh.shape[1], tp, sp, interpret=interpret)
-    one = lambda qq, kk, vv, qs, ks: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(qs, ks))  # noqa: E731
-    with jax.default_matmul_precision(precision):
-      return jax.vmap(one)(qh, kh, vh, q_seg, kv_seg)
+    def one(qq, kk, vv, qs, ks):
+      return kernel(qq, kk, vv, segment_ids=sk.SegmentIds(qs, ks))
+    return _at_precision(jax.vmap(one), precision)(qh, kh, vh, q_seg, kv_seg)
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:

@@ -8,6 +8,9 @@ One step on a global batch {latent [B,H,W,C], text [B,L,D], text_mask [B,L], tex
   3. the loss and gradients are accumulated over `micro_batches` equal slices with `lax.scan`;
      all randomness is drawn for the whole batch first, so the result does not depend on the number
      of micro-batches (up to float summation order),
+  Randomness is per example: example i of the global batch draws its caption drop, t and noise
+  from fold_in(rng, i), so they are functions of (seed, step, position in the global batch) only,
+  whatever the batch size, the sharding or the number of processes.
   4. the global grad norm is measured before clipping, AdamW updates the params, EMA follows.
 Metrics: loss (batch mean of per-sample MSE), grad_norm (pre-clip), lr (of this update),
 caption_dropped (fraction of the batch whose caption was dropped).
@@ -25,9 +28,27 @@ from svg_jax import flow
 from svg_jax.parallel import BATCH_AXES
 from svg_jax.train import state as state_lib
 
+def example_keys(rng, batch: int):
+  """One key per example of the global batch: fold_in(rng, position)."""
+  return jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(batch, dtype=jnp.uint32))
+
+
+def _per_example(rng) -> bool:
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  return rng.ndim == (1 if typed else 2)
+
+
+def _dropped(rng, prob: float, b: int):
+  """[b] bool: one draw per key when `rng` holds a key per example, else b draws of one key."""
+  if _per_example(rng):
+    return jax.vmap(lambda k: jax.random.bernoulli(k, prob))(rng)
+  return jax.random.bernoulli(rng, prob, (b,))
+
+
 def apply_caption_dropout(rng, text, text_mask, empty_text, prob: float):
   """Replaces whole captions by the empty prompt with probability `prob` per sample.
 
+  rng: one key, or one key per sample (`example_keys`).
   empty_text: [Le, D] features of the empty prompt; it is right-padded to the batch's L.
   Returns (text, text_mask, dropped [B] bool).
   """
@@ -39,7 +60,7 @@ def apply_caption_dropout(rng, text, text_mask, empty_text, prob: float):
     raise ValueError(f"the empty prompt has {le} tokens but the caption is padded to {length}")
   empty = jnp.zeros((length, dim), text.dtype).at[:le].set(empty_text.astype(text.dtype))
   empty_mask = jnp.arange(length) < le
-  dropped = jax.random.bernoulli(rng, prob, (b,))
+  dropped = _dropped(rng, prob, b)
   text = jnp.where(dropped[:, None, None], empty[None], text)
   text_mask = jnp.where(dropped[:, None], empty_mask[None], text_mask.astype(bool))
   return text, text_mask, dropped
@@ -54,7 +75,7 @@ def apply_token_dropout(rng, token_ids, text_mask, empty_ids, prob: float):
     raise ValueError(f"the empty prompt has {le} tokens but the caption is padded to {length}")
   pad = jnp.zeros((length,), token_ids.dtype).at[:le].set(jnp.asarray(empty_ids, token_ids.dtype))
   empty_mask = jnp.arange(length) < le
-  dropped = jax.random.bernoulli(rng, prob, (b,))
+  dropped = _dropped(rng, prob, b)
   token_ids = jnp.where(dropped[:, None], pad[None], token_ids)
   text_mask = jnp.where(dropped[:, None], empty_mask[None], text_mask.astype(bool))
   return token_ids, text_mask, dropped
@@ -115,11 +136,13 @@ def make_train_step(model, tx: optax.GradientTransformation, config,
     b = x1.shape[0]
     if b % micro:
       raise ValueError(f"batch {b} is not divisible by train.micro_batches {micro}")
-    k_drop, k_t, k_noise = jax.random.split(rng, 3)
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(rng, b))
+    k_drop, k_t, k_noise = keys[:, 0], keys[:, 1], keys[:, 2]
     text, text_mask, dropped = condition(batch, k_drop, text_params)
-    t = flow.sample_timesteps(k_t, b, fcfg.timestep_sampling, float(fcfg.logit_mean),
-                              float(fcfg.logit_std), shift)
-    x0 = jax.random.normal(k_noise, x1.shape, jnp.float32)
+    t = jax.vmap(lambda k: flow.sample_timesteps(
+        k, 1, fcfg.timestep_sampling, float(fcfg.logit_mean), float(fcfg.logit_std), shift)[0]
+                 )(k_t)
+    x0 = jax.vmap(lambda k: jax.random.normal(k, x1.shape[1:], jnp.float32))(k_noise)
 
     inputs = tuple(_to_micro(a, micro) for a in (x1, x0, t, text, text_mask))
 

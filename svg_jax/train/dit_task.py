@@ -5,6 +5,8 @@ record dataset against the model's dims), the empty prompt of caption dropout, t
 (svg_jax/data/pipeline.py), and the setup: NextDiT + AdamW state with shardings from the logical
 axis names and the jitted step of svg_jax/train/dit_step.py. When the dataset holds token ids
 (online mode) the frozen Gemma-2 runs inside the step; its params are a step input, never state.
+Its evaluation (svg_jax/train/validation.py): sample grids of the validation prompts and the
+held-out flow loss per noise level, built with the loop's logger (the hook that knows the workdir).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from svg_jax.train import dit_step
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import state as state_lib
 from svg_jax.train import task_api
+from svg_jax.train import validation
 
 EMPTY_TEXT_FILE = "empty_text.npy"
 
@@ -67,8 +70,12 @@ def config_problems(config, process_count: int) -> list[str]:
                     f"{flow.TIMESTEP_KINDS}")
   if not 0.0 <= float(t.caption_dropout) <= 1.0:
     problems.append(f"train.caption_dropout must be in [0, 1], got {t.caption_dropout}")
-  if not 0.0 <= float(t.ema_decay) <= 1.0:
-    problems.append(f"train.ema_decay must be in [0, 1], got {t.ema_decay}")
+  if not 0.0 <= float(t.ema_decay) < 1.0:
+    problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+  if config.flow.timestep_sampling == "logit_normal" and not float(config.flow.logit_std) > 0:
+    problems.append(f"flow.logit_std must be > 0, got {config.flow.logit_std}")
+  if int(config.data.resolution) < 1:
+    problems.append(f"data.resolution must be >= 1, got {config.data.resolution}")
   if model_cfg is not None:
     problems += bottleneck_problems(model_cfg)
   path = config.data.path
@@ -109,6 +116,9 @@ def config_problems(config, process_count: int) -> list[str]:
     _pipeline_config(config, max(gb // max(process_count, 1), 1)).validate()
   except ValueError as e:
     problems.append(f"data: {e}")
+  manifest = _manifest_or_none(path) if path and os.path.isdir(path) else None
+  problems += validation.config_problems(config, model_cfg,
+                                         manifest["text"]["kind"] if manifest else None)
   return problems
 
 
@@ -186,18 +196,19 @@ def _pipeline_config(config, per_process_batch: int) -> pipeline_lib.PipelineCon
       num_workers=int(d.num_workers))
 
 
-def make_data_iterator(config):
-  """The record iterator of a DiT config (a Grain iterator that checkpoints its position)."""
+def make_data_iterator(config, mesh=None):
+  """The record iterator of a DiT config (a Grain iterator that checkpoints its position). With
+  `mesh`, each process reads the rows of the global batch that its devices hold there."""
   per_process = int(config.train.global_batch_size) // jax.process_count()
   expected = ae_lib.config_fingerprints(config.autoencoder)
+  rows = None if mesh is None else parallel.process_batch_rows(
+      mesh, int(config.train.global_batch_size))
   return pipeline_lib.make_pipeline(config.data.path, _pipeline_config(config, per_process),
-                                    expected_fingerprints=expected)
+                                    expected_fingerprints=expected, rows=rows)
 
 
 class DiTSetup:
   """Model, optimizer, abstract state and shardings, jitted init and step for one mesh."""
-
-  logger_class = metrics_lib.MetricsLogger
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
@@ -226,8 +237,11 @@ class DiTSetup:
     online = manifest is not None and manifest["text"]["kind"] == "token_ids"
     text_model = None
     repl = parallel.replicated(mesh)
+    self.validation = None
+    self._text = (None, None)  # online mode: the frozen text encoder and its placed params
     if online:
       text_model, text_params, text_sh = load_text_encoder(config, mesh)
+      self._text = (text_model, text_params)
       text_batch = (("token_ids", 2), ("text_mask", 2), ("text_len", 1))
     else:
       text_batch = (("text", 3), ("text_mask", 2), ("text_len", 1))
@@ -242,6 +256,17 @@ class DiTSetup:
       self.step = jax.jit(step, in_shardings=(self.state_shardings, batch_sh, repl),
                           out_shardings=(self.state_shardings, repl), donate_argnums=0)
 
+  def logger_class(self, workdir: str, **kwargs) -> validation.ValidationLogger:
+    """The loop's logger; the validation is built beside it (only a training run makes one, so
+    AOT compiles and checkpoint reads never load a decoder or held-out records)."""
+    logger = validation.ValidationLogger(workdir, **kwargs)
+    t = self.config.train
+    if int(t.sample_every) > 0 or int(t.eval_every) > 0:
+      self.validation = validation.Validation(
+          self.config, self.mesh, self.model, self.model_cfg, logger, workdir,
+          text_model=self._text[0], text_params=self._text[1])
+    return logger
+
   def init_state(self, seed: int):
     return self._init(jax.random.PRNGKey(seed))
 
@@ -252,7 +277,7 @@ class DiTSetup:
     return parallel.global_batch({k: local_batch[k] for k in self.batch_keys}, self.mesh)
 
   def make_data_iterator(self):
-    return make_data_iterator(self.config)
+    return make_data_iterator(self.config, self.mesh)
 
   def batch_counts(self, local_batch: dict) -> tuple[int, int, float]:
     """(images, tokens, FLOPs) of one global step on a batch shaped like `local_batch`."""
@@ -267,11 +292,10 @@ class DiTSetup:
     return dict(local_batch, latent=np.full_like(local_batch["latent"], np.nan))
 
   def eval_due(self, step: int, at_end: bool) -> bool:
-    del step, at_end
-    return False  # the DiT task has no in-loop evaluation
+    return self.validation is not None and self.validation.due(step, at_end)
 
   def evaluate(self, state, step: int) -> dict:
-    raise NotImplementedError("the DiT task has no in-loop evaluation")
+    return self.validation.run(state, step)
 
 
 TASK = task_api.Task(name="dit", config_problems=config_problems, make_setup=DiTSetup)

@@ -13,14 +13,20 @@ Order of work (nothing compiles before the config has been checked):
      names, so the optimizer moments and EMA inherit the parameter shardings); a jitted init with
      out_shardings materializes every array directly in its shards.
   3. Auto-resume from the newest checkpoint in `workdir` (state onto this run's shardings, data
-     iterator at its saved position); otherwise `train.init_from` params, otherwise a fresh init.
+     iterator at its saved position, also from a run of another process count); otherwise
+     `train.init_from` params, otherwise a fresh init. A newest step that cannot be restored (a
+     truncated or missing file) is logged in one line, moved to `<workdir>/damaged_checkpoints/`
+     and the previous step is restored: a damaged checkpoint costs one interval, not the run.
   4. Steps: jit(train_step) with explicit in/out shardings and the state donated. The step rng is
      fold_in(PRNGKey(seed), step), so a resumed run draws what the uninterrupted run drew.
   5. Metrics are fetched lazily (at log and checkpoint steps) so the host does not wait on every
      step; a NaN/inf loss or grad norm stops the run with `TrainingDiverged` *before* the state is
      saved, so the newest checkpoint is always a good one.
-  6. Checkpoints every `checkpoint_every` steps, at the end, and at the next step boundary after
-     SIGTERM/SIGINT (then `train` returns normally: preemption exits 0).
+  6. Checkpoints every `checkpoint_every` steps, at the end, and after SIGTERM/SIGINT (then `train`
+     returns normally: preemption exits 0). The "checkpoint" event of metrics.jsonl is written
+     once the asynchronous save has committed.
+  7. Several processes stop at the same step: a signal on any process is seen by all of them at
+     the same step boundary (`_StopAgreement`), so all save that step together and exit 0.
 """
 from __future__ import annotations
 
@@ -31,11 +37,14 @@ import threading
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from clu import parameter_overview
+from jax.sharding import NamedSharding, PartitionSpec
 
 from svg_jax import parallel
-from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import state as state_lib
 from svg_jax.train.task_api import Task
@@ -47,6 +56,38 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
   """A non-finite loss or gradient norm; the bad state was not saved."""
+
+
+class ResumeError(RuntimeError):
+  """The workdir's checkpoints cannot resume this run (one line: which folder and why)."""
+
+
+def _range_problems(config) -> list[str]:
+  """Numeric fields of the loop's sections outside their valid ranges."""
+  t = config.train
+  out = []
+
+  def check(name, ok, rule):
+    if not ok:
+      out.append(f"train.{name} must be {rule}, got {t[name]}")
+
+  check("global_batch_size", int(t.global_batch_size) >= 1, ">= 1")
+  check("lr", float(t.lr) > 0, "> 0")
+  for name in ("b1", "b2"):
+    check(name, 0 <= float(t[name]) < 1, "in [0, 1)")
+  check("eps", float(t.eps) >= 0, ">= 0")
+  check("weight_decay", float(t.weight_decay) >= 0, ">= 0")
+  check("grad_clip", float(t.grad_clip) >= 0, ">= 0 (0 turns clipping off)")
+  check("warmup_steps", int(t.warmup_steps) >= 0, ">= 0")
+  # A cosine schedule decays over num_steps - warmup_steps. (A warmup_constant run shorter than
+  # its warmup is a smoke test, e.g. of the demo config, and stays allowed.)
+  if t.lr_schedule == "warmup_cosine" and int(t.warmup_steps) >= int(t.num_steps) >= 1:
+    out.append(f"train.warmup_steps {t.warmup_steps} must be below train.num_steps "
+               f"{t.num_steps} for the warmup_cosine schedule (nothing would be left to decay)")
+  check("keep_checkpoints", int(t.keep_checkpoints) >= 0, ">= 0 (0 keeps all)")
+  check("debug_nan_step", int(t.debug_nan_step) == -1 or int(t.debug_nan_step) >= 1,
+        "-1 (off) or a step >= 1")
+  return out
 
 
 def validate_config(config, task: Task, num_devices: int | None = None,
@@ -79,6 +120,7 @@ def validate_config(config, task: Task, num_devices: int | None = None,
   for name in ("num_steps", "log_every", "checkpoint_every"):
     if int(t[name]) < 1:
       problems.append(f"train.{name} must be >= 1, got {t[name]}")
+  problems += _range_problems(config)
   if t.lr_schedule not in state_lib.LR_SCHEDULES:
     problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {state_lib.LR_SCHEDULES}")
   if t.chip != "auto" and t.chip not in metrics_lib.PEAK_TFLOPS:
@@ -132,6 +174,56 @@ class _StopFlag:
     self._old = {}
 
 
+class _Agreement:
+  """One number all processes agree on: the max of every process's value, by an all-reduce over
+  the mesh's devices (JAX's own collectives; the processes issue it in the same order). On one
+  process it is the value itself, with no device work."""
+
+  def __init__(self, mesh):
+    self.multi = jax.process_count() > 1
+    if self.multi:
+      self._sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
+      self._local = len(mesh.local_devices)
+      self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+  def dispatch(self, value: int):
+    """Starts the reduction of this process's `value`; `read` gives the result."""
+    if not self.multi:
+      return int(value)
+    local = np.full((self._local,), int(value), np.int32)
+    return self._max(jax.make_array_from_process_local_data(self._sharding, local))
+
+  @staticmethod
+  def read(handle) -> int:
+    if isinstance(handle, jax.Array):
+      return int(np.asarray(handle.addressable_data(0)))
+    return int(handle)
+
+  def max(self, value: int) -> int:
+    """The max over all processes (blocks until every process has given its value)."""
+    return self.read(self.dispatch(value))
+
+
+class _StopAgreement:
+  """Whether every process stops after this step: each step boundary reduces the processes' stop
+  flags (`_Agreement`, dispatched behind the step) and decides on the reduction of the previous
+  boundary, which is the same number on every process. So a signal on any process stops all of
+  them at the same step, one or two boundaries later, and the host never waits for more than the
+  step before the one in flight. One process decides on its own flag at once."""
+
+  def __init__(self, flag: _StopFlag, agreement: _Agreement):
+    self._flag, self._agreement = flag, agreement
+    self._pending = None
+
+  def stop_after_this_step(self) -> bool:
+    local = self._flag.signal is not None
+    if not self._agreement.multi:
+      return local
+    handle = self._agreement.dispatch(local)
+    previous, self._pending = self._pending, handle
+    return previous is not None and self._agreement.read(previous) > 0
+
+
 def _check_finite(step: int, host: dict, ckpt) -> None:
   for key in ("loss", "grad_norm"):
     value = float(host[key])
@@ -144,13 +236,71 @@ def _check_finite(step: int, host: dict, ckpt) -> None:
                              f"this state; {where}")
 
 
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  first = (lines[0] if lines else "").split(" See full TensorStore details")[0]
+  text = f"{type(e).__name__}: {first}"
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_OK, _DAMAGED, _INCOMPATIBLE = 0, 1, 2
+
+
+def _resume(ckpt, setup, agreement: _Agreement, logger):
+  """(state, step, data iterator) of the newest checkpoint that restores on every process;
+  (None, None, fresh iterator) when the workdir has none. A step that fails anywhere (a
+  missing or unreadable file, an error of the restore) is moved aside on process 0 and the next
+  older one is tried; ResumeError when every one failed or a loader state belongs to another
+  pipeline (an intact checkpoint is never moved for that)."""
+  data_iter = setup.make_data_iterator()
+  moved: list[str] = []
+  while ckpt.all_steps():
+    step = max(ckpt.all_steps())
+    problems = ckpt.problems(step)
+    verdict, reason, state = _OK, "; ".join(problems), None
+    if problems:
+      verdict = _DAMAGED
+    else:
+      try:
+        state, _ = ckpt.restore(step, setup.abstract_state, data_iter)
+      except ckpt_lib.IncompatibleCheckpoint as e:
+        verdict, reason = _INCOMPATIBLE, str(e).replace("\n", " ")
+      except Exception as e:  # any failure to read the step: fall back to the previous one
+        verdict, reason = _DAMAGED, _first_line(e)
+    agreed = agreement.max(verdict)
+    if agreed == _OK:
+      return state, step, data_iter
+    if agreed == _INCOMPATIBLE:
+      raise ResumeError(f"{reason or 'another process cannot resume the loader state'}; the "
+                        f"checkpoint {ckpt.step_dir(step)} is intact: resume it with the settings "
+                        "that wrote it, or train in another workdir")
+    agreement.max(0)  # every process is done with the folder before it moves
+    target = ckpt.move_aside(step) if jax.process_index() == 0 else "damaged_checkpoints/"
+    agreement.max(0)
+    ckpt.reload()
+    moved.append(target)
+    older = ckpt.all_steps()
+    logging.error("checkpoint %s cannot be restored (%s): moved to %s; %s", ckpt.step_dir(step),
+                  reason or "another process could not read it", target,
+                  f"restoring step {max(older)}" if older else "no older step")
+    logger.event(step, event="damaged_checkpoint", reason=reason, moved_to=target)
+    close = getattr(data_iter, "close", None)
+    if close is not None:
+      close()
+    data_iter = setup.make_data_iterator()  # a failed restore may have moved it
+  if moved:
+    raise ResumeError(f"no intact checkpoint in {ckpt.directory}: the damaged steps were moved to "
+                      f"{', '.join(moved)}; rerun to start from step 0, or repair them")
+  return None, None, data_iter
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
 def train(config, workdir: str, task: Task) -> dict[str, Any]:
-  """Trains `config` as `task` in `workdir` (resuming from its newest checkpoint) and returns a
-  summary: {"step", "stopped_by" (signal name or None), "resumed_from" (step or None),
-  "last_record"}."""
+  """Trains `config` as `task` in `workdir` (resuming from its newest intact checkpoint) and
+  returns a summary: {"step", "stopped_by" (signal name, "another process" or None),
+  "resumed_from" (step or None), "last_record"}."""
   parallel.initialize_distributed()
   mesh_shape = validate_config(config, task)
   workdir = os.path.abspath(workdir)
@@ -163,22 +313,31 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   logging.info("mesh %s over %d devices (%s)", dict(zip(parallel.MESH_AXES, mesh_shape)),
                jax.device_count(), jax.devices()[0].device_kind)
   setup = task.make_setup(config, mesh)
-  data_iter = setup.make_data_iterator()
   ckpt = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_checkpoints),
                                async_save=bool(t.async_checkpointing))
   logger = setup.logger_class(workdir, num_steps=num_steps, num_devices=jax.device_count(),
                               chip=t.chip, is_main=is_main)
   config_json = ckpt_lib.config_to_json(config)
   stop = _StopFlag()
+  agreement = _Agreement(mesh)
+  uncommitted: list[int] = []
+
+  def log_committed(force: bool = False) -> None:
+    """The "checkpoint" events of the saves that have committed (all of them with `force`)."""
+    if uncommitted and (force or not ckpt.saving()):
+      for s in uncommitted:
+        logger.event(s, event="checkpoint")
+      uncommitted.clear()
+
   resumed_from = None
+  stopped_by = None
+  data_iter = None
   try:
     with parallel.mesh_context(mesh, setup.rules):
-      latest = ckpt.latest_step()
-      if latest is not None:
-        state, _ = ckpt.restore(latest, setup.abstract_state, data_iter)
-        resumed_from = latest
-        logging.info("resumed from %s step %d", ckpt.directory, latest)
-        logger.event(latest, event="resume")
+      state, resumed_from, data_iter = _resume(ckpt, setup, agreement, logger)
+      if resumed_from is not None:
+        logging.info("resumed from %s step %d", ckpt.directory, resumed_from)
+        logger.event(resumed_from, event="resume")
       elif t.init_from:
         params = ckpt_lib.load_params(t.init_from, setup.abstract_state.params)
         state = setup.state_from_params(params)
@@ -197,8 +356,9 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       pending: list[tuple[int, Any, int, int, float]] = []
       last_record = None
       stop.install()
+      stopping = _StopAgreement(stop, agreement)
       first = True
-      while step < num_steps and stop.signal is None:
+      while step < num_steps and stopped_by is None:
         local = next(data_iter)
         if step + 1 == int(t.debug_nan_step):
           local = setup.poison(local)
@@ -211,17 +371,24 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
           jax.block_until_ready(m)
           logger.restart_clock()
           first = False
-        at_end = step == num_steps or stop.signal is not None
+        if stopping.stop_after_this_step():  # the same answer on every process
+          stopped_by = stop.signal or "another process"
+        at_end = step == num_steps or stopped_by is not None
         save_now = step % ckpt_every == 0 or at_end
         eval_now = setup.eval_due(step, at_end)
         if step % log_every == 0 or save_now or eval_now:
           for s, pm, images, tokens, flops in pending:
             host = jax.device_get(pm)
-            _check_finite(s, host, ckpt)
+            try:
+              _check_finite(s, host, ckpt)
+            except TrainingDiverged:
+              log_committed(force=True)  # _check_finite waited for the saves
+              raise
             logger.add(host, images=images, tokens=tokens, flops=flops)
             if s % log_every == 0 or (at_end and s == step):
               last_record = logger.write(s)
           pending = []
+          log_committed()
         if eval_now:  # after the finiteness check of this step's metrics
           result = setup.evaluate(state, step)
           logger.event(step, event="eval", **result)
@@ -229,19 +396,18 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         if save_now and last_saved != step:
           ckpt.save(step, state, data_iter, config_json)
           last_saved = step
-          logger.event(step, event="checkpoint")
-      if stop.signal is not None:
-        if last_saved != step:
-          for s, pm, *_ in pending:
-            _check_finite(s, jax.device_get(pm), ckpt)
-          ckpt.save(step, state, data_iter, config_json)
-        logging.warning("%s received: saved step %d to %s and stopping", stop.signal, step,
-                        ckpt.directory)
-        logger.event(step, event="stopped", signal=stop.signal)
+          uncommitted.append(step)
+          log_committed()
       ckpt.wait()
-      return {"step": step, "stopped_by": stop.signal, "resumed_from": resumed_from,
+      log_committed(force=True)
+      if stopped_by is not None:
+        logging.warning("%s: saved step %d to %s and stopping",
+                        f"{stopped_by} received" if stop.signal else "a signal on another process",
+                        step, ckpt.directory)
+        logger.event(step, event="stopped", signal=stopped_by)
+      return {"step": step, "stopped_by": stopped_by, "resumed_from": resumed_from,
               "last_record": last_record}
   finally:
-    stop.uninstall()
     ckpt.close()
     logger.close()
+    stop.uninstall()

@@ -36,7 +36,9 @@ PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 98
 class TpuGeneration(NamedTuple):
   """The rest of a TPU generation's facts (Cloud TPU system-architecture pages), as
   launch/aot_compile.py --target builds its slices; the peak is `PEAK_TFLOPS` above."""
-  hbm_gib: float  # HBM per chip, as the pages give it (XLA keeps a little for itself)
+  # HBM per chip a program may use: XLA:TPU's "available HBM" (libtpu 0.0.42.1 refuses a larger
+  # program with it); the spec sheets say 32, 16, 95 and 32 GB.
+  hbm_gib: float
   torus_dims: int  # slices are AxB (2: v5e, v6e) or AxBxC (3: v4, v5p)
   cores_per_chip: int  # Cloud accelerator types count TensorCores: v4-32, v5p-32 are 16 chips
   chip_config: str  # libtpu chip config with one JAX device per chip (v4's megacore)
@@ -45,10 +47,10 @@ class TpuGeneration(NamedTuple):
 
 
 TPU_GENERATIONS = {
-    "v4": TpuGeneration(32.0, 3, 2, "megacore", 4096, (2, 2, 1)),
-    "v5e": TpuGeneration(16.0, 2, 1, "default", 256, (2, 2, 1)),
-    "v5p": TpuGeneration(95.0, 3, 2, "default", 4096, (2, 2, 1)),
-    "v6e": TpuGeneration(32.0, 2, 1, "default", 256, (2, 2, 1)),
+    "v4": TpuGeneration(30.75, 3, 2, "megacore", 4096, (2, 2, 1)),
+    "v5e": TpuGeneration(15.75, 2, 1, "default", 256, (2, 2, 1)),
+    "v5p": TpuGeneration(95.74, 3, 2, "default", 4096, (2, 2, 1)),
+    "v6e": TpuGeneration(31.25, 2, 1, "default", 256, (2, 2, 1)),
 }
 
 

@@ -17,7 +17,7 @@ class TaskSetup(Protocol):
   rules: Any  # logical-axis rules for `parallel.mesh_context`
   abstract_state: Any  # ShapeDtypeStructs with shardings (restores and `init_from` target it)
   state_shardings: Any
-  logger_class: type  # a metrics.MetricsLogger
+  logger_class: Callable[..., Any]  # a metrics.MetricsLogger class, or a callable like it
 
   def init_state(self, seed: int) -> Any:
     """A fresh state, every array made directly in its shards."""

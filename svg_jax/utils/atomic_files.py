@@ -57,3 +57,16 @@ def save_png(path: str | os.PathLike, image: Any, tmp_dir: str | None = None) ->
 
   write(path, lambda tmp: Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG"),
         tmp_dir)
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+  """The JSON object in `path`, None when there is no such file."""
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def differing_keys(old: dict, new: dict) -> list[str]:
+  """Top-level keys whose values differ between two JSON objects (a pinned plan and a new one)."""
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

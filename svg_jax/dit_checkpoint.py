@@ -11,7 +11,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from svg_jax import parallel
 from svg_jax.models.nextdit import NextDiTConfig, abstract_params
-from svg_jax.train import checkpoint as ckpt_lib
+from svg_jax import checkpoint as ckpt_lib
 
 # Implementation-only model fields a sampler may choose for its own hardware.
 HARDWARE_FIELDS = ("compute_dtype", "attention_backend", "remat_policy")

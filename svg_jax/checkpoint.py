@@ -3,9 +3,15 @@
 Layout: `<workdir>/checkpoints/<step>/{state, data_iter, config}`. Orbax writes each step into a
 temporary directory and renames it when complete, so a crash mid-save leaves the previous
 checkpoints intact and the partial one invisible. Saves are asynchronous (the device -> host copy
-happens inside `save`, the file writes in the background), keep the newest `keep` steps, and
-`data_iter` holds one JSON file per process (Grain's checkpoint handler), so every host resumes its
-own slice of the data at the exact next batch.
+happens inside `save`, the file writes in the background) and keep the newest `keep` steps.
+`data_iter` holds one JSON file per process, `process_<i>-of-<P>.json` (the file names of Grain's
+own handler, so older checkpoints read the same); `DataIterHandler` restores them into a run of
+any process count (an iterator with `set_state_of_processes`, svg_jax/data/pipeline.py; others
+only into the same count).
+
+A damaged step (a truncated or missing file) is found by `problems` (every file a restore reads is
+there and the JSON items parse) or by the restore itself; `move_aside` moves its folder to
+`<workdir>/damaged_checkpoints/` so the previous step becomes the newest (svg_jax/train/loop.py).
 
 Restoring takes an abstract target tree whose leaves carry the *target* shardings, so a checkpoint
 written on one mesh restores onto any other. `load_state_item` reads one entry of the saved state
@@ -13,23 +19,120 @@ written on one mesh restores onto any other. `load_state_item` reads one entry o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
 from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data_iter", "config")
 SUBDIR = "checkpoints"
+DAMAGED_SUBDIR = "damaged_checkpoints"
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
 
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), SUBDIR)
+
+
+class IncompatibleCheckpoint(ValueError):
+  """An intact checkpoint this run cannot resume from (another loader format or pipeline)."""
+
+
+def _data_files(directory) -> dict[int, dict[int, str]]:
+  """{process count: {process index: file name}} of a data_iter folder."""
+  out: dict[int, dict[int, str]] = {}
+  for name in os.listdir(directory):
+    m = _DATA_FILE.match(name)
+    if m:
+      out.setdefault(int(m.group(2)), {})[int(m.group(1))] = name
+  return out
+
+
+def read_data_states(directory) -> list[dict]:
+  """The loader states of a data_iter folder, one per saving process (index order); one line
+  naming the file when one is missing or unreadable."""
+  directory = os.fspath(directory)
+  files = _data_files(directory)
+  if not files:
+    raise FileNotFoundError(f"{directory}: no process_<i>-of-<P>.json loader-state file")
+  if len(files) > 1:
+    raise FileNotFoundError(f"{directory}: loader-state files of several process counts "
+                            f"{sorted(files)}")
+  (count, names), = files.items()
+  missing = [f"process_{i}-of-{count}.json" for i in range(count) if i not in names]
+  if missing:
+    raise FileNotFoundError(f"{directory}: missing {', '.join(missing)}")
+  states = []
+  for i in range(count):
+    path = os.path.join(directory, names[i])
+    try:
+      with open(path) as f:
+        states.append(json.load(f))
+    except (OSError, ValueError) as e:
+      raise ValueError(f"{path} is unreadable: {type(e).__name__}: {e}") from None
+  return states
+
+
+class DataIterHandler(ocp.CheckpointHandler):
+  """Orbax handler of the loader state: each process writes its iterator's `get_state()` as
+  `process_<i>-of-<P>.json`; a restore reads its own file when the process count is the same,
+  else all files through the iterator's `set_state_of_processes`. A state the iterator refuses
+  raises `IncompatibleCheckpoint`."""
+
+  def save(self, directory: epath.Path, args: DataIterSave) -> None:
+    state = json.dumps(args.item.get_state(), indent=1)
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (epath.Path(directory) / name).write_text(state)
+
+  def restore(self, directory: epath.Path, args: DataIterRestore):
+    item = args.item
+    states = read_data_states(directory)
+    index, count = jax.process_index(), jax.process_count()
+    try:
+      if len(states) == count:
+        item.set_state(states[index])
+      elif hasattr(item, "set_state_of_processes"):
+        item.set_state_of_processes(states, index)
+      else:
+        raise ValueError(f"this loader's state was saved by {len(states)} processes and resumes "
+                         f"only with as many (this run has {count})")
+    except (ValueError, KeyError, TypeError) as e:
+      raise IncompatibleCheckpoint(f"the loader state in {directory}: {e}") from None
+    try:
+      getattr(item, "start_prefetch", lambda: None)()
+    except NotImplementedError:  # grain < 0.2.15 (Python 3.10's): no prefetch to start early
+      pass
+    return item
+
+  def metadata(self, directory: epath.Path) -> None:
+    del directory
+
+  def finalize(self, directory: epath.Path) -> None:
+    del directory
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_save=True)
+@dataclasses.dataclass
+class DataIterSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIterRestore(ocp.args.CheckpointArgs):
+  item: Any
 
 
 def _abstract(tree, shardings=None):
@@ -39,6 +142,13 @@ def _abstract(tree, shardings=None):
                         tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
+
+
+if not hasattr(jax, "set_mesh"):
+  # jax < 0.7.1 (the stack of Python 3.10) with orbax 0.11: its replica-parallel save leaves a
+  # one-device mesh set for good, which the next step's device code then trips over.
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 class Checkpointer:
@@ -53,7 +163,7 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=ITEMS, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data_iter": grain.checkpoint.CheckpointHandler(),
+                       "data_iter": DataIterHandler(),
                        "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
@@ -65,8 +175,57 @@ class Checkpointer:
   def save(self, step: int, state, data_iter, config_dict: dict) -> None:
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data_iter=grain.checkpoint.CheckpointSave(data_iter),
+        data_iter=DataIterSave(data_iter),
         config=ocp.args.JsonSave(config_dict)), force=True)
+
+  def saving(self) -> bool:
+    """Whether an asynchronous save has not committed yet."""
+    return self.manager.is_saving_in_progress()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def problems(self, step: int, data_iter: bool = True) -> list[str]:
+    """What is missing or unreadable in step `step`'s folder, found without reading arrays:
+    the same answer on every process of a run over a shared filesystem."""
+    folder = self.step_dir(step)
+    out = []
+    for item, needed in (("state", ("manifest.ocdbt", "_METADATA")), ("config", ())):
+      path = os.path.join(folder, item)
+      if not os.path.isdir(path):
+        out.append(f"{item}/ is missing")
+      out += [f"{item}/{n} is missing" for n in needed if os.path.isdir(path)
+              and not os.path.exists(os.path.join(path, n))]
+    config = os.path.join(folder, "config")
+    for name in sorted(os.listdir(config)) if os.path.isdir(config) else ():
+      if name.endswith(".json"):
+        try:
+          with open(os.path.join(config, name)) as f:
+            json.load(f)
+        except (OSError, ValueError) as e:
+          out.append(f"config/{name} is unreadable ({type(e).__name__})")
+    if data_iter:
+      path = os.path.join(folder, "data_iter")
+      try:
+        read_data_states(path)
+      except (OSError, ValueError) as e:
+        out.append(str(e).replace(path + ": ", "data_iter: ").replace(folder + os.sep, ""))
+    return out
+
+  def move_aside(self, step: int) -> str:
+    """Moves step `step`'s folder to `<workdir>/damaged_checkpoints/<step>[.n]` (never deletes
+    it) and forgets the step; returns the new path."""
+    target_dir = os.path.join(os.path.dirname(self.directory), DAMAGED_SUBDIR)
+    os.makedirs(target_dir, exist_ok=True)
+    target, n = os.path.join(target_dir, str(step)), 1
+    while os.path.exists(target):
+      target, n = os.path.join(target_dir, f"{step}.{n}"), n + 1
+    shutil.move(self.step_dir(step), target)
+    return target
+
+  def reload(self) -> None:
+    """Re-reads the step list (after another process moved a step aside)."""
+    self.manager.reload()
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """Restores `state` onto the shardings of `abstract_state` (ShapeDtypeStructs with sharding)
@@ -74,7 +233,7 @@ class Checkpointer:
     args = {"state": ocp.args.StandardRestore(abstract_state),
             "config": ocp.args.JsonRestore()}
     if data_iter is not None:
-      args["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+      args["data_iter"] = DataIterRestore(data_iter)
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
     return out["state"], out["config"]
 
