@@ -17,16 +17,16 @@ decoder (`--config.train.init_from=<stage workdir>`); the step counts are not in
 Set data.jsonl / data.heldout_jsonl (official `{"path": ...}` lines), autoencoder.encoder_path and
 stats_path, and loss.lpips_vgg_path (torchvision vgg16-397923af.pth) + loss.lpips_lin_path
 (the lpips package's weights/v0.1/vgg.pth); without LPIPS weights training runs without the
-LPIPS term. The fields and their defaults: `default_config()` in svg_jax/train/decoder_task.py.
+LPIPS term. The fields and their defaults: `decoder_task_config()` in svg_jax/config.py.
 """
 import ml_collections
 
+from svg_jax import config
 from svg_jax.demo import configs as demo_configs
-from svg_jax.train import decoder_task
 
 
 def _official(resolution: int, batch: int) -> ml_collections.ConfigDict:
-  c = decoder_task.default_config()
+  c = config.decoder_task_config()
   c.data.resolution = resolution
   c.train.global_batch_size = batch
   c.train.num_steps = 200_000

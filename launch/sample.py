@@ -37,18 +37,16 @@ def main(argv):
   import os
 
   from svg_jax import generate as gen
+  from svg_jax.data import jsonl
   from svg_jax.utils import atomic_files
   from svg_jax.utils.progress import Progress
 
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_jsonl:
-    with open(FLAGS.prompts_jsonl) as f:
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          item = json.loads(line)
-          if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise app.UsageError(f"{FLAGS.prompts_jsonl} line {n}: no string `prompt`")
-          prompts.append(item["prompt"])
+    try:
+      prompts += jsonl.prompts(FLAGS.prompts_jsonl)
+    except (ValueError, OSError) as e:
+      raise app.UsageError(str(e)) from None
   if not prompts:
     raise app.UsageError("give prompts with --prompt and/or --prompts_jsonl")
   if FLAGS.num_images < 1:

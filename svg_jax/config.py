@@ -231,3 +231,36 @@ def nextdit_config(config: ml_collections.ConfigDict) -> NextDiTConfig:
   cfg = NextDiTConfig.from_dict(config.model.to_dict())
   cfg.validate()
   return cfg
+
+
+def decoder_task_config() -> ml_collections.ConfigDict:
+  """`task = "decoder"`: the base config plus the decoder task's sections and the official recipe
+  (configs/decoder.py documents both)."""
+  c = base_config()
+  c.task = "decoder"
+
+  c.data.jsonl = ""  # training images (official jsonl: one {"path": ...} a line)
+  c.data.heldout_jsonl = ""  # held-out images for the PSNR evaluation
+  c.data.num_eval_images = 64  # the first N held-out images (0 = no evaluation)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.lpips_vgg_path = ""  # torchvision VGG16 state dict
+  c.loss.lpips_lin_path = ""  # lpips package weights/v0.1/vgg.pth
+  c.loss.lpips_weight = 1.0
+  c.loss.disc_weight = 0.5
+  c.loss.disc_factor = 1.0
+  c.loss.disc_start = 2500  # iterations (official: 5000 Lightning global steps)
+
+  c.discriminator = ml_collections.ConfigDict(dict(
+      in_channels=3, ndf=64, n_layers=3, bn_eps=1e-5, bn_momentum=0.1, leaky_slope=0.2))
+
+  t = c.train
+  t.lr, t.b1, t.b2, t.eps = 1e-4, 0.5, 0.9, 1e-8  # torch Adam
+  t.weight_decay, t.grad_clip = 0.0, 0.0
+  t.lr_schedule, t.warmup_steps = "constant", 0
+  t.caption_dropout = 0.0  # unused by this task
+  t.eval_every = 1000
+  t.eval_batch_size = 16
+  t.log_every = 50
+  t.checkpoint_every = 2000
+  return c

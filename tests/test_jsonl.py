@@ -34,3 +34,11 @@ def test_readers_stop_or_collect_as_documented(mixed, tmp_path):
   (tmp_path / "heldout.jsonl").write_bytes(mixed.read_bytes())
   with pytest.raises(ValueError, match=r"heldout.jsonl:1 is missing keys \['metadata'\]"):
     shapes.read_split(str(tmp_path), "heldout")
+  with pytest.raises(ValueError, match=r"mixed.jsonl line 4: a JSON list, not an object"):
+    jsonl.prompts(mixed)  # stops at the first bad line
+  good = tmp_path / "prompts.jsonl"
+  good.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog", "seed": 3}\n{"text": "x"}\n')
+  with pytest.raises(ValueError, match=r"prompts.jsonl line 4: no string `prompt`"):
+    jsonl.prompts(good)
+  good.write_text('{"prompt": "a cat"}\n\n{"prompt": "a dog", "seed": 3}\n')
+  assert jsonl.prompts(good) == ["a cat", "a dog"]

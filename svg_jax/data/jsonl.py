@@ -36,3 +36,15 @@ def lines(path: str | os.PathLike) -> Iterator[Line]:
         yield Line(number, None, f"a JSON {type(item).__name__}, not an object")
         continue
       yield Line(number, item, None)
+
+
+def prompts(path: str | os.PathLike) -> list[str]:
+  """The `prompt` strings of a jsonl file of `{"prompt": ...}` lines; ValueError naming the first
+  line that has none."""
+  out = []
+  for line in lines(path):
+    prompt = None if line.problem else line.item.get("prompt")
+    if not isinstance(prompt, str):
+      raise ValueError(f"{path} line {line.number}: {line.problem or 'no string `prompt`'}")
+    out.append(prompt)
+  return out

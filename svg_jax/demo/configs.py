@@ -8,7 +8,6 @@ files it makes (decoder_data.py, pipeline.py).
 import ml_collections
 
 from svg_jax import config as base
-from svg_jax.train import decoder_task
 
 # 8 px patches: with the official 16 a 64 px image is a 4x4 grid and a random (near-linear) ViT
 # projects each 768-value patch onto 384 channels, losing half of it; held-out ground truth
@@ -20,7 +19,7 @@ RESOLUTION = 64
 
 def decoder() -> ml_collections.ConfigDict:
   """The demo's decoder training: shapes images at 64 px, a small decoder, the official recipe."""
-  c = decoder_task.default_config()
+  c = base.decoder_task_config()
   c.data.resolution = RESOLUTION
   c.data.num_eval_images = 64
   c.autoencoder.encoder.update(dict(patch_size=ENCODER_PATCH,

@@ -19,11 +19,9 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
-from svg_jax import config as base
 from svg_jax import latent_stats, parallel
 from svg_jax.autoencoder import to_uint8
 from svg_jax.eval.image_metrics import psnr
@@ -40,38 +38,6 @@ from svg_jax.train import task_api
 
 SECTIONS = ("loss", "discriminator")
 DATA_FIELDS = ("jsonl", "heldout_jsonl", "num_eval_images")
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The decoder task's fields and the official recipe (configs/decoder.py documents both)."""
-  c = base.base_config()
-  c.task = "decoder"
-
-  c.data.jsonl = ""  # training images (official jsonl: one {"path": ...} a line)
-  c.data.heldout_jsonl = ""  # held-out images for the PSNR evaluation
-  c.data.num_eval_images = 64  # the first N held-out images (0 = no evaluation)
-
-  c.loss = ml_collections.ConfigDict()
-  c.loss.lpips_vgg_path = ""  # torchvision VGG16 state dict
-  c.loss.lpips_lin_path = ""  # lpips package weights/v0.1/vgg.pth
-  c.loss.lpips_weight = 1.0
-  c.loss.disc_weight = 0.5
-  c.loss.disc_factor = 1.0
-  c.loss.disc_start = 2500  # iterations (official: 5000 Lightning global steps)
-
-  c.discriminator = ml_collections.ConfigDict(dict(
-      in_channels=3, ndf=64, n_layers=3, bn_eps=1e-5, bn_momentum=0.1, leaky_slope=0.2))
-
-  t = c.train
-  t.lr, t.b1, t.b2, t.eps = 1e-4, 0.5, 0.9, 1e-8  # torch Adam
-  t.weight_decay, t.grad_clip = 0.0, 0.0
-  t.lr_schedule, t.warmup_steps = "constant", 0
-  t.caption_dropout = 0.0  # unused by this task
-  t.eval_every = 1000
-  t.eval_batch_size = 16
-  t.log_every = 50
-  t.checkpoint_every = 2000
-  return c
 
 
 def config_problems(config, process_count: int) -> list[str]:
@@ -162,7 +128,7 @@ def make_data_iterator(config):
 
 class DecoderMetricsLogger(metrics_lib.MetricsLogger):
   """The shared logger with the decoder's metric set: every metric is averaged over the log window
-  (lr: its last value); "eval" events also go to TensorBoard."""
+  (lr: its last value)."""
 
   def add(self, host_metrics, *, images, tokens, flops):
     acc = self._acc or _WindowMean()
@@ -173,14 +139,6 @@ class DecoderMetricsLogger(metrics_lib.MetricsLogger):
     w["images"] += images
     w["tokens"] += tokens
     w["flops"] += flops
-
-  def event(self, step, **fields):
-    super().event(step, **fields)
-    if self.is_main and fields.get("event") == "eval":
-      for k, v in fields.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(f"eval/{k}", v, step)
-      self._tb.flush()
 
 
 class _WindowMean:

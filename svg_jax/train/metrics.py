@@ -238,9 +238,16 @@ class MetricsLogger:
     return " | ".join(parts)
 
   def event(self, step: int, **fields) -> None:
-    """A non-metric record (start, resume, checkpoint, stop) in the JSONL log."""
-    if self.is_main:
-      self._jsonl.write(json.dumps({"step": int(step), **fields}) + "\n")
+    """A non-metric record (start, resume, checkpoint, stop, eval) in the JSONL log; the numbers
+    of an "eval" event also go to TensorBoard as `eval/<name>`."""
+    if not self.is_main:
+      return
+    self._jsonl.write(json.dumps({"step": int(step), **fields}) + "\n")
+    if fields.get("event") == "eval":
+      for k, v in fields.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(f"eval/{k}", v, step)
+      self._tb.flush()
 
   def close(self) -> None:
     if self.is_main:

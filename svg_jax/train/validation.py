@@ -23,7 +23,6 @@ one length (padding changes no output: the DiT masks padded caption keys).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -38,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from svg_jax import autoencoder as ae_lib
 from svg_jax import flow, generate, parallel, text
-from svg_jax.data import records
+from svg_jax.data import jsonl, records
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.utils import atomic_files
 
@@ -69,14 +68,10 @@ def read_prompts(vcfg) -> list[str]:
   """`validation.prompts` then the `prompt`s of `validation.prompts_file` (jsonl)."""
   prompts = [str(p) for p in vcfg.prompts]
   if vcfg.prompts_file:
-    with open(vcfg.prompts_file) as f:
-      for n, line in enumerate(f, 1):
-        if line.strip():
-          item = json.loads(line)
-          if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise ValueError(f"validation.prompts_file {vcfg.prompts_file} line {n}: no string "
-                             "`prompt`")
-          prompts.append(item["prompt"])
+    try:
+      prompts += jsonl.prompts(vcfg.prompts_file)
+    except ValueError as e:
+      raise ValueError(f"validation.prompts_file {e}") from None
   return prompts
 
 
@@ -214,16 +209,8 @@ def _host(x: jax.Array) -> np.ndarray:
 
 
 class ValidationLogger(metrics_lib.MetricsLogger):
-  """The shared logger plus what validation writes: "eval" numbers as TensorBoard scalars under
-  `eval/` and grid images (process 0 only, like every record)."""
-
-  def event(self, step, **fields):
-    super().event(step, **fields)
-    if self.is_main and fields.get("event") == "eval":
-      for k, v in fields.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-          self._tb.add_scalar(f"eval/{k}", v, step)
-      self._tb.flush()
+  """The shared logger (which also puts "eval" numbers into TensorBoard) plus the grid images
+  (process 0 only, like every record)."""
 
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
     """uint8 [H, W, 3] -> a TensorBoard image summary."""
