@@ -175,7 +175,7 @@ def print_one(r: dict) -> None:
     used = (f"{_gib(m['total'])} of the {_gib(r['hbm'])} GiB of HBM XLA:TPU allows "
             f"({100 * r['hbm_used']:.0f}%)" if m else r.get("error", ""))
     print(f"  verdict: {verdict}: {used}")
-  if "analytic_flops" in r:
+  if "xla_flops_scanned" in r:
     line = (f"  per device FLOPs: analytic {r['analytic_flops']:.4e}; XLA as counted (loop bodies "
             f"once) {r['xla_flops_scanned']:.4e}")
     if "xla_flops" in r:

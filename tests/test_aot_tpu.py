@@ -87,13 +87,16 @@ def test_hbm_table_is_what_xla_tpu_allows(generation):
   assert available == metrics.TPU_GENERATIONS[generation].hbm_gib
 
 
-def test_a_step_xla_refuses_is_a_verdict():
+def test_a_step_xla_refuses_is_a_verdict(capsys):
   """The 2B stage-3 step with 128 samples per chip of a v5e-4: no fit, XLA's reason kept."""
   config = _module("configs/svg_t2i_2b.py", "cfg_2b_tpu").get_config("stage3_1024")
   target = aot.tpu_target("v5e-4")
   mesh = aot.tpu_mesh(target, dict(config.mesh))
   r = aot.step_report(config, mesh, cap_len=256, target=target)
   assert r["fits"] is False and r["memory"] is None and "15.75G" in r["error"]
+  r.update(config="svg_t2i_2b.py", variant="stage3_1024", n_layers_config=26)
+  _module("launch/aot_compile.py", "aot_cli_oom").print_one(r)
+  assert "verdict: DOES NOT FIT: RESOURCE_EXHAUSTED" in capsys.readouterr().out
 
 
 def _logical_specs(config):
