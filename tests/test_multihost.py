@@ -200,22 +200,24 @@ def test_loader_rows_make_the_same_global_batches_on_any_process_count(data_dir)
   assert back + rest == one
 
 
+def _assert_same_losses(workdir, reference, label):
+  """The run in `workdir` logged a loss at every step of `reference`, each within 1e-6."""
+  got = _losses(workdir)
+  diff = max(abs(got[s] - reference[s]) for s in reference)
+  print(f"{label}: max |loss diff| {diff:.3g}")
+  assert sorted(got) == sorted(reference) and diff <= 1e-6
+
+
 def test_two_processes_train_like_one(data_dir, one_process_run, tmp_path):
   """2 processes x 2 devices: the losses of 1 process x 4 devices, step for step."""
   _run(data_dir, tmp_path, STEPS, 2, 2)
-  got = _losses(tmp_path)
-  diff = max(abs(got[s] - one_process_run[s]) for s in one_process_run)
-  print(f"1x4 vs 2x2: max |loss diff| {diff:.3g}")
-  assert sorted(got) == sorted(one_process_run) and diff <= 1e-6
+  _assert_same_losses(tmp_path, one_process_run, "1x4 vs 2x2")
 
 
 @pytest.mark.slow
 def test_four_processes_train_like_one(data_dir, one_process_run, tmp_path):
   _run(data_dir, tmp_path, STEPS, 4, 1, timeout=500)
-  got = _losses(tmp_path)
-  diff = max(abs(got[s] - one_process_run[s]) for s in one_process_run)
-  print(f"1x4 vs 4x1: max |loss diff| {diff:.3g}")
-  assert sorted(got) == sorted(one_process_run) and diff <= 1e-6
+  _assert_same_losses(tmp_path, one_process_run, "1x4 vs 4x1")
 
 
 @pytest.mark.slow
@@ -226,10 +228,7 @@ def test_a_checkpoint_resumes_on_another_process_count(data_dir, one_process_run
     _run(data_dir, tmp_path, steps, processes, devices)
   resumes = [r["step"] for r in _records(tmp_path) if r.get("event") == "resume"]
   assert resumes == [3, 6]
-  got = _losses(tmp_path)
-  diff = max(abs(got[s] - one_process_run[s]) for s in one_process_run)
-  print(f"2x2 -> 1x4 -> 2x2 against 1x4: max |loss diff| {diff:.3g}")
-  assert sorted(got) == sorted(one_process_run) and diff <= 1e-6
+  _assert_same_losses(tmp_path, one_process_run, "2x2 -> 1x4 -> 2x2 against 1x4")
 
 
 def _wait_for_step(procs, workdir, k, timeout=300):
