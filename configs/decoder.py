@@ -1,8 +1,9 @@
 """Decoder training (`task = "decoder"`): the SVG pixel decoder behind a frozen DINOv3 (docs/reference.md §3.3).
 
 Variants (`--config configs/decoder.py:<variant>`):
-  tiny         the CPU demo's (svg_jax/demo/configs.py): 64 px images, a ViT-S+ with 8 px patches
-               (an 8x8 latent grid), a small decoder. Its files (shapes images, a random DINOv3
+  tiny         the CPU demo's (svg_jax/demo/configs.py, its default preset): 64 px images, a
+               narrow 4-block DINOv3 with 8 px patches (an 8x8 grid of 128 channels), a small
+               decoder; `tiny_full` the same behind a ViT-S+-width encoder (384 channels). Its files (shapes images, a random DINOv3
                made from a seed, its statistics) come from `python launch/make_demo_data.py
                --out DIR --decoder_files`, which prints the four path flags to add here.
   stage1_256   official stage 1: 256 px, batch 64 x 8 GPUs, the released decoder architecture.
@@ -35,6 +36,7 @@ def _official(resolution: int, batch: int) -> ml_collections.ConfigDict:
 
 VARIANTS = {
     "tiny": demo_configs.decoder,
+    "tiny_full": lambda: demo_configs.decoder("full"),
     "stage1_256": lambda: _official(256, 512),
     "stage2_512": lambda: _official(512, 512),
     "stage3_1024": lambda: _official(1024, 24),

@@ -26,8 +26,10 @@ def get_config(variant: str = "stage1_256"):
     raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(STAGES)}")
   c = base.base_config()
   # auto: splash attention when compiled for TPUs (svg_jax/models/splash_attention.py), xla on
-  # other devices; GPUs want --config.model.attention_backend=cudnn.
-  c.model.update(dict(compute_dtype="bfloat16", scan_layers=True, remat_policy="full",
+  # other devices; GPUs want --config.model.attention_backend=cudnn. Remat auto: the trainer
+  # compiles the step with each policy, least recomputation first, and trains with the first that
+  # fits the device (svg_jax/train/remat.py); AOT tools compile it as full.
+  c.model.update(dict(compute_dtype="bfloat16", scan_layers=True, remat_policy="auto",
                       attention_backend="auto"))
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   c.data.resolution = STAGES[variant]

@@ -60,7 +60,8 @@ def _parser():
   p.add_argument("--per-device-batch", type=int, default=0,
                  help="samples per device per micro-batch; sets micro-batches (0: unused)")
   p.add_argument("--global-batch", type=int, default=0, help="0: the config's (official 512)")
-  p.add_argument("--remat", default="", help="none | full | dots | dots_no_batch (default: config)")
+  p.add_argument("--remat", default="", help="none | dots | dots_no_batch | save_qkv_attn | "
+                 "offload_qkv_attn | full (default: the config's; auto compiles as full)")
   p.add_argument("--attention", default="", help="xla | splash | cudnn | auto (default: config)")
   p.add_argument("--n-layers", type=int, default=0, help="compile a shorter stack (0: config)")
   p.add_argument("--cap-len", type=int, default=0, help="padded caption length (0: largest bucket)")

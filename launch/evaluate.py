@@ -1,11 +1,12 @@
 """Score a DiT on the demo's prompts: ShapesGenEval of one image per held-out prompt.
 
-  python launch/evaluate.py --benchmark=shapes --data=runs/demo/demo/shapes_64px_seed0 \
+  python launch/evaluate.py --benchmark=shapes --data=runs/demo/demo/shapes_64px_fixed_seed0 \
       --config configs/tiny.py --config.autoencoder.decoder_path=runs/demo/decoder.safetensors \
-      --config.autoencoder.stats_path=runs/demo/demo/latent_stats_d384_l12_p8_seed0_64px.pt \
+      --config.autoencoder.stats_path=runs/demo/demo/latent_stats_d128_l4_p8_seed0_64px.pt \
       --checkpoint=runs/demo/dit --text_encoder=runs/demo/text_encoder --system_type=empty
 
-Prompts: the `--split` (default heldout: combinations never seen in training) of a shapes dataset
+(the default demo's files; a `--preset full` demo's are shapes_64px_seed0, configs/tiny.py:full and
+latent_stats_d384_l12_p8_seed0_64px.pt.) Prompts: the `--split` (default heldout: combinations never seen in training) of a shapes dataset
 folder (`svg_jax/demo/shapes.py`), the first `--limit`. Prints the per-category table; with
 --out also grid.png, grid_prompts.txt and scores.json.
 """

@@ -25,6 +25,8 @@ from absl import app, flags
 from svg_jax import cli
 
 flags.DEFINE_string("workdir", "runs/scaling", "demo workdir (data, decoder, records are shared)")
+flags.DEFINE_enum("preset", "full", ["small", "full"], "demo preset (svg_jax/demo/configs.py): the "
+                  "study below docs/demo.md's candidates was made with full")
 flags.DEFINE_integer("num_train", 2000, "demo training images")
 flags.DEFINE_integer("num_heldout", 300, "held-out prompts")
 flags.DEFINE_integer("decoder_steps", 800, "pixel-decoder training steps")
@@ -61,8 +63,9 @@ def main(argv):
     raise app.UsageError(f"--steps must be positive step counts, got {FLAGS.steps}")
   metrics.console_logging()
   stages = pipeline.Stages(pipeline.DemoSettings(
-      workdir=FLAGS.workdir, num_train=FLAGS.num_train, num_heldout=FLAGS.num_heldout,
-      decoder_steps=FLAGS.decoder_steps, text_weights=FLAGS.text_weights))
+      workdir=FLAGS.workdir, preset=FLAGS.preset, num_train=FLAGS.num_train,
+      num_heldout=FLAGS.num_heldout, decoder_steps=FLAGS.decoder_steps,
+      text_weights=FLAGS.text_weights))
   dec = stages._timed("decoder", stages.train_decoder)
   text_dir = stages._timed("text encoder", lambda: stages.text_encoder(dec))
   records = stages._timed("precompute", lambda: stages.precompute(dec, text_dir))

@@ -186,13 +186,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.ema_decay = 0.9999
   c.train.init_from = ""  # checkpoint dir of an earlier stage: params (not optimizer) + EMA from them
   c.train.log_every = 50
-  c.train.checkpoint_every = 2000
+  c.train.checkpoint_every = 2000  # 0: never (benchmarks), not even at the end or on a signal
   c.train.keep_checkpoints = 3
   c.train.async_checkpointing = True  # Orbax writes in a background thread while training goes on
   # Test hook: the batch of this (1-based) step gets NaN latents, to exercise the divergence stop.
   c.train.debug_nan_step = -1
   # Peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | h100 | h200.
   c.train.chip = "auto"
+  # model.remat_policy = "auto" (svg_jax/train/remat.py) takes the least recomputation whose
+  # compiled step fits device memory x (1 - remat_headroom); the memory is GiB per device, 0 =
+  # the device's own figure (memory_stats' bytes_limit; the host's RAM on CPUs).
+  c.train.remat_memory_budget_gib = 0.0
+  c.train.remat_headroom = 0.1
   # In-training validation (svg_jax/train/validation.py; 0 = off): sample grids of the validation
   # prompts every `sample_every` steps, the held-out loss of `data.eval_path` every `eval_every`;
   # both also after the last step (not after a preemption signal, which saves at once).

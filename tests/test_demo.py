@@ -5,23 +5,41 @@ import dataclasses
 import pytest
 
 from svg_jax import config as config_lib
+from svg_jax.demo import configs as demo_configs
 from svg_jax.demo import pipeline as demo
 from svg_jax.demo import shapes
 from svg_jax.train import dit_task
 
 
-def test_demo_dit_matches_its_encoder_and_is_wide_enough(tmp_path):
-  stages = demo.Stages(demo.DemoSettings(workdir=str(tmp_path)))
+@pytest.mark.parametrize("preset", sorted(demo_configs.PRESETS))
+def test_demo_dit_matches_its_encoder_and_is_wide_enough(tmp_path, preset):
+  stages = demo.Stages(demo.DemoSettings(workdir=str(tmp_path), preset=preset))
   decoder = stages.decoder_config()
   dit = stages.dit_config(str(tmp_path / "records"), decoder)
   assert dit.autoencoder.encoder.patch_size == decoder.autoencoder.encoder.patch_size == 8
+  # The DiT's latent is the preset's encoder's output, which its decoder takes.
+  p = demo_configs.preset(preset)
+  assert (dit.model.in_channels == dit.autoencoder.encoder.dim == decoder.autoencoder.encoder.dim
+          == decoder.autoencoder.decoder.z_channels == p.encoder_dim)
   # The decoder upsamples by the encoder's patch, so reconstructions have the image size.
   assert 2 ** (len(decoder.autoencoder.decoder.ch_mult) - 1) == 8
   model = config_lib.nextdit_config(dit)
   assert dit_task.bottleneck_problems(model) == []
-  narrow = dataclasses.replace(model, dim=192)
-  assert "model.dim 192 is below the patch's 384 input dimensions" in dit_task.bottleneck_problems(
-      narrow)[0]
+  half = p.encoder_dim // 2
+  narrow = dataclasses.replace(model, dim=half)
+  assert (f"model.dim {half} is below the patch's {p.encoder_dim} input dimensions"
+          in dit_task.bottleneck_problems(narrow)[0])
+  assert stages.s.dit_steps == p.dit_steps and stages.s.num_train == p.num_train
+
+
+def test_a_workdir_of_another_preset_stops_the_demo_with_one_line(tmp_path):
+  demo.Stages(demo.DemoSettings(workdir=str(tmp_path), preset="full"))
+  demo.Stages(demo.DemoSettings(workdir=str(tmp_path), preset="full"))  # the same: goes on
+  with pytest.raises(SystemExit, match=r"was made with num_train=2000, preset=full \(asked: "
+                     r"num_train=4000, preset=small\); run these settings in a fresh --workdir"):
+    demo.Stages(demo.DemoSettings(workdir=str(tmp_path)))
+  with pytest.raises(ValueError, match="unknown demo preset 'huge'"):
+    demo.DemoSettings(workdir=str(tmp_path), preset="huge")
 
 
 def test_a_stage_stopped_by_a_signal_stops_the_demo():

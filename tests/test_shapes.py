@@ -17,8 +17,8 @@ def _real_geneval() -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def _specs(split, count, seed=0, size=64):
-  return [shapes.item_spec(seed, split, i, size) for i in range(count)]
+def _specs(split, count, seed=0, size=64, layouts="jittered"):
+  return [shapes.item_spec(seed, split, i, size, layouts) for i in range(count)]
 
 
 def test_rendering_is_deterministic_by_seed():
@@ -117,9 +117,10 @@ def test_bad_arguments_are_named():
     shapes.read_split("/nonexistent/never", "train")
 
 
-def test_heldout_combinations_never_in_training():
-  train = _specs("train", 1800)
-  held = _specs("heldout", 600)
+@pytest.mark.parametrize("layouts", shapes.LAYOUTS)
+def test_heldout_combinations_never_in_training(layouts):
+  train = _specs("train", 1800, layouts=layouts)
+  held = _specs("heldout", 600, layouts=layouts)
   seen = {k: set() for k in ("color_shape", "relation", "count", "pair")}
   for item in train:
     for k, v in shapes.combinations_of(item).items():
@@ -177,10 +178,11 @@ def test_relation_key_is_canonical():
     shapes.relation_key("circle", "next to", "square")
 
 
-def test_layout_keeps_objects_apart_and_inside():
+@pytest.mark.parametrize("layouts", shapes.LAYOUTS)
+def test_layout_keeps_objects_apart_and_inside(layouts):
   for split in shapes.SPLITS:
     for size in (64, 128):
-      for item in _specs(split, 120, size=size):
+      for item in _specs(split, 120, size=size, layouts=layouts):
         boxes = [o["box"] for o in item["objects"]]
         assert len(boxes) == sum(r["count"] for r in item["metadata"]["include"])
         for x0, y0, x1, y1 in boxes:
@@ -189,6 +191,35 @@ def test_layout_keeps_objects_apart_and_inside():
         for i, a in enumerate(boxes):
           for b in boxes[:i]:
             assert shapes._separated(a, b, gap=2.0)
+
+
+def test_fixed_layouts_put_every_object_on_its_slot_at_one_size():
+  """Fixed layouts: each object's box is centred on a template slot with the middle of its
+  count's size range, relations hold by the template, and the rest of the item (prompt, colours,
+  shapes) is what the jittered layout gives."""
+  size = 64
+  for split in shapes.SPLITS:
+    fixed, jittered = _specs(split, 120, layouts="fixed"), _specs(split, 120)
+    for item, other in zip(fixed, jittered):
+      assert item["prompt"] == other["prompt"]
+      assert [(o["shape"], o["color"]) for o in item["objects"]] == [
+          (o["shape"], o["color"]) for o in other["objects"]]
+      n = len(item["objects"])
+      lo, hi = shapes._size_range(n)
+      slots = set(shapes.SLOTS[n]) | set(shapes.VERTICAL_PAIR if n == 2 else ())
+      for o in item["objects"]:
+        x0, y0, x1, y1 = o["box"]
+        assert x1 - x0 == pytest.approx((lo + hi) / 2 * size, abs=1e-3)
+        assert y1 - y0 == pytest.approx(x1 - x0, abs=1e-3)
+        assert any(((x0 + x1) / 2, (y0 + y1) / 2) == pytest.approx((cx * size, cy * size),
+                                                                  abs=1e-3) for cx, cy in slots)
+      if item["metadata"]["tag"] == "position":
+        relation, _ = item["metadata"]["include"][1]["position"]
+        target_box, subject_box = (o["box"] for o in item["objects"])
+        assert shapes._clearly_related(subject_box, target_box, relation,
+                                       shapes._gap(size))
+  with pytest.raises(ValueError, match="layouts"):
+    shapes.item_spec(0, "train", 0, 64, "random")
 
 
 def test_metadata_mirrors_geneval_format():

@@ -1,7 +1,7 @@
 """The demo decoder's input files: shapes images, a random frozen DINOv3, its latent statistics.
 
 `prepare(folder, encoder, resolution, ...)` makes (once; later calls reuse the files) in `folder`:
-  shapes_{R}px_seed{S}/   the shapes demo dataset (svg_jax/demo/shapes.py) at R pixels,
+  shapes_{R}px[_fixed]_seed{S}/  the shapes demo dataset (svg_jax/demo/shapes.py) at R pixels,
   dinov3_random_{tag}.pth a DINOv3 of the `encoder` architecture initialized from seed S, saved as
                           an official state dict and used only through `load_dinov3` (the loader
                           of the real weights),
@@ -57,12 +57,13 @@ def make_stats(path: str, encoder_path: str, cfg: DINOv3Config, jsonl: str, reso
 
 
 def prepare(folder: str, encoder: DINOv3Config, resolution: int, *, num_train: int,
-            num_heldout: int, seed: int) -> dict[str, str]:
+            num_heldout: int, seed: int, layouts: str = "jittered") -> dict[str, str]:
   """Makes the files (see the module docstring); returns {config field: path}."""
   folder = os.path.abspath(folder)
   os.makedirs(folder, exist_ok=True)
-  data_dir = os.path.join(folder, f"shapes_{resolution}px_seed{seed}")
-  shapes.write_dataset(data_dir, num_train, num_heldout, resolution, seed)
+  kind = "" if layouts == "jittered" else f"_{layouts}"
+  data_dir = os.path.join(folder, f"shapes_{resolution}px{kind}_seed{seed}")
+  shapes.write_dataset(data_dir, num_train, num_heldout, resolution, seed, layouts)
   jsonl = os.path.join(data_dir, "train.jsonl")
   tag = f"d{encoder.dim}_l{encoder.depth}_p{encoder.patch_size}_seed{seed}"
   encoder_path = os.path.join(folder, f"dinov3_random_{tag}.pth")
@@ -77,12 +78,12 @@ def prepare(folder: str, encoder: DINOv3Config, resolution: int, *, num_train: i
           "autoencoder.encoder_path": encoder_path, "autoencoder.stats_path": stats_path}
 
 
-def prepare_for(config, folder: str, *, num_train: int, num_heldout: int, seed: int
-                ) -> dict[str, str]:
+def prepare_for(config, folder: str, *, num_train: int, num_heldout: int, seed: int,
+                layouts: str = "jittered") -> dict[str, str]:
   """`prepare` for a decoder config (its encoder and resolution), then points it at the files."""
   paths = prepare(folder, DINOv3Config.from_dict(config.autoencoder.encoder.to_dict()),
                   int(config.data.resolution), num_train=num_train, num_heldout=num_heldout,
-                  seed=seed)
+                  seed=seed, layouts=layouts)
   for key, value in paths.items():
     section, field = key.split(".")
     config[section][field] = value

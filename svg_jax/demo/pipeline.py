@@ -8,6 +8,7 @@ finished stages and resumes an interrupted training from its last checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -25,15 +26,21 @@ from svg_jax.demo.text_encoder import BuiltDifferently, DemoSpec, ensure_demo_te
 from svg_jax.eval import image_metrics
 from svg_jax.models.decoder import DecoderConfig
 from svg_jax.train import metrics, trainer
+from svg_jax.utils import atomic_files
+
+
+WORKDIR_RECORD = "demo_settings.json"  # what the workdir's cached stages were made with
 
 
 @dataclasses.dataclass
 class DemoSettings:
   workdir: str = "runs/demo"
-  num_train: int = 2000
+  # The models' sizes and budgets (configs.PRESETS); None below = the preset's value.
+  preset: str = configs.DEFAULT_PRESET
+  num_train: int | None = None
   num_heldout: int = 300
-  decoder_steps: int = 800
-  dit_steps: int = 1000
+  decoder_steps: int | None = None
+  dit_steps: int | None = None
   sample_steps: int = 25
   cfg_scale: float = 4.0
   shift: float = 1.0
@@ -48,8 +55,17 @@ class DemoSettings:
   # Watching the DiT run (svg_jax/train/validation.py): a grid of `validation_prompts` held-out
   # prompts and the held-out loss per noise level every `validate_every` steps, in TensorBoard
   # (<workdir>/dit/tensorboard) and <workdir>/dit/samples; 0 = off.
-  validate_every: int = 100
+  validate_every: int = 500
   validation_prompts: int = 8
+  # Training prompts scored beside the held-out ones (per category; 0 = none): the gap between
+  # the two is what composition costs.
+  seen_per_category: int = 20
+
+  def __post_init__(self):
+    p = configs.preset(self.preset)
+    for name in ("num_train", "decoder_steps", "dit_steps"):
+      if getattr(self, name) is None:
+        setattr(self, name, getattr(p, name))
 
 
 def export_decoder(decoder_config, workdir: str, dst: str) -> str:
@@ -77,8 +93,25 @@ class Stages:
     self.s = s
     self.workdir = os.path.abspath(s.workdir)
     os.makedirs(self.workdir, exist_ok=True)
+    self._check_workdir()
     self.timings: dict[str, float] = {}
     self._decoder_file: str | None = None  # exported once per process (the decoder is frozen)
+
+  def _check_workdir(self) -> None:
+    """A workdir holds the data, decoder, records and DiT of one preset and dataset: another
+    preset or dataset size there would resume models of other shapes."""
+    made_with = {"preset": self.s.preset, "num_train": self.s.num_train,
+                 "num_heldout": self.s.num_heldout, "seed": self.s.seed}
+    path = os.path.join(self.workdir, WORKDIR_RECORD)
+    existing = atomic_files.read_json(path)
+    if existing is None:
+      atomic_files.write_text(path, json.dumps(made_with, indent=2))
+    elif existing != made_with:
+      keys = atomic_files.differing_keys(existing, made_with)
+      was = ", ".join(f"{k}={existing.get(k)}" for k in keys)
+      now = ", ".join(f"{k}={made_with[k]}" for k in keys)
+      raise SystemExit(f"demo: {self.workdir} was made with {was} (asked: {now}); run these "
+                       "settings in a fresh --workdir")
 
   def _timed(self, name: str, fn):
     start = time.time()
@@ -91,14 +124,16 @@ class Stages:
   # 1. decoder training on the demo's files: the shapes data, a random encoder, its statistics
   def decoder_config(self) -> ml_collections.ConfigDict:
     """The decoder config before its files exist (their paths are set by `train_decoder`)."""
-    c = configs.decoder()
+    c = configs.decoder(self.s.preset)
     c.train.num_steps = self.s.decoder_steps
+    c.loss.disc_start = self.s.decoder_steps * 3 // 4
     return c
 
   def train_decoder(self) -> ml_collections.ConfigDict:
     c = self.decoder_config()
     decoder_data.prepare_for(c, os.path.join(self.workdir, "demo"), num_train=self.s.num_train,
-                             num_heldout=self.s.num_heldout, seed=self.s.seed)
+                             num_heldout=self.s.num_heldout, seed=self.s.seed,
+                             layouts=configs.preset(self.s.preset).layouts)
     _finished(trainer.train(c, os.path.join(self.workdir, "decoder")), "decoder training")
     return c
 
@@ -135,7 +170,7 @@ class Stages:
 
   # 4. DiT training on the records
   def dit_config(self, records: str, decoder_config) -> ml_collections.ConfigDict:
-    c = configs.dit()
+    c = configs.dit(self.s.preset)
     # The encoder that made the records: its patch sets the latent grid (and the time shift's
     # token count), its fingerprints are checked against the records' manifest.
     c.autoencoder = decoder_config.autoencoder
@@ -213,13 +248,24 @@ class Stages:
     heldout = self.heldout(decoder_config)
     ceiling, psnr = self.ceiling(config, heldout)
     res = int(decoder_config.data.resolution)
+    outdir = os.path.join(self.workdir, "eval")
     report = {"decoder_reconstruction_ceiling": ceiling, "reconstruction_psnr_db": psnr,
-              "demo_settings": dataclasses.asdict(self.s), "timings_s": self.timings}
+              "demo_settings": dataclasses.asdict(self.s),
+              "dit_images_seen": int(config.train.global_batch_size) * self.s.dit_steps}
+    if self.s.seen_per_category:
+      seen = self.seen(decoder_config, self.s.seen_per_category)
+      report["seen_scores"], _ = evaluate.evaluate(gen, seen, (res, res), self.sampler_settings(),
+                                                   outdir=os.path.join(outdir, "seen"))
+    report["timings_s"] = self.timings
     scores, _ = evaluate.evaluate(gen, heldout, (res, res), self.sampler_settings(),
-                                  outdir=os.path.join(self.workdir, "eval"), report=report)
+                                  outdir=outdir, report=report)
     print("ShapesGenEval of held-out ground truth through encoder + trained decoder (the ceiling "
           f"this decoder allows; reconstruction PSNR {psnr:.1f} dB):")
     geneval.print_table(ceiling)
+    if "seen_scores" in report:
+      print(f"ShapesGenEval of {len(seen)} training prompts (combinations the DiT was trained "
+            "on):")
+      geneval.print_table(report["seen_scores"])
     return scores
 
 

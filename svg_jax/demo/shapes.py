@@ -200,6 +200,10 @@ SLOTS = {
 }
 VERTICAL_PAIR = ((0.5, 0.27), (0.5, 0.73))
 JITTER = 0.04  # uniform shift of each centre, fraction of the image side, per axis
+# "jittered": centres shifted by up to JITTER and sides drawn from _size_range; "fixed": every
+# object exactly on its slot with the middle of its size range. Fixed layouts leave the DiT a
+# finite set of object patterns per slot, which a CPU-sized run learns in minutes (docs/demo.md).
+LAYOUTS = ("jittered", "fixed")
 
 
 def _slots(rng: np.random.Generator, n: int, relation: str | None) -> list[tuple[float, float]]:
@@ -213,9 +217,11 @@ def _slots(rng: np.random.Generator, n: int, relation: str | None) -> list[tuple
 
 
 def layout(rng: np.random.Generator, n: int, image_size: int,
-           relation: str | None = None) -> list[list[float]]:
-  """n non-overlapping square boxes on the jittered template of n; with `relation` (n == 2), box 0
-  is `relation` box 1."""
+           relation: str | None = None, layouts: str = "jittered") -> list[list[float]]:
+  """n non-overlapping square boxes on the template of n (`layouts`: jittered or fixed); with
+  `relation` (n == 2), box 0 is `relation` box 1."""
+  if layouts not in LAYOUTS:
+    raise ValueError(f"unknown layouts {layouts!r}; expected one of {LAYOUTS}")
   if relation is not None and n != 2:
     raise ValueError(f"a relation needs exactly 2 objects, got {n}")
   if n not in SLOTS:
@@ -223,6 +229,10 @@ def layout(rng: np.random.Generator, n: int, image_size: int,
   lo, hi = _size_range(n)
   gap, m = _gap(image_size), _margin(image_size)
   slots = _slots(rng, n, relation)
+  if layouts == "fixed":  # the templates are separated and related by construction
+    side = (lo + hi) / 2 * image_size
+    return [[cx * image_size - side / 2, cy * image_size - side / 2,
+             cx * image_size + side / 2, cy * image_size + side / 2] for cx, cy in slots]
   scale = 1.0
   for _ in range(50):
     for _ in range(20):
@@ -254,7 +264,8 @@ def _pick(rng: np.random.Generator, options: Sequence[Any]) -> Any:
   return options[int(rng.integers(len(options)))]
 
 
-def sample_item(rng: np.random.Generator, category: str, split: str, image_size: int) -> dict:
+def sample_item(rng: np.random.Generator, category: str, split: str, image_size: int,
+                layouts: str = "jittered") -> dict:
   """One item {prompt, metadata, objects} of `category` for `split` (no image yet)."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -264,7 +275,7 @@ def sample_item(rng: np.random.Generator, category: str, split: str, image_size:
     shapes, colors = [shape], [_pick(rng, _allowed_colors(shape, split))]
     prompt = f"a photo of {_phrase(shape)}"
     include = [{"class": shape, "count": 1}]
-    boxes = layout(rng, 1, image_size)
+    boxes = layout(rng, 1, image_size, layouts=layouts)
     extra = {}
   elif category == "two_object":
     pairs = [(a, b) for a in SHAPES for b in SHAPES
@@ -274,7 +285,7 @@ def sample_item(rng: np.random.Generator, category: str, split: str, image_size:
     colors = [_pick(rng, _allowed_colors(s, split)) for s in shapes]
     prompt = f"a photo of {_phrase(a)} and {_phrase(b)}"
     include = [{"class": a, "count": 1}, {"class": b, "count": 1}]
-    boxes = layout(rng, 2, image_size)
+    boxes = layout(rng, 2, image_size, layouts=layouts)
     extra = {}
   elif category == "counting":
     options = [(n, s) for n in COUNTS for s in SHAPES if ((n, s) in HELDOUT_COUNTS) == held]
@@ -284,14 +295,14 @@ def sample_item(rng: np.random.Generator, category: str, split: str, image_size:
     prompt = f"a photo of {NUMBER_WORDS[n]} {PLURALS[shape]}"
     include = [{"class": shape, "count": n}]
     extra = {"exclude": [{"class": shape, "count": n + 1}]}
-    boxes = layout(rng, n, image_size)
+    boxes = layout(rng, n, image_size, layouts=layouts)
   elif category == "colors":
     options = [(c, s) for s in SHAPES for c in COLORS if ((c, s) in HELDOUT_COLOR_SHAPE) == held]
     color, shape = _pick(rng, options)
     shapes, colors = [shape], [color]
     prompt = f"a photo of {_phrase(shape, color)}"
     include = [{"class": shape, "count": 1, "color": color}]
-    boxes = layout(rng, 1, image_size)
+    boxes = layout(rng, 1, image_size, layouts=layouts)
     extra = {}
   elif category == "position":
     options = [(a, r, b) for a in SHAPES for b in SHAPES for r in RELATIONS
@@ -303,7 +314,7 @@ def sample_item(rng: np.random.Generator, category: str, split: str, image_size:
     prompt = f"a photo of {_phrase(subject)} {relation} {_phrase(target)}"
     include = [{"class": target, "count": 1},
                {"class": subject, "count": 1, "position": [relation, 0]}]
-    subject_box, target_box = layout(rng, 2, image_size, relation=relation)
+    subject_box, target_box = layout(rng, 2, image_size, relation=relation, layouts=layouts)
     boxes = [target_box, subject_box]
     extra = {}
   elif category == "color_attr":
@@ -320,7 +331,7 @@ def sample_item(rng: np.random.Generator, category: str, split: str, image_size:
     colors, shapes = [first[0], second[0]], [first[1], second[1]]
     prompt = f"a photo of {_phrase(shapes[0], colors[0])} and {_phrase(shapes[1], colors[1])}"
     include = [{"class": s, "count": 1, "color": c} for c, s in zip(colors, shapes)]
-    boxes = layout(rng, 2, image_size)
+    boxes = layout(rng, 2, image_size, layouts=layouts)
     extra = {}
   else:
     raise ValueError(f"unknown category {category!r}; expected one of {CATEGORIES}")
@@ -335,7 +346,8 @@ def category_of(index: int) -> str:
   return CATEGORIES[index % len(CATEGORIES)]
 
 
-def item_spec(seed: int, split: str, index: int, image_size: int) -> dict:
+def item_spec(seed: int, split: str, index: int, image_size: int,
+              layouts: str = "jittered") -> dict:
   """Item `index` of `split` without its image: a pure function of its arguments, independent of
   how many items the split has."""
   if split not in SPLITS:
@@ -343,12 +355,13 @@ def item_spec(seed: int, split: str, index: int, image_size: int) -> dict:
   if int(index) < 0:
     raise ValueError(f"index must be >= 0, got {index}")
   rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], int(index)])
-  return sample_item(rng, category_of(index), split, image_size)
+  return sample_item(rng, category_of(index), split, image_size, layouts)
 
 
-def make_item(seed: int, split: str, index: int, image_size: int) -> dict:
+def make_item(seed: int, split: str, index: int, image_size: int,
+              layouts: str = "jittered") -> dict:
   """`item_spec` plus "image": uint8 [S, S, 3]."""
-  item = item_spec(seed, split, index, image_size)
+  item = item_spec(seed, split, index, image_size, layouts)
   item["image"] = render(item["objects"], image_size)
   return item
 
@@ -376,10 +389,11 @@ def combinations_of(item: dict) -> dict[str, set]:
 # On disk
 
 
-def _manifest(num_train: int, num_heldout: int, image_size: int, seed: int) -> dict:
+def _manifest(num_train: int, num_heldout: int, image_size: int, seed: int, layouts: str
+              ) -> dict:
   return {
       "format": "svg_jax.shapes", "version": FORMAT_VERSION, "seed": int(seed),
-      "image_size": int(image_size), "counts": {"train": int(num_train),
+      "image_size": int(image_size), "layouts": layouts, "counts": {"train": int(num_train),
                                                 "heldout": int(num_heldout)},
       "background": list(BACKGROUND), "palette": {k: list(v) for k, v in PALETTE.items()},
       "shapes": list(SHAPES), "categories": list(CATEGORIES),
@@ -407,7 +421,7 @@ def _complete(out_dir: str, manifest: dict) -> bool:
 
 
 def write_dataset(out_dir: str, num_train: int, num_heldout: int, image_size: int = 64,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, layouts: str = "jittered") -> dict:
   """Writes the dataset (PNGs, `train.jsonl`, `heldout.jsonl`, `manifest.json`) and returns the
   manifest. Deterministic in `seed`; a rerun on a complete directory with the same arguments
   writes nothing, one over an interrupted run finishes it, different arguments are an error."""
@@ -416,7 +430,9 @@ def write_dataset(out_dir: str, num_train: int, num_heldout: int, image_size: in
       raise ValueError(f"{name} must be >= 0, got {value}")
   if int(image_size) < 32:
     raise ValueError(f"image_size must be >= 32 for shapes to stay recognisable, got {image_size}")
-  manifest = _manifest(num_train, num_heldout, image_size, seed)
+  if layouts not in LAYOUTS:
+    raise ValueError(f"unknown layouts {layouts!r}; expected one of {LAYOUTS}")
+  manifest = _manifest(num_train, num_heldout, image_size, seed, layouts)
   manifest_path = os.path.join(out_dir, MANIFEST)
   existing = atomic_files.read_json(manifest_path)
   if existing is not None:
@@ -432,7 +448,7 @@ def write_dataset(out_dir: str, num_train: int, num_heldout: int, image_size: in
     for index in range(count):
       rel = f"{split}/{index:06d}.png"
       path = os.path.join(out_dir, rel)
-      item = item_spec(seed, split, index, image_size)
+      item = item_spec(seed, split, index, image_size, layouts)
       if not os.path.isfile(path):  # PNGs are written atomically, so an existing one is whole
         image = Image.fromarray(render(item["objects"], image_size))
         atomic_files.write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))

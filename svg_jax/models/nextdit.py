@@ -19,10 +19,28 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from svg_jax.models import config_dict, layers
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# What each block keeps for its backward, least recomputation first (the order in which the
+# trainer's "auto" tries them, svg_jax/train/remat.py):
+#   none              everything (no remat)
+#   dots              every matmul output (XLA attention: its scores too); elementwise work redone
+#   dots_no_batch     the Linear layers' outputs (2-D dots); the attention products are redone
+#   save_qkv_attn     q, k, v and the attention output (`QKV_ATTN_NAMES`); the FFN, the out
+#                     projection, norms and the attention's scores are redone
+#   offload_qkv_attn  the same four in pinned host memory instead of device memory (GPU, TPU)
+#   full              the block's input only; its whole forward is redone
+# cuDNN attention is a custom call whose softmax statistics no policy names: every policy but
+# none runs its forward again in the backward.
+REMAT_POLICIES = ("none", "dots", "dots_no_batch", "save_qkv_attn", "offload_qkv_attn", "full")
+# "auto": the trainer picks one of REMAT_POLICIES from the device memory before it builds its
+# step. A model built with "auto" unresolved (sampling, launch/aot_compile.py) remats fully: the
+# policy that needs the least memory.
+AUTO = "auto"
+# checkpoint_name tags in the attention: its inputs after RoPE and its output before `out`.
+QKV_ATTN_NAMES = ("attn_q", "attn_k", "attn_v", "attn_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,8 +97,8 @@ class NextDiTConfig:
       problems.append(f"axes_dims {self.axes_dims} must be even")
     if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
       problems.append("axes_dims and axes_lens need 3 entries (caption, row, column)")
-    if self.remat_policy not in REMAT_POLICIES:
-      problems.append(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+    if self.remat_policy not in REMAT_POLICIES + (AUTO,):
+      problems.append(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES + (AUTO,)}")
     if self.attention_backend not in layers.ATTENTION_BACKENDS:
       problems.append(f"attention_backend {self.attention_backend!r} not in "
                       f"{layers.ATTENTION_BACKENDS}")
@@ -163,11 +181,12 @@ class Attention(nn.Module):
     v = v.reshape(b, t, cfg.n_kv_heads, hd)
     q = layers.RMSNorm(cfg.qk_norm_eps, "head_dim", name="q_norm")(q)
     k = layers.RMSNorm(cfg.qk_norm_eps, "head_dim", name="k_norm")(k)
-    q = layers.apply_interleaved_rope(q, cos, sin)
-    k = layers.apply_interleaved_rope(k, cos, sin)
+    q = checkpoint_name(layers.apply_interleaved_rope(q, cos, sin), "attn_q")
+    k = checkpoint_name(layers.apply_interleaved_rope(k, cos, sin), "attn_k")
+    v = checkpoint_name(v, "attn_v")
     out = layers.attention(q, k, v, kv_lengths=kv_lengths, backend=cfg.attention_backend,
                            compute_dtype=dt)
-    out = out.reshape(b, t, cfg.n_heads * hd)
+    out = checkpoint_name(out.reshape(b, t, cfg.n_heads * hd), "attn_out")
     return layers.Linear(cfg.dim, ("heads", "embed"), False, dt, name="out")(out)
 
 
@@ -220,16 +239,28 @@ class _ScanBlock(nn.Module):
     return JointBlock(self.cfg, True, name="block")(x, c, cos, sin, kv_lengths), None
 
 
-def _remat(module_cls, policy: str, static_argnums=()):
+def remat_policy_fn(policy: str):
+  """The `jax.checkpoint` policy of a REMAT_POLICIES name (None: save nothing, i.e. full)."""
+  cp = jax.checkpoint_policies
+  names = list(QKV_ATTN_NAMES)
+  return {
+      "full": None,
+      AUTO: None,
+      "dots": cp.checkpoint_dots,
+      "dots_no_batch": cp.checkpoint_dots_with_no_batch_dims,
+      "save_qkv_attn": cp.save_only_these_names(*names),
+      "offload_qkv_attn": cp.save_and_offload_only_these_names(
+          names_which_can_be_saved=[], names_which_can_be_offloaded=names,
+          offload_src="device", offload_dst="pinned_host"),
+  }[policy]
+
+
+def _remat(module_cls, policy: str, scanned: bool):
   if policy == "none":
     return module_cls
-  policies = {
-      "full": None,
-      "dots": jax.checkpoint_policies.checkpoint_dots,
-      "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-  }
-  return nn.remat(module_cls, policy=policies[policy], prevent_cse=False,
-                  static_argnums=static_argnums)
+  # Inside nn.scan the loop keeps XLA from merging the recomputation back into the forward;
+  # unrolled blocks need JAX's barrier for that (without it XLA:CPU's peak rose toward none's).
+  return nn.remat(module_cls, policy=remat_policy_fn(policy), prevent_cse=not scanned)
 
 
 class NextDiT(nn.Module):
@@ -286,13 +317,13 @@ class NextDiT(nn.Module):
     sin = jnp.concatenate([img_sin, cap_sin], axis=1)
     kv_lengths = n_img + cap_lens
     if cfg.scan_layers:
-      stack = nn.scan(_remat(_ScanBlock, cfg.remat_policy), variable_axes={"params": 0},
-                      split_rngs={"params": True},
+      stack = nn.scan(_remat(_ScanBlock, cfg.remat_policy, scanned=True),
+                      variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                       length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
       seq, _ = stack(cfg, name="layers")(seq, c, cos, sin, kv_lengths)
     else:
-      block_cls = _remat(JointBlock, cfg.remat_policy)
+      block_cls = _remat(JointBlock, cfg.remat_policy, scanned=False)
       for i in range(cfg.n_layers):
         seq = block_cls(cfg, True, name=f"layers_{i}")(seq, c, cos, sin, kv_lengths)
 

@@ -176,7 +176,7 @@ def remat_expected_ratio(config, *, cap_len: int, hw=None) -> float:
   `full` remat runs the forward of every main-stack block a second time in the backward (the
   refiners are not rematerialized); the `dots*` policies save matmul outputs, so only elementwise
   work (not in the analytic count) is recomputed and the expectation is 1."""
-  if config.model.remat_policy != "full":
+  if config.model.remat_policy not in ("full", "auto"):  # an unresolved auto compiles as full
     return 1.0
   cfg = config_lib.nextdit_config(config)
   h, w = hw or latent_hw(config)

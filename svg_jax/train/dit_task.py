@@ -74,6 +74,11 @@ def config_problems(config, process_count: int) -> list[str]:
     problems.append(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
   if config.flow.timestep_sampling == "logit_normal" and not float(config.flow.logit_std) > 0:
     problems.append(f"flow.logit_std must be > 0, got {config.flow.logit_std}")
+  if float(t.remat_memory_budget_gib) < 0:
+    problems.append("train.remat_memory_budget_gib must be >= 0 (0: the device's memory), got "
+                    f"{t.remat_memory_budget_gib}")
+  if not 0.0 <= float(t.remat_headroom) < 1.0:
+    problems.append(f"train.remat_headroom must be in [0, 1), got {t.remat_headroom}")
   if int(config.data.resolution) < 1:
     problems.append(f"data.resolution must be >= 1, got {config.data.resolution}")
   if model_cfg is not None:
@@ -91,6 +96,9 @@ def config_problems(config, process_count: int) -> list[str]:
       kind = manifest["text"]["kind"]
       if kind == "token_ids":  # online mode: the trainer runs the frozen text encoder
         problems += _online_text_problems(config, model_cfg)
+        if model_cfg.remat_policy == "auto":  # its step takes the encoder's params as an input
+          problems.append("model.remat_policy 'auto' does not support online text mode (data.path "
+                          "holds token ids) yet: set a policy (svg_jax/models/nextdit.py)")
       elif kind != "text_features":
         problems.append(f"data.path {path!r} holds {kind}; the DiT trainer needs text_features "
                         "or token_ids")
@@ -298,4 +306,11 @@ class DiTSetup:
     return self.validation.run(state, step)
 
 
-TASK = task_api.Task(name="dit", config_problems=config_problems, make_setup=DiTSetup)
+def resolve_config(config, mesh, workdir: str, agree):
+  """The config with remat "auto" resolved on `mesh` (svg_jax/train/remat.py) and its event."""
+  from svg_jax.train import remat  # imported here: remat compiles DiTSetup steps (via aot.py)
+  return remat.resolve(config, mesh, workdir, agree)
+
+
+TASK = task_api.Task(name="dit", config_problems=config_problems, make_setup=DiTSetup,
+                     resolve_config=resolve_config)

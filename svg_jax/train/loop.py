@@ -9,9 +9,10 @@ Order of work (nothing compiles before the config has been checked):
   1. `validate_config`: one `ConfigError` line listing every problem (mesh vs devices, batch vs
      data axes and micro-batches, schedule names, ..., then the task's own: data path / manifest
      vs model dims, ...).
-  2. Mesh; the task's setup: abstract state with `jax.eval_shape` (params keep their logical axis
-     names, so the optimizer moments and EMA inherit the parameter shardings); a jitted init with
-     out_shardings materializes every array directly in its shards.
+  2. Mesh; the task's choices that need it (`Task.resolve_config`: the DiT's remat "auto",
+     svg_jax/train/remat.py); the task's setup: abstract state with `jax.eval_shape` (params keep
+     their logical axis names, so the optimizer moments and EMA inherit the parameter shardings);
+     a jitted init with out_shardings materializes every array directly in its shards.
   3. Auto-resume from the newest checkpoint in `workdir` (state onto this run's shardings, data
      iterator at its saved position, also from a run of another process count); otherwise
      `train.init_from` params, otherwise a fresh init. A newest step that cannot be restored (a
@@ -23,8 +24,8 @@ Order of work (nothing compiles before the config has been checked):
      step; a NaN/inf loss or grad norm stops the run with `TrainingDiverged` *before* the state is
      saved, so the newest checkpoint is always a good one.
   6. Checkpoints every `checkpoint_every` steps, at the end, and after SIGTERM/SIGINT (then `train`
-     returns normally: preemption exits 0). The "checkpoint" event of metrics.jsonl is written
-     once the asynchronous save has committed.
+     returns normally: preemption exits 0); none at all with `checkpoint_every = 0` (benchmarks).
+     The "checkpoint" event of metrics.jsonl is written once the asynchronous save has committed.
   7. Several processes stop at the same step: a signal on any process is seen by all of them at
      the same step boundary (`_StopAgreement`), so all save that step together and exit 0.
 """
@@ -117,9 +118,11 @@ def validate_config(config, task: Task, num_devices: int | None = None,
                       f"mesh data x fsdp = {shape[0]} x {shape[1]}")
   if gb % process_count:
     problems.append(f"train.global_batch_size {gb} is not divisible by {process_count} processes")
-  for name in ("num_steps", "log_every", "checkpoint_every"):
+  for name in ("num_steps", "log_every"):
     if int(t[name]) < 1:
       problems.append(f"train.{name} must be >= 1, got {t[name]}")
+  if int(t.checkpoint_every) < 0:
+    problems.append(f"train.checkpoint_every must be >= 0 (0: never), got {t.checkpoint_every}")
   problems += _range_problems(config)
   if t.lr_schedule not in state_lib.LR_SCHEDULES:
     problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {state_lib.LR_SCHEDULES}")
@@ -312,6 +315,10 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   mesh = parallel.make_mesh(dict(config.mesh))
   logging.info("mesh %s over %d devices (%s)", dict(zip(parallel.MESH_AXES, mesh_shape)),
                jax.device_count(), jax.devices()[0].device_kind)
+  agreement = _Agreement(mesh)
+  resolved = None  # the task's choices made on the mesh (the DiT's remat "auto"): a metrics event
+  if task.resolve_config is not None:
+    config, resolved = task.resolve_config(config, mesh, workdir, agreement.max)
   setup = task.make_setup(config, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_checkpoints),
                                async_save=bool(t.async_checkpointing))
@@ -319,7 +326,6 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
                               chip=t.chip, is_main=is_main)
   config_json = ckpt_lib.config_to_json(config)
   stop = _StopFlag()
-  agreement = _Agreement(mesh)
   uncommitted: list[int] = []
 
   def log_committed(force: bool = False) -> None:
@@ -345,6 +351,8 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       else:
         state = setup.init_state(int(config.seed))
         logger.event(0, event="start")
+      if resolved is not None:
+        logger.event(resumed_from or 0, **resolved)
       if is_main:
         logging.info("parameters:\n%s", parameter_overview.get_parameter_overview(
             state.params, include_stats=False))
@@ -374,9 +382,9 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         if stopping.stop_after_this_step():  # the same answer on every process
           stopped_by = stop.signal or "another process"
         at_end = step == num_steps or stopped_by is not None
-        save_now = step % ckpt_every == 0 or at_end
+        save_now = ckpt_every > 0 and (step % ckpt_every == 0 or at_end)
         eval_now = setup.eval_due(step, at_end)
-        if step % log_every == 0 or save_now or eval_now:
+        if step % log_every == 0 or save_now or eval_now or at_end:
           for s, pm, images, tokens, flops in pending:
             host = jax.device_get(pm)
             try:
@@ -401,9 +409,10 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       ckpt.wait()
       log_committed(force=True)
       if stopped_by is not None:
-        logging.warning("%s: saved step %d to %s and stopping",
+        logging.warning("%s: %s and stopping",
                         f"{stopped_by} received" if stop.signal else "a signal on another process",
-                        step, ckpt.directory)
+                        f"saved step {step} to {ckpt.directory}" if ckpt_every else
+                        "nothing saved (train.checkpoint_every = 0)")
         logger.event(step, event="stopped", signal=stopped_by)
       return {"step": step, "stopped_by": stopped_by, "resumed_from": resumed_from,
               "last_record": last_record}

@@ -53,8 +53,12 @@ class Task:
 
   config_problems(config, process_count) lists, one line each, what the task needs of a config
   beyond the loop's own checks (nothing compiles or allocates); make_setup(config, mesh) builds
-  its setup after those checks passed."""
+  its setup after those checks passed. resolve_config(config, mesh, workdir, agree), when given,
+  runs before make_setup and returns (the config with its choices made on the mesh, a metrics
+  event describing them or None); agree(i) is the max of i over the processes."""
 
   name: str
   config_problems: Callable[[Any, int], list[str]]
   make_setup: Callable[[Any, Any], TaskSetup]
+  resolve_config: Callable[[Any, Any, str, Callable[[int], int]],
+                           tuple[Any, dict | None]] | None = None

@@ -1,0 +1,177 @@
+"""The whole trainer's throughput: launch/train.py's path (`svg_jax.train.trainer.train`) for a few
+steps of any config, on synthetic records of its shapes, writing no checkpoint; one JSON line.
+
+  python bench/trainer.py --config configs/tiny.py --steps 5 --peak_tflops 1
+  python bench/trainer.py --config configs/svg_t2i_2b.py:stage1_256 --global_batch_size 32 \\
+      --config.model.attention_backend=cudnn --config.model.remat_policy=auto     # on a GPU
+
+The run trains 2 x --steps steps with train.log_every = --steps: the first window holds the
+compilation and the warm-up steps, the second is the measured steady state (the loop's own
+metrics record). Validation is off and train.checkpoint_every = 0. Without --records, records of
+the config's shapes go to a temporary folder: latents of data.resolution, captions of
+data.max_caption_len tokens as the only caption bucket (one compiled shape, the longest).
+
+Printed as the last stdout line: steps/s, img/s, tokens/s; model TFLOP/s per device and in all
+(the analytic count behind the trainer's MFU, svg_jax/train/metrics.py); MFU against
+--peak_tflops (default the chip's, metrics.PEAK_TFLOPS; null on a CPU); the peak device memory
+(memory_stats' peak_bytes_in_use, null where the backend keeps none); the seconds spent tracing,
+lowering and compiling the train step (jax.monitoring events; the compiles of remat "auto"'s
+candidates are `remat_auto_s`); the remat policy trained with; the last loss.
+"""
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from svg_jax import cli
+
+config_flags.DEFINE_config_file("config", None, "ml_collections config file[:variant]",
+                                lock_config=True)
+flags.DEFINE_integer("steps", 5, "measured steps (as many again run first: compile + warm-up)")
+flags.DEFINE_integer("global_batch_size", 0, "0: the config's train.global_batch_size")
+flags.DEFINE_string("records", "", "a records folder to read (default: synthetic, temporary)")
+flags.DEFINE_integer("num_records", 0, "synthetic records to write (0: max(2 x batch, 32))")
+flags.DEFINE_string("workdir", "", "run folder for metrics.jsonl (default: temporary)")
+flags.DEFINE_float("peak_tflops", 0.0, "peak TFLOP/s per device for MFU (0: the chip's)")
+flags.DEFINE_string("profile_dir", "", "write a jax.profiler trace of the whole run here")
+FLAGS = flags.FLAGS
+
+# jax.monitoring durations of one compile: tracing, lowering to StableHLO, XLA's compile.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+class _StepCompiles:
+  """Seconds of each compile of the train step (jax.monitoring listener); XLA's compile event
+  closes one, so the candidates of remat "auto", compiled before the run's step, come first."""
+
+  def __init__(self):
+    self.done: list[float] = []
+    self._open = 0.0
+
+  def __call__(self, event: str, duration: float, **kwargs) -> None:
+    # fun_name is "train_step" (tracing) or "jit(train_step)" (lowering, compile)
+    if event not in COMPILE_EVENTS or "train_step" not in str(kwargs.get("fun_name", "")):
+      return
+    self._open += duration
+    if event == COMPILE_EVENTS[-1]:
+      self.done.append(self._open)
+      self._open = 0.0
+
+
+def _synthetic_records(config, path: str) -> tuple[tuple[int, int], int]:
+  """Records of the config's largest shapes in `path`; returns (latent hw, caption length)."""
+  from svg_jax.data import synthetic
+  from svg_jax.train import aot
+
+  hw = aot.latent_hw(config)
+  cap = int(config.data.max_caption_len)
+  batch = int(config.train.global_batch_size)
+  synthetic.write_random_dataset(
+      path, buckets=[hw], num_records=FLAGS.num_records or max(2 * batch, 32),
+      latent_channels=int(config.model.in_channels), text_dim=int(config.model.cap_feat_dim),
+      caption_len=(cap - 1, cap - 1), records_per_shard=64)  # text_len = words + <bos>
+  return hw, cap
+
+
+def _peak_memory_bytes() -> int | None:
+  import jax
+  peaks = []
+  for d in jax.local_devices():
+    try:
+      stats = d.memory_stats()
+    except Exception:  # noqa: BLE001  (backends without allocator statistics)
+      stats = None
+    if stats and "peak_bytes_in_use" in stats:
+      peaks.append(int(stats["peak_bytes_in_use"]))
+  return max(peaks) if peaks else None
+
+
+def _events(workdir: str, name: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r.get("event") == name]
+
+
+def run(config, workdir: str) -> dict:
+  import jax
+  from jax import monitoring
+
+  from svg_jax.train import metrics, remat, trainer
+
+  n = FLAGS.steps
+  with config.unlocked():
+    if FLAGS.global_batch_size:
+      config.train.global_batch_size = FLAGS.global_batch_size
+    config.train.update(dict(num_steps=2 * n, log_every=n, checkpoint_every=0, sample_every=0,
+                             eval_every=0))
+  shape = (None, None)
+  if FLAGS.records:
+    with config.unlocked():
+      config.data.path = FLAGS.records
+  else:
+    path = os.path.join(workdir, "records")
+    shape = _synthetic_records(config, path)
+    with config.unlocked():
+      config.data.path = path
+      config.data.caption_len_buckets = (shape[1],)
+  compiles = _StepCompiles()
+  monitoring.register_event_duration_secs_listener(compiles)
+  start = time.perf_counter()
+  if FLAGS.profile_dir:
+    with jax.profiler.trace(FLAGS.profile_dir):
+      summary = trainer.train(config, workdir)
+  else:
+    summary = trainer.train(config, workdir)
+  wall = time.perf_counter() - start
+  record = summary["last_record"]
+  if summary["step"] != 2 * n or record is None or record["step"] != 2 * n:
+    raise RuntimeError(f"the run stopped at step {summary['step']} of {2 * n}")
+  chosen = _events(workdir, remat.EVENT)
+  tried = len(chosen[0].get("candidates", [])) if chosen else 0
+  peak = FLAGS.peak_tflops or metrics.peak_tflops(config.train.chip)
+  tflops_dev = record["tflops_per_device"]
+  memory = _peak_memory_bytes()
+  return {
+      "config": config_flags.get_config_filename(FLAGS["config"]),
+      "platform": jax.devices()[0].platform, "device_kind": jax.devices()[0].device_kind,
+      "devices": jax.device_count(), "global_batch_size": int(config.train.global_batch_size),
+      "latent_hw": shape[0], "cap_len": shape[1],
+      "remat_policy": chosen[0]["policy"] if chosen else config.model.remat_policy,
+      "attention_backend": config.model.attention_backend,
+      "compute_dtype": config.model.compute_dtype,
+      "warmup_steps": n, "steps": n,
+      "steps_per_sec": record["steps_per_sec"], "images_per_sec": record["images_per_sec"],
+      "tokens_per_sec": record["tokens_per_sec"],
+      "tflops_per_device": tflops_dev, "tflops": tflops_dev * jax.device_count(),
+      "peak_tflops": peak, "mfu": tflops_dev / peak if peak else None,
+      "peak_memory_gib": None if memory is None else memory / 2 ** 30,
+      "compile_s": sum(compiles.done[tried:]), "remat_auto_s": sum(compiles.done[:tried]),
+      "wall_s": wall, "loss": record["loss"],
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from svg_jax.train import metrics
+  metrics.console_logging()
+  from svg_jax.train import loop
+  with tempfile.TemporaryDirectory(prefix="bench_trainer_") as tmp:
+    workdir = FLAGS.workdir or tmp
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      out = run(FLAGS.config, workdir)
+    except loop.ConfigError as e:  # as launch/train.py: one line (remat auto: nothing fits)
+      print(f"config error: {e}", file=sys.stderr)
+      sys.exit(2)
+  print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  cli.run(main)
