@@ -39,7 +39,7 @@ def serve(name: str, batch: int) -> None:
   from svg_jax.demo import configs
   from svg_jax.models.nextdit import NextDiT, NextDiTConfig
 
-  model_cfg = configs.dit().model.to_dict()
+  model_cfg = configs.dit("full").model.to_dict()  # the DiT its measurement used
   cfg = NextDiTConfig.from_dict({**model_cfg, "compute_dtype": FLAGS.dtype})
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
   x = jax.random.normal(keys[0], (batch, 8, 8, cfg.in_channels))

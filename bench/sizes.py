@@ -2,7 +2,7 @@
 
 # name -> (model overrides, batch, latent h, latent w, caption tokens)
 SIZES = {
-    # the first demo DiT (4.3M, dim 192) at 4x4 latents; today's configs/tiny.py (dim 384, 8x8
+    # the first demo DiT (4.3M, dim 192) at 4x4 latents; configs/tiny.py:full (dim 384, 8x8
     # latents) has the calibration model's width and depth
     "tiny": (dict(in_channels=384, dim=192, n_layers=4, n_refiner_layers=1, n_heads=3, n_kv_heads=1,
                   multiple_of=64, cap_feat_dim=128, axes_dims=(16, 24, 24)), 16, 4, 4, 32),

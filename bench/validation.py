@@ -1,4 +1,4 @@
-"""What in-training validation costs a run (svg_jax/train/validation.py), on configs/tiny.py.
+"""What in-training validation costs a run (svg_jax/train/validation.py), on configs/tiny.py:full.
 
 Measured side by side in one process, in alternating rounds (bench/harness.py): one train step of
 `dit_task.DiTSetup` (the demo DiT, batch 16 of 8x8x384 latents), one grid (the demo's 8 validation
@@ -38,7 +38,7 @@ def main():
   from svg_jax.train import dit_task
 
   work = tempfile.mkdtemp(prefix="bench_validation_")
-  config = demo_configs.dit()  # what configs/tiny.py returns
+  config = demo_configs.dit("full")  # configs/tiny.py:full, the DiT its measurement used
   m = config.model
   config.autoencoder.decoder = demo_configs.decoder().autoencoder.decoder
   dec_cfg = DecoderConfig.from_dict(config.autoencoder.decoder.to_dict())

@@ -35,7 +35,8 @@ def main(argv):
   from svg_jax.demo import pipeline
 
   pipeline.run(pipeline.DemoSettings(
-      workdir=FLAGS.workdir, preset=FLAGS.preset, num_train=FLAGS.num_train, num_heldout=FLAGS.num_heldout,
+      workdir=FLAGS.workdir, preset=FLAGS.preset, num_train=FLAGS.num_train,
+      num_heldout=FLAGS.num_heldout,
       decoder_steps=FLAGS.decoder_steps, dit_steps=FLAGS.dit_steps,
       sample_steps=FLAGS.sample_steps, cfg_scale=FLAGS.cfg_scale, shift=FLAGS.shift,
       text_weights=FLAGS.text_weights, validate_every=FLAGS.validate_every,

@@ -6,9 +6,10 @@
       --checkpoint=runs/demo/dit --text_encoder=runs/demo/text_encoder --system_type=empty
 
 (the default demo's files; a `--preset full` demo's are shapes_64px_seed0, configs/tiny.py:full and
-latent_stats_d384_l12_p8_seed0_64px.pt.) Prompts: the `--split` (default heldout: combinations never seen in training) of a shapes dataset
-folder (`svg_jax/demo/shapes.py`), the first `--limit`. Prints the per-category table; with
---out also grid.png, grid_prompts.txt and scores.json.
+latent_stats_d384_l12_p8_seed0_64px.pt.) Prompts: the `--split` (default heldout: combinations
+never seen in training) of a shapes dataset folder (`svg_jax/demo/shapes.py`), the first
+`--limit`. Prints the per-category table; with --out also grid.png, grid_prompts.txt and
+scores.json.
 """
 from absl import flags
 
