@@ -306,11 +306,6 @@ class DiTSetup:
     return self.validation.run(state, step)
 
 
-def resolve_config(config, mesh, workdir: str, agree):
-  """The config with remat "auto" resolved on `mesh` (svg_jax/train/remat.py) and its event."""
-  from svg_jax.train import remat  # imported here: remat compiles DiTSetup steps (via aot.py)
-  return remat.resolve(config, mesh, workdir, agree)
-
-
-TASK = task_api.Task(name="dit", config_problems=config_problems, make_setup=DiTSetup,
-                     resolve_config=resolve_config)
+# remat "auto" (svg_jax/train/remat.py) compiles this module's steps, so the registry
+# (trainer.py) attaches it as the task's resolve_config.
+TASK = task_api.Task(name="dit", config_problems=config_problems, make_setup=DiTSetup)

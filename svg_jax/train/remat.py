@@ -1,7 +1,7 @@
 """`model.remat_policy = "auto"`: the least recomputation whose compiled train step fits the device.
 
 The training loop calls `resolve` on its mesh before the DiT task builds its step
-(svg_jax/train/loop.py, dit_task.resolve_config). With the policy "auto" it
+(svg_jax/train/loop.py; trainer.py attaches it to the DiT task). With the policy "auto" it
   1. reuses the policy saved with the workdir's newest checkpoint, so a resume trains with the
      policy its run started with;
   2. otherwise compiles the real train step (`aot.compile_step`: the task's jitted step on

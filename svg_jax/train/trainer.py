@@ -6,12 +6,16 @@ task modules know only the interface (task_api.py), so no import runs back up to
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from svg_jax.train import decoder_task, dit_task, loop
+from svg_jax.train import decoder_task, dit_task, loop, remat
 from svg_jax.train.task_api import Task
 
-TASKS: dict[str, Task] = {t.name: t for t in (dit_task.TASK, decoder_task.TASK)}
+# The DiT resolves remat "auto" by compiling its own step (remat.py -> aot.py -> dit_task.py),
+# so the choice is attached here, above both.
+_DIT = dataclasses.replace(dit_task.TASK, resolve_config=remat.resolve)
+TASKS: dict[str, Task] = {t.name: t for t in (_DIT, decoder_task.TASK)}
 
 
 def get(name: str) -> Task:
