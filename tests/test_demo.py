@@ -1,6 +1,10 @@
 """The demo's wiring (the full run is `bash launch/demo.sh`, minutes long, not a test)."""
 import collections
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,6 +13,8 @@ from svg_jax.demo import configs as demo_configs
 from svg_jax.demo import pipeline as demo
 from svg_jax.demo import shapes
 from svg_jax.train import dit_task
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("preset", sorted(demo_configs.PRESETS))
@@ -79,3 +85,18 @@ def test_a_workdir_of_the_other_text_encoder_stops_the_demo_with_a_clear_message
   with pytest.raises(SystemExit, match=r"differs in \['spec'\].*run the demo in a fresh --workdir"):
     new.text_encoder(decoder)
   assert old.text_encoder(decoder) == folder  # the old settings still find their encoder
+
+
+@pytest.mark.parametrize("preset, layouts", [("small", "fixed"), ("full", "jittered")])
+def test_make_demo_data_writes_the_presets_layouts(tmp_path, preset, layouts):
+  out = tmp_path / "shapes"
+  run = subprocess.run([sys.executable, os.path.join(REPO, "launch", "make_demo_data.py"),
+                        "--out", str(out), "--num_train", "12", "--num_heldout", "6",
+                        "--preset", preset], capture_output=True, text=True, timeout=120,
+                       cwd=REPO)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert f"{layouts} layouts" in run.stdout
+  with open(out / shapes.MANIFEST) as f:
+    assert json.load(f)["layouts"] == layouts
+  first = shapes.read_split(str(out), "train")[0]
+  assert first["objects"] == shapes.item_spec(0, "train", 0, 64, layouts)["objects"]
