@@ -40,7 +40,7 @@ def main():
   work = tempfile.mkdtemp(prefix="bench_validation_")
   config = demo_configs.dit("full")  # configs/tiny.py:full, the DiT its measurement used
   m = config.model
-  config.autoencoder.decoder = demo_configs.decoder().autoencoder.decoder
+  config.autoencoder.decoder = demo_configs.decoder("full").autoencoder.decoder
   dec_cfg = DecoderConfig.from_dict(config.autoencoder.decoder.to_dict())
   dec = jax.jit(Decoder(dec_cfg).init)(jax.random.PRNGKey(0), jnp.zeros((1, 2, 2, m.in_channels)))
   config.autoencoder.decoder_path = os.path.join(work, "decoder.safetensors")

@@ -75,9 +75,11 @@ def _encoder(p: Preset) -> dict:
               scan_layers=False)  # CPU: unrolled is faster
 
 
-def decoder(name: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
-  """The demo's decoder training: shapes images at 64 px, a small decoder, the official recipe."""
+def decoder(name: str = DEFAULT_PRESET, steps: int | None = None) -> ml_collections.ConfigDict:
+  """The demo's decoder training: shapes images at 64 px, a small decoder, the official recipe;
+  `steps` long (default: the preset's)."""
   p = preset(name)
+  steps = p.decoder_steps if steps is None else int(steps)
   c = base.decoder_task_config()
   c.data.resolution = RESOLUTION
   c.data.num_eval_images = 64
@@ -87,9 +89,9 @@ def decoder(name: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
                                     norm_groups=8))  # 3 upsamplings: 8x, the encoder's patch
   c.discriminator.ndf = 16
   c.train.global_batch_size = 8
-  c.train.num_steps = p.decoder_steps
+  c.train.num_steps = steps
   c.train.lr = 1e-3  # the official 1e-4 is for batch 512 and 10^5 steps; this run is minutes
-  c.loss.disc_start = p.decoder_steps * 3 // 4  # the GAN term (official recipe) at the end
+  c.loss.disc_start = steps * 3 // 4  # the GAN term (official recipe) at the end
   c.train.eval_every = 100
   c.train.log_every = 25
   c.train.checkpoint_every = 200

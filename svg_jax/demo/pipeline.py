@@ -124,10 +124,7 @@ class Stages:
   # 1. decoder training on the demo's files: the shapes data, a random encoder, its statistics
   def decoder_config(self) -> ml_collections.ConfigDict:
     """The decoder config before its files exist (their paths are set by `train_decoder`)."""
-    c = configs.decoder(self.s.preset)
-    c.train.num_steps = self.s.decoder_steps
-    c.loss.disc_start = self.s.decoder_steps * 3 // 4
-    return c
+    return configs.decoder(self.s.preset, self.s.decoder_steps)
 
   def train_decoder(self) -> ml_collections.ConfigDict:
     c = self.decoder_config()
@@ -252,8 +249,8 @@ class Stages:
     report = {"decoder_reconstruction_ceiling": ceiling, "reconstruction_psnr_db": psnr,
               "demo_settings": dataclasses.asdict(self.s),
               "dit_images_seen": int(config.train.global_batch_size) * self.s.dit_steps}
-    if self.s.seen_per_category:
-      seen = self.seen(decoder_config, self.s.seen_per_category)
+    seen = self.seen(decoder_config, self.s.seen_per_category)
+    if seen:
       report["seen_scores"], _ = evaluate.evaluate(gen, seen, (res, res), self.sampler_settings(),
                                                    outdir=os.path.join(outdir, "seen"))
     report["timings_s"] = self.timings
@@ -262,7 +259,7 @@ class Stages:
     print("ShapesGenEval of held-out ground truth through encoder + trained decoder (the ceiling "
           f"this decoder allows; reconstruction PSNR {psnr:.1f} dB):")
     geneval.print_table(ceiling)
-    if "seen_scores" in report:
+    if seen:
       print(f"ShapesGenEval of {len(seen)} training prompts (combinations the DiT was trained "
             "on):")
       geneval.print_table(report["seen_scores"])

@@ -299,7 +299,7 @@ def fit_report(memory: dict[str, float], target: TpuTarget) -> dict[str, Any]:
           "headroom": hbm - memory["total"]}
 
 
-def _oom_line(error: Exception) -> str | None:
+def oom_line(error: Exception) -> str | None:
   """XLA:TPU's one-line reason when a program does not fit in HBM, else None."""
   text = str(error)
   if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
@@ -324,7 +324,7 @@ def step_report(config, mesh, *, cap_len: int, target: TpuTarget | None = None,
   try:
     compiled, setup, seconds = compile_step(config, mesh, cap_len=cap_len)
   except Exception as e:  # noqa: BLE001  (only XLA's out-of-memory refusal is a verdict)
-    reason = _oom_line(e) if target is not None else None
+    reason = oom_line(e) if target is not None else None
     if reason is None:
       raise
     out.update(compile_s=None, memory=None, fits=False, hbm=target.hbm_bytes, error=reason)

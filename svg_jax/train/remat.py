@@ -102,7 +102,7 @@ def candidate_peak(config, mesh, policy: str, *, hw, cap_len: int) -> dict[str, 
     compiled, setup, seconds = aot.compile_step(with_policy(config, policy), mesh,
                                                 cap_len=cap_len, hw=hw)
   except Exception as e:  # noqa: BLE001  (only an out-of-memory refusal is a verdict)
-    reason = aot._oom_line(e)  # XLA:TPU refuses a program larger than its HBM
+    reason = aot.oom_line(e)  # XLA:TPU refuses a program larger than its HBM
     if reason is None:
       raise
     return {"policy": policy, "peak_bytes": None, "compile_s": None, "error": reason}
