@@ -59,6 +59,15 @@ def test_targets_build_one_device_per_chip(name, chips, kind):
   devices = target.devices()
   assert len(devices) == chips and {d.device_kind for d in devices} == {kind}
   assert {d.platform for d in devices} == {"tpu"}
+  # The MFU peak of libtpu's own device kind is the generation's.
+  assert metrics.detect_chip(devices[0]) == name.split()[-1].split("-")[0]
+
+
+@pytest.mark.parametrize("name,chip", [
+    ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "cpu")])
+def test_cuda_device_names_map_to_their_peak(name, chip):
+  """Names as jax's device_kind and torch.cuda.get_device_name give them; unknown: no MFU."""
+  assert metrics.chip_of("gpu", name) == chip
 
 
 @pytest.mark.parametrize("bad", ["v5e-100", "v5p-7", "v9-8", "v5e256", "3x", "v5e-512"])

@@ -70,10 +70,16 @@ def console_logging() -> None:
 
 
 def detect_chip(device=None) -> str:
-  """Maps a jax device kind to a `PEAK_TFLOPS` key ("cpu" for anything unknown)."""
+  """Maps a jax device to a `PEAK_TFLOPS` key ("cpu" for anything unknown)."""
   device = device or jax.devices()[0]
-  kind = device.device_kind.lower()
-  if device.platform == "tpu":
+  return chip_of(device.platform, device.device_kind)
+
+
+def chip_of(platform: str, device_kind: str) -> str:
+  """A `PEAK_TFLOPS` key from a platform ("tpu", "gpu", ...) and a device name as jax's
+  `device_kind` or torch's `cuda.get_device_name` gives it ("cpu" for anything unknown)."""
+  kind = device_kind.lower()
+  if platform == "tpu":
     if "v6" in kind:
       return "v6e"
     if "v5 lite" in kind or "v5e" in kind or "v5litepod" in kind:
@@ -82,7 +88,7 @@ def detect_chip(device=None) -> str:
       return "v5p"
     if "v4" in kind:
       return "v4"
-  if device.platform == "gpu":
+  if platform == "gpu":
     for chip in ("h100", "h200"):
       if chip in kind:
         return chip

@@ -1,0 +1,182 @@
+"""The official trainer's DiT step in PyTorch, on the shapes of any of our configs: the baseline of
+bench/trainer.py ("ours >= 1.5x torch.compile's images/s", docs/performance.md).
+
+  python bench/torch_trainer.py --config configs/tiny.py --steps 5 --ours run
+  python bench/torch_trainer.py --config configs/svg_t2i_2b.py:stage1_256 --global_batch_size 32 \\
+      --steps 10 --compile blocks --ours gpu_out/stage1_auto.json                            # on a GPU
+
+The step is the official one (docs/reference.md §5) on one device: diffusers'
+`Lumina2Transformer2DModel` of the config's model with fp32 master weights, activation
+checkpointing on each main layer (non-reentrant, as `--checkpointing`), a bf16 autocast forward
+when the config computes in bf16, the flow-matching loss (logit-normal t with the resolution
+shift, x_t = t x1 + (1 - t) x0, velocity target), `clip_grad_norm_(train.grad_clip)`,
+`torch.optim.AdamW` (train.b1, b2, eps, weight_decay, lr) and an EMA update of every parameter.
+`--compile model` wraps the model in `torch.compile` (the default mode), `--compile blocks`
+compiles each transformer block instead. The batch is a fixed random one
+already on the device: torch is timed without a data loader, ours with its Grain pipeline.
+
+It runs 2 x --steps steps: the first --steps hold compilation and warm-up, the second are timed.
+The last stdout line is one JSON object with bench/trainer.py's keys (steps/s, img/s, tokens/s,
+the same analytic TFLOP/s and MFU, peak memory, the warm-up's seconds as compile_s). With --ours
+(a JSON file that bench/trainer.py printed, or `run` to run bench/trainer.py first with the same
+--config, --steps, --global_batch_size and --peak_tflops) it adds ours and `speedup`: our
+images/s over torch's.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+# JAX only lends this process its config and FLOP count: keep it off the GPU that torch measures.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from svg_jax import cli  # noqa: E402
+
+config_flags.DEFINE_config_file("config", None, "ml_collections config file[:variant]",
+                                lock_config=True)
+flags.DEFINE_integer("steps", 5, "timed steps (as many again run first: compile + warm-up)")
+flags.DEFINE_integer("global_batch_size", 0, "0: the config's train.global_batch_size")
+flags.DEFINE_float("peak_tflops", 0.0, "peak TFLOP/s of the device for MFU (0: the chip's)")
+flags.DEFINE_enum("compile", "none", ["none", "model", "blocks"],
+                  "torch.compile the whole model, or each transformer block (regional compilation: "
+                  "the blocks share one compiled graph, so it compiles in a fraction of the time)")
+flags.DEFINE_bool("checkpointing", True, "activation checkpointing on the main layers (official)")
+flags.DEFINE_string("ours", "", "bench/trainer.py's JSON output to compare with, or `run`")
+FLAGS = flags.FLAGS
+
+
+def _ours(arg: str) -> dict:
+  """bench/trainer.py's result: read from a file, or measured now with this run's shared flags."""
+  if arg != "run":
+    with open(arg) as f:
+      return json.loads(f.read().strip().splitlines()[-1])
+  forwarded = [f"--config={config_flags.get_config_filename(FLAGS['config'])}",
+               f"--steps={FLAGS.steps}", f"--global_batch_size={FLAGS.global_batch_size}",
+               f"--peak_tflops={FLAGS.peak_tflops}"]
+  argv = sys.argv[1:]
+  for i, a in enumerate(argv):  # the config overrides, --config.a.b=v or --config.a.b v
+    if a.startswith("--config."):
+      forwarded += [a] if "=" in a or i + 1 == len(argv) else [a, argv[i + 1]]
+  script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainer.py")
+  out = subprocess.run([sys.executable, script, *forwarded], check=True, stdout=subprocess.PIPE,
+                       text=True).stdout
+  return json.loads(out.strip().splitlines()[-1])
+
+
+def run(config) -> dict:
+  import torch
+  from diffusers import Lumina2Transformer2DModel
+
+  from svg_jax import config as config_lib
+  from svg_jax import flow
+  from svg_jax.convert import nextdit as keymap
+  from svg_jax.train import aot, metrics
+
+  cfg = config_lib.nextdit_config(config)
+  tc, fc = config.train, config.flow
+  batch = FLAGS.global_batch_size or int(tc.global_batch_size)
+  hw = aot.latent_hw(config)
+  cap_len = int(config.data.max_caption_len)
+  cuda = torch.cuda.is_available()
+  device = "cuda" if cuda else "cpu"
+  bf16 = cfg.compute_dtype == "bfloat16"
+
+  torch.manual_seed(int(config.seed))
+  model = Lumina2Transformer2DModel(**{k: v for k, v in keymap.diffusers_config(cfg).items()
+                                       if not k.startswith("_")}).to(device)
+  model.train()
+  if FLAGS.checkpointing:
+    model.enable_gradient_checkpointing()
+  ema = [p.detach().clone() for p in model.parameters()]
+  opt = torch.optim.AdamW(model.parameters(), lr=float(tc.lr), betas=(float(tc.b1), float(tc.b2)),
+                          eps=float(tc.eps), weight_decay=float(tc.weight_decay))
+  forward = model
+  if FLAGS.compile == "model":
+    forward = torch.compile(model)
+  elif FLAGS.compile == "blocks":
+    for block in (*model.noise_refiner, *model.context_refiner, *model.layers):
+      block.compile()
+
+  shift = None
+  if fc.resolution_shift:  # as dit_step.py: the nominal resolution's token count
+    pixels_per_token = int(config.autoencoder.encoder.patch_size) * cfg.patch_size
+    shift = flow.shift_factor_for_seq_len((int(config.data.resolution) // pixels_per_token) ** 2)
+  g = torch.Generator(device).manual_seed(0)
+  x1 = torch.randn(batch, cfg.in_channels, *hw, generator=g, device=device)
+  cap = torch.randn(batch, cap_len, cfg.cap_feat_dim, generator=g, device=device)
+  mask = torch.ones(batch, cap_len, dtype=torch.int64, device=device)
+  decay = float(tc.ema_decay)
+
+  def step():
+    t = torch.sigmoid(float(fc.logit_mean) + float(fc.logit_std)
+                      * torch.randn(batch, generator=g, device=device))
+    if shift is not None:
+      t = t / (t + shift * (1.0 - t))
+    x0 = torch.randn(x1.shape, generator=g, device=device)
+    tb = t.view(-1, 1, 1, 1)
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      v = forward(tb * x1 + (1.0 - tb) * x0, t, cap, mask, return_dict=False)[0]
+    loss = torch.mean((v.float() - (x1 - x0)) ** 2)
+    loss.backward()
+    if float(tc.grad_clip) > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), float(tc.grad_clip))
+    opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, [p.detach() for p in model.parameters()], 1.0 - decay)
+    return loss
+
+  def steps(n: int) -> tuple[float, float]:
+    start = time.perf_counter()
+    for _ in range(n):
+      loss = step()
+    value = loss.item()  # waits for the device
+    return time.perf_counter() - start, value
+
+  n = FLAGS.steps
+  warmup_s, _ = steps(n)
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()
+  seconds, loss = steps(n)
+  if not math.isfinite(loss):
+    raise RuntimeError(f"the torch step's loss is {loss}")
+  flops = metrics.dit_train_flops(cfg, batch, hw, cap_len)
+  name = torch.cuda.get_device_name() if cuda else "cpu"
+  chip = metrics.chip_of("gpu" if cuda else "cpu", name)
+  peak = FLAGS.peak_tflops or metrics.PEAK_TFLOPS[chip]
+  tokens = (hw[0] // cfg.patch_size) * (hw[1] // cfg.patch_size) + cap_len
+  return {
+      "contender": "torch " + ("eager" if FLAGS.compile == "none" else f"compile ({FLAGS.compile})"),
+      "config": config_flags.get_config_filename(FLAGS["config"]), "device_kind": name,
+      "torch": torch.__version__, "global_batch_size": batch, "latent_hw": list(hw),
+      "cap_len": cap_len, "compute_dtype": cfg.compute_dtype, "checkpointing": FLAGS.checkpointing,
+      "warmup_steps": n, "steps": n, "steps_per_sec": n / seconds,
+      "images_per_sec": n * batch / seconds, "tokens_per_sec": n * batch * tokens / seconds,
+      "tflops": flops * n / seconds / 1e12, "peak_tflops": peak,
+      "mfu": flops * n / seconds / 1e12 / peak if peak else None,
+      "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+      "compile_s": warmup_s, "loss": loss,
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  ours = _ours(FLAGS.ours) if FLAGS.ours else None
+  out = run(FLAGS.config)
+  if ours is not None:
+    out["ours"] = ours
+    out["speedup"] = ours["images_per_sec"] / out["images_per_sec"]
+    print(f"ours {ours['images_per_sec']:.1f} img/s ({ours['remat_policy']}), {out['contender']} "
+          f"{out['images_per_sec']:.1f} img/s: {out['speedup']:.2f}x", file=sys.stderr)
+  print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  cli.run(main)
