@@ -16,7 +16,9 @@ Printed as the last stdout line: steps/s, img/s, tokens/s; model TFLOP/s per dev
 --peak_tflops (default the chip's, metrics.PEAK_TFLOPS; null on a CPU); the peak device memory
 (memory_stats' peak_bytes_in_use, null where the backend keeps none); the seconds spent tracing,
 lowering and compiling the train step (jax.monitoring events; the compiles of remat "auto"'s
-candidates are `remat_auto_s`); the remat policy trained with; the last loss.
+candidates are `remat_auto_s`); the remat policy trained with; the last loss; with
+--profile_steps K, the trainer's "profile" event of warm-up steps n-K+1..n (the trace's path under
+--workdir and the milliseconds a step per class of op, svg_jax/train/profiling.py).
 """
 import json
 import os
@@ -37,7 +39,8 @@ flags.DEFINE_string("records", "", "a records folder to read (default: synthetic
 flags.DEFINE_integer("num_records", 0, "synthetic records to write (0: max(2 x batch, 32))")
 flags.DEFINE_string("workdir", "", "run folder for metrics.jsonl (default: temporary)")
 flags.DEFINE_float("peak_tflops", 0.0, "peak TFLOP/s per device for MFU (0: the chip's)")
-flags.DEFINE_string("profile_dir", "", "write a jax.profiler trace of the whole run here")
+flags.DEFINE_integer("profile_steps", 0, "trace the last this many warm-up steps (train."
+                     "profile_steps) and add their time per op class to the JSON")
 FLAGS = flags.FLAGS
 
 # jax.monitoring durations of one compile: tracing, lowering to StableHLO, XLA's compile.
@@ -119,18 +122,22 @@ def run(config, workdir: str) -> dict:
     with config.unlocked():
       config.data.path = path
       config.data.caption_len_buckets = (shape[1],)
+  if FLAGS.profile_steps:
+    if not 0 < FLAGS.profile_steps < n:
+      raise app.UsageError(f"--profile_steps must be in [1, {n - 1}] (the warm-up steps after the "
+                       f"first), got {FLAGS.profile_steps}")
+    with config.unlocked():
+      config.train.update(dict(profile_steps=FLAGS.profile_steps,
+                               profile_start=n - FLAGS.profile_steps))
   compiles = _StepCompiles()
   monitoring.register_event_duration_secs_listener(compiles)
   start = time.perf_counter()
-  if FLAGS.profile_dir:
-    with jax.profiler.trace(FLAGS.profile_dir):
-      summary = trainer.train(config, workdir)
-  else:
-    summary = trainer.train(config, workdir)
+  summary = trainer.train(config, workdir)
   wall = time.perf_counter() - start
   record = summary["last_record"]
   if summary["step"] != 2 * n or record is None or record["step"] != 2 * n:
     raise RuntimeError(f"the run stopped at step {summary['step']} of {2 * n}")
+  profiled = _events(workdir, "profile")
   chosen = _events(workdir, remat.EVENT)
   tried = len(chosen[0].get("candidates", [])) if chosen else 0
   peak = FLAGS.peak_tflops or metrics.peak_tflops(config.train.chip)
@@ -152,6 +159,7 @@ def run(config, workdir: str) -> dict:
       "peak_memory_gib": None if memory is None else memory / 2 ** 30,
       "compile_s": sum(compiles.done[tried:]), "remat_auto_s": sum(compiles.done[:tried]),
       "wall_s": wall, "loss": record["loss"],
+      "profile": profiled[0] if profiled else None,
   }
 
 

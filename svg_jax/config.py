@@ -191,6 +191,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.async_checkpointing = True  # Orbax writes in a background thread while training goes on
   # Test hook: the batch of this (1-based) step gets NaN latents, to exercise the divergence stop.
   c.train.debug_nan_step = -1
+  # jax.profiler trace of profile_steps steps after the first profile_start (0 = off), on process
+  # 0, into <workdir>/tensorboard (TensorBoard's Profile tab); the log gets its summary.
+  c.train.profile_steps = 0
+  c.train.profile_start = 10
   # Peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | h100 | h200.
   c.train.chip = "auto"
   # model.remat_policy = "auto" (svg_jax/train/remat.py) takes the least recomputation whose

@@ -1,6 +1,7 @@
 """bench/trainer.py as a user runs it: the real trainer on configs/tiny.py for a few steps, one JSON
 line whose figures are present, positive and consistent with each other and with the run's own
-metrics.jsonl, remat "auto" resolved on the way, and no checkpoint written."""
+metrics.jsonl, remat "auto" resolved on the way, no checkpoint written, and the profile of the
+last warm-up step summarized (also by launch/profile_summary.py)."""
 import json
 import os
 import subprocess
@@ -15,7 +16,8 @@ BATCH, STEPS, PEAK = 8, 2, 2.5
 FIELDS = ("config", "platform", "device_kind", "devices", "global_batch_size", "latent_hw",
           "cap_len", "remat_policy", "attention_backend", "compute_dtype", "warmup_steps", "steps",
           "steps_per_sec", "images_per_sec", "tokens_per_sec", "tflops_per_device", "tflops",
-          "peak_tflops", "mfu", "peak_memory_gib", "compile_s", "remat_auto_s", "wall_s", "loss")
+          "peak_tflops", "mfu", "peak_memory_gib", "compile_s", "remat_auto_s", "wall_s", "loss",
+          "profile")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,8 @@ def run(tmp_path_factory):
   cmd = [sys.executable, os.path.join(REPO, "bench", "trainer.py"),
          "--config", os.path.join(REPO, "configs", "tiny.py"), f"--steps={STEPS}",
          f"--global_batch_size={BATCH}", f"--peak_tflops={PEAK}", f"--workdir={workdir}",
-         "--config.model.remat_policy=auto", "--config.train.remat_memory_budget_gib=1000"]
+         "--config.model.remat_policy=auto", "--config.train.remat_memory_budget_gib=1000",
+         "--profile_steps=1"]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1]), str(workdir)
@@ -69,3 +72,23 @@ def test_no_checkpoint_is_written(run):
     assert not [r for r in map(json.loads, f) if r.get("event") == "checkpoint"]
   directory = ckpt_lib.checkpoint_dir(workdir)
   assert not os.path.isdir(directory) or os.listdir(directory) == []
+
+
+def test_the_last_warm_up_step_is_profiled(run):
+  result, workdir = run
+  profile = result["profile"]
+  assert (profile["first_step"], profile["steps"]) == (STEPS, 1)  # after compile, before timing
+  assert profile["path"].startswith(os.path.join(workdir, "tensorboard", "plugins", "profile"))
+  assert profile["path"].endswith(".xplane.pb") and os.path.getsize(profile["path"]) > 0
+  assert profile["ms_per_step"]["matmul"] > 0
+  out = subprocess.run([sys.executable, os.path.join(REPO, "launch", "profile_summary.py"),
+                        os.path.join(workdir, "tensorboard"), "--steps=1", "--top=5"],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert lines[0].startswith(profile["path"]) and lines[1] == "by class:"
+  matmul = [line for line in lines if line.strip().startswith("matmul ")]
+  assert len(matmul) == 1
+  assert float(matmul[0].split()[1]) == pytest.approx(profile["ms_per_step"]["matmul"], abs=2e-3)
+  assert len([line for line in lines if line.endswith("%")]) >= 5 + 1  # classes and top 5

@@ -401,6 +401,8 @@ def test_no_intact_checkpoint_and_an_old_loader_state_are_one_line(data_dir, tmp
                                    num_steps=50)),
      r"train.warmup_steps 100 must be below train.num_steps 50"),
     (lambda c: c.flow.update(dict(logit_std=0.0)), r"flow.logit_std must be > 0"),
+    (lambda c: c.train.update(dict(profile_steps=2, profile_start=0)),
+     r"train.profile_steps must be >= 0 and train.profile_start >= 1 \(step 1 compiles\)"),
 ])
 def test_bad_config_fails_with_one_line_before_compiling(data_dir, tmp_path, monkeypatch, change,
                                                          message):

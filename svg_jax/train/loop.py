@@ -23,10 +23,12 @@ Order of work (nothing compiles before the config has been checked):
   5. Metrics are fetched lazily (at log and checkpoint steps) so the host does not wait on every
      step; a NaN/inf loss or grad norm stops the run with `TrainingDiverged` *before* the state is
      saved, so the newest checkpoint is always a good one.
-  6. Checkpoints every `checkpoint_every` steps, at the end, and after SIGTERM/SIGINT (then `train`
+  6. `train.profile_steps` steps after the first `train.profile_start` are traced with
+     jax.profiler into <workdir>/tensorboard and summarized in the log (svg_jax/train/profiling.py).
+  7. Checkpoints every `checkpoint_every` steps, at the end, and after SIGTERM/SIGINT (then `train`
      returns normally: preemption exits 0); none at all with `checkpoint_every = 0` (benchmarks).
      The "checkpoint" event of metrics.jsonl is written once the asynchronous save has committed.
-  7. Several processes stop at the same step: a signal on any process is seen by all of them at
+  8. Several processes stop at the same step: a signal on any process is seen by all of them at
      the same step boundary (`_StopAgreement`), so all save that step together and exit 0.
 """
 from __future__ import annotations
@@ -47,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from svg_jax import parallel
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import metrics as metrics_lib
+from svg_jax.train import profiling
 from svg_jax.train import state as state_lib
 from svg_jax.train.task_api import Task
 
@@ -121,6 +124,9 @@ def validate_config(config, task: Task, num_devices: int | None = None,
   for name in ("num_steps", "log_every"):
     if int(t[name]) < 1:
       problems.append(f"train.{name} must be >= 1, got {t[name]}")
+  if int(t.profile_steps) < 0 or (int(t.profile_steps) and int(t.profile_start) < 1):
+    problems.append(f"train.profile_steps must be >= 0 and train.profile_start >= 1 (step 1 "
+                    f"compiles), got {t.profile_steps} and {t.profile_start}")
   if int(t.checkpoint_every) < 0:
     problems.append(f"train.checkpoint_every must be >= 0 (0: never), got {t.checkpoint_every}")
   problems += _range_problems(config)
@@ -326,6 +332,8 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
                               chip=t.chip, is_main=is_main)
   config_json = ckpt_lib.config_to_json(config)
   stop = _StopFlag()
+  profile = profiling.ProfileWindow(workdir, start=int(t.profile_start),
+                                    steps=int(t.profile_steps))
   uncommitted: list[int] = []
 
   def log_committed(force: bool = False) -> None:
@@ -372,8 +380,13 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
           local = setup.poison(local)
         counts = setup.batch_counts(local)
         batch = setup.device_batch(local)
-        state, m = setup.step(state, batch, jax.random.fold_in(base_rng, step))
+        profile.before_step(step, state)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+          state, m = setup.step(state, batch, jax.random.fold_in(base_rng, step))
         step += 1
+        profiled = profile.after_step(step, state)
+        if profiled:
+          logger.event(step, event="profile", **profiled)
         pending.append((step, m, *counts))
         if first:  # exclude compilation from the throughput numbers
           jax.block_until_ready(m)
@@ -406,6 +419,9 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
           last_saved = step
           uncommitted.append(step)
           log_committed()
+      profiled = profile.stop(state, step)  # a window the run's end cut short
+      if profiled:
+        logger.event(step, event="profile", **profiled)
       ckpt.wait()
       log_committed(force=True)
       if stopped_by is not None:
@@ -417,6 +433,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       return {"step": step, "stopped_by": stopped_by, "resumed_from": resumed_from,
               "last_record": last_record}
   finally:
+    profile.abort()
     ckpt.close()
     logger.close()
     stop.uninstall()
