@@ -9,7 +9,8 @@ description; nothing runs).
   (Flax's reading of the rules on the parameters' logical names), and the large kernels are split
   over fsdp; the per-device memory figures are positive, the arguments hold at least the state's
   shards, and attention `auto` compiled to the Pallas splash kernel (Mosaic custom calls in the
-  program).
+  program). Clipping, AdamW, the update and the EMA read the state in one pass: one fusion per
+  parameter takes it, both moments and its EMA array.
 - The HBM table is XLA:TPU's: a program that needs more is refused with that figure, for every
   generation; a train step XLA refuses is reported as not fitting, with XLA's reason.
 - On two slices each fsdp group of the mesh lies in one slice and the data axis spans both.
@@ -158,6 +159,37 @@ def _check_memory_and_kernel(compiled, setup):
   return mem
 
 
+def _check_one_update_pass(compiled, setup, n_inputs):
+  """Clip, AdamW, the parameter update and the EMA read each state array in one pass: for every
+  parameter, one fusion of the compiled program takes the parameter, both moments and the EMA
+  array and returns the four new arrays."""
+  entry = compiled.as_text().split("\nENTRY ", 1)[1]
+  number = {int(i): name for name, i in re.findall(r"%([\w.-]+) = \S+ parameter\((\d+)\)", entry)}
+  leaves = jax.tree_util.tree_flatten_with_path(setup.abstract_state)[0]
+  # The state's arrays come first, in tree order; jit drops inputs the step never reads (one
+  # field of the batch), which come after them.
+  assert len(leaves) < len(number) <= n_inputs
+  paths = [jax.tree_util.keystr(path) for path, _ in leaves]
+
+  def arrays(part):
+    return [number[i] for i, p in enumerate(paths) if part in p]
+
+  groups = list(zip(*(arrays(part) for part in (".params", ".mu", ".nu", ".ema_params"))))
+  assert len(groups) == len(jax.tree.leaves(setup.abstract_state.params))
+  # Copies into faster memory (copy-start/-done), copies and bitcasts pass an array on.
+  source = {}
+  for name, op, operand in re.findall(
+      r"^\s*%([\w.-]+) = .*? (copy-start|copy-done|copy|bitcast)\(%([\w.-]+)\)", entry, re.M):
+    source[name] = source.get(operand, operand)
+  fusions = [(name, outputs, {source.get(o, o) for o in re.findall(r"%([\w.-]+)", operands)})
+             for name, outputs, operands in re.findall(
+                 r"^\s*(?:ROOT )?%([\w.-]+) = \((.*?)\) fusion\((.*?)\)", entry, re.M)]
+  for group in groups:
+    users = [(name, outputs) for name, outputs, operands in fusions if set(group) <= operands]
+    assert len(users) == 1, (group, [u[0] for u in users])
+    assert users[0][1].count("[") >= 4  # its new parameter, moments and EMA
+
+
 def test_tiny_step_compiles_for_v5e_8():
   config = _tiny(dict(data=1, fsdp=4, tensor=2))
   target = aot.tpu_target("v5e-8")
@@ -165,6 +197,9 @@ def test_tiny_step_compiles_for_v5e_8():
   assert mesh.devices.shape == (1, 4, 2)
   compiled, setup, _ = aot.compile_step(config, mesh, cap_len=64)
   _check_state_shardings(compiled, setup, config, mesh)
+  batch = aot.abstract_batch(config, mesh, cap_len=64)
+  _check_one_update_pass(compiled, setup,
+                         len(jax.tree.leaves((setup.abstract_state, batch))) + 1)  # + the rng
   mem = _check_memory_and_kernel(compiled, setup)
   assert aot.fit_report(mem, target)["fits"]
 
