@@ -1,50 +1,92 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md ("The whole trainer"): bench/trainer.py on one GPU for
-# stage 1 (batch 32) with remat full, dots, save_qkv_attn and auto, stage 3 with auto, and a
-# jax.profiler trace of a few stage-1 steps. Run from the repository root:
+# The GPU figures of docs/performance.md ("The whole trainer on one GPU"), in two parts that each
+# fit one call of a lent GPU machine (under 9 minutes). Run from the repository root, after
+# bench/gpu_wheels.sh has filled .whl/ where pip reaches the index:
 #
-#   OUT=/some/folder bash bench/gpu_session.sh
+#   OUT=/some/folder bash bench/gpu_session.sh 1    # stage 1: auto (+ profile), torch, dots, full
+#   OUT=/some/folder bash bench/gpu_session.sh 2    # stage 3: auto at batch 8 (4 if 8 fits no
+#                                                   # policy), torch; stage 1 save_qkv_attn
 #
-# Results: $OUT/results.jsonl (one JSON line a run), $OUT/<run>.log (the trainer's log, auto's
-# candidates included), $OUT/trace/ (the profile), $OUT/log.txt. Every run has a timeout and the
-# session stays under 9 minutes: a run that would not finish in the time left is skipped.
-# Wheels in $WHEELS (default wheels/) are installed first with pip --no-deps, for images that
-# lack grain, array_record, clu, ml_collections or tensorboardX.
+# Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
+# attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
+# A run has a timeout, and one that would not end before the part's deadline is skipped.
+# Back in $OUT (at most 8 files): results.jsonl (one JSON line a run, "run" naming it), log.txt
+# (versions, each run's exit), profile.txt (launch/profile_summary.py of the 2 profiled stage-1
+# steps), stage1_auto.xplane.pb.gz (that trace, for TensorBoard), logs.tar.gz (each run's log).
 set -uo pipefail
+PART=${1:?give the part: 1 or 2}
 OUT=${OUT:-gpu_out}
-WHEELS=${WHEELS:-wheels}
-mkdir -p "$OUT"
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  python -m pip install -q --no-deps --no-index "$WHEELS"/*.whl \
-    || python -m pip install -q --no-deps --no-index --break-system-packages "$WHEELS"/*.whl
+RUNS=/tmp/gpu_runs
+mkdir -p "$OUT" "$RUNS"
+trap 'tar -czf "$OUT/logs.tar.gz" -C "$RUNS" --exclude=records --exclude="*.xplane.pb" . 2>/dev/null' EXIT
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-# One compile serves several runs: auto's candidates and the step it then trains with, and the
-# policies the runs before it compiled (compile_s then counts cache reads).
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/.jax_cache}
-python -c 'import jax; print(jax.__version__, jax.devices())' 2>&1 | tee "$OUT/log.txt"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# auto's candidates and the step it then trains with share compiles through the cache.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 - <<'EOF'
+import importlib.metadata as m, sys
+print("python", sys.version.split()[0], *(f"{p} {m.version(p)}" for p in (
+    "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "torch", "diffusers")))
+import jax, torch
+print(jax.devices(), "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+EOF
+} 2>&1 | tee -a "$OUT/log.txt"
 
-deadline=$((SECONDS + 530))
-run() {  # run <name> <timeout s> <bench/trainer.py flags...>
-  local name=$1 limit=$2
-  shift 2
+deadline=$((SECONDS + 500))
+run() {  # run <name> <timeout s> <script> <flags...>: one JSON line into results.jsonl
+  local name=$1 limit=$2 script=$3
+  shift 3
   if ((SECONDS + limit > deadline)); then
     echo "$name: skipped, $((deadline - SECONDS)) s left" | tee -a "$OUT/log.txt"
-    return
+    return 1
   fi
-  timeout -k 10 "$limit" python bench/trainer.py "$@" >"$OUT/$name.json" 2>"$OUT/$name.log"
-  echo "$name: exit $? at $SECONDS s" | tee -a "$OUT/log.txt"
-  tail -n 1 "$OUT/$name.json" | sed "s/^{/{\"run\": \"$name\", /" >>"$OUT/results.jsonl"
+  timeout -k 10 "$limit" python3 "bench/$script" "$@" >"$RUNS/$name.json" 2>"$RUNS/$name.log"
+  local rc=$?
+  echo "$name: exit $rc at $SECONDS s" | tee -a "$OUT/log.txt"
+  tail -n 1 "$RUNS/$name.log" | tee -a "$OUT/log.txt"
+  if ((rc == 0)); then
+    tail -n 1 "$RUNS/$name.json" | sed "s/^{/{\"run\": \"$name\", /" >>"$OUT/results.jsonl"
+  fi
+  return $rc
 }
 
-S1=(--config configs/svg_t2i_2b.py:stage1_256 --global_batch_size 32
+S1=(--config configs/svg_t2i_2b.py:stage1_256 --global_batch_size 32 --steps 10
     --config.model.attention_backend=cudnn)
-run stage1_full 100 "${S1[@]}" --steps 10 --config.model.remat_policy=full
-run stage1_dots 90 "${S1[@]}" --steps 10 --config.model.remat_policy=dots
-run stage1_save_qkv_attn 90 "${S1[@]}" --steps 10 --config.model.remat_policy=save_qkv_attn
-run stage1_auto 110 "${S1[@]}" --steps 10 --config.model.remat_policy=auto
-run stage3_auto 150 --config configs/svg_t2i_2b.py:stage3_1024 --global_batch_size 4 --steps 3 \
-    --config.model.attention_backend=cudnn --config.model.remat_policy=auto
-run stage1_profile 60 "${S1[@]}" --steps 2 --config.model.remat_policy=auto \
-    --profile_dir "$OUT/trace"
+S3=(--config configs/svg_t2i_2b.py:stage3_1024 --steps 5 --config.model.attention_backend=cudnn)
+case $PART in
+  1)
+    run stage1_auto 240 trainer.py "${S1[@]}" --config.model.remat_policy=auto --profile_steps 2 \
+        --workdir "$RUNS/stage1_auto"
+    trace=$(find "$RUNS/stage1_auto/tensorboard" -name '*.xplane.pb' 2>/dev/null | head -n 1)
+    if [ -n "$trace" ]; then
+      gzip -c "$trace" >"$OUT/stage1_auto.xplane.pb.gz"
+      python3 launch/profile_summary.py "$trace" --steps 2 --top 40 >"$OUT/profile.txt" 2>&1
+    fi
+    run stage1_torch 150 torch_trainer.py "${S1[@]}" --compile blocks \
+        --ours "$RUNS/stage1_auto.json"
+    run stage1_dots 90 trainer.py "${S1[@]}" --config.model.remat_policy=dots
+    run stage1_full 90 trainer.py "${S1[@]}" --config.model.remat_policy=full
+    ;;
+  2)
+    run stage3_auto_b8 200 trainer.py "${S3[@]}" --global_batch_size 8 \
+        --config.model.remat_policy=auto \
+      || run stage3_auto_b4 150 trainer.py "${S3[@]}" --global_batch_size 4 \
+        --config.model.remat_policy=auto
+    ours=$(ls "$RUNS"/stage3_auto_b*.json 2>/dev/null | head -n 1)
+    batch=$(python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['global_batch_size'])" "$ours" 2>/dev/null)
+    if [ -n "$batch" ]; then
+      run stage3_torch 150 torch_trainer.py "${S3[@]}" --global_batch_size "$batch" \
+          --compile blocks --ours "$ours"
+    fi
+    run stage1_save_qkv_attn 90 trainer.py "${S1[@]}" --config.model.remat_policy=save_qkv_attn
+    ;;
+  *) echo "part must be 1 or 2, got $PART" >&2; exit 2 ;;
+esac
 cat "$OUT/results.jsonl" 2>/dev/null
