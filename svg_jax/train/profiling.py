@@ -87,12 +87,14 @@ def summarize(path: str) -> tuple[str, list[OpTime]]:
   profile = jax.profiler.ProfileData.from_file(path)
   planes = list(profile.planes)
   devices = [p for p in planes if p.name.startswith("/device:") and "CUSTOM" not in p.name]
-  events = list(_op_events(devices))
-  where = ", ".join(sorted({p.name for p in devices}))
-  if not events:
-    hosts = [p for p in planes if p.name.startswith("/host:")]
-    events = list(_op_events(hosts))
-    where = ", ".join(sorted({p.name for p in hosts}))
+  hosts = [p for p in planes if p.name.startswith("/host:")]
+  events, where = [], ""
+  for group in (devices, hosts):
+    found = {p.name: list(_op_events([p])) for p in group}
+    events = [e for plane_events in found.values() for e in plane_events]
+    where = ", ".join(sorted(name for name, e in found.items() if e))
+    if events:
+      break
   totals: dict[str, list] = collections.defaultdict(lambda: [0, 0.0, ""])
   for op, kernel, seconds in events:
     t = totals[op]
