@@ -5,7 +5,8 @@
 #
 #   OUT=/some/folder bash bench/gpu_session.sh 1    # stage 1: auto (+ profile), torch, dots, full
 #   OUT=/some/folder bash bench/gpu_session.sh 2    # stage 3: auto at batch 8 (4 if 8 fits no
-#                                                   # policy), torch; stage 1 save_qkv_attn
+#                                                   # policy), torch; stage 1 dots, 2 layers
+#                                                   # per scan iteration
 #
 # Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
 # attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
@@ -85,7 +86,8 @@ case $PART in
       run stage3_torch 150 torch_trainer.py "${S3[@]}" --global_batch_size "$batch" \
           --compile blocks --ours "$ours"
     fi
-    run stage1_save_qkv_attn 90 trainer.py "${S1[@]}" --config.model.remat_policy=save_qkv_attn
+    run stage1_dots_unroll2 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
+        --config.model.scan_unroll=2
     ;;
   *) echo "part must be 1 or 2, got $PART" >&2; exit 2 ;;
 esac

@@ -38,14 +38,16 @@ def _loss_and_grad(cfg, state, inputs):
   return float(value), keymap.params_to_official(grads, cfg)
 
 
-@pytest.mark.parametrize("scan,remat", [(True, "full"), (True, "dots"), (False, "full"),
-                                        (False, "dots_no_batch")])
-def test_scan_and_remat_do_not_change_values_or_gradients(scan, remat):
+@pytest.mark.parametrize("scan,remat,unroll", [
+    (True, "full", 1), (True, "dots", 1), (True, "save_qkv_attn", 2), (False, "full", 1),
+    (False, "dots_no_batch", 1)])
+def test_scan_and_remat_do_not_change_values_or_gradients(scan, remat, unroll):
   state = ref.random_official_state(CFG, seed=2)
   inputs = _inputs()
   base_value, base_grads = _loss_and_grad(dataclasses.replace(CFG, remat_policy="none"), state, inputs)
-  value, grads = _loss_and_grad(dataclasses.replace(CFG, scan_layers=scan, remat_policy=remat),
-                                state, inputs)
+  value, grads = _loss_and_grad(
+      dataclasses.replace(CFG, scan_layers=scan, remat_policy=remat, scan_unroll=unroll),
+      state, inputs)
   assert abs(value - base_value) <= 1e-6 * abs(base_value)
   for k in base_grads:
     np.testing.assert_allclose(grads[k], base_grads[k], rtol=1e-4, atol=1e-6, err_msg=k)
@@ -81,6 +83,8 @@ def test_unknown_options_are_clear_errors():
   with pytest.raises(ValueError, match="attention backend"):
     layers.attention(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)),
                      backend="flash")
+  with pytest.raises(ValueError, match=r"scan_unroll 3 not in \[1, n_layers 2\]"):
+    dataclasses.replace(CFG, scan_unroll=3).validate()
   with pytest.raises(ValueError, match="sum\\(axes_dims\\)"):
     dataclasses.replace(CFG, axes_dims=(4, 4, 4)).validate()
   with pytest.raises(ValueError, match="unknown NextDiT config fields"):

@@ -68,6 +68,9 @@ class NextDiTConfig:
   compute_dtype: str = "float32"
   attention_backend: str = "xla"
   scan_layers: bool = True
+  # Layers per iteration of the scanned stack's loop (XLA unrolls that many): fewer loop
+  # boundaries for the scheduler to work across, at a longer compile.
+  scan_unroll: int = 1
   remat_policy: str = "none"
 
   @property
@@ -97,6 +100,8 @@ class NextDiTConfig:
       problems.append(f"axes_dims {self.axes_dims} must be even")
     if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
       problems.append("axes_dims and axes_lens need 3 entries (caption, row, column)")
+    if not 1 <= self.scan_unroll <= max(self.n_layers, 1):
+      problems.append(f"scan_unroll {self.scan_unroll} not in [1, n_layers {self.n_layers}]")
     if self.remat_policy not in REMAT_POLICIES + (AUTO,):
       problems.append(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES + (AUTO,)}")
     if self.attention_backend not in layers.ATTENTION_BACKENDS:
@@ -320,7 +325,8 @@ class NextDiT(nn.Module):
       stack = nn.scan(_remat(_ScanBlock, cfg.remat_policy, scanned=True),
                       variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                      length=cfg.n_layers, unroll=cfg.scan_unroll,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
       seq, _ = stack(cfg, name="layers")(seq, c, cos, sin, kv_lengths)
     else:
       block_cls = _remat(JointBlock, cfg.remat_policy, scanned=False)
