@@ -12,8 +12,8 @@ when the config computes in bf16, the flow-matching loss (logit-normal t with th
 shift, x_t = t x1 + (1 - t) x0, velocity target), `clip_grad_norm_(train.grad_clip)`,
 `torch.optim.AdamW` (train.b1, b2, eps, weight_decay, lr) and an EMA update of every parameter.
 `--compile model` wraps the model in `torch.compile` (the default mode), `--compile blocks`
-compiles each transformer block instead. The batch is a fixed random one
-already on the device: torch is timed without a data loader, ours with its Grain pipeline.
+compiles each transformer block instead. The batch is a fixed random one already on the device:
+torch is timed without a data loader, ours with its Grain pipeline.
 
 It runs 2 x --steps steps: the first --steps hold compilation and warm-up, the second are timed.
 The last stdout line is one JSON object with bench/trainer.py's keys (steps/s, img/s, tokens/s,
@@ -29,7 +29,9 @@ import subprocess
 import sys
 import time
 
-# JAX only lends this process its config and FLOP count: keep it off the GPU that torch measures.
+# JAX only lends this process its config and FLOP count: keep it off the GPU that torch measures
+# (but not bench/trainer.py's process that `--ours run` starts).
+_ENV = dict(os.environ)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from absl import app, flags  # noqa: E402
@@ -64,7 +66,7 @@ def _ours(arg: str) -> dict:
       forwarded += [a] if "=" in a or i + 1 == len(argv) else [a, argv[i + 1]]
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trainer.py")
   out = subprocess.run([sys.executable, script, *forwarded], check=True, stdout=subprocess.PIPE,
-                       text=True).stdout
+                       text=True, env=_ENV).stdout
   return json.loads(out.strip().splitlines()[-1])
 
 
