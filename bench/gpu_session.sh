@@ -10,7 +10,9 @@
 #
 # Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
 # attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
-# A run has a timeout, and one that would not end before the part's deadline is skipped.
+# A run has a timeout, and one that would not end before the part's deadline (DEADLINE_S seconds
+# after the versions are printed, default 500) is skipped: a session's 15 device minutes hold part 1
+# and the start of a machine, and part 2 only with a smaller DEADLINE_S (what `status` leaves).
 # Back in $OUT (at most 8 files): results.jsonl (one JSON line a run, "run" naming it), log.txt
 # (versions, each run's exit), profile.txt (launch/profile_summary.py of the 2 profiled stage-1
 # steps), stage1_auto.xplane.pb.gz (that trace, for TensorBoard), logs.tar.gz (each run's log).
@@ -40,7 +42,7 @@ print(jax.devices(), "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.v
 EOF
 } 2>&1 | tee -a "$OUT/log.txt"
 
-deadline=$((SECONDS + 500))
+deadline=$((SECONDS + ${DEADLINE_S:-500}))
 run() {  # run <name> <timeout s> <script> <flags...>: one JSON line into results.jsonl
   local name=$1 limit=$2 script=$3
   shift 3
