@@ -7,8 +7,9 @@ finds it beside the run's scalars.
 
 `summarize` reads such a file with `jax.profiler.ProfileData` and adds up the time of every HLO op
 that ran: the events that carry an `hlo_op` statistic (the XLA runtime tags each kernel or thunk
-with the op it runs), on the device planes (GPU, TPU) or, when no device plane has any (XLA:CPU
-runs its thunks on host threads), on the host's. Each op falls into one class by its name and
+with the op it runs), or those of a device plane's "XLA Ops" line where it has one, on the device
+planes (GPU, TPU) or, when no device plane has any (XLA:CPU runs its thunks on host threads), on
+the host's. Each op falls into one class by its name and
 kernel name (`CLASSES`, first match wins), so the table says what share is matmuls, attention,
 collectives, copies and the rest (elementwise and reduction fusions: the optimizer, EMA, norms,
 casts).
@@ -60,14 +61,21 @@ def latest_trace(directory: str) -> str:
   return max(found, key=os.path.getmtime)
 
 
+OPS_LINE = "XLA Ops"  # a device plane's line of op events named by their op (TPU traces)
+
+
 def _op_events(planes):
-  """(op, kernel name, seconds) of the innermost events with an `hlo_op` statistic in `planes`:
-  an event that encloses another on its line (a while loop around its body's thunks) is left out,
+  """(op, kernel name, seconds) of the innermost events with an `hlo_op` statistic in `planes`,
+  or of every event of a plane's `OPS_LINE` where it has one (then only that line counts): an
+  event that encloses another on its line (a while loop around its body's thunks) is left out,
   so no time counts twice."""
   for plane in planes:
-    for line in plane.lines:
-      events = sorted(((e.start_ns, e.end_ns, str(dict(e.stats)["hlo_op"]), e.name)
-                       for e in line.events if any(k == "hlo_op" for k, _ in e.stats)),
+    lines = list(plane.lines)
+    ops_lines = [line for line in lines if line.name == OPS_LINE]
+    for line in ops_lines or lines:
+      events = sorted(((e.start_ns, e.end_ns, str(dict(e.stats).get("hlo_op", e.name)), e.name)
+                       for e in line.events
+                       if ops_lines or any(k == "hlo_op" for k, _ in e.stats)),
                       key=lambda e: (e[0], -e[1]))
       enclosing = [False] * len(events)
       open_events: list[int] = []  # indices of the events that contain the current one
