@@ -19,17 +19,18 @@
 set -uo pipefail
 PART=${1:?give the part: 1 or 2}
 OUT=${OUT:-gpu_out}
-RUNS=/tmp/gpu_runs
+SCRATCH=$(mktemp -d)  # the runs' workdirs and logs, the wheels' install, the compile cache
+RUNS=$SCRATCH/runs
 mkdir -p "$OUT" "$RUNS"
-trap 'tar -czf "$OUT/logs.tar.gz" -C "$RUNS" --exclude=records --exclude="*.xplane.pb" . 2>/dev/null' EXIT
+trap 'tar -czf "$OUT/logs.tar.gz" -C "$RUNS" --exclude=records --exclude="*.xplane.pb" . 2>/dev/null; rm -rf "$SCRATCH"' EXIT
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+    --target "$SCRATCH/site" .whl/*.whl || exit 1
+  export PYTHONPATH=$SCRATCH/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # auto's candidates and the step it then trains with share compiles through the cache.
-export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache}
 # XLA's allocator may take 92% of the GPU (default 75%): remat auto's budget is that x 0.9. Each
 # run is a process of its own, so torch's runs find the memory free again.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
@@ -75,8 +76,9 @@ case $PART in
       gzip -c "$trace" >"$OUT/stage1_auto.xplane.pb.gz"
       python3 launch/profile_summary.py "$trace" --steps 2 --top 40 >"$OUT/profile.txt" 2>&1
     fi
-    run stage1_torch 150 torch_trainer.py "${S1[@]}" --compile blocks \
-        --ours "$RUNS/stage1_auto.json"
+    ours=()  # the speedup needs our run; torch's figures stand alone too
+    [ -s "$RUNS/stage1_auto.json" ] && ours=(--ours "$RUNS/stage1_auto.json")
+    run stage1_torch 150 torch_trainer.py "${S1[@]}" --compile blocks ${ours[@]+"${ours[@]}"}
     run stage1_dots 90 trainer.py "${S1[@]}" --config.model.remat_policy=dots
     run stage1_full 90 trainer.py "${S1[@]}" --config.model.remat_policy=full
     ;;
