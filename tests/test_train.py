@@ -325,6 +325,29 @@ def six_steps(data_dir, tmp_path_factory):
   return _losses(workdir)
 
 
+def _profile_events(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r.get("event") == "profile"]
+
+
+def test_a_profile_window_traces_its_steps_and_changes_nothing(data_dir, six_steps, tmp_path):
+  """train.profile_steps: steps 3-4 are traced (a profile event, a trace with matmuls in it) and
+  the losses are the uninterrupted run's; a window past the last step ends with the run."""
+  inside, past = str(tmp_path / "inside"), str(tmp_path / "past")
+  trainer.train(_config(data_dir, num_steps=6, checkpoint_every=2, profile_start=2,
+                        profile_steps=2), inside)
+  (event,) = _profile_events(inside)
+  assert (event["first_step"], event["steps"], event["step"]) == (3, 2, 4)
+  assert event["path"].startswith(os.path.join(inside, "tensorboard", "plugins", "profile"))
+  assert os.path.isfile(event["path"]) and event["ms_per_step"]["matmul"] > 0
+  assert _losses(inside) == six_steps
+  trainer.train(_config(data_dir, num_steps=6, checkpoint_every=2, profile_start=4,
+                        profile_steps=5), past)
+  (event,) = _profile_events(past)
+  assert (event["first_step"], event["steps"], event["step"]) == (5, 2, 6)
+  assert _losses(past) == six_steps
+
+
 @pytest.mark.parametrize("newest, older", [("truncated_state", "no_manifest"),
                                            ("no_data_iter", "truncated_data_iter")])
 def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(data_dir, six_steps, tmp_path,
