@@ -75,9 +75,8 @@ def run(config) -> dict:
   from diffusers import Lumina2Transformer2DModel
 
   from svg_jax import config as config_lib
-  from svg_jax import flow
   from svg_jax.convert import nextdit as keymap
-  from svg_jax.train import aot, metrics
+  from svg_jax.train import aot, dit_step, metrics
 
   cfg = config_lib.nextdit_config(config)
   tc, fc = config.train, config.flow
@@ -105,10 +104,7 @@ def run(config) -> dict:
     for block in (*model.noise_refiner, *model.context_refiner, *model.layers):
       block.compile()
 
-  shift = None
-  if fc.resolution_shift:  # as dit_step.py: the nominal resolution's token count
-    pixels_per_token = int(config.autoencoder.encoder.patch_size) * cfg.patch_size
-    shift = flow.shift_factor_for_seq_len((int(config.data.resolution) // pixels_per_token) ** 2)
+  shift = dit_step.time_shift_factor(config)
   g = torch.Generator(device).manual_seed(0)
   x1 = torch.randn(batch, cfg.in_channels, *hw, generator=g, device=device)
   cap = torch.randn(batch, cap_len, cfg.cap_feat_dim, generator=g, device=device)

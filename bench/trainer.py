@@ -124,8 +124,8 @@ def run(config, workdir: str) -> dict:
       config.data.caption_len_buckets = (shape[1],)
   if FLAGS.profile_steps:
     if not 0 < FLAGS.profile_steps < n:
-      raise app.UsageError(f"--profile_steps must be in [1, {n - 1}] (the warm-up steps after the "
-                       f"first), got {FLAGS.profile_steps}")
+      raise app.UsageError(f"--profile_steps must be in [1, {n - 1}] (the warm-up steps after "
+                           f"the first), got {FLAGS.profile_steps}")
     with config.unlocked():
       config.train.update(dict(profile_steps=FLAGS.profile_steps,
                                profile_start=n - FLAGS.profile_steps))

@@ -25,6 +25,7 @@ from svg_jax.data import synthetic
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig, REMAT_POLICIES
 from svg_jax.train import loop, remat, trainer
 
+import tiny_trainer
 from configs import tiny
 
 GIB = 2 ** 30
@@ -168,14 +169,8 @@ MODEL = dict(in_channels=8, cap_feat_dim=16, dim=64, n_heads=4, n_kv_heads=2, ax
 
 
 def _train_config(data_dir, **train):
-  c = tiny.get_config()
-  c.model.update(MODEL)
-  c.data.path = data_dir
-  c.data.caption_len_buckets = (16,)
-  c.data.max_caption_len = 16
-  c.train.update(dict(global_batch_size=8, log_every=1, checkpoint_every=2))
-  c.train.update(train)
-  return c
+  defaults = dict(global_batch_size=8, log_every=1, checkpoint_every=2)
+  return tiny_trainer.config(data_dir, MODEL, **{**defaults, **train})
 
 
 def _events(workdir):

@@ -18,6 +18,7 @@ from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import dit_task, loop, trainer
 from svg_jax.train import metrics as metrics_lib
 
+import tiny_trainer
 from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,20 +41,11 @@ def _dataset(path, buckets=((4, 4),), n=64, seed=0):
 
 
 def _config(data_dir, **train):
-  c = tiny.get_config()
-  c.model.update(MODEL)
-  c.data.path = data_dir
-  c.data.caption_len_buckets = (16,)
-  c.data.max_caption_len = 16
-  c.train.global_batch_size = 8
   # The mesh tolerances below are for this step size (Adam moves each parameter by ~lr, so
   # rounding differences between meshes scale with it), whatever the demo's DiT is tuned to.
-  c.train.lr = 5e-4
-  c.train.log_every = 1
-  c.train.checkpoint_every = 1000
-  c.train.async_checkpointing = True
-  c.train.update(train)
-  return c
+  defaults = dict(global_batch_size=8, lr=5e-4, log_every=1, checkpoint_every=1000,
+                  async_checkpointing=True)
+  return tiny_trainer.config(data_dir, MODEL, **{**defaults, **train})
 
 
 def _records(workdir):
@@ -326,8 +318,7 @@ def six_steps(data_dir, tmp_path_factory):
 
 
 def _profile_events(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [r for r in map(json.loads, f) if r.get("event") == "profile"]
+  return [r for r in _records(workdir) if r.get("event") == "profile"]
 
 
 def test_a_profile_window_traces_its_steps_and_changes_nothing(data_dir, six_steps, tmp_path):

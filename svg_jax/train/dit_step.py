@@ -91,6 +91,16 @@ def _to_micro(x, m: int):
   return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
 
 
+def time_shift_factor(config) -> float | None:
+  """The factor that shifts training times toward noise (`flow.sample_timesteps`), None when
+  `flow.resolution_shift` is off: that of the nominal resolution's token count (official:
+  (train_res / 16)^2), not the bucket's."""
+  if not config.flow.resolution_shift:
+    return None
+  pixels_per_token = int(config.autoencoder.encoder.patch_size) * int(config.model.patch_size)
+  return flow.shift_factor_for_seq_len((int(config.data.resolution) // pixels_per_token) ** 2)
+
+
 def make_train_step(model, tx: optax.GradientTransformation, config,
                     empty_text: np.ndarray, text_model=None) -> Callable:
   """Builds the pure step for `model` (a NextDiT) with the optimizer `tx` and the config.
@@ -106,12 +116,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config,
   dropout = float(tcfg.caption_dropout)
   decay = float(tcfg.ema_decay)
   schedule = state_lib.lr_schedule(tcfg)
-  patch = int(config.model.patch_size)
-  shift = None
-  if fcfg.resolution_shift:
-    # The nominal resolution's token count (official: (train_res / 16)^2), not the bucket's.
-    pixels_per_token = int(config.autoencoder.encoder.patch_size) * patch
-    shift = flow.shift_factor_for_seq_len((int(config.data.resolution) // pixels_per_token) ** 2)
+  shift = time_shift_factor(config)
   empty_text = np.asarray(empty_text, np.int32 if text_model is not None else np.float32)
 
   def condition(batch, rng, text_params):

@@ -121,9 +121,11 @@ def by_class(ops: list[OpTime]) -> dict[str, float]:
   return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def report(path: str, steps: int, top: int = 15) -> str:
-  """The summary as text: time per step by class, then the `top` ops."""
-  where, ops = summarize(path)
+def report(path: str, steps: int, top: int = 15,
+           summary: tuple[str, list[OpTime]] | None = None) -> str:
+  """The summary as text: time per step by class, then the `top` ops. `summary`: what
+  `summarize(path)` returned, when the caller has it already."""
+  where, ops = summary or summarize(path)
   total = sum(o.seconds for o in ops)
   if not ops or total <= 0:
     return f"{path}: no HLO op events"
@@ -171,10 +173,11 @@ class ProfileWindow:
     self.active = False
     path = latest_trace(self.directory)
     steps = step - self.start
+    summary = summarize(path)
     logging.info("profile of steps %d-%d (TensorBoard's Profile tab; python "
                  "launch/profile_summary.py %s --steps %d):\n%s", self.start + 1, step, path,
-                 steps, report(path, steps))
-    classes = by_class(summarize(path)[1])
+                 steps, report(path, steps, summary=summary))
+    classes = by_class(summary[1])
     return {"path": path, "first_step": self.start + 1, "steps": steps,
             "ms_per_step": {k: 1e3 * v / max(steps, 1) for k, v in classes.items()}}
 
