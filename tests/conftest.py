@@ -1,9 +1,18 @@
 """Test session setup: 8 fake CPU devices (for the sharding tests) and fp32 matmuls everywhere."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere in the test session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session and the scripts its tests start (they inherit
+# the environment): a program that one test or process compiled loads in the next. The user's
+# cache (svg_jax/compile_cache.py) stays untouched; the folder goes at exit.
+_XLA_CACHE = tempfile.mkdtemp(prefix="svg_jax_tests_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
 
 from svg_jax import malloc_tuning  # noqa: E402
 

@@ -364,6 +364,42 @@ def test_image_pipeline_is_deterministic_resumable_and_skips_bad_images(tmp_path
     image_pipeline.read_image_list(tmp_path / "nopath.jsonl")
 
 
+def test_image_pipeline_resumes_on_another_number_of_processes(tmp_path):
+  """States saved by P processes resume on P' (through set_state_of_processes, as the
+  checkpoint's loader handler calls it): the next global batch is the uninterrupted run's, as a
+  set of images (the order inside a global batch depends on the process count)."""
+  from PIL import Image
+  from svg_jax.data import image_pipeline
+  rng = np.random.default_rng(1)
+  lines = []
+  for i in range(11):  # distinct images, an odd count so epochs straddle batches
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    lines.append(json.dumps({"path": f"{i}.png"}) + "\n")
+  (tmp_path / "list.jsonl").write_text("".join(lines))
+  global_batch = 4
+
+  def loaders(count):
+    cfg = image_pipeline.ImagePipelineConfig(per_process_batch_size=global_batch // count,
+                                             resolution=16, seed=5)
+    return [image_pipeline.make_image_pipeline(tmp_path / "list.jsonl", cfg, process_index=p,
+                                               process_count=count) for p in range(count)]
+
+  def global_batches(its, n):
+    return [sorted(img.tobytes() for it in its for img in next(it)["image"]) for _ in range(n)]
+
+  reference = global_batches(loaders(1), 7)
+  for saved, resumed in ((2, 1), (1, 4), (4, 2)):
+    before = loaders(saved)
+    assert global_batches(before, 3) == reference[:3]
+    states = [it.get_state() for it in before]
+    after = loaders(resumed)
+    for p, it in enumerate(after):
+      it.set_state_of_processes(states, p)
+    assert global_batches(after, 4) == reference[3:], (saved, resumed)
+  with pytest.raises(ValueError, match="disagree on the position"):
+    loaders(1)[0].set_state_of_processes([{"next_index": 1}, {"next_index": 2}], 0)
+
+
 # ----------------------------------------------------------------------------- the loop
 
 

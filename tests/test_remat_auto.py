@@ -7,6 +7,8 @@
 - A huge budget picks "none", a budget between two figures the middle policy, a budget below
   every figure is one config-error line; the chosen step's peak is within the budget.
 - The named policies compute the loss and gradients of "none" (JAX's own remat is the reference).
+- The batch "auto" compiles for is the loader's (shapes, dtypes, shardings), so the chosen step is
+  the program the trainer runs and loads from the compilation cache.
 - Through the trainer: the choice is a metrics.jsonl event and the policy of the checkpoints'
   config, and a resume keeps it even where a new choice would fail.
 """
@@ -23,7 +25,7 @@ from svg_jax import checkpoint as ckpt_lib
 from svg_jax import parallel
 from svg_jax.data import synthetic
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig, REMAT_POLICIES
-from svg_jax.train import loop, remat, trainer
+from svg_jax.train import aot, dit_task, loop, remat, trainer
 
 import tiny_trainer
 from configs import tiny
@@ -198,3 +200,24 @@ def test_the_trainer_records_the_choice_and_a_resume_keeps_it(tmp_path):
   assert summary["resumed_from"] == 2 and summary["step"] == 3
   assert [(e["step"], e["policy"], e["source"]) for e in _events(workdir)] == [
       (0, "none", "measured"), (2, "none", "checkpoint")]
+
+
+def test_auto_compiles_for_the_batch_the_loader_gives(tmp_path):
+  data = str(tmp_path / "data")
+  synthetic.write_random_dataset(data, buckets=[(4, 4)], num_records=32, latent_channels=8,
+                                 text_dim=16, caption_len=(1, 8))
+  config = _train_config(data, num_steps=1)
+  mesh = parallel.make_mesh(dict(config.mesh))
+  setup = dit_task.DiTSetup(config, mesh)
+  iterator = setup.make_data_iterator()
+  try:
+    real = setup.device_batch(next(iterator))
+  finally:
+    iterator.close()
+  hw, cap_len = remat.step_shape(config)
+  assert (hw, cap_len) == ((4, 4), real["text_mask"].shape[1])
+  abstract = aot.abstract_batch(config, mesh, cap_len=cap_len, hw=hw)
+  assert sorted(abstract) == sorted(real)
+  for key, x in real.items():
+    a = abstract[key]
+    assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding), key

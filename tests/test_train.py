@@ -70,7 +70,7 @@ def test_data_config_sets_the_loaders_threads_and_worker_processes(data_dir):
   def first_batches(**data):
     config = _config(data_dir)
     config.data.update(data)
-    assert dit_task._pipeline_config(config, 8).num_threads == config.data.num_threads
+    assert dit_task.pipeline_config(config, 8).num_threads == config.data.num_threads
     it = dit_task.make_data_iterator(config)
     try:
       return [next(it) for _ in range(3)], it.get_state()["signature"]["num_workers"]
@@ -388,6 +388,51 @@ def test_no_intact_checkpoint_and_an_old_loader_state_are_one_line(data_dir, tmp
     trainer.train(config, str(tmp_path))
   assert "\n" not in str(e.value)
   assert os.listdir(os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR)) == ["2"]
+
+
+def _failing_restores(monkeypatch, errors):
+  """Checkpointer.restore raises `errors` one by one, then restores as usual."""
+  real, pending = ckpt_lib.Checkpointer.restore, list(errors)
+
+  def restore(self, *args, **kwargs):
+    if pending:
+      raise pending.pop(0)
+    return real(self, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", restore)
+
+
+def test_a_restore_that_fails_once_is_read_again_not_moved(data_dir, six_steps, tmp_path,
+                                                            monkeypatch, caplog):
+  """A passing read error (a network filesystem's) costs one more read of the same step."""
+  config = _config(data_dir, num_steps=4, checkpoint_every=2)
+  trainer.train(config, str(tmp_path))
+  _failing_restores(monkeypatch, [OSError("Connection reset by peer")])
+  caplog.set_level("WARNING")
+  config.train.num_steps = 6
+  assert trainer.train(config, str(tmp_path))["resumed_from"] == 4
+  assert any("failed to restore (OSError: Connection reset by peer); reading it once more"
+             in r.getMessage() for r in caplog.records)
+  assert not os.path.exists(os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR))
+  losses = _losses(tmp_path)
+  assert max(abs(losses[s] - six_steps[s]) for s in six_steps) <= 1e-6
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.2G"),
+], ids=["host", "device"])
+def test_a_restore_out_of_memory_leaves_the_checkpoint_in_place(data_dir, tmp_path, monkeypatch,
+                                                                error):
+  config = _config(data_dir, num_steps=2, checkpoint_every=2)
+  trainer.train(config, str(tmp_path))
+  _failing_restores(monkeypatch, [error])
+  config.train.num_steps = 4
+  with pytest.raises(loop.ResumeError, match=r"restoring .*/2 ran out of memory \(.*Error") as e:
+    trainer.train(config, str(tmp_path))
+  assert "\n" not in str(e.value) and "left in place" in str(e.value)
+  assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2]
+  assert not os.path.exists(os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR))
 
 
 # ----------------------------------------------------------------------------- 5. bad configs

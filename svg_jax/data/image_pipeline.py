@@ -8,13 +8,17 @@ BICUBIC cover-resize, centred cut). Batches are {"image": uint8 [B, R, R, 3]}.
 
 Order: Grain `MapDataset.range(n) -> shuffle(seed) -> repeat -> [process::processes] -> map(load)
 -> batch`, so the stream is a pure function of (jsonl, seed) and every process reads its own slice.
-The iterator is a Grain DatasetIterator: its state goes into checkpoints and a resume continues at
-the exact next batch. An image that cannot be decoded is logged with its path and replaced by the
-next good one in the list (counted in `BadImages`); a list with no good image is an error.
+Global batch k is elements [k B, (k + 1) B) of the shuffled stream (B the global batch), whatever
+the number of processes: process p of P takes those at p, p + P, ... So the iterator's state, the
+number of batches read, is one global position: it goes into checkpoints, a resume continues at the
+exact next batch, and it resumes on another number of processes too (`set_state_of_processes`;
+the global batch must stay the same). An image that cannot be decoded is logged with its path and
+replaced by the next good one in the list; 64 bad ones in a row are an error.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Sequence
@@ -95,9 +99,43 @@ def _collate(items: Sequence[np.ndarray]) -> dict:
   return {"image": np.stack(items)}
 
 
+class ImageIterator:
+  """The Grain iterator of one process, resumable from the states of any process count."""
+
+  def __init__(self, grain_iterator):
+    self._it = grain_iterator
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return next(self._it)
+
+  def get_state(self) -> dict:
+    return self._it.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._it.set_state(state)
+
+  def set_state_of_processes(self, states: Sequence[dict], process_index: int) -> None:
+    """Resumes from the states P processes saved: every one holds the same global position."""
+    del process_index  # the position is global; each process reads its own slice from it
+    positions = {json.dumps(s, sort_keys=True) for s in states}
+    if len(positions) != 1:
+      raise ValueError(f"the {len(states)} saved image-loader states disagree on the position: "
+                       f"{sorted(positions)}")
+    self._it.set_state(states[0])
+
+  def start_prefetch(self) -> None:
+    getattr(self._it, "start_prefetch", lambda: None)()
+
+  def close(self) -> None:
+    getattr(self._it, "close", lambda: None)()
+
+
 def make_image_pipeline(jsonl: str | os.PathLike, config: ImagePipelineConfig, *,
                         process_index: int | None = None, process_count: int | None = None
-                        ) -> grain.DatasetIterator:
+                        ) -> ImageIterator:
   """The training iterator (see the module docstring)."""
   config.validate()
   if process_index is None or process_count is None:
@@ -111,8 +149,8 @@ def make_image_pipeline(jsonl: str | os.PathLike, config: ImagePipelineConfig, *
         [process_index::process_count]
         .map(_Loader(paths, config.resolution))
         .batch(config.per_process_batch_size, drop_remainder=True, batch_fn=_collate))
-  return iter(ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size)))
+  return ImageIterator(iter(ds.to_iter_dataset(grain.ReadOptions(
+      num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size))))
 
 
 def load_eval_images(jsonl: str | os.PathLike, resolution: int, count: int) -> np.ndarray:

@@ -58,14 +58,17 @@ def latent_hw(config) -> tuple[int, int]:
   return r, r
 
 
-def abstract_batch(config, mesh, *, cap_len: int, hw: tuple[int, int] | None = None,
-                   dtype=jnp.bfloat16) -> dict[str, jax.ShapeDtypeStruct]:
-  """The step's global batch as sharded ShapeDtypeStructs (records store latents/text in bf16)."""
+def abstract_batch(config, mesh, *, cap_len: int, hw: tuple[int, int] | None = None
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's global batch as sharded ShapeDtypeStructs, in the dtypes the loader gives the
+  trainer: the program compiled here is then the one the trainer runs (and loads from the
+  persistent compilation cache)."""
   b = int(config.train.global_batch_size)
   h, w = hw or latent_hw(config)
   m = config.model
-  shapes = {"latent": ((b, h, w, int(m.in_channels)), dtype),
-            "text": ((b, cap_len, int(m.cap_feat_dim)), dtype),
+  loader = dit_task.pipeline_config(config, b)
+  shapes = {"latent": ((b, h, w, int(m.in_channels)), jnp.dtype(loader.latent_dtype)),
+            "text": ((b, cap_len, int(m.cap_feat_dim)), jnp.dtype(loader.text_dtype)),
             "text_mask": ((b, cap_len), jnp.bool_),
             "text_len": ((b,), jnp.int32)}
   return {k: jax.ShapeDtypeStruct(s, d, sharding=parallel.batch_sharding(mesh, len(s)))

@@ -121,7 +121,7 @@ def config_problems(config, process_count: int) -> list[str]:
       except (OSError, ValueError) as e:
         problems.append(str(e))
   try:
-    _pipeline_config(config, max(gb // max(process_count, 1), 1)).validate()
+    pipeline_config(config, max(gb // max(process_count, 1), 1)).validate()
   except ValueError as e:
     problems.append(f"data: {e}")
   manifest = _manifest_or_none(path) if path and os.path.isdir(path) else None
@@ -194,7 +194,8 @@ def load_empty_text(config, *, log_substitute: bool = True) -> np.ndarray:
   return arr
 
 
-def _pipeline_config(config, per_process_batch: int) -> pipeline_lib.PipelineConfig:
+def pipeline_config(config, per_process_batch: int) -> pipeline_lib.PipelineConfig:
+  """The record loader's settings for `config` (also what aot.abstract_batch's dtypes follow)."""
   d = config.data
   return pipeline_lib.PipelineConfig(
       per_process_batch_size=per_process_batch, max_caption_len=int(d.max_caption_len),
@@ -211,7 +212,7 @@ def make_data_iterator(config, mesh=None):
   expected = ae_lib.config_fingerprints(config.autoencoder)
   rows = None if mesh is None else parallel.process_batch_rows(
       mesh, int(config.train.global_batch_size))
-  return pipeline_lib.make_pipeline(config.data.path, _pipeline_config(config, per_process),
+  return pipeline_lib.make_pipeline(config.data.path, pipeline_config(config, per_process),
                                     expected_fingerprints=expected, rows=rows)
 
 

@@ -252,37 +252,69 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-_OK, _DAMAGED, _INCOMPATIBLE = 0, 1, 2
+_OK, _DAMAGED, _INCOMPATIBLE, _NO_MEMORY = 0, 1, 2, 3
+
+
+def _out_of_memory(e: BaseException) -> bool:
+  """A restore that failed for lack of host or device memory: the files may well be intact."""
+  text = str(e)
+  return (isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text
+          or "out of memory" in text.lower())
+
+
+def _restore_attempt(ckpt, step: int, setup, data_iter) -> tuple[int, str, Any]:
+  """(verdict, reason, state) of one try at restoring `step` on this process."""
+  problems = ckpt.problems(step)
+  if problems:
+    return _DAMAGED, "; ".join(problems), None
+  try:
+    state, _ = ckpt.restore(step, setup.abstract_state, data_iter)
+  except ckpt_lib.IncompatibleCheckpoint as e:
+    return _INCOMPATIBLE, str(e).replace("\n", " "), None
+  except Exception as e:  # noqa: BLE001  (any other failure to read the step: see _resume)
+    return (_NO_MEMORY if _out_of_memory(e) else _DAMAGED), _first_line(e), None
+  return _OK, "", state
+
+
+def _fresh_iterator(data_iter, setup):
+  """A new loader iterator in place of one that a failed restore may have moved."""
+  close = getattr(data_iter, "close", None)
+  if close is not None:
+    close()
+  return setup.make_data_iterator()
 
 
 def _resume(ckpt, setup, agreement: _Agreement, logger):
   """(state, step, data iterator) of the newest checkpoint that restores on every process;
   (None, None, fresh iterator) when the workdir has none. A step that fails anywhere (a
-  missing or unreadable file, an error of the restore) is moved aside on process 0 and the next
-  older one is tried; ResumeError when every one failed or a loader state belongs to another
-  pipeline (an intact checkpoint is never moved for that)."""
+  missing or unreadable file, an error of the restore) is read once more on every process (a
+  network filesystem's error may pass), then moved aside on process 0 and the next older one is
+  tried. ResumeError, with the checkpoint left in place, when a loader state belongs to another
+  pipeline or a process ran out of memory restoring it; ResumeError too when every step failed."""
   data_iter = setup.make_data_iterator()
   moved: list[str] = []
   while ckpt.all_steps():
     step = max(ckpt.all_steps())
-    problems = ckpt.problems(step)
-    verdict, reason, state = _OK, "; ".join(problems), None
-    if problems:
-      verdict = _DAMAGED
-    else:
-      try:
-        state, _ = ckpt.restore(step, setup.abstract_state, data_iter)
-      except ckpt_lib.IncompatibleCheckpoint as e:
-        verdict, reason = _INCOMPATIBLE, str(e).replace("\n", " ")
-      except Exception as e:  # any failure to read the step: fall back to the previous one
-        verdict, reason = _DAMAGED, _first_line(e)
-    agreed = agreement.max(verdict)
+    for attempt in range(2):
+      verdict, reason, state = _restore_attempt(ckpt, step, setup, data_iter)
+      agreed = agreement.max(verdict)
+      if agreed != _DAMAGED or attempt:
+        break
+      logging.warning("checkpoint %s failed to restore (%s); reading it once more",
+                      ckpt.step_dir(step), reason or "on another process")
+      state = None  # a process that did restore frees it before reading again
+      data_iter = _fresh_iterator(data_iter, setup)
     if agreed == _OK:
       return state, step, data_iter
     if agreed == _INCOMPATIBLE:
       raise ResumeError(f"{reason or 'another process cannot resume the loader state'}; the "
                         f"checkpoint {ckpt.step_dir(step)} is intact: resume it with the settings "
                         "that wrote it, or train in another workdir")
+    if agreed == _NO_MEMORY:
+      raise ResumeError(f"restoring {ckpt.step_dir(step)} ran out of memory ("
+                        f"{reason or 'on another process'}); the checkpoint is left in place: "
+                        "free host or device memory, or resume on more devices")
+    state = None
     agreement.max(0)  # every process is done with the folder before it moves
     target = ckpt.move_aside(step) if jax.process_index() == 0 else "damaged_checkpoints/"
     agreement.max(0)
@@ -293,10 +325,7 @@ def _resume(ckpt, setup, agreement: _Agreement, logger):
                   reason or "another process could not read it", target,
                   f"restoring step {max(older)}" if older else "no older step")
     logger.event(step, event="damaged_checkpoint", reason=reason, moved_to=target)
-    close = getattr(data_iter, "close", None)
-    if close is not None:
-      close()
-    data_iter = setup.make_data_iterator()  # a failed restore may have moved it
+    data_iter = _fresh_iterator(data_iter, setup)
   if moved:
     raise ResumeError(f"no intact checkpoint in {ckpt.directory}: the damaged steps were moved to "
                       f"{', '.join(moved)}; rerun to start from step 0, or repair them")

@@ -11,6 +11,10 @@ The training loop calls `resolve` on its mesh before the DiT task builds its ste
      (`aot.memory_report`'s total: arguments + temporaries + outputs not aliased to donated
      inputs) is at most device memory x (1 - `train.remat_headroom`);
   3. fails with one line (`RematBudgetError`, a config error) when not even "full" fits.
+On GPUs and TPUs the chosen candidate is compiled with XLA's own options for the batch the loader
+gives (`aot.abstract_batch`), so the trainer's first step of that shape loads it from the
+persistent compilation cache (svg_jax/compile_cache.py) instead of compiling it again. (On the
+CPU the candidates compile without backend optimizations, `aot.ANALYSIS_ONLY`, and are not reused.)
 Each candidate is one log line with its figures, the verdict another; the loop writes the same
 into metrics.jsonl (event "remat_policy") and the resolved policy is what every checkpoint's config
 saves. A policy changes what the backward recomputes, never the function
