@@ -4,7 +4,7 @@ TPU slices, on any machine (libtpu's topology description; XLA:TPU compiles, no 
 
   python launch/aot_compile.py --config configs/svg_t2i_2b.py:stage1_256 --target v5e-256
   python launch/aot_compile.py --config configs/svg_t2i_2b.py:stage3_1024 --target 2xv5p-128 \\
-      --per-device-batch 1
+      --per_device_batch 1
 
 --target is Cloud's accelerator type: v5e-N / v6e-N (N chips: 1, 4, 8, ..., 256), v4-N / v5p-N (N
 TensorCores, 2 a chip: v5p-128 is 64 chips), with "Kx" in front for K slices over the data-centre
@@ -15,12 +15,12 @@ backend "auto" (the 2B config's) compiles the Pallas splash kernel for TPUs.
 Fake CPU devices (for GPU clusters; one process each, the device count is fixed at jax import):
 
   python launch/aot_compile.py --devices 8 --config configs/svg_t2i_2b.py:stage1_256 \\
-      --micro-batches 8
+      --micro_batches 8
   python launch/aot_compile.py --devices 256 --mesh 4,64,1 --variant stage3_1024 --remat dots
 
 Driver mode runs each combination as a subprocess and prints its lines:
 
-  python launch/aot_compile.py --all [--devices-list 8,64,256 | --targets v5e-8,v6e-64] \\
+  python launch/aot_compile.py --all [--devices_list 8,64,256 | --targets v5e-8,v6e-64] \\
       [--variants stage1_256,...]
   python launch/aot_compile.py --fit --targets v5e-64 --variants stage2_512 [--remats dots,full]
       (the largest micro-batch per device that fits, for the first remat policy that fits)
@@ -29,7 +29,7 @@ Printed per device: parameter, optimizer-state, EMA, argument, output and tempor
 (`memory_analysis()`), the peak against the chip's HBM and a fit verdict (TPU targets), XLA's
 FLOPs (`cost_analysis()`; with --flops the layer and micro-batch loops are unrolled by
 extrapolation, see svg_jax/train/aot.py), our analytic FLOPs (svg_jax/train/metrics.py, the MFU
-numerator), and the last line is the same as one JSON object. --n-layers compiles a shorter stack
+numerator), and the last line is the same as one JSON object. --n_layers compiles a shorter stack
 (documented as such in the output). Inputs are abstract (ShapeDtypeStructs with shardings):
 nothing is allocated. A bad target or config is one line on stderr (exit 2).
 """
@@ -48,6 +48,8 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "co
 
 
 def _parser():
+  # Flags are spelt with underscores, as in the other launch scripts; the dashed spellings of
+  # earlier versions still work.
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--target", default="", help="TPU slice(s): v5e-256, v5p-128, 2xv6e-64, ...")
   p.add_argument("--devices", type=int, default=8, help="fake CPU devices (without --target)")
@@ -55,24 +57,27 @@ def _parser():
                  "on TPU targets, by device count on fake devices)")
   p.add_argument("--config", default=CONFIG_FILE, help="config file[:variant]")
   p.add_argument("--variant", default="", help="variant when --config has none")
-  p.add_argument("--micro-batches", type=int, default=0,
+  p.add_argument("--micro_batches", "--micro-batches", type=int, default=0,
                  help="gradient-accumulation steps (0: the config's value)")
-  p.add_argument("--per-device-batch", type=int, default=0,
+  p.add_argument("--per_device_batch", "--per-device-batch", type=int, default=0,
                  help="samples per device per micro-batch; sets micro-batches (0: unused)")
-  p.add_argument("--global-batch", type=int, default=0, help="0: the config's (official 512)")
+  p.add_argument("--global_batch", "--global-batch", type=int, default=0,
+                 help="0: the config's (official 512)")
   p.add_argument("--remat", default="", help="none | dots | dots_no_batch | save_qkv_attn | "
                  "offload_qkv_attn | full (default: the config's; auto compiles as full)")
   p.add_argument("--attention", default="", help="xla | splash | cudnn | auto (default: config)")
-  p.add_argument("--n-layers", type=int, default=0, help="compile a shorter stack (0: config)")
-  p.add_argument("--cap-len", type=int, default=0, help="padded caption length (0: largest bucket)")
+  p.add_argument("--n_layers", "--n-layers", type=int, default=0,
+                 help="compile a shorter stack (0: config)")
+  p.add_argument("--cap_len", "--cap-len", type=int, default=0,
+                 help="padded caption length (0: largest bucket)")
   p.add_argument("--flops", action="store_true",
                  help="also compile unrolled 1- and 2-layer steps for XLA's full-step FLOPs")
   p.add_argument("--json", action="store_true", help="print only the JSON line")
   p.add_argument("--all", action="store_true", help="driver: run every combination")
   p.add_argument("--fit", action="store_true",
                  help="driver: per target and variant, the largest micro-batch that fits")
-  p.add_argument("--devices-list", default="8,64,256")
-  p.add_argument("--targets", default="", help="driver: TPU targets instead of --devices-list")
+  p.add_argument("--devices_list", "--devices-list", default="8,64,256")
+  p.add_argument("--targets", default="", help="driver: TPU targets instead of --devices_list")
   p.add_argument("--variants", default=",".join(VARIANTS))
   p.add_argument("--remats", default=",".join(REMAT_ORDER), help="--fit: policies to try")
   p.add_argument("--timeout", type=int, default=3600, help="driver: seconds per combination")
@@ -134,7 +139,7 @@ def run_one(args) -> dict:
     per_step = int(config.train.global_batch_size) // shards
     if per_step % args.per_device_batch:
       raise ValueError(f"{per_step} samples per device per step are not a multiple of "
-                       f"--per-device-batch {args.per_device_batch}")
+                       f"--per_device_batch {args.per_device_batch}")
     with config.unlocked():
       config.train.micro_batches = per_step // args.per_device_batch
   gb, micro = int(config.train.global_batch_size), int(config.train.micro_batches)
@@ -192,10 +197,10 @@ def _child(args, extra) -> list:
   cmd = [sys.executable, os.path.abspath(__file__), "--json", "--config", args.config]
   if args.variant:
     cmd += ["--variant", args.variant]
-  for flag, value in (("--micro-batches", args.micro_batches), ("--remat", args.remat),
-                      ("--per-device-batch", args.per_device_batch), ("--mesh", args.mesh),
-                      ("--n-layers", args.n_layers), ("--cap-len", args.cap_len),
-                      ("--global-batch", args.global_batch), ("--attention", args.attention)):
+  for flag, value in (("--micro_batches", args.micro_batches), ("--remat", args.remat),
+                      ("--per_device_batch", args.per_device_batch), ("--mesh", args.mesh),
+                      ("--n_layers", args.n_layers), ("--cap_len", args.cap_len),
+                      ("--global_batch", args.global_batch), ("--attention", args.attention)):
     if value and flag not in extra:
       cmd += [flag, str(value)]
   if args.flops:
@@ -277,7 +282,7 @@ def fit_driver(args) -> int:
                                     per_device_batch=0, micro_batches=0))
       per_device = start
       while per_device >= 1 and not found:
-        r = _run_child(a, dict(extra, **{"--per-device-batch": per_device}),
+        r = _run_child(a, dict(extra, **{"--per_device_batch": per_device}),
                        f"{label} {remat} {per_device}/device")
         if r is not None:
           print(f"{label} remat {remat} {per_device}/device: "

@@ -219,7 +219,7 @@ def test_tiny_step_compiles_for_two_slices():
 def test_cli_prints_verdict_and_json(capsys):
   cli = _module("launch/aot_compile.py", "aot_cli")
   assert cli.main(["--config", os.path.join(ROOT, "configs/tiny.py"), "--target", "2xv5e-4",
-                   "--n-layers", "1", "--global-batch", "8", "--attention", "auto"]) == 0
+                   "--n_layers", "1", "--global_batch", "8", "--attention", "auto"]) == 0
   out = capsys.readouterr().out.strip().splitlines()
   r = json.loads(out[-1])
   assert r["target"] == "2xv5e-4" and r["devices"] == 8 and r["num_slices"] == 2
