@@ -16,9 +16,10 @@ Printed as the last stdout line: steps/s, img/s, tokens/s; model TFLOP/s per dev
 --peak_tflops (default the chip's, metrics.PEAK_TFLOPS; null on a CPU); the peak device memory
 (memory_stats' peak_bytes_in_use, null where the backend keeps none); the seconds spent tracing,
 lowering and compiling the train step (jax.monitoring events; the compiles of remat "auto"'s
-candidates are `remat_auto_s`); the remat policy trained with; the last loss; with
---profile_steps K, the trainer's "profile" event of warm-up steps n-K+1..n (the trace's path under
---workdir and the milliseconds a step per class of op, svg_jax/train/profiling.py).
+candidates are `remat_auto_s`; a step loaded from the persistent compilation cache, named by
+`compilation_cache`, costs only its tracing and lowering); the remat policy trained with; the last
+loss; with --profile_steps K, the trainer's "profile" event of warm-up steps n-K+1..n (the trace's
+path under --workdir and the milliseconds a step per class of op, svg_jax/train/profiling.py).
 """
 import json
 import os
@@ -158,6 +159,7 @@ def run(config, workdir: str) -> dict:
       "peak_tflops": peak, "mfu": tflops_dev / peak if peak else None,
       "peak_memory_gib": None if memory is None else memory / 2 ** 30,
       "compile_s": sum(compiles.done[tried:]), "remat_auto_s": sum(compiles.done[:tried]),
+      "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR") or None,
       "wall_s": wall, "loss": record["loss"],
       "profile": profiled[0] if profiled else None,
   }

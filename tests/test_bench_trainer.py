@@ -16,8 +16,8 @@ BATCH, STEPS, PEAK = 8, 2, 2.5
 FIELDS = ("config", "platform", "device_kind", "devices", "global_batch_size", "latent_hw",
           "cap_len", "remat_policy", "attention_backend", "compute_dtype", "warmup_steps", "steps",
           "steps_per_sec", "images_per_sec", "tokens_per_sec", "tflops_per_device", "tflops",
-          "peak_tflops", "mfu", "peak_memory_gib", "compile_s", "remat_auto_s", "wall_s", "loss",
-          "profile")
+          "peak_tflops", "mfu", "peak_memory_gib", "compile_s", "remat_auto_s", "compilation_cache",
+          "wall_s", "loss", "profile")
 
 
 @pytest.fixture(scope="module")
