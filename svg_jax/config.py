@@ -189,6 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 2000  # 0: never (benchmarks), not even at the end or on a signal
   c.train.keep_checkpoints = 3
   c.train.async_checkpointing = True  # Orbax writes in a background thread while training goes on
+  # Several processes: seconds without a heartbeat from one before JAX's coordination service
+  # stops the others (a host that died or hangs); JAX's default is 100.
+  c.train.heartbeat_timeout_s = 100
   # Test hook: the batch of this (1-based) step gets NaN latents, to exercise the divergence stop.
   c.train.debug_nan_step = -1
   # jax.profiler trace of profile_steps steps after the first profile_start (0 = off), on process

@@ -7,6 +7,7 @@ parameter carries, mapped to mesh axes by the config's rules.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 from typing import Any, Sequence
@@ -140,19 +141,30 @@ def explicit_cluster(env=None) -> dict[str, Any] | None:
               process_id=pid)
 
 
-def initialize_distributed() -> None:
+JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's default
+
+
+def initialize_distributed(heartbeat_timeout_s: int | None = None) -> None:
   """`jax.distributed.initialize` when the launcher says this run spans several processes.
 
   Explicit (`EXPLICIT_ENV`, all three) or detected by JAX itself: a TPU pod slice's metadata,
   SLURM (`srun`, one task per host), OpenMPI (`mpirun`). On one process this is a no-op, so the
-  same command works on a laptop and on every host of a slice.
+  same command works on a laptop and on every host of a slice. `heartbeat_timeout_s`: how long a
+  silent process may stay silent before the others are stopped (None: JAX's default).
   """
   if jax.distributed.is_initialized():
     return
+  options = {}
+  if heartbeat_timeout_s is not None and int(heartbeat_timeout_s) != JAX_HEARTBEAT_TIMEOUT_S:
+    if "heartbeat_timeout_seconds" not in inspect.signature(jax.distributed.initialize).parameters:
+      raise DistributedSetupError(f"this jax {jax.__version__} cannot set the heartbeat timeout "
+                                  f"({heartbeat_timeout_s} s); upgrade jax or leave the default "
+                                  f"{JAX_HEARTBEAT_TIMEOUT_S} s")
+    options["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
   explicit = explicit_cluster()
   if explicit is not None:
     if explicit["num_processes"] > 1:
-      jax.distributed.initialize(**explicit)
+      jax.distributed.initialize(**explicit, **options)
     return
   multi = any(os.environ.get(k) for k in (
       "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
@@ -161,7 +173,7 @@ def initialize_distributed() -> None:
       os.environ.get("TPU_WORKER_HOSTNAMES", "x") in ("localhost", "")):
     multi = False
   if multi:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**options)
 
 
 def process_batch_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, ...]:

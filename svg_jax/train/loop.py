@@ -339,7 +339,10 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   """Trains `config` as `task` in `workdir` (resuming from its newest intact checkpoint) and
   returns a summary: {"step", "stopped_by" (signal name, "another process" or None),
   "resumed_from" (step or None), "last_record"}."""
-  parallel.initialize_distributed()
+  heartbeat = int(config.train.heartbeat_timeout_s)
+  if heartbeat < 1:
+    raise ConfigError(f"train.heartbeat_timeout_s must be >= 1, got {heartbeat}")
+  parallel.initialize_distributed(heartbeat)
   mesh_shape = validate_config(config, task)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
