@@ -101,11 +101,9 @@ def run_one(args) -> dict:
   # TPU targets need no TPU: the topology comes from libtpu, the process runs on the CPU.
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax  # noqa: F401  (after XLA_FLAGS)
-  from absl import logging as absl_logging
   from svg_jax import parallel
   from svg_jax.train import aot
 
-  absl_logging.set_verbosity(absl_logging.ERROR)  # the empty-prompt stand-in warning is expected
   target = aot.tpu_target(args.target) if args.target else None
   config, variant = _load_config(args.config, args.variant)
   n_layers_config = int(config.model.n_layers)
@@ -316,4 +314,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)  # the empty-prompt stand-in warning is expected
   sys.exit(main())

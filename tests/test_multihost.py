@@ -225,6 +225,30 @@ def test_a_checkpoint_resumes_on_another_process_count(data_dir, one_process_run
   _assert_same_losses(tmp_path, one_process_run, "2x2 -> 1x4 -> 2x2 against 1x4")
 
 
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_read_twice_then_moved_aside_by_all(data_dir, one_process_run,
+                                                                    tmp_path):
+  """2 processes, step 6's largest data file of process 1 truncated: each process reads the step
+  twice (a "reading it once more" line each), they agree, process 0 moves it aside, and both
+  resume from step 3 with the losses of the uninterrupted run."""
+  _run(data_dir, tmp_path, 6, 2, 2, "--config.train.checkpoint_every=3")
+  state = os.path.join(ckpt_lib.checkpoint_dir(str(tmp_path)), "6", "state")
+  own = [os.path.join(d, f) for d, _, fs in os.walk(state) for f in fs
+         if "ocdbt.process_1" in d and "/d" in d]
+  assert own, sorted(os.listdir(state))
+  largest = max(own, key=os.path.getsize)
+  with open(largest, "r+b") as f:
+    f.truncate(os.path.getsize(largest) // 2)
+  errs = _run(data_dir, tmp_path, STEPS, 2, 2, "--config.train.checkpoint_every=3")
+  for err in errs:
+    assert err.count("reading it once more") == 1 and err.count("cannot be restored") == 1
+  aside = os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR)
+  assert f"moved to {os.path.join(aside, '6')}; restoring step 3" in errs[0]
+  assert os.listdir(aside) == ["6"]
+  assert [r["step"] for r in _records(tmp_path) if r.get("event") == "resume"] == [3]
+  _assert_same_losses(tmp_path, one_process_run, "2x2 resumed past a damaged step")
+
+
 def _wait_for_step(procs, workdir, k, timeout=300):
   path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.monotonic() + timeout

@@ -302,6 +302,7 @@ def _resume(ckpt, setup, agreement: _Agreement, logger):
         break
       logging.warning("checkpoint %s failed to restore (%s); reading it once more",
                       ckpt.step_dir(step), reason or "on another process")
+      logger.event(step, event="restore_retry", reason=reason or "another process failed")
       state = None  # a process that did restore frees it before reading again
       data_iter = _fresh_iterator(data_iter, setup)
     if agreed == _OK:
