@@ -1,21 +1,22 @@
 """JAX's persistent compilation cache, on by default for the command-line scripts.
 
-The 2.6B train step takes minutes to compile on a TPU slice; a run that restarts after a
-preemption (or a sampler rerun on the same shapes) would pay that again on every host. With the
-cache, the second start loads the executables XLA saved on the first (`python bench/trainer.py
---config configs/tiny.py --steps 5`, run twice: compile 9.2 s, then 2.4 s on 2 CPU cores). On
-GPUs and TPUs the step that `model.remat_policy = "auto"` compiled for its choice is loaded by the
-first training step of that shape (svg_jax/train/remat.py), so "auto" costs no extra compile for
-the policy it picks.
+Without it, a run that restarts after a preemption (or a sampler rerun on the same shapes)
+compiles its programs again on every host, and the 2.6B train step's compile is long. With it, the
+second start loads the executables XLA saved on the first (`python bench/trainer.py --config
+configs/tiny.py --steps 5`, run twice: compile 9.2 s, then 2.4 s on 2 CPU cores). On GPUs and
+TPUs the step that `model.remat_policy = "auto"` compiled for its choice is loaded by the first
+training step of that shape (svg_jax/train/remat.py), so "auto" costs no extra compile for the
+policy it picks.
 
 `enable_default()` points `JAX_COMPILATION_CACHE_DIR` at `DEFAULT_DIR` unless the environment
-already names one (an empty value turns the cache off); child processes inherit it. JAX reads
-the variable when it is imported, and a config file may have imported it already, so the setting is
-also applied to a loaded JAX (it takes effect at the first compile). A folder that
-cannot be created or written leaves the cache off with a warning rather than failing the run.
-JAX keys each entry by the program, the devices, the XLA flags and the jax/jaxlib versions, so a
-stale entry is never loaded; entries are not evicted (delete the folder to reclaim its space).
-Only programs that took at least a second to compile are kept (JAX's default threshold).
+already names one (an empty value turns the cache off); child processes inherit it. JAX reads the
+variable when it is imported, and a config file may have imported it already, so the setting is
+also applied to a loaded JAX (it takes effect at the first compile). A folder that cannot be
+created or written leaves the cache off with a warning rather than failing the run. JAX keys each
+entry by the program, the devices, the XLA flags and the jax/jaxlib versions, so a stale entry is
+never loaded; entries are not evicted (delete the folder to reclaim its space). Only programs that
+took at least a second to compile are kept (JAX's default threshold), and only process 0 of a
+multi-host run writes them.
 """
 from __future__ import annotations
 

@@ -122,13 +122,20 @@ def _launch(data_dir, workdir, steps, processes, devices, *extra):
 
 
 def _wait(procs, timeout):
-  """(return codes, stderr texts) once all have exited; every process is killed at the end, so
-  a hang fails within `timeout` seconds."""
+  """(return codes, stderr texts) once all have exited; a hang fails within `timeout` seconds
+  with the end of every process's log (each is killed first)."""
   deadline = time.monotonic() + timeout
   errs = []
   try:
     for p in procs:
       errs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[1])
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      p.kill()
+    errs += [p.communicate()[1] for p in procs[len(errs):]]
+    tails = [f"process {i} (exit {p.returncode}):\n" + (err or "")[-2000:]
+             for i, (p, err) in enumerate(zip(procs, errs))]
+    raise AssertionError(f"not all exited within {timeout} s\n" + "\n".join(tails)) from None
   finally:
     for p in procs:
       p.kill()
