@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.layout import Layout, with_layout_constraint
 
-from svg_jax.models import splash_attention
+from svg_jax.models import kernel_residuals, splash_attention
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -217,10 +217,15 @@ def _require_platform(backend: str, platforms: Sequence[str]) -> None:
 def _cudnn_attention(q, k, v, kv_lengths, scale, compute_dtype):
   _require_platform("cudnn", ("gpu", "cuda"))
   dtype = jnp.bfloat16 if compute_dtype == jnp.float32 else compute_dtype
-  out = jax.nn.dot_product_attention(
-      q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=scale,
-      query_seq_lengths=None, key_value_seq_lengths=kv_lengths, implementation="cudnn")
-  return out.astype(jnp.float32)
+
+  def kernel(q, k, v, *lengths):
+    return jax.nn.dot_product_attention(
+        q, k, v, scale=scale, query_seq_lengths=None,
+        key_value_seq_lengths=lengths[0] if lengths else None, implementation="cudnn")
+
+  lengths = () if kv_lengths is None else (kv_lengths,)
+  run = kernel_residuals.with_named_residuals(kernel, n_rest=len(lengths))
+  return run(q.astype(dtype), k.astype(dtype), v.astype(dtype), *lengths).astype(jnp.float32)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_lengths: jax.Array | None = None,

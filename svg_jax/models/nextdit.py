@@ -21,19 +21,20 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from svg_jax.models import config_dict, layers
+from svg_jax.models import config_dict, kernel_residuals, layers
 
 # What each block keeps for its backward, least recomputation first (the order in which the
 # trainer's "auto" tries them, svg_jax/train/remat.py):
 #   none              everything (no remat)
 #   dots              every matmul output (XLA attention: its scores too); elementwise work redone
-#   dots_no_batch     the Linear layers' outputs (2-D dots); the attention products are redone
+#   dots_no_batch     the Linear layers' outputs (2-D dots); (XLA attention) its products are redone
 #   save_qkv_attn     q, k, v and the attention output (`QKV_ATTN_NAMES`); the FFN, the out
-#                     projection, norms and the attention's scores are redone
-#   offload_qkv_attn  the same four in pinned host memory instead of device memory (GPU, TPU)
+#                     projection, norms and (XLA attention) the scores are redone
+#   offload_qkv_attn  the same in pinned host memory instead of device memory (GPU, TPU)
 #   full              the block's input only; its whole forward is redone
-# cuDNN attention is a custom call whose softmax statistics no policy names: every policy but
-# none runs its forward again in the backward.
+# Every policy but full also keeps what a fused attention kernel's forward computed (cuDNN, splash:
+# its output and softmax statistics, `kernel_residuals.NAME`), so its backward does not run that
+# forward again.
 REMAT_POLICIES = ("none", "dots", "dots_no_batch", "save_qkv_attn", "offload_qkv_attn", "full")
 # "auto": the trainer picks one of REMAT_POLICIES from the device memory before it builds its
 # step. A model built with "auto" unresolved (sampling, launch/aot_compile.py) remats fully: the
@@ -247,12 +248,13 @@ class _ScanBlock(nn.Module):
 def remat_policy_fn(policy: str):
   """The `jax.checkpoint` policy of a REMAT_POLICIES name (None: save nothing, i.e. full)."""
   cp = jax.checkpoint_policies
-  names = list(QKV_ATTN_NAMES)
+  names = [*QKV_ATTN_NAMES, kernel_residuals.NAME]
+  kernel = cp.save_only_these_names(kernel_residuals.NAME)
   return {
       "full": None,
       AUTO: None,
-      "dots": cp.checkpoint_dots,
-      "dots_no_batch": cp.checkpoint_dots_with_no_batch_dims,
+      "dots": cp.save_from_both_policies(cp.checkpoint_dots, kernel),
+      "dots_no_batch": cp.save_from_both_policies(cp.checkpoint_dots_with_no_batch_dims, kernel),
       "save_qkv_attn": cp.save_only_these_names(*names),
       "offload_qkv_attn": cp.save_and_offload_only_these_names(
           names_which_can_be_saved=[], names_which_can_be_offloaded=names,

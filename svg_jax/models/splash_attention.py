@@ -34,6 +34,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 from jax.sharding import PartitionSpec as P
 
+from svg_jax.models import kernel_residuals
+
 _warned: list = []  # the CPU interpret-mode warning is logged once per process
 LANES = 128  # the kernel's block sizes must be multiples of this (TPU vector lanes)
 BLOCK_CHOICES = (512, 256, 128)
@@ -79,32 +81,6 @@ def _fit(entry: Any, mesh, *sizes: int) -> Any:
   return entry if all(size % n == 0 for size in sizes) else None
 
 
-def _at_precision(fn, precision: str):
-  """fn(q, k, v, q_seg, kv_seg) with its forward and backward both traced at `precision`.
-
-  The kernel's dots take the ambient matmul precision: full fp32 passes for fp32 compute, the
-  MXU's native bf16 otherwise (Mosaic refuses bf16 operands at fp32 precision, which a global
-  jax_default_matmul_precision=highest asks for). A context manager around the call alone would
-  miss the kernel's backward, which is traced when the caller differentiates."""
-
-  @jax.custom_vjp
-  def run(q, k, v, q_seg, kv_seg):
-    with jax.default_matmul_precision(precision):
-      return fn(q, k, v, q_seg, kv_seg)
-
-  def run_fwd(q, k, v, q_seg, kv_seg):
-    with jax.default_matmul_precision(precision):
-      out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, q_seg, kv_seg), q, k, v)
-    return out, vjp  # jax.vjp's function is a pytree of the kernel's residuals
-
-  def run_bwd(vjp, g):
-    with jax.default_matmul_precision(precision):
-      return (*vjp(g), None, None)
-
-  run.defvjp(run_fwd, run_bwd)
-  return run
-
-
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array | None,
                      scale: float, compute_dtype: Any = jnp.float32) -> jax.Array:
   """q [B, T, H, D], k / v [B, S, KV, D], kv_lengths [B] valid leading keys (None: all).
@@ -138,11 +114,20 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.A
 
   precision = "highest" if jnp.dtype(compute_dtype) == jnp.float32 else "default"
 
+  def attend(qh, kh, vh, q_seg, kv_seg, kernel):
+    one = lambda qq, kk, vv, qs, ks: kernel(qq, kk, vv, segment_ids=sk.SegmentIds(qs, ks))  # noqa: E731
+    return jax.vmap(one)(qh, kh, vh, q_seg, kv_seg)
+
   def local(qh, kh, vh, q_seg, kv_seg):
+    # The kernel (a pytree of its mask's block tables, arrays made in this trace) is an argument
+    # of the custom_vjp, not a closure: a custom_vjp closing over this trace's arrays leaks them
+    # under remat, and the compiled step then refuses to run ("unexpected tracer").
     kernel = make_kernel(qh.shape[1], tp, sp, interpret=interpret)
-    def one(qq, kk, vv, qs, ks):
-      return kernel(qq, kk, vv, segment_ids=sk.SegmentIds(qs, ks))
-    return _at_precision(jax.vmap(one), precision)(qh, kh, vh, q_seg, kv_seg)
+    # The kernel's dots take the ambient matmul precision: full fp32 passes for fp32 compute, the
+    # MXU's native bf16 otherwise (Mosaic refuses bf16 operands at fp32 precision, which a global
+    # jax_default_matmul_precision=highest asks for).
+    run = kernel_residuals.with_named_residuals(attend, n_rest=3, precision=precision)
+    return run(qh, kh, vh, q_seg, kv_seg, kernel)
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
