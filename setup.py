@@ -22,6 +22,7 @@ RUNTIME = [
     "pillow>=10",
     "tensorboardX>=2.6,<3",
     "absl-py>=2.0,<3",
+    "filelock>=3.12,<5",  # JAX's compilation cache evicts with it (svg_jax/compile_cache.py)
     "sentencepiece>=0.2,<0.3",
     "tokenizers>=0.22,<0.24",
     "transformers>=5.0,<6",  # tokenizers of real Gemma folders and the demo tokenizer (svg_jax/text.py)

@@ -14,9 +14,11 @@ variable when it is imported, and a config file may have imported it already, so
 also applied to a loaded JAX (it takes effect at the first compile). A folder that cannot be
 created or written leaves the cache off with a warning rather than failing the run. JAX keys each
 entry by the program, the devices, the XLA flags and the jax/jaxlib versions, so a stale entry is
-never loaded; entries are not evicted (delete the folder to reclaim its space). Only programs that
-took at least a second to compile are kept (JAX's default threshold), and only process 0 of a
-multi-host run writes them.
+never loaded. The default folder holds at most `DEFAULT_MAX_BYTES` (`JAX_COMPILATION_CACHE_MAX_SIZE`
+in bytes overrides it): past that JAX deletes the least recently used entries. A folder the
+environment names is the user's and keeps JAX's own default, no limit. Only programs that took at
+least a second to compile are kept (JAX's default threshold), and only process 0 of a multi-host
+run writes them.
 """
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ import sys
 
 ENV = "JAX_COMPILATION_CACHE_DIR"
 DEFAULT_DIR = os.path.join("~", ".cache", "svg_jax", "jax")
+MAX_SIZE_ENV = "JAX_COMPILATION_CACHE_MAX_SIZE"
+# A 2.6B train step's executable is tens to hundreds of MB; this keeps dozens of them.
+DEFAULT_MAX_BYTES = 8 * 2 ** 30
 
 
 def enable_default(directory: str = DEFAULT_DIR) -> str | None:
@@ -43,6 +48,9 @@ def enable_default(directory: str = DEFAULT_DIR) -> str | None:
           "folder)", file=sys.stderr)
     return None
   os.environ[ENV] = path
+  os.environ.setdefault(MAX_SIZE_ENV, str(DEFAULT_MAX_BYTES))
   if "jax" in sys.modules:
-    sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
+    config = sys.modules["jax"].config
+    config.update("jax_compilation_cache_dir", path)
+    config.update("jax_compilation_cache_max_size", int(os.environ[MAX_SIZE_ENV]))
   return path

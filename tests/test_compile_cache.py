@@ -1,9 +1,12 @@
 """The scripts' persistent compilation cache (svg_jax/compile_cache.py), checked through JAX's own
 cache: a script's compile leaves an entry in the default folder, the environment's choice wins,
-and a folder that cannot be written leaves the cache off instead of failing."""
+a folder that cannot be written leaves the cache off instead of failing, and the default folder
+is bounded: JAX evicts its least recently used entries past the limit."""
 import os
 import subprocess
 import sys
+
+from svg_jax import compile_cache
 
 # A script's start: cli.run's setup, then a compile JAX keeps (threshold 0 s: every program).
 _SCRIPT = """
@@ -11,16 +14,22 @@ import sys
 import jax  # a config file may import JAX before the setup runs
 from svg_jax import compile_cache
 print("folder", compile_cache.enable_default())
+print("max_size", jax.config.jax_compilation_cache_max_size)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.jit(lambda x: x * 2 + 1)(jax.numpy.ones(3)).block_until_ready()
+for n in range(int(sys.argv[1])):  # distinct programs, one entry each
+  jax.jit(lambda x: x * 2 + n)(jax.numpy.ones(3 + n)).block_until_ready()
 """
 
 
-def _run(home, **env):
-  base = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  out = subprocess.run([sys.executable, "-c", _SCRIPT], env=dict(base, HOME=str(home), **env),
+def _run(home, programs=1, **env):
+  """(folder in use, JAX's cache size limit, stderr) of a script started with `env`."""
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")}
+  out = subprocess.run([sys.executable, "-c", _SCRIPT, str(programs)],
+                       env=dict(base, HOME=str(home), **env),
                        capture_output=True, text=True, timeout=120, check=True)
-  return out.stdout.split("folder ")[-1].split()[0], out.stderr
+  folder = out.stdout.split("folder ")[-1].split()[0]
+  return folder, int(out.stdout.split("max_size ")[-1].split()[0]), out.stderr
 
 
 def _entries(folder):
@@ -28,21 +37,40 @@ def _entries(folder):
 
 
 def test_a_script_compile_lands_in_the_default_folder_even_after_jax_was_imported(tmp_path):
-  folder, _ = _run(tmp_path)
+  folder, _, _ = _run(tmp_path)
   assert folder == str(tmp_path / ".cache" / "svg_jax" / "jax")
   assert _entries(folder), "JAX wrote no cache entry"
 
 
 def test_the_environment_chooses_the_folder_or_turns_the_cache_off(tmp_path):
   chosen = tmp_path / "shared_cache"
-  folder, _ = _run(tmp_path, JAX_COMPILATION_CACHE_DIR=str(chosen))
+  folder, _, _ = _run(tmp_path, JAX_COMPILATION_CACHE_DIR=str(chosen))
   assert folder == str(chosen) and _entries(chosen)
-  folder, _ = _run(tmp_path, JAX_COMPILATION_CACHE_DIR="")
+  folder, _, _ = _run(tmp_path, JAX_COMPILATION_CACHE_DIR="")
   assert folder == "None" and not (tmp_path / ".cache").exists()
 
 
 def test_an_unwritable_folder_leaves_the_cache_off_with_a_warning(tmp_path):
   (tmp_path / ".cache").write_text("a file where the folder should be")
-  folder, err = _run(tmp_path)
+  folder, _, err = _run(tmp_path)
   assert folder == "None"
   assert "compilation cache off" in err and "cannot be written" in err
+
+
+def _entry_files(folder):
+  """The cache's entries (with a size limit JAX keeps an access-time file beside each)."""
+  return [n for n in os.listdir(folder) if n.startswith("jit_") and not n.endswith("-atime")]
+
+
+def test_the_default_folder_is_bounded_and_the_oldest_entries_go(tmp_path):
+  assert _run(tmp_path, programs=0)[1] == compile_cache.DEFAULT_MAX_BYTES
+  # A folder the user names keeps JAX's default: no limit.
+  assert _run(tmp_path, programs=0, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine"))[1] == -1
+  # The size of an entry, then a limit of 2.5 entries and six programs: JAX evicts.
+  folder, _, _ = _run(tmp_path / "a", programs=2)
+  sizes = [os.path.getsize(os.path.join(folder, n)) for n in _entry_files(folder)]
+  limit = int(2.5 * max(sizes))
+  folder, _, _ = _run(tmp_path / "b", programs=6, JAX_COMPILATION_CACHE_MAX_SIZE=str(limit))
+  files = _entry_files(folder)
+  assert sum(os.path.getsize(os.path.join(folder, n)) for n in files) <= limit
+  assert 0 < len([n for n in files if n.startswith("jit__lambda")]) < 6
