@@ -6,7 +6,7 @@
 #   OUT=/some/folder bash bench/gpu_session.sh 1    # stage 1: auto (+ profile), torch, dots, full
 #   OUT=/some/folder bash bench/gpu_session.sh 2    # stage 3: auto at batch 8 (4 if 8 fits no
 #                                                   # policy), torch; stage 1 dots, 2 layers
-#                                                   # per scan iteration
+#                                                   # per scan iteration, and with cuBLAS GEMMs
 #
 # Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
 # attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
@@ -95,6 +95,11 @@ case $PART in
     fi
     run stage1_dots_unroll2 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
         --config.model.scan_unroll=2
+    # The code-generation flags NVIDIA's JAX images set (cuBLAS rather than Triton GEMMs); the
+    # latency-hiding scheduler only overlaps collectives, of which one GPU has none. Last, so a
+    # short part skips it first.
+    XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
+      run stage1_dots_cublas 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots
     ;;
   *) echo "part must be 1 or 2, got $PART" >&2; exit 2 ;;
 esac

@@ -17,7 +17,8 @@ Printed as the last stdout line: steps/s, img/s, tokens/s; model TFLOP/s per dev
 (memory_stats' peak_bytes_in_use, null where the backend keeps none); the seconds spent tracing,
 lowering and compiling the train step (jax.monitoring events; the compiles of remat "auto"'s
 candidates are `remat_auto_s`; a step loaded from the persistent compilation cache, named by
-`compilation_cache`, costs only its tracing and lowering); the remat policy trained with; the last
+`compilation_cache`, costs only its tracing and lowering); the remat policy trained with; the
+`XLA_FLAGS` it ran under; the last
 loss; with --profile_steps K, the trainer's "profile" event of warm-up steps n-K+1..n (the trace's
 path under --workdir and the milliseconds a step per class of op, svg_jax/train/profiling.py).
 """
@@ -160,6 +161,7 @@ def run(config, workdir: str) -> dict:
       "peak_memory_gib": None if memory is None else memory / 2 ** 30,
       "compile_s": sum(compiles.done[tried:]), "remat_auto_s": sum(compiles.done[:tried]),
       "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR") or None,
+      "xla_flags": os.environ.get("XLA_FLAGS") or None,
       "wall_s": wall, "loss": record["loss"],
       "profile": profiled[0] if profiled else None,
   }
