@@ -29,8 +29,10 @@ def get_config(variant: str = "stage1_256"):
   # other devices; GPUs want --config.model.attention_backend=cudnn. Remat auto: the trainer
   # compiles the step with each policy, least recomputation first, and trains with the first that
   # fits the device (svg_jax/train/remat.py); AOT tools compile it as full.
-  c.model.update(dict(compute_dtype="bfloat16", scan_layers=True, remat_policy="auto",
-                      attention_backend="auto"))
+  # bf16 matmuls and bf16 activations between ops, as the official trainer's autocast runs them
+  # (norms, RoPE, softmax and the accumulations in fp32).
+  c.model.update(dict(compute_dtype="bfloat16", activation_dtype="compute", scan_layers=True,
+                      remat_policy="auto", attention_backend="auto"))
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   c.data.resolution = STAGES[variant]
   c.data.max_caption_len = 256

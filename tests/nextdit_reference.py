@@ -54,9 +54,10 @@ def build_reference(cfg: NextDiTConfig, official_state: dict) -> Lumina2Transfor
 
 
 def reference_forward(model, x_nhwc, t, cap_feats, cap_mask) -> np.ndarray:
-  """Run diffusers on channel-last numpy inputs; returns channel-last numpy velocity."""
+  """Run diffusers on channel-last numpy inputs; returns channel-last numpy velocity (fp32, also
+  under a bf16 autocast)."""
   with torch.no_grad():
     out = model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2))),
                 torch.from_numpy(t), torch.from_numpy(cap_feats),
                 torch.from_numpy(cap_mask.astype(np.int64)), return_dict=False)[0]
-  return out.numpy().transpose(0, 2, 3, 1)
+  return out.float().numpy().transpose(0, 2, 3, 1)

@@ -103,6 +103,9 @@ class Linear(nn.Module):
   compute_dtype: Dtype = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
   bias_init: Callable = nn.initializers.zeros_init()
+  # The output's dtype: fp32 (the dot accumulates in fp32 and the bias is added in fp32), or
+  # rounded once to bf16, as torch's autocast hands on a Linear's output.
+  out_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -115,7 +118,7 @@ class Linear(nn.Module):
           "bias", nn.with_logical_partitioning(self.bias_init, self.axes[-1:]),
           (self.features,), jnp.float32)
       y = y + bias
-    return y
+    return y.astype(self.out_dtype)
 
 
 @jax.custom_vjp
@@ -159,7 +162,8 @@ class RMSNorm(nn.Module):
         (x.shape[-1],), jnp.float32)
     if multiplier is not None:
       weight = weight * multiplier
-    return rms_normalize(x, self.eps) * weight
+    # Normalized and scaled in fp32, rounded once to x's dtype (a bf16 x stays bf16).
+    return (rms_normalize(x.astype(jnp.float32), self.eps) * weight).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:

@@ -40,6 +40,7 @@ REMAT_POLICIES = ("none", "dots", "dots_no_batch", "save_qkv_attn", "offload_qkv
 # step. A model built with "auto" unresolved (sampling, launch/aot_compile.py) remats fully: the
 # policy that needs the least memory.
 AUTO = "auto"
+ACTIVATION_DTYPES = ("float32", "compute")
 # checkpoint_name tags in the attention: its inputs after RoPE and its output before `out`.
 QKV_ATTN_NAMES = ("attn_q", "attn_k", "attn_v", "attn_out")
 
@@ -65,14 +66,24 @@ class NextDiTConfig:
   axes_lens: tuple[int, ...] = (600, 512, 512)
   rope_theta: float = 10000.0
   t_freq_dim: int = 256
-  # Implementation choices (no effect on the function computed).
+  # Implementation choices (no effect on the function computed beyond rounding).
   compute_dtype: str = "float32"
+  # The activations between ops: "float32", or "compute": in the compute dtype (bf16), as the
+  # official trainer's autocast hands them on (half the memory of saved activations and of
+  # elementwise traffic). Norms, RoPE, softmax and the matmuls' accumulation stay fp32 either way,
+  # and the model's output is fp32.
+  activation_dtype: str = "float32"
   attention_backend: str = "xla"
   scan_layers: bool = True
   # Layers per iteration of the scanned stack's loop (XLA unrolls that many): fewer loop
   # boundaries for the scheduler to work across, at a longer compile.
   scan_unroll: int = 1
   remat_policy: str = "none"
+
+  @property
+  def activations(self):
+    """The dtype of the activations between ops."""
+    return jnp.dtype(self.compute_dtype if self.activation_dtype == "compute" else "float32")
 
   @property
   def head_dim(self) -> int:
@@ -105,6 +116,8 @@ class NextDiTConfig:
       problems.append(f"scan_unroll {self.scan_unroll} not in [1, n_layers {self.n_layers}]")
     if self.remat_policy not in REMAT_POLICIES + (AUTO,):
       problems.append(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES + (AUTO,)}")
+    if self.activation_dtype not in ACTIVATION_DTYPES:
+      problems.append(f"activation_dtype {self.activation_dtype!r} not in {ACTIVATION_DTYPES}")
     if self.attention_backend not in layers.ATTENTION_BACKENDS:
       problems.append(f"attention_backend {self.attention_backend!r} not in "
                       f"{layers.ATTENTION_BACKENDS}")
@@ -168,6 +181,12 @@ def _dtype(name: str):
   return jnp.dtype(name)
 
 
+def _linear(cfg: NextDiTConfig, features: int, axes, use_bias: bool, **kwargs) -> layers.Linear:
+  """A Linear with the config's compute and activation dtypes."""
+  return layers.Linear(features, axes, use_bias, _dtype(cfg.compute_dtype),
+                       out_dtype=cfg.activations, **kwargs)
+
+
 class Attention(nn.Module):
   """GQA attention with per-head q/k RMSNorm before interleaved RoPE; no biases."""
   cfg: NextDiTConfig
@@ -179,9 +198,11 @@ class Attention(nn.Module):
     hd, dt = cfg.head_dim, _dtype(cfg.compute_dtype)
     # Separate q/k/v kernels (tensor-parallel friendly); initialized like the official fused qkv.
     init = fused_xavier_uniform(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * hd)
-    q = layers.Linear(cfg.n_heads * hd, ("embed", "heads"), False, dt, init, name="to_q")(x)
-    k = layers.Linear(cfg.n_kv_heads * hd, ("embed", "kv_heads"), False, dt, init, name="to_k")(x)
-    v = layers.Linear(cfg.n_kv_heads * hd, ("embed", "kv_heads"), False, dt, init, name="to_v")(x)
+    q = _linear(cfg, cfg.n_heads * hd, ("embed", "heads"), False, kernel_init=init, name="to_q")(x)
+    k = _linear(cfg, cfg.n_kv_heads * hd, ("embed", "kv_heads"), False, kernel_init=init,
+                name="to_k")(x)
+    v = _linear(cfg, cfg.n_kv_heads * hd, ("embed", "kv_heads"), False, kernel_init=init,
+                name="to_v")(x)
     q = q.reshape(b, t, cfg.n_heads, hd)
     k = k.reshape(b, t, cfg.n_kv_heads, hd)
     v = v.reshape(b, t, cfg.n_kv_heads, hd)
@@ -192,8 +213,9 @@ class Attention(nn.Module):
     v = checkpoint_name(v, "attn_v")
     out = layers.attention(q, k, v, kv_lengths=kv_lengths, backend=cfg.attention_backend,
                            compute_dtype=dt)
-    out = checkpoint_name(out.reshape(b, t, cfg.n_heads * hd), "attn_out")
-    return layers.Linear(cfg.dim, ("heads", "embed"), False, dt, name="out")(out)
+    out = out.reshape(b, t, cfg.n_heads * hd).astype(cfg.activations)
+    out = checkpoint_name(out, "attn_out")
+    return _linear(cfg, cfg.dim, ("heads", "embed"), False, name="out")(out)
 
 
 class FeedForward(nn.Module):
@@ -203,10 +225,9 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    dt = _dtype(cfg.compute_dtype)
-    gate = layers.Linear(cfg.ffn_dim, ("embed", "mlp"), False, dt, name="w1")(x)
-    up = layers.Linear(cfg.ffn_dim, ("embed", "mlp"), False, dt, name="w3")(x)
-    return layers.Linear(cfg.dim, ("mlp", "embed"), False, dt, name="w2")(layers.swiglu(gate, up))
+    gate = _linear(cfg, cfg.ffn_dim, ("embed", "mlp"), False, name="w1")(x)
+    up = _linear(cfg, cfg.ffn_dim, ("embed", "mlp"), False, name="w3")(x)
+    return _linear(cfg, cfg.dim, ("mlp", "embed"), False, name="w2")(layers.swiglu(gate, up))
 
 
 class JointBlock(nn.Module):
@@ -223,8 +244,8 @@ class JointBlock(nn.Module):
     ffn = FeedForward(cfg, name="feed_forward")
     norm = lambda name: layers.RMSNorm(eps, "norm", name=name)  # noqa: E731
     if self.modulated:
-      mod = layers.Linear(4 * cfg.dim, ("adaln", "adaln_out"), True, _dtype(cfg.compute_dtype),
-                          kernel_init=nn.initializers.zeros_init(), name="adaLN_modulation")(nn.silu(c))
+      mod = _linear(cfg, 4 * cfg.dim, ("adaln", "adaln_out"), True,
+                    kernel_init=nn.initializers.zeros_init(), name="adaLN_modulation")(nn.silu(c))
       scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 4, axis=-1)
       h = attn(norm("attention_norm1")(x, 1 + scale_msa), cos, sin, kv_lengths)
       x = x + norm("attention_norm2")(h, jnp.tanh(gate_msa))
@@ -285,7 +306,6 @@ class NextDiT(nn.Module):
   @nn.compact
   def __call__(self, x, t, cap_feats, cap_mask):
     cfg = self.cfg
-    dt = _dtype(cfg.compute_dtype)
     p = cfg.patch_size
     b, h, w, _ = x.shape
     gh, gw = h // p, w // p
@@ -295,15 +315,15 @@ class NextDiT(nn.Module):
 
     # Conditioning: timestep MLP (256 -> adaln -> adaln), caption RMSNorm + Linear.
     temb = timestep_embedding(t, cfg.t_freq_dim)
-    c = layers.Linear(cfg.adaln_dim, ("freq", "adaln"), True, dt,
-                      kernel_init=nn.initializers.normal(0.02), name="t_embedder_0")(temb)
-    c = layers.Linear(cfg.adaln_dim, ("adaln_in", "adaln"), True, dt,
-                      kernel_init=nn.initializers.normal(0.02), name="t_embedder_2")(nn.silu(c))
+    c = _linear(cfg, cfg.adaln_dim, ("freq", "adaln"), True,
+                kernel_init=nn.initializers.normal(0.02), name="t_embedder_0")(temb)
+    c = _linear(cfg, cfg.adaln_dim, ("adaln_in", "adaln"), True,
+                kernel_init=nn.initializers.normal(0.02), name="t_embedder_2")(nn.silu(c))
     cap = layers.RMSNorm(cfg.norm_eps, "cap_features", name="cap_embedder_norm")(
         cap_feats.astype(jnp.float32))
-    cap = layers.Linear(cfg.dim, ("cap_features", "embed"), True, dt,
-                        kernel_init=nn.initializers.truncated_normal(0.02),
-                        name="cap_embedder_linear")(cap)
+    cap = _linear(cfg, cfg.dim, ("cap_features", "embed"), True,
+                  kernel_init=nn.initializers.truncated_normal(0.02),
+                  name="cap_embedder_linear")(cap)
 
     tables = layers.lumina_rope_tables(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
     cap_ids, img_ids = position_ids(cap_lens, lc, gh, gw)
@@ -313,7 +333,7 @@ class NextDiT(nn.Module):
     for i in range(cfg.n_refiner_layers):
       cap = JointBlock(cfg, False, name=f"context_refiner_{i}")(cap, None, cap_cos, cap_sin, cap_lens)
 
-    img = layers.Linear(cfg.dim, ("patch", "embed"), True, dt, name="x_embedder")(
+    img = _linear(cfg, cfg.dim, ("patch", "embed"), True, name="x_embedder")(
         patchify(x.astype(jnp.float32), p))
     for i in range(cfg.n_refiner_layers):
       img = JointBlock(cfg, True, name=f"noise_refiner_{i}")(img, c, img_cos, img_sin, None)
@@ -340,12 +360,13 @@ class NextDiT(nn.Module):
                (cfg.dim,), jnp.float32)
 
     out = seq[:, :n_img]
-    scale = layers.Linear(cfg.dim, ("adaln", "embed"), True, dt,
-                          kernel_init=nn.initializers.zeros_init(), name="final_adaLN")(nn.silu(c))
-    out = layers.layer_norm(out, 1e-6) * (1 + scale[:, None, :])
-    out = layers.Linear(p * p * cfg.in_channels, ("embed", "patch"), True, dt,
-                        kernel_init=nn.initializers.zeros_init(), name="final_linear")(out)
-    return unpatchify(out, p, h, w)
+    scale = _linear(cfg, cfg.dim, ("adaln", "embed"), True,
+                    kernel_init=nn.initializers.zeros_init(), name="final_adaLN")(nn.silu(c))
+    # LayerNorm in fp32, as autocast runs it.
+    out = layers.layer_norm(out.astype(jnp.float32), 1e-6) * (1 + scale[:, None, :])
+    out = _linear(cfg, p * p * cfg.in_channels, ("embed", "patch"), True,
+                  kernel_init=nn.initializers.zeros_init(), name="final_linear")(out)
+    return unpatchify(out.astype(jnp.float32), p, h, w)
 
 
 def count_params(tree) -> int:

@@ -200,7 +200,8 @@ def describe(config, mesh) -> dict[str, Any]:
   return {"mesh": shape, "devices": mesh.devices.size, "global_batch": b, "micro_batches": micro,
           "per_device_micro_batch": b // micro / shards,
           "remat": config.model.remat_policy, "n_layers": int(config.model.n_layers),
-          "attention": config.model.attention_backend}
+          "attention": config.model.attention_backend,
+          "activation_dtype": config.model.activation_dtype}
 
 
 def mesh_platform(mesh) -> str:
