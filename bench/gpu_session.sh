@@ -5,8 +5,9 @@
 #
 #   OUT=/some/folder bash bench/gpu_session.sh 1    # stage 1: auto (+ profile), torch, dots, full
 #   OUT=/some/folder bash bench/gpu_session.sh 2    # stage 3: auto at batch 8 (4 if 8 fits no
-#                                                   # policy), torch; stage 1 dots, 2 layers
-#                                                   # per scan iteration, and with cuBLAS GEMMs
+#                                                   # policy), torch; stage 1 dots with fp32
+#                                                   # activations, with 2 layers per scan
+#                                                   # iteration, and with cuBLAS GEMMs
 #
 # Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
 # attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
@@ -93,6 +94,9 @@ case $PART in
       run stage3_torch 150 torch_trainer.py "${S3[@]}" --global_batch_size "$batch" \
           --compile blocks --ours "$ours"
     fi
+    # What bf16 activations (the stage configs' setting) gain against fp32 ones.
+    run stage1_dots_fp32_activations 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
+        --config.model.activation_dtype=float32
     run stage1_dots_unroll2 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
         --config.model.scan_unroll=2
     # The code-generation flags NVIDIA's JAX images set (cuBLAS rather than Triton GEMMs); the
