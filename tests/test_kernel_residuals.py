@@ -18,8 +18,6 @@ Counted in the programs JAX and XLA build, not in our code:
 """
 import collections
 import dataclasses
-import importlib.util
-import os
 import re
 
 import jax
@@ -27,20 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import tiny
 from svg_jax import config as config_lib
 from svg_jax import parallel
 from svg_jax.models import layers, nextdit
 from svg_jax.train import aot
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
 KEEPING = ("dots", "dots_no_batch", "save_qkv_attn", "offload_qkv_attn")  # every policy but full
 
 
 def _tiny_config(**model):
-  spec = importlib.util.spec_from_file_location("cfg_tiny_kr", os.path.join(ROOT, "configs/tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
+  c = tiny.get_config()
   c.model.update({"n_layers": 3, "compute_dtype": "bfloat16", **model})
   return c
 

@@ -26,7 +26,7 @@ def _precision(precision: str | None):
 def with_named_residuals(fn: Callable, n_rest: int, precision: str | None = None) -> Callable:
   """fn(q, k, v, *rest) with its forward residuals named `NAME`.
 
-  rest: `n_rest` inputs without gradient (lengths, segment ids, the kernel itself as a pytree).
+  rest: `n_rest` inputs without gradient (lengths or None, segment ids, the kernel as a pytree).
   Arrays fn uses must come in as arguments, not through its closure: a custom_vjp that closes over
   the current trace's arrays leaks them under remat. With `precision`, the forward and backward
   are both traced at that matmul precision (a context manager around the call alone would miss

@@ -222,14 +222,13 @@ def _cudnn_attention(q, k, v, kv_lengths, scale, compute_dtype):
   _require_platform("cudnn", ("gpu", "cuda"))
   dtype = jnp.bfloat16 if compute_dtype == jnp.float32 else compute_dtype
 
-  def kernel(q, k, v, *lengths):
+  def kernel(q, k, v, lengths):
     return jax.nn.dot_product_attention(
-        q, k, v, scale=scale, query_seq_lengths=None,
-        key_value_seq_lengths=lengths[0] if lengths else None, implementation="cudnn")
+        q, k, v, scale=scale, query_seq_lengths=None, key_value_seq_lengths=lengths,
+        implementation="cudnn")
 
-  lengths = () if kv_lengths is None else (kv_lengths,)
-  run = kernel_residuals.with_named_residuals(kernel, n_rest=len(lengths))
-  return run(q.astype(dtype), k.astype(dtype), v.astype(dtype), *lengths).astype(jnp.float32)
+  run = kernel_residuals.with_named_residuals(kernel, n_rest=1)
+  return run(q.astype(dtype), k.astype(dtype), v.astype(dtype), kv_lengths).astype(jnp.float32)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_lengths: jax.Array | None = None,
