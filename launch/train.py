@@ -16,7 +16,8 @@ stops all of them at the same step.
 Exit status: 0 when done or stopped by SIGTERM/SIGINT (after saving), 2 for a bad config
 (one line on stderr, nothing compiled), 3 when the loss became NaN/inf (nothing bad saved), 4 when
 the workdir's checkpoints cannot resume this run (one line: every step damaged, or a loader state
-of another pipeline).
+of another pipeline), 5 when the state or a step does not fit in host or device memory (one line
+with what to change; the checkpoints written are intact).
 """
 import signal
 import sys
@@ -71,6 +72,9 @@ def main(argv):
   except loop.ResumeError as e:
     print(f"resume error: {e}", file=sys.stderr)
     sys.exit(4)
+  except loop.OutOfMemory as e:
+    print(f"out of memory {e}", file=sys.stderr)
+    sys.exit(5)
   # Saved and done: a preemption notice that reaches this host late (after the others stopped
   # it) must not turn the exit status of a finished run into a kill.
   signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -199,6 +199,9 @@ def test_loader_rows_make_the_same_global_batches_on_any_process_count(data_dir)
   back, states4 = take(4, 5)
   rest, _ = take(1, 7, state=states4)
   assert back + rest == one
+  _, states3 = take(2, 3)  # states of two runs at other positions: not one run's
+  with pytest.raises(ValueError, match="2 saved loader states disagree on the position"):
+    take(2, 1, state=[states[0], states3[1]])
 
 
 def _assert_same_losses(workdir, reference, label):

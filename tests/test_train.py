@@ -435,6 +435,41 @@ def test_a_restore_out_of_memory_leaves_the_checkpoint_in_place(data_dir, tmp_pa
   assert not os.path.exists(os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR))
 
 
+def _steps_that_run_out_of_memory_after(monkeypatch, n):
+  """The DiT's step, but its call n + 1 meets XLA's own out-of-memory error: it allocates 16 TiB."""
+  real_init = dit_task.DiTSetup.__init__
+
+  def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    real_step, calls = self.step, []
+
+    def step(*step_args):
+      calls.append(1)
+      if len(calls) > n:
+        jax.jit(lambda: jax.numpy.ones((2**20, 2**22), np.float32))().block_until_ready()
+      return real_step(*step_args)
+    self.step = step
+
+  monkeypatch.setattr(dit_task.DiTSetup, "__init__", init)
+
+
+def test_a_step_out_of_memory_is_one_line_and_the_checkpoints_resume(data_dir, six_steps,
+                                                                     tmp_path, monkeypatch):
+  """A step that does not fit ends the run with `OutOfMemory` (one line naming the last step done,
+  XLA's reason and what to change); the checkpoint before it resumes the uninterrupted run."""
+  config = _config(data_dir, num_steps=6, checkpoint_every=2)
+  _steps_that_run_out_of_memory_after(monkeypatch, 3)
+  with pytest.raises(loop.OutOfMemory, match=r"^after step 3: RESOURCE_EXHAUSTED: Out of memory "
+                     r"allocating 17592186044416 bytes.*checkpoints in .* are intact") as e:
+    trainer.train(config, str(tmp_path))
+  assert "\n" not in str(e.value) and "model.remat_policy" in str(e.value)
+  assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2]
+  monkeypatch.undo()
+  assert trainer.train(config, str(tmp_path))["resumed_from"] == 2
+  losses = _losses(tmp_path)
+  assert max(abs(losses[s] - six_steps[s]) for s in six_steps) <= 1e-6
+
+
 # ----------------------------------------------------------------------------- 5. bad configs
 
 

@@ -18,7 +18,6 @@ replaced by the next good one in the list; 64 bad ones in a row are an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Sequence
@@ -28,6 +27,7 @@ import numpy as np
 
 from svg_jax.data import buckets
 from svg_jax.data import jsonl as jsonl_lib
+from svg_jax.data.global_position import agreed_position
 from svg_jax.data.images import BadImageError, open_rgb
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,7 @@ class ImageIterator:
   def set_state_of_processes(self, states: Sequence[dict], process_index: int) -> None:
     """Resumes from the states P processes saved: every one holds the same global position."""
     del process_index  # the position is global; each process reads its own slice from it
-    positions = {json.dumps(s, sort_keys=True) for s in states}
-    if len(positions) != 1:
-      raise ValueError(f"the {len(states)} saved image-loader states disagree on the position: "
-                       f"{sorted(positions)}")
-    self._it.set_state(states[0])
+    self._it.set_state(agreed_position(states, "image-loader"))
 
   def start_prefetch(self) -> None:
     getattr(self._it, "start_prefetch", lambda: None)()

@@ -61,6 +61,7 @@ from grain.sources import ArrayRecordDataSource
 
 from svg_jax import malloc_tuning
 from svg_jax.data import length_buckets as length_buckets_lib
+from svg_jax.data.global_position import agreed_position
 from svg_jax.data import records
 
 log = logging.getLogger(__name__)
@@ -576,10 +577,7 @@ def combine_states(states: Sequence[dict], process_index: int, max_reports: int 
   for s in states:
     if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
       _check_state(s, {})  # raises the format line
-  positions = {json.dumps(s["grain"], sort_keys=True) for s in states}
-  if len(positions) != 1:
-    raise ValueError(f"the {len(states)} saved loader states disagree on the position: "
-                     f"{sorted(positions)}")
+  agreed_position([s["grain"] for s in states], "loader")
   if process_index != 0:
     return {**states[0], "stats": {**_empty_stats(), "batches": states[0]["stats"]["batches"]}}
   stats = _empty_stats()

@@ -42,6 +42,7 @@ from svg_jax import parallel
 from svg_jax.models import layers
 from svg_jax.train import dit_task
 from svg_jax.train import metrics as metrics_lib
+from svg_jax.utils.out_of_memory import out_of_memory_line
 
 GIB = 1024 ** 3
 # The executables are never run, so LLVM need not optimize them: memory_analysis() (buffer
@@ -303,15 +304,6 @@ def fit_report(memory: dict[str, float], target: TpuTarget) -> dict[str, Any]:
           "headroom": hbm - memory["total"]}
 
 
-def oom_line(error: Exception) -> str | None:
-  """XLA:TPU's one-line reason when a program does not fit in HBM, else None."""
-  text = str(error)
-  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
-    return None
-  lines = [ln.strip() for ln in text.splitlines() if "memory" in ln.lower()]
-  return (lines[0] if lines else text.splitlines()[0])[:300]
-
-
 def step_report(config, mesh, *, cap_len: int, target: TpuTarget | None = None,
                 flops: bool = False) -> dict[str, Any]:
   """Compiles the step of `config` on `mesh` and describes it: the mesh and batch layout, memory
@@ -328,7 +320,7 @@ def step_report(config, mesh, *, cap_len: int, target: TpuTarget | None = None,
   try:
     compiled, setup, seconds = compile_step(config, mesh, cap_len=cap_len)
   except Exception as e:  # noqa: BLE001  (only XLA's out-of-memory refusal is a verdict)
-    reason = oom_line(e) if target is not None else None
+    reason = out_of_memory_line(e) if target is not None else None
     if reason is None:
       raise
     out.update(compile_s=None, memory=None, fits=False, hbm=target.hbm_bytes, error=reason)

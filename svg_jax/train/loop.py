@@ -19,7 +19,9 @@ Order of work (nothing compiles before the config has been checked):
      truncated or missing file) is logged in one line, moved to `<workdir>/damaged_checkpoints/`
      and the previous step is restored: a damaged checkpoint costs one interval, not the run.
   4. Steps: jit(train_step) with explicit in/out shardings and the state donated. The step rng is
-     fold_in(PRNGKey(seed), step), so a resumed run draws what the uninterrupted run drew.
+     fold_in(PRNGKey(seed), step), so a resumed run draws what the uninterrupted run drew. A
+     state or step that does not fit in memory ends the run with `OutOfMemory`, one line saying
+     what to change; the checkpoints already written are intact.
   5. Metrics are fetched lazily (at log and checkpoint steps) so the host does not wait on every
      step; a NaN/inf loss or grad norm stops the run with `TrainingDiverged` *before* the state is
      saved, so the newest checkpoint is always a good one.
@@ -52,6 +54,7 @@ from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import profiling
 from svg_jax.train import state as state_lib
 from svg_jax.train.task_api import Task
+from svg_jax.utils.out_of_memory import out_of_memory_line
 
 
 class ConfigError(ValueError):
@@ -64,6 +67,11 @@ class TrainingDiverged(RuntimeError):
 
 class ResumeError(RuntimeError):
   """The workdir's checkpoints cannot resume this run (one line: which folder and why)."""
+
+
+class OutOfMemory(RuntimeError):
+  """The run did not fit in host or device memory (one line: where, XLA's reason, what to change);
+  the checkpoints already written are intact."""
 
 
 def _range_problems(config) -> list[str]:
@@ -255,13 +263,6 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 _OK, _DAMAGED, _INCOMPATIBLE, _NO_MEMORY = 0, 1, 2, 3
 
 
-def _out_of_memory(e: BaseException) -> bool:
-  """A restore that failed for lack of host or device memory: the files may well be intact."""
-  text = str(e)
-  return (isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text
-          or "out of memory" in text.lower())
-
-
 def _restore_attempt(ckpt, step: int, setup, data_iter) -> tuple[int, str, Any]:
   """(verdict, reason, state) of one try at restoring `step` on this process."""
   problems = ckpt.problems(step)
@@ -272,7 +273,7 @@ def _restore_attempt(ckpt, step: int, setup, data_iter) -> tuple[int, str, Any]:
   except ckpt_lib.IncompatibleCheckpoint as e:
     return _INCOMPATIBLE, str(e).replace("\n", " "), None
   except Exception as e:  # noqa: BLE001  (any other failure to read the step: see _resume)
-    return (_NO_MEMORY if _out_of_memory(e) else _DAMAGED), _first_line(e), None
+    return (_NO_MEMORY if out_of_memory_line(e) else _DAMAGED), _first_line(e), None
   return _OK, "", state
 
 
@@ -379,6 +380,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   resumed_from = None
   stopped_by = None
   data_iter = None
+  step = None
   try:
     with parallel.mesh_context(mesh, setup.rules):
       state, resumed_from, data_iter = _resume(ckpt, setup, agreement, logger)
@@ -465,6 +467,16 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         logger.event(step, event="stopped", signal=stopped_by)
       return {"step": step, "stopped_by": stopped_by, "resumed_from": resumed_from,
               "last_record": last_record}
+  except Exception as e:  # noqa: BLE001  (only a failure for lack of memory is translated)
+    line = out_of_memory_line(e)
+    if line is None or isinstance(e, (ConfigError, TrainingDiverged, ResumeError)):
+      raise
+    where = "before the first step" if step is None else f"after step {step}"
+    raise OutOfMemory(
+        f"{where}: {line}; the checkpoints in {ckpt.directory} are intact. Make the step fit: "
+        "a smaller batch per device (train.global_batch_size, train.micro_batches), more "
+        "rematerialization (the DiT's model.remat_policy; \"auto\" picks what fits) or more "
+        "devices") from e
   finally:
     profile.abort()
     ckpt.close()

@@ -39,6 +39,7 @@ from svg_jax.data import records
 from svg_jax.models import nextdit
 from svg_jax.train import aot
 from svg_jax.train.loop import ConfigError
+from svg_jax.utils.out_of_memory import out_of_memory_line
 
 GIB = 1024 ** 3
 EVENT = "remat_policy"
@@ -106,7 +107,7 @@ def candidate_peak(config, mesh, policy: str, *, hw, cap_len: int) -> dict[str, 
     compiled, setup, seconds = aot.compile_step(with_policy(config, policy), mesh,
                                                 cap_len=cap_len, hw=hw)
   except Exception as e:  # noqa: BLE001  (only an out-of-memory refusal is a verdict)
-    reason = aot.oom_line(e)  # XLA:TPU refuses a program larger than its HBM
+    reason = out_of_memory_line(e)  # XLA:TPU refuses a program larger than its HBM
     if reason is None:
       raise
     return {"policy": policy, "peak_bytes": None, "compile_s": None, "error": reason}
