@@ -152,7 +152,8 @@ if not hasattr(jax, "set_mesh"):
 
 
 class Checkpointer:
-  """A thin wrapper over `ocp.CheckpointManager` with the three items of a training run."""
+  """A thin wrapper over `ocp.CheckpointManager` with the three items of a training run (the
+  manager saves and lists the steps; `restore` reads through the items' handlers)."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
@@ -229,17 +230,28 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state, data_iter=None):
     """Restores `state` onto the shardings of `abstract_state` (ShapeDtypeStructs with sharding)
-    and, when given, sets `data_iter` to its saved position. Returns (state, saved config dict)."""
-    args = {"state": ocp.args.StandardRestore(abstract_state),
-            "config": ocp.args.JsonRestore()}
+    and, when given, sets `data_iter` to its saved position. Returns (state, saved config dict).
+
+    Each process only reads: the items go through orbax's handlers, not the manager, whose
+    restore ends in a barrier of all processes. A process whose read failed (a damaged shard of
+    an FSDP checkpoint is read by one host only) never reached that barrier and left the others
+    waiting in it; the caller agrees on the outcome instead (svg_jax/train/loop.py)."""
+    folder = epath.Path(self.step_dir(step))
+    state_handler = ocp.StandardCheckpointHandler()
+    try:
+      state = state_handler.restore(folder / "state",
+                                    args=ocp.args.StandardRestore(abstract_state))
+    finally:
+      state_handler.close()
+    config = self.read_config(step)
     if data_iter is not None:
-      args["data_iter"] = DataIterRestore(data_iter)
-    out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    return out["state"], out["config"]
+      DataIterHandler().restore(folder / "data_iter", DataIterRestore(data_iter))
+    return state, config
 
   def read_config(self, step: int) -> dict:
-    return self.manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
+    """The config dict saved with step `step` (read by this process alone, as `restore` reads)."""
+    return ocp.JsonCheckpointHandler().restore(epath.Path(self.step_dir(step)) / "config",
+                                               args=ocp.args.JsonRestore())
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

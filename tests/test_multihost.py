@@ -107,14 +107,16 @@ def test_explicit_coordinator_starts_two_processes_that_train_together(data_dir,
 # ----------------------------------------------------------------------------- several processes
 
 
-def _launch(data_dir, workdir, steps, processes, devices, *extra):
-  """`processes` local processes of launch/train.py with `devices` CPU devices each."""
+def _launch(data_dir, workdir, steps, processes, devices, *extra, env_of=None):
+  """`processes` local processes of launch/train.py with `devices` CPU devices each; `env_of`
+  maps a process index to variables of its own environment."""
   port = _free_port()
   procs = []
   for i in range(processes):
     env = _env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
                JAX_PROCESS_ID=str(i)) if processes > 1 else _env()
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env.update((env_of or {}).get(i, {}))
     procs.append(subprocess.Popen(
         _command(data_dir, workdir, steps) + list(extra), env=env, stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True))
@@ -151,8 +153,9 @@ def _losses(workdir):
   return {r["step"]: r["loss"] for r in _records(workdir) if "loss" in r}
 
 
-def _run(data_dir, workdir, steps, processes, devices, *extra, timeout=400):
-  codes, errs = _wait(_launch(data_dir, workdir, steps, processes, devices, *extra), timeout)
+def _run(data_dir, workdir, steps, processes, devices, *extra, timeout=400, env_of=None):
+  codes, errs = _wait(_launch(data_dir, workdir, steps, processes, devices, *extra,
+                              env_of=env_of), timeout)
   assert codes == [0] * processes, errs[0][-3000:] + errs[-1][-3000:]
   return errs
 
@@ -235,13 +238,16 @@ def test_a_checkpoint_resumes_on_another_process_count(data_dir, one_process_run
   _assert_same_losses(tmp_path, one_process_run, "2x2 -> 1x4 -> 2x2 against 1x4")
 
 
+FSDP = ["--config.mesh.data=1", "--config.mesh.fsdp=4"]  # each process reads its own shards
+
+
 @pytest.mark.slow
 def test_a_damaged_checkpoint_is_read_twice_then_moved_aside_by_all(data_dir, one_process_run,
                                                                     tmp_path):
   """2 processes, step 6's largest data file of process 1 truncated: each process reads the step
   twice (a "reading it once more" line each), they agree, process 0 moves it aside, and both
   resume from step 3 with the losses of the uninterrupted run."""
-  _run(data_dir, tmp_path, 6, 2, 2, "--config.train.checkpoint_every=3")
+  _run(data_dir, tmp_path, 6, 2, 2, *FSDP, "--config.train.checkpoint_every=3")
   state = os.path.join(ckpt_lib.checkpoint_dir(str(tmp_path)), "6", "state")
   own = [os.path.join(d, f) for d, _, fs in os.walk(state) for f in fs
          if "ocdbt.process_1" in d and "/d" in d]
@@ -249,14 +255,53 @@ def test_a_damaged_checkpoint_is_read_twice_then_moved_aside_by_all(data_dir, on
   largest = max(own, key=os.path.getsize)
   with open(largest, "r+b") as f:
     f.truncate(os.path.getsize(largest) // 2)
-  errs = _run(data_dir, tmp_path, STEPS, 2, 2, "--config.train.checkpoint_every=3")
+  errs = _run(data_dir, tmp_path, STEPS, 2, 2, *FSDP, "--config.train.checkpoint_every=3")
   for err in errs:
     assert err.count("reading it once more") == 1 and err.count("cannot be restored") == 1
+  assert "(on another process); reading it once more" in errs[0]  # process 0's shards are intact
   aside = os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR)
   assert f"moved to {os.path.join(aside, '6')}; restoring step 3" in errs[0]
   assert os.listdir(aside) == ["6"]
   assert [r["step"] for r in _records(tmp_path) if r.get("event") == "resume"] == [3]
   _assert_same_losses(tmp_path, one_process_run, "2x2 resumed past a damaged step")
+
+
+# Imported at start-up by the one process whose PYTHONPATH leads to it: that process's first
+# checkpoint restore fails as a network filesystem's read may, every later one reads the files.
+_FAILS_ONCE = """
+from svg_jax import checkpoint
+_restore, _failed = checkpoint.Checkpointer.restore, []
+def restore(self, *args, **kwargs):
+  if not _failed:
+    _failed.append(True)
+    raise OSError("Connection reset by peer")
+  return _restore(self, *args, **kwargs)
+checkpoint.Checkpointer.restore = restore
+"""
+
+
+@pytest.mark.slow
+def test_a_restore_that_fails_on_one_process_is_read_again_by_all(data_dir, one_process_run,
+                                                                   tmp_path):
+  """2 processes; process 1's first restore of step 6 fails with a passing error, process 0's
+  succeeds: both read step 6 once more, together, and resume from it with the losses of the
+  uninterrupted run. Nothing is moved aside."""
+  workdir = tmp_path / "run"
+  _run(data_dir, workdir, 6, 2, 2, "--config.train.checkpoint_every=3")
+  hook = tmp_path / "fails_once"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(_FAILS_ONCE)
+  path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+  errs = _run(data_dir, workdir, STEPS, 2, 2, "--config.train.checkpoint_every=3",
+              env_of={1: {"PYTHONPATH": path}})
+  assert "reading it once more" in errs[0] and "(on another process)" in errs[0]
+  assert "reading it once more" in errs[1] and "Connection reset by peer" in errs[1]
+  assert not any("cannot be restored" in err for err in errs)
+  assert not os.path.exists(os.path.join(str(workdir), ckpt_lib.DAMAGED_SUBDIR))
+  events = [(r["step"], r.get("event")) for r in _records(workdir) if r.get("event")
+            in ("restore_retry", "resume")]
+  assert events == [(6, "restore_retry"), (6, "resume")]
+  _assert_same_losses(workdir, one_process_run, "2x2 resumed after one process's retry")
 
 
 def _wait_for_step(procs, workdir, k, timeout=300):
