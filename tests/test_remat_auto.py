@@ -180,6 +180,24 @@ def _events(workdir):
     return [r for r in map(json.loads, f) if r.get("event") == remat.EVENT]
 
 
+def test_a_process_that_cannot_read_the_saved_policy_takes_the_others(mesh, tmp_path):
+  """The checkpoint's policy is a vote over the processes (the loop's max): a process whose read
+  failed takes the policy another process read instead of measuring alone."""
+  votes = []
+
+  def agree(vote):  # the other process read "dots" from the newest checkpoint
+    votes.append(vote)
+    return max(vote, 1 + REMAT_POLICIES.index("dots"))
+
+  def measure(policy):
+    raise AssertionError(f"measured {policy}")
+
+  config, event = remat.resolve(_tiny(), mesh, str(tmp_path), agree, measure=measure)
+  assert votes == [0]
+  assert config.model.remat_policy == "dots" and event == {
+      "event": remat.EVENT, "policy": "dots", "source": "checkpoint"}
+
+
 def test_the_trainer_records_the_choice_and_a_resume_keeps_it(tmp_path):
   data = str(tmp_path / "data")
   synthetic.write_random_dataset(data, buckets=[(4, 4)], num_records=32, latent_channels=8,

@@ -167,7 +167,11 @@ def resolve(config, mesh, workdir: str, agree: Callable[[int], int] = lambda v: 
   `choose`."""
   if config.model.remat_policy != nextdit.AUTO:
     return config, None
+  # A vote, so every process takes the same branch: one that could not read the checkpoint's
+  # config (a passing read error) would otherwise measure and wait for a vote nobody else casts.
   saved = saved_policy(workdir)
+  found = agree(0 if saved is None else 1 + nextdit.REMAT_POLICIES.index(saved))
+  saved = nextdit.REMAT_POLICIES[found - 1] if found else None
   if saved is not None:
     logging.info("remat auto: %s, as the run's newest checkpoint in %s", saved, workdir)
     return with_policy(config, saved), {"event": EVENT, "policy": saved, "source": "checkpoint"}
