@@ -459,8 +459,8 @@ def test_a_step_out_of_memory_is_one_line_and_the_checkpoints_resume(data_dir, s
   XLA's reason and what to change); the checkpoint before it resumes the uninterrupted run."""
   config = _config(data_dir, num_steps=6, checkpoint_every=2)
   _steps_that_run_out_of_memory_after(monkeypatch, 3)
-  with pytest.raises(loop.OutOfMemory, match=r"^after step 3: RESOURCE_EXHAUSTED: Out of memory "
-                     r"allocating 17592186044416 bytes.*checkpoints in .* are intact") as e:
+  with pytest.raises(loop.OutOfMemory, match=r"^after step 3: .*Out of memory allocating "
+                     r"17592186044416 bytes.*checkpoints in .* are intact") as e:
     trainer.train(config, str(tmp_path))
   assert "\n" not in str(e.value) and "model.remat_policy" in str(e.value)
   assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2]
