@@ -44,7 +44,8 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 class IncompatibleCheckpoint(ValueError):
-  """An intact checkpoint this run cannot resume from (another loader format or pipeline)."""
+  """An intact checkpoint this run cannot read (another loader format or pipeline, or another
+  model's parameters)."""
 
 
 def _data_files(directory) -> dict[int, dict[int, str]]:
@@ -279,42 +280,47 @@ def load_state_item(source: str, item: str, abstract, step: int | None = None, *
   the newest), from its workdir or its `checkpoints` folder, placed on the shardings of
   `abstract`; nothing else of the state is read.
 
-  Raises FileNotFoundError naming the folder when it holds no such checkpoint, and ValueError
-  (prefixed `what:`) listing the mismatched entries when the trees differ.
+  Each process only reads, with no barrier (orbax's handler, not its manager, whose restore ends
+  in a barrier of all processes that a process whose read failed never reaches): a
+  multi-process caller agrees on the outcome (svg_jax/train/loop.py).
+
+  Raises FileNotFoundError naming the folder when it holds no such checkpoint, and
+  IncompatibleCheckpoint (prefixed `what:`) listing the mismatched entries when the trees differ.
   """
   directory = source if os.path.basename(os.path.normpath(source)) == SUBDIR else checkpoint_dir(
       source)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{what}: no checkpoint folder at {directory}")
-  manager = ocp.CheckpointManager(
-      directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+  steps = ocp.utils.checkpoint_steps(directory)  # the finalized ones (a manager's constructor
+  # would wait for all processes in a barrier)
   try:
-    try:
-      step = resolve_step(manager.latest_step(), step, list(manager.all_steps()), directory)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(f"{what}: {e}") from None
-    meta = manager.item_metadata(step)["state"]
+    step = resolve_step(max(steps, default=None), step, steps, directory)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{what}: {e}") from None
+  folder = epath.Path(directory) / str(step) / "state"
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    meta = handler.metadata(folder)
     saved = meta.tree if hasattr(meta, "tree") else meta
     if item not in saved:
-      raise ValueError(f"{what}: the checkpoint of step {step} in {directory} has no `{item}` (it "
-                       f"holds {sorted(saved)})")
+      raise IncompatibleCheckpoint(f"{what}: the checkpoint of step {step} in {directory} has no "
+                                   f"`{item}` (it holds {sorted(saved)})")
     _check_same_tree(saved[item], abstract, f"{what}: the checkpoint's {item}")
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
         abstract)
-    out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={item: abstract}, restore_args={item: restore_args}, partial_restore=True)))
-    log.info("%s: loaded %s of step %d from %s", what, item, step, directory)
-    return out["state"][item]
+    out = handler.restore(folder, args=ocp.args.PyTreeRestore(
+        item={item: abstract}, restore_args={item: restore_args}, partial_restore=True))
   finally:
-    manager.close()
+    handler.close()
+  log.info("%s: loaded %s of step %d from %s", what, item, step, directory)
+  return out[item]
 
 
 def load_params(source: str, abstract_params, step: int | None = None):
   """The `params` of another run's checkpoint (stage transitions: `train.init_from`); the
   optimizer state and EMA of that run are not read."""
-  return load_state_item(source, "params", abstract_params, step, what="init_from")
+  return load_state_item(source, "params", abstract_params, step, what="train.init_from")
 
 
 def _flat(tree) -> dict[str, Any]:
@@ -329,8 +335,8 @@ def _check_same_tree(saved, target, what: str) -> None:
                   for k in set(saved_f) & set(target_f)
                   if tuple(saved_f[k].shape) != tuple(target_f[k].shape))
   if missing or unexpected or shapes:
-    raise ValueError(f"{what} do not fit the model: missing {missing}; unexpected {unexpected}; "
-                     f"mis-shaped {shapes}")
+    raise IncompatibleCheckpoint(f"{what} do not fit the model: missing {missing}; unexpected "
+                                 f"{unexpected}; mis-shaped {shapes}")
 
 
 def config_to_json(config) -> dict:

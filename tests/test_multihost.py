@@ -304,6 +304,53 @@ def test_a_restore_that_fails_on_one_process_is_read_again_by_all(data_dir, one_
   _assert_same_losses(workdir, one_process_run, "2x2 resumed after one process's retry")
 
 
+# Imported at start-up by process 1 alone: its reads of train.init_from's checkpoint fail, the
+# first one only (FAILS = 1) or every one.
+_INIT_FROM_FAILS = """
+import os
+from svg_jax import checkpoint
+_load, _failed = checkpoint.load_params, []
+def load_params(*args, **kwargs):
+  if len(_failed) < int(os.environ["FAILS"]):
+    _failed.append(True)
+    raise OSError("Input/output error")
+  return _load(*args, **kwargs)
+checkpoint.load_params = load_params
+"""
+
+
+@pytest.mark.slow
+def test_init_from_that_one_process_cannot_read_is_read_again_then_one_line_on_all(data_dir,
+                                                                                   tmp_path):
+  """2 processes start from another run's params (train.init_from); process 1 cannot read them.
+  Read failing every time: both processes end with one config-error line and exit 2 (process 0,
+  whose read succeeded, says so of another process); nobody waits on the other. Failing once:
+  both read again, together, and train from those params."""
+  source = tmp_path / "stage1"
+  _run(data_dir, source, 2, 1, 4)
+  hook = tmp_path / "hook"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(_INIT_FROM_FAILS)
+  path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+  init = f"--config.train.init_from={source}"
+  codes, errs = _wait(_launch(data_dir, tmp_path / "always", 3, 2, 2, init,
+                              env_of={1: {"PYTHONPATH": path, "FAILS": "1000"}}), 300)
+  assert codes == [2, 2], errs[0][-3000:] + errs[1][-3000:]
+  last = [err.strip().splitlines()[-1] for err in errs]
+  assert last[0] == f"config error: train.init_from {source} cannot be loaded on another process"
+  assert last[1] == (f"config error: train.init_from {source}: its checkpoint cannot be read "
+                     "(OSError: Input/output error)")
+  assert all(err.count("reading it once more") == 1 for err in errs)
+
+  workdir = tmp_path / "once"
+  errs = _run(data_dir, workdir, 3, 2, 2, init, env_of={1: {"PYTHONPATH": path, "FAILS": "1"}})
+  assert "(on another process); reading it once more" in errs[0]
+  assert "Input/output error" not in errs[0] and "Input/output error" in errs[1]
+  assert [r.get("source") for r in _records(workdir) if r.get("event") == "init_from"] == [
+      str(source)]
+  assert sorted(_losses(workdir)) == [1, 2, 3]
+
+
 def _wait_for_step(procs, workdir, k, timeout=300):
   path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.monotonic() + timeout

@@ -284,6 +284,10 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
   wrong.model.axes_dims = (2, 2, 4)
   with pytest.raises(ValueError, match="init_from: the checkpoint's params do not fit the model"):
     ckpt_lib.load_params(str(tmp_path), dit_task.DiTSetup(wrong, mesh).abstract_state.params)
+  wrong.train.init_from = str(tmp_path)  # a run of that model: one line, before any step
+  with pytest.raises(loop.ConfigError, match=r"^train.init_from: the checkpoint's params do not "
+                     r"fit the model: missing \[\]; unexpected \[\]; mis-shaped \[.*w1"):
+    trainer.train(wrong, str(tmp_path / "next_stage"))
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints

@@ -111,4 +111,5 @@ def _workdir_params(workdir: Path, cfg: DecoderConfig, step: int | None) -> dict
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                           flax.linen.meta.unbox(boxed))
-  return jax.device_get(checkpoint.load_params(run, abstract, step))
+  return jax.device_get(checkpoint.load_state_item(run, "params", abstract, step,
+                                                  what="decoder params"))

@@ -15,9 +15,11 @@ Order of work (nothing compiles before the config has been checked):
      a jitted init with out_shardings materializes every array directly in its shards.
   3. Auto-resume from the newest checkpoint in `workdir` (state onto this run's shardings, data
      iterator at its saved position, also from a run of another process count); otherwise
-     `train.init_from` params, otherwise a fresh init. A newest step that cannot be restored (a
-     truncated or missing file) is logged in one line, moved to `<workdir>/damaged_checkpoints/`
-     and the previous step is restored: a damaged checkpoint costs one interval, not the run.
+     `train.init_from` params (one that cannot be read or does not fit the model is the same
+     one-line ConfigError on every process), otherwise a fresh init. A newest step that cannot
+     be restored (a truncated or missing file) is logged in one line, moved to
+     `<workdir>/damaged_checkpoints/` and the previous step is restored: a damaged checkpoint
+     costs one interval, not the run.
   4. Steps: jit(train_step) with explicit in/out shardings and the state donated. The step rng is
      fold_in(PRNGKey(seed), step), so a resumed run draws what the uninterrupted run drew. A
      state or step that does not fit in memory ends the run with `OutOfMemory`, one line saying
@@ -334,6 +336,35 @@ def _resume(ckpt, setup, agreement: _Agreement, logger):
   return None, None, data_iter
 
 
+def _init_from(source: str, setup, agreement: _Agreement):
+  """The params of `train.init_from`'s newest checkpoint, read by every process and agreed on: a
+  read that fails anywhere is tried once more on every process (a network filesystem's error
+  may pass), then every process raises the same one-line error: ConfigError (no checkpoint
+  there, one of another model, or one that cannot be read) or OutOfMemory."""
+  for attempt in range(2):
+    params, reason = None, ""
+    try:
+      params, verdict = ckpt_lib.load_params(source, setup.abstract_state.params), _OK
+    except ckpt_lib.IncompatibleCheckpoint as e:  # another model's params: reading again is futile
+      verdict, reason = _INCOMPATIBLE, str(e).replace("\n", " ")
+    except FileNotFoundError as e:  # no finished checkpoint (yet: a listing may be stale)
+      verdict, reason = _DAMAGED, str(e)
+    except Exception as e:  # noqa: BLE001  (any other failure to read it)
+      verdict = _NO_MEMORY if out_of_memory_line(e) else _DAMAGED
+      reason = f"train.init_from {source}: its checkpoint cannot be read ({_first_line(e)})"
+    agreed = agreement.max(verdict)
+    if agreed == _OK:
+      return params
+    if agreed != _DAMAGED or attempt:
+      break
+    logging.warning("train.init_from %s failed to load (%s); reading it once more", source,
+                    reason or "on another process")
+  if agreed == _NO_MEMORY:
+    raise OutOfMemory(f"loading train.init_from {source} ({reason or 'on another process'}); no "
+                      "step was run: free host or device memory, or start on more devices")
+  raise ConfigError(reason or f"train.init_from {source} cannot be loaded on another process")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -388,8 +419,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         logging.info("resumed from %s step %d", ckpt.directory, resumed_from)
         logger.event(resumed_from, event="resume")
       elif t.init_from:
-        params = ckpt_lib.load_params(t.init_from, setup.abstract_state.params)
-        state = setup.state_from_params(params)
+        state = setup.state_from_params(_init_from(t.init_from, setup, agreement))
         logger.event(0, event="init_from", source=t.init_from)
       else:
         state = setup.init_state(int(config.seed))
@@ -469,7 +499,8 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
               "last_record": last_record}
   except Exception as e:  # noqa: BLE001  (only a failure for lack of memory is translated)
     line = out_of_memory_line(e)
-    if line is None or isinstance(e, (ConfigError, TrainingDiverged, ResumeError)):
+    if line is None or isinstance(e, (ConfigError, TrainingDiverged, ResumeError,
+                                  OutOfMemory)):
       raise
     where = "before the first step" if step is None else f"after step {step}"
     raise OutOfMemory(
