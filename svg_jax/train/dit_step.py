@@ -162,11 +162,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config,
     grads = jax.tree.map(lambda g: g / micro, grad_sum)
     grad_norm = optax.global_norm(grads)
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = state_lib.ema_update(state.ema_params, params, decay)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema)
+    new_state = state_lib.apply_gradients(state, grads, tx, decay)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                "caption_dropped": jnp.mean(dropped.astype(jnp.float32))}
     return new_state, metrics

@@ -77,3 +77,12 @@ def sharded_abstract_state(boxed_state, mesh, rules):
 def ema_update(ema, params, decay: float):
   """ema <- decay * ema + (1 - decay) * params (fp32)."""
   return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
+
+
+def apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
+                    ema_decay: float) -> TrainState:
+  """One optimizer update of `state` with `grads`; the EMA then follows the new params."""
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                       ema_params=ema_update(state.ema_params, params, ema_decay))
