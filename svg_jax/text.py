@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from svg_jax.convert import gemma2 as convert
 from svg_jax.models.gemma2 import Gemma2Config, Gemma2Encoder
 
 # Sampling system prompts by `--system_type` (sample_svg_t2i.py); `base` is also training's.
@@ -198,8 +199,6 @@ class TextEncoder:
                       hidden_layer: int = -2, compute_dtype: str = "float32", **kwargs
                       ) -> "TextEncoder":
     """Config, weights (only the layers needed) and tokenizer from local HF-format folders."""
-    from svg_jax.convert import gemma2 as convert
-
     cfg = convert.config_from_hf_json(model_dir, hidden_layer=hidden_layer,
                                       compute_dtype=compute_dtype)
     params = convert.load_gemma2(model_dir, cfg, only_needed=True)

@@ -21,7 +21,7 @@ from typing import Any, Iterator, Mapping
 import flax
 import numpy as np
 
-from svg_jax.convert import errors, layouts
+from svg_jax.convert import errors, layouts, safetensors_io, torch_pickle
 from svg_jax.models.decoder import DecoderConfig
 
 OFFICIAL_PREFIX = "decoder."
@@ -267,7 +267,6 @@ def detect_format(keys) -> tuple[str, str]:
 def read_torch_state(path: str | os.PathLike) -> dict[str, Any]:
   """The state dict of a torch file: a Lightning checkpoint's `state_dict`, or the file's dict.
   Read without torch; classes named in `hyper_parameters` stay inert placeholders."""
-  from svg_jax.convert import torch_pickle
   obj = torch_pickle.load_torch_file(path, allow_unknown_objects=True)
   if isinstance(obj, Mapping) and "state_dict" in obj:  # Lightning checkpoint
     obj = obj["state_dict"]
@@ -282,7 +281,6 @@ def _read_state(path: str | os.PathLike) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"decoder checkpoint {path} does not exist")
   if path.endswith(".safetensors"):
-    from svg_jax.convert import safetensors_io
     return dict(safetensors_io.load_safetensors(path))
   if path.endswith(TORCH_SUFFIXES):
     return read_torch_state(path)

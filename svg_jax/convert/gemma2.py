@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from svg_jax.convert import layouts
+from svg_jax.convert import layouts, safetensors_io
 from svg_jax.models.gemma2 import LAYER_TYPES, Gemma2Config
 
 _CAUSAL_LM_PREFIX = "model."
@@ -191,8 +191,6 @@ def load_gemma2(path: str, cfg: Gemma2Config, *, only_needed: bool = False) -> d
           f"{path} holds neither model.safetensors.index.json nor model.safetensors")
   elif not os.path.isfile(path):
     raise FileNotFoundError(f"Gemma-2 checkpoint {path} does not exist")
-  from svg_jax.convert import safetensors_io
-
   if not os.path.isdir(path):
     flat = safetensors_io.load_safetensors(path)
   elif os.path.exists(index):

@@ -17,8 +17,9 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors.numpy
 
-from svg_jax.convert import errors, layouts
+from svg_jax.convert import errors, layouts, torch_pickle
 from svg_jax.models import lpips as lpips_model
 
 IGNORED_VGG_PREFIXES = ("classifier.",)
@@ -48,12 +49,10 @@ def read_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"LPIPS weights {path} do not exist")
   if path.endswith(".safetensors"):
-    from safetensors.numpy import load_file
-    state = load_file(path)
+    state = safetensors.numpy.load_file(path)
   else:
-    from svg_jax.convert.torch_pickle import load_torch_file
     try:
-      state = load_torch_file(path)
+      state = torch_pickle.load_torch_file(path)
     except ValueError as e:
       if "legacy" not in str(e):
         raise

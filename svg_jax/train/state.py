@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from svg_jax import parallel
+
 LR_SCHEDULES = ("constant", "warmup_constant", "warmup_cosine")
 
 
@@ -66,8 +68,6 @@ def unbox(tree):
 def sharded_abstract_state(boxed_state, mesh, rules):
   """(shardings, abstract state) of an eval_shape'd, logically boxed state on `mesh`: the
   optimizer moments and EMA inherit the shardings of the parameters they mirror."""
-  from svg_jax import parallel
-
   shardings = parallel.logical_shardings(boxed_state, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           unbox(boxed_state), shardings)
