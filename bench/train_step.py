@@ -5,8 +5,8 @@ measured interleaved in one run.
   python bench/train_step.py --sizes tiny,calib,2b_slice --dtypes float32,bfloat16
   python bench/train_step.py --sizes 2b_256,2b_1024 --dtypes bfloat16      # on a GPU
 
-bfloat16 means bf16 matmul inputs with fp32 params on our side and torch.autocast(bfloat16) on
-torch's.
+bfloat16 means bf16 matmul inputs with fp32 params on our side (activations between ops fp32, or
+bf16 with --activation_dtype compute) and torch.autocast(bfloat16) on torch's.
 Prints images/s for both and our speed relative to torch (> 1 means we are faster), and our model
 TFLOP/s (the analytic count behind the trainer's MFU metric) with MFU where the chip's peak is
 known.
@@ -28,6 +28,9 @@ flags.DEFINE_integer("rounds", 5, "interleaved rounds")
 flags.DEFINE_integer("per_round", 2, "steps per contender per round")
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
                   "our attention backend; auto: cudnn on a GPU, xla elsewhere")
+flags.DEFINE_enum("activation_dtype", "float32", ["float32", "compute"],
+                  "our activations between ops: float32, or the compute dtype (the 2B stage "
+                  "configs' setting, as torch's autocast hands them on)")
 flags.DEFINE_string("serve", None, "internal: be this contender's process (bench/harness.py)")
 OURS, TORCH = "svg-jax", "torch (diffusers)"
 FLAGS = flags.FLAGS
@@ -52,7 +55,8 @@ def build(size: str, dtype: str):
   on_gpu = jax.default_backend() == "gpu"
   attention = FLAGS.attention if FLAGS.attention != "auto" else ("cudnn" if on_gpu else "xla")
   cfg = dataclasses.replace(NextDiTConfig(**overrides), compute_dtype=dtype, scan_layers=False,
-                            remat_policy="none", attention_backend=attention)
+                            remat_policy="none", attention_backend=attention,
+                            activation_dtype=FLAGS.activation_dtype)
   device = "cuda" if on_gpu else "cpu"
   torch.manual_seed(0)
   ref = Lumina2Transformer2DModel(**{k: v for k, v in keymap.diffusers_config(cfg).items()
@@ -131,13 +135,15 @@ def main(argv):
   for size in FLAGS.sizes:
     for dtype in FLAGS.dtypes:
       commands = {name: [sys.executable, os.path.abspath(__file__), f"--serve={name}",
-                         f"--sizes={size}", f"--dtypes={dtype}", f"--attention={FLAGS.attention}"]
+                         f"--sizes={size}", f"--dtypes={dtype}", f"--attention={FLAGS.attention}",
+                         f"--activation_dtype={FLAGS.activation_dtype}"]
                   for name in (OURS, TORCH)}
       times, infos = interleave_processes(commands, rounds=FLAGS.rounds,
                                           per_round=FLAGS.per_round)
       info = infos[OURS]
       print(f"\n== train step, {size} ({info['n_params'] / 1e6:.1f}M params, batch "
-            f"{info['batch']}, {info['tokens']} tokens), {dtype}")
+            f"{info['batch']}, {info['tokens']} tokens), {dtype}, our activations "
+            f"{FLAGS.activation_dtype}")
       print(summarize(times, TORCH, info["batch"], "img"))
       tflops = info["flops"] / statistics.median(times[OURS]) / 1e12
       mfu = f", MFU {tflops / peak:.1%}" if peak else ""
