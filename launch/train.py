@@ -17,10 +17,15 @@ Exit status: 0 when done or stopped by SIGTERM/SIGINT (after saving), 2 for a ba
 (one line on stderr, nothing compiled), 3 when the loss became NaN/inf (nothing bad saved), 4 when
 the workdir's checkpoints cannot resume this run (one line: every step damaged, or a loader state
 of another pipeline), 5 when the state or a step does not fit in host or device memory (one line
-with what to change; the checkpoints written are intact).
+with what to change; the checkpoints written are intact), 6 when a checkpoint could not be
+written (one line: the step, the reason, the newest intact step, which a rerun resumes from), 1
+for any other error (its traceback). In a run of several processes, a process that ends early
+exits at once rather than in JAX's shutdown barrier: the others, which may be waiting for it in a
+collective, are then stopped within `train.heartbeat_timeout_s`.
 """
 import signal
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -58,23 +63,22 @@ def main(argv):
   from svg_jax import parallel
   from svg_jax.train import metrics
   metrics.console_logging()
+  # One line on stderr and an exit status for each way a run ends early (the module docstring).
+  early_ends = ((loop.ConfigError, "config error: ", 2),
+                (parallel.DistributedSetupError, "multi-host setup error: ", 2),
+                (loop.TrainingDiverged, "training diverged: ", 3),
+                (loop.ResumeError, "resume error: ", 4),
+                (loop.OutOfMemory, "out of memory ", 5),
+                (loop.CheckpointError, "checkpoint error: ", 6))
   try:
     summary = trainer.train(config, flags.FLAGS.workdir)
-  except loop.ConfigError as e:
-    print(f"config error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except parallel.DistributedSetupError as e:
-    print(f"multi-host setup error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except loop.TrainingDiverged as e:
-    print(f"training diverged: {e}", file=sys.stderr)
-    sys.exit(3)
-  except loop.ResumeError as e:
-    print(f"resume error: {e}", file=sys.stderr)
-    sys.exit(4)
-  except loop.OutOfMemory as e:
-    print(f"out of memory {e}", file=sys.stderr)
-    sys.exit(5)
+  except tuple(kind for kind, _, _ in early_ends) as e:
+    prefix, code = next((p, c) for kind, p, c in early_ends if isinstance(e, kind))
+    print(prefix + str(e), file=sys.stderr)
+    parallel.exit_process(code)
+  except Exception:  # noqa: BLE001  (the traceback, then out without waiting for other hosts)
+    traceback.print_exc()
+    parallel.exit_process(1)
   # Saved and done: a preemption notice that reaches this host late (after the others stopped
   # it) must not turn the exit status of a finished run into a kill.
   signal.signal(signal.SIGTERM, signal.SIG_IGN)

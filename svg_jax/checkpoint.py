@@ -43,6 +43,11 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), SUBDIR)
 
 
+class SaveFailed(RuntimeError):
+  """A checkpoint could not be written (one line: which step, where, why); the steps committed
+  before it are intact."""
+
+
 class IncompatibleCheckpoint(ValueError):
   """An intact checkpoint this run cannot read (another loader format or pipeline, or another
   model's parameters)."""
@@ -162,6 +167,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep and keep > 0 else None, create=not read_only,
         enable_async_checkpointing=async_save, read_only=read_only)
+    self._writing = None  # the step of the newest save started
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=ITEMS, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -175,10 +181,17 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, step: int, state, data_iter, config_dict: dict) -> None:
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data_iter=DataIterSave(data_iter),
-        config=ocp.args.JsonSave(config_dict)), force=True)
+    """Starts writing step `step` (the files are written in the background); SaveFailed when
+    this or the previous asynchronous save failed (naming the step that failed)."""
+    self.wait()  # as orbax's save would first: an error of the previous write is that step's
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data_iter=DataIterSave(data_iter),
+          config=ocp.args.JsonSave(config_dict)), force=True)
+    except Exception as e:  # noqa: BLE001  (the caller reports it in one line)
+      raise self._failed(e, step) from e
+    self._writing = step
 
   def saving(self) -> bool:
     """Whether an asynchronous save has not committed yet."""
@@ -254,11 +267,33 @@ class Checkpointer:
     return ocp.JsonCheckpointHandler().restore(epath.Path(self.step_dir(step)) / "config",
                                                args=ocp.args.JsonRestore())
 
+  def committed_steps(self) -> list[int]:
+    """The steps whose folders are complete on disk (read from the folder, not the manager's
+    list, which names a step as soon as its save starts)."""
+    return sorted(ocp.utils.checkpoint_steps(self.directory)) if os.path.isdir(
+        self.directory) else []
+
+  def _failed(self, error: Exception, step: int) -> SaveFailed:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    try:  # an earlier save may still be writing: it decides which step is the newest intact one
+      self.manager.wait_until_finished()
+    except Exception:  # noqa: BLE001  (that error, or this one again: the listing tells)
+      pass
+    committed = self.committed_steps()
+    intact = (f"the checkpoints up to step {committed[-1]} are intact" if committed else
+              "no earlier checkpoint was written")
+    return SaveFailed(f"writing checkpoint {step} to {self.directory} failed ({reason}); {intact}")
+
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the asynchronous save; SaveFailed when it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001  (the caller reports it in one line)
+      raise self._failed(e, self._writing) from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

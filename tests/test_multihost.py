@@ -351,6 +351,50 @@ def test_init_from_that_one_process_cannot_read_is_read_again_then_one_line_on_a
   assert sorted(_losses(workdir)) == [1, 2, 3]
 
 
+# Imported at start-up by process 1 alone: its second checkpoint save finds the disk full.
+_SECOND_SAVE_FAILS = """
+import orbax.checkpoint as ocp
+_save, _calls = ocp.CheckpointManager.save, []
+def save(self, *args, **kwargs):
+  _calls.append(1)
+  if len(_calls) == 2:
+    raise OSError(28, "No space left on device")
+  return _save(self, *args, **kwargs)
+ocp.CheckpointManager.save = save
+"""
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_on_one_process_stops_all_within_the_heartbeat(data_dir,
+                                                                         one_process_run,
+                                                                         tmp_path):
+  """2 processes; process 1 cannot write step 6: it ends with one checkpoint-error line (exit 6)
+  at once, and process 0, left waiting for it inside the save, is stopped within the heartbeat
+  (15 s) instead of both waiting 5 minutes in barriers and aborting. Step 3 is intact, and a
+  rerun resumes from it with the losses of the uninterrupted run."""
+  workdir = tmp_path / "run"
+  hook = tmp_path / "disk_full"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(_SECOND_SAVE_FAILS)
+  path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+  flags = ("--config.train.checkpoint_every=3", "--config.train.heartbeat_timeout_s=15")
+  start = time.monotonic()
+  codes, errs = _wait(_launch(data_dir, workdir, STEPS, 2, 2, *flags,
+                              env_of={1: {"PYTHONPATH": path}}), 240)
+  print(f"exits {codes} {time.monotonic() - start:.1f} s after the start")
+  assert codes[1] == 6 and codes[0] not in (0, None), errs[0][-3000:] + errs[1][-3000:]
+  assert errs[1].strip().splitlines()[-1] == (
+      f"checkpoint error: writing checkpoint 6 to {ckpt_lib.checkpoint_dir(str(workdir))} failed "
+      "(OSError: [Errno 28] No space left on device); the checkpoints up to step 3 are intact: "
+      "make the checkpoint folder writable (space, permissions) and rerun the same command to "
+      "resume from there")
+  assert time.monotonic() - start < 150
+  assert ckpt_lib.Checkpointer(str(workdir), read_only=True).all_steps() == [3]
+  _run(data_dir, workdir, STEPS, 2, 2, *flags)
+  assert [r["step"] for r in _records(workdir) if r.get("event") == "resume"] == [3]
+  _assert_same_losses(workdir, one_process_run, "2x2 resumed after a failed save")
+
+
 def _wait_for_step(procs, workdir, k, timeout=300):
   path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.monotonic() + timeout

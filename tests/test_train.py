@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from svg_jax import assets
@@ -437,6 +438,53 @@ def test_a_restore_out_of_memory_leaves_the_checkpoint_in_place(data_dir, tmp_pa
   assert "\n" not in str(e.value) and "left in place" in str(e.value)
   assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2]
   assert not os.path.exists(os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR))
+
+
+def _saves_that_fail(monkeypatch, where):
+  """The run's second checkpoint save fails: when it starts ("at save"), or in its background
+  write ("in the background": nothing is written, and the next wait for the save raises)."""
+  real_save, real_wait = ocp.CheckpointManager.save, ocp.CheckpointManager.wait_until_finished
+  saves, failed = [], []
+
+  def save(self, *args, **kwargs):
+    saves.append(1)
+    if len(saves) != 2:
+      return real_save(self, *args, **kwargs)
+    error = OSError(28, "No space left on device")
+    if where == "at save":
+      raise error
+    failed.append(error)
+    return True
+
+  def wait(self):
+    if failed:
+      raise failed.pop()
+    return real_wait(self)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
+
+
+@pytest.mark.parametrize("where", ["at save", "in the background"])
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data_dir, six_steps,
+                                                                       tmp_path, monkeypatch,
+                                                                       where):
+  """The save of step 4 fails (a full disk): CheckpointError names the step, the reason and step
+  2 as the newest intact one; a rerun resumes from step 2 with the uninterrupted run's losses."""
+  config = _config(data_dir, num_steps=6, checkpoint_every=2)
+  _saves_that_fail(monkeypatch, where)
+  with pytest.raises(loop.CheckpointError) as e:
+    trainer.train(config, str(tmp_path))
+  message = str(e.value)
+  assert "\n" not in message
+  assert message.startswith(f"writing checkpoint 4 to {ckpt_lib.checkpoint_dir(str(tmp_path))} "
+                            "failed (OSError: [Errno 28] No space left on device); the checkpoints "
+                            "up to step 2 are intact: make the checkpoint folder writable"), message
+  monkeypatch.undo()
+  assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2]
+  assert trainer.train(config, str(tmp_path))["resumed_from"] == 2
+  losses = _losses(tmp_path)
+  assert max(abs(losses[s] - six_steps[s]) for s in six_steps) <= 1e-6
 
 
 def _steps_that_run_out_of_memory_after(monkeypatch, n):

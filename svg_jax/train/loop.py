@@ -32,6 +32,8 @@ Order of work (nothing compiles before the config has been checked):
   7. Checkpoints every `checkpoint_every` steps, at the end, and after SIGTERM/SIGINT (then `train`
      returns normally: preemption exits 0); none at all with `checkpoint_every = 0` (benchmarks).
      The "checkpoint" event of metrics.jsonl is written once the asynchronous save has committed.
+     A save that fails (a full disk, a filesystem error) ends the run with `CheckpointError`, one
+     line naming the step and the newest intact one, which a rerun resumes from.
   8. Several processes stop at the same step: a signal on any process is seen by all of them at
      the same step boundary (`_StopAgreement`), so all save that step together and exit 0.
 """
@@ -69,6 +71,11 @@ class TrainingDiverged(RuntimeError):
 
 class ResumeError(RuntimeError):
   """The workdir's checkpoints cannot resume this run (one line: which folder and why)."""
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written (one line: which step, where, why); the checkpoints
+  committed before it are intact, and a rerun resumes from the newest of them."""
 
 
 class OutOfMemory(RuntimeError):
@@ -497,6 +504,9 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         logger.event(step, event="stopped", signal=stopped_by)
       return {"step": step, "stopped_by": stopped_by, "resumed_from": resumed_from,
               "last_record": last_record}
+  except ckpt_lib.SaveFailed as e:
+    raise CheckpointError(f"{e}: make the checkpoint folder writable (space, permissions) and "
+                          "rerun the same command to resume from there") from e
   except Exception as e:  # noqa: BLE001  (only a failure for lack of memory is translated)
     line = out_of_memory_line(e)
     if line is None or isinstance(e, (ConfigError, TrainingDiverged, ResumeError,
@@ -510,6 +520,9 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         "devices") from e
   finally:
     profile.abort()
-    ckpt.close()
+    try:
+      ckpt.close()
+    except ckpt_lib.SaveFailed as e:  # only after another error: a finished run has waited
+      logging.error("%s", e)
     logger.close()
     stop.uninstall()
