@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import logging
 import math
+import multiprocessing
 import os
 import sys
 from typing import Any, NoReturn, Sequence
@@ -189,6 +190,10 @@ def exit_process(code: int) -> NoReturn:
   sys.stdout.flush()
   sys.stderr.flush()
   if jax.distributed.is_initialized() and jax.process_count() > 1:
+    # os._exit skips multiprocessing's exit handler, which ends daemonic children (a loader's
+    # worker processes that an error left running): they would outlive this process.
+    for child in multiprocessing.active_children():
+      child.kill()
     logging.shutdown()
     os._exit(code)
   sys.exit(code)

@@ -286,11 +286,16 @@ def _restore_attempt(ckpt, step: int, setup, data_iter) -> tuple[int, str, Any]:
   return _OK, "", state
 
 
-def _fresh_iterator(data_iter, setup):
-  """A new loader iterator in place of one that a failed restore may have moved."""
+def _close_iterator(data_iter) -> None:
+  """Stops a loader iterator's reader threads and worker processes."""
   close = getattr(data_iter, "close", None)
   if close is not None:
     close()
+
+
+def _fresh_iterator(data_iter, setup):
+  """A new loader iterator in place of one that a failed restore may have moved."""
+  _close_iterator(data_iter)
   return setup.make_data_iterator()
 
 
@@ -520,6 +525,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         "devices") from e
   finally:
     profile.abort()
+    _close_iterator(data_iter)  # its worker processes, before anything else can fail
     try:
       ckpt.close()
     except ckpt_lib.SaveFailed as e:  # only after another error: a finished run has waited
