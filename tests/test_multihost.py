@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -86,19 +87,13 @@ def test_explicit_coordinator_starts_two_processes_that_train_together(data_dir,
   batch's loss), train, save the final step together and exit 0."""
   port = _free_port()
   workdir = tmp_path / "run"
-  procs = [subprocess.Popen(
-      _command(data_dir, workdir, 4),
-      env=_env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID=str(i)),
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  for _, err in outs:  # the trainer's start-up line: one mesh over both processes' devices
+  procs = [_popen(_command(data_dir, workdir, 4),
+                  _env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
+                       JAX_PROCESS_ID=str(i))) for i in range(2)]
+  codes, errs = _wait(procs, 300)
+  for code, err in zip(codes, errs):
+    assert code == 0, err[-3000:]
+  for err in errs:  # the trainer's start-up line: one mesh over both processes' devices
     assert "over 4 devices" in err, err[-3000:]
   directory = ckpt_lib.checkpoint_dir(str(workdir))
   assert sorted(int(n) for n in os.listdir(directory) if n.isdigit()) == [4]
@@ -117,30 +112,45 @@ def _launch(data_dir, workdir, steps, processes, devices, *extra, env_of=None):
                JAX_PROCESS_ID=str(i)) if processes > 1 else _env()
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env.update((env_of or {}).get(i, {}))
-    procs.append(subprocess.Popen(
-        _command(data_dir, workdir, steps) + list(extra), env=env, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True))
+    procs.append(_popen(_command(data_dir, workdir, steps) + list(extra), env))
   return procs
+
+
+def _popen(command, env):
+  """A process whose stderr a thread reads from the start: a pipe that nobody reads blocks the
+  process once it is full, short of the collective its peers wait in, and the run hangs on the
+  test's reading order (while the test polls metrics.jsonl, or reads another process first)."""
+  p = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True)
+  p.err_chunks = []
+  p.reader = threading.Thread(target=lambda: p.err_chunks.append(p.stderr.read()), daemon=True)
+  p.reader.start()
+  return p
 
 
 def _wait(procs, timeout):
   """(return codes, stderr texts) once all have exited; a hang fails within `timeout` seconds
   with the end of every process's log (each is killed first)."""
   deadline = time.monotonic() + timeout
-  errs = []
   try:
     for p in procs:
-      errs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[1])
+      p.wait(timeout=max(deadline - time.monotonic(), 1))
+    for p in procs:  # the pipe closes when the process and its loader workers are gone
+      p.reader.join(max(deadline - time.monotonic(), 1))
+    hung = any(p.reader.is_alive() for p in procs)
   except subprocess.TimeoutExpired:
-    for p in procs:
-      p.kill()
-    errs += [p.communicate()[1] for p in procs[len(errs):]]
-    tails = [f"process {i} (exit {p.returncode}):\n" + (err or "")[-2000:]
-             for i, (p, err) in enumerate(zip(procs, errs))]
-    raise AssertionError(f"not all exited within {timeout} s\n" + "\n".join(tails)) from None
+    hung = True
   finally:
     for p in procs:
       p.kill()
+  errs = []
+  for p in procs:
+    p.reader.join(30)
+    errs.append("".join(p.err_chunks))
+  if hung:
+    tails = [f"process {i} (exit {p.returncode}):\n" + err[-2000:]
+             for i, (p, err) in enumerate(zip(procs, errs))]
+    raise AssertionError(f"not all exited within {timeout} s\n" + "\n".join(tails))
   return [p.returncode for p in procs], errs
 
 
