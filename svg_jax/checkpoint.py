@@ -31,6 +31,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from svg_jax.utils.error_lines import first_line
+
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data_iter", "config")
@@ -274,8 +276,7 @@ class Checkpointer:
         self.directory) else []
 
   def _failed(self, error: Exception, step: int) -> SaveFailed:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    reason = first_line(error)
     try:  # an earlier save may still be writing: it decides which step is the newest intact one
       self.manager.wait_until_finished()
     except Exception:  # noqa: BLE001  (that error, or this one again: the listing tells)

@@ -42,7 +42,7 @@ from svg_jax import parallel
 from svg_jax.models import layers
 from svg_jax.train import dit_task
 from svg_jax.train import metrics as metrics_lib
-from svg_jax.utils.out_of_memory import out_of_memory_line
+from svg_jax.utils.error_lines import out_of_memory_line
 
 GIB = 1024 ** 3
 # The executables are never run, so LLVM need not optimize them: memory_analysis() (buffer

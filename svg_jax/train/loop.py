@@ -58,7 +58,7 @@ from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import profiling
 from svg_jax.train import state as state_lib
 from svg_jax.train.task_api import Task
-from svg_jax.utils.out_of_memory import out_of_memory_line
+from svg_jax.utils.error_lines import first_line, out_of_memory_line
 
 
 class ConfigError(ValueError):
@@ -262,14 +262,16 @@ def _check_finite(step: int, host: dict, ckpt) -> None:
                              f"this state; {where}")
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
-  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-  first = (lines[0] if lines else "").split(" See full TensorStore details")[0]
-  text = f"{type(e).__name__}: {first}"
-  return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 _OK, _DAMAGED, _INCOMPATIBLE, _NO_MEMORY = 0, 1, 2, 3
+
+
+def _read_verdict(error: Exception) -> tuple[int, str]:
+  """(verdict, one-line reason) of a failed checkpoint read: another run's layout is
+  incompatible (reading again is futile), lack of memory says nothing against the files, any
+  other failure may be damage or a passing filesystem error."""
+  if isinstance(error, ckpt_lib.IncompatibleCheckpoint):
+    return _INCOMPATIBLE, str(error).replace("\n", " ")
+  return (_NO_MEMORY if out_of_memory_line(error) else _DAMAGED), first_line(error)
 
 
 def _restore_attempt(ckpt, step: int, setup, data_iter) -> tuple[int, str, Any]:
@@ -279,10 +281,8 @@ def _restore_attempt(ckpt, step: int, setup, data_iter) -> tuple[int, str, Any]:
     return _DAMAGED, "; ".join(problems), None
   try:
     state, _ = ckpt.restore(step, setup.abstract_state, data_iter)
-  except ckpt_lib.IncompatibleCheckpoint as e:
-    return _INCOMPATIBLE, str(e).replace("\n", " "), None
-  except Exception as e:  # noqa: BLE001  (any other failure to read the step: see _resume)
-    return (_NO_MEMORY if out_of_memory_line(e) else _DAMAGED), _first_line(e), None
+  except Exception as e:  # noqa: BLE001  (any failure to read the step: see _resume)
+    return (*_read_verdict(e), None)
   return _OK, "", state
 
 
@@ -357,13 +357,12 @@ def _init_from(source: str, setup, agreement: _Agreement):
     params, reason = None, ""
     try:
       params, verdict = ckpt_lib.load_params(source, setup.abstract_state.params), _OK
-    except ckpt_lib.IncompatibleCheckpoint as e:  # another model's params: reading again is futile
-      verdict, reason = _INCOMPATIBLE, str(e).replace("\n", " ")
     except FileNotFoundError as e:  # no finished checkpoint (yet: a listing may be stale)
       verdict, reason = _DAMAGED, str(e)
     except Exception as e:  # noqa: BLE001  (any other failure to read it)
-      verdict = _NO_MEMORY if out_of_memory_line(e) else _DAMAGED
-      reason = f"train.init_from {source}: its checkpoint cannot be read ({_first_line(e)})"
+      verdict, reason = _read_verdict(e)
+      if verdict != _INCOMPATIBLE:  # that reason names the source already
+        reason = f"train.init_from {source}: its checkpoint cannot be read ({reason})"
     agreed = agreement.max(verdict)
     if agreed == _OK:
       return params

@@ -39,7 +39,7 @@ from svg_jax.data import records
 from svg_jax.models import nextdit
 from svg_jax.train import aot
 from svg_jax.train.loop import ConfigError
-from svg_jax.utils.out_of_memory import out_of_memory_line
+from svg_jax.utils.error_lines import out_of_memory_line
 
 GIB = 1024 ** 3
 EVENT = "remat_policy"

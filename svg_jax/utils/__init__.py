@@ -1,2 +1,2 @@
-"""Small helpers every layer may use: atomic file writes, progress lines, telling
-out-of-memory failures from others."""
+"""Small helpers every layer may use: atomic file writes, progress lines, one-line error
+reasons (telling out-of-memory failures from others)."""
