@@ -409,3 +409,44 @@ def test_loader_buffers_are_reused_instead_of_faulted_in_again(tmp_path):
   # ~30 on an idle machine; threads racing a busy one keep more buffers alive at once (86
   # measured beside a training run), so the check is the ratio.
   assert reused * 10 < default, (default, reused)
+
+
+_KILLED_READER = """
+import multiprocessing, os, signal, sys
+from svg_jax.data import pipeline
+cfg = pipeline.PipelineConfig(per_process_batch_size=2, max_caption_len=16, caption_len_buckets=(8, 16),
+                              num_threads=2, prefetch_buffer_size=2, num_workers=2)
+it = pipeline.make_pipeline(sys.argv[1], cfg, process_index=0, process_count=1)
+next(it)
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no exit handler runs, as when JAX's heartbeat aborts a host
+"""
+
+
+def _running(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads process states from /proc")
+def test_worker_processes_end_when_their_reader_is_killed(dataset, tmp_path):
+  """A process killed from outside runs no cleanup; its Grain workers, which would wait on their
+  full queues forever, notice their parent is gone and end."""
+  stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+  with open(stdout, "w") as out, open(stderr, "w") as err:  # files: the workers hold them open
+    code = subprocess.run([sys.executable, "-c", _KILLED_READER, dataset], stdout=out,
+                          stderr=err, timeout=120).returncode
+  assert code == -9, stderr.read_text()[-2000:]
+  workers = [int(pid) for pid in stdout.read_text().split()]
+  assert len(workers) == 2, out.stdout
+  try:
+    deadline = time.monotonic() + 10
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+      time.sleep(0.2)
+    assert not any(map(_running, workers)), "the killed reader's workers live on"
+  finally:
+    for pid in filter(_running, workers):
+      os.kill(pid, 9)

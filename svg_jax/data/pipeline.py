@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -57,12 +58,14 @@ from typing import Any
 import grain
 import ml_dtypes
 import numpy as np
+from absl import flags
 from grain.sources import ArrayRecordDataSource
 
 from svg_jax import malloc_tuning
 from svg_jax.data import length_buckets as length_buckets_lib
 from svg_jax.data.global_position import agreed_position
 from svg_jax.data import records
+from svg_jax.utils import orphan_watch
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +398,12 @@ def _resolve_rows(rows: Sequence[int] | None, per_process: int, process_index: i
   return rows
 
 
+def _end_with_reader(reader_pid: int, worker_index: int, worker_count: int) -> None:
+  """Grain's worker init: the worker ends when the process it loads for does, however that ends."""
+  del worker_index, worker_count
+  orphan_watch.exit_with_parent(reader_pid)
+
+
 def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[str, Any], *,
                   process_index: int | None = None, process_count: int | None = None,
                   expected_fingerprints: Mapping[str, str] | None = None,
@@ -460,10 +469,10 @@ def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[
   it_ds = mixed.to_iter_dataset(grain.ReadOptions(
       num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size))
   if config.num_workers > 0:
-    from absl import flags  # Grain's worker processes read absl flags, which must be parsed
-    if not flags.FLAGS.is_parsed():
+    if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
       flags.FLAGS.mark_as_parsed()  # outside an absl app: use the flag defaults
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers),
+                              worker_init_fn=functools.partial(_end_with_reader, os.getpid()))
 
   manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
   signature = {
