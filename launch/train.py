@@ -21,7 +21,8 @@ with what to change; the checkpoints written are intact), 6 when a checkpoint co
 written (one line: the step, the reason, the newest intact step, which a rerun resumes from), 1
 for any other error (its traceback). In a run of several processes, a process that ends early
 exits at once rather than in JAX's shutdown barrier: the others, which may be waiting for it in a
-collective, are then stopped within `train.heartbeat_timeout_s`.
+collective, are then stopped within `train.heartbeat_timeout_s`; one of them that ends early
+after it prints its line too ("process 1 ended before this one, exit 6: ...").
 """
 import signal
 import sys
@@ -60,7 +61,8 @@ def main(argv):
     print(f"config error: task {config.task!r} has no trainer (one of {tuple(trainer.TASKS)})",
           file=sys.stderr)
     sys.exit(2)
-  from svg_jax import parallel
+  from svg_jax import parallel, process_exit
+  from svg_jax.utils import error_lines
   from svg_jax.train import metrics
   metrics.console_logging()
   # One line on stderr and an exit status for each way a run ends early (the module docstring).
@@ -74,11 +76,12 @@ def main(argv):
     summary = trainer.train(config, flags.FLAGS.workdir)
   except tuple(kind for kind, _, _ in early_ends) as e:
     prefix, code = next((p, c) for kind, p, c in early_ends if isinstance(e, kind))
-    print(prefix + str(e), file=sys.stderr)
-    parallel.exit_process(code)
-  except Exception:  # noqa: BLE001  (the traceback, then out without waiting for other hosts)
+    line = prefix + str(e)
+    print(line, file=sys.stderr)
+    process_exit.exit_process(code, line)
+  except Exception as e:  # noqa: BLE001  (the traceback, then out without waiting for other hosts)
     traceback.print_exc()
-    parallel.exit_process(1)
+    process_exit.exit_process(1, error_lines.first_line(e))
   # Saved and done: a preemption notice that reaches this host late (after the others stopped
   # it) must not turn the exit status of a finished run into a kill.
   signal.signal(signal.SIGTERM, signal.SIG_IGN)

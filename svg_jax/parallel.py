@@ -10,10 +10,8 @@ import contextlib
 import inspect
 import logging
 import math
-import multiprocessing
 import os
-import sys
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -177,26 +175,6 @@ def initialize_distributed(heartbeat_timeout_s: int | None = None) -> None:
     multi = False
   if multi:
     jax.distributed.initialize(**options)
-
-
-def exit_process(code: int) -> NoReturn:
-  """Ends this process with exit status `code`; a process of a multi-process run leaves at once.
-
-  JAX's own exit (`jax.distributed.shutdown` at interpreter exit) is a barrier of all processes.
-  A process that fails alone (a save, a host's memory) leaves the others waiting for it in a
-  collective or a checkpoint barrier, so both would wait until a timeout and abort, after 5
-  minutes on two local processes. Gone at once, it is a dead task to JAX's coordination service,
-  which stops the others within `train.heartbeat_timeout_s`."""
-  sys.stdout.flush()
-  sys.stderr.flush()
-  if jax.distributed.is_initialized() and jax.process_count() > 1:
-    # os._exit skips multiprocessing's exit handler, which ends daemonic children (a loader's
-    # worker processes that an error left running): they would outlive this process.
-    for child in multiprocessing.active_children():
-      child.kill()
-    logging.shutdown()
-    os._exit(code)
-  sys.exit(code)
 
 
 def process_batch_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, ...]:

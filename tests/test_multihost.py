@@ -375,14 +375,18 @@ ocp.CheckpointManager.save = save
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("failing", [1, 0], ids=["process_1", "process_0_the_coordinator"])
 def test_a_save_that_fails_on_one_process_stops_all_within_the_heartbeat(data_dir,
                                                                          one_process_run,
-                                                                         tmp_path):
-  """2 processes with 2 loader worker processes each; process 1 cannot write step 6: it ends
-  with one checkpoint-error line (exit 6) at once, and process 0, left waiting for it inside the
-  save, is stopped within the heartbeat (15 s) instead of both waiting 5 minutes in barriers and
+                                                                         tmp_path, failing):
+  """2 processes with 2 loader worker processes each; one cannot write step 6: it ends with one
+  checkpoint-error line (exit 6) at once, and the other, left waiting for it inside the save, is
+  stopped within the heartbeat (15 s) instead of both waiting 5 minutes in barriers and
   aborting. No worker outlives its process (one would hold the pipe this test reads). Step 3 is
-  intact, and a rerun resumes from it with the losses of the uninterrupted run."""
+  intact, and a rerun resumes from it with the losses of the uninterrupted run. When process 1
+  failed, process 0's log names the cause; when process 0 failed, the key-value store went
+  with it, and process 1 ends with its own line without waiting for the store."""
+  other = 1 - failing
   workdir = tmp_path / "run"
   hook = tmp_path / "disk_full"
   hook.mkdir()
@@ -392,14 +396,18 @@ def test_a_save_that_fails_on_one_process_stops_all_within_the_heartbeat(data_di
            "--config.data.num_workers=2")
   start = time.monotonic()
   codes, errs = _wait(_launch(data_dir, workdir, STEPS, 2, 2, *flags,
-                              env_of={1: {"PYTHONPATH": path}}), 240)
+                              env_of={failing: {"PYTHONPATH": path}}), 240)
   print(f"exits {codes} {time.monotonic() - start:.1f} s after the start")
-  assert codes[1] == 6 and codes[0] not in (0, None), errs[0][-3000:] + errs[1][-3000:]
+  assert codes[failing] == 6 and codes[other] not in (0, None), errs[0][-3000:] + errs[1][-3000:]
   # (Lines after it come from multiprocessing's resource tracker, which outlives the process.)
-  assert (f"checkpoint error: writing checkpoint 6 to {ckpt_lib.checkpoint_dir(str(workdir))} "
-          "failed (OSError: [Errno 28] No space left on device); the checkpoints up to step 3 "
-          "are intact: make the checkpoint folder writable (space, permissions) and rerun the "
-          "same command to resume from there") in errs[1].splitlines()
+  cause = (f"checkpoint error: writing checkpoint 6 to {ckpt_lib.checkpoint_dir(str(workdir))} "
+           "failed (OSError: [Errno 28] No space left on device); the checkpoints up to step 3 "
+           "are intact: make the checkpoint folder writable (space, permissions) and rerun the "
+           "same command to resume from there")
+  assert cause in errs[failing].splitlines()
+  # The other's own error only says that its peer went away; the cause is printed beside it.
+  noted = f"process {failing} ended before this one, exit 6: {cause}" in errs[other].splitlines()
+  assert noted == (failing == 1), errs[other][-3000:]
   assert time.monotonic() - start < 150
   assert ckpt_lib.Checkpointer(str(workdir), read_only=True).all_steps() == [3]
   _run(data_dir, workdir, STEPS, 2, 2, *flags)

@@ -1,0 +1,83 @@
+"""How a process of a run ends early: its one line, a note of it for the other processes, and an
+exit that does not wait for them.
+
+JAX's own exit (`jax.distributed.shutdown` at interpreter exit) is a barrier of all processes. A
+process that fails alone (a save, a host's memory) leaves the others waiting for it in a
+collective or a checkpoint barrier, so both would wait until a timeout and abort, after 5 minutes
+on two local processes. Gone at once, it is a dead task to JAX's coordination service, which stops
+the others within `train.heartbeat_timeout_s`.
+
+The others then fail with an error of their own ("connection closed by peer"), which says nothing
+of the cause. So a process that ends early leaves its line in the coordination service's
+key-value store first, and a process that ends early after it prints that line beside its own:
+the log of any host names the cause. (The store lives in process 0; when process 0 is the one
+that failed, the others cannot read it and print only their own line.)"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import sys
+import threading
+from typing import NoReturn
+
+import jax
+from jax._src import distributed as jax_distributed  # the coordination service's key-value store
+
+_KEY_DIR = "svg_jax/ended_early/"
+_STORE_TIMEOUT_S = 5.0  # a coordinator that died with the failed process does not answer
+
+
+def _client():
+  return getattr(jax_distributed.global_state, "client", None)
+
+
+def _within_timeout(call) -> None:
+  """Runs `call` for at most _STORE_TIMEOUT_S; its failure is ignored (no store: the
+  coordinator is gone), as is a call still waiting then."""
+
+  def run():
+    try:
+      call()
+    except Exception:  # noqa: BLE001  (a lost line is no reason to stay)
+      pass
+
+  thread = threading.Thread(target=run, daemon=True)
+  thread.start()
+  thread.join(_STORE_TIMEOUT_S)
+
+
+def _lines_of_others(client) -> list[str]:
+  """`process p ended before this one, exit c: its line`, for each process that left a note."""
+  found: list[tuple[str, str]] = []
+  _within_timeout(lambda: found.extend(client.key_value_dir_get(_KEY_DIR)))
+  me = str(jax.process_index())
+  return [f"process {key.rsplit('/', 1)[-1]} ended before this one, {note}"
+          for key, note in sorted(list(found)) if key.rsplit("/", 1)[-1] != me]
+
+
+def _leave_note(client, code: int, reason: str) -> None:
+  _within_timeout(lambda: client.key_value_set(f"{_KEY_DIR}{jax.process_index()}",
+                                               f"exit {code}: {reason}", allow_overwrite=True))
+
+
+def exit_process(code: int, reason: str) -> NoReturn:
+  """Ends this process with exit status `code` after its caller printed why; `reason` is that
+  in one line. A process of a multi-process run prints the lines of processes that ended before
+  it, leaves its own for those that end after it, and leaves at once."""
+  sys.stdout.flush()
+  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+    sys.stderr.flush()
+    sys.exit(code)
+  client = _client()
+  if client is not None:
+    for line in _lines_of_others(client):
+      print(line, file=sys.stderr)
+    _leave_note(client, code, reason)
+  sys.stderr.flush()
+  # os._exit skips multiprocessing's exit handler, which ends daemonic children (a loader's
+  # worker processes that an error left running): they would outlive this process.
+  for child in multiprocessing.active_children():
+    child.kill()
+  logging.shutdown()
+  os._exit(code)
