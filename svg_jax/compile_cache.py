@@ -49,8 +49,31 @@ def enable_default(directory: str = DEFAULT_DIR) -> str | None:
     return None
   os.environ[ENV] = path
   os.environ.setdefault(MAX_SIZE_ENV, str(DEFAULT_MAX_BYTES))
+  _stamp_unstamped_entries(path)
   if "jax" in sys.modules:
     config = sys.modules["jax"].config
     config.update("jax_compilation_cache_dir", path)
     config.update("jax_compilation_cache_max_size", int(os.environ[MAX_SIZE_ENV]))
   return path
+
+
+# JAX's size-bounded cache keeps an access-time file beside each entry.
+_ENTRY_SUFFIX, _ACCESS_TIME_SUFFIX = "-cache", "-atime"
+
+
+def _stamp_unstamped_entries(path: str) -> None:
+  """Gives each entry without an access-time file its modification time as one.
+
+  With a size limit, JAX reads the access time of every entry before it writes a new one, and an
+  entry without one (written with no limit: a process that named this folder itself, or an
+  earlier svg_jax) fails every later write: a warning at each compile and nothing cached."""
+  try:
+    names = set(os.listdir(path))
+    for name in names:
+      key = name[:-len(_ENTRY_SUFFIX)]
+      if name.endswith(_ENTRY_SUFFIX) and key + _ACCESS_TIME_SUFFIX not in names:
+        stamp = os.stat(os.path.join(path, name)).st_mtime_ns.to_bytes(8, "little")
+        with open(os.path.join(path, key + _ACCESS_TIME_SUFFIX), "wb") as f:
+          f.write(stamp)
+  except OSError:  # an entry evicted meanwhile; the next start stamps what is left
+    pass

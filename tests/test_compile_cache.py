@@ -16,16 +16,17 @@ from svg_jax import compile_cache
 print("folder", compile_cache.enable_default())
 print("max_size", jax.config.jax_compilation_cache_max_size)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-for n in range(int(sys.argv[1])):  # distinct programs, one entry each
+first, count = int(sys.argv[2]), int(sys.argv[1])
+for n in range(first, first + count):  # distinct programs, one entry each
   jax.jit(lambda x: x * 2 + n)(jax.numpy.ones(3 + n)).block_until_ready()
 """
 
 
-def _run(home, programs=1, **env):
+def _run(home, programs=1, first=0, **env):
   """(folder in use, JAX's cache size limit, stderr) of a script started with `env`."""
   base = {k: v for k, v in os.environ.items()
           if k not in ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")}
-  out = subprocess.run([sys.executable, "-c", _SCRIPT, str(programs)],
+  out = subprocess.run([sys.executable, "-c", _SCRIPT, str(programs), str(first)],
                        env=dict(base, HOME=str(home), **env),
                        capture_output=True, text=True, timeout=120, check=True)
   folder = out.stdout.split("folder ")[-1].split()[0]
@@ -74,3 +75,16 @@ def test_the_default_folder_is_bounded_and_the_oldest_entries_go(tmp_path):
   files = _entry_files(folder)
   assert sum(os.path.getsize(os.path.join(folder, n)) for n in files) <= limit
   assert 0 < len([n for n in files if n.startswith("jit__lambda")]) < 6
+
+
+def test_entries_written_without_a_limit_do_not_stop_the_bounded_cache(tmp_path):
+  """An entry that a process without the size limit left in the default folder has no
+  access-time file; JAX's bounded cache would fail every later write on it (a warning, nothing
+  cached). The scripts' start gives it one."""
+  folder = tmp_path / ".cache" / "svg_jax" / "jax"
+  _run(tmp_path, JAX_COMPILATION_CACHE_DIR=str(folder))  # no limit: no access-time file
+  old = _entry_files(folder)
+  assert old and not [n for n in os.listdir(folder) if n.endswith("-atime")]
+  _, _, err = _run(tmp_path, programs=2, first=1)  # programs of its own: no cache hit stamps one
+  assert "Error writing persistent compilation cache" not in err, err[-2000:]
+  assert len(_entry_files(folder)) > len(old)
