@@ -565,6 +565,17 @@ def test_bad_config_fails_with_one_line_before_compiling(data_dir, tmp_path, mon
   assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
+def test_a_run_with_loader_workers_ends_without_leaking_their_shared_memory(data_dir, tmp_path):
+  """Grain's worker processes hand batches over in shared memory, which Grain unlinks in a
+  background thread; a run that ended right after its last batch left that work to
+  multiprocessing's resource tracker, which warned of leaked shared_memory objects."""
+  out = subprocess.run(_command(data_dir, tmp_path, 4) + ["--config.data.num_workers=2"],
+                       env=_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "leaked shared_memory" not in out.stderr, out.stderr[-2000:]
+
+
 def test_a_negative_lr_is_one_line_and_exit_2_on_the_command_line(data_dir, tmp_path):
   out = subprocess.run(_command(data_dir, tmp_path, 2) + ["--config.train.lr=-1"], env=_env(),
                        capture_output=True, text=True, timeout=120)

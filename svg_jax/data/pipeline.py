@@ -46,6 +46,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -59,6 +60,7 @@ import grain
 import ml_dtypes
 import numpy as np
 from absl import flags
+from grain.multiprocessing import SharedMemoryArray
 from grain.sources import ArrayRecordDataSource
 
 from svg_jax import malloc_tuning
@@ -396,6 +398,19 @@ def _resolve_rows(rows: Sequence[int] | None, per_process: int, process_index: i
     raise ValueError(f"rows {rows} must be {per_process} rows of the global batch of "
                      f"{global_batch}")
   return rows
+
+
+def release_shared_memory() -> None:
+  """Waits until Grain has unlinked the shared memory of the batches this process let go.
+
+  Batches from worker processes (`num_workers` > 0) arrive in shared memory, which Grain's
+  deletion hands to a background thread. A process that exits right after its last batch leaves
+  that thread's queue unfinished, and multiprocessing's resource tracker unlinks the rest with a
+  "leaked shared_memory objects" warning."""
+  gc.collect()  # batches caught in reference cycles (a traceback's frames) go now
+  deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)  # one thread, first in first out
+  if deleter is not None:
+    deleter.apply(int)  # a no-op queued behind every earlier unlink
 
 
 def _end_with_reader(reader_pid: int, worker_index: int, worker_count: int) -> None:

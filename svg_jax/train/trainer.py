@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from svg_jax.data import pipeline
 from svg_jax.train import decoder_task, dit_task, loop, remat
 from svg_jax.train.task_api import Task
 
@@ -34,7 +35,10 @@ def validate_config(config, num_devices: int | None = None,
 
 def train(config, workdir: str) -> dict[str, Any]:
   """`loop.train` for the task of `config` (see loop.py for the summary it returns)."""
-  return loop.train(config, workdir, get(config.task))
+  try:
+    return loop.train(config, workdir, get(config.task))
+  finally:  # the loop's batches are gone: their shared memory is unlinked before the exit
+    pipeline.release_shared_memory()
 
 
 def restore_state(config, workdir: str, mesh, step: int | None = None):
