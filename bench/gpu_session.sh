@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md ("The whole trainer on one GPU"), in two parts that each
-# fit one call of a lent GPU machine (under 9 minutes). Run from the repository root, after
+# The GPU figures of docs/performance.md ("The whole trainer on one GPU"). Each part fits one call
+# of a lent GPU machine (under 9 minutes). Run from the repository root, after
 # bench/gpu_wheels.sh has filled .whl/ where pip reaches the index:
 #
+#   OUT=/some/folder bash bench/gpu_session.sh all  # the issue's targets first, in one call:
+#                                                   # stage 1 auto (+ profile), torch; stage 3
+#                                                   # auto; stage 1 dots, full; stage 3 torch;
+#                                                   # then part 2's variants, while time is left
 #   OUT=/some/folder bash bench/gpu_session.sh 1    # stage 1: auto (+ profile), torch, dots, full
 #   OUT=/some/folder bash bench/gpu_session.sh 2    # stage 3: auto at batch 8 (4 if 8 fits no
 #                                                   # policy), torch; stage 1 dots with fp32
@@ -12,13 +16,13 @@
 # Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
 # attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
 # A run has a timeout, and one that would not end before the part's deadline (DEADLINE_S seconds
-# after the versions are printed, default 500) is skipped: a session's 15 device minutes hold part 1
-# and the start of a machine, and part 2 only with a smaller DEADLINE_S (what `status` leaves).
+# after the versions are printed, default 500) is skipped, and the next one that still fits runs:
+# a session's 15 device minutes hold one part and the start of a machine.
 # Back in $OUT (at most 8 files): results.jsonl (one JSON line a run, "run" naming it), log.txt
 # (versions, each run's exit), profile.txt (launch/profile_summary.py of the 2 profiled stage-1
 # steps), stage1_auto.xplane.pb.gz (that trace, for TensorBoard), logs.tar.gz (each run's log).
 set -uo pipefail
-PART=${1:?give the part: 1 or 2}
+PART=${1:?give the part: all, 1 or 2}
 OUT=${OUT:-gpu_out}
 SCRATCH=$(mktemp -d)  # the runs' workdirs and logs, the wheels' install, the compile cache
 RUNS=$SCRATCH/runs
@@ -68,43 +72,57 @@ run() {  # run <name> <timeout s> <script> <flags...>: one JSON line into result
 S1=(--config configs/svg_t2i_2b.py:stage1_256 --global_batch_size 32 --steps 10
     --config.model.attention_backend=cudnn)
 S3=(--config configs/svg_t2i_2b.py:stage3_1024 --steps 5 --config.model.attention_backend=cudnn)
+stage1_auto() {
+  run stage1_auto 240 trainer.py "${S1[@]}" --config.model.remat_policy=auto --profile_steps 2 \
+      --workdir "$RUNS/stage1_auto"
+  local trace
+  trace=$(find "$RUNS/stage1_auto/tensorboard" -name '*.xplane.pb' 2>/dev/null | head -n 1)
+  if [ -n "$trace" ]; then
+    gzip -c "$trace" >"$OUT/stage1_auto.xplane.pb.gz"
+    python3 launch/profile_summary.py "$trace" --steps 2 --top 40 >"$OUT/profile.txt" 2>&1
+  fi
+}
+stage1_torch() {
+  local ours=()  # the speedup needs our run; torch's figures stand alone too
+  [ -s "$RUNS/stage1_auto.json" ] && ours=(--ours "$RUNS/stage1_auto.json")
+  run stage1_torch 150 torch_trainer.py "${S1[@]}" --compile blocks ${ours[@]+"${ours[@]}"}
+}
+stage3_auto() {
+  run stage3_auto_b8 200 trainer.py "${S3[@]}" --global_batch_size 8 \
+      --config.model.remat_policy=auto \
+    || run stage3_auto_b4 150 trainer.py "${S3[@]}" --global_batch_size 4 \
+      --config.model.remat_policy=auto
+}
+stage3_torch() {  # at the batch stage3_auto trained with
+  local ours batch
+  ours=$(ls "$RUNS"/stage3_auto_b*.json 2>/dev/null | head -n 1)
+  batch=$(python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['global_batch_size'])" "$ours" 2>/dev/null)
+  if [ -n "$batch" ]; then
+    run stage3_torch 150 torch_trainer.py "${S3[@]}" --global_batch_size "$batch" \
+        --compile blocks --ours "$ours"
+  fi
+}
+stage1_policies() {
+  run stage1_dots 90 trainer.py "${S1[@]}" --config.model.remat_policy=dots
+  run stage1_full 90 trainer.py "${S1[@]}" --config.model.remat_policy=full
+}
+stage1_variants() {
+  # What bf16 activations (the stage configs' setting) gain against fp32 ones.
+  run stage1_dots_fp32_activations 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
+      --config.model.activation_dtype=float32
+  run stage1_dots_unroll2 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
+      --config.model.scan_unroll=2
+  # The code-generation flags NVIDIA's JAX images set (cuBLAS rather than Triton GEMMs); the
+  # latency-hiding scheduler only overlaps collectives, of which one GPU has none. Last, so a
+  # short part skips it first.
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
+    run stage1_dots_cublas 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots
+}
+
 case $PART in
-  1)
-    run stage1_auto 240 trainer.py "${S1[@]}" --config.model.remat_policy=auto --profile_steps 2 \
-        --workdir "$RUNS/stage1_auto"
-    trace=$(find "$RUNS/stage1_auto/tensorboard" -name '*.xplane.pb' 2>/dev/null | head -n 1)
-    if [ -n "$trace" ]; then
-      gzip -c "$trace" >"$OUT/stage1_auto.xplane.pb.gz"
-      python3 launch/profile_summary.py "$trace" --steps 2 --top 40 >"$OUT/profile.txt" 2>&1
-    fi
-    ours=()  # the speedup needs our run; torch's figures stand alone too
-    [ -s "$RUNS/stage1_auto.json" ] && ours=(--ours "$RUNS/stage1_auto.json")
-    run stage1_torch 150 torch_trainer.py "${S1[@]}" --compile blocks ${ours[@]+"${ours[@]}"}
-    run stage1_dots 90 trainer.py "${S1[@]}" --config.model.remat_policy=dots
-    run stage1_full 90 trainer.py "${S1[@]}" --config.model.remat_policy=full
-    ;;
-  2)
-    run stage3_auto_b8 200 trainer.py "${S3[@]}" --global_batch_size 8 \
-        --config.model.remat_policy=auto \
-      || run stage3_auto_b4 150 trainer.py "${S3[@]}" --global_batch_size 4 \
-        --config.model.remat_policy=auto
-    ours=$(ls "$RUNS"/stage3_auto_b*.json 2>/dev/null | head -n 1)
-    batch=$(python3 -c "import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])['global_batch_size'])" "$ours" 2>/dev/null)
-    if [ -n "$batch" ]; then
-      run stage3_torch 150 torch_trainer.py "${S3[@]}" --global_batch_size "$batch" \
-          --compile blocks --ours "$ours"
-    fi
-    # What bf16 activations (the stage configs' setting) gain against fp32 ones.
-    run stage1_dots_fp32_activations 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
-        --config.model.activation_dtype=float32
-    run stage1_dots_unroll2 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
-        --config.model.scan_unroll=2
-    # The code-generation flags NVIDIA's JAX images set (cuBLAS rather than Triton GEMMs); the
-    # latency-hiding scheduler only overlaps collectives, of which one GPU has none. Last, so a
-    # short part skips it first.
-    XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
-      run stage1_dots_cublas 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots
-    ;;
-  *) echo "part must be 1 or 2, got $PART" >&2; exit 2 ;;
+  all) stage1_auto; stage1_torch; stage3_auto; stage1_policies; stage3_torch; stage1_variants ;;
+  1) stage1_auto; stage1_torch; stage1_policies ;;
+  2) stage3_auto; stage3_torch; stage1_variants ;;
+  *) echo "part must be all, 1 or 2, got $PART" >&2; exit 2 ;;
 esac
 cat "$OUT/results.jsonl" 2>/dev/null
