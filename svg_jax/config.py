@@ -198,7 +198,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 0, into <workdir>/tensorboard (TensorBoard's Profile tab); the log gets its summary.
   c.train.profile_steps = 0
   c.train.profile_start = 10
-  # Peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | h100 | h200.
+  # Peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | a100 | h100 | h100_pcie |
+  # h100_nvl | h200 (auto: the device's; an unknown device gets no MFU).
   c.train.chip = "auto"
   # model.remat_policy = "auto" (svg_jax/train/remat.py) takes the least recomputation whose
   # compiled step fits device memory x (1 - remat_headroom); the memory is GiB per device, 0 =

@@ -65,7 +65,9 @@ def test_targets_build_one_device_per_chip(name, chips, kind):
 
 
 @pytest.mark.parametrize("name,chip", [
-    ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "cpu")])
+    ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA H100 PCIe", "h100_pcie"),
+    ("NVIDIA H100 NVL", "h100_nvl"), ("NVIDIA A100-SXM4-80GB", "a100"),
+    ("NVIDIA A100 80GB PCIe", "a100"), ("NVIDIA B200", "cpu"), ("Tesla V100-SXM2-16GB", "cpu")])
 def test_cuda_device_names_map_to_their_peak(name, chip):
   """Names as jax's device_kind and torch.cuda.get_device_name give them; unknown: no MFU."""
   assert metrics.chip_of("gpu", name) == chip

@@ -27,10 +27,11 @@ from clu import metrics as clu_metrics
 
 log = logging.getLogger(__name__)
 
-# Peak dense bf16 TFLOP/s per chip; None where MFU is meaningless (CPU). The H200 has the H100's
-# tensor cores (only its memory is larger and faster), so the same peak.
-PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "h100": 989.0,
-               "h200": 989.0, "cpu": None}
+# Peak dense bf16 TFLOP/s per chip (NVIDIA's data sheets give twice these "with sparsity");
+# None where MFU is meaningless (CPU). The H200 has the H100's tensor cores (only its memory is
+# larger and faster), so the SXM H100's peak; the PCIe and NVL H100s run at lower clocks.
+PEAK_TFLOPS = {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0, "a100": 312.0,
+               "h100": 989.0, "h100_pcie": 756.0, "h100_nvl": 835.0, "h200": 989.0, "cpu": None}
 
 
 class TpuGeneration(NamedTuple):
@@ -89,7 +90,9 @@ def chip_of(platform: str, device_kind: str) -> str:
     if "v4" in kind:
       return "v4"
   if platform == "gpu":
-    for chip in ("h100", "h200"):
+    if "h100" in kind:
+      return "h100_pcie" if "pcie" in kind else "h100_nvl" if "nvl" in kind else "h100"
+    for chip in ("h200", "a100"):
       if chip in kind:
         return chip
   return "cpu"
