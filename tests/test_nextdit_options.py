@@ -99,6 +99,47 @@ def test_bf16_activations_err_like_the_official_autocast():
     assert rel < 0.05, (k, rel)  # measured at most 0.021 (bf16 matmuls alone: 0.017)
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_bf16_linears_round_once_like_torch(use_bias):
+  """A Linear with bf16 compute and bf16 output is torch's bf16 Linear: one rounding of the fp32
+  sums (plus bias), whether the GEMM rounds (no bias) or the sum does. Kernels add the products
+  in their own order, so a sum within fp32 noise of a bf16 midpoint may round to either side:
+  at most one bf16 step apart, and rarely (2 of 5120 here without a bias, none with one)."""
+  import torch
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((64, 96)).astype(jnp.bfloat16).astype(np.float32)
+  w = rng.standard_normal((96, 80)).astype(jnp.bfloat16).astype(np.float32)
+  b = rng.standard_normal(80).astype(jnp.bfloat16).astype(np.float32)
+  params = {"kernel": w, "bias": b} if use_bias else {"kernel": w}
+  linear = layers.Linear(80, use_bias=use_bias, compute_dtype=jnp.bfloat16,
+                         out_dtype=jnp.bfloat16)
+  ours = np.asarray(linear.apply({"params": params}, jnp.asarray(x).astype(jnp.bfloat16)))
+  tb = torch.from_numpy(b).bfloat16() if use_bias else None
+  theirs = torch.nn.functional.linear(torch.from_numpy(x).bfloat16(),
+                                      torch.from_numpy(w.T.copy()).bfloat16(), tb)
+  assert ours.dtype == jnp.bfloat16
+  ours, theirs = ours.astype(np.float32), theirs.float().numpy()
+  step = np.abs(theirs) * 2.0 ** -7  # a bf16 step at most (8 bits of mantissa)
+  assert np.all(np.abs(ours - theirs) <= step), np.abs(ours - theirs).max()
+  assert np.mean(ours != theirs) < 1e-3
+
+
+def test_dots_remat_saves_bias_free_bf16_products_in_bf16(capsys):
+  """Under the `dots` policy the saved matmul outputs of bf16 activations are the bf16 values the
+  forward hands on, not fp32 copies of twice the size."""
+  linear = layers.Linear(64, use_bias=False, compute_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16)
+  x = jnp.ones((32, 48), jnp.bfloat16)
+  params = linear.init(jax.random.key(0), x)
+
+  def f(p, x):
+    return jnp.sum(jnp.tanh(linear.apply(p, x).astype(jnp.float32)))
+
+  policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(f, policy=policy), params, x)
+  saved = capsys.readouterr().out
+  assert "bf16[32,64]" in saved and "f32[32,64]" not in saved, saved
+
+
 def test_activation_dtype_is_float32_or_the_compute_dtype():
   assert dataclasses.replace(CFG, activation_dtype="compute").activations == jnp.float32
   bf16 = dataclasses.replace(CFG, compute_dtype="bfloat16", activation_dtype="compute")

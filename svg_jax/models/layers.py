@@ -40,11 +40,12 @@ def _materialized_transpose(a: jax.Array) -> jax.Array:
   return _row_major(jnp.swapaxes(a, -1, -2))
 
 
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """[..., M, K] @ [..., K, N] -> [..., M, N] fp32, leading axes batched."""
+def _dot(a: jax.Array, b: jax.Array, out_dtype: Dtype = jnp.float32) -> jax.Array:
+  """[..., M, K] @ [..., K, N] -> [..., M, N], leading axes batched; fp32 accumulation, the
+  result rounded once to `out_dtype`."""
   batch = tuple(range(a.ndim - 2))
   return jax.lax.dot_general(a, b, (((a.ndim - 1,), (a.ndim - 2,)), (batch, batch)),
-                             preferred_element_type=jnp.float32)
+                             preferred_element_type=out_dtype)
 
 
 @jax.custom_vjp
@@ -56,6 +57,19 @@ def _bf16_matmul_fwd(x, w):
   # Operands may be transposed views (attention's head-major layouts): copy them in bf16.
   xb, wb = _row_major(x.astype(jnp.bfloat16)), _row_major(w.astype(jnp.bfloat16))
   return _dot(xb, wb), (xb, wb)
+
+
+# The same product with a bf16 result: the GEMM rounds its fp32 sums once, as an fp32 result cast
+# to bf16 would be, but a remat policy that saves matmul outputs (dots) then keeps them in bf16,
+# and the forward writes half the bytes.
+@jax.custom_vjp
+def _bf16_matmul_bf16_out(x: jax.Array, w: jax.Array) -> jax.Array:
+  return _dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), jnp.bfloat16)
+
+
+def _bf16_matmul_bf16_out_fwd(x, w):
+  xb, wb = _row_major(x.astype(jnp.bfloat16)), _row_major(w.astype(jnp.bfloat16))
+  return _dot(xb, wb, jnp.bfloat16), (xb, wb)
 
 
 def _bf16_matmul_bwd(res, g):
@@ -76,22 +90,27 @@ def _bf16_matmul_bwd(res, g):
 
 
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+_bf16_matmul_bf16_out.defvjp(_bf16_matmul_bf16_out_fwd, _bf16_matmul_bwd)
 
 
-def batched_matmul(a: jax.Array, b: jax.Array, compute_dtype: Dtype = jnp.float32) -> jax.Array:
-  """[..., M, K] @ [..., K, N] with fp32 output; bf16 compute keeps the backward dots bf16 too."""
+def batched_matmul(a: jax.Array, b: jax.Array, compute_dtype: Dtype = jnp.float32,
+                   out_dtype: Dtype = jnp.float32) -> jax.Array:
+  """[..., M, K] @ [..., K, N] with an fp32 result (bf16 with bf16 compute and `out_dtype`
+  bf16); bf16 compute keeps the backward dots bf16 too."""
   if jnp.dtype(compute_dtype) == jnp.bfloat16:
-    return _bf16_matmul(a.astype(jnp.float32), b.astype(jnp.float32))
+    product = (_bf16_matmul_bf16_out if jnp.dtype(out_dtype) == jnp.bfloat16 else _bf16_matmul)
+    return product(a.astype(jnp.float32), b.astype(jnp.float32))
   return _dot(a.astype(compute_dtype), b.astype(compute_dtype))
 
 
-def matmul(x: jax.Array, kernel: jax.Array, compute_dtype: Dtype = jnp.float32) -> jax.Array:
-  """x[..., in] @ kernel[in, out] on 2-D operands, fp32 output.
+def matmul(x: jax.Array, kernel: jax.Array, compute_dtype: Dtype = jnp.float32,
+           out_dtype: Dtype = jnp.float32) -> jax.Array:
+  """x[..., in] @ kernel[in, out] on 2-D operands, fp32 output (see batched_matmul for bf16).
 
   2-D operands: N-d dots cost 1.6x in the backward on CPU (docs/cpu_performance.md). With bf16
   compute the backward is a custom VJP keeping every dot bf16 x bf16 -> fp32.
   """
-  y = batched_matmul(x.reshape(-1, x.shape[-1]), kernel, compute_dtype)
+  y = batched_matmul(x.reshape(-1, x.shape[-1]), kernel, compute_dtype, out_dtype)
   return y.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
@@ -112,7 +131,9 @@ class Linear(nn.Module):
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(self.kernel_init, self.axes),
         (x.shape[-1], self.features), jnp.float32)
-    y = matmul(x, kernel, self.compute_dtype)
+    # Without a bias the GEMM itself rounds to a bf16 out_dtype; a bias is added to the fp32
+    # sums first and the sum rounded once, as torch's fused bias epilogue does.
+    y = matmul(x, kernel, self.compute_dtype, jnp.float32 if self.use_bias else self.out_dtype)
     if self.use_bias:
       bias = self.param(
           "bias", nn.with_logical_partitioning(self.bias_init, self.axes[-1:]),
