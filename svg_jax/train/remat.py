@@ -22,8 +22,9 @@ saves. A policy changes what the backward recomputes, never the function
 
 Device memory: `train.remat_memory_budget_gib` when > 0 (tests set small budgets that way), else
 `memory_stats()["bytes_limit"]` of this process's first mesh device (what XLA's allocator may use:
-on GPUs 75% of the memory unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise), else (the CPU has
-no memory_stats) the host's RAM shared by its local devices.
+on GPUs XLA_PYTHON_CLIENT_MEM_FRACTION of the memory, 92% as the scripts set it (svg_jax/cli.py),
+75% in a process that set nothing), else (the CPU has no memory_stats) the host's RAM shared by its
+local devices.
 """
 from __future__ import annotations
 
