@@ -1,7 +1,8 @@
 """Building blocks shared by every model: 2-D Linear, RMSNorm, attention with backend dispatch, RoPE.
 
 Numerics follow docs/design.md: parameters are fp32, matmul inputs are cast to a compute dtype with fp32
-accumulation and fp32 output, norms / RoPE / softmax statistics run in fp32.
+accumulation and fp32 output (rounded once to bf16 where the activations are bf16), norms / RoPE /
+softmax statistics run in fp32.
 """
 from __future__ import annotations
 
@@ -61,7 +62,11 @@ def _bf16_matmul_fwd(x, w):
 
 # The same product with a bf16 result: the GEMM rounds its fp32 sums once, as an fp32 result cast
 # to bf16 would be, but a remat policy that saves matmul outputs (dots) then keeps them in bf16,
-# and the forward writes half the bytes.
+# and the forward writes half the bytes. Only where that is so: XLA:GPU saves the fp32 result and
+# converts after it (the 2.6B stage-1 step at 32 samples: 99.6 -> 78.1 GiB, docs/performance.md);
+# XLA:TPU already saves the bf16 value (v5p-16 at 64 samples a chip rose 76.6 -> 79.1 GiB with
+# bf16 GEMM results), and XLA:CPU's bf16-result GEMM adds the products in another order.
+_BF16_RESULT_PLATFORMS = ("gpu", "cuda")
 @jax.custom_vjp
 def _bf16_matmul_bf16_out(x: jax.Array, w: jax.Array) -> jax.Array:
   return _dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), jnp.bfloat16)
@@ -95,10 +100,12 @@ _bf16_matmul_bf16_out.defvjp(_bf16_matmul_bf16_out_fwd, _bf16_matmul_bwd)
 
 def batched_matmul(a: jax.Array, b: jax.Array, compute_dtype: Dtype = jnp.float32,
                    out_dtype: Dtype = jnp.float32) -> jax.Array:
-  """[..., M, K] @ [..., K, N] with an fp32 result (bf16 with bf16 compute and `out_dtype`
-  bf16); bf16 compute keeps the backward dots bf16 too."""
+  """[..., M, K] @ [..., K, N] with an fp32 result (on a GPU a bf16 one for bf16 compute and
+  `out_dtype`; the caller casts either to out_dtype); bf16 compute keeps the backward dots bf16."""
   if jnp.dtype(compute_dtype) == jnp.bfloat16:
-    product = (_bf16_matmul_bf16_out if jnp.dtype(out_dtype) == jnp.bfloat16 else _bf16_matmul)
+    bf16_result = (jnp.dtype(out_dtype) == jnp.bfloat16
+                   and splash_attention.compile_platform() in _BF16_RESULT_PLATFORMS)
+    product = _bf16_matmul_bf16_out if bf16_result else _bf16_matmul
     return product(a.astype(jnp.float32), b.astype(jnp.float32))
   return _dot(a.astype(compute_dtype), b.astype(compute_dtype))
 
