@@ -47,13 +47,6 @@ from svg_jax.train import aot, remat  # noqa: E402
 from svg_jax.train import metrics as metrics_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "ml_collections config file[:variant]",
-                                lock_config=False)
-flags.DEFINE_enum("gpu", "h100", ["h100", "h200"], "the card to compile for")
-flags.DEFINE_integer("global_batch_size", 0, "0: the config's")
-flags.DEFINE_list("remats", ["none", "dots", "save_qkv_attn", "full"], "policies to compile")
-flags.DEFINE_string("hlo_dir", "", "where to write each policy's optimized HLO (none: not written)")
-flags.DEFINE_integer("top", 8, "kernels listed outside matmul and attention")
 GIB = 1024 ** 3
 MEMORY_FRACTIONS = (0.75, 0.92)  # XLA's default share of the card; bench/gpu_session.sh's
 
@@ -167,5 +160,19 @@ def main(argv):
     print(json.dumps(out), flush=True)
 
 
+def define_flags() -> None:
+  """The command line's flags (defined when run, not when imported: the tests import this file
+  beside other scripts that define --config)."""
+  config_flags.DEFINE_config_file("config", None, "ml_collections config file[:variant]",
+                                  lock_config=False)
+  flags.DEFINE_enum("gpu", "h100", ["h100", "h200"], "the card to compile for")
+  flags.DEFINE_integer("global_batch_size", 0, "0: the config's")
+  flags.DEFINE_list("remats", ["none", "dots", "save_qkv_attn", "full"], "policies to compile")
+  flags.DEFINE_string("hlo_dir", "", "where to write each policy's optimized HLO (none: not "
+                      "written)")
+  flags.DEFINE_integer("top", 8, "kernels listed outside matmul and attention")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
