@@ -6,6 +6,7 @@ softmax statistics run in fp32.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -49,35 +50,29 @@ def _dot(a: jax.Array, b: jax.Array, out_dtype: Dtype = jnp.float32) -> jax.Arra
                              preferred_element_type=out_dtype)
 
 
-@jax.custom_vjp
-def _bf16_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  return _dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+# A bf16 result instead of an fp32 one (`out`): the GEMM rounds its fp32 sums once, as an fp32
+# result cast to bf16 would be, but a remat policy that saves matmul outputs (dots) then keeps them
+# in bf16, and the forward writes half the bytes. Only where that is so: XLA:GPU saves the fp32
+# result and converts after it (the 2.6B stage-1 step at 32 samples: 99.6 -> 78.1 GiB,
+# docs/performance.md); XLA:TPU already saves the bf16 value (v5p-16 at 64 samples a chip rose
+# 76.6 -> 79.1 GiB with bf16 GEMM results), and XLA:CPU's bf16-result GEMM adds the products in
+# another order.
+_BF16_RESULT_PLATFORMS = ("gpu", "cuda")
 
 
-def _bf16_matmul_fwd(x, w):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bf16_matmul(x: jax.Array, w: jax.Array, out) -> jax.Array:
+  return _dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), out)
+
+
+def _bf16_matmul_fwd(x, w, out):
   # Operands may be transposed views (attention's head-major layouts): copy them in bf16.
   xb, wb = _row_major(x.astype(jnp.bfloat16)), _row_major(w.astype(jnp.bfloat16))
-  return _dot(xb, wb), (xb, wb)
+  return _dot(xb, wb, out), (xb, wb)
 
 
-# The same product with a bf16 result: the GEMM rounds its fp32 sums once, as an fp32 result cast
-# to bf16 would be, but a remat policy that saves matmul outputs (dots) then keeps them in bf16,
-# and the forward writes half the bytes. Only where that is so: XLA:GPU saves the fp32 result and
-# converts after it (the 2.6B stage-1 step at 32 samples: 99.6 -> 78.1 GiB, docs/performance.md);
-# XLA:TPU already saves the bf16 value (v5p-16 at 64 samples a chip rose 76.6 -> 79.1 GiB with
-# bf16 GEMM results), and XLA:CPU's bf16-result GEMM adds the products in another order.
-_BF16_RESULT_PLATFORMS = ("gpu", "cuda")
-@jax.custom_vjp
-def _bf16_matmul_bf16_out(x: jax.Array, w: jax.Array) -> jax.Array:
-  return _dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), jnp.bfloat16)
-
-
-def _bf16_matmul_bf16_out_fwd(x, w):
-  xb, wb = _row_major(x.astype(jnp.bfloat16)), _row_major(w.astype(jnp.bfloat16))
-  return _dot(xb, wb, jnp.bfloat16), (xb, wb)
-
-
-def _bf16_matmul_bwd(res, g):
+def _bf16_matmul_bwd(out, res, g):
+  del out  # the cotangent goes back in bf16 either way
   # Cotangents go back in bf16 with fp32 accumulation (plain autodiff would multiply the fp32
   # cotangent with a bf16 operand and run the whole backward upcast); transposes are made in bf16.
   xb, wb = res
@@ -95,7 +90,6 @@ def _bf16_matmul_bwd(res, g):
 
 
 _bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
-_bf16_matmul_bf16_out.defvjp(_bf16_matmul_bf16_out_fwd, _bf16_matmul_bwd)
 
 
 def batched_matmul(a: jax.Array, b: jax.Array, compute_dtype: Dtype = jnp.float32,
@@ -105,8 +99,8 @@ def batched_matmul(a: jax.Array, b: jax.Array, compute_dtype: Dtype = jnp.float3
   if jnp.dtype(compute_dtype) == jnp.bfloat16:
     bf16_result = (jnp.dtype(out_dtype) == jnp.bfloat16
                    and splash_attention.compile_platform() in _BF16_RESULT_PLATFORMS)
-    product = _bf16_matmul_bf16_out if bf16_result else _bf16_matmul
-    return product(a.astype(jnp.float32), b.astype(jnp.float32))
+    return _bf16_matmul(a.astype(jnp.float32), b.astype(jnp.float32),
+                        jnp.bfloat16 if bf16_result else jnp.float32)
   return _dot(a.astype(compute_dtype), b.astype(compute_dtype))
 
 
