@@ -36,9 +36,8 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # auto's candidates and the step it then trains with share compiles through the cache.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache}
-# XLA's allocator may take 92% of the GPU (default 75%): remat auto's budget is that x 0.9. Each
-# run is a process of its own, so torch's runs find the memory free again.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+# XLA's allocator takes 92% of the GPU, as in every script (svg_jax/cli.py): remat auto's budget is
+# that x 0.9. Each run is a process of its own, so torch's runs find the memory free again.
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

@@ -18,7 +18,7 @@ with default tiles); on the card, autotuning may pick cuBLAS, which changes no m
 
 prints one JSON line per policy: the per-device peak (aot.memory_report), whether it fits XLA's
 allocator at its default share of the card (XLA_PYTHON_CLIENT_MEM_FRACTION 0.75) and at
-bench/gpu_session.sh's 0.92 (each less `train.remat_headroom`), the compile time, and the
+the scripts' 0.92 (svg_jax/cli.py; each less `train.remat_headroom`), the compile time, and the
 roofline: estimated milliseconds, the MFU that bounds (model FLOPs, as the trainer counts them,
 over estimated time x the bf16 peak), the share of each kernel class and the costliest kernels
 outside matmul and attention.
@@ -40,6 +40,7 @@ from jax.sharding import AxisType, Mesh  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from research import hlo_roofline  # noqa: E402
+from svg_jax import cli  # noqa: E402
 from svg_jax import config as config_lib  # noqa: E402
 from svg_jax import parallel  # noqa: E402
 from svg_jax.models import layers  # noqa: E402
@@ -47,8 +48,7 @@ from svg_jax.train import aot, remat  # noqa: E402
 from svg_jax.train import metrics as metrics_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-GIB = 1024 ** 3
-MEMORY_FRACTIONS = (0.75, 0.92)  # XLA's default share of the card; bench/gpu_session.sh's
+MEMORY_FRACTIONS = (0.75, float(cli.GPU_MEMORY_FRACTION))  # XLA's default share; the scripts'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,6 @@ class Gpu:
   l2_bytes: int = 50 * 2 ** 20
   clock_ghz: float = 1.98
   bf16_flops: float = 989e12  # dense tensor-core peak
-  tf32_flops: float = 494e12
 
   def target_config(self) -> str:
     """A stream_executor.GpuTargetConfigProto in text format."""
@@ -91,8 +90,7 @@ device_description_str: "{self.name}"
 """
 
   def chip(self) -> hlo_roofline.Chip:
-    return hlo_roofline.Chip(self.name, {"bf16": self.bf16_flops, "f32": self.tf32_flops},
-                             self.bandwidth)
+    return hlo_roofline.Chip(self.name, self.bf16_flops, self.bandwidth)
 
 
 GPUS = {
@@ -131,7 +129,7 @@ def policy_report(config, mesh, gpu: Gpu, policy: str, top: int, hlo_dir: str) -
                                             int(config.train.global_batch_size), hw, cap_len)
   headroom = float(config.train.remat_headroom)
   return {
-      "policy": policy, "peak_gib": round(peak / GIB, 2),
+      "policy": policy, "peak_gib": round(peak / aot.GIB, 2),
       **{f"fits_{f}": peak <= f * gpu.memory_bytes * (1 - headroom) for f in MEMORY_FRACTIONS},
       "compile_s": round(seconds, 1),
       "ms": round(1e3 * roof["seconds"], 2),

@@ -281,13 +281,12 @@ def kernels(hlo: str) -> list[Kernel]:
 @dataclasses.dataclass(frozen=True)
 class Chip:
   name: str
-  matmul_flops: dict  # dtype of the products -> peak FLOP/s (dense)
+  matmul_flops: float  # the dense bf16 peak FLOP/s (the step's products are bf16)
   bandwidth: float  # HBM bytes/s
 
 
-def kernel_seconds(kernel: Kernel, chip: Chip, matmul_dtype: str = "bf16") -> float:
-  compute = kernel.flops / chip.matmul_flops[matmul_dtype] if kernel.flops else 0.0
-  return max(compute, kernel.bytes / chip.bandwidth)
+def kernel_seconds(kernel: Kernel, chip: Chip) -> float:
+  return max(kernel.flops / chip.matmul_flops, kernel.bytes / chip.bandwidth)
 
 
 def summary(found: list[Kernel], chip: Chip, top: int = 15) -> dict:
@@ -313,6 +312,6 @@ def summary(found: list[Kernel], chip: Chip, top: int = 15) -> dict:
 
 if __name__ == "__main__":  # a saved HLO text: python research/hlo_roofline.py file.hlo
   import sys
-  h100 = Chip("h100", {"bf16": 989e12, "f32": 494e12}, 3.35e12)
+  h100 = Chip("h100", 989e12, 3.35e12)
   with open(sys.argv[1]) as f:
     print(json.dumps(summary(kernels(f.read()), h100), indent=1))

@@ -60,7 +60,7 @@ def test_a_loop_over_stacked_weights_counts_every_trip_and_one_layer_a_trip(laye
 
 
 def test_time_is_the_larger_of_compute_and_memory():
-  chip = hlo_roofline.Chip("test", {"bf16": 1e12, "f32": 5e11}, 1e9)
+  chip = hlo_roofline.Chip("test", 1e12, 1e9)
   kernel = hlo_roofline.Kernel("k", "main", "matmul", flops=2e12, bytes=1e9, count=1)
   assert hlo_roofline.kernel_seconds(kernel, chip) == 2.0
   kernel = hlo_roofline.Kernel("k", "main", "copy", flops=0.0, bytes=3e9, count=1)
