@@ -69,9 +69,9 @@ def _stamp_unstamped_entries(path: str) -> None:
   earlier svg_jax) fails every later write: a warning at each compile and nothing cached."""
   try:
     names = set(os.listdir(path))
-    for name in names:
+    for name in (n for n in names if n.endswith(_ENTRY_SUFFIX)):
       key = name[:-len(_ENTRY_SUFFIX)]
-      if name.endswith(_ENTRY_SUFFIX) and key + _ACCESS_TIME_SUFFIX not in names:
+      if key + _ACCESS_TIME_SUFFIX not in names:
         stamp = os.stat(os.path.join(path, name)).st_mtime_ns.to_bytes(8, "little")
         with open(os.path.join(path, key + _ACCESS_TIME_SUFFIX), "wb") as f:
           f.write(stamp)

@@ -52,8 +52,9 @@ def _lines_of_others(client) -> list[str]:
   found: list[tuple[str, str]] = []
   _within_timeout(lambda: found.extend(client.key_value_dir_get(_KEY_DIR)))
   me = str(jax.process_index())
-  return [f"process {key.rsplit('/', 1)[-1]} ended before this one, {note}"
-          for key, note in sorted(list(found)) if key.rsplit("/", 1)[-1] != me]
+  notes = sorted((key.rsplit("/", 1)[-1], note) for key, note in found)
+  return [f"process {process} ended before this one, {note}" for process, note in notes
+          if process != me]
 
 
 def _leave_note(client, code: int, reason: str) -> None:
