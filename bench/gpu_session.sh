@@ -17,7 +17,7 @@
 # attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
 # A run has a timeout, and one that would not end before the part's deadline (DEADLINE_S seconds
 # after the versions are printed, default 500) is skipped, and the next one that still fits runs:
-# a session's 15 device minutes hold one part and the start of a machine.
+# 15 minutes of GPU time hold one part and the start of a machine.
 # Back in $OUT (at most 8 files): results.jsonl (one JSON line a run, "run" naming it), log.txt
 # (versions, each run's exit), profile.txt (launch/profile_summary.py of the 2 profiled stage-1
 # steps), stage1_auto.xplane.pb.gz (that trace, for TensorBoard), logs.tar.gz (each run's log).
