@@ -16,12 +16,15 @@ with default tiles); on the card, autotuning may pick cuBLAS, which changes no m
   python research/gpu_roofline.py --config configs/svg_t2i_2b.py:stage1_256 --gpu h100 \\
       --global_batch_size 32 --remats none,dots,save_qkv_attn,full
 
-prints one JSON line per policy: the per-device peak (aot.memory_report), whether it fits XLA's
-allocator at its default share of the card (XLA_PYTHON_CLIENT_MEM_FRACTION 0.75) and at
+(`--gpus 8`: one host of 8 cards, the config's mesh over them; the program and every figure
+are one card's) prints one JSON line per policy: the per-device peak (aot.memory_report),
+whether it fits XLA's allocator at its default share of the card (XLA_PYTHON_CLIENT_MEM_FRACTION
+0.75) and at
 the scripts' 0.92 (svg_jax/cli.py; each less `train.remat_headroom`), the compile time, and the
 roofline: estimated milliseconds, the MFU that bounds (model FLOPs, as the trainer counts them,
 over estimated time x the bf16 peak), the share of each kernel class and the costliest kernels
-outside matmul and attention.
+outside matmul and attention; on several cards also the collectives' link time at NVLink
+bandwidth and the part of it the schedule leaves exposed (`hlo_roofline.timeline`).
 """
 import dataclasses
 import json
@@ -61,6 +64,7 @@ class Gpu:
   l2_bytes: int = 50 * 2 ** 20
   clock_ghz: float = 1.98
   bf16_flops: float = 989e12  # dense tensor-core peak
+  nvlink_bandwidth: float = 450e9  # NVLink 4: 18 links x 25 GB/s each way
 
   def target_config(self) -> str:
     """A stream_executor.GpuTargetConfigProto in text format."""
@@ -90,7 +94,7 @@ device_description_str: "{self.name}"
 """
 
   def chip(self) -> hlo_roofline.Chip:
-    return hlo_roofline.Chip(self.name, self.bf16_flops, self.bandwidth)
+    return hlo_roofline.Chip(self.name, self.bf16_flops, self.bandwidth, self.nvlink_bandwidth)
 
 
 GPUS = {
@@ -106,10 +110,12 @@ def compile_without_the_card() -> None:
   layers._require_platform = lambda backend, platforms: None  # pylint: disable=protected-access
 
 
-def gpu_mesh(gpu: Gpu) -> Mesh:
+def gpu_mesh(gpu: Gpu, sizes: dict, count: int = 1) -> Mesh:
+  """The config's mesh over one host of `count` cards (topology slices x hosts x cards)."""
   topology = topologies.get_topology_desc(platform="cuda", target_config=gpu.target_config(),
-                                          topology="1x1x1")
-  devices = np.array(topology.devices).reshape(1, 1, 1)
+                                          topology=f"1x1x{count}")
+  shape = parallel.mesh_shape(sizes, count)
+  devices = np.array(topology.devices).reshape(shape)
   return Mesh(devices, parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
@@ -125,15 +131,21 @@ def policy_report(config, mesh, gpu: Gpu, policy: str, top: int, hlo_dir: str) -
       f.write(hlo)
   found = hlo_roofline.kernels(hlo)
   roof = hlo_roofline.summary(found, gpu.chip(), top=top)
+  timed = hlo_roofline.timeline(hlo, gpu.chip())
+  devices = mesh.devices.size  # the HLO is one device's program
   model_flops = metrics_lib.dit_train_flops(config_lib.nextdit_config(config),
-                                            int(config.train.global_batch_size), hw, cap_len)
+                                            int(config.train.global_batch_size), hw,
+                                            cap_len) / devices
   headroom = float(config.train.remat_headroom)
   return {
       "policy": policy, "peak_gib": round(peak / aot.GIB, 2),
       **{f"fits_{f}": peak <= f * gpu.memory_bytes * (1 - headroom) for f in MEMORY_FRACTIONS},
       "compile_s": round(seconds, 1),
-      "ms": round(1e3 * roof["seconds"], 2),
-      "mfu_bound": round(model_flops / (roof["seconds"] * gpu.bf16_flops), 4),
+      "ms": round(1e3 * timed["seconds"], 2),
+      "mfu_bound": round(model_flops / (timed["seconds"] * gpu.bf16_flops), 4),
+      **({"link_ms": round(1e3 * timed["link_seconds"], 2),
+          "exposed_link_ms": round(1e3 * (timed["seconds"] - timed["compute_seconds"]), 2)}
+         if devices > 1 else {}),
       "hlo_over_model_flops": round(roof["flops"] / model_flops, 4),
       "launches": roof["launches"], "share": roof["share"], "top_other": roof["top_other"],
   }
@@ -145,11 +157,13 @@ def main(argv):
   gpu = GPUS[FLAGS.gpu]
   with config.unlocked():
     config.model.attention_backend = "cudnn"
-    config.mesh.update(dict(data=1, fsdp=1, tensor=1))
+    if FLAGS.gpus == 1:
+      config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     if FLAGS.global_batch_size:
       config.train.global_batch_size = FLAGS.global_batch_size
   compile_without_the_card()
-  mesh = gpu_mesh(gpu)
+  jax.config.update("jax_optimization_level", FLAGS.optimization_level)
+  mesh = gpu_mesh(gpu, dict(config.mesh), FLAGS.gpus)
   for policy in FLAGS.remats:
     out = policy_report(config, mesh, gpu, policy, FLAGS.top, FLAGS.hlo_dir)
     out.update(gpu=gpu.name, jax=jax.__version__,
@@ -165,6 +179,10 @@ def define_flags() -> None:
                                   lock_config=False)
   flags.DEFINE_enum("gpu", "h100", ["h100", "h200"], "the card to compile for")
   flags.DEFINE_integer("global_batch_size", 0, "0: the config's")
+  flags.DEFINE_integer("gpus", 1, "cards of one host (NVLink): the config's mesh over them")
+  flags.DEFINE_enum("optimization_level", "UNKNOWN", ["UNKNOWN", "O0", "O1", "O2", "O3"],
+                    "jax_optimization_level (O1 and up: XLA:GPU pipelines the collectives of "
+                    "loops and double-buffers them)")
   flags.DEFINE_list("remats", ["none", "dots", "save_qkv_attn", "full"], "policies to compile")
   flags.DEFINE_string("hlo_dir", "", "where to write each policy's optimized HLO (none: not "
                       "written)")

@@ -18,6 +18,13 @@ What is counted:
     layer's gradient in place) counts the update.
 Instructions that launch nothing (parameters, tuples, bitcasts, constants, loop bookkeeping) are
 free.
+
+Collectives (several GPUs of one host) are work for the link, not for the SMs: each moves the
+bytes a ring moves through every device (all-gather and reduce-scatter: (n - 1) / n of the large
+side, all-reduce twice that, n the group size) at the chip's link bandwidth. `timeline` runs the
+schedule XLA printed with the SMs and the link as two resources: an async collective starts when
+it is issued and the link is free, and its `-done` stalls the SMs until it has finished, so a
+collective overlaps exactly the kernels XLA scheduled between its start and its done.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "after-all",
         "partition-id", "replica-id", "iota", "opt-barrier", "add-dependency", "domain"}
 ATTENTION_TARGETS = re.compile(r"fmha", re.I)
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
 
 
 @dataclasses.dataclass
@@ -226,9 +234,50 @@ def _in_place_writes(inst: Instruction, computations) -> tuple[float, set[int]] 
   return written, indices
 
 
+def collective(opcode: str) -> str | None:
+  """The collective an opcode starts or runs (async pairs: its `-start`), else None."""
+  base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+  return base if base in COLLECTIVES else None
+
+
+def group_size(attributes: str) -> int:
+  """Devices in each replica group, in the three ways XLA prints them (0: none printed)."""
+  listed = re.search(r"replica_groups=\{\{([0-9,]+)\}", attributes)
+  if listed:
+    return len(listed.group(1).split(","))
+  iota = re.search(r"replica_groups=\[\d+,(\d+)\]<=", attributes)
+  if iota:
+    return int(iota.group(1))
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attributes)
+  if mesh:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", mesh.group(2)))
+  return 0
+
+
+def link_bytes(inst: Instruction, table: dict[str, Instruction]) -> float:
+  """Bytes a collective sends through each device's link (see the module docstring). An async
+  start's result holds its operands beside its results."""
+  kind = collective(inst.opcode)
+  sent = sum(array_bytes(table[n].shape) for n in inst.operands if n in table)
+  result = array_bytes(inst.shape) - (sent if inst.opcode.endswith("-start") else 0.0)
+  if kind == "all-gather":
+    return result - sent
+  if kind == "reduce-scatter":
+    return sent - result
+  if kind == "collective-permute":
+    return sent
+  n = group_size(inst.attributes)
+  share = (n - 1) / n if n else 1.0
+  return (2 if kind == "all-reduce" else 1) * share * sent
+
+
 def kernels(hlo: str) -> list[Kernel]:
   """The kernels one run of the program launches (see the module docstring)."""
-  computations, entry = parse(hlo)
+  return _kernels(*parse(hlo))
+
+
+def _kernels(computations, entry: str) -> list[Kernel]:
   found: list[Kernel] = []
 
   def walk(name: str, count: int) -> None:
@@ -246,6 +295,11 @@ def kernels(hlo: str) -> list[Kernel]:
                        or _called(inst.attributes, "branch_computations")):
           walk(callee, count)
         continue
+      if collective(inst.opcode):
+        found.append(Kernel(inst.name, name, "collective", 0.0, link_bytes(inst, table), count))
+        continue
+      if inst.opcode.endswith("-done") and collective(inst.opcode[:-len("-done")]):
+        continue  # a wait, not a launch
       operand_bytes = [array_bytes(table[n].shape) if n in table else 0.0 for n in inst.operands]
       out_bytes = array_bytes(inst.shape)
       flops = 0.0
@@ -283,10 +337,52 @@ class Chip:
   name: str
   matmul_flops: float  # the dense bf16 peak FLOP/s (the step's products are bf16)
   bandwidth: float  # HBM bytes/s
+  link_bandwidth: float = 0.0  # bytes/s each device sends to the others (0: one device, no link)
 
 
 def kernel_seconds(kernel: Kernel, chip: Chip) -> float:
+  if kernel.kind == "collective":
+    return kernel.bytes / chip.link_bandwidth if chip.link_bandwidth else 0.0
   return max(kernel.flops / chip.matmul_flops, kernel.bytes / chip.bandwidth)
+
+
+def timeline(hlo: str, chip: Chip) -> dict:
+  """One run of the program's schedule with the SMs and the link as two resources (see the
+  module docstring): {"seconds": its length, "compute_seconds": the kernels' sum, "link_seconds":
+  the collectives' sum}. Without collectives the length is the kernels' sum."""
+  computations, entry = parse(hlo)
+  sites = {(k.computation, k.name): k for k in _kernels(computations, entry)}
+  totals = collections.Counter()
+
+  def run(name: str, count: int) -> float:
+    sm = link = 0.0
+    pending: dict[str, float] = {}
+    for inst in computations.get(name, {}).values():
+      if inst.opcode == "while":
+        trips = _trip_count(inst.attributes)
+        sm += trips * sum(run(body, count * trips) for body in _called(inst.attributes, "body"))
+      elif inst.opcode in ("call", "conditional"):
+        sm += sum(run(callee, count) for callee in (_called(inst.attributes, "to_apply")
+                                                    or _called(inst.attributes,
+                                                               "branch_computations")))
+      elif inst.opcode.endswith("-done") and inst.operands and inst.operands[0] in pending:
+        sm = max(sm, pending.pop(inst.operands[0]))
+      elif (name, inst.name) in sites:
+        kernel = sites[(name, inst.name)]
+        seconds = kernel_seconds(kernel, chip)
+        if kernel.kind == "collective":
+          totals["link_seconds"] += count * seconds
+          link = max(sm, link) + seconds
+          if inst.opcode.endswith("-start"):
+            pending[inst.name] = link
+          else:
+            sm = link
+        else:
+          totals["compute_seconds"] += count * seconds
+          sm += seconds
+    return max(sm, link, *pending.values())
+
+  return {"seconds": run(entry, 1), **{k: totals[k] for k in ("compute_seconds", "link_seconds")}}
 
 
 def summary(found: list[Kernel], chip: Chip, top: int = 15) -> dict:
@@ -312,6 +408,7 @@ def summary(found: list[Kernel], chip: Chip, top: int = 15) -> dict:
 
 if __name__ == "__main__":  # a saved HLO text: python research/hlo_roofline.py file.hlo
   import sys
-  h100 = Chip("h100", 989e12, 3.35e12)
+  h100 = Chip("h100", 989e12, 3.35e12, 450e9)
   with open(sys.argv[1]) as f:
-    print(json.dumps(summary(kernels(f.read()), h100), indent=1))
+    text = f.read()
+  print(json.dumps({**summary(kernels(text), h100), "timeline": timeline(text, h100)}, indent=1))

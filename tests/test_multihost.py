@@ -390,9 +390,10 @@ def test_a_save_that_fails_on_one_process_stops_all_within_the_heartbeat(data_di
   checkpoint-error line (exit 6) at once, and the other, left waiting for it inside the save, is
   stopped within the heartbeat (15 s) instead of both waiting 5 minutes in barriers and
   aborting. No worker outlives its process (one would hold the pipe this test reads). Step 3 is
-  intact, and a rerun resumes from it with the losses of the uninterrupted run. When process 1
-  failed, process 0's log names the cause; when process 0 failed, the key-value store went
-  with it, and process 1 ends with its own line without waiting for the store."""
+  intact, and (checked once, after process 1 failed) a rerun resumes from it with the losses of
+  the uninterrupted run. When process 1 failed, process 0's log names the cause; when process 0
+  failed, the key-value store went with it, and process 1 ends with its own line without waiting
+  for the store."""
   other = 1 - failing
   workdir = tmp_path / "run"
   hook = tmp_path / "disk_full"
@@ -417,6 +418,8 @@ def test_a_save_that_fails_on_one_process_stops_all_within_the_heartbeat(data_di
   assert noted == (failing == 1), errs[other][-3000:]
   assert time.monotonic() - start < 150
   assert ckpt_lib.Checkpointer(str(workdir), read_only=True).all_steps() == [3]
+  if failing == 0:  # the resume after either failure is the same code path; one run checks it
+    return
   _run(data_dir, workdir, STEPS, 2, 2, *flags)
   assert [r["step"] for r in _records(workdir) if r.get("event") == "resume"] == [3]
   _assert_same_losses(workdir, one_process_run, "2x2 resumed after a failed save")
