@@ -140,7 +140,7 @@ def policy_report(config, mesh, gpu: Gpu, policy: str, top: int, hlo_dir: str) -
   return {
       "policy": policy, "peak_gib": round(peak / aot.GIB, 2),
       **{f"fits_{f}": peak <= f * gpu.memory_bytes * (1 - headroom) for f in MEMORY_FRACTIONS},
-      "compile_s": round(seconds, 1),
+      "compile_s": round(seconds, 1), "xla_recomputed": aot.xla_recomputed(hlo),
       "ms": round(1e3 * timed["seconds"], 2),
       "mfu_bound": round(model_flops / (timed["seconds"] * gpu.bf16_flops), 4),
       **({"link_ms": round(1e3 * timed["link_seconds"], 2),
@@ -164,12 +164,27 @@ def main(argv):
   compile_without_the_card()
   jax.config.update("jax_optimization_level", FLAGS.optimization_level)
   mesh = gpu_mesh(gpu, dict(config.mesh), FLAGS.gpus)
-  for policy in FLAGS.remats:
-    out = policy_report(config, mesh, gpu, policy, FLAGS.top, FLAGS.hlo_dir)
-    out.update(gpu=gpu.name, jax=jax.__version__,
+  about = dict(gpu=gpu.name, gpus=FLAGS.gpus, jax=jax.__version__,
                config=config_flags.get_config_filename(FLAGS["config"]),
                global_batch_size=int(config.train.global_batch_size))
-    print(json.dumps(out), flush=True)
+  for policy in FLAGS.remats:
+    out = policy_report(config, mesh, gpu, policy, FLAGS.top, FLAGS.hlo_dir)
+    print(json.dumps({**out, **about}), flush=True)
+  if FLAGS.auto:
+    print(json.dumps({**auto_choice(config, mesh, gpu), **about}), flush=True)
+
+
+def auto_choice(config, mesh, gpu: Gpu) -> dict:
+  """What `remat_policy = "auto"` takes on the card, at the scripts' memory share."""
+  limit = int(gpu.memory_bytes * float(cli.GPU_MEMORY_FRACTION)
+              * (1 - float(config.train.remat_headroom)))
+  index, rows = remat.choose(config, mesh, limit)
+  options = remat.candidates("gpu")
+  return {"auto": None if index is None else options[index], "limit_gib": round(limit / aot.GIB, 2),
+          "candidates": [{"policy": r["policy"], "fits": r["fits"],
+                          "xla_recomputed": r.get("xla_recomputed", 0),
+                          "peak_gib": None if r["peak_bytes"] is None
+                          else round(r["peak_bytes"] / aot.GIB, 2)} for r in rows]}
 
 
 def define_flags() -> None:
@@ -187,6 +202,8 @@ def define_flags() -> None:
   flags.DEFINE_string("hlo_dir", "", "where to write each policy's optimized HLO (none: not "
                       "written)")
   flags.DEFINE_integer("top", 8, "kernels listed outside matmul and attention")
+  flags.DEFINE_bool("auto", False, "also print what remat auto takes on the card (its own "
+                    "compiles; --remats= to skip the per-policy reports)")
 
 
 if __name__ == "__main__":

@@ -96,3 +96,16 @@ def test_tiny_aot_memory_and_flops():
   est = aot.xla_step_flops(scanned, mesh, cap_len=CAP, hw=HW)
   assert abs(est["total"] / xla - 1) < 0.01, (est, xla)
   assert est["per_layer"] > 0
+
+
+@pytest.mark.parametrize("program, squeezed", [("xla_gpu_80gib.hlo", False),
+                                               ("xla_gpu_4mib.hlo", True)])
+def test_xla_own_recomputation_is_read_from_the_program(program, squeezed):
+  """One program (a 4-layer MLP's gradient, each layer under jax.checkpoint) as XLA:GPU compiled
+  it for an 80 GiB card and for a 4 MiB one (tests/assets/xla_gpu_programs.py): only the second
+  is over XLA's limit, and only there does XLA clone instructions to recompute them. Both carry
+  jax.checkpoint's marks, which are no such clones."""
+  with open(os.path.join(ROOT, "tests", "assets", program)) as f:
+    text = f.read()
+  assert "remat" in text  # jax.checkpoint's names in the metadata, in both
+  assert (aot.xla_recomputed(text) > 0) == squeezed

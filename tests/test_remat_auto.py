@@ -100,6 +100,27 @@ def test_the_chosen_policys_compiled_peak_is_within_the_budget(figures, mesh, tm
   assert again["peak_bytes"] <= budget
 
 
+@pytest.mark.parametrize("squeezed, picked", [
+    # XLA squeezed dots (it recomputes to fit its own limit): the next policy that fits as it is
+    (("dots",), "dots_no_batch"),
+    # every policy that fits was squeezed: the first of them, rather than no run at all
+    (("dots", "dots_no_batch", "save_qkv_attn", "full"), "dots"),
+])
+def test_a_policy_xla_had_to_squeeze_gives_way_to_one_that_fits_as_it_is(figures, mesh, tmp_path,
+                                                                          squeezed, picked):
+  """The CPU's compiles with XLA:GPU's verdict on some (`aot.xla_recomputed` > 0), and a budget
+  that every policy but "none" fits."""
+  budget = (figures["dots"]["peak_bytes"] + figures["none"]["peak_bytes"]) / 2
+  rows = {p: dict(r, xla_recomputed=7 if p in squeezed else 0) for p, r in figures.items()}
+  config, event = remat.resolve(_tiny(remat_memory_budget_gib=budget / GIB), mesh,
+                                str(tmp_path), measure=_measure(rows))
+  assert config.model.remat_policy == event["policy"] == picked
+  tried = [c["policy"] for c in event["candidates"]]
+  assert tried[-1] == ("dots_no_batch" if picked == "dots_no_batch" else "full"), tried
+  assert [c["xla_recomputed"] for c in event["candidates"]] == [
+      7 if p in squeezed else 0 for p in tried]
+
+
 def test_a_budget_below_full_is_one_config_error_line(figures, mesh, tmp_path):
   budget = figures["full"]["peak_bytes"] * 0.9
   with pytest.raises(loop.ConfigError) as info:

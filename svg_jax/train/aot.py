@@ -112,6 +112,19 @@ def cost_flops(compiled) -> float:
   return float(ca["flops"])
 
 
+# XLA's own rematerialization pass names each instruction it clones `<name>.remat`, `.remat2`, ...
+# (jax.checkpoint's recomputation keeps XLA's usual names; its marks are only in the metadata).
+_XLA_REMAT_CLONE = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+\.remat\d* = ", re.M)
+
+
+def xla_recomputed(hlo_text: str) -> int:
+  """Instructions XLA itself recomputes in an optimized program. XLA:GPU squeezes a program
+  whose peak is over its own limit (80% of the card's memory less the program's inputs and
+  outputs, whatever the allocator may use) by recomputing parts of it, whatever the remat
+  policy asked: the program fits, but slower than its policy would run."""
+  return len(_XLA_REMAT_CLONE.findall(hlo_text))
+
+
 def memory_report(compiled, setup) -> dict[str, float]:
   """Per-device bytes: the state split from the shardings, the rest from memory_analysis()."""
   ma = compiled.memory_analysis()

@@ -9,7 +9,11 @@ The training loop calls `resolve` on its mesh before the DiT task builds its ste
      bucket, on the run's mesh) for each of `candidates()` in turn, least recomputation first
      (`nextdit.REMAT_POLICIES`), and takes the first whose per-device peak
      (`aot.memory_report`'s total: arguments + temporaries + outputs not aliased to donated
-     inputs) is at most device memory x (1 - `train.remat_headroom`);
+     inputs) is at most device memory x (1 - `train.remat_headroom`) and which XLA did not have
+     to squeeze. XLA:GPU recomputes parts of a program over its own limit (80% of the card,
+     below the 83% the scripts' budget allows; `aot.xla_recomputed`): such a candidate fits,
+     but runs slower than the next policy that fits as it is, so it is taken only when no
+     later one fits;
   3. fails with one line (`RematBudgetError`, a config error) when not even "full" fits.
 On GPUs and TPUs the chosen candidate is compiled with XLA's own options for the batch the loader
 gives (`aot.abstract_batch`), so the trainer's first step of that shape loads it from the
@@ -102,8 +106,8 @@ def with_policy(config, policy: str):
 
 def candidate_peak(config, mesh, policy: str, *, hw, cap_len: int) -> dict[str, Any]:
   """Compiles the train step of `config` with `policy` on `mesh`: {"policy", "peak_bytes",
-  "compile_s"}; peak_bytes None (and "error") where XLA refuses the program for lack of memory
-  (XLA:TPU does so at compile time)."""
+  "compile_s", "xla_recomputed"}; peak_bytes None (and "error") where XLA refuses the program
+  for lack of memory (XLA:TPU does so at compile time)."""
   try:
     compiled, setup, seconds = aot.compile_step(with_policy(config, policy), mesh,
                                                 cap_len=cap_len, hw=hw)
@@ -113,7 +117,8 @@ def candidate_peak(config, mesh, policy: str, *, hw, cap_len: int) -> dict[str, 
       raise
     return {"policy": policy, "peak_bytes": None, "compile_s": None, "error": reason}
   return {"policy": policy, "peak_bytes": int(aot.memory_report(compiled, setup)["total"]),
-          "compile_s": round(seconds, 2)}
+          "compile_s": round(seconds, 2),
+          "xla_recomputed": aot.xla_recomputed(compiled.as_text())}
 
 
 def _gib(b) -> str:
@@ -123,23 +128,31 @@ def _gib(b) -> str:
 def choose(config, mesh, limit: int, *, measure: Callable[[str], dict] | None = None
            ) -> tuple[int | None, list[dict]]:
   """Tries the candidates of the mesh's platform in order; returns (index of the first whose
-  peak is <= `limit` bytes or None, one row per candidate tried). `measure(policy)` defaults to
-  `candidate_peak` on the config's largest batch."""
+  peak is <= `limit` bytes and that XLA did not squeeze, else of the first that fits squeezed,
+  else None; one row per candidate tried). `measure(policy)` defaults to `candidate_peak` on the
+  config's largest batch."""
   if measure is None:
     hw, cap_len = step_shape(config)
     measure = lambda p: candidate_peak(config, mesh, p, hw=hw, cap_len=cap_len)  # noqa: E731
-  rows = []
+  rows, squeezed = [], None
   for i, policy in enumerate(candidates(aot.mesh_platform(mesh))):
     row = dict(measure(policy))
     row["fits"] = row["peak_bytes"] is not None and row["peak_bytes"] <= limit
     rows.append(row)
+    recomputed = row.get("xla_recomputed") or 0
+    if row["fits"] and recomputed:
+      verdict = (f"fits only as XLA recomputes {recomputed} instructions to stay under its own "
+                 "limit; trying the next")
+    else:
+      verdict = "fits" if row["fits"] else row.get("error", "does not fit")
     logging.info("remat %-16s peak %s GiB per device (limit %s GiB)%s: %s", policy,
                  _gib(row["peak_bytes"]), _gib(limit),
-                 f", compiled in {row['compile_s']} s" if row.get("compile_s") else "",
-                 "fits" if row["fits"] else row.get("error", "does not fit"))
-    if row["fits"]:
+                 f", compiled in {row['compile_s']} s" if row.get("compile_s") else "", verdict)
+    if row["fits"] and not recomputed:
       return i, rows
-  return None, rows
+    if row["fits"] and squeezed is None:
+      squeezed = i
+  return squeezed, rows
 
 
 def saved_policy(workdir: str) -> str | None:
@@ -183,7 +196,8 @@ def resolve(config, mesh, workdir: str, agree: Callable[[int], int] = lambda v: 
   index, rows = choose(config, mesh, limit, measure=measure)
   options = candidates(aot.mesh_platform(mesh))
   index = agree(len(options) if index is None else index)
-  summary = ", ".join(f"{r['policy']} {_gib(r['peak_bytes'])}" for r in rows)
+  summary = ", ".join(f"{r['policy']} {_gib(r['peak_bytes'])}"
+                      + (" squeezed by XLA" if r.get("xla_recomputed") else "") for r in rows)
   if index >= len(options):
     raise RematBudgetError(
         f"model.remat_policy auto: no policy fits {_gib(limit)} GiB per device ({_gib(memory)} "
@@ -199,6 +213,7 @@ def resolve(config, mesh, workdir: str, agree: Callable[[int], int] = lambda v: 
            "device_memory_gib": memory / GIB, "memory_from": source, "headroom": headroom,
            "seconds": round(seconds, 1),
            "candidates": [{"policy": r["policy"], "fits": r["fits"], "compile_s": r["compile_s"],
-                           "peak_gib": None if r["peak_bytes"] is None else r["peak_bytes"] / GIB}
+                           "peak_gib": None if r["peak_bytes"] is None else r["peak_bytes"] / GIB,
+                           "xla_recomputed": r.get("xla_recomputed", 0)}
                           for r in rows]}
   return with_policy(config, policy), event
