@@ -45,8 +45,10 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$SCRATCH/jax_cache
 import importlib.metadata as m, sys
 print("python", sys.version.split()[0], *(f"{p} {m.version(p)}" for p in (
     "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "torch", "diffusers")))
-import jax, torch
+import jax, jax.numpy as jnp, torch
 print(jax.devices(), "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+from svg_jax.models import layers  # the runs name cudnn; the stage configs' "auto" must agree
+print("attention auto on this card:", layers.auto_backend(96, jnp.bfloat16, plain=True))
 EOF
 } 2>&1 | tee -a "$OUT/log.txt"
 

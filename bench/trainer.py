@@ -3,7 +3,7 @@ steps of any config, on synthetic records of its shapes, writing no checkpoint; 
 
   python bench/trainer.py --config configs/tiny.py --steps 5 --peak_tflops 1
   python bench/trainer.py --config configs/svg_t2i_2b.py:stage1_256 --global_batch_size 32 \\
-      --config.model.attention_backend=cudnn --config.model.remat_policy=auto     # on a GPU
+      --config.model.remat_policy=auto     # on a GPU: attention "auto" takes cuDNN
 
 The run trains 2 x --steps steps with train.log_every = --steps: the first window holds the
 compilation and the warm-up steps, the second is the measured steady state (the loop's own
@@ -151,7 +151,7 @@ def run(config, workdir: str) -> dict:
       "devices": jax.device_count(), "global_batch_size": int(config.train.global_batch_size),
       "latent_hw": shape[0], "cap_len": shape[1],
       "remat_policy": chosen[0]["policy"] if chosen else config.model.remat_policy,
-      "attention_backend": config.model.attention_backend,
+      "attention_backend": _attention_backend(config),
       "compute_dtype": config.model.compute_dtype,
       "warmup_steps": n, "steps": n,
       "steps_per_sec": record["steps_per_sec"], "images_per_sec": record["images_per_sec"],
@@ -165,6 +165,17 @@ def run(config, workdir: str) -> dict:
       "wall_s": wall, "loss": record["loss"],
       "profile": profiled[0] if profiled else None,
   }
+
+
+def _attention_backend(config) -> str:
+  """The attention the step ran: "auto" resolved as the model resolves it in this process."""
+  import jax.numpy as jnp
+  from svg_jax import config as config_lib
+  from svg_jax.models import layers
+  if config.model.attention_backend != "auto":
+    return config.model.attention_backend
+  cfg = config_lib.nextdit_config(config)
+  return layers.auto_backend(cfg.head_dim, jnp.dtype(cfg.compute_dtype), plain=True)
 
 
 def main(argv):

@@ -25,8 +25,8 @@ def get_config(variant: str = "stage1_256"):
   if variant not in STAGES:
     raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(STAGES)}")
   c = base.base_config()
-  # auto: splash attention when compiled for TPUs (svg_jax/models/splash_attention.py), xla on
-  # other devices; GPUs want --config.model.attention_backend=cudnn. Remat auto: the trainer
+  # Attention auto: splash when compiled for TPUs (svg_jax/models/splash_attention.py), cuDNN's
+  # fused kernel for Ampere-or-later GPUs (bf16 compute), xla elsewhere. Remat auto: the trainer
   # compiles the step with each policy, least recomputation first, and trains with the first that
   # fits the device (svg_jax/train/remat.py); AOT tools compile it as full.
   # bf16 matmuls and bf16 activations between ops, as the official trainer's autocast runs them

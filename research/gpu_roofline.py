@@ -9,8 +9,9 @@ and `jax.experimental.topologies.get_topology_desc(platform="cuda", target_confi
 JAX_PLATFORMS=cpu keeps the plugin from looking for a driver. Three checks that ask the attached
 device are bypassed here, because the program is compiled, never run: jax's cuDNN version and
 compute-capability checks for its fused attention, and svg_jax's check that the cudnn backend runs
-on a GPU process. cuDNN's attention compiles to its custom calls either way; cuDNN builds the
-kernels when the program loads on a GPU. GEMMs are compiled without autotuning (Triton GEMMs
+on a GPU process. The config's attention backend stands: the 2B stages' "auto" takes cuDNN when
+compiling for a GPU (as the trainer does on the card). cuDNN's attention compiles to its custom
+calls either way; cuDNN builds the kernels when the program loads on a GPU. GEMMs are compiled without autotuning (Triton GEMMs
 with default tiles); on the card, autotuning may pick cuBLAS, which changes no memory or FLOPs.
 
   python research/gpu_roofline.py --config configs/svg_t2i_2b.py:stage1_256 --gpu h100 \\
@@ -156,7 +157,6 @@ def main(argv):
   config = FLAGS.config
   gpu = GPUS[FLAGS.gpu]
   with config.unlocked():
-    config.model.attention_backend = "cudnn"
     if FLAGS.gpus == 1:
       config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     if FLAGS.global_batch_size:

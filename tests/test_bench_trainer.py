@@ -29,6 +29,7 @@ def run(tmp_path_factory):
          "--config", os.path.join(REPO, "configs", "tiny.py"), f"--steps={STEPS}",
          f"--global_batch_size={BATCH}", f"--peak_tflops={PEAK}", f"--workdir={workdir}",
          "--config.model.remat_policy=auto", "--config.train.remat_memory_budget_gib=1000",
+         "--config.model.attention_backend=auto",
          "--profile_steps=1"]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -44,6 +45,7 @@ def test_the_json_line_has_every_figure(run):
   assert result["platform"] == "cpu" and result["devices"] == 1
   assert result["peak_memory_gib"] is None  # XLA:CPU keeps no allocator statistics
   assert result["remat_policy"] == "none"  # auto with 1000 GiB: no recomputation
+  assert result["attention_backend"] == "xla"  # what the config's "auto" takes on a CPU
   assert (result["global_batch_size"], result["steps"]) == (BATCH, STEPS)
 
 

@@ -8,6 +8,8 @@ Counted in the programs JAX and XLA build, not in our code:
   no GPU, only the cuDNN version JAX reads from the driver, which the test supplies). The
   `__cudnn$fmhaSoftmax` forward custom calls under each policy are as many as without remat;
   under full remat there are more (so the count sees a recomputed forward).
+- `auto` takes cuDNN exactly where the trace compiles for a GPU with 16-bit compute (the same
+  CUDA lowering, traced as for a GPU and for a CPU, bf16 and fp32), and only on Ampere or later.
 - splash: the tiny train step compiled by XLA:TPU for a v5e-4 (libtpu's topology, nothing runs):
   the Mosaic kernels named `splash_mha_fwd` likewise.
 - The reused residuals are the right ones: with splash (Pallas interpret mode on CPU) the
@@ -80,6 +82,34 @@ def test_cudnn_forward_runs_once_under_every_policy_but_full():
   assert _cudnn_forwards("full") > once
   for policy in KEEPING:
     assert _cudnn_forwards(policy) == once, policy
+
+
+@pytest.mark.usefixtures("cudnn_lowering")
+@pytest.mark.parametrize("platform, compute_dtype, fused", [
+    ("gpu", "bfloat16", True),
+    ("gpu", "float32", False),  # cuDNN would round fp32 inputs to bf16: "auto" keeps xla
+    ("cpu", "bfloat16", False),
+])
+def test_auto_takes_cudnn_where_the_trace_compiles_for_a_gpu_with_16_bit_compute(
+    monkeypatch, platform, compute_dtype, fused):
+  """The tiny NextDiT's gradient with attention "auto", traced as for `platform` and lowered by
+  JAX for CUDA: cuDNN's fused attention calls appear exactly where "auto" should take them."""
+  monkeypatch.setattr(layers.splash_attention, "compile_platform", lambda: platform)
+  cfg = config_lib.nextdit_config(_tiny_config(attention_backend="auto", remat_policy="none",
+                                               compute_dtype=compute_dtype))
+  inputs = _inputs(cfg)
+  params = jax.eval_shape(lambda: nextdit.NextDiT(cfg).init(jax.random.PRNGKey(0), *inputs)["params"])
+  text = jax.jit(_grad_fn(cfg, inputs)).trace(params).lower(lowering_platforms=("cuda",)).as_text()
+  assert bool(re.search(r"@__cudnn\$fmhaSoftmax\(", text)) == fused
+
+
+@pytest.mark.parametrize("capability, ok", [("7.0", False), ("8.0", True), ("9.0", True),
+                                            (None, True)])
+def test_cudnn_attention_needs_an_ampere_or_later_gpu(capability, ok):
+  """jax runs cuDNN's fused attention from compute capability 8.0 on; a process without a GPU
+  device (compiling for a described card) is not held back."""
+  device = type("Device", (), {"compute_capability": capability})()
+  assert layers._cuda_capability_ok(device) == ok  # pylint: disable=protected-access
 
 
 def _splash_forwards(policy):

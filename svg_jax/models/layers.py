@@ -57,7 +57,8 @@ def _dot(a: jax.Array, b: jax.Array, out_dtype: Dtype = jnp.float32) -> jax.Arra
 # docs/performance.md); XLA:TPU already saves the bf16 value (v5p-16 at 64 samples a chip rose
 # 76.6 -> 79.1 GiB with bf16 GEMM results), and XLA:CPU's bf16-result GEMM adds the products in
 # another order.
-_BF16_RESULT_PLATFORMS = ("gpu", "cuda")
+_GPU_PLATFORMS = ("gpu", "cuda")
+_BF16_RESULT_PLATFORMS = _GPU_PLATFORMS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -232,6 +233,35 @@ def _xla_attention(q, k, v, key_mask, scale, logits_soft_cap, extra_mask, comput
   return out.reshape(b, kv, rep, t, d).transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
+# cuDNN's fused attention (jax's own checks): Ampere or later, a head dim that is a multiple of 8
+# and at most 128 (256 from Hopper on; 128 holds everywhere), 16-bit inputs.
+CUDNN_MIN_CAPABILITY = (8, 0)
+CUDNN_MAX_HEAD_DIM = 128
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def auto_backend(head_dim: int, compute_dtype: Dtype, *, plain: bool) -> str:
+  """The backend "auto" takes: the fused kernel of the platform this trace compiles for where
+  it applies (splash on TPUs; cuDNN on Ampere-or-later GPUs with 16-bit compute, which it would
+  otherwise cast fp32 inputs to), else xla. `plain`: only key padding, no soft cap or extra mask."""
+  platform = splash_attention.compile_platform()
+  if plain and platform == "tpu":
+    return "splash"
+  if (plain and platform in _GPU_PLATFORMS and jnp.dtype(compute_dtype) in _CUDNN_DTYPES
+      and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM and _cuda_capability_ok()):
+    return "cudnn"
+  return "xla"
+
+
+def _cuda_capability_ok(device=None) -> bool:
+  """Whether `device` (this process's first) is new enough for cuDNN's fused attention; True
+  where no device says (a program compiled for a described GPU, without one)."""
+  capability = getattr(jax.devices()[0] if device is None else device, "compute_capability", None)
+  if not capability:
+    return True
+  return tuple(int(x) for x in str(capability).split(".")[:2]) >= CUDNN_MIN_CAPABILITY
+
+
 def _require_platform(backend: str, platforms: Sequence[str]) -> None:
   platform = jax.devices()[0].platform
   if platform not in platforms:
@@ -241,7 +271,7 @@ def _require_platform(backend: str, platforms: Sequence[str]) -> None:
 
 
 def _cudnn_attention(q, k, v, kv_lengths, scale, compute_dtype):
-  _require_platform("cudnn", ("gpu", "cuda"))
+  _require_platform("cudnn", _GPU_PLATFORMS)
   dtype = jnp.bfloat16 if compute_dtype == jnp.float32 else compute_dtype
 
   def kernel(q, k, v, lengths):
@@ -267,8 +297,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kv_lengths: jax.Array
     raise ValueError(f"query heads {q.shape[2]} not a multiple of kv heads {k.shape[2]}")
   scale = q.shape[-1] ** -0.5 if scale is None else scale
   if backend == "auto":
-    tpu = splash_attention.compile_platform() == "tpu"
-    backend = "splash" if tpu and logits_soft_cap is None and extra_mask is None else "xla"
+    backend = auto_backend(q.shape[-1], compute_dtype,
+                           plain=logits_soft_cap is None and extra_mask is None)
   if backend == "xla":
     key_mask = None if kv_lengths is None else key_mask_from_lengths(kv_lengths, k.shape[1])
     return _xla_attention(q, k, v, key_mask, scale, logits_soft_cap, extra_mask, compute_dtype)
