@@ -222,6 +222,42 @@ def test_sigkill_resume_reproduces_the_losses(data_dir, reference_run, tmp_path)
   assert diff <= 1e-6
 
 
+def test_a_signal_after_the_stop_is_saved_changes_nothing():
+  """Once a stop's checkpoint is written, a further SIGTERM (a preemption notice repeated, or
+  sent to every host a moment apart) is absorbed on the way out and after it, so the process
+  leaves with the stop's exit status. Killed instead, it left the other host aborting in the
+  distributed runtime's shutdown (seen as exits -15 and -6 in the multi-host signal test)."""
+  flag = loop._StopFlag()  # pylint: disable=protected-access
+  before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    flag.install()
+    signal.raise_signal(signal.SIGTERM)
+    assert flag.signal == "SIGTERM"
+    flag.settle()
+    signal.raise_signal(signal.SIGTERM)  # unsettled, a second signal raises KeyboardInterrupt
+    flag.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == before[signal.SIGINT]
+    signal.raise_signal(signal.SIGTERM)  # ignored by the OS: this process lives on
+  finally:
+    for sig, handler in before.items():
+      signal.signal(sig, handler)
+
+
+def test_an_unsettled_second_signal_still_cuts_the_save_short():
+  flag = loop._StopFlag()  # pylint: disable=protected-access
+  before = signal.getsignal(signal.SIGTERM)
+  try:
+    flag.install()
+    signal.raise_signal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGTERM)
+    flag.uninstall()
+    assert signal.getsignal(signal.SIGTERM) == before
+  finally:
+    signal.signal(signal.SIGTERM, before)
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
   proc = subprocess.Popen(_command(data_dir, tmp_path), env=_env(),

@@ -180,6 +180,7 @@ class _StopFlag:
 
   def __init__(self):
     self.signal = None
+    self.settled = False
     self._old = {}
 
   def install(self) -> None:
@@ -190,13 +191,23 @@ class _StopFlag:
 
   def _handle(self, signum, frame) -> None:
     del frame
+    if self.settled:  # the stop's checkpoint is written: nothing left to hurry
+      return
     if self.signal is not None:  # a second signal: the user does not want to wait for the save
       raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}")
     self.signal = signal.Signals(signum).name  # no logging here: handlers interrupt anything
 
+  def settle(self) -> None:
+    """The run stopped for a signal (its own or another process's) and its checkpoint is
+    written. A preemption notice that reaches this process now (repeated, or sent to every host
+    a moment apart) must not kill it on its way out: another process waits for it to leave the
+    distributed runtime, and its exit status says the stop went well. So signals are ignored
+    from here, and SIGTERM stays ignored after `uninstall`."""
+    self.settled = True
+
   def uninstall(self) -> None:
     for sig, old in self._old.items():
-      signal.signal(sig, old)
+      signal.signal(sig, signal.SIG_IGN if self.settled and sig == signal.SIGTERM else old)
     self._old = {}
 
 
@@ -501,6 +512,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       ckpt.wait()
       log_committed(force=True)
       if stopped_by is not None:
+        stop.settle()
         logging.warning("%s: %s and stopping",
                         f"{stopped_by} received" if stop.signal else "a signal on another process",
                         f"saved step {step} to {ckpt.directory}" if ckpt_every else
