@@ -11,8 +11,9 @@ device are bypassed here, because the program is compiled, never run: jax's cuDN
 compute-capability checks for its fused attention, and svg_jax's check that the cudnn backend runs
 on a GPU process. The config's attention backend stands: the 2B stages' "auto" takes cuDNN when
 compiling for a GPU (as the trainer does on the card). cuDNN's attention compiles to its custom
-calls either way; cuDNN builds the kernels when the program loads on a GPU. GEMMs are compiled without autotuning (Triton GEMMs
-with default tiles); on the card, autotuning may pick cuBLAS, which changes no memory or FLOPs.
+calls either way; cuDNN builds the kernels when the program loads on a GPU. GEMMs are compiled
+without autotuning (Triton GEMMs with default tiles); on the card, autotuning may pick cuBLAS,
+which changes no memory or FLOPs.
 
   python research/gpu_roofline.py --config configs/svg_t2i_2b.py:stage1_256 --gpu h100 \\
       --global_batch_size 32 --remats none,dots,save_qkv_attn,full
@@ -20,8 +21,8 @@ with default tiles); on the card, autotuning may pick cuBLAS, which changes no m
 (`--gpus 8`: one host of 8 cards, the config's mesh over them; the program and every figure
 are one card's) prints one JSON line per policy: the per-device peak (aot.memory_report),
 whether it fits XLA's allocator at its default share of the card (XLA_PYTHON_CLIENT_MEM_FRACTION
-0.75) and at
-the scripts' 0.92 (svg_jax/cli.py; each less `train.remat_headroom`), the compile time, and the
+0.75) and at the scripts' 0.92 (svg_jax/cli.py; each less `train.remat_headroom`), the compile
+time, and the
 roofline: estimated milliseconds, the MFU that bounds (model FLOPs, as the trainer counts them,
 over estimated time x the bf16 peak), the share of each kernel class and the costliest kernels
 outside matmul and attention; on several cards also the collectives' link time at NVLink
@@ -31,6 +32,7 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before jax: the CUDA plugin skips its driver check
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the configs
@@ -175,16 +177,17 @@ def main(argv):
 
 
 def auto_choice(config, mesh, gpu: Gpu) -> dict:
-  """What `remat_policy = "auto"` takes on the card, at the scripts' memory share."""
-  limit = int(gpu.memory_bytes * float(cli.GPU_MEMORY_FRACTION)
-              * (1 - float(config.train.remat_headroom)))
-  index, rows = remat.choose(config, mesh, limit)
-  options = remat.candidates("gpu")
-  return {"auto": None if index is None else options[index], "limit_gib": round(limit / aot.GIB, 2),
-          "candidates": [{"policy": r["policy"], "fits": r["fits"],
-                          "xla_recomputed": r.get("xla_recomputed", 0),
-                          "peak_gib": None if r["peak_bytes"] is None
-                          else round(r["peak_bytes"] / aot.GIB, 2)} for r in rows]}
+  """What `remat_policy = "auto"` takes on the card: the trainer's own resolution (its metrics
+  event), with the card's memory at the scripts' share as the budget."""
+  config = remat.with_policy(config, "auto")
+  with config.unlocked():
+    config.train.remat_memory_budget_gib = (gpu.memory_bytes * float(cli.GPU_MEMORY_FRACTION)
+                                            / aot.GIB)
+  with tempfile.TemporaryDirectory() as workdir:  # no checkpoint to take a saved policy from
+    try:
+      return remat.resolve(config, mesh, workdir)[1]
+    except remat.RematBudgetError as e:
+      return {"event": remat.EVENT, "policy": None, "error": str(e)}
 
 
 def define_flags() -> None:

@@ -50,6 +50,9 @@ def _dot(a: jax.Array, b: jax.Array, out_dtype: Dtype = jnp.float32) -> jax.Arra
                              preferred_element_type=out_dtype)
 
 
+_GPU_PLATFORMS = ("gpu", "cuda")
+
+
 # A bf16 result instead of an fp32 one (`out`): the GEMM rounds its fp32 sums once, as an fp32
 # result cast to bf16 would be, but a remat policy that saves matmul outputs (dots) then keeps them
 # in bf16, and the forward writes half the bytes. Only where that is so: XLA:GPU saves the fp32
@@ -57,7 +60,6 @@ def _dot(a: jax.Array, b: jax.Array, out_dtype: Dtype = jnp.float32) -> jax.Arra
 # docs/performance.md); XLA:TPU already saves the bf16 value (v5p-16 at 64 samples a chip rose
 # 76.6 -> 79.1 GiB with bf16 GEMM results), and XLA:CPU's bf16-result GEMM adds the products in
 # another order.
-_GPU_PLATFORMS = ("gpu", "cuda")
 _BF16_RESULT_PLATFORMS = _GPU_PLATFORMS
 
 
