@@ -8,10 +8,17 @@ inside `main` (or after this), never at module level. On a GPU, XLA's allocator 
 XLA_PYTHON_CLIENT_MEM_FRACTION wins): the 2.6B stage-1 step at 32 samples takes 55 GiB with full
 rematerialization and 62 GiB saving q, k, v and the attention output, over 75% of an 80 GB H100
 less remat auto's headroom (docs/performance.md, "The step compiled for a Hopper GPU").
+
+`kill -USR1 <pid>` makes a running script print every thread's Python stack to its stderr and go
+on: where a host of a stuck pod run waits (a step's collective, a checkpoint barrier, the loader).
+The stacks come from `faulthandler`, which writes them from the signal itself, so they also come
+while the main thread is blocked inside XLA, where no Python signal handler would run.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 from typing import Callable
 
 from absl import app
@@ -20,11 +27,19 @@ from svg_jax import compile_cache, malloc_tuning
 
 # The rest of the card holds the CUDA context, cuDNN's workspaces and NCCL's buffers.
 GPU_MEMORY_FRACTION = "0.92"
+STACKS_SIGNAL = signal.SIGUSR1
+
+
+def print_stacks_on_signal() -> None:
+  """Every thread's stack to stderr on STACKS_SIGNAL, unless a handler of its own is installed."""
+  if signal.getsignal(STACKS_SIGNAL) == signal.SIG_DFL:  # the default would end the process
+    faulthandler.register(STACKS_SIGNAL, all_threads=True, chain=False)
 
 
 def run(main: Callable, **kwargs) -> None:
   def tuned_main(argv):
     malloc_tuning.tune()
+    print_stacks_on_signal()
     compile_cache.enable_default()
     # Read when the GPU backend starts (the first device query), not when JAX is imported.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)

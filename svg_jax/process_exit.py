@@ -62,15 +62,18 @@ def _leave_note(client, code: int, reason: str) -> None:
                                                f"exit {code}: {reason}", allow_overwrite=True))
 
 
-def exit_process(code: int, reason: str) -> NoReturn:
+def exit_process(code: int, reason: str, *, now: bool = False) -> NoReturn:
   """Ends this process with exit status `code` after its caller printed why; `reason` is that
   in one line. A process of a multi-process run prints the lines of processes that ended before
-  it, leaves its own for those that end after it, and leaves at once."""
+  it, leaves its own for those that end after it, and leaves at once. `now`: leave at once on one
+  process too (called from a thread other than the main one, where sys.exit would end only that
+  thread, or while the main thread is stuck)."""
   sys.stdout.flush()
-  if not (jax.distributed.is_initialized() and jax.process_count() > 1):
+  multi = jax.distributed.is_initialized() and jax.process_count() > 1
+  if not (multi or now):
     sys.stderr.flush()
     sys.exit(code)
-  client = _client()
+  client = _client() if multi else None
   if client is not None:
     for line in _lines_of_others(client):
       print(line, file=sys.stderr)

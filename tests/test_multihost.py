@@ -5,10 +5,12 @@ JAX_PROCESS_ID set that plain SSH or any launcher can give (a partial set is a o
 Processes x devices 1x4, 2x2 (and 4x1) train on the same batches with the same noise, so their
 losses agree to float noise; a signal to one process or to all of them stops every process at
 one step with one checkpoint and exit 0; a killed process takes the others down with it instead
-of leaving them hanging; a checkpoint of 2 processes resumes on 1 and back. Every subprocess wait
+of leaving them hanging, and one that stops moving ends the other with its stacks (the stall
+watch); a checkpoint of 2 processes resumes on 1 and back. Every subprocess wait
 has a timeout, so a hang fails the test instead of blocking the suite."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from svg_jax import parallel
+from svg_jax import cli, parallel
 from svg_jax.data import pipeline, synthetic
 from svg_jax import checkpoint as ckpt_lib
 
@@ -130,8 +132,10 @@ def _popen(command, env):
 
 def _wait(procs, timeout):
   """(return codes, stderr texts) once all have exited; a hang fails within `timeout` seconds
-  with the end of every process's log (each is killed first)."""
+  with the end of every process's log, where each process that still runs has printed its
+  threads' stacks (cli.STACKS_SIGNAL) before it is killed."""
   deadline = time.monotonic() + timeout
+  hung = False
   try:
     for p in procs:
       p.wait(timeout=max(deadline - time.monotonic(), 1))
@@ -141,6 +145,11 @@ def _wait(procs, timeout):
   except subprocess.TimeoutExpired:
     hung = True
   finally:
+    if hung:
+      for p in procs:
+        if p.poll() is None:
+          p.send_signal(cli.STACKS_SIGNAL)
+      time.sleep(3)
     for p in procs:
       p.kill()
   errs = []
@@ -148,7 +157,7 @@ def _wait(procs, timeout):
     p.reader.join(30)
     errs.append("".join(p.err_chunks))
   if hung:
-    tails = [f"process {i} (exit {p.returncode}):\n" + err[-2000:]
+    tails = [f"process {i} (exit {p.returncode}):\n" + err[-8000:]
              for i, (p, err) in enumerate(zip(procs, errs))]
     raise AssertionError(f"not all exited within {timeout} s\n" + "\n".join(tails))
   return [p.returncode for p in procs], errs
@@ -466,19 +475,44 @@ def test_a_signal_stops_every_process_at_one_step(data_dir, tmp_path, targets):
   assert [r["step"] for r in _records(tmp_path) if r.get("event") == "checkpoint"] == saved[:1]
 
 
+def _process_0_after_a_signal_to_process_1(data_dir, workdir, sig, timeout, *flags):
+  """Two processes training for ever; after step 3, `sig` to process 1: (process 0's exit
+  status, its stderr); how long it took after the signal is printed."""
+  procs = _launch(data_dir, workdir, 100_000, 2, 2, "--config.train.checkpoint_every=100000",
+                  *flags)
+  try:
+    _wait_for_step(procs, workdir, 3)
+    procs[1].send_signal(sig)
+    sent = time.monotonic()
+    codes, errs = _wait(procs[:1], timeout)
+  finally:
+    procs[1].send_signal(signal.SIGCONT)
+    for p in procs:
+      p.kill()
+  print(f"process 0 exited with {codes[0]} {time.monotonic() - sent:.1f} s after the {sig.name}")
+  return codes[0], errs[0]
+
+
+@pytest.mark.slow
+def test_a_stalled_run_ends_with_its_stacks_and_exit_7(data_dir, tmp_path):
+  """Process 1 stopped (SIGSTOP: alive, silent) after step 3: process 0 waits for it in a
+  collective, and its stall watch (train.stall_timeout_s, 5 s here) ends it with every thread's
+  stack, the training loop's frame among them, one line and exit 7, long before JAX's heartbeat
+  (60 s here) would have stopped it."""
+  code, err = _process_0_after_a_signal_to_process_1(
+      data_dir, tmp_path, signal.SIGSTOP, 50, "--config.train.stall_timeout_s=5",
+      "--config.train.heartbeat_timeout_s=60")
+  assert code == 7, err[-3000:]
+  assert re.search(r"stalled: no step ended for 5 s after step \d+ \(train.stall_timeout_s\)",
+                   err), err[-3000:]
+  stacks = err[err.index("(most recent call first)"):]
+  assert re.search(r'File ".*svg_jax/train/loop\.py", line \d+ in train', stacks), stacks[-3000:]
+
+
 @pytest.mark.slow
 def test_a_killed_process_takes_the_other_down(data_dir, tmp_path):
   """SIGKILL to process 1: process 0 exits non-zero instead of hanging, within a bound that
   train.heartbeat_timeout_s sets (15 s here; JAX's default of 100 s would miss the 60 s bound)."""
-  procs = _launch(data_dir, tmp_path, 100_000, 2, 2, "--config.train.checkpoint_every=100000",
-                  "--config.train.heartbeat_timeout_s=15")
-  try:
-    _wait_for_step(procs, tmp_path, 3)
-    procs[1].send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    codes, errs = _wait(procs[:1], 60)
-  finally:
-    for p in procs:
-      p.kill()
-  print(f"process 0 exited with {codes[0]} {time.monotonic() - killed:.1f} s after the kill")
-  assert codes[0] not in (0, None), errs[0][-3000:]
+  code, err = _process_0_after_a_signal_to_process_1(
+      data_dir, tmp_path, signal.SIGKILL, 60, "--config.train.heartbeat_timeout_s=15")
+  assert code not in (0, None), err[-3000:]

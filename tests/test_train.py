@@ -2,6 +2,7 @@
 a falling loss, on tiny models and synthetic learnable record datasets."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -259,16 +260,23 @@ def test_an_unsettled_second_signal_still_cuts_the_save_short():
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_exits_zero(data_dir, tmp_path):
+def test_sigusr1_prints_the_stacks_and_sigterm_saves_and_exits_zero(data_dir, tmp_path):
+  """SIGUSR1 (cli.STACKS_SIGNAL) writes every thread's stack, the training loop's among them, and
+  the run goes on; SIGTERM then saves the step it stops at and exits 0."""
   proc = subprocess.Popen(_command(data_dir, tmp_path), env=_env(),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
+    _wait_for_step(proc, tmp_path, 2)
+    proc.send_signal(signal.SIGUSR1)
     _wait_for_step(proc, tmp_path, 4)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
   finally:
     proc.kill()
   assert proc.returncode == 0, err[-3000:]
+  stacks = err[err.index("(most recent call first)"):]
+  assert "Current thread" in stacks or "Thread 0x" in stacks, err[-3000:]
+  assert re.search(r'File ".*svg_jax/train/loop\.py", line \d+ in train', stacks), err[-3000:]
   assert "SIGTERM received: saved step" in err
   stopped = [r for r in _records(tmp_path) if r.get("event") == "stopped"]
   assert len(stopped) == 1 and stopped[0]["signal"] == "SIGTERM"
@@ -579,6 +587,8 @@ def test_a_step_out_of_memory_is_one_line_and_the_checkpoints_resume(data_dir, s
     (lambda c: c.train.update(dict(b2=1.0)), r"train.b2 must be in \[0, 1\), got 1.0"),
     (lambda c: c.train.update(dict(ema_decay=1.0)), r"train.ema_decay must be in \[0, 1\)"),
     (lambda c: c.train.update(dict(grad_clip=-2.0)), r"train.grad_clip must be >= 0"),
+    (lambda c: c.train.update(dict(stall_timeout_s=-1)),
+     r"train.stall_timeout_s must be >= 0 \(0 turns the watch off\), got -1"),
     (lambda c: c.train.update(dict(lr_schedule="warmup_cosine", warmup_steps=100,
                                    num_steps=50)),
      r"train.warmup_steps 100 must be below train.num_steps 50"),

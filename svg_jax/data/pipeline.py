@@ -407,10 +407,11 @@ def release_shared_memory() -> None:
   deletion hands to a background thread. A process that exits right after its last batch leaves
   that thread's queue unfinished, and multiprocessing's resource tracker unlinks the rest with a
   "leaked shared_memory objects" warning."""
-  gc.collect()  # batches caught in reference cycles (a traceback's frames) go now
   deleter = getattr(SharedMemoryArray, "_del_thread_pool", None)  # one thread, first in first out
-  if deleter is not None:
-    deleter.apply(int)  # a no-op queued behind every earlier unlink
+  if deleter is None:  # no worker has run in this process: no shared memory to release
+    return
+  gc.collect()  # batches caught in reference cycles (a traceback's frames) go now
+  deleter.apply(int)  # a no-op queued behind every earlier unlink
 
 
 def _end_with_reader(reader_pid: int, worker_index: int, worker_count: int) -> None:

@@ -57,6 +57,7 @@ from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import profiling
 from svg_jax.train import state as state_lib
+from svg_jax.train import stall_watch
 from svg_jax.train.task_api import Task
 from svg_jax.utils.error_lines import first_line, out_of_memory_line
 
@@ -106,6 +107,7 @@ def _range_problems(config) -> list[str]:
     out.append(f"train.warmup_steps {t.warmup_steps} must be below train.num_steps "
                f"{t.num_steps} for the warmup_cosine schedule (nothing would be left to decay)")
   check("keep_checkpoints", int(t.keep_checkpoints) >= 0, ">= 0 (0 keeps all)")
+  check("stall_timeout_s", float(t.stall_timeout_s) >= 0, ">= 0 (0 turns the watch off)")
   check("debug_nan_step", int(t.debug_nan_step) == -1 or int(t.debug_nan_step) >= 1,
         "-1 (off) or a step >= 1")
   return out
@@ -422,6 +424,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   profile = profiling.ProfileWindow(workdir, start=int(t.profile_start),
                                     steps=int(t.profile_steps))
   uncommitted: list[int] = []
+  stall = stall_watch.StallWatch(float(t.stall_timeout_s), ckpt.directory)
 
   def log_committed(force: bool = False) -> None:
     """The "checkpoint" events of the saves that have committed (all of them with `force`)."""
@@ -475,10 +478,11 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         if profiled:
           logger.event(step, event="profile", **profiled)
         pending.append((step, m, *counts))
-        if first:  # exclude compilation from the throughput numbers
+        if first:  # exclude compilation from the throughput numbers (and from the stall watch)
           jax.block_until_ready(m)
           logger.restart_clock()
           first = False
+        stall.beat(step)
         if stopping.stop_after_this_step():  # the same answer on every process
           stopped_by = stop.signal or "another process"
         at_end = step == num_steps or stopped_by is not None
@@ -535,6 +539,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         "rematerialization (the DiT's model.remat_policy; \"auto\" picks what fits) or more "
         "devices") from e
   finally:
+    stall.stop()
     profile.abort()
     _close_iterator(data_iter)  # its worker processes, before anything else can fail
     try:

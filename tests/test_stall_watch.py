@@ -1,0 +1,38 @@
+"""The stall watch (svg_jax/train/stall_watch.py) in this process, with its action replaced by a
+list: steps that keep coming keep it quiet, silence fires it once with the last step and the
+checkpoint folder, and a stopped or disabled watch never fires. The real action (stacks, exit 7)
+is run by tests/test_multihost.py on a run whose peer was stopped."""
+import time
+
+from svg_jax.train import stall_watch
+
+
+def _wait_for(condition, timeout_s):
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline and not condition():
+    time.sleep(0.02)
+
+
+def test_steps_keep_it_quiet_and_silence_fires_it_once():
+  fired = []
+  watch = stall_watch.StallWatch(2.0, "/runs/a/checkpoints", on_stall=fired.append)
+  for step in range(1, 21):  # 1 s of steps, 0.05 s apart: half the timeout in all
+    watch.beat(step)
+    time.sleep(0.05)
+  assert not fired
+  _wait_for(lambda: fired, 10.0)
+  time.sleep(0.5)
+  assert len(fired) == 1, fired
+  assert fired[0].startswith("stalled: no step ended for 2 s after step 20 (train.stall_timeout_s)")
+  assert fired[0].endswith("newest checkpoint in /runs/a/checkpoints")
+
+
+def test_a_stopped_or_disabled_watch_never_fires():
+  fired = []
+  stopped = stall_watch.StallWatch(0.3, "/c", on_stall=fired.append)
+  stopped.beat(1)
+  stopped.stop()
+  disabled = stall_watch.StallWatch(0, "/c", on_stall=fired.append)
+  disabled.beat(1)
+  time.sleep(1.0)
+  assert not fired
