@@ -15,7 +15,8 @@
 #
 # Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
 # attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
-# A run has a timeout, and one that would not end before the part's deadline (DEADLINE_S seconds
+# A run has a timeout (then it prints every thread's stack into its log, SIGUSR1, and is killed
+# 20 s later), and one that would not end before the part's deadline (DEADLINE_S seconds
 # after the versions are printed, default 500) is skipped, and the next one that still fits runs:
 # 15 minutes of GPU time hold one part and the start of a machine.
 # Back in $OUT (at most 8 files): results.jsonl (one JSON line a run, "run" naming it), log.txt
@@ -60,7 +61,7 @@ run() {  # run <name> <timeout s> <script> <flags...>: one JSON line into result
     echo "$name: skipped, $((deadline - SECONDS)) s left" | tee -a "$OUT/log.txt"
     return 1
   fi
-  timeout -k 10 "$limit" python3 "bench/$script" "$@" >"$RUNS/$name.json" 2>"$RUNS/$name.log"
+  timeout -s USR1 -k 20 "$limit" python3 "bench/$script" "$@" >"$RUNS/$name.json" 2>"$RUNS/$name.log"
   local rc=$?
   echo "$name: exit $rc at $SECONDS s" | tee -a "$OUT/log.txt"
   tail -n 1 "$RUNS/$name.log" | tee -a "$OUT/log.txt"
