@@ -19,11 +19,11 @@ the workdir's checkpoints cannot resume this run (one line: every step damaged, 
 of another pipeline), 5 when the state or a step does not fit in host or device memory (one line
 with what to change; the checkpoints written are intact), 6 when a checkpoint could not be
 written (one line: the step, the reason, the newest intact step, which a rerun resumes from), 7
-when no step ended for `train.stall_timeout_s` (every thread's stack, then one line), 1 for any
-other error (its traceback). In a run of several processes, a process that ends early
-exits at once rather than in JAX's shutdown barrier: the others, which may be waiting for it in a
-collective, are then stopped within `train.heartbeat_timeout_s`; one of them that ends early
-after it prints its line too ("process 1 ended before this one, exit 6: ...").
+when a step, a restore or a save waited for `train.stall_timeout_s` (every thread's stack, then
+one line), 1 for any other error (its traceback). In a run of several processes, a process that
+ends early exits at once rather than in JAX's shutdown barrier: the others, which may be waiting
+for it in a collective, are then stopped within `train.heartbeat_timeout_s`; one of them that
+ends early after it prints its line too ("process 1 ended before this one, exit 6: ...").
 """
 import signal
 import sys

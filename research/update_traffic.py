@@ -44,7 +44,7 @@ def update_traffic(config, mesh) -> dict:
   decay = float(config.train.ema_decay)
 
   def update(state, grads):
-    return state_lib.apply_gradients(state, grads, setup.tx, decay), optax.global_norm(grads)
+    return state_lib.apply_gradients(state, grads, setup.tx, decay), optax.tree.norm(grads)
 
   shardings = setup.state_shardings
   jitted = jax.jit(update, in_shardings=(shardings, shardings.params),

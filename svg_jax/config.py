@@ -192,9 +192,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Several processes: seconds without a heartbeat from one before JAX's coordination service
   # stops the others (a host that died or hangs); JAX's default is 100.
   c.train.heartbeat_timeout_s = 100
-  # Seconds without a step (after the first) before a process prints every thread's stack and
-  # exits 7 (svg_jax/train/stall_watch.py): a run stuck in a collective, which the heartbeat
-  # cannot see while every host lives. Checkpoint saves and validation count as step time. 0: off.
+  # Seconds that a step, a checkpoint restore or the first batch may take (compiles excepted)
+  # before a process prints every thread's stack and exits 7 (svg_jax/train/stall_watch.py): a
+  # run stuck in a collective, which the heartbeat cannot see while every host lives. Checkpoint
+  # saves and validation count as step time. 0: off.
   c.train.stall_timeout_s = 1800
   # Test hook: the batch of this (1-based) step gets NaN latents, to exercise the divergence stop.
   c.train.debug_nan_step = -1

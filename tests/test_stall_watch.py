@@ -1,7 +1,9 @@
 """The stall watch (svg_jax/train/stall_watch.py) in this process, with its action replaced by a
 list: steps that keep coming keep it quiet, silence fires it once with the last step and the
-checkpoint folder, and a stopped or disabled watch never fires. The real action (stacks, exit 7)
-is run by tests/test_multihost.py on a run whose peer was stopped."""
+checkpoint folder, a paused watch leaves no thread and fires only once armed again, and a stopped
+or disabled watch never fires. The real action (stacks, exit 7) is run by tests/test_multihost.py
+on a run whose peer was stopped; tests/test_train.py runs the loop with a hung restore."""
+import threading
 import time
 
 from svg_jax.train import stall_watch
@@ -36,3 +38,20 @@ def test_a_stopped_or_disabled_watch_never_fires():
   disabled.beat(1)
   time.sleep(1.0)
   assert not fired
+
+
+def test_a_paused_watch_fires_only_after_it_is_armed_again():
+  fired = []
+  watch = stall_watch.StallWatch(0.5, "/c", on_stall=fired.append)
+  watch.expect("restoring checkpoint 6")
+  watch.pause()  # a compile follows: 1.5 s, three timeouts
+  time.sleep(1.5)
+  assert not fired
+  assert "stall-watch" not in [t.name for t in threading.enumerate()]  # none left behind
+  start = time.monotonic()
+  watch.expect("running step 7 (after its compile)")
+  _wait_for(lambda: fired, 10.0)
+  assert time.monotonic() - start >= 0.5
+  assert fired == ["stalled: running step 7 (after its compile) took over 0.5 s "
+                   "(train.stall_timeout_s); every thread's stack is above. Rerun the same "
+                   "command to resume from the newest checkpoint in /c"]

@@ -1,11 +1,13 @@
 """The DiT training loop on CPU: mesh equivalence, kill/resume, SIGTERM, NaN stop, bad configs and
 a falling loss, on tiny models and synthetic learnable record datasets."""
+import functools
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -17,7 +19,7 @@ from svg_jax import assets
 from svg_jax import parallel
 from svg_jax.data import records, synthetic
 from svg_jax import checkpoint as ckpt_lib
-from svg_jax.train import dit_task, loop, trainer
+from svg_jax.train import dit_task, loop, stall_watch, trainer
 from svg_jax.train import metrics as metrics_lib
 
 import tiny_trainer
@@ -463,6 +465,62 @@ def test_a_restore_that_fails_once_is_read_again_not_moved(data_dir, six_steps, 
   retries = [r for r in _records(tmp_path) if r.get("event") == "restore_retry"]
   assert [(r["step"], r["reason"]) for r in retries] == [(4, "OSError: Connection reset by peer")]
   assert not os.path.exists(os.path.join(str(tmp_path), ckpt_lib.DAMAGED_SUBDIR))
+  losses = _losses(tmp_path)
+  assert max(abs(losses[s] - six_steps[s]) for s in six_steps) <= 1e-6
+
+
+def _slow_compiles(monkeypatch, seconds):
+  """The DiT's state init and its first step call take `seconds` more, as long compiles would."""
+  real_init = dit_task.DiTSetup.__init__
+
+  def init(self, *args, **kwargs):
+    real_init(self, *args, **kwargs)
+    real_step, real_init_state, calls = self.step, self.init_state, []
+
+    def step(*step_args):
+      if not calls:
+        time.sleep(seconds)
+      calls.append(1)
+      return real_step(*step_args)
+
+    def init_state(seed):
+      time.sleep(seconds)
+      return real_init_state(seed)
+    self.step, self.init_state = step, init_state
+
+  monkeypatch.setattr(dit_task.DiTSetup, "__init__", init)
+
+
+def test_the_stall_watch_times_a_hung_restore_and_not_the_compiles(data_dir, six_steps,
+                                                                   tmp_path, monkeypatch):
+  """A 2 s watch (its action recorded, not exit 7): an init and a first step call that take 3 s
+  each, as long compiles do, pass; a restore that hangs fires it once, naming the checkpoint.
+  Released then, the run resumes with the losses of the uninterrupted run."""
+  fired, released = [], threading.Event()
+
+  def on_stall(line):
+    fired.append(line)
+    released.set()
+
+  monkeypatch.setattr(stall_watch, "StallWatch",
+                      functools.partial(stall_watch.StallWatch, on_stall=on_stall))
+  _slow_compiles(monkeypatch, 3.0)
+  config = _config(data_dir, num_steps=4, checkpoint_every=2, stall_timeout_s=2)
+  trainer.train(config, str(tmp_path))
+  assert not fired
+  real_restore = ckpt_lib.Checkpointer.restore
+
+  def hung_restore(self, *args, **kwargs):
+    released.wait(60)
+    return real_restore(self, *args, **kwargs)
+
+  monkeypatch.setattr(ckpt_lib.Checkpointer, "restore", hung_restore)
+  config.train.num_steps = 6
+  assert trainer.train(config, str(tmp_path))["resumed_from"] == 4
+  assert fired == [
+      "stalled: restoring checkpoint 4 (its files and every host's agreement) took over 2 s "
+      "(train.stall_timeout_s); every thread's stack is above. Rerun the same command to resume "
+      f"from the newest checkpoint in {ckpt_lib.checkpoint_dir(str(tmp_path))}"]
   losses = _losses(tmp_path)
   assert max(abs(losses[s] - six_steps[s]) for s in six_steps) <= 1e-6
 

@@ -195,8 +195,8 @@ def make_train_step(encoder_cfg: DINOv3Config, decoder_cfg: DecoderConfig,
                               disc_opt_state=disc_opt_state)
     metrics = {"loss": nll + coef * g_loss, "nll": nll, "l1": l1, "lpips": lp, "g_loss": g_loss,
                "d_weight": d_weight, "disc_factor": factor, "d_loss": d_loss,
-               "logits_real": real, "logits_fake": fake, "grad_norm": optax.global_norm(grads),
-               "disc_grad_norm": optax.global_norm(d_grads), "lr": schedule(state.step)}
+               "logits_real": real, "logits_fake": fake, "grad_norm": optax.tree.norm(grads),
+               "disc_grad_norm": optax.tree.norm(d_grads), "lr": schedule(state.step)}
     return new_state, metrics
 
   return train_step

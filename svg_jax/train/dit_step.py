@@ -160,7 +160,7 @@ def make_train_step(model, tx: optax.GradientTransformation, config,
     (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), inputs)
     loss = loss_sum / micro  # equal micro-batch sizes: the mean of means is the batch mean
     grads = jax.tree.map(lambda g: g / micro, grad_sum)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
 
     new_state = state_lib.apply_gradients(state, grads, tx, decay)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),

@@ -312,18 +312,32 @@ def _fresh_iterator(data_iter, setup):
   return setup.make_data_iterator()
 
 
-def _resume(ckpt, setup, agreement: _Agreement, logger):
+def _timed(stall: stall_watch.StallWatch, what: str, agree):
+  """`agree` with the watch armed for `what` while it waits for the other hosts."""
+
+  def call(value: int) -> int:
+    stall.expect(what)
+    try:
+      return agree(value)
+    finally:
+      stall.pause()
+  return call
+
+
+def _resume(ckpt, setup, agreement: _Agreement, logger, stall: stall_watch.StallWatch):
   """(state, step, data iterator) of the newest checkpoint that restores on every process;
   (None, None, fresh iterator) when the workdir has none. A step that fails anywhere (a
   missing or unreadable file, an error of the restore) is read once more on every process (a
   network filesystem's error may pass), then moved aside on process 0 and the next older one is
   tried. ResumeError, with the checkpoint left in place, when a loader state belongs to another
   pipeline or a process ran out of memory restoring it; ResumeError too when every step failed."""
+  stall.expect("starting the loader")
   data_iter = setup.make_data_iterator()
   moved: list[str] = []
   while ckpt.all_steps():
     step = max(ckpt.all_steps())
     for attempt in range(2):
+      stall.expect(f"restoring checkpoint {step} (its files and every host's agreement)")
       verdict, reason, state = _restore_attempt(ckpt, step, setup, data_iter)
       agreed = agreement.max(verdict)
       if agreed != _DAMAGED or attempt:
@@ -361,11 +375,12 @@ def _resume(ckpt, setup, agreement: _Agreement, logger):
   return None, None, data_iter
 
 
-def _init_from(source: str, setup, agreement: _Agreement):
+def _init_from(source: str, setup, agreement: _Agreement, stall: stall_watch.StallWatch):
   """The params of `train.init_from`'s newest checkpoint, read by every process and agreed on: a
   read that fails anywhere is tried once more on every process (a network filesystem's error
   may pass), then every process raises the same one-line error: ConfigError (no checkpoint
   there, one of another model, or one that cannot be read) or OutOfMemory."""
+  stall.expect(f"reading train.init_from {source}")
   for attempt in range(2):
     params, reason = None, ""
     try:
@@ -411,9 +426,12 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   logging.info("mesh %s over %d devices (%s)", dict(zip(parallel.MESH_AXES, mesh_shape)),
                jax.device_count(), jax.devices()[0].device_kind)
   agreement = _Agreement(mesh)
+  stall = stall_watch.StallWatch(float(t.stall_timeout_s), ckpt_lib.checkpoint_dir(workdir))
   resolved = None  # the task's choices made on the mesh (the DiT's remat "auto"): a metrics event
   if task.resolve_config is not None:
-    config, resolved = task.resolve_config(config, mesh, workdir, agreement.max)
+    config, resolved = task.resolve_config(
+        config, mesh, workdir, _timed(stall, "agreeing on the config's choices with every host",
+                                      agreement.max))
   setup = task.make_setup(config, mesh)
   ckpt = ckpt_lib.Checkpointer(workdir, keep=int(t.keep_checkpoints),
                                async_save=bool(t.async_checkpointing))
@@ -424,7 +442,6 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   profile = profiling.ProfileWindow(workdir, start=int(t.profile_start),
                                     steps=int(t.profile_steps))
   uncommitted: list[int] = []
-  stall = stall_watch.StallWatch(float(t.stall_timeout_s), ckpt.directory)
 
   def log_committed(force: bool = False) -> None:
     """The "checkpoint" events of the saves that have committed (all of them with `force`)."""
@@ -439,14 +456,18 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   step = None
   try:
     with parallel.mesh_context(mesh, setup.rules):
-      state, resumed_from, data_iter = _resume(ckpt, setup, agreement, logger)
+      state, resumed_from, data_iter = _resume(ckpt, setup, agreement, logger, stall)
       if resumed_from is not None:
         logging.info("resumed from %s step %d", ckpt.directory, resumed_from)
         logger.event(resumed_from, event="resume")
       elif t.init_from:
-        state = setup.state_from_params(_init_from(t.init_from, setup, agreement))
+        params = _init_from(t.init_from, setup, agreement, stall)
+        stall.pause()  # the optimizer state's compile and init: local work
+        state = setup.state_from_params(params)
+        del params
         logger.event(0, event="init_from", source=t.init_from)
       else:
+        stall.pause()  # the init's compile and run: local work
         state = setup.init_state(int(config.seed))
         logger.event(0, event="start")
       if resolved is not None:
@@ -464,6 +485,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       stop.install()
       stopping = _StopAgreement(stop, agreement)
       first = True
+      stall.expect("reading the first batch")
       while step < num_steps and stopped_by is None:
         local = next(data_iter)
         if step + 1 == int(t.debug_nan_step):
@@ -471,6 +493,8 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         counts = setup.batch_counts(local)
         batch = setup.device_batch(local)
         profile.before_step(step, state)
+        if first:
+          stall.pause()  # the call compiles the step; its run is timed
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
           state, m = setup.step(state, batch, jax.random.fold_in(base_rng, step))
         step += 1
@@ -478,7 +502,8 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         if profiled:
           logger.event(step, event="profile", **profiled)
         pending.append((step, m, *counts))
-        if first:  # exclude compilation from the throughput numbers (and from the stall watch)
+        if first:  # exclude compilation from the throughput numbers
+          stall.expect(f"running step {step} (after its compile)")
           jax.block_until_ready(m)
           logger.restart_clock()
           first = False
@@ -513,6 +538,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       profiled = profile.stop(state, step)  # a window the run's end cut short
       if profiled:
         logger.event(step, event="profile", **profiled)
+      stall.expect("committing the last checkpoint saves")
       ckpt.wait()
       log_committed(force=True)
       if stopped_by is not None:

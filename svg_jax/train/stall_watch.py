@@ -1,14 +1,18 @@
-"""Ends a run whose steps stopped: every thread's stack in the log, one line, exit 7.
+"""Ends a run that stopped moving: every thread's stack in the log, one line, exit 7.
 
 A host that waits in a collective for a peer that is alive but stuck waits for ever: JAX's
 heartbeat stops a run only when a process is gone, and collectives have no timeout of their own.
-When no step ends for `train.stall_timeout_s`, the watch prints every thread's Python stack (the
-main thread's names the line it waits on: a step's result, the stop agreement, a checkpoint
-barrier, the loader) and ends the process as a failed host does (`process_exit`): the other hosts
-are stopped by JAX's coordination service, and a launcher that restarts failed jobs resumes the
-run from its newest checkpoint. The watch starts at the first step's end, so the compile and
-the restore before it are not timed; the time between two steps includes the checkpoint saves
-and the validation that come between them.
+The same holds for a checkpoint restore whose barrier waits for a host stuck reading its shards.
+When what the loop waits for (a restore, the hosts' agreement on a config choice, the first
+batch, a step) takes longer than `train.stall_timeout_s`, the watch prints every thread's Python
+stack (the main thread's names the line it waits on) and ends the process as a failed host does
+(`process_exit`): the other hosts are stopped by JAX's coordination service, and a launcher that
+restarts failed jobs resumes the run from its newest checkpoint.
+
+The loop arms the watch with what it waits for and pauses it while it compiles (the state's init
+and the first step's program): a compile is local, cannot wait for a peer, and its length varies
+too much for one timeout. The time between two steps includes the checkpoint saves, the
+validation and the compile of a new caption-length bucket that come between them.
 """
 from __future__ import annotations
 
@@ -30,35 +34,60 @@ def _stack_and_exit(line: str) -> None:
 
 
 class StallWatch:
-  """`beat(step)` after each step; when `timeout_s` (> 0) passes without one, `on_stall(line)`
-  runs in the watch's thread (by default: the stacks, the line, exit 7). `stop()` ends the watch."""
+  """`expect(what)` before a wait that may hang, `beat(step)` after each step, `pause()` before a
+  compile; when `timeout_s` (> 0) passes armed with no new call, `on_stall(line)` runs in the
+  watch's thread (by default: the stacks, the line, exit 7). `stop()` ends the watch."""
 
   def __init__(self, timeout_s: float, where: str,
                on_stall: Callable[[str], None] = _stack_and_exit):
     self.timeout_s = float(timeout_s)
     self._where = where
     self._on_stall = on_stall
-    self._last: tuple[int, float] | None = None
-    self._stopped = threading.Event()
+    self._armed: tuple[str, float] | None = None  # (what stalled, in words; since when)
+    self._stopped = False
+    self._changed = threading.Condition()
     self._thread: threading.Thread | None = None
 
+  def expect(self, what: str) -> None:
+    """Times `what` (e.g. "restoring checkpoint 6"), a wait that may be one for another host."""
+    self._arm(f"{what} took over {self.timeout_s:g} s")
+
   def beat(self, step: int) -> None:
-    self._last = (step, time.monotonic())
-    if self._thread is None and self.timeout_s > 0:
-      self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
-      self._thread.start()
+    """Step `step` has ended: times the next one."""
+    self._arm(f"no step ended for {self.timeout_s:g} s after step {step}")
+
+  def pause(self) -> None:
+    with self._changed:
+      self._armed = None
+      self._changed.notify()
 
   def stop(self) -> None:
-    self._stopped.set()
+    with self._changed:
+      self._stopped = True
+      self._changed.notify()
+
+  def _arm(self, stalled: str) -> None:
+    if self.timeout_s <= 0:
+      return
+    with self._changed:
+      self._armed = (stalled, time.monotonic())
+      self._changed.notify()
+      if self._thread is None:
+        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
+        self._thread.start()
 
   def _watch(self) -> None:
-    while True:
-      step, at = self._last
-      left = at + self.timeout_s - time.monotonic()
-      if left <= 0:
-        break
-      if self._stopped.wait(left):
+    """Lives while the watch is armed: a paused or stopped watch leaves no thread behind."""
+    with self._changed:
+      while not self._stopped and self._armed is not None:
+        stalled, since = self._armed
+        left = since + self.timeout_s - time.monotonic()
+        if left <= 0:
+          break
+        self._changed.wait(left)
+      else:
+        self._thread = None  # the next arm starts another
         return
-    self._on_stall(f"stalled: no step ended for {self.timeout_s:g} s after step {step} "
-                   f"(train.stall_timeout_s); every thread's stack is above. Rerun the same "
-                   f"command to resume from the newest checkpoint in {self._where}")
+    self._on_stall(f"stalled: {stalled} (train.stall_timeout_s); every thread's stack is above. "
+                   f"Rerun the same command to resume from the newest checkpoint in "
+                   f"{self._where}")
