@@ -13,6 +13,8 @@
 #                                                   # activations, with 2 layers per scan
 #                                                   # iteration, and with cuBLAS GEMMs
 #
+# Meant for an H200: stage 1 under `dots` at 32 samples takes 78 GiB (docs/performance.md), so on
+# an 80 GB card auto takes save_qkv_attn and the dots run ends out of memory (exit 5).
 # Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
 # attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
 # A run has a timeout (then it prints every thread's stack into its log, SIGUSR1, and is killed

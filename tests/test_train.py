@@ -493,7 +493,7 @@ def _slow_compiles(monkeypatch, seconds):
 
 def test_the_stall_watch_times_a_hung_restore_and_not_the_compiles(data_dir, six_steps,
                                                                    tmp_path, monkeypatch):
-  """A 2 s watch (its action recorded, not exit 7): an init and a first step call that take 3 s
+  """A 3 s watch (its action recorded, not exit 7): an init and a first step call that take 4.5 s
   each, as long compiles do, pass; a restore that hangs fires it once, naming the checkpoint.
   Released then, the run resumes with the losses of the uninterrupted run."""
   fired, released = [], threading.Event()
@@ -504,9 +504,10 @@ def test_the_stall_watch_times_a_hung_restore_and_not_the_compiles(data_dir, six
 
   monkeypatch.setattr(stall_watch, "StallWatch",
                       functools.partial(stall_watch.StallWatch, on_stall=on_stall))
-  _slow_compiles(monkeypatch, 3.0)
-  config = _config(data_dir, num_steps=4, checkpoint_every=2, stall_timeout_s=2)
-  trainer.train(config, str(tmp_path))
+  config = _config(data_dir, num_steps=4, checkpoint_every=2, stall_timeout_s=3)
+  with monkeypatch.context() as slow:
+    _slow_compiles(slow, 4.5)
+    trainer.train(config, str(tmp_path))
   assert not fired
   real_restore = ckpt_lib.Checkpointer.restore
 
@@ -518,7 +519,7 @@ def test_the_stall_watch_times_a_hung_restore_and_not_the_compiles(data_dir, six
   config.train.num_steps = 6
   assert trainer.train(config, str(tmp_path))["resumed_from"] == 4
   assert fired == [
-      "stalled: restoring checkpoint 4 (its files and every host's agreement) took over 2 s "
+      "stalled: restoring checkpoint 4 (its files and every host's agreement) took over 3 s "
       "(train.stall_timeout_s); every thread's stack is above. Rerun the same command to resume "
       f"from the newest checkpoint in {ckpt_lib.checkpoint_dir(str(tmp_path))}"]
   losses = _losses(tmp_path)
