@@ -485,6 +485,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       stop.install()
       stopping = _StopAgreement(stop, agreement)
       first = True
+      compiled: set[tuple] = set()  # the batch shapes the step has been compiled for
       stall.expect("reading the first batch")
       while step < num_steps and stopped_by is None:
         local = next(data_iter)
@@ -493,8 +494,10 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         counts = setup.batch_counts(local)
         batch = setup.device_batch(local)
         profile.before_step(step, state)
-        if first:
-          stall.pause()  # the call compiles the step; its run is timed
+        shapes = tuple(x.shape for x in jax.tree.leaves(batch))
+        if shapes not in compiled:  # this call compiles the step (a new bucket's shapes)
+          stall.pause()
+          compiled.add(shapes)
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
           state, m = setup.step(state, batch, jax.random.fold_in(base_rng, step))
         step += 1

@@ -9,10 +9,11 @@ stack (the main thread's names the line it waits on) and ends the process as a f
 (`process_exit`): the other hosts are stopped by JAX's coordination service, and a launcher that
 restarts failed jobs resumes the run from its newest checkpoint.
 
-The loop arms the watch with what it waits for and pauses it while it compiles (the state's init
-and the first step's program): a compile is local, cannot wait for a peer, and its length varies
-too much for one timeout. The time between two steps includes the checkpoint saves, the
-validation and the compile of a new caption-length bucket that come between them.
+The loop arms the watch with what it waits for and pauses it while it compiles (the state's init,
+and the step for each new batch shape: the first batch, an aspect or caption-length bucket not
+seen before): a compile is local, cannot wait for a peer, and its length varies too much for one
+timeout. The time between two steps includes the checkpoint saves and the validation that come
+between them.
 """
 from __future__ import annotations
 
