@@ -393,6 +393,7 @@ def _init_from(source: str, setup, agreement: _Agreement, stall: stall_watch.Sta
         reason = f"train.init_from {source}: its checkpoint cannot be read ({reason})"
     agreed = agreement.max(verdict)
     if agreed == _OK:
+      stall.pause()  # what follows (the optimizer state's compile and init) is local work
       return params
     if agreed != _DAMAGED or attempt:
       break
@@ -461,10 +462,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         logging.info("resumed from %s step %d", ckpt.directory, resumed_from)
         logger.event(resumed_from, event="resume")
       elif t.init_from:
-        params = _init_from(t.init_from, setup, agreement, stall)
-        stall.pause()  # the optimizer state's compile and init: local work
-        state = setup.state_from_params(params)
-        del params
+        state = setup.state_from_params(_init_from(t.init_from, setup, agreement, stall))
         logger.event(0, event="init_from", source=t.init_from)
       else:
         stall.pause()  # the init's compile and run: local work
