@@ -438,7 +438,10 @@ def _wait_for_step(procs, workdir, k, timeout=300):
   path = os.path.join(workdir, "metrics.jsonl")
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
-    assert all(p.poll() is None for p in procs), "a process ended early"
+    if any(p.poll() is not None for p in procs):
+      codes, errs = _wait(procs, 30)
+      raise AssertionError(f"a process ended early (exit statuses {codes})\n" + "\n".join(
+          f"process {i}:\n{err[-4000:]}" for i, err in enumerate(errs)))
     if os.path.exists(path) and any(r.get("step", 0) >= k and "loss" in r
                                     for r in _records(workdir)):
       return
@@ -496,17 +499,46 @@ def _process_0_after_a_signal_to_process_1(data_dir, workdir, sig, timeout, *fla
 @pytest.mark.slow
 def test_a_stalled_run_ends_with_its_stacks_and_exit_7(data_dir, tmp_path):
   """Process 1 stopped (SIGSTOP: alive, silent) after step 3: process 0 waits for it in a
-  collective, and its stall watch (train.stall_timeout_s, 5 s here) ends it with every thread's
+  collective, and its stall watch (train.stall_timeout_s, 10 s here) ends it with every thread's
   stack, the training loop's frame among them, one line and exit 7, long before JAX's heartbeat
   (60 s here) would have stopped it."""
   code, err = _process_0_after_a_signal_to_process_1(
-      data_dir, tmp_path, signal.SIGSTOP, 50, "--config.train.stall_timeout_s=5",
+      data_dir, tmp_path, signal.SIGSTOP, 50, "--config.train.stall_timeout_s=10",
       "--config.train.heartbeat_timeout_s=60")
   assert code == 7, err[-3000:]
-  assert re.search(r"stalled: no step ended for 5 s after step \d+ \(train.stall_timeout_s\)",
+  assert re.search(r"stalled: no step ended for 10 s after step \d+ \(train.stall_timeout_s\)",
                    err), err[-3000:]
   stacks = err[err.index("(most recent call first)"):]
   assert re.search(r'File ".*svg_jax/train/loop\.py", line \d+ in train', stacks), stacks[-3000:]
+
+
+# Imported at start-up by process 1 alone: each compile of its train step takes 15 s longer, as
+# when its compilation cache misses and the other process's hits.
+_SLOW_COMPILE = """
+import time
+from svg_jax.train import dit_task
+_compile = dit_task.DiTSetup.compile_step
+def compile_step(self, *args):
+  time.sleep(15)
+  return _compile(self, *args)
+dit_task.DiTSetup.compile_step = compile_step
+"""
+
+
+@pytest.mark.slow
+def test_the_stall_watch_does_not_time_a_slower_host_compile(data_dir, tmp_path):
+  """Process 1 compiles the step 15 s longer than process 0, whose stall watch is 6 s: process 0
+  waits for that compile untimed, then times the first step's run, and both train to the end
+  (when the run was timed from the end of each process's own compile, process 0 stopped with
+  `stalled: running step 1 (after its compile) took over 6 s`)."""
+  hook = tmp_path / "slow_compile"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(_SLOW_COMPILE)
+  path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+  errs = _run(data_dir, tmp_path / "run", 3, 2, 2, "--config.train.stall_timeout_s=6",
+              env_of={1: {"PYTHONPATH": path}})
+  assert not any("stalled:" in err for err in errs), errs[0][-3000:]
+  assert max(r.get("step", 0) for r in _records(tmp_path / "run")) == 3
 
 
 @pytest.mark.slow

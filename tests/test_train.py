@@ -470,27 +470,21 @@ def test_a_restore_that_fails_once_is_read_again_not_moved(data_dir, six_steps, 
 
 
 def _slow_compiles(monkeypatch, seconds, shapes_seen):
-  """The DiT's state init, and each step call with batch shapes not seen before (where jit
-  compiles), take `seconds` more, as long compiles would; those shapes go to `shapes_seen`."""
-  real_init = dit_task.DiTSetup.__init__
+  """The DiT's state init, and each compile of its step (once for each batch shape), take
+  `seconds` more, as long compiles would; the compiled batch shapes go to `shapes_seen`."""
+  real_compile, real_init_state = dit_task.DiTSetup.compile_step, dit_task.DiTSetup.init_state
 
-  def init(self, *args, **kwargs):
-    real_init(self, *args, **kwargs)
-    real_step, real_init_state = self.step, self.init_state
+  def compile_step(self, state, batch, rng):
+    shapes_seen.append({k: v.shape for k, v in batch.items()})
+    time.sleep(seconds)
+    return real_compile(self, state, batch, rng)
 
-    def step(state, batch, rng):
-      shapes = {k: v.shape for k, v in batch.items()}
-      if shapes not in shapes_seen:
-        shapes_seen.append(shapes)
-        time.sleep(seconds)
-      return real_step(state, batch, rng)
+  def init_state(self, seed):
+    time.sleep(seconds)
+    return real_init_state(self, seed)
 
-    def init_state(seed):
-      time.sleep(seconds)
-      return real_init_state(seed)
-    self.step, self.init_state = step, init_state
-
-  monkeypatch.setattr(dit_task.DiTSetup, "__init__", init)
+  monkeypatch.setattr(dit_task.DiTSetup, "compile_step", compile_step)
+  monkeypatch.setattr(dit_task.DiTSetup, "init_state", init_state)
 
 
 def test_the_stall_watch_times_a_hung_restore_and_not_the_compiles(tmp_path, monkeypatch):
@@ -511,7 +505,7 @@ def test_the_stall_watch_times_a_hung_restore_and_not_the_compiles(tmp_path, mon
   with monkeypatch.context() as slow:
     _slow_compiles(slow, 3.0, shapes_seen)
     trainer.train(config, str(tmp_path / "compiles"))
-  assert len(shapes_seen) == 2, shapes_seen  # a compile in mid-run too
+  assert len(shapes_seen) == 2, shapes_seen  # one compile for each bucket, one in mid-run
   assert not fired
   # The run that writes the checkpoint has the watch off: its first save compiles orbax's
   # slicing of each array, which a cold cache makes slower than 2 s here.
@@ -599,21 +593,21 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data_dir,
 
 
 def _steps_that_run_out_of_memory_after(monkeypatch, n):
-  """The DiT's step, but its call n + 1 meets XLA's own out-of-memory error: it allocates 16 TiB."""
-  real_init = dit_task.DiTSetup.__init__
+  """The DiT's compiled step, but its call n + 1 meets XLA's own out-of-memory error: it allocates
+  16 TiB."""
+  real_compile, calls = dit_task.DiTSetup.compile_step, []
 
-  def init(self, *args, **kwargs):
-    real_init(self, *args, **kwargs)
-    real_step, calls = self.step, []
+  def compile_step(self, *args):
+    real_step = real_compile(self, *args)
 
     def step(*step_args):
       calls.append(1)
       if len(calls) > n:
         jax.jit(lambda: jax.numpy.ones((2**20, 2**22), np.float32))().block_until_ready()
       return real_step(*step_args)
-    self.step = step
+    return step
 
-  monkeypatch.setattr(dit_task.DiTSetup, "__init__", init)
+  monkeypatch.setattr(dit_task.DiTSetup, "compile_step", compile_step)
 
 
 def test_a_step_out_of_memory_is_one_line_and_the_checkpoints_resume(data_dir, six_steps,

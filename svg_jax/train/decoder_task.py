@@ -258,6 +258,10 @@ class DecoderSetup:
   def step(self, state, batch, rng):
     return self._step(state, batch, rng, self.frozen)
 
+  def compile_step(self, state, batch, rng):
+    compiled = self._step.lower(state, batch, rng, self.frozen).compile()
+    return lambda state, batch, rng: compiled(state, batch, rng, self.frozen)
+
   def device_batch(self, local_batch: dict) -> dict:
     return parallel.global_batch({"image": local_batch["image"]}, self.mesh)
 

@@ -260,10 +260,17 @@ class DiTSetup:
     if online:  # the frozen text params are an input of every step, never part of the state
       jitted = jax.jit(step, in_shardings=(self.state_shardings, batch_sh, repl, text_sh),
                        out_shardings=(self.state_shardings, repl), donate_argnums=0)
+      self._step_inputs = (jitted, (text_params,))
       self.step = lambda state, batch, rng: jitted(state, batch, rng, text_params)
     else:
       self.step = jax.jit(step, in_shardings=(self.state_shardings, batch_sh, repl),
                           out_shardings=(self.state_shardings, repl), donate_argnums=0)
+      self._step_inputs = (self.step, ())
+
+  def compile_step(self, state, batch, rng):
+    jitted, frozen = self._step_inputs
+    compiled = jitted.lower(state, batch, rng, *frozen).compile()
+    return lambda state, batch, rng: compiled(state, batch, rng, *frozen)
 
   def logger_class(self, workdir: str, **kwargs) -> validation.ValidationLogger:
     """The loop's logger; the validation is built beside it (only a training run makes one, so

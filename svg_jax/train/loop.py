@@ -20,7 +20,9 @@ Order of work (nothing compiles before the config has been checked):
      be restored (a truncated or missing file) is logged in one line, moved to
      `<workdir>/damaged_checkpoints/` and the previous step is restored: a damaged checkpoint
      costs one interval, not the run.
-  4. Steps: jit(train_step) with explicit in/out shardings and the state donated. The step rng is
+  4. Steps: jit(train_step) with explicit in/out shardings and the state donated, compiled ahead
+     for each batch shape (`TaskSetup.compile_step`; every host then waits for the others'
+     compiles before the first run, so the stall watch never times a compile). The step rng is
      fold_in(PRNGKey(seed), step), so a resumed run draws what the uninterrupted run drew. A
      state or step that does not fit in memory ends the run with `OutOfMemory`, one line saying
      what to change; the checkpoints already written are intact.
@@ -324,6 +326,21 @@ def _timed(stall: stall_watch.StallWatch, what: str, agree):
   return call
 
 
+def _compile_step(setup, state, batch, rng, first: bool, agreement: _Agreement,
+                  stall: stall_watch.StallWatch):
+  """The step compiled for `batch`'s shapes, once every host has compiled it. Neither the compile
+  nor the wait for the slowest host's is timed: a compile's length cannot be foretold, and a run
+  timed from the end of this host's compile would also time the others' (a host whose
+  compilation cache missed compiles for minutes longer). So the first run after it waits for no
+  compile. In mid-run, the steps in flight end first, while the watch still times them."""
+  if not first:
+    jax.block_until_ready(state)
+  stall.pause()
+  run_step = setup.compile_step(state, batch, rng)
+  agreement.max(0)
+  return run_step
+
+
 def _resume(ckpt, setup, agreement: _Agreement, logger, stall: stall_watch.StallWatch):
   """(state, step, data iterator) of the newest checkpoint that restores on every process;
   (None, None, fresh iterator) when the workdir has none. A step that fails anywhere (a
@@ -483,7 +500,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       stop.install()
       stopping = _StopAgreement(stop, agreement)
       first = True
-      compiled: set[tuple] = set()  # the batch shapes the step has been compiled for
+      steps_by_shape: dict[tuple, Any] = {}  # the step compiled for each batch shape (and dtype)
       stall.expect("reading the first batch")
       while step < num_steps and stopped_by is None:
         local = next(data_iter)
@@ -491,13 +508,15 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
           local = setup.poison(local)
         counts = setup.batch_counts(local)
         batch = setup.device_batch(local)
+        rng = jax.random.fold_in(base_rng, step)
+        shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch))
+        run_step = steps_by_shape.get(shapes)
+        if run_step is None:  # the first batch, or a bucket's shapes first met in mid-run
+          run_step = steps_by_shape[shapes] = _compile_step(setup, state, batch, rng, first,
+                                                            agreement, stall)
         profile.before_step(step, state)
-        shapes = tuple(x.shape for x in jax.tree.leaves(batch))
-        if shapes not in compiled:  # this call compiles the step (a new bucket's shapes)
-          stall.pause()
-          compiled.add(shapes)
         with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-          state, m = setup.step(state, batch, jax.random.fold_in(base_rng, step))
+          state, m = run_step(state, batch, rng)
         step += 1
         profiled = profile.after_step(step, state)
         if profiled:

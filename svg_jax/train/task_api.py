@@ -28,6 +28,10 @@ class TaskSetup(Protocol):
   def step(self, state, batch: dict, rng) -> tuple[Any, dict]:
     """Jitted; the metrics hold at least `loss` and `grad_norm`."""
 
+  def compile_step(self, state, batch: dict, rng) -> Callable[..., tuple[Any, dict]]:
+    """`step` compiled ahead for these arguments' shapes: this call does the whole compile, and
+    the callable it returns runs one step like `step` on arguments of the same shapes."""
+
   def make_data_iterator(self) -> Iterator[dict]:
     """A Grain iterator whose state goes into every checkpoint."""
 
