@@ -24,6 +24,7 @@ import pytest
 from svg_jax import cli, parallel
 from svg_jax.data import pipeline, synthetic
 from svg_jax import checkpoint as ckpt_lib
+from svg_jax.train import remat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.in_channels=8", "--config.model.cap_feat_dim=16", "--config.model.dim=32",
@@ -512,33 +513,39 @@ def test_a_stalled_run_ends_with_its_stacks_and_exit_7(data_dir, tmp_path):
   assert re.search(r'File ".*svg_jax/train/loop\.py", line \d+ in train', stacks), stacks[-3000:]
 
 
-# Imported at start-up by process 1 alone: each compile of its train step takes 15 s longer, as
-# when its compilation cache misses and the other process's hits.
-_SLOW_COMPILE = """
+# Imported at start-up by process 1 alone: remat auto's candidate compiles and each compile of
+# its train step take 15 s longer, as when its compilation cache misses and the other's hits.
+_SLOW_COMPILES = """
 import time
-from svg_jax.train import dit_task
-_compile = dit_task.DiTSetup.compile_step
+from svg_jax.train import dit_task, remat
+_compile, _choose = dit_task.DiTSetup.compile_step, remat.choose
 def compile_step(self, *args):
   time.sleep(15)
   return _compile(self, *args)
-dit_task.DiTSetup.compile_step = compile_step
+def choose(*args, **kwargs):
+  time.sleep(15)
+  return _choose(*args, **kwargs)
+dit_task.DiTSetup.compile_step, remat.choose = compile_step, choose
 """
 
 
 @pytest.mark.slow
 def test_the_stall_watch_does_not_time_a_slower_host_compile(data_dir, tmp_path):
-  """Process 1 compiles the step 15 s longer than process 0, whose stall watch is 6 s: process 0
-  waits for that compile untimed, then times the first step's run, and both train to the end
-  (when the run was timed from the end of each process's own compile, process 0 stopped with
-  `stalled: running step 1 (after its compile) took over 6 s`)."""
-  hook = tmp_path / "slow_compile"
+  """Process 1 compiles remat auto's candidates and the step 15 s longer than process 0, whose
+  stall watch is 6 s: process 0 waits for those compiles untimed, then times the first step's
+  run, and both train to the end (when the waits were timed, process 0 stopped with
+  `stalled: running step 1 (after its compile) took over 6 s`, or in remat auto's vote)."""
+  hook = tmp_path / "slow_compiles"
   hook.mkdir()
-  (hook / "sitecustomize.py").write_text(_SLOW_COMPILE)
+  (hook / "sitecustomize.py").write_text(_SLOW_COMPILES)
   path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
   errs = _run(data_dir, tmp_path / "run", 3, 2, 2, "--config.train.stall_timeout_s=6",
+              "--config.model.remat_policy=auto", "--config.train.remat_memory_budget_gib=1000",
               env_of={1: {"PYTHONPATH": path}})
   assert not any("stalled:" in err for err in errs), errs[0][-3000:]
-  assert max(r.get("step", 0) for r in _records(tmp_path / "run")) == 3
+  records = _records(tmp_path / "run")
+  assert [r["source"] for r in records if r.get("event") == remat.EVENT] == ["measured"]
+  assert max(r.get("step", 0) for r in records) == 3
 
 
 @pytest.mark.slow

@@ -206,7 +206,7 @@ def test_a_process_that_cannot_read_the_saved_policy_takes_the_others(mesh, tmp_
   failed takes the policy another process read instead of measuring alone."""
   votes = []
 
-  def agree(vote):  # the other process read "dots" from the newest checkpoint
+  def agree(vote, after_compiles=False):  # the other process read "dots" from the newest checkpoint
     votes.append(vote)
     return max(vote, 1 + REMAT_POLICIES.index("dots"))
 

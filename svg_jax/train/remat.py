@@ -173,12 +173,13 @@ def saved_policy(workdir: str) -> str | None:
     ckpt.close()
 
 
-def resolve(config, mesh, workdir: str, agree: Callable[[int], int] = lambda v: v, *,
+def resolve(config, mesh, workdir: str,
+            agree: Callable[..., int] = lambda v, after_compiles=False: v, *,
             measure: Callable[[str], dict] | None = None) -> tuple[Any, dict | None]:
   """(config with "auto" replaced by a policy, the metrics event describing the choice); the
   config itself and None when its policy is not "auto". `agree(i)` is the max of i over the
-  processes (the loop's all-reduce): every process trains with the same policy. `measure`: see
-  `choose`."""
+  processes (the loop's all-reduce): every process trains with the same policy; the vote on the
+  choice waits for the others' candidate compiles (`after_compiles`). `measure`: see `choose`."""
   if config.model.remat_policy != nextdit.AUTO:
     return config, None
   # A vote, so every process takes the same branch: one that could not read the checkpoint's
@@ -195,7 +196,7 @@ def resolve(config, mesh, workdir: str, agree: Callable[[int], int] = lambda v: 
   limit = int(memory * (1 - headroom))
   index, rows = choose(config, mesh, limit, measure=measure)
   options = candidates(aot.mesh_platform(mesh))
-  index = agree(len(options) if index is None else index)
+  index = agree(len(options) if index is None else index, after_compiles=True)
   summary = ", ".join(f"{r['policy']} {_gib(r['peak_bytes'])}"
                       + (" squeezed by XLA" if r.get("xla_recomputed") else "") for r in rows)
   if index >= len(options):

@@ -59,10 +59,12 @@ class Task:
   beyond the loop's own checks (nothing compiles or allocates); make_setup(config, mesh) builds
   its setup after those checks passed. resolve_config(config, mesh, workdir, agree), when given,
   runs before make_setup and returns (the config with its choices made on the mesh, a metrics
-  event describing them or None); agree(i) is the max of i over the processes."""
+  event describing them or None); agree(i) is the max of i over the processes, and
+  agree(i, after_compiles=True) the same where the others may still be compiling (the stall watch
+  does not time that wait)."""
 
   name: str
   config_problems: Callable[[Any, int], list[str]]
   make_setup: Callable[[Any, Any], TaskSetup]
-  resolve_config: Callable[[Any, Any, str, Callable[[int], int]],
+  resolve_config: Callable[[Any, Any, str, Callable[..., int]],
                            tuple[Any, dict | None]] | None = None
