@@ -255,9 +255,6 @@ class DecoderSetup:
     params: a later stage starts from an earlier stage's decoder."""
     return self._from_params(params, jax.random.PRNGKey(int(self.config.seed)))
 
-  def step(self, state, batch, rng):
-    return self._step(state, batch, rng, self.frozen)
-
   def compile_step(self, state, batch, rng):
     compiled = self._step.lower(state, batch, rng, self.frozen).compile()
     return lambda state, batch, rng: compiled(state, batch, rng, self.frozen)

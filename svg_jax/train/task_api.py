@@ -25,12 +25,10 @@ class TaskSetup(Protocol):
   def state_from_params(self, params) -> Any:
     """A fresh state around trained params (a later stage starts from an earlier one's)."""
 
-  def step(self, state, batch: dict, rng) -> tuple[Any, dict]:
-    """Jitted; the metrics hold at least `loss` and `grad_norm`."""
-
   def compile_step(self, state, batch: dict, rng) -> Callable[..., tuple[Any, dict]]:
-    """`step` compiled ahead for these arguments' shapes: this call does the whole compile, and
-    the callable it returns runs one step like `step` on arguments of the same shapes."""
+    """The jitted train step compiled ahead for these arguments' shapes: this call does the whole
+    compile, and the callable it returns, (state, batch, rng) -> (state, metrics) on arguments of
+    the same shapes, runs one step; the metrics hold at least `loss` and `grad_norm`."""
 
   def make_data_iterator(self) -> Iterator[dict]:
     """A Grain iterator whose state goes into every checkpoint."""
