@@ -12,6 +12,7 @@ Reconstruction quality (PSNR, SSIM): `eval/image_metrics.py`.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import math
@@ -229,24 +230,43 @@ class SVGAutoencoder:
                batch_size=c.batch_size, mesh=mesh, sharding=sharding,
                fingerprints=fingerprints)
 
+  def _chunk_size(self, n: int) -> int:
+    """Rows of each call: `batch_size` (or all n), rounded up to a multiple of the batch split."""
+    mult = _batch_multiple(self.sharding)
+    return -(-(self.batch_size or n) // mult) * mult
+
+  def _place(self, part: np.ndarray) -> Any:
+    return part if self.sharding is None else jax.device_put(part, self.sharding)
+
+  def _own_mesh(self):
+    """This autoencoder's mesh as the current one, whatever mesh the caller set: a training run
+    on every host's devices decodes its grids on process 0's alone."""
+    return contextlib.nullcontext() if self.sharding is None else parallel.use_mesh(
+        self.sharding.mesh)
+
   def _run(self, fn, params, x: np.ndarray) -> np.ndarray:
     """Apply `fn` in chunks of a fixed size (the last one padded) with the batch sharded."""
     n = x.shape[0]
     if n == 0:
       raise ValueError("empty batch")
-    mult = _batch_multiple(self.sharding)
-    chunk = self.batch_size or n
-    chunk = -(-chunk // mult) * mult
+    chunk = self._chunk_size(n)
     outs = []
-    for start in range(0, n, chunk):
-      part = x[start:start + chunk]
-      k = part.shape[0]
-      if k < chunk:
-        part = np.concatenate([part, np.zeros((chunk - k,) + part.shape[1:], part.dtype)])
-      if self.sharding is not None:
-        part = jax.device_put(part, self.sharding)
-      outs.append(np.asarray(fn(params, self._mean, self._std, part))[:k])
+    with self._own_mesh():
+      for start in range(0, n, chunk):
+        part = x[start:start + chunk]
+        k = part.shape[0]
+        if k < chunk:
+          part = np.concatenate([part, np.zeros((chunk - k,) + part.shape[1:], part.dtype)])
+        outs.append(np.asarray(fn(params, self._mean, self._std, self._place(part)))[:k])
     return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+  def compile_decode(self, shape: Sequence[int]) -> None:
+    """Compiles ahead the program `decode` runs on latents of `shape` [B, h, w, C] (jit keeps
+    it), so that call compiles nothing."""
+    self._check_latents(shape)
+    part = np.zeros((self._chunk_size(int(shape[0])),) + tuple(shape[1:]), np.float32)
+    with self._own_mesh():
+      self._decode.lower(self.decoder_params, self._mean, self._std, self._place(part)).compile()
 
   def encode(self, images: Any) -> np.ndarray:
     """uint8 (or [0, 1] float) images [B, H, W, 3] -> normalized latents [B, H/p, W/p, C] fp32."""
@@ -268,12 +288,16 @@ class SVGAutoencoder:
 
   def decode(self, latents: Any) -> np.ndarray:
     """Normalized latents [B, h, w, C] -> images [B, h * f, w * f, 3] in about [-1, 1], fp32."""
+    z = np.asarray(latents, np.float32)
+    self._check_latents(z.shape)
+    return self._run(self._decode, self.decoder_params, z)
+
+  def _check_latents(self, shape: Sequence[int]) -> None:
     if self.decoder_params is None:
       raise ValueError("this SVGAutoencoder has no decoder (load it with decoder=True)")
-    z = np.asarray(latents, np.float32)
-    if z.ndim != 4 or z.shape[-1] != self.stats.dim:
-      raise ValueError(f"decode expects latents [B, h, w, {self.stats.dim}], got {z.shape}")
-    return self._run(self._decode, self.decoder_params, z)
+    if len(shape) != 4 or shape[-1] != self.stats.dim:
+      raise ValueError(f"decode expects latents [B, h, w, {self.stats.dim}], got "
+                       f"{tuple(shape)}")
 
   def reconstruct(self, images: Any) -> np.ndarray:
     """encode then decode: uint8 images -> uint8 reconstructions."""

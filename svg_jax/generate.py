@@ -261,15 +261,27 @@ class Generator:
     """One batch of B images: [cond rows; uncond rows] features [2B, L, D] and mask [2B, L] (as
     `text_features` gives them) and B seeds -> latents [B, h, w, C] fp32 on every process. B must
     be a multiple of `batch_multiple()`; one program per shape and sampler settings."""
+    z = self._program(settings)(*self._trajectory_args(feats, mask, seeds, latent_shape,
+                                                       settings))
+    if z.is_fully_addressable:
+      return np.asarray(z)
+    return np.asarray(multihost_utils.process_allgather(z, tiled=True))  # every host's share
+
+  def compile_latents(self, feats: np.ndarray, mask: np.ndarray, seeds: Sequence[int],
+                      latent_shape: Sequence[int],
+                      settings: SamplerSettings = SamplerSettings()) -> None:
+    """Compiles ahead the program `latents_from_features` runs on these arguments (jit keeps it),
+    so that call compiles nothing."""
+    self._program(settings).lower(*self._trajectory_args(feats, mask, seeds, latent_shape,
+                                                         settings)).compile()
+
+  def _trajectory_args(self, feats, mask, seeds, latent_shape, settings) -> tuple:
     if feats.shape[0] != 2 * len(seeds) or len(seeds) % self.batch_multiple():
       raise ValueError(f"{feats.shape[0]} feature rows for {len(seeds)} seeds (need 2 per seed, "
                        f"seeds a multiple of {self.batch_multiple()})")
     noise = self.noise(seeds, latent_shape)
-    z = self._program(settings)(self.params, self._put(noise), self._put(feats), self._put(mask),
-                                jnp.float32(settings.cfg_scale))
-    if z.is_fully_addressable:
-      return np.asarray(z)
-    return np.asarray(multihost_utils.process_allgather(z, tiled=True))  # every host's share
+    return (self.params, self._put(noise), self._put(feats), self._put(mask),
+            jnp.float32(settings.cfg_scale))
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
     """Latents -> uint8 images [N, H, W, 3]."""

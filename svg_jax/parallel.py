@@ -89,6 +89,12 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, axis_rules(rules))
 
 
+def use_mesh(mesh: Mesh):
+  """Make `mesh` the current mesh, without axis rules: for work on a mesh of its own inside a
+  `mesh_context` of another (process 0 decodes on its local devices in a run on every host's)."""
+  return _use_mesh(mesh)
+
+
 @contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules):
   """Make `mesh` the current mesh and `rules` the logical axis rules (for constraints in models)."""

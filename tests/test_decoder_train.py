@@ -15,13 +15,15 @@ import optax
 import pytest
 import torch
 
+from lowerings import lowered_programs
+from svg_jax import parallel
 from svg_jax.convert import lpips as lpips_conv
 from svg_jax.demo import decoder_data
 from svg_jax.models import lpips as lpips_model
 from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax.models.dinov3 import DINOv3Config, DINOv3ViT
 from svg_jax.models.discriminator import DiscriminatorConfig, NLayerDiscriminator
-from svg_jax.train import decoder_step
+from svg_jax.train import decoder_step, decoder_task
 from svg_jax.train import loop, trainer
 
 from configs import decoder as decoder_configs
@@ -472,6 +474,25 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
   recs = _records(work)
   assert [r["step"] for r in recs if r.get("event") == "resume"] == [40]
   assert max(r["step"] for r in recs if "loss" in r) == 46
+
+
+def test_an_evaluation_compiled_ahead_lowers_no_program(tmp_path):
+  """`compile_eval` (the loop calls it with the first step's compile, which the stall watch does
+  not time) compiles the reconstruction of the held-out images (5 of them: a padded chunk of 8),
+  so the evaluation after it lowers nothing: jit finds what was compiled ahead."""
+  config = _tiny_config()
+  config.data.num_eval_images = 5
+  _prepare(config, tmp_path / "demo")
+  mesh = parallel.make_mesh(dict(config.mesh))
+  setup = decoder_task.TASK.make_setup(config, mesh)
+  state = setup.init_state(0)
+  with lowered_programs() as ahead:
+    setup.compile_eval(state)
+  assert setup.eval_due(config.train.eval_every, False)
+  with lowered_programs() as during:
+    result = setup.evaluate(state, config.train.eval_every)
+  assert result["heldout_images"] == 5 and np.isfinite(result["heldout_psnr"])
+  assert [n for n in ahead if "reconstruct" in n] and not during, (ahead, during)
 
 
 @pytest.mark.slow

@@ -6,8 +6,9 @@ Processes x devices 1x4, 2x2 (and 4x1) train on the same batches with the same n
 losses agree to float noise; a signal to one process or to all of them stops every process at
 one step with one checkpoint and exit 0; a killed process takes the others down with it instead
 of leaving them hanging, and one that stops moving ends the other with its stacks (the stall
-watch); a checkpoint of 2 processes resumes on 1 and back. Every subprocess wait
-has a timeout, so a hang fails the test instead of blocking the suite."""
+watch); a checkpoint of 2 processes resumes on 1 and back; the in-training validation of 2
+processes logs what 1 process logs. Every subprocess wait has a timeout, so a hang fails the test
+instead of blocking the suite."""
 import json
 import os
 import re
@@ -20,9 +21,12 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
+import validation_files
 from svg_jax import cli, parallel
 from svg_jax.data import pipeline, synthetic
+from svg_jax.demo import text_encoder as demo_text
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import remat
 
@@ -32,6 +36,9 @@ TINY = ["--config.model.in_channels=8", "--config.model.cap_feat_dim=16", "--con
         "--config.model.axes_dims=(4,6,6)", "--config.model.n_layers=1",
         "--config.model.n_refiner_layers=1", "--config.model.multiple_of=32",
         "--config.data.caption_len_buckets=(16,)", "--config.data.max_caption_len=16"]
+# The validation test's offline text encoder: features of TINY's cap_feat_dim.
+_TEXT = demo_text.DemoSpec(vocab_size=320, hidden_size=16, num_layers=1, num_heads=2,
+                           num_kv_heads=1, head_dim=8, intermediate_size=32)
 
 
 def _command(data_dir, workdir, steps):
@@ -546,6 +553,76 @@ def test_the_stall_watch_does_not_time_a_slower_host_compile(data_dir, tmp_path)
   records = _records(tmp_path / "run")
   assert [r["source"] for r in records if r.get("event") == remat.EVENT] == ["measured"]
   assert max(r.get("step", 0) for r in records) == 3
+
+
+# Imported at start-up by both processes of the validation test: each lowering of a validation
+# program takes 8 s longer (process 1: the sampler's and the held-out loss's; process 0: its
+# decoder's), longer than the 6 s watch, as when one host's compilation cache misses. A program
+# lowered again when the validation runs would wait in the watched time.
+_SLOW_VALIDATION_COMPILES = """
+import os
+import time
+from jax import monitoring
+_NAMES = {"0": ("decode_latents",), "1": ("trajectory", "_per_sample")}[os.environ["JAX_PROCESS_ID"]]
+def _slow(event, duration, **kwargs):
+  if (event == "/jax/core/compile/jaxpr_to_mlir_module_duration"
+      and any(name in str(kwargs.get("fun_name", "")) for name in _NAMES)):
+    time.sleep(8)
+monitoring.register_event_duration_secs_listener(_slow)
+"""
+
+
+def _validation_flags(files):
+  """Grids at steps 2 and 4, the held-out loss at 3 and 4, the files of validation_files."""
+  decoder = [f"--config.autoencoder.decoder.{k}={v}" for k, v in validation_files.DECODER.items()]
+  return [*decoder, f"--config.autoencoder.decoder_path={files['decoder']}",
+          f"--config.autoencoder.stats_path={files['stats']}",
+          f"--config.data.eval_path={files['heldout']}", "--config.train.sample_every=2",
+          "--config.train.eval_every=3",
+          f"--config.validation.prompts={tuple(validation_files.PROMPTS)!r}",
+          f"--config.validation.text_features={files['features']}",
+          "--config.validation.system_prompt=empty",
+          f"--config.validation.resolution={validation_files.RES}", "--config.validation.steps=3",
+          "--config.validation.loss_records=10", "--config.validation.loss_batch_size=4"]
+
+
+def _evals(workdir):
+  """step -> the held-out losses; step -> the grid (process 0 wrote it)."""
+  losses = {r["step"]: {k: v for k, v in r.items() if k.startswith("loss_")}
+            for r in _records(workdir) if r.get("event") == "eval" and "loss_mean" in r}
+  folder = os.path.join(workdir, "samples")
+  grids = {int(n[5:11]): np.asarray(Image.open(os.path.join(folder, n)))
+           for n in sorted(os.listdir(folder))}
+  return losses, grids
+
+
+@pytest.mark.slow
+def test_validation_on_two_hosts_waits_for_no_compile_and_matches_one_host(tmp_path):
+  """2 processes x 2 devices with sample grids and the held-out loss, each process lowering
+  validation programs 8 s longer under a 6 s watch: they are compiled with the first step,
+  untimed, so the run ends; its held-out losses are a 1 process x 4 devices run's, its grids
+  the same images up to uint8 rounding. Before, process 0 could not decode on its devices
+  inside the run on every host's (an error at the first grid)."""
+  files = validation_files.write(tmp_path, _TEXT)
+  hook = tmp_path / "slow_validation_compiles"
+  hook.mkdir()
+  (hook / "sitecustomize.py").write_text(_SLOW_VALIDATION_COMPILES)
+  path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+  flags = _validation_flags(files)
+  errs = _run(files["train"], tmp_path / "two", 4, 2, 2, *flags,
+              "--config.train.stall_timeout_s=6", env_of={0: {"PYTHONPATH": path},
+                                                          1: {"PYTHONPATH": path}})
+  assert not any("stalled:" in err for err in errs), errs[0][-3000:]
+  _run(files["train"], tmp_path / "one", 4, 1, 4, *flags)
+  (two_losses, two_grids), (one_losses, one_grids) = (_evals(tmp_path / run)
+                                                      for run in ("two", "one"))
+  assert sorted(two_losses) == sorted(one_losses) == [3, 4]
+  for step, losses in one_losses.items():
+    assert two_losses[step] == pytest.approx(losses, rel=1e-5)
+  assert sorted(two_grids) == sorted(one_grids) == [2, 4]
+  for step, grid in one_grids.items():
+    diff = np.abs(two_grids[step].astype(int) - grid)
+    assert grid.std() > 0 and diff.max() <= 1 and (diff > 0).mean() < 1e-3, step
 
 
 @pytest.mark.slow

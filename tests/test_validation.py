@@ -12,63 +12,40 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from svg_jax import assets
-from svg_jax import autoencoder as ae_lib
-from svg_jax import latent_stats as ls
-from svg_jax import parallel, text
-from svg_jax.convert import decoder as dec_conv
-from svg_jax.convert.safetensors_io import save_safetensors
-from svg_jax.data import records, synthetic
+import validation_files
+from lowerings import lowered_programs
+from svg_jax import parallel
+from svg_jax.data import records
 from svg_jax.demo import configs as demo_configs
 from svg_jax.demo import text_encoder as demo
-from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax.models.nextdit import NextDiT
 from svg_jax.train import dit_task, loop, trainer, validation
 
 SPEC = demo.DemoSpec(vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                      head_dim=16, intermediate_size=64)
-MODEL = dict(in_channels=8, cap_feat_dim=SPEC.hidden_size, dim=64, n_heads=4, n_kv_heads=2,
-             axes_dims=(4, 6, 6), n_layers=1, n_refiner_layers=1, multiple_of=32)
-DEC = DecoderConfig(z_channels=8, ch=8, ch_mult=(1, 1, 1, 1, 1), num_res_blocks=1, norm_groups=4)
-PROMPTS = [json.loads(line)["prompt"] for line in open(assets.GENEVAL_PROMPTS)][:3]
-RES = 64  # pixels: a 4x4 latent through the 16x decoder
+MODEL = dict(in_channels=validation_files.CHANNELS, cap_feat_dim=SPEC.hidden_size, dim=64,
+             n_heads=4, n_kv_heads=2, axes_dims=(4, 6, 6), n_layers=1, n_refiner_layers=1,
+             multiple_of=32)
+PROMPTS = validation_files.PROMPTS
+RES = validation_files.RES  # pixels: a 4x4 latent through the 16x decoder
 TIMES = (0.05, 0.2, 0.5, 0.8)
 SEED = 7
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-  root = tmp_path_factory.mktemp("val")
-  enc_dir = demo.ensure_demo_text_encoder(str(root / "text"), PROMPTS * 4, seed=0, spec=SPEC)
-  dec_params = jax.jit(Decoder(DEC).init)(jax.random.PRNGKey(1), jnp.zeros((1, 2, 2, 8)))
-  decoder = str(root / "decoder.safetensors")
-  save_safetensors(decoder, dec_conv.params_to_official(dec_params["params"], DEC))
-  rng = np.random.default_rng(2)
-  stats = str(root / "stats.pt")
-  ls.save_latent_stats(stats, rng.normal(0, 0.5, 8), rng.uniform(0.5, 2.0, 8))
-  encoder = text.TextEncoder.from_pretrained(enc_dir, system_prompt=text.system_prompt("empty"))
-  feats = validation.write_prompt_features(str(root / "prompts.npz"), PROMPTS, encoder)
-  out = dict(text=enc_dir, decoder=decoder, stats=stats, features=feats)
-  prints = ae_lib.config_fingerprints(_config(out, "", "").autoencoder)
-  for name, buckets, n, seed in (("train", ((4, 4),), 64, 0), ("heldout", ((4, 4), (4, 6)), 12, 1)):
-    synthetic.write_random_dataset(root / name, buckets=buckets, num_records=n, latent_channels=8,
-                                   text_dim=SPEC.hidden_size, learnable=True, caption_len=(1, 8),
-                                   records_per_shard=4, seed=seed, fingerprints=prints)
-    out[name] = str(root / name)
-  return out
+  return validation_files.write(tmp_path_factory.mktemp("val"), SPEC)
 
 
 def _config(files, train, heldout, num_steps=6):
   c = demo_configs.dit()
   c.model.update(MODEL)
-  c.autoencoder.decoder.update(dict(z_channels=8, ch=8, ch_mult=(1, 1, 1, 1, 1),
-                                    num_res_blocks=1, norm_groups=4))
+  c.autoencoder.decoder.update(validation_files.DECODER)
   c.autoencoder.decoder_path, c.autoencoder.stats_path = files["decoder"], files["stats"]
   c.data.path, c.data.eval_path = train, heldout
   c.data.caption_len_buckets, c.data.max_caption_len = (16,), 16
@@ -203,6 +180,29 @@ def test_without_a_decoder_one_line_and_no_sampling(files, tmp_path, monkeypatch
   assert lines == ["validation: no autoencoder.decoder_path, so no sample grids (the prompts are "
                    "not sampled)"]
   assert not any(val.due(s, s == 6) for s in range(1, 7))
+
+
+@pytest.mark.slow
+def test_an_evaluation_compiled_ahead_lowers_no_program(files, tmp_path):
+  """`compile_eval` (the loop calls it with the first step's compile, which the stall watch does
+  not time) compiles the held-out loss of both latent sizes, the sampler and the decoder, so the
+  evaluation after it lowers none of them: jit finds what was compiled ahead."""
+  config = _config(files, files["train"], files["heldout"])
+  mesh = parallel.make_mesh(dict(config.mesh))
+  setup = dit_task.TASK.make_setup(config, mesh)
+  setup.logger_class(str(tmp_path), num_steps=6, num_devices=jax.device_count(), chip="cpu",
+                     is_main=True)
+  with parallel.mesh_context(mesh, setup.rules):
+    state = setup.init_state(0)
+    with lowered_programs() as ahead:
+      setup.compile_eval(state)
+    assert setup.eval_due(6, True)
+    with lowered_programs() as during:
+      result = setup.evaluate(state, 6)
+  assert "loss_mean" in result and "samples" in result
+  names = ("trajectory", "_per_sample", "decode_latents")
+  assert [n for n in ahead if any(k in n for k in names)] and not [
+      n for n in during if any(k in n for k in names)], (ahead, during)
 
 
 @pytest.mark.parametrize("change, message", [

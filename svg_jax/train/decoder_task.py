@@ -292,10 +292,22 @@ class DecoderSetup:
   def eval_due(self, step: int, at_end: bool) -> bool:
     return self.eval_images is not None and (step % self.eval_every == 0 or at_end)
 
+  def _eval_chunk(self) -> int:
+    """Images per reconstruction call: train.eval_batch_size rounded up to the batch split."""
+    mult = parallel.batch_axis_size(self.mesh)
+    return -(-int(self.config.train.eval_batch_size) // mult) * mult
+
+  def compile_eval(self, state) -> None:
+    if self.eval_images is None:
+      return
+    part = np.zeros((self._eval_chunk(),) + self.eval_images.shape[1:], self.eval_images.dtype)
+    with parallel.mesh_context(self.mesh, self.rules):
+      self._reconstruct.lower(state.params, self.frozen,
+                              jax.device_put(part, self._batch_sh["image"])).compile()
+
   def reconstruct(self, params, images: np.ndarray) -> np.ndarray:
     """uint8 images -> reconstructions in about [-1, 1] (host fp32), in padded chunks."""
-    mult = parallel.batch_axis_size(self.mesh)
-    chunk = -(-int(self.config.train.eval_batch_size) // mult) * mult
+    chunk = self._eval_chunk()
     outs = []
     for start in range(0, len(images), chunk):
       part = images[start:start + chunk]

@@ -310,6 +310,10 @@ class DiTSetup:
   def eval_due(self, step: int, at_end: bool) -> bool:
     return self.validation is not None and self.validation.due(step, at_end)
 
+  def compile_eval(self, state) -> None:
+    if self.validation is not None:
+      self.validation.compile(state)
+
   def evaluate(self, state, step: int) -> dict:
     return self.validation.run(state, step)
 

@@ -21,8 +21,9 @@ Order of work (nothing compiles before the config has been checked):
      `<workdir>/damaged_checkpoints/` and the previous step is restored: a damaged checkpoint
      costs one interval, not the run.
   4. Steps: jit(train_step) with explicit in/out shardings and the state donated, compiled ahead
-     for each batch shape (`TaskSetup.compile_step`; every host then waits for the others'
-     compiles before the first run, so the stall watch never times a compile). The step rng is
+     for each batch shape (`TaskSetup.compile_step`; with the first batch, the evaluation's
+     programs too: `TaskSetup.compile_eval`). Every host then waits for the others' compiles
+     before the first run, so the stall watch never times a compile. The step rng is
      fold_in(PRNGKey(seed), step), so a resumed run draws what the uninterrupted run drew. A
      state or step that does not fit in memory ends the run with `OutOfMemory`, one line saying
      what to change; the checkpoints already written are intact.
@@ -330,15 +331,18 @@ def _timed(stall: stall_watch.StallWatch, what: str, agree):
 
 def _compile_step(setup, state, batch, rng, first: bool, agreement: _Agreement,
                   stall: stall_watch.StallWatch):
-  """The step compiled for `batch`'s shapes, once every host has compiled it. Neither the compile
-  nor the wait for the slowest host's is timed: a compile's length cannot be foretold, and a run
-  timed from the end of this host's compile would also time the others' (a host whose
-  compilation cache missed compiles for minutes longer). So the first run after it waits for no
-  compile. In mid-run, the steps in flight end first, while the watch still times them."""
+  """The step compiled for `batch`'s shapes (with the first batch, the evaluation's programs
+  too), once every host has compiled it. Neither the compile nor the wait for the slowest host's
+  is timed: a compile's length cannot be foretold, and a run timed from the end of this host's
+  compile would also time the others' (a host whose compilation cache missed compiles for
+  minutes longer). So the first run after it, and the first evaluation, wait for no compile. In
+  mid-run, the steps in flight end first, while the watch still times them."""
   if not first:
     jax.block_until_ready(state)
   stall.pause()
   run_step = setup.compile_step(state, batch, rng)
+  if first:
+    setup.compile_eval(state)
   agreement.max(0)
   return run_step
 

@@ -10,9 +10,10 @@ stack (the main thread's names the line it waits on) and ends the process as a f
 restarts failed jobs resumes the run from its newest checkpoint.
 
 The loop arms the watch with what it waits for and pauses it while it compiles (the state's init,
-remat auto's candidates, and the step for each new batch shape: the first batch, an aspect or
-caption-length bucket not seen before) and while the hosts wait for each other's compiles: a
-compile's length varies too much for one timeout. The time between two steps includes the checkpoint saves and the validation that come
+remat auto's candidates, the step for each new batch shape: the first batch, an aspect or
+caption-length bucket not seen before; with the first batch, the evaluation's programs) and while
+the hosts wait for each other's compiles: a compile's length varies too much for one timeout.
+The time between two steps includes the checkpoint saves and the validation runs that come
 between them.
 """
 from __future__ import annotations

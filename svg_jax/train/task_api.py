@@ -45,6 +45,10 @@ class TaskSetup(Protocol):
   def eval_due(self, step: int, at_end: bool) -> bool:
     """Whether `evaluate` runs after this step."""
 
+  def compile_eval(self, state) -> None:
+    """Compiles ahead what `evaluate` runs on a state like `state`, so that it compiles nothing
+    (the loop calls it, untimed, with the first step's compile)."""
+
   def evaluate(self, state, step: int) -> dict:
     """Numbers written to metrics.jsonl as an "eval" record."""
 

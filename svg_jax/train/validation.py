@@ -1,8 +1,9 @@
 """Watching a DiT run: sample grids of fixed prompts and a held-out flow loss per noise level.
 
-Both run through the DiT task's `eval_due` / `evaluate` hooks of the shared loop
-(svg_jax/train/dit_task.py) and only read the train state: no parameter, optimizer moment, step
-rng or data-iterator position changes, so a resumed run logs what an uninterrupted one logs.
+Both run through the DiT task's `compile_eval` (with the first step's compile) / `eval_due` /
+`evaluate` hooks of the shared loop (svg_jax/train/dit_task.py) and only read the train state:
+no parameter, optimizer moment, step rng or data-iterator position changes, so a resumed run
+logs what an uninterrupted one logs.
 
 Grids (`train.sample_every`, the `validation` config section): the validation prompts are
 sampled with the EMA params through `generate.Generator.latents_from_features`, the program
@@ -263,6 +264,15 @@ class GridSampler:
       rows = generate.guided_rows(f, m, arrays["uncond_features"], arrays["uncond_mask"])
       self.batches.append((*rows, s, k))
 
+  def compile(self, params) -> None:
+    """Compiles ahead what `latents(params)` runs: one program, every batch padded to one shape."""
+    feats, mask, seeds, _ = self.batches[0]
+    self.generator.params = params
+    try:
+      self.generator.compile_latents(feats, mask, seeds, self.latent_shape, self.settings)
+    finally:
+      self.generator.params = None
+
   def latents(self, params) -> np.ndarray:
     """Latents [N, h, w, C] of every prompt with `params` (on every process)."""
     self.generator.params = params
@@ -335,12 +345,24 @@ class HeldoutLoss:
 
     return jax.lax.map(at, jnp.asarray(self.timesteps, jnp.float32))
 
+  def _args(self, params, batch) -> tuple:
+    return (params, self.text_params, *(_put(a, self.mesh) for a in batch[:4]))
+
+  def compile(self, params) -> None:
+    """Compiles ahead the loss of each batch shape for params placed like `params` (jit keeps
+    them), so `__call__` compiles nothing."""
+    done = set()
+    for batch in self.batches:
+      shapes = tuple(a.shape for a in batch)
+      if shapes not in done:
+        done.add(shapes)
+        self._fn.lower(*self._args(params, batch)).compile()
+
   def __call__(self, params) -> dict[str, float]:
     sums = np.zeros((len(self.timesteps),), np.float64)
-    for x1, x0, txt, mask, weight in self.batches:
-      args = [_put(a, self.mesh) for a in (x1, x0, txt, mask)]
-      per = _host(self._fn(params, self.text_params, *args)).astype(np.float64)
-      sums += per @ weight
+    for batch in self.batches:
+      per = _host(self._fn(*self._args(params, batch))).astype(np.float64)
+      sums += per @ batch[-1]
     means = sums / self.count
     out = {loss_key(t): float(m) for t, m in zip(self.timesteps, means)}
     out["loss_mean"] = float(np.mean(means))
@@ -388,12 +410,27 @@ class Validation:
                  self.heldout is not None and (step % self.eval_every == 0 or end))
     return any(self._due)
 
+  def compile(self, state) -> None:
+    """Compiles ahead what `run` runs: the held-out loss, the sampler and (process 0) the decoder.
+    The loop calls it with the first step's compile, which the stall watch does not time, so the
+    first validation waits for no compile (a host compiling for minutes longer would otherwise
+    look stalled to the others)."""
+    if self.heldout is not None:
+      self.heldout.compile(self._loss_params(state))
+    if self.grids is not None:
+      self.grids.compile(state.ema_params)
+      if self.is_main:
+        self.grids.generator.autoencoder.compile_decode((self.grids.n, *self.grids.latent_shape))
+
+  def _loss_params(self, state):
+    return state.ema_params if self.loss_on_ema else state.params
+
   def run(self, state, step: int) -> dict[str, Any]:
     sample_now, loss_now = self._due
     out: dict[str, Any] = {}
     if loss_now:
       start = time.perf_counter()
-      out.update(self.heldout(state.ema_params if self.loss_on_ema else state.params))
+      out.update(self.heldout(self._loss_params(state)))
       out["heldout_seconds"] = time.perf_counter() - start
     if sample_now:
       start = time.perf_counter()
