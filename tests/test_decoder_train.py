@@ -3,8 +3,10 @@ the step's losses against a direct formulation, and the shared loop on the demo 
 held-out PSNR, checkpoints and resume through launch/train.py)."""
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 import types
 
 import flax.linen as nn
@@ -444,16 +446,48 @@ def _records(workdir):
 def _run(workdir, paths, **train):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config",
-         os.path.join(REPO, "configs", "decoder.py") + ":tiny", "--workdir", str(workdir),
-         *_flags(paths, **train)]
-  return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+  return subprocess.run(_command(workdir, paths, **train), env=env, capture_output=True,
+                        text=True, timeout=400)
+
+
+def _command(workdir, paths, **train):
+  return [sys.executable, os.path.join(REPO, "launch", "train.py"), "--config",
+          os.path.join(REPO, "configs", "decoder.py") + ":tiny", "--workdir", str(workdir),
+          *_flags(paths, **train)]
+
+
+def _run_two_processes(workdir, logs, paths, **train):
+  """launch/train.py as 2 local processes of 1 CPU device each under JAX's distributed runtime
+  (the explicit JAX_* set): (exit codes, logs). Each writes its log to a file (a pipe nobody
+  reads could fill and block it); a process still running after 400 s is killed."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs, paths_of_logs = [], []
+  for i in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+    paths_of_logs.append(logs / f"process_{i}.log")
+    with open(paths_of_logs[-1], "w") as log:
+      procs.append(subprocess.Popen(_command(workdir, paths, **train), env=env,
+                                    stdout=subprocess.DEVNULL, stderr=log))
+  deadline = time.monotonic() + 400
+  try:
+    codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+  except subprocess.TimeoutExpired:
+    codes = [p.poll() for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  return codes, [path.read_text() for path in paths_of_logs]
 
 
 @pytest.mark.slow
 def test_launch_trains_evaluates_and_resumes(tmp_path):
-  """launch/train.py with the tiny config on the demo (a 2-device mesh): the loss falls, the
-  held-out PSNR is logged, and a second invocation resumes from the checkpoint."""
+  """launch/train.py with the tiny config on the demo (a 2-device mesh): the loss falls and the
+  held-out PSNR is logged; then 2 processes of 1 device each (two hosts) resume from its
+  checkpoint and train and evaluate to the end."""
   paths, work = _prepare(_tiny_config(), tmp_path / "demo"), tmp_path / "run"
   common = dict(checkpoint_every=20, eval_every=20)
   out = _run(work, paths, num_steps=40, **common)
@@ -469,11 +503,14 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
   assert last < 0.7 * first
   assert [e["step"] for e in evals] == [20, 40] and evals[1]["heldout_psnr"] > 10
   assert {"d_loss", "d_weight", "l1", "nll"} <= set(recs[-3])
-  out = _run(work, paths, num_steps=46, **common)
-  assert out.returncode == 0, out.stderr[-3000:]
+  codes, logs = _run_two_processes(work, tmp_path, paths, num_steps=46, **common)
+  assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  for log in logs:
+    assert "resumed from" in log and "over 2 devices" in log, log[-3000:]
   recs = _records(work)
   assert [r["step"] for r in recs if r.get("event") == "resume"] == [40]
   assert max(r["step"] for r in recs if "loss" in r) == 46
+  assert [r["step"] for r in recs if r.get("event") == "eval"] == [20, 40, 46]
 
 
 def test_an_evaluation_compiled_ahead_lowers_no_program(tmp_path):
