@@ -21,7 +21,6 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import validation_files
 from svg_jax import cli, parallel
@@ -590,10 +589,7 @@ def _evals(workdir):
   """step -> the held-out losses; step -> the grid (process 0 wrote it)."""
   losses = {r["step"]: {k: v for k, v in r.items() if k.startswith("loss_")}
             for r in _records(workdir) if r.get("event") == "eval" and "loss_mean" in r}
-  folder = os.path.join(workdir, "samples")
-  grids = {int(n[5:11]): np.asarray(Image.open(os.path.join(folder, n)))
-           for n in sorted(os.listdir(folder))}
-  return losses, grids
+  return losses, validation_files.grids(workdir)
 
 
 @pytest.mark.slow

@@ -64,12 +64,6 @@ def _records(workdir):
     return [json.loads(line) for line in f]
 
 
-def _grids(workdir):
-  folder = os.path.join(workdir, validation.SAMPLES_DIR)
-  return {int(n[5:11]): np.asarray(Image.open(os.path.join(folder, n)))
-          for n in sorted(os.listdir(folder))}
-
-
 @pytest.fixture(scope="module")
 def runs(files, tmp_path_factory):
   """An uninterrupted 6-step run (prompt features from the .npz file) and one stopped after step
@@ -89,7 +83,7 @@ def runs(files, tmp_path_factory):
 @pytest.mark.slow
 def test_grids_at_the_configured_steps_in_png_and_tensorboard(runs):
   whole, _ = runs
-  grids = _grids(whole)
+  grids = validation_files.grids(whole)
   assert sorted(grids) == [2, 4, 6]
   for grid in grids.values():
     # 3 prompts in 2 columns of RES x RES images; the fourth cell is empty (black).
@@ -123,7 +117,7 @@ def test_resume_matches_an_uninterrupted_run_bit_for_bit(runs):
   assert sorted(ea) == [3, 6] and sorted(eb) == [3, 4, 6]  # the first leg also ends at 4
   assert ea[3] == eb[3] and ea[6] == eb[6]
   # Grids of both runs, the .npz path against the trainer's own encoding, match exactly.
-  ga, gb = _grids(whole), _grids(resumed)
+  ga, gb = validation_files.grids(whole), validation_files.grids(resumed)
   assert sorted(gb) == [2, 4, 6]
   for step in ga:
     np.testing.assert_array_equal(ga[step], gb[step])

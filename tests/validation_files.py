@@ -3,10 +3,12 @@ official safetensors layout, latent statistics, the offline demo text encoder wi
 prompts' features, and records folders to train on and for the held-out loss (two latent sizes).
 The records carry the statistics' fingerprint, as precompute writes it."""
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from configs import tiny
 from svg_jax import assets, text
@@ -49,3 +51,10 @@ def write(root, spec: demo.DemoSpec) -> dict[str, str]:
                                    seed=seed, fingerprints=ae_lib.config_fingerprints(section))
     out[name] = str(root / name)
   return out
+
+
+def grids(workdir) -> dict[int, np.ndarray]:
+  """step -> the sample grid a run wrote (`samples/step_XXXXXX.png`, uint8 [H, W, 3])."""
+  folder = os.path.join(workdir, validation.SAMPLES_DIR)
+  return {int(n[5:11]): np.asarray(Image.open(os.path.join(folder, n)))
+          for n in sorted(os.listdir(folder))}
