@@ -11,14 +11,19 @@ less remat auto's headroom (docs/performance.md, "The step compiled for a Hopper
 
 `kill -USR1 <pid>` makes a running script print every thread's Python stack to its stderr and go
 on: where a host of a stuck pod run waits (a step's collective, a checkpoint barrier, the loader).
-The stacks come from `faulthandler`, which writes them from the signal itself, so they also come
-while the main thread is blocked inside XLA, where no Python signal handler would run.
+A thread of its own waits for the signal (`sigwait`; every other thread started after the script's
+start blocks it), so the stacks also come while the main thread is blocked inside XLA, where no
+Python signal handler would run. It writes them holding the interpreter's lock:
+`faulthandler.register` writes them from the signal handler, walking the threads without the
+lock, and crashed the process (SIGSEGV) when a thread ended during the walk.
 """
 from __future__ import annotations
 
 import faulthandler
 import os
 import signal
+import sys
+import threading
 from typing import Callable
 
 from absl import app
@@ -31,9 +36,27 @@ STACKS_SIGNAL = signal.SIGUSR1
 
 
 def print_stacks_on_signal() -> None:
-  """Every thread's stack to stderr on STACKS_SIGNAL, unless a handler of its own is installed."""
-  if signal.getsignal(STACKS_SIGNAL) == signal.SIG_DFL:  # the default would end the process
-    faulthandler.register(STACKS_SIGNAL, all_threads=True, chain=False)
+  """Every thread's stack to stderr on STACKS_SIGNAL, unless a handler of its own is installed.
+
+  Call it before the process starts threads: a thread started earlier does not block the signal.
+  """
+  if signal.getsignal(STACKS_SIGNAL) != signal.SIG_DFL:
+    return
+  # A thread that does not block the signal may still receive it: the main thread then prints.
+  signal.signal(STACKS_SIGNAL, lambda *_: _print_stacks())
+  signal.pthread_sigmask(signal.SIG_BLOCK, {STACKS_SIGNAL})
+  threading.Thread(target=_print_stacks_on_each_signal, name="stacks-on-signal",
+                   daemon=True).start()
+
+
+def _print_stacks() -> None:
+  faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
+def _print_stacks_on_each_signal() -> None:
+  while True:
+    signal.sigwait({STACKS_SIGNAL})
+    _print_stacks()
 
 
 def run(main: Callable, **kwargs) -> None:

@@ -3,6 +3,7 @@ backend starts unless the environment chose one."""
 import os
 import subprocess
 import sys
+import time
 
 from svg_jax import cli
 
@@ -23,3 +24,46 @@ def _fraction(**env):
 def test_scripts_give_xla_most_of_the_gpu_unless_told_otherwise():
   assert _fraction() == cli.GPU_MEMORY_FRACTION == "0.92"
   assert _fraction(XLA_PYTHON_CLIENT_MEM_FRACTION="0.5") == "0.5"
+
+
+# Threads start and end while the signals come, as the loader's and checkpointer's threads do.
+_CHURN = """
+import sys, threading, time
+from svg_jax import cli
+cli.print_stacks_on_signal()
+def nested(n):
+  return 0 if n == 0 else nested(n - 1)
+def start_and_end_threads():
+  while True:
+    threads = [threading.Thread(target=nested, args=(50,)) for _ in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+for _ in range(2):
+  threading.Thread(target=start_and_end_threads, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.readline()
+print("still running", flush=True)
+"""
+
+
+def test_stacks_on_signal_survive_threads_that_start_and_end(tmp_path):
+  """kill -USR1 many times over a process whose threads come and go: it prints stacks and goes
+  on. (faulthandler.register's signal-time walk of the threads crashed such a process.)"""
+  log = open(tmp_path / "stderr", "w+")  # a file, as a pipe nobody reads would stop the writer
+  proc = subprocess.Popen([sys.executable, "-c", _CHURN], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=log, text=True)
+  try:
+    assert proc.stdout.readline() == "ready\n"
+    end, sent = time.monotonic() + 4, 0
+    while time.monotonic() < end and proc.poll() is None:
+      proc.send_signal(cli.STACKS_SIGNAL)
+      sent += 1
+    out, _ = proc.communicate("\n", timeout=120)
+  finally:
+    proc.kill()
+  log.seek(0)
+  err = log.read()
+  assert proc.returncode == 0, (proc.returncode, sent, err[-2000:])
+  assert out == "still running\n"
+  assert err.count("(most recent call first)") > 1
+  assert 'in start_and_end_threads' in err
