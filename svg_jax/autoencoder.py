@@ -34,6 +34,7 @@ from svg_jax.data.images import imagenet_normalize, open_rgb
 from svg_jax.latent_stats import LatentStats
 from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax.models.dinov3 import DINOv3Config, DINOv3ViT
+from svg_jax.utils.rounding import round_up
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,8 +233,7 @@ class SVGAutoencoder:
 
   def _chunk_size(self, n: int) -> int:
     """Rows of each call: `batch_size` (or all n), rounded up to a multiple of the batch split."""
-    mult = _batch_multiple(self.sharding)
-    return -(-(self.batch_size or n) // mult) * mult
+    return round_up(self.batch_size or n, _batch_multiple(self.sharding))
 
   def _place(self, part: np.ndarray) -> Any:
     return part if self.sharding is None else jax.device_put(part, self.sharding)

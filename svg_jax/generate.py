@@ -41,6 +41,7 @@ from svg_jax import parallel, sampling, text
 from svg_jax.convert import dit_io
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig
 from svg_jax import dit_checkpoint
+from svg_jax.utils.rounding import round_up
 
 # Official sampling defaults (scripts/sample.sh, eval/generation): 50 steps, CFG 4, DPM, shift 10.
 DEFAULTS = dict(steps=50, cfg_scale=4.0, cfg_mode="renorm", shift=10.0, solver="dpm")
@@ -193,7 +194,7 @@ class Generator:
     """The padded caption length of `prompts`: the longest, rounded up to pad_multiple."""
     _, mask = self.text_encoder.tokenize(list(prompts))
     longest = int(mask.sum(axis=1).max())
-    return -(-longest // self.pad_multiple) * self.pad_multiple
+    return round_up(longest, self.pad_multiple)
 
   def _uncond(self, length: int) -> tuple[np.ndarray, np.ndarray]:
     if length not in self._empty:
@@ -239,9 +240,7 @@ class Generator:
     length = self.text_length(prompts) if text_length is None else int(text_length)
     if length % self.pad_multiple:
       raise ValueError(f"text_length {length} is not a multiple of {self.pad_multiple}")
-    chunk = batch_size if batch_size and batch_size > 0 else n
-    mult = self.batch_multiple()
-    chunk = -(-chunk // mult) * mult
+    chunk = round_up(batch_size if batch_size and batch_size > 0 else n, self.batch_multiple())
     out = []
     for start in range(0, n, chunk):
       part_p, part_s = prompts[start:start + chunk], seeds[start:start + chunk]

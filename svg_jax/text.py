@@ -24,6 +24,7 @@ import numpy as np
 
 from svg_jax.convert import gemma2 as convert
 from svg_jax.models.gemma2 import Gemma2Config, Gemma2Encoder
+from svg_jax.utils.rounding import round_up
 
 # Sampling system prompts by `--system_type` (sample_svg_t2i.py); `base` is also training's.
 SYSTEM_PROMPTS: dict[str, str] = {
@@ -148,7 +149,7 @@ def tokenize(tokenizer, captions: Sequence[str], system_prompt: str = BASE_SYSTE
     raise ValueError(f"captions {no_bos} do not start with <bos> ({bos}); load the tokenizer with "
                      "text.load_tokenizer (Gemma adds <bos>)")
   longest = max(len(s) for s in seqs)
-  length = -(-longest // pad_multiple) * pad_multiple
+  length = round_up(longest, pad_multiple)
   if pad_to is not None:
     if pad_to < longest:
       raise ValueError(f"pad_to={pad_to} is shorter than the longest tokenized caption ({longest} "

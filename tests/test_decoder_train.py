@@ -3,10 +3,8 @@ the step's losses against a direct formulation, and the shared loop on the demo 
 held-out PSNR, checkpoints and resume through launch/train.py)."""
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import types
 
 import flax.linen as nn
@@ -17,6 +15,7 @@ import optax
 import pytest
 import torch
 
+import local_hosts
 from lowerings import lowered_programs
 from svg_jax import parallel
 from svg_jax.convert import lpips as lpips_conv
@@ -456,31 +455,14 @@ def _command(workdir, paths, **train):
           *_flags(paths, **train)]
 
 
-def _run_two_processes(workdir, logs, paths, **train):
-  """launch/train.py as 2 local processes of 1 CPU device each under JAX's distributed runtime
-  (the explicit JAX_* set): (exit codes, logs). Each writes its log to a file (a pipe nobody
-  reads could fill and block it); a process still running after 400 s is killed."""
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  procs, paths_of_logs = [], []
-  for i in range(2):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-    paths_of_logs.append(logs / f"process_{i}.log")
-    with open(paths_of_logs[-1], "w") as log:
-      procs.append(subprocess.Popen(_command(workdir, paths, **train), env=env,
-                                    stdout=subprocess.DEVNULL, stderr=log))
-  deadline = time.monotonic() + 400
-  try:
-    codes = [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
-  except subprocess.TimeoutExpired:
-    codes = [p.poll() for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  return codes, [path.read_text() for path in paths_of_logs]
+def _run_two_processes(workdir, paths, **train):
+  """launch/train.py as 2 local processes of 1 CPU device each under JAX's distributed runtime:
+  (exit codes, logs)."""
+  port = local_hosts.free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  procs = [local_hosts.popen(_command(workdir, paths, **train),
+                             local_hosts.host_env(env, port, 2, i)) for i in range(2)]
+  return local_hosts.wait(procs, 400)
 
 
 @pytest.mark.slow
@@ -503,7 +485,7 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
   assert last < 0.7 * first
   assert [e["step"] for e in evals] == [20, 40] and evals[1]["heldout_psnr"] > 10
   assert {"d_loss", "d_weight", "l1", "nll"} <= set(recs[-3])
-  codes, logs = _run_two_processes(work, tmp_path, paths, num_steps=46, **common)
+  codes, logs = _run_two_processes(work, paths, num_steps=46, **common)
   assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
   for log in logs:
     assert "resumed from" in log and "over 2 devices" in log, log[-3000:]

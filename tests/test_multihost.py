@@ -13,17 +13,16 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
 
+import local_hosts
 import validation_files
-from svg_jax import cli, parallel
+from svg_jax import parallel
 from svg_jax.data import pipeline, synthetic
 from svg_jax.demo import text_encoder as demo_text
 from svg_jax import checkpoint as ckpt_lib
@@ -60,12 +59,6 @@ def _env(**extra):
   return env
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("data") / "ds"
@@ -94,12 +87,11 @@ def test_a_bad_explicit_set_is_one_line_and_exit_2(data_dir, tmp_path, env, mess
 def test_explicit_coordinator_starts_two_processes_that_train_together(data_dir, tmp_path):
   """Two processes x 2 CPU devices: both join one 4-device mesh (process 0 logs the global
   batch's loss), train, save the final step together and exit 0."""
-  port = _free_port()
+  port = local_hosts.free_port()
   workdir = tmp_path / "run"
-  procs = [_popen(_command(data_dir, workdir, 4),
-                  _env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
-                       JAX_PROCESS_ID=str(i))) for i in range(2)]
-  codes, errs = _wait(procs, 300)
+  procs = [local_hosts.popen(_command(data_dir, workdir, 4),
+                             local_hosts.host_env(_env(), port, 2, i)) for i in range(2)]
+  codes, errs = local_hosts.wait(procs, 300)
   for code, err in zip(codes, errs):
     assert code == 0, err[-3000:]
   for err in errs:  # the trainer's start-up line: one mesh over both processes' devices
@@ -114,60 +106,14 @@ def test_explicit_coordinator_starts_two_processes_that_train_together(data_dir,
 def _launch(data_dir, workdir, steps, processes, devices, *extra, env_of=None):
   """`processes` local processes of launch/train.py with `devices` CPU devices each; `env_of`
   maps a process index to variables of its own environment."""
-  port = _free_port()
+  port = local_hosts.free_port()
   procs = []
   for i in range(processes):
-    env = _env(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
-               JAX_PROCESS_ID=str(i)) if processes > 1 else _env()
+    env = local_hosts.host_env(_env(), port, processes, i) if processes > 1 else _env()
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env.update((env_of or {}).get(i, {}))
-    procs.append(_popen(_command(data_dir, workdir, steps) + list(extra), env))
+    procs.append(local_hosts.popen(_command(data_dir, workdir, steps) + list(extra), env))
   return procs
-
-
-def _popen(command, env):
-  """A process whose stderr a thread reads from the start: a pipe that nobody reads blocks the
-  process once it is full, short of the collective its peers wait in, and the run hangs on the
-  test's reading order (while the test polls metrics.jsonl, or reads another process first)."""
-  p = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                       text=True)
-  p.err_chunks = []
-  p.reader = threading.Thread(target=lambda: p.err_chunks.append(p.stderr.read()), daemon=True)
-  p.reader.start()
-  return p
-
-
-def _wait(procs, timeout):
-  """(return codes, stderr texts) once all have exited; a hang fails within `timeout` seconds
-  with the end of every process's log, where each process that still runs has printed its
-  threads' stacks (cli.STACKS_SIGNAL) before it is killed."""
-  deadline = time.monotonic() + timeout
-  hung = False
-  try:
-    for p in procs:
-      p.wait(timeout=max(deadline - time.monotonic(), 1))
-    for p in procs:  # the pipe closes when the process and its loader workers are gone
-      p.reader.join(max(deadline - time.monotonic(), 1))
-    hung = any(p.reader.is_alive() for p in procs)
-  except subprocess.TimeoutExpired:
-    hung = True
-  finally:
-    if hung:
-      for p in procs:
-        if p.poll() is None:
-          p.send_signal(cli.STACKS_SIGNAL)
-      time.sleep(3)
-    for p in procs:
-      p.kill()
-  errs = []
-  for p in procs:
-    p.reader.join(30)
-    errs.append("".join(p.err_chunks))
-  if hung:
-    tails = [f"process {i} (exit {p.returncode}):\n" + err[-8000:]
-             for i, (p, err) in enumerate(zip(procs, errs))]
-    raise AssertionError(f"not all exited within {timeout} s\n" + "\n".join(tails))
-  return [p.returncode for p in procs], errs
 
 
 def _records(workdir):
@@ -180,7 +126,7 @@ def _losses(workdir):
 
 
 def _run(data_dir, workdir, steps, processes, devices, *extra, timeout=400, env_of=None):
-  codes, errs = _wait(_launch(data_dir, workdir, steps, processes, devices, *extra,
+  codes, errs = local_hosts.wait(_launch(data_dir, workdir, steps, processes, devices, *extra,
                               env_of=env_of), timeout)
   assert codes == [0] * processes, errs[0][-3000:] + errs[-1][-3000:]
   return errs
@@ -359,7 +305,7 @@ def test_init_from_that_one_process_cannot_read_is_read_again_then_one_line_on_a
   (hook / "sitecustomize.py").write_text(_INIT_FROM_FAILS)
   path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
   init = f"--config.train.init_from={source}"
-  codes, errs = _wait(_launch(data_dir, tmp_path / "always", 3, 2, 2, init,
+  codes, errs = local_hosts.wait(_launch(data_dir, tmp_path / "always", 3, 2, 2, init,
                               env_of={1: {"PYTHONPATH": path, "FAILS": "1000"}}), 300)
   assert codes == [2, 2], errs[0][-3000:] + errs[1][-3000:]
   own = [f"config error: train.init_from {source} cannot be loaded on another process",
@@ -419,7 +365,7 @@ def test_a_save_that_fails_on_one_process_stops_all_within_the_heartbeat(data_di
   flags = ("--config.train.checkpoint_every=3", "--config.train.heartbeat_timeout_s=15",
            "--config.data.num_workers=2")
   start = time.monotonic()
-  codes, errs = _wait(_launch(data_dir, workdir, STEPS, 2, 2, *flags,
+  codes, errs = local_hosts.wait(_launch(data_dir, workdir, STEPS, 2, 2, *flags,
                               env_of={failing: {"PYTHONPATH": path}}), 240)
   print(f"exits {codes} {time.monotonic() - start:.1f} s after the start")
   assert codes[failing] == 6 and codes[other] not in (0, None), errs[0][-3000:] + errs[1][-3000:]
@@ -446,7 +392,7 @@ def _wait_for_step(procs, workdir, k, timeout=300):
   deadline = time.monotonic() + timeout
   while time.monotonic() < deadline:
     if any(p.poll() is not None for p in procs):
-      codes, errs = _wait(procs, 30)
+      codes, errs = local_hosts.wait(procs, 30)
       raise AssertionError(f"a process ended early (exit statuses {codes})\n" + "\n".join(
           f"process {i}:\n{err[-4000:]}" for i, err in enumerate(errs)))
     if os.path.exists(path) and any(r.get("step", 0) >= k and "loss" in r
@@ -470,7 +416,7 @@ def test_a_signal_stops_every_process_at_one_step(data_dir, tmp_path, targets):
         time.sleep(1.0)
       procs[i].send_signal(signal.SIGTERM)
     sent = time.monotonic()
-    codes, errs = _wait(procs, 120)
+    codes, errs = local_hosts.wait(procs, 120)
   finally:
     for p in procs:
       p.kill()
@@ -494,7 +440,7 @@ def _process_0_after_a_signal_to_process_1(data_dir, workdir, sig, timeout, *fla
     _wait_for_step(procs, workdir, 3)
     procs[1].send_signal(sig)
     sent = time.monotonic()
-    codes, errs = _wait(procs[:1], timeout)
+    codes, errs = local_hosts.wait(procs[:1], timeout)
   finally:
     procs[1].send_signal(signal.SIGCONT)
     for p in procs:

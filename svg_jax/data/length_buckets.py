@@ -12,10 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-
-
-def round_up(n, multiple: int):
-  return -(-np.asarray(n) // multiple) * multiple
+from svg_jax.utils.rounding import round_up
 
 
 def bucket_of(lengths, buckets: Sequence[int]) -> np.ndarray:
@@ -30,7 +27,7 @@ def optimal_length_buckets(lengths: Sequence[int], num_buckets: int, multiple: i
   """The `num_buckets` bucket lengths (multiples of `multiple`, the last = max_len or the longest)
   minimizing sum over samples of (bucket(len) - len)."""
   lengths = np.asarray(lengths, np.int64)
-  top = int(round_up(max_len if max_len is not None else lengths.max(), multiple))
+  top = round_up(int(max_len if max_len is not None else lengths.max()), multiple)
   lengths = np.minimum(lengths, top)
   cands = np.arange(multiple, top + 1, multiple)
   counts = np.array([np.sum((lengths > c - multiple) & (lengths <= c)) for c in cands])

@@ -35,6 +35,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec as P
 
 from svg_jax.models import kernel_residuals
+from svg_jax.utils.rounding import round_up
 
 _warned: list = []  # the CPU interpret-mode warning is logged once per process
 LANES = 128  # the kernel's block sizes must be multiples of this (TPU vector lanes)
@@ -42,7 +43,7 @@ BLOCK_CHOICES = (512, 256, 128)
 
 
 def padded_length(n: int) -> int:
-  return -(-n // LANES) * LANES
+  return round_up(n, LANES)
 
 
 def _block(n: int) -> int:

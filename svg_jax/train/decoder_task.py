@@ -35,6 +35,7 @@ from svg_jax.train import decoder_step
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import state as state_lib
 from svg_jax.train import task_api
+from svg_jax.utils.rounding import round_up
 
 SECTIONS = ("loss", "discriminator")
 DATA_FIELDS = ("jsonl", "heldout_jsonl", "num_eval_images")
@@ -294,8 +295,7 @@ class DecoderSetup:
 
   def _eval_chunk(self) -> int:
     """Images per reconstruction call: train.eval_batch_size rounded up to the batch split."""
-    mult = parallel.batch_axis_size(self.mesh)
-    return -(-int(self.config.train.eval_batch_size) // mult) * mult
+    return round_up(int(self.config.train.eval_batch_size), parallel.batch_axis_size(self.mesh))
 
   def compile_eval(self, state) -> None:
     if self.eval_images is None:

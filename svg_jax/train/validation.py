@@ -41,6 +41,7 @@ from svg_jax import flow, generate, parallel, text
 from svg_jax.data import jsonl, records
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.utils import atomic_files
+from svg_jax.utils.rounding import round_up
 
 SAMPLES_DIR = "samples"
 IMAGE_TAG = "validation/samples"
@@ -83,7 +84,7 @@ def prompt_features(text_encoder, prompts: Sequence[str],
   empty prompt's [1, L, D] / [1, L] (the CFG's unconditional rows, as `Generator._uncond`)."""
   prompts = list(prompts)
   _, mask = text_encoder.tokenize(prompts)
-  length = -(-int(mask.sum(axis=1).max()) // pad_multiple) * pad_multiple
+  length = round_up(int(mask.sum(axis=1).max()), pad_multiple)
   feats, mask = generate.encode_prompts(text_encoder, prompts, length)
   e_feats, e_mask = generate.encode_prompts(text_encoder, [text.UNCONDITIONAL], length)
   return dict(prompts=np.asarray(prompts, dtype=np.str_), features=feats, mask=mask,
@@ -249,9 +250,8 @@ class GridSampler:
     self.n = len(prompts)
     self.cols = int(v.grid_cols) or math.ceil(math.sqrt(self.n))
     seeds = [int(s) for s in v.seeds] or list(range(self.n))
-    mult = self.generator.batch_multiple()
-    chunk = int(v.batch_size) if int(v.batch_size) > 0 else self.n
-    chunk = -(-chunk // mult) * mult
+    chunk = round_up(int(v.batch_size) if int(v.batch_size) > 0 else self.n,
+                     self.generator.batch_multiple())
     self.batches = []  # (features [2B, L, D], mask [2B, L], seeds [B], real rows k)
     feats, mask = arrays["features"], arrays["mask"]
     for start in range(0, self.n, chunk):
@@ -306,9 +306,8 @@ class HeldoutLoss:
     online = "token_ids" in items[0]
     key = "token_ids" if online else "text_features"
     length = max(int(r["text_len"]) for r in items)
-    length = -(-length // text.PAD_MULTIPLE) * text.PAD_MULTIPLE  # one caption length
-    mult = parallel.batch_axis_size(mesh)
-    chunk = -(-int(v.loss_batch_size) // mult) * mult
+    length = round_up(length, text.PAD_MULTIPLE)  # one caption length
+    chunk = round_up(int(v.loss_batch_size), parallel.batch_axis_size(mesh))
     groups: dict[tuple, list[int]] = {}
     for i, rec in enumerate(items):
       groups.setdefault(tuple(rec["latent"].shape), []).append(i)

@@ -1,2 +1,2 @@
 """Small helpers every layer may use: atomic file writes, progress lines, one-line error
-reasons (telling out-of-memory failures from others)."""
+reasons (telling out-of-memory failures from others), rounding a size up to a multiple."""
