@@ -11,11 +11,13 @@ less remat auto's headroom (docs/performance.md, "The step compiled for a Hopper
 
 `kill -USR1 <pid>` makes a running script print every thread's Python stack to its stderr and go
 on: where a host of a stuck pod run waits (a step's collective, a checkpoint barrier, the loader).
-A thread of its own waits for the signal (`sigwait`; every other thread started after the script's
-start blocks it), so the stacks also come while the main thread is blocked inside XLA, where no
-Python signal handler would run. It writes them holding the interpreter's lock:
-`faulthandler.register` writes them from the signal handler, walking the threads without the
-lock, and crashed the process (SIGSEGV) when a thread ended during the walk.
+A thread of its own prints them, woken by the byte that Python's C-level signal handler writes to
+its wakeup file descriptor in whichever thread the signal reaches. So the stacks also come while
+the main thread is blocked inside XLA, where a Python handler would wait for it to return, and
+whatever thread the kernel picks (one started before the script's start, as OpenBLAS's threads
+are, would not block a signal that the others block). The thread prints holding the interpreter's
+lock: `faulthandler.register` prints from inside the signal handler, walking the threads without
+the lock, and crashed processes (SIGSEGV) when a thread ended during the walk.
 """
 from __future__ import annotations
 
@@ -37,15 +39,21 @@ STACKS_SIGNAL = signal.SIGUSR1
 
 def print_stacks_on_signal() -> None:
   """Every thread's stack to stderr on STACKS_SIGNAL, unless a handler of its own is installed.
-
-  Call it before the process starts threads: a thread started earlier does not block the signal.
-  """
-  if signal.getsignal(STACKS_SIGNAL) != signal.SIG_DFL:
+  Call it from the main thread; it takes Python's signal wakeup file descriptor, unless another
+  is set (then the main thread prints, when it next runs Python)."""
+  if signal.getsignal(STACKS_SIGNAL) != signal.SIG_DFL:  # the default would end the process
     return
-  # A thread that does not block the signal may still receive it: the main thread then prints.
-  signal.signal(STACKS_SIGNAL, lambda *_: _print_stacks())
-  signal.pthread_sigmask(signal.SIG_BLOCK, {STACKS_SIGNAL})
-  threading.Thread(target=_print_stacks_on_each_signal, name="stacks-on-signal",
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)  # a flood of signals drops bytes instead of blocking
+  previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  if previous != -1:  # not ours to take: give it back
+    signal.set_wakeup_fd(previous)
+    os.close(read_fd)
+    os.close(write_fd)
+    signal.signal(STACKS_SIGNAL, lambda *_: _print_stacks())
+    return
+  signal.signal(STACKS_SIGNAL, lambda *_: None)  # the signal reaches the descriptor
+  threading.Thread(target=_print_stacks_on_each_signal, args=(read_fd,), name="stacks-on-signal",
                    daemon=True).start()
 
 
@@ -53,10 +61,10 @@ def _print_stacks() -> None:
   faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
 
 
-def _print_stacks_on_each_signal() -> None:
+def _print_stacks_on_each_signal(read_fd: int) -> None:
   while True:
-    signal.sigwait({STACKS_SIGNAL})
-    _print_stacks()
+    if STACKS_SIGNAL in os.read(read_fd, 512):  # signal numbers, one byte each
+      _print_stacks()
 
 
 def run(main: Callable, **kwargs) -> None:

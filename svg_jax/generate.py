@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from svg_jax import autoencoder as ae_lib
@@ -212,17 +211,16 @@ class Generator:
   def _program(self, settings: SamplerSettings) -> Callable:
     key = dataclasses.replace(settings, cfg_scale=0.0)  # the scale is a traced argument
     if key not in self._programs:
+      # On a mesh the latents come out whole on every device: on several hosts, each host then
+      # holds them all (the gather is part of the program, compiled ahead with it).
+      out = {} if self.mesh is None else dict(out_shardings=parallel.replicated(self.mesh))
       self._programs[key] = jax.jit(functools.partial(trajectory, model=self.model,
-                                                      settings=key))
+                                                      settings=key), **out)
     return self._programs[key]
 
   def _put(self, x: np.ndarray) -> jax.Array:
-    if self.mesh is None:
-      return jnp.asarray(x)
-    # Every process holds the whole host array and gives its own devices their rows (a mesh
-    # that spans hosts, as in-training validation uses, needs no transfer between them).
-    sharding = parallel.batch_sharding(self.mesh, x.ndim)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    # A mesh may span hosts, as in-training validation's does.
+    return jnp.asarray(x) if self.mesh is None else parallel.split_host_array(x, self.mesh)
 
   def noise(self, seeds: Sequence[int], latent_shape: Sequence[int]) -> np.ndarray:
     """The initial noise of each seed: `sampling.initial_noise(seed, latent_shape)` rows."""
@@ -260,11 +258,8 @@ class Generator:
     """One batch of B images: [cond rows; uncond rows] features [2B, L, D] and mask [2B, L] (as
     `text_features` gives them) and B seeds -> latents [B, h, w, C] fp32 on every process. B must
     be a multiple of `batch_multiple()`; one program per shape and sampler settings."""
-    z = self._program(settings)(*self._trajectory_args(feats, mask, seeds, latent_shape,
-                                                       settings))
-    if z.is_fully_addressable:
-      return np.asarray(z)
-    return np.asarray(multihost_utils.process_allgather(z, tiled=True))  # every host's share
+    return parallel.replicated_to_host(self._program(settings)(
+        *self._trajectory_args(feats, mask, seeds, latent_shape, settings)))
 
   def compile_latents(self, feats: np.ndarray, mask: np.ndarray, seeds: Sequence[int],
                       latent_shape: Sequence[int],

@@ -114,6 +114,18 @@ def batch_axis_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def split_host_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array that every process holds whole -> a global array split over the batch axes:
+  each process gives its own devices their rows, so nothing moves between hosts."""
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh, x.ndim),
+                                      lambda index: x[index])
+
+
+def replicated_to_host(x: jax.Array) -> np.ndarray:
+  """A replicated (or one-process) array -> the whole array on the host, on every process."""
+  return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
 # The explicit set, for plain SSH or any launcher JAX does not detect: all three or none.
 EXPLICIT_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 

@@ -1,6 +1,7 @@
 """Several hosts on one machine: local processes under JAX's distributed runtime, started by the
 explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set, each with a reader of
-its stderr, and a wait whose hang fails with every process's stacks instead of blocking the suite."""
+its stderr, and a wait whose hang fails with every process's stacks instead of blocking the
+suite."""
 import socket
 import subprocess
 import threading

@@ -1,6 +1,7 @@
 """The scripts' shared start (svg_jax/cli.py): XLA's share of a GPU's memory, set before the
 backend starts unless the environment chose one."""
 import os
+import re
 import subprocess
 import sys
 import time
@@ -67,3 +68,46 @@ def test_stacks_on_signal_survive_threads_that_start_and_end(tmp_path):
   assert out == "still running\n"
   assert err.count("(most recent call first)") > 1
   assert 'in start_and_end_threads' in err
+
+
+# The main thread waits inside XLA for a host callback that takes 6 s (no Python runs in it
+# meanwhile); a thread started before the stacks' set-up idles as OpenBLAS's threads do.
+_BLOCKED = """
+import sys, threading, time
+import jax, numpy as np
+early = threading.Event()
+threading.Thread(target=early.wait, name="started-before", daemon=True).start()
+from svg_jax import cli
+cli.print_stacks_on_signal()
+def slow(x):
+  time.sleep(6)
+  return x
+y = jax.jit(lambda x: jax.pure_callback(slow, jax.ShapeDtypeStruct((), np.float32), x))
+y = y.lower(np.float32(1)).compile()
+print("blocking", flush=True)
+y(np.float32(1)).block_until_ready()
+print("unblocked", file=sys.stderr, flush=True)
+"""
+
+
+def test_stacks_on_signal_come_while_the_main_thread_waits_inside_xla(tmp_path):
+  """Signals while the main thread waits inside XLA: the stacks (its own frame among them) are
+  printed during the wait, not after it."""
+  log = open(tmp_path / "stderr", "w+")
+  proc = subprocess.Popen([sys.executable, "-c", _BLOCKED], stdout=subprocess.PIPE, stderr=log,
+                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    assert proc.stdout.readline() == "blocking\n"
+    time.sleep(1)
+    for _ in range(5):  # the kernel may pick any thread that does not block the signal
+      proc.send_signal(cli.STACKS_SIGNAL)
+      time.sleep(0.3)
+    proc.wait(timeout=120)
+  finally:
+    proc.kill()
+  log.seek(0)
+  err = log.read()
+  assert proc.returncode == 0, err[-2000:]
+  during = err[:err.index("unblocked")]
+  assert during.count("Current thread") == 5, err[-3000:]  # one print for each signal
+  assert re.search(r'File "<string>", line \d+ in <module>', during), err[-3000:]

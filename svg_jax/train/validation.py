@@ -33,8 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from svg_jax import autoencoder as ae_lib
 from svg_jax import flow, generate, parallel, text
@@ -197,19 +195,6 @@ def _eval_data_problems(config, model_cfg, train_text_kind) -> list[str]:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _put(x: np.ndarray, mesh) -> jax.Array:
-  """A host array every process holds whole -> a global array split over the batch axes."""
-  sharding = parallel.batch_sharding(mesh, x.ndim)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def _host(x: jax.Array) -> np.ndarray:
-  """A replicated (or one-process) result on the host of every process."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(x.addressable_data(0))
-
-
 class ValidationLogger(metrics_lib.MetricsLogger):
   """The shared logger (which also puts "eval" numbers into TensorBoard) plus the grid images
   (process 0 only, like every record)."""
@@ -330,7 +315,7 @@ class HeldoutLoss:
           weight[row] = 1.0
         mask[len(part):, 0] = True  # padding rows: one valid token keeps them finite
         self.batches.append((x1, x0, txt, mask, weight))
-    self._fn = jax.jit(self._per_sample, out_shardings=NamedSharding(mesh, P()))
+    self._fn = jax.jit(self._per_sample, out_shardings=parallel.replicated(mesh))
 
   def _per_sample(self, params, text_params, x1, x0, txt, mask):
     """Per-record velocity MSE [T, B] at each fixed time."""
@@ -345,7 +330,8 @@ class HeldoutLoss:
     return jax.lax.map(at, jnp.asarray(self.timesteps, jnp.float32))
 
   def _args(self, params, batch) -> tuple:
-    return (params, self.text_params, *(_put(a, self.mesh) for a in batch[:4]))
+    return (params, self.text_params,
+            *(parallel.split_host_array(a, self.mesh) for a in batch[:4]))
 
   def compile(self, params) -> None:
     """Compiles ahead the loss of each batch shape for params placed like `params` (jit keeps
@@ -360,7 +346,7 @@ class HeldoutLoss:
   def __call__(self, params) -> dict[str, float]:
     sums = np.zeros((len(self.timesteps),), np.float64)
     for batch in self.batches:
-      per = _host(self._fn(*self._args(params, batch))).astype(np.float64)
+      per = parallel.replicated_to_host(self._fn(*self._args(params, batch))).astype(np.float64)
       sums += per @ batch[-1]
     means = sums / self.count
     out = {loss_key(t): float(m) for t, m in zip(self.timesteps, means)}
