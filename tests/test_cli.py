@@ -1,5 +1,6 @@
 """The scripts' shared start (svg_jax/cli.py): XLA's share of a GPU's memory, set before the
-backend starts unless the environment chose one."""
+backend starts unless the environment chose one; every thread's stack on STACKS_SIGNAL, printed
+while threads come and go and while the main thread waits inside XLA."""
 import os
 import re
 import subprocess
@@ -47,23 +48,33 @@ print("still running", flush=True)
 """
 
 
+def _with_stderr_file(tmp_path, script, signal_it, **popen):
+  """(process, its stderr, what `signal_it(process)` returned) for `python -c script`; stderr
+  goes to a file, as a pipe nobody reads would stop the writer."""
+  with open(tmp_path / "stderr", "w+") as log:
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=log,
+                            text=True, **popen)
+    try:
+      result = signal_it(proc)
+    finally:
+      proc.kill()
+    log.seek(0)
+    return proc, log.read(), result
+
+
 def test_stacks_on_signal_survive_threads_that_start_and_end(tmp_path):
   """kill -USR1 many times over a process whose threads come and go: it prints stacks and goes
   on. (faulthandler.register's signal-time walk of the threads crashed such a process.)"""
-  log = open(tmp_path / "stderr", "w+")  # a file, as a pipe nobody reads would stop the writer
-  proc = subprocess.Popen([sys.executable, "-c", _CHURN], stdin=subprocess.PIPE,
-                          stdout=subprocess.PIPE, stderr=log, text=True)
-  try:
+  def signal_it(proc):
     assert proc.stdout.readline() == "ready\n"
     end, sent = time.monotonic() + 4, 0
     while time.monotonic() < end and proc.poll() is None:
       proc.send_signal(cli.STACKS_SIGNAL)
       sent += 1
     out, _ = proc.communicate("\n", timeout=120)
-  finally:
-    proc.kill()
-  log.seek(0)
-  err = log.read()
+    return out, sent
+
+  proc, err, (out, sent) = _with_stderr_file(tmp_path, _CHURN, signal_it, stdin=subprocess.PIPE)
   assert proc.returncode == 0, (proc.returncode, sent, err[-2000:])
   assert out == "still running\n"
   assert err.count("(most recent call first)") > 1
@@ -93,20 +104,16 @@ print("unblocked", file=sys.stderr, flush=True)
 def test_stacks_on_signal_come_while_the_main_thread_waits_inside_xla(tmp_path):
   """Signals while the main thread waits inside XLA: the stacks (its own frame among them) are
   printed during the wait, not after it."""
-  log = open(tmp_path / "stderr", "w+")
-  proc = subprocess.Popen([sys.executable, "-c", _BLOCKED], stdout=subprocess.PIPE, stderr=log,
-                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  try:
+  def signal_it(proc):
     assert proc.stdout.readline() == "blocking\n"
     time.sleep(1)
     for _ in range(5):  # the kernel may pick any thread that does not block the signal
       proc.send_signal(cli.STACKS_SIGNAL)
       time.sleep(0.3)
     proc.wait(timeout=120)
-  finally:
-    proc.kill()
-  log.seek(0)
-  err = log.read()
+
+  proc, err, _ = _with_stderr_file(tmp_path, _BLOCKED, signal_it,
+                                   env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, err[-2000:]
   during = err[:err.index("unblocked")]
   assert during.count("Current thread") == 5, err[-3000:]  # one print for each signal

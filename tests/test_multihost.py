@@ -116,6 +116,14 @@ def _launch(data_dir, workdir, steps, processes, devices, *extra, env_of=None):
   return procs
 
 
+def _python_path_with_hook(folder, code):
+  """A PYTHONPATH under which a launched process imports `code` at start-up (a sitecustomize
+  module in `folder`), before the environment's own PYTHONPATH."""
+  folder.mkdir()
+  (folder / "sitecustomize.py").write_text(code)
+  return os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH")) if p)
+
+
 def _records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -255,10 +263,7 @@ def test_a_restore_that_fails_on_one_process_is_read_again_by_all(data_dir, one_
   uninterrupted run. Nothing is moved aside."""
   workdir = tmp_path / "run"
   _run(data_dir, workdir, 6, 2, 2, "--config.train.checkpoint_every=3")
-  hook = tmp_path / "fails_once"
-  hook.mkdir()
-  (hook / "sitecustomize.py").write_text(_FAILS_ONCE)
-  path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+  path = _python_path_with_hook(tmp_path / "fails_once", _FAILS_ONCE)
   errs = _run(data_dir, workdir, STEPS, 2, 2, "--config.train.checkpoint_every=3",
               env_of={1: {"PYTHONPATH": path}})
   assert "reading it once more" in errs[0] and "(on another process)" in errs[0]
@@ -295,10 +300,7 @@ def test_init_from_that_one_process_cannot_read_is_read_again_then_one_line_on_a
   both read again, together, and train from those params."""
   source = tmp_path / "stage1"
   _run(data_dir, source, 2, 1, 4)
-  hook = tmp_path / "hook"
-  hook.mkdir()
-  (hook / "sitecustomize.py").write_text(_INIT_FROM_FAILS)
-  path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+  path = _python_path_with_hook(tmp_path / "hook", _INIT_FROM_FAILS)
   init = f"--config.train.init_from={source}"
   codes, errs = local_hosts.wait(_launch(data_dir, tmp_path / "always", 3, 2, 2, init,
                               env_of={1: {"PYTHONPATH": path, "FAILS": "1000"}}), 300)
@@ -353,10 +355,7 @@ def test_a_save_that_fails_on_one_process_stops_all_within_the_heartbeat(data_di
   for the store."""
   other = 1 - failing
   workdir = tmp_path / "run"
-  hook = tmp_path / "disk_full"
-  hook.mkdir()
-  (hook / "sitecustomize.py").write_text(_SECOND_SAVE_FAILS)
-  path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+  path = _python_path_with_hook(tmp_path / "disk_full", _SECOND_SAVE_FAILS)
   flags = ("--config.train.checkpoint_every=3", "--config.train.heartbeat_timeout_s=15",
            "--config.data.num_workers=2")
   start = time.monotonic()
@@ -522,10 +521,7 @@ def test_two_hosts_wait_for_no_compile_and_validate_as_one(tmp_path):
   process 0 could not decode on its devices inside the run on every host's (an error at the
   first grid)."""
   files = validation_files.write(tmp_path, _TEXT)
-  hook = tmp_path / "slow_compiles"
-  hook.mkdir()
-  (hook / "sitecustomize.py").write_text(_SLOW_COMPILES)
-  path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+  path = _python_path_with_hook(tmp_path / "slow_compiles", _SLOW_COMPILES)
   flags = [*_validation_flags(files), "--config.model.remat_policy=auto",
            "--config.train.remat_memory_budget_gib=1000"]
   errs = _run(files["train"], tmp_path / "two", 4, 2, 2, *flags,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+
 from svg_jax.utils.rounding import round_up
 
 
