@@ -29,6 +29,7 @@ RUNTIME = [
 ]
 TEST = [
     "pytest>=8",
+    "pytest-xdist>=3.5",  # launch/test.sh runs the tests that may share the cores on workers
     "torch==2.13.0",  # the reference implementations run on its CPU build
     "jax[tpu]",  # libtpu: XLA:TPU compiles of the train step for TPU topologies, on any host
     "scikit-image>=0.25",  # SSIM reference

@@ -191,9 +191,7 @@ class Generator:
 
   def text_length(self, prompts: Sequence[str]) -> int:
     """The padded caption length of `prompts`: the longest, rounded up to pad_multiple."""
-    _, mask = self.text_encoder.tokenize(list(prompts))
-    longest = int(mask.sum(axis=1).max())
-    return round_up(longest, self.pad_multiple)
+    return padded_text_length(self.text_encoder, prompts, self.pad_multiple)
 
   def _uncond(self, length: int) -> tuple[np.ndarray, np.ndarray]:
     if length not in self._empty:
@@ -320,6 +318,13 @@ class Generator:
                                            max_length=text.SAMPLE_MAX_LENGTH)
     ae = ae_lib.SVGAutoencoder.from_config(config, encoder=False, decoder=True, mesh=mesh)
     return cls(dit_cfg, params, enc, ae, mesh=mesh)
+
+
+def padded_text_length(text_encoder: Any, prompts: Sequence[str], pad_multiple: int) -> int:
+  """The one caption length a batch of `prompts` is padded to: the longest (with the encoder's
+  system prompt), rounded up to `pad_multiple`."""
+  _, mask = text_encoder.tokenize(list(prompts))
+  return round_up(int(mask.sum(axis=1).max()), pad_multiple)
 
 
 def encode_prompts(text_encoder: Any, prompts: Sequence[str], length: int

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from svg_jax import cli
 
 _SCRIPT = """
@@ -62,6 +64,7 @@ def _with_stderr_file(tmp_path, script, signal_it, **popen):
     return proc, log.read(), result
 
 
+@pytest.mark.serial
 def test_stacks_on_signal_survive_threads_that_start_and_end(tmp_path):
   """kill -USR1 many times over a process whose threads come and go: it prints stacks and goes
   on. (faulthandler.register's signal-time walk of the threads crashed such a process.)"""
@@ -101,6 +104,7 @@ print("unblocked", file=sys.stderr, flush=True)
 """
 
 
+@pytest.mark.serial
 def test_stacks_on_signal_come_while_the_main_thread_waits_inside_xla(tmp_path):
   """Signals while the main thread waits inside XLA: the stacks (its own frame among them) are
   printed during the wait, not after it."""

@@ -466,6 +466,7 @@ def _run_two_processes(workdir, paths, **train):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_launch_trains_evaluates_and_resumes(tmp_path):
   """launch/train.py with the tiny config on the demo (a 2-device mesh): the loss falls and the
   held-out PSNR is logged; then 2 processes of 1 device each (two hosts) resume from its

@@ -28,6 +28,8 @@ from svg_jax.demo import text_encoder as demo_text
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import remat
 
+pytestmark = pytest.mark.serial  # several processes, heartbeats and watches in seconds
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.model.in_channels=8", "--config.model.cap_feat_dim=16", "--config.model.dim=32",
         "--config.model.n_heads=2", "--config.model.n_kv_heads=1",

@@ -6,7 +6,11 @@ on a run whose peer was stopped; tests/test_train.py runs the loop with a hung r
 import threading
 import time
 
+import pytest
+
 from svg_jax.train import stall_watch
+
+pytestmark = pytest.mark.serial  # timeouts of a fraction of a second
 
 
 def _wait_for(condition, timeout_s):

@@ -262,6 +262,7 @@ def test_an_unsettled_second_signal_still_cuts_the_save_short():
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_sigusr1_prints_the_stacks_and_sigterm_saves_and_exits_zero(data_dir, tmp_path):
   """SIGUSR1 (cli.STACKS_SIGNAL) writes every thread's stack, the training loop's among them, and
   the run goes on; SIGTERM then saves the step it stops at and exits 0."""
@@ -487,6 +488,7 @@ def _slow_compiles(monkeypatch, seconds, shapes_seen):
   monkeypatch.setattr(dit_task.DiTSetup, "init_state", init_state)
 
 
+@pytest.mark.serial
 def test_the_stall_watch_times_a_hung_restore_and_not_the_compiles(tmp_path, monkeypatch):
   """A 2 s watch (its action recorded, not exit 7). Latents in two aspect buckets, no saves: an
   init and the step calls that compile (the first batch of each bucket) take 3 s each, as long

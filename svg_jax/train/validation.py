@@ -78,11 +78,10 @@ def read_prompts(vcfg) -> list[str]:
 def prompt_features(text_encoder, prompts: Sequence[str],
                     pad_multiple: int = text.PAD_MULTIPLE) -> dict[str, np.ndarray]:
   """The validation file's arrays: the prompts' features [N, L, D] fp32 and mask [N, L] at one
-  length (the longest prompt rounded up to `pad_multiple`, as `Generator.text_length`), and the
+  length (`generate.padded_text_length`, as the generator pads them), and the
   empty prompt's [1, L, D] / [1, L] (the CFG's unconditional rows, as `Generator._uncond`)."""
   prompts = list(prompts)
-  _, mask = text_encoder.tokenize(prompts)
-  length = round_up(int(mask.sum(axis=1).max()), pad_multiple)
+  length = generate.padded_text_length(text_encoder, prompts, pad_multiple)
   feats, mask = generate.encode_prompts(text_encoder, prompts, length)
   e_feats, e_mask = generate.encode_prompts(text_encoder, [text.UNCONDITIONAL], length)
   return dict(prompts=np.asarray(prompts, dtype=np.str_), features=feats, mask=mask,
