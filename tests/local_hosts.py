@@ -2,6 +2,7 @@
 explicit JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID set, each with a reader of
 its stderr, and a wait whose hang fails with every process's stacks instead of blocking the
 suite."""
+import os
 import socket
 import subprocess
 import threading
@@ -18,6 +19,9 @@ def free_port() -> int:
 
 def host_env(env: dict, port: int, processes: int, index: int) -> dict:
   """`env` with the explicit set that makes this process host `index` of `processes`."""
+  if "PYTEST_XDIST_WORKER" in os.environ:  # beside another worker, heartbeats become a coin toss
+    raise RuntimeError("a test that starts several hosts runs alone, not on a pytest-xdist worker: "
+                       "mark it @pytest.mark.serial and run those without -n (launch/test.sh does)")
   return dict(env, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
               JAX_PROCESS_ID=str(index))
 
