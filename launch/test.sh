@@ -12,6 +12,9 @@ workers=${SVG_JAX_TEST_WORKERS:-$((cores < 8 ? cores : 8))}
 # loadfile: a module's tests stay on one worker, so its module-wide fixtures are built once.
 shared=0
 python -m pytest -q -m "not serial" -n "$workers" --dist loadfile || shared=$?
+if [ "$shared" -gt 1 ]; then  # interrupted (Ctrl-C), a usage or internal error: stop here
+  exit "$shared"
+fi
 alone=0
 python -m pytest -q -m serial || alone=$?
 exit $((shared != 0 ? shared : alone))
