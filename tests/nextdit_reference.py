@@ -1,10 +1,12 @@
-"""The reference NextDiT for parity tests: diffusers' Lumina2Transformer2DModel, aligned to the
+"""The reference NextDiT for parity tests: diffusers' Lumina2Transformer2DModel, loaded with
+diffusers' own converter of official Lumina-Image-2.0 checkpoints (not ours), aligned to the
 official SVG-T2I model as measured in docs/equivalence/nextdit.md §8:
 q/k-norm eps set to the config's value and the RoPE tables replaced by fp32-angle complex64 tables.
 """
 import numpy as np
 import torch
 from diffusers import Lumina2Transformer2DModel
+from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
 
 from svg_jax.convert import nextdit as convert
 from svg_jax.models.nextdit import NextDiTConfig
@@ -39,10 +41,26 @@ def official_rope_tables(cfg: NextDiTConfig) -> list:
   return tables
 
 
+def diffusers_state(official_state: dict, cfg: NextDiTConfig) -> dict[str, np.ndarray]:
+  """The official tensors under diffusers' names, as diffusers' single-file loader converts them.
+  Its converter splits a fused qkv at the 2B model's rows (2304 / 768 / 768), so each qkv goes
+  through it alone as an empty placeholder of those rows, which yields its to_q / to_k / to_v
+  names in split order, and is split here at `cfg`'s rows (the official attention's [q; k; v])."""
+  state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in official_state.items()}
+  fused = {k: state.pop(k) for k in list(state) if k.endswith(".qkv.weight")}
+  out = {k: v.numpy() for k, v in convert_lumina2_to_diffusers(state).items()}
+  rows = [cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim]
+  for key, qkv in fused.items():
+    names = list(convert_lumina2_to_diffusers({key: torch.empty(2304 + 768 + 768, 0)}))
+    assert len(names) == 3, names
+    out.update((name, part.numpy()) for name, part in zip(names, torch.split(qkv, rows)))
+  return out
+
+
 def build_reference(cfg: NextDiTConfig, official_state: dict) -> Lumina2Transformer2DModel:
   model = Lumina2Transformer2DModel(**{
       k: v for k, v in convert.diffusers_config(cfg).items() if not k.startswith("_")})
-  state = convert.official_to_diffusers(official_state, cfg)
+  state = diffusers_state(official_state, cfg)
   model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()},
                         strict=True)
   for module in model.modules():

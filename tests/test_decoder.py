@@ -5,8 +5,9 @@ The reference is `diffusers.models.autoencoders.vae.Decoder` built with
 `mid_block_add_attention=True`), which equals the official SVG-T2I decoder
 (docs/equivalence/autoencoder.md §2: <= 2.4e-5 in fp32). Every weight is random, including GroupNorm
 affines and biases, so no block is invisible. fp32 on CPU, latents NCHW for torch and NHWC for us,
-one square and one non-square latent. The official names are pinned to docs/reference.md §3.2 and to
-spot checks of docs/equivalence/autoencoder.md §2.2 (official up.{L} <-> diffusers up_blocks.{n-1-L}).
+one square and one non-square latent. The official names are pinned to docs/reference.md §3.2, to
+spot checks of docs/equivalence/autoencoder.md §2.2 (official up.{L} <-> diffusers up_blocks.{n-1-L})
+and to diffusers' own converter of LDM autoencoder checkpoints.
 """
 import argparse
 import dataclasses
@@ -17,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
+                                                 update_vae_attentions_ldm_to_diffusers)
 from diffusers.models.autoencoders.vae import Decoder as TorchDecoder
 
 from svg_jax.convert import decoder as conv
@@ -72,6 +75,26 @@ def apply_fn():
   return jax.jit(lambda params, z: model.apply({"params": params}, z))
 
 
+def _ldm_to_diffusers(official: dict, cfg: DecoderConfig) -> dict[str, np.ndarray]:
+  """An official decoder state (`decoder.*` keys) as diffusers' loader of LDM autoencoder
+  checkpoints converts it, under `vae.Decoder`'s names. LDM autoencoders have no attention in
+  their up levels, so that converter passes the lowest level's `up.L.attn.*` keys through
+  unrenamed; they go through diffusers' own attention renamer with its level rule (official up.L
+  is up_blocks.{n-1-L}, as for the resnets)."""
+  state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in official.items()}
+  n = cfg.num_levels
+  out = convert_ldm_vae_checkpoint(state, {"down_block_types": (),
+                                           "up_block_types": ("UpDecoderBlock2D",) * n})
+  for level in range(n):
+    attn = [k for k in state if k.startswith(f"decoder.up.{level}.attn.")]
+    for k in attn:
+      assert out.pop(k) is state[k]
+    update_vae_attentions_ldm_to_diffusers(
+        attn, out, state, {"old": f"up.{level}.attn", "new": f"up_blocks.{n - 1 - level}.attentions"})
+  assert all(k.startswith("decoder.") for k in out), sorted(out)
+  return {k.removeprefix("decoder."): v.numpy() for k, v in out.items()}
+
+
 def _max_err(a, b) -> float:
   return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
@@ -86,6 +109,19 @@ def test_parity_with_diffusers(reference, apply_fn):
     print(f"latent {z.shape[1]}x{z.shape[2]}: max |jax - diffusers| = {err:.2e}, "
           f"max |out| = {np.abs(want).max():.2f}")
     assert err <= ATOL, err
+
+
+def test_official_key_map_is_diffusers_ldm_conversion(reference):
+  """Our official names against diffusers' converter of LDM autoencoder checkpoints: every
+  official tensor lands on the same diffusers tensor both ways (a swap of same-shaped tensors,
+  norm1 / norm2 or q / k, fails here), and the result loads strictly into the reference."""
+  model, state, _, _ = reference
+  params = conv.diffusers_to_params(state, SMALL)
+  theirs = _ldm_to_diffusers(conv.params_to_official(params, SMALL), SMALL)
+  assert set(theirs) == set(state)
+  for k, v in state.items():
+    assert theirs[k].tobytes() == v.tobytes(), k
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in theirs.items()}, strict=True)
 
 
 def test_parity_through_the_official_key_map(reference, apply_fn):

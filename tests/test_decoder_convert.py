@@ -30,7 +30,7 @@ from svg_jax.convert import decoder as keymap
 from svg_jax.convert import decoder_io, safetensors_io, weights_io
 from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax import checkpoint
-from test_decoder import _max_err, _torch_forward
+from test_decoder import _ldm_to_diffusers, _max_err, _torch_forward
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = DecoderConfig(z_channels=16, ch=16, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4)
@@ -151,8 +151,13 @@ def test_official_file_is_what_the_official_loader_reads(params, tmp_path):
   ckpt = torch.load(path, map_location="cpu", weights_only=True)  # DinoDecoder.init_from_ckpt
   assert set(ckpt) == {"state_dict"}
   state = ckpt["state_dict"]
-  assert set(state) == {"decoder." + off for _, off, _, _, _ in keymap.key_map(TINY)}
   assert all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 for v in state.values())
+  # diffusers' converter of LDM autoencoder files takes the file whole onto the reference decoder
+  diffusers = _ldm_to_diffusers({k: v.numpy() for k, v in state.items()}, TINY)
+  TorchDecoder(**keymap.diffusers_config(TINY)).load_state_dict(
+      {k: torch.from_numpy(v) for k, v in diffusers.items()}, strict=True)
+  exported = keymap.params_to_diffusers(params, TINY)  # checked against diffusers' decoder
+  assert all(np.array_equal(diffusers[k], exported[k]) for k in exported)
   assert state["decoder.conv_in.weight"].shape == (32, 16, 3, 3)
   assert state["decoder.up.0.block.0.nin_shortcut.weight"].shape == (16, 32, 1, 1)
   # bf16 output: torch sees bf16 tensors, and they read back as the bf16-rounded params.

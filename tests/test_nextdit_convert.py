@@ -1,6 +1,7 @@
-"""Conversion of NextDiT weights: lossless round trips, the official 2B key set, strict errors,
-diffusers loading our export, the CLI (also from a training workdir: Orbax writes it, diffusers
-loads the result strictly)."""
+"""Conversion of NextDiT weights: lossless round trips, the official 2B key set, our key map
+against diffusers' converter of official checkpoints, strict errors, diffusers loading our
+export, the CLI (also from a training workdir: Orbax writes it, diffusers loads the result
+strictly)."""
 import dataclasses
 import math
 import os
@@ -19,6 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import Lumina2Transformer2DModel
+from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
 
 import nextdit_reference as ref
 from svg_jax.convert import dit_io
@@ -81,14 +83,47 @@ def test_bf16_official_checkpoint_imports_exactly(tmp_path):
   assert_trees_bitwise_equal(params, dit_io.load_dit(tmp_path / "again.pth", "official", cfg))
 
 
+def _from_pretrained_strictly(folder: Path) -> dict[str, np.ndarray]:
+  """diffusers' own loading of a model folder; it only warns of missing or unexpected keys."""
+  model, info = Lumina2Transformer2DModel.from_pretrained(folder, output_loading_info=True)
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+def test_official_to_diffusers_is_diffusers_own_conversion():
+  """Our key map against diffusers' converter of official Lumina-Image-2.0 checkpoints: the same
+  names and the same tensor under each (a swap of same-shaped tensors, w1 / w3 or two norms,
+  fails here)."""
+  state = ref.random_official_state(SMALL, seed=3)
+  ours = keymap.official_to_diffusers(state, SMALL)
+  theirs = ref.diffusers_state(state, SMALL)
+  assert set(ours) == set(theirs)
+  for k in theirs:
+    assert ours[k].tobytes() == theirs[k].tobytes(), k
+
+
+def test_official_2b_keys_convert_onto_diffusers_2b_model():
+  """At the 2B shapes (meta tensors, nothing allocated): diffusers' converter takes our official
+  key set, whole, and yields exactly the parameters of the Lumina2Transformer2DModel that our
+  diffusers config builds, shape for shape."""
+  cfg = NextDiTConfig()
+  state = {k: torch.empty(s, device="meta") for k, s in keymap.official_shapes(cfg).items()}
+  converted = convert_lumina2_to_diffusers(state)
+  assert not state  # every key was taken
+  with torch.device("meta"):
+    model = Lumina2Transformer2DModel(**{
+        k: v for k, v in keymap.diffusers_config(cfg).items() if not k.startswith("_")})
+  assert {k: tuple(v.shape) for k, v in converted.items()} == {
+      k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
 def test_diffusers_loads_our_export_strictly(tmp_path):
   cfg = SMALL
   state = ref.random_official_state(cfg, seed=4)
   params = keymap.official_to_params(state, cfg)
   dit_io.save_dit(params, tmp_path / "dit", "diffusers", cfg)
-  model = Lumina2Transformer2DModel.from_pretrained(tmp_path / "dit")  # strict by default
-  theirs = {k: v.numpy() for k, v in model.state_dict().items()}
-  expected = keymap.official_to_diffusers(state, cfg)
+  theirs = _from_pretrained_strictly(tmp_path / "dit")
+  expected = ref.diffusers_state(state, cfg)
   assert set(theirs) == set(expected)
   assert all(np.array_equal(theirs[k], expected[k]) for k in theirs)
 
@@ -197,10 +232,11 @@ def test_convert_cli_official_to_diffusers(tmp_path):
   out = _cli("--config", ROOT / "configs/tiny.py", *SMALL_FLAGS, "--src", tmp_path / "official.pth",
              "--src_format", "official", "--dst", tmp_path / "dit", "--dst_format", "diffusers")
   assert out.returncode == 0, out.stderr[-3000:]
-  model = Lumina2Transformer2DModel.from_pretrained(tmp_path / "dit")
-  theirs = model.state_dict()
-  for k, v in keymap.official_to_diffusers(state, cfg).items():
-    assert np.array_equal(theirs[k].numpy(), v), k
+  theirs = _from_pretrained_strictly(tmp_path / "dit")
+  expected = ref.diffusers_state(state, cfg)
+  assert set(theirs) == set(expected)
+  for k, v in expected.items():
+    assert np.array_equal(theirs[k], v), k
 
 
 # ----------------------------------------------------------------------------- training workdir
@@ -251,7 +287,7 @@ def test_cli_converts_a_training_workdir(choice, dit_run, tmp_path):
              "--dst", tmp_path / "dit", "--dst_format", "diffusers")
   assert out.returncode == 0, out.stderr[-3000:]
   theirs = _diffusers_state(tmp_path / "dit")
-  expected = keymap.official_to_diffusers(keymap.params_to_official(want, SMALL), SMALL)
+  expected = ref.diffusers_state(keymap.params_to_official(want, SMALL), SMALL)
   assert set(theirs) == set(expected)
   for k, v in expected.items():
     assert theirs[k].tobytes() == v.tobytes(), k
