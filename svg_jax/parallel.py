@@ -96,6 +96,19 @@ def use_mesh(mesh: Mesh):
 
 
 @contextlib.contextmanager
+def on_host_cpu():
+  """Eager jax math on this host's CPU device, off any current mesh: for host-side bookkeeping
+  (metric accumulation) inside a `mesh_context`, where every array made would otherwise be
+  replicated on the devices of all hosts, and each tiny op a program launched on every local
+  device and queued behind the train step."""
+  with contextlib.ExitStack() as stack:
+    if hasattr(jax, "set_mesh"):  # (older jax has no mesh to leave here)
+      stack.enter_context(jax.set_mesh(None))
+    stack.enter_context(jax.default_device(jax.local_devices(backend="cpu")[0]))
+    yield
+
+
+@contextlib.contextmanager
 def mesh_context(mesh: Mesh, rules):
   """Make `mesh` the current mesh and `rules` the logical axis rules (for constraints in models)."""
   with _use_mesh(mesh), nn.logical_axis_rules(axis_rules(rules)):

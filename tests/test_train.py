@@ -825,3 +825,25 @@ def test_data_from_other_statistics_is_refused(tmp_path):
     dit_task.make_data_iterator(config)
   config.autoencoder.stats_path = ""  # nothing named, nothing to check
   dit_task.make_data_iterator(config).close()
+
+
+def test_metric_accumulation_stays_off_the_mesh(tmp_path):
+  """Inside the run's mesh, the logger's clu math (a dozen tiny ops a logged step) makes arrays
+  on this host's CPU device. Arrays replicated over the mesh would make each op a program
+  launched on every device of every host, queued behind the step: 2-process CPU runs hung there
+  (docs/design_notes.md)."""
+  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  logger = metrics_lib.MetricsLogger(str(tmp_path), num_steps=2, num_devices=mesh.size,
+                                     is_main=False)
+  host = {"loss": np.float32(0.5), "grad_norm": np.float32(1.0), "caption_dropped": np.float32(0),
+          "lr": np.float32(1e-3)}
+  with parallel.use_mesh(mesh):
+    for step in (1, 2):
+      logger.add(host, images=8, tokens=64, flops=1.0)
+    leaves = jax.tree.leaves(logger._acc)
+    record = logger.write(2)
+  assert mesh.size > 1 and leaves
+  cpu = jax.local_devices(backend="cpu")[0]
+  assert all(leaf.sharding.device_set == {cpu} for leaf in leaves), {
+      str(leaf.sharding) for leaf in leaves}
+  assert record["loss"] == 0.5 and record["grad_norm"] == 1.0

@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from clu import metrics as clu_metrics
 
+from svg_jax import parallel
+
 log = logging.getLogger(__name__)
 
 # Peak dense bf16 TFLOP/s per chip (NVIDIA's data sheets give twice these "with sparsity");
@@ -195,9 +197,10 @@ class MetricsLogger:
     self._window = {"steps": 0, "images": 0, "tokens": 0, "flops": 0.0}
 
   def add(self, host_metrics: dict[str, Any], *, images: int, tokens: int, flops: float) -> None:
-    update = TrainMetrics.single_from_model_output(
-        **{k: np.asarray(v, np.float32) for k, v in host_metrics.items()})
-    self._acc = update if self._acc is None else self._acc.merge(update)
+    with parallel.on_host_cpu():  # not dozens of tiny programs on every device of the mesh
+      update = TrainMetrics.single_from_model_output(
+          **{k: np.asarray(v, np.float32) for k, v in host_metrics.items()})
+      self._acc = update if self._acc is None else self._acc.merge(update)
     w = self._window
     w["steps"] += 1
     w["images"] += images
@@ -211,7 +214,8 @@ class MetricsLogger:
     w = self._window
     record: dict[str, Any] = {"step": int(step)}
     if self._acc is not None:
-      record.update({k: float(v) for k, v in self._acc.compute().items()})
+      with parallel.on_host_cpu():
+        record.update({k: float(v) for k, v in self._acc.compute().items()})
     if w["steps"]:
       steps_s = w["steps"] / dt
       tflops_dev = w["flops"] / dt / self.num_devices / 1e12
