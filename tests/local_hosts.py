@@ -38,13 +38,22 @@ def popen(command, env):
   return p
 
 
-def wait(procs, timeout):
+def wait(procs, timeout, exit_times=None):
   """(return codes, stderr texts) once all have exited; a hang fails within `timeout` seconds
   with the end of every process's log, where each process that still runs has printed its
-  threads' stacks (cli.STACKS_SIGNAL) before it is killed."""
+  threads' stacks (cli.STACKS_SIGNAL) before it is killed. A list `exit_times` receives each
+  process's exit time (time.monotonic(), polled every 0.05 s)."""
   deadline = time.monotonic() + timeout
   hung = False
   try:
+    if exit_times is not None:  # polled, not waited for in order: a later process may end first
+      ended = {}
+      while len(ended) < len(procs) and time.monotonic() < deadline:
+        for i, p in enumerate(procs):
+          if i not in ended and p.poll() is not None:
+            ended[i] = time.monotonic()
+        time.sleep(0.05)
+      exit_times[:] = [ended.get(i) for i in range(len(procs))]
     for p in procs:
       p.wait(timeout=max(deadline - time.monotonic(), 1))
     for p in procs:  # the pipe closes when the process and its loader workers are gone

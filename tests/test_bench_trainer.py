@@ -1,7 +1,8 @@
 """bench/trainer.py as a user runs it: the real trainer on configs/tiny.py for a few steps, one JSON
 line whose figures are present, positive and consistent with each other and with the run's own
 metrics.jsonl, remat "auto" resolved on the way, no checkpoint written, and the profile of the
-last warm-up step summarized (also by launch/profile_summary.py)."""
+last warm-up step summarized (also by launch/profile_summary.py). Two host devices, so that the
+per-device figures differ from the totals."""
 import json
 import os
 import subprocess
@@ -10,9 +11,13 @@ import sys
 import pytest
 
 from svg_jax import checkpoint as ckpt_lib
+from svg_jax import config as config_lib
+from svg_jax.train import metrics
+
+from configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BATCH, STEPS, PEAK = 8, 2, 2.5
+BATCH, STEPS, PEAK, DEVICES = 8, 2, 2.5, 2  # the batch splits over the devices
 FIELDS = ("config", "platform", "device_kind", "devices", "global_batch_size", "latent_hw",
           "cap_len", "remat_policy", "attention_backend", "compute_dtype", "warmup_steps", "steps",
           "steps_per_sec", "images_per_sec", "tokens_per_sec", "tflops_per_device", "tflops",
@@ -24,7 +29,7 @@ FIELDS = ("config", "platform", "device_kind", "devices", "global_batch_size", "
 def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("bench") / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
   cmd = [sys.executable, os.path.join(REPO, "bench", "trainer.py"),
          "--config", os.path.join(REPO, "configs", "tiny.py"), f"--steps={STEPS}",
          f"--global_batch_size={BATCH}", f"--peak_tflops={PEAK}", f"--workdir={workdir}",
@@ -42,7 +47,7 @@ def test_the_json_line_has_every_figure(run):
   for key in ("steps_per_sec", "images_per_sec", "tokens_per_sec", "tflops_per_device", "tflops",
               "mfu", "compile_s", "remat_auto_s", "wall_s", "loss"):
     assert result[key] > 0, key
-  assert result["platform"] == "cpu" and result["devices"] == 1
+  assert result["platform"] == "cpu" and result["devices"] == DEVICES
   assert result["peak_memory_gib"] is None  # XLA:CPU keeps no allocator statistics
   assert result["remat_policy"] == "none"  # auto with 1000 GiB: no recomputation
   assert result["attention_backend"] == "xla"  # what the config's "auto" takes on a CPU
@@ -55,6 +60,10 @@ def test_the_figures_agree(run):
   assert result["mfu"] == pytest.approx(result["tflops_per_device"] / PEAK, rel=1e-9)
   assert result["tflops"] == pytest.approx(result["tflops_per_device"] * result["devices"])
   h, w = result["latent_hw"]
+  # The total is the model's FLOPs per step at the measured rate, however many devices share it.
+  flops = metrics.dit_train_flops(config_lib.nextdit_config(tiny.get_config()), BATCH, (h, w),
+                                  result["cap_len"])
+  assert result["tflops"] == pytest.approx(flops * result["steps_per_sec"] / 1e12, rel=1e-9)
   assert result["tokens_per_sec"] == pytest.approx(
       result["images_per_sec"] * (h * w + result["cap_len"]), rel=1e-9)  # patch size 1
   with open(os.path.join(workdir, "metrics.jsonl")) as f:

@@ -65,10 +65,10 @@ def test_closest_bucket():
     buckets.closest_bucket(10, 10, [])
 
 
-def test_box_halving_vs_pil_reduce():
+def test_center_crop_halves_with_box_not_reduce():
   # The official halving is `resize(size // 2, BOX)`. On even sizes it is the 2x2 mean, like
-  # `Image.reduce(2)`, but PIL's fixed-point resize rounds differently: measured, up to 1 LSB
-  # apart on ~40% of random pixels, while reduce(2) is the correctly rounded mean.
+  # `Image.reduce(2)`, but PIL's fixed-point resize rounds differently: up to 1 LSB apart on
+  # ~40% of random pixels, while reduce(2) is the correctly rounded mean.
   rng = np.random.default_rng(0)
   arr = rng.integers(0, 256, (38, 52, 3), dtype=np.uint8)
   img = Image.fromarray(arr)
@@ -77,6 +77,12 @@ def test_box_halving_vs_pil_reduce():
   mean = arr.reshape(19, 2, 26, 2, 3).mean(axis=(1, 3))
   assert np.abs(reduced - mean).max() <= 0.5
   assert np.abs(halved - reduced).max() <= 1 and np.abs(halved - mean).max() <= 1
+  assert (halved != reduced).mean() > 0.2  # so the check below tells the two apart
+  # 52x38 to 26x19: one BOX halving, then the official BICUBIC step at scale 1 and a full crop.
+  want = img.resize((26, 19), resample=Image.BOX).resize((26, 19), resample=Image.BICUBIC)
+  want = np.asarray(want.crop((0, 0, 26, 19)))
+  np.testing.assert_array_equal(want, halved)  # the scale-1 bicubic and the crop change nothing
+  np.testing.assert_array_equal(np.asarray(buckets.center_crop(img, (26, 19))), want)
   # Bit-exact where each 2x2 block is constant (no rounding involved).
   blocky = Image.fromarray(np.kron(arr[:19, :26], np.ones((2, 2, 1), np.uint8)))
   np.testing.assert_array_equal(np.asarray(blocky.resize((26, 19), resample=Image.BOX)),
@@ -130,3 +136,8 @@ def test_bucket_crop_real_image():
   img = Image.open(os.path.join(os.path.dirname(__file__), "assets", "hello.png")).convert("RGB")
   out, bucket = buckets.bucket_crop(img, BUCKETS_256)
   assert bucket == (320, 192) and out.size == (320, 192)
+  # The official recipe by hand: 1920x1401 -BOX-> 960x700 -BOX-> 480x350 (480 < 2 * 320 stops
+  # it); scale max(320/480, 192/350) = 2/3 -BICUBIC-> 320x233; centred crop, top (233-192)//2.
+  want = img.resize((960, 700), resample=Image.BOX).resize((480, 350), resample=Image.BOX)
+  want = want.resize((320, 233), resample=Image.BICUBIC).crop((0, 20, 320, 212))
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(want))

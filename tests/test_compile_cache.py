@@ -17,8 +17,10 @@ print("folder", compile_cache.enable_default())
 print("max_size", jax.config.jax_compilation_cache_max_size)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 first, count = int(sys.argv[2]), int(sys.argv[1])
-for n in range(first, first + count):  # distinct programs, one entry each
-  jax.jit(lambda x: x * 2 + n)(jax.numpy.ones(3 + n)).block_until_ready()
+for n in range(first, first + count):  # distinct programs, one entry each: jit_program<n>-...
+  program = lambda x, n=n: x * 2 + n
+  program.__name__ = f"program{n}"
+  jax.jit(program)(jax.numpy.ones(3 + n)).block_until_ready()
 """
 
 
@@ -63,18 +65,27 @@ def _entry_files(folder):
   return [n for n in os.listdir(folder) if n.startswith("jit_") and not n.endswith("-atime")]
 
 
+def _programs(folder):
+  """The numbers n of the programs whose entries are in the cache, ascending."""
+  return sorted(int(n.split("-")[0][len("jit_program"):]) for n in _entry_files(folder)
+                if n.startswith("jit_program"))
+
+
 def test_the_default_folder_is_bounded_and_the_oldest_entries_go(tmp_path):
   assert _run(tmp_path, programs=0)[1] == compile_cache.DEFAULT_MAX_BYTES
   # A folder the user names keeps JAX's default: no limit.
   assert _run(tmp_path, programs=0, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "mine"))[1] == -1
-  # The size of an entry, then a limit of 2.5 entries and six programs: JAX evicts.
-  folder, _, _ = _run(tmp_path / "a", programs=2)
-  sizes = [os.path.getsize(os.path.join(folder, n)) for n in _entry_files(folder)]
-  limit = int(2.5 * max(sizes))
-  folder, _, _ = _run(tmp_path / "b", programs=6, JAX_COMPILATION_CACHE_MAX_SIZE=str(limit))
-  files = _entry_files(folder)
-  assert sum(os.path.getsize(os.path.join(folder, n)) for n in files) <= limit
-  assert 0 < len([n for n in files if n.startswith("jit__lambda")]) < 6
+  # Programs 0-1 written without a limit (no access times: the start stamps their mtimes), then
+  # programs 2-7 under a limit of 2.5 entries: JAX evicts the least recently used, so what is
+  # left are the newest programs.
+  folder = tmp_path / ".cache" / "svg_jax" / "jax"
+  _run(tmp_path, programs=2, JAX_COMPILATION_CACHE_DIR=str(folder))
+  assert _programs(folder) == [0, 1]
+  limit = int(2.5 * max(os.path.getsize(folder / n) for n in _entry_files(folder)))
+  _run(tmp_path, programs=6, first=2, JAX_COMPILATION_CACHE_MAX_SIZE=str(limit))
+  assert sum(os.path.getsize(folder / n) for n in _entry_files(folder)) <= limit
+  kept = _programs(folder)
+  assert 0 < len(kept) < 6 and kept == list(range(8 - len(kept), 8)), kept
 
 
 def test_entries_written_without_a_limit_do_not_stop_the_bounded_cache(tmp_path):

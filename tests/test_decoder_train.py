@@ -17,6 +17,7 @@ import torch
 
 import local_hosts
 from lowerings import lowered_programs
+from svg_jax import checkpoint as ckpt_lib
 from svg_jax import parallel
 from svg_jax.convert import lpips as lpips_conv
 from svg_jax.demo import decoder_data
@@ -517,14 +518,18 @@ def test_an_evaluation_compiled_ahead_lowers_no_program(tmp_path):
 
 @pytest.mark.slow
 def test_nan_stops_and_bad_config_is_one_line(tmp_path):
-  """In-process on the 8-device mesh: a NaN batch stops the run before its state is saved."""
+  """In-process on the 8-device mesh: a NaN batch on a save step stops the run before its state
+  is saved (step 2 stays the only checkpoint); a bad config is one line naming each error."""
   config = _tiny_config()
   _prepare(config, tmp_path / "demo")
-  config.train.update(dict(num_steps=6, checkpoint_every=2, debug_nan_step=3,
+  config.train.update(dict(num_steps=6, checkpoint_every=2, debug_nan_step=4,
                            eval_every=100))
-  with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 3: training stopped "
+  with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 4: training stopped "
                      r"without saving this state; the last good checkpoint is step 2"):
     trainer.train(config, str(tmp_path / "run"))
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path / "run"), read_only=True)
+  assert ckpt.all_steps() == [2]
+  ckpt.close()
   config.loss.lpips_vgg_path = "/nonexistent/vgg16.pth"
   config.autoencoder.decoder.z_channels = 24
   with pytest.raises(loop.ConfigError) as info:

@@ -200,12 +200,13 @@ def test_jitted_generation_equals_the_spec_loop(generator, solver, steps, mode, 
   assert np.max(np.abs(images.astype(int) - dec)) <= 1
 
 
-def test_seeds_give_the_official_noise(generator):
-  seeds = [42, 43, 42 + 4 * 7 + 3]
+def test_noise_of_each_seed_is_jax_normal_of_its_key(generator):
+  """Row b of `Generator.noise` is jax.random.normal(jax.random.key(seeds[b])) bit for bit: our
+  own convention (the official sampler draws torch noise, so no seed reproduces its images)."""
+  seeds = [42, 43, 73]
   noise = generator.noise(seeds, (2, 3, 8))
   for row, s in zip(noise, seeds):
     np.testing.assert_array_equal(row, np.asarray(jax.random.normal(jax.random.key(s), (2, 3, 8))))
-  assert [gen.sampling.eval_seed(i, k) for i, k in ((0, 0), (0, 3), (7, 3))] == [42, 45, 73]
 
 
 def test_batch_sharded_over_a_mesh_equals_one_device(files, generator):

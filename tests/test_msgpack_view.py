@@ -1,6 +1,6 @@
-"""The zero-copy msgpack reader against msgpack itself: same values for everything our records
-use, at every length-field width, bins that are views of the input, and refusals where msgpack
-refuses (or where the subset ends)."""
+"""The zero-copy msgpack reader against msgpack itself: same values and types for everything our
+records use, at every length-field width, bins that are views of the input, and refusals where
+msgpack refuses (or where the subset ends)."""
 import msgpack
 import numpy as np
 import pytest
@@ -8,15 +8,18 @@ import pytest
 from svg_jax.data import msgpack_view
 
 
-def _as_bytes(x):
-  """Bins come back as memoryviews; msgpack gives bytes. Compare by content."""
-  if isinstance(x, memoryview):
-    return bytes(x)
-  if isinstance(x, dict):
-    return {k: _as_bytes(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return [_as_bytes(v) for v in x]
-  return x
+def _same(ours, want):
+  """Equal values of equal types (True is not 1, 1 is not 1.0), maps in the same key order; bins
+  come back as memoryviews where msgpack gives bytes, so those compare by content."""
+  if isinstance(ours, memoryview):
+    ours = bytes(ours)
+  if type(ours) is not type(want):
+    return False
+  if isinstance(want, dict):
+    return list(ours) == list(want) and all(_same(ours[k], want[k]) for k in want)
+  if isinstance(want, list):
+    return len(ours) == len(want) and all(map(_same, ours, want))
+  return ours == want
 
 
 def _random_object(rng, depth=0):
@@ -43,13 +46,26 @@ def test_values_match_msgpack(seed):
   obj = _random_object(np.random.default_rng(seed))
   data = msgpack.packb(obj, use_bin_type=True)
   want = msgpack.unpackb(data, raw=False, strict_map_key=True)
-  assert _as_bytes(msgpack_view.unpack(data)) == want
+  assert _same(msgpack_view.unpack(data), want)
 
 
 def test_float32_and_a_record_like_map():
   data = msgpack.packb({"x": 1.5, "a": {"dtype": "bfloat16", "shape": [2, 3], "data": b"\x01" * 12}},
                        use_bin_type=True, use_single_float=True)
-  assert _as_bytes(msgpack_view.unpack(data)) == msgpack.unpackb(data)
+  assert _same(msgpack_view.unpack(data), msgpack.unpackb(data))
+
+
+@pytest.mark.parametrize("n, array_marker, map_marker", [
+    (65535, 0xdc, 0xde), (65536, 0xdd, 0xdf)], ids=["16-bit", "32-bit"])
+def test_the_widest_array_and_map_length_fields(n, array_marker, map_marker):
+  """array16/map16 at their largest and array32/map32 (65,536 entries) the random objects above
+  never reach."""
+  items = [i % 300 - 40 for i in range(n)]  # fixints, negative fixints, uint8, int8
+  keyed = {f"k{i}": v for i, v in enumerate(items)}
+  for obj, marker in ((items, array_marker), (keyed, map_marker)):
+    data = msgpack.packb(obj, use_bin_type=True)
+    assert data[0] == marker
+    assert _same(msgpack_view.unpack(data), msgpack.unpackb(data, raw=False, strict_map_key=True))
 
 
 def test_bins_are_read_only_views_of_the_input():

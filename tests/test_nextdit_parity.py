@@ -94,8 +94,9 @@ def test_parity_long_captions():
   assert err <= TOL
 
 
-def test_batch_with_mixed_latent_sizes_matches_per_size_reference():
-  """The official model takes a list of sizes; per size our batched output equals the reference."""
+def test_parity_at_more_latent_sizes():
+  """Three more latent sizes, one batch each (our model takes one size per batch; the official
+  one a list): each matches the reference."""
   cfg = SMALL
   state = ref.random_official_state(cfg, seed=11)
   for h, w in [(8, 8), (4, 4), (6, 10)]:

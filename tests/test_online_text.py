@@ -5,6 +5,8 @@ import os
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
 from svg_jax import config as config_lib
 from svg_jax import parallel
@@ -41,6 +43,10 @@ def test_token_mode_equals_feature_mode(tmp_path):
                       np.asarray(feats), mask)["params"]
   tx = state_lib.make_optimizer(config.train)
   unboxed = state_lib.unbox(params)
+  # Params off their zero init (gates, output layer): else the loss barely depends on the text.
+  leaves, treedef = jax.tree.flatten(unboxed)
+  noise = [0.1 * rng.standard_normal(np.shape(x)).astype(np.float32) for x in leaves]
+  unboxed = jax.tree.unflatten(treedef, [x + n for x, n in zip(leaves, noise)])
 
   by_features = dit_step.make_train_step(model, tx, config, empty_feats)
   by_tokens = dit_step.make_train_step(model, tx, config, np.asarray(empty_ids[0, :1]),
@@ -60,7 +66,10 @@ def test_token_mode_equals_feature_mode(tmp_path):
 
 
 def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
-  """`launch/train.py`'s loop on a token-id dataset: Gemma-2 runs inside the step (online mode)."""
+  """`launch/train.py`'s loop on a token-id dataset: Gemma-2 runs inside the step (online mode).
+  The encoder the loop's setup hands the step gives transformers' hidden states of
+  `text.encoder_dir` at `text.hidden_layer`. (Comparing losses with a features run would not show
+  this: the DiT's zero-initialized gates leave the first steps' loss almost free of the text.)"""
   from svg_jax.data import synthetic
   from svg_jax.train import dit_task, loop, trainer
 
@@ -82,6 +91,20 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
   config.train.update(dict(global_batch_size=8, num_steps=3, log_every=1, checkpoint_every=3))
   with pytest.raises(loop.ConfigError, match="text.encoder_dir"):
     trainer.validate_config(config)
-  config.text.encoder_dir = te
+  layer = -3  # not the default -2, so a setup that ignored the setting is caught
+  config.text.update(dict(encoder_dir=te, hidden_layer=layer))
   out = trainer.train(config, str(tmp_path / "run"))
   assert out["step"] == 3 and np.isfinite(out["last_record"]["loss"])
+
+  mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  # The setup `trainer.train` builds for this config (on one device), as its step holds it.
+  text_model, text_params = trainer.get(config.task).make_setup(config, mesh)._text
+  ids, mask = enc.tokenize([captions[0], "", captions[3] + " and " + captions[7]])
+  with parallel.mesh_context(mesh, config.axis_rules):
+    feats, _ = text_model.apply({"params": text_params}, ids, mask)
+  hf = transformers.Gemma2Model.from_pretrained(te, attn_implementation="eager").eval()
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(ids, dtype=torch.long),
+             attention_mask=torch.tensor(mask, dtype=torch.long),
+             output_hidden_states=True).hidden_states[layer].numpy()
+  assert float(np.abs(np.asarray(feats) - ref)[mask].max()) <= 1e-4

@@ -305,8 +305,9 @@ def test_state_resumes_at_the_exact_next_batch(dataset, tmp_path):
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_state(dataset):
   """num_workers > 0 (Grain multiprocessing, off by default): same stream, counters and resume."""
-  threads = _take(P.make_pipeline(dataset, _cfg(max_caption_len=16, caption_len_buckets=(8, 16)),
-                                  process_index=0, process_count=1), 10)
+  by_threads = P.make_pipeline(dataset, _cfg(max_caption_len=16, caption_len_buckets=(8, 16)),
+                               process_index=0, process_count=1)
+  threads = _take(by_threads, 10)
   cfg = _cfg(max_caption_len=16, caption_len_buckets=(8, 16), num_workers=2)
   it = P.make_pipeline(dataset, cfg, process_index=0, process_count=1)
   try:
@@ -314,13 +315,16 @@ def test_worker_processes_give_the_same_batches_and_state(dataset):
     state = json.loads(json.dumps(it.get_state()))
     rest = _take(it, 4)
     _same_batches(first + rest, threads)
-    assert it.stats["truncated_captions"] > 0
+    stats = it.stats
   finally:
     it.close()
+  assert stats["truncated_captions"] > 0  # the counters below are not all zero
+  assert stats == by_threads.stats
   resumed = P.make_pipeline(dataset, cfg, process_index=0, process_count=1)
   try:
     resumed.set_state(state)
     _same_batches(_take(resumed, 4), rest)
+    assert resumed.stats == stats  # counts before the resume included
   finally:
     resumed.close()
 
@@ -441,7 +445,7 @@ def test_worker_processes_end_when_their_reader_is_killed(dataset, tmp_path):
                           stderr=err, timeout=120).returncode
   assert code == -9, stderr.read_text()[-2000:]
   workers = [int(pid) for pid in stdout.read_text().split()]
-  assert len(workers) == 2, out.stdout
+  assert len(workers) == 2, (stdout.read_text(), stderr.read_text()[-2000:])
   try:
     deadline = time.monotonic() + 10
     while any(map(_running, workers)) and time.monotonic() < deadline:

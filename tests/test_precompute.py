@@ -8,6 +8,7 @@ svg_jax.convert, and the demo text encoder folder (HF safetensors + tokenizer). 
 are the shared test assets; bad files are made with PIL / raw bytes here.
 """
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -110,6 +111,20 @@ def _write_jsonl(path, lines):
   return str(path)
 
 
+def _sha256(path):
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def _dir_sha256(path):
+  """A folder's fingerprint as svg_jax.autoencoder.path_fingerprint documents it: sha256 over
+  its files' relative names and sha256s, in sorted order."""
+  h = hashlib.sha256()
+  for name in sorted(os.listdir(path)):  # the demo text encoder folder is flat
+    h.update(f"{name}\0{_sha256(os.path.join(path, name))}\0".encode())
+  return "sha256-dir:" + h.hexdigest()
+
+
 def _bf16_close(got_bf16, want_f32):
   """max |got - want| in units of 2^-8 |want| (half a bf16 ulp at most): got is want rounded to
   bf16 when this is <= 1; fp32 noise (other batch padding, other device split) can flip a
@@ -145,10 +160,14 @@ def test_acceptance_two_real_images_plus_corrupt_and_missing(files, job_factory,
   assert manifest["conversions"] == {"alpha_on_white": {"count": 1,
                                                         "examples": [f"{ASSETS}/hello.png"]}}
   assert manifest["buckets"] == {"12x20": 1, "16x16": 1}  # 320x192 and 256x256 pixels
+  # Stats: the file's sha256 and the row used (the file holds one row). Text: both files and
+  # every setting that changes the features.
+  text_dir = _dir_sha256(files["text"])
   assert manifest["fingerprints"] == {
-      "encoder": "sha256:" + ls.file_sha256(files["encoder"]),
-      "statistics": job.ae.fingerprints["statistics"],
-      "text_encoder": job.text.fingerprint()}
+      "encoder": "sha256:" + _sha256(files["encoder"]),
+      "statistics": "sha256:" + _sha256(files["stats"]) + ":row0",
+      "text_encoder": f"model={text_dir};tokenizer={text_dir};layer=-2;max_length="
+                      f"{text_lib.TRAIN_MAX_LENGTH};system_prompt=auto;mode=features"}
 
   # A trainer can compute the same fingerprints from its config without loading any model.
   config = _config(files, resolution=256)
@@ -447,7 +466,7 @@ def test_token_ids_mode(job_factory, references, tmp_path):
   np.testing.assert_array_equal(empty, [te.tokenizer.bos_token_id])
 
 
-def test_tfds_mock_data(job_factory, tmp_path):
+def test_tfds_mock_data(job_factory, references, tmp_path):
   # tensorflow-datasets without TensorFlow: data_source and mock_data need no TF.
   import tensorflow_datasets as tfds
 
@@ -473,7 +492,7 @@ def test_tfds_mock_data(job_factory, tmp_path):
     manifest = job.run(inputs, str(tmp_path / "out"))
   assert len(inputs) == 5 and manifest["num_records"] == 5, manifest["bad_inputs"]
   _, recs = _read_all(str(tmp_path / "out"))
-  ref_ae = job.ae
+  ref_ae, _ = references
   for i, ex in enumerate(examples):
     rec = recs[f"tiny_captions/train[{i}]"]
     assert rec["caption"] == ex["caption"]

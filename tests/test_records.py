@@ -50,20 +50,40 @@ def test_round_trip(text_kind):
   assert out["text_len"] == 5 and isinstance(out["text_len"], int)
 
 
-def test_bytes_parse_with_plain_msgpack_and_numpy():
-  """The documented wire format read without svg_jax: envelope, crc32, raw little-endian arrays."""
-  rec = _record()
+def _bf16_bits(x):
+  """float32 -> bf16 bit patterns, rounded to nearest even (the top 16 bits of float32 after
+  adding 0x7fff plus the lowest kept bit); finite inputs only."""
+  u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+  return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _check_bf16_entry(entry, original):
+  """A bf16 array entry read with numpy alone: little-endian u16 bit patterns of `original`
+  rounded to nearest even, so within 2^-8 relative of it once widened back to float32."""
+  assert entry["dtype"] == "bfloat16" and entry["shape"] == list(original.shape)
+  assert len(entry["data"]) == 2 * original.size
+  bits = np.frombuffer(entry["data"], "<u2").reshape(original.shape)
+  np.testing.assert_array_equal(bits, _bf16_bits(original))
+  as_f32 = (bits.astype(np.uint32) << 16).view(np.float32)
+  np.testing.assert_allclose(as_f32, original, rtol=2 ** -8)
+
+
+@pytest.mark.parametrize("text_kind", ["text_features", "token_ids"])
+def test_bytes_parse_with_plain_msgpack_and_numpy(text_kind):
+  """The documented wire format read without svg_jax: envelope, crc32, raw little-endian arrays
+  (bf16 latent and text features, int32 token ids)."""
+  rec = _record(text_kind)
   outer = msgpack.unpackb(R.encode_record(rec), raw=False)
   assert outer["schema_version"] == 1 and outer["crc32"] == zlib.crc32(outer["body"])
   body = msgpack.unpackb(outer["body"], raw=False)
-  lat = body["latent"]
-  assert lat["dtype"] == "bfloat16" and lat["shape"] == [3, 5, 4]
-  # bf16 is the top half of the float32 bit pattern (round-to-nearest-even), little-endian u16.
-  bits = np.frombuffer(lat["data"], "<u2").reshape(3, 5, 4)
-  as_f32 = (bits.astype(np.uint32) << 16).view(np.float32)
-  np.testing.assert_allclose(as_f32, rec["latent"], rtol=2 ** -8)
-  tf = body["text_features"]
-  assert tf["dtype"] == "bfloat16" and tf["shape"] == [7, 6] and len(tf["data"]) == 7 * 6 * 2
+  assert set(body) & {"text_features", "token_ids"} == {text_kind}
+  _check_bf16_entry(body["latent"], rec["latent"])
+  if text_kind == "text_features":
+    _check_bf16_entry(body["text_features"], rec["text_features"])
+  else:
+    ids = body["token_ids"]
+    assert ids["dtype"] == "int32" and ids["shape"] == [7] and len(ids["data"]) == 7 * 4
+    np.testing.assert_array_equal(np.frombuffer(ids["data"], "<i4"), rec["token_ids"])
   assert body["bucket"] == [3, 5] and body["orig_size"] == [83, 49] and body["text_len"] == 5
 
 
@@ -157,21 +177,22 @@ def test_shard_writer_is_atomic_and_readable_by_grain(tmp_path):
 
 
 def test_uncompressed_shards_read_back_the_same_and_are_larger(tmp_path):
-  """Compressible records (a constant latent, like a plain background): the default shard is
-  compressed, the uncompressed one holds every byte; both read back identically through Grain."""
+  """Compressible records (a constant latent, like a plain background): the zstd shard is
+  compressed; the uncompressed one and a writer's default hold every byte; all read back
+  identically through Grain."""
   rec = _record(h=16, w=16, c=128)
   rec["latent"] = np.ones_like(rec["latent"])
   payloads = [R.encode_record(rec)] * 16  # ~1 MB: files grow in 128 KiB steps
   sizes = {}
-  for compression in ("zstd", "uncompressed"):
+  for compression in ("zstd", "uncompressed", None):  # None: the writer's default
     path = str(tmp_path / f"{compression}.array_record")
-    with R.ShardWriter(path, compression) as w:
+    with (R.ShardWriter(path) if compression is None else R.ShardWriter(path, compression)) as w:
       for p in payloads:
         w.write(p)
     src = ArrayRecordDataSource([path])
     assert [src[i] for i in range(len(src))] == payloads
     sizes[compression] = os.path.getsize(path)
-  assert sizes["uncompressed"] >= sum(map(len, payloads)) > 4 * sizes["zstd"]
+  assert min(sizes["uncompressed"], sizes[None]) >= sum(map(len, payloads)) > 4 * sizes["zstd"]
   with pytest.raises(ValueError, match="unknown shard compression 'lz4'"):
     R.DatasetWriter(tmp_path / "d", compression="lz4")
   assert not os.path.exists(tmp_path / "d" / R.MANIFEST_NAME)

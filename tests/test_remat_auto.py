@@ -7,8 +7,9 @@
 - A huge budget picks "none", a budget between two figures the middle policy, a budget below
   every figure is one config-error line; the chosen step's peak is within the budget.
 - The named policies compute the loss and gradients of "none" (JAX's own remat is the reference).
-- The batch "auto" compiles for is the loader's (shapes, dtypes, shardings), so the chosen step is
-  the program the trainer runs and loads from the compilation cache.
+- The batch "auto" compiles for is the loader's (shapes, dtypes, shardings), the inputs of the
+  step the trainer runs. (That the trainer then loads the chosen step from the compilation cache
+  is not checked: on the CPU the candidates compile for analysis only and are not reused.)
 - Through the trainer: the choice is a metrics.jsonl event and the policy of the checkpoints'
   config, and a resume keeps it even where a new choice would fail.
 """

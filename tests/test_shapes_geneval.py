@@ -1,5 +1,6 @@
-"""The shapes GenEval scorer: exact on ground truth, robust to blur / noise / colour shift, low on
-images of the wrong prompt, GenEval's position rule and clause semantics."""
+"""The shapes GenEval scorer: the documented scores on ground truth (0.997 at 64 px, 1.0 at
+128 px), robust to blur / noise / colour shift, low on images of the wrong prompt, GenEval's
+position rule and clause semantics."""
 import collections
 
 import numpy as np
@@ -35,14 +36,16 @@ def _report(name, scores):
   sg.print_table(scores)
 
 
-@pytest.mark.parametrize("size,count", [(64, 300), (128, 120)])
-def test_ground_truth_scores_exact(size, count):
+# docs/components.md: 0.997 at 64 px (one miscount of 50), 1.000 at 128 px
+@pytest.mark.parametrize("size,count,overall,worst", [
+    (64, 300, 0.997, 0.98), (128, 120, 1.0, 1.0)])
+def test_ground_truth_scores_as_documented(size, count, overall, worst):
   images, metas = _heldout(count, size)
   results = sg.evaluate_images(images, metas)
   scores = sg.summarize(results)
   _report(f"ground truth, held-out, {size}px", scores)
-  assert scores["overall"] >= 0.98
-  assert min(scores[c] for c in shapes.CATEGORIES) >= 0.95
+  assert round(scores["overall"], 3) >= overall
+  assert min(scores[c] for c in shapes.CATEGORIES) >= worst
   # detections agree with what was drawn: shape, colour, box (thin tips fall below half coverage
   # and the median trims them, so a triangle's apex may sit up to 2px low)
   for i in range(12):

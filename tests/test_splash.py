@@ -110,6 +110,13 @@ def test_splash_all_keys_masked_is_finite():
   assert bool(jnp.all(jnp.isfinite(out)))
   ref = _reference(q, k, v, lengths)
   np.testing.assert_allclose(out[1], ref[1], atol=2e-5)
+  # The xla backend: every logit equally masked, so the uniform average of all values (query
+  # head h reads kv head h // (H / KV)).
+  xla = layers.attention(q, k, v, kv_lengths=lengths, backend="xla")
+  assert bool(jnp.all(jnp.isfinite(xla)))
+  mean_v = np.repeat(np.asarray(v).mean(axis=1), H // KV, axis=1)  # [B, H, D]
+  for i in (0, 2):
+    np.testing.assert_allclose(xla[i], np.broadcast_to(mean_v[i], (T, H, D)), atol=1e-5)
 
 
 def _tiny_model_config(backend):
@@ -152,6 +159,8 @@ def test_nextdit_splash_matches_xla():
     ref = flat_x[path]
     if float(jnp.max(jnp.abs(ref))) > 0:
       assert _rel(g, ref) < 1e-4, jax.tree_util.keystr(path)
+    else:  # a leaf the loss does not reach (norm_final) gets no gradient here either
+      assert float(jnp.max(jnp.abs(g))) == 0.0, jax.tree_util.keystr(path)
 
 
 def test_auto_backend_is_xla_on_cpu():

@@ -1,8 +1,9 @@
 """The stall watch (svg_jax/train/stall_watch.py) in this process, with its action replaced by a
-list: steps that keep coming keep it quiet, silence fires it once with the last step and the
-checkpoint folder, a paused watch leaves no thread and fires only once armed again, and a stopped
-or disabled watch never fires. The real action (stacks, exit 7) is run by tests/test_multihost.py
-on a run whose peer was stopped; tests/test_train.py runs the loop with a hung restore."""
+list: steps that keep coming keep it quiet, silence fires it once, a timeout after the last step,
+with that step and the checkpoint folder, a paused watch leaves no thread and fires only once
+armed again, and a stopped or disabled watch never fires. The real action (stacks, exit 7) is run
+by tests/test_multihost.py on a run whose peer was stopped; tests/test_train.py runs the loop with
+a hung restore."""
 import threading
 import time
 
@@ -21,16 +22,22 @@ def _wait_for(condition, timeout_s):
 
 def test_steps_keep_it_quiet_and_silence_fires_it_once():
   fired = []
-  watch = stall_watch.StallWatch(2.0, "/runs/a/checkpoints", on_stall=fired.append)
-  for step in range(1, 21):  # 1 s of steps, 0.05 s apart: half the timeout in all
+  watch = stall_watch.StallWatch(0.5, "/runs/a/checkpoints",
+                                 on_stall=lambda line: fired.append((time.monotonic(), line)))
+  beats = []
+  for step in range(1, 41):  # 2 s of steps 0.05 s apart: four timeouts, quiet only if re-armed
+    beats.append(time.monotonic())  # before the beat: the watch's clock starts after it
     watch.beat(step)
     time.sleep(0.05)
-  assert not fired
+  gaps = [b - a for a, b in zip(beats, beats[1:])]
+  assert not fired, (fired, max(gaps))
   _wait_for(lambda: fired, 10.0)
-  time.sleep(0.5)
+  time.sleep(1.0)  # two timeouts: a second firing would have come by now
   assert len(fired) == 1, fired
-  assert fired[0].startswith("stalled: no step ended for 2 s after step 20 (train.stall_timeout_s)")
-  assert fired[0].endswith("newest checkpoint in /runs/a/checkpoints")
+  when, line = fired[0]
+  assert 0.5 <= when - beats[-1] < 10.0  # a whole timeout after the last step, not before
+  assert line.startswith("stalled: no step ended for 0.5 s after step 40 (train.stall_timeout_s)")
+  assert line.endswith("newest checkpoint in /runs/a/checkpoints")
 
 
 def test_a_stopped_or_disabled_watch_never_fires():
