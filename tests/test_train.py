@@ -828,7 +828,7 @@ def test_data_from_other_statistics_is_refused(tmp_path):
 
 
 def test_metric_accumulation_stays_off_the_mesh(tmp_path):
-  """Inside the run's mesh, the logger's clu math (a dozen tiny ops a logged step) makes arrays
+  """Inside the run's mesh, the logger's clu math (a few tiny ops a metric) makes arrays
   on this host's CPU device. Arrays replicated over the mesh would make each op a program
   launched on every device of every host, queued behind the step: 2-process CPU runs hung there
   (docs/design_notes.md)."""

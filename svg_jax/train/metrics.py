@@ -197,7 +197,7 @@ class MetricsLogger:
     self._window = {"steps": 0, "images": 0, "tokens": 0, "flops": 0.0}
 
   def add(self, host_metrics: dict[str, Any], *, images: int, tokens: int, flops: float) -> None:
-    with parallel.on_host_cpu():  # not dozens of tiny programs on every device of the mesh
+    with parallel.on_host_cpu():  # not tiny programs on every device of the mesh
       update = TrainMetrics.single_from_model_output(
           **{k: np.asarray(v, np.float32) for k, v in host_metrics.items()})
       self._acc = update if self._acc is None else self._acc.merge(update)
