@@ -17,7 +17,6 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-import safetensors.torch
 import torch
 from diffusers import Lumina2Transformer2DModel
 from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
@@ -25,7 +24,7 @@ from diffusers.loaders.single_file_utils import convert_lumina2_to_diffusers
 import nextdit_reference as ref
 from svg_jax.convert import dit_io
 from svg_jax.convert import nextdit as keymap
-from svg_jax.convert import torch_pickle, weights_io
+from svg_jax.convert import torch_pickle
 from svg_jax.demo import configs as demo_configs
 from svg_jax.models.nextdit import NextDiTConfig
 from svg_jax import checkpoint as ckpt_lib
@@ -268,14 +267,6 @@ def dit_run(tmp_path_factory):
   return path, saved
 
 
-def _diffusers_state(folder: Path) -> dict[str, np.ndarray]:
-  """The folder loaded strictly into a Lumina2Transformer2DModel built from its config.json."""
-  model = Lumina2Transformer2DModel.from_config(Lumina2Transformer2DModel.load_config(folder))
-  state = safetensors.torch.load_file(str(folder / weights_io.DIFFUSERS_WEIGHTS))
-  model.load_state_dict(state, strict=True)
-  return {k: v.numpy() for k, v in model.state_dict().items()}
-
-
 @pytest.mark.parametrize("choice", ["latest_ema", "step3_raw"])
 def test_cli_converts_a_training_workdir(choice, dit_run, tmp_path):
   run, saved = dit_run
@@ -286,7 +277,7 @@ def test_cli_converts_a_training_workdir(choice, dit_run, tmp_path):
   out = _cli("--config", ROOT / "configs/tiny.py", *SMALL_FLAGS, *args, "--src_format", "flax",
              "--dst", tmp_path / "dit", "--dst_format", "diffusers")
   assert out.returncode == 0, out.stderr[-3000:]
-  theirs = _diffusers_state(tmp_path / "dit")
+  theirs = _from_pretrained_strictly(tmp_path / "dit")
   expected = ref.diffusers_state(keymap.params_to_official(want, SMALL), SMALL)
   assert set(theirs) == set(expected)
   for k, v in expected.items():

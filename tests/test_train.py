@@ -838,7 +838,7 @@ def test_metric_accumulation_stays_off_the_mesh(tmp_path):
   host = {"loss": np.float32(0.5), "grad_norm": np.float32(1.0), "caption_dropped": np.float32(0),
           "lr": np.float32(1e-3)}
   with parallel.use_mesh(mesh):
-    for step in (1, 2):
+    for _ in range(2):
       logger.add(host, images=8, tokens=64, flops=1.0)
     leaves = jax.tree.leaves(logger._acc)
     record = logger.write(2)
