@@ -98,7 +98,7 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
 
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   # The setup `trainer.train` builds for this config (on one device), as its step holds it.
-  text_model, text_params = trainer.get(config.task).make_setup(config, mesh)._text
+  text_model, text_params = trainer.get(config.task).make_setup(config, mesh).text_encoder
   ids, mask = enc.tokenize([captions[0], "", captions[3] + " and " + captions[7]])
   with parallel.mesh_context(mesh, config.axis_rules):
     feats, _ = text_model.apply({"params": text_params}, ids, mask)

@@ -247,10 +247,10 @@ class DiTSetup:
     text_model = None
     repl = parallel.replicated(mesh)
     self.validation = None
-    self._text = (None, None)  # online mode: the frozen text encoder and its placed params
+    self.text_encoder = (None, None)  # online mode: the frozen text encoder and its placed params
     if online:
       text_model, text_params, text_sh = load_text_encoder(config, mesh)
-      self._text = (text_model, text_params)
+      self.text_encoder = (text_model, text_params)
       text_batch = (("token_ids", 2), ("text_mask", 2), ("text_len", 1))
     else:
       text_batch = (("text", 3), ("text_mask", 2), ("text_len", 1))
@@ -280,7 +280,7 @@ class DiTSetup:
     if int(t.sample_every) > 0 or int(t.eval_every) > 0:
       self.validation = validation.Validation(
           self.config, self.mesh, self.model, self.model_cfg, logger, workdir,
-          text_model=self._text[0], text_params=self._text[1])
+          text_model=self.text_encoder[0], text_params=self.text_encoder[1])
     return logger
 
   def init_state(self, seed: int):
