@@ -105,7 +105,7 @@ def run_once(pattern: str, *, metrics: int = 60, iters: int = 150, sleep: float 
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(k, None)  # the explicit coordinator below
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
-  core = str(min(os.sched_getaffinity(0)))
+  core = {min(os.sched_getaffinity(0))}
   flags = ["--pattern", pattern, "--metrics", str(metrics), "--iters", str(iters),
            "--sleep", str(sleep), "--port", str(port)]
   flags += ["--no_collective"] * no_collective + ["--wait_previous"] * wait_previous
@@ -115,8 +115,9 @@ def run_once(pattern: str, *, metrics: int = 60, iters: int = 150, sleep: float 
     for r in range(2):
       with open(paths[r], "w") as log:
         procs.append(subprocess.Popen(
-            ["taskset", "-c", core] * pin + [sys.executable, __file__, *flags, "--rank", str(r)],
-            env=env, stdout=log, stderr=subprocess.STDOUT))
+            [sys.executable, __file__, *flags, "--rank", str(r)], env=env, stdout=log,
+            stderr=subprocess.STDOUT,  # pinned before the interpreter starts, as taskset does
+            preexec_fn=(lambda: os.sched_setaffinity(0, core)) if pin else None))
     t0 = time.monotonic()
     progress, moved = [-1, -1], time.monotonic()
     hung = False
@@ -157,7 +158,7 @@ def main() -> None:
   p.add_argument("--no_collective", action="store_true", help="a step without an all-reduce")
   p.add_argument("--wait_previous", action="store_true",
                  help="wait for the previous step's loss after each step, as the trainer does")
-  p.add_argument("--pin", action="store_true", help="both processes on one core (taskset)")
+  p.add_argument("--pin", action="store_true", help="both processes on one core")
   p.add_argument("--runs", type=int, default=3)
   p.add_argument("--stall_s", type=float, default=10.0,
                  help="a run with no progress for this long is counted as hung")
