@@ -40,6 +40,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from svg_jax import parallel
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # for svg_jax
+# Runs the script on one core, pinned before anything starts a thread (as taskset would; a
+# preexec_fn would fork this multithreaded process).
+_PINNED = ("import os, runpy, sys; os.sched_setaffinity(0, {%d}); sys.argv = sys.argv[1:]; "
+           "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def worker(a) -> None:
@@ -105,7 +109,7 @@ def run_once(pattern: str, *, metrics: int = 60, iters: int = 150, sleep: float 
   for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(k, None)  # the explicit coordinator below
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, env.get("PYTHONPATH")]))
-  core = {min(os.sched_getaffinity(0))}
+  core = min(os.sched_getaffinity(0))
   flags = ["--pattern", pattern, "--metrics", str(metrics), "--iters", str(iters),
            "--sleep", str(sleep), "--port", str(port)]
   flags += ["--no_collective"] * no_collective + ["--wait_previous"] * wait_previous
@@ -114,10 +118,9 @@ def run_once(pattern: str, *, metrics: int = 60, iters: int = 150, sleep: float 
     procs = []
     for r in range(2):
       with open(paths[r], "w") as log:
-        procs.append(subprocess.Popen(
-            [sys.executable, __file__, *flags, "--rank", str(r)], env=env, stdout=log,
-            stderr=subprocess.STDOUT,  # pinned before the interpreter starts, as taskset does
-            preexec_fn=(lambda: os.sched_setaffinity(0, core)) if pin else None))
+        start = [sys.executable, "-c", _PINNED % core] if pin else [sys.executable]
+        procs.append(subprocess.Popen([*start, __file__, *flags, "--rank", str(r)], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT))
     t0 = time.monotonic()
     progress, moved = [-1, -1], time.monotonic()
     hung = False
