@@ -99,8 +99,10 @@ def _last_iteration(path: str) -> int:
 def run_once(pattern: str, *, metrics: int = 60, iters: int = 150, sleep: float = 0.02,
              pin: bool = True, no_collective: bool = False, wait_previous: bool = False,
              stall_s: float = 10.0, timeout_s: float = 120.0, gdb_dir: str | None = None) -> dict:
-  """One 2-process run: {"hung": whether a process made no progress for `stall_s` seconds,
-  "seconds", "iterations": the last each process reached, "exit": return codes}."""
+  """One 2-process run: {"hung": whether a process made no progress for `stall_s` seconds (or
+  the run outlived `timeout_s`), "seconds", "iterations": the last each process reached, "exit":
+  their return codes, "logs": the end of each one's output}; the stacks of a hang go to
+  `gdb_dir` when one is named."""
   with socket.socket() as s:  # a free port for the coordinator
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
@@ -135,6 +137,7 @@ def run_once(pattern: str, *, metrics: int = 60, iters: int = 150, sleep: float 
           break
         time.sleep(0.2)
       if hung and gdb_dir:
+        os.makedirs(gdb_dir, exist_ok=True)
         for r, p in enumerate(procs):
           if p.poll() is None:
             _gdb_stacks(p.pid, os.path.join(gdb_dir, f"{pattern}_rank{r}_{p.pid}.txt"))
