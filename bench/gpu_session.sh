@@ -14,7 +14,8 @@
 #                                                   # iteration, and with cuBLAS GEMMs
 #
 # Meant for an H200: stage 1 under `dots` at 32 samples takes 78 GiB (docs/performance.md), so on
-# an 80 GB card auto takes save_qkv_attn and the dots run ends out of memory (exit 5).
+# an 80 GB card auto takes save_qkv_attn, and the runs that name dots train 16 samples (62.5 GiB;
+# "One 80 GB card" there), their JSON saying so.
 # Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
 # attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
 # A run has a timeout (then it prints every thread's stack into its log, SIGUSR1, and is killed
@@ -73,6 +74,12 @@ run() {  # run <name> <timeout s> <script> <flags...>: one JSON line into result
   return $rc
 }
 
+# Stage 1's dots runs: 32 samples where they fit (an H200), else 16.
+gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+DOTS=(--config.model.remat_policy=dots)
+if [[ $gpu_mib =~ ^[0-9]+$ ]] && ((gpu_mib < 100000)); then
+  DOTS+=(--global_batch_size 16)
+fi
 S1=(--config configs/svg_t2i_2b.py:stage1_256 --global_batch_size 32 --steps 10
     --config.model.attention_backend=cudnn)
 S3=(--config configs/svg_t2i_2b.py:stage3_1024 --steps 5 --config.model.attention_backend=cudnn)
@@ -107,20 +114,20 @@ stage3_torch() {  # at the batch stage3_auto trained with
   fi
 }
 stage1_policies() {
-  run stage1_dots 90 trainer.py "${S1[@]}" --config.model.remat_policy=dots
+  run stage1_dots 90 trainer.py "${S1[@]}" "${DOTS[@]}"
   run stage1_full 90 trainer.py "${S1[@]}" --config.model.remat_policy=full
 }
 stage1_variants() {
   # What bf16 activations (the stage configs' setting) gain against fp32 ones.
-  run stage1_dots_fp32_activations 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
+  run stage1_dots_fp32_activations 100 trainer.py "${S1[@]}" "${DOTS[@]}" \
       --config.model.activation_dtype=float32
-  run stage1_dots_unroll2 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots \
+  run stage1_dots_unroll2 100 trainer.py "${S1[@]}" "${DOTS[@]}" \
       --config.model.scan_unroll=2
   # The code-generation flags NVIDIA's JAX images set (cuBLAS rather than Triton GEMMs); the
   # latency-hiding scheduler only overlaps collectives, of which one GPU has none. Last, so a
   # short part skips it first.
   XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
-    run stage1_dots_cublas 100 trainer.py "${S1[@]}" --config.model.remat_policy=dots
+    run stage1_dots_cublas 100 trainer.py "${S1[@]}" "${DOTS[@]}"
 }
 
 case $PART in
