@@ -41,14 +41,17 @@ SMALL_FLAGS = [f"--config.model.{k}={v}" for k, v in dict(
 CLI_TIMEOUT = 300
 
 
-def assert_trees_bitwise_equal(a, b):
-  fa = keymap.unscanned_flat(a)
-  fb = keymap.unscanned_flat(b)
+def assert_flat_bitwise_equal(fa: dict, fb: dict):
+  """The same names, and under each the same dtype, shape and bytes."""
   assert set(fa) == set(fb)
   for k in fa:
     x, y = np.asarray(fa[k]), np.asarray(fb[k])
     assert x.dtype == y.dtype and x.shape == y.shape, k
     assert x.tobytes() == y.tobytes(), k
+
+
+def assert_trees_bitwise_equal(a, b):
+  assert_flat_bitwise_equal(keymap.unscanned_flat(a), keymap.unscanned_flat(b))
 
 
 @pytest.mark.parametrize("fmt", dit_io.FORMATS)
@@ -94,11 +97,8 @@ def test_official_to_diffusers_is_diffusers_own_conversion():
   names and the same tensor under each (a swap of same-shaped tensors, w1 / w3 or two norms,
   fails here)."""
   state = ref.random_official_state(SMALL, seed=3)
-  ours = keymap.official_to_diffusers(state, SMALL)
-  theirs = ref.diffusers_state(state, SMALL)
-  assert set(ours) == set(theirs)
-  for k in theirs:
-    assert ours[k].tobytes() == theirs[k].tobytes(), k
+  assert_flat_bitwise_equal(keymap.official_to_diffusers(state, SMALL),
+                            ref.diffusers_state(state, SMALL))
 
 
 def test_official_2b_keys_convert_onto_diffusers_2b_model():
@@ -121,10 +121,8 @@ def test_diffusers_loads_our_export_strictly(tmp_path):
   state = ref.random_official_state(cfg, seed=4)
   params = keymap.official_to_params(state, cfg)
   dit_io.save_dit(params, tmp_path / "dit", "diffusers", cfg)
-  theirs = _from_pretrained_strictly(tmp_path / "dit")
-  expected = ref.diffusers_state(state, cfg)
-  assert set(theirs) == set(expected)
-  assert all(np.array_equal(theirs[k], expected[k]) for k in theirs)
+  assert_flat_bitwise_equal(_from_pretrained_strictly(tmp_path / "dit"),
+                            ref.diffusers_state(state, cfg))
 
 
 def test_official_2b_key_set_and_shapes():
@@ -231,11 +229,8 @@ def test_convert_cli_official_to_diffusers(tmp_path):
   out = _cli("--config", ROOT / "configs/tiny.py", *SMALL_FLAGS, "--src", tmp_path / "official.pth",
              "--src_format", "official", "--dst", tmp_path / "dit", "--dst_format", "diffusers")
   assert out.returncode == 0, out.stderr[-3000:]
-  theirs = _from_pretrained_strictly(tmp_path / "dit")
-  expected = ref.diffusers_state(state, cfg)
-  assert set(theirs) == set(expected)
-  for k, v in expected.items():
-    assert np.array_equal(theirs[k], v), k
+  assert_flat_bitwise_equal(_from_pretrained_strictly(tmp_path / "dit"),
+                            ref.diffusers_state(state, cfg))
 
 
 # ----------------------------------------------------------------------------- training workdir
@@ -278,10 +273,8 @@ def test_cli_converts_a_training_workdir(choice, dit_run, tmp_path):
              "--dst", tmp_path / "dit", "--dst_format", "diffusers")
   assert out.returncode == 0, out.stderr[-3000:]
   theirs = _from_pretrained_strictly(tmp_path / "dit")
-  expected = ref.diffusers_state(keymap.params_to_official(want, SMALL), SMALL)
-  assert set(theirs) == set(expected)
-  for k, v in expected.items():
-    assert theirs[k].tobytes() == v.tobytes(), k
+  assert_flat_bitwise_equal(theirs, ref.diffusers_state(keymap.params_to_official(want, SMALL),
+                                                        SMALL))
   # ... and not any other tree of the run (EMA vs raw, step 3 vs 5)
   for step, trees in saved.items():
     for which, tree in trees.items():

@@ -832,7 +832,7 @@ def test_metric_accumulation_stays_off_the_mesh(tmp_path):
   on this host's CPU device. Arrays replicated over the mesh would make each op a program
   launched on every device of every host, queued behind the step: 2-process CPU runs hung there
   (docs/design_notes.md)."""
-  mesh = jax.make_mesh((len(jax.devices()),), ("data",))
+  mesh = parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1))  # the run's mesh, as the loop makes it
   logger = metrics_lib.MetricsLogger(str(tmp_path), num_steps=2, num_devices=mesh.size,
                                      is_main=False)
   host = {"loss": np.float32(0.5), "grad_norm": np.float32(1.0), "caption_dropped": np.float32(0),
