@@ -5,19 +5,24 @@
 #
 #   OUT=/some/folder bash bench/gpu_session.sh all  # the issue's targets first, in one call:
 #                                                   # stage 1 auto (+ profile), torch; stage 3
-#                                                   # auto; stage 1 dots, full; stage 3 torch;
-#                                                   # then part 2's variants, while time is left
-#   OUT=/some/folder bash bench/gpu_session.sh 1    # stage 1: auto (+ profile), torch, dots, full
+#                                                   # auto; stage 1 auto as a scan, dots, full;
+#                                                   # stage 3 torch; then part 2's variants,
+#                                                   # while time is left
+#   OUT=/some/folder bash bench/gpu_session.sh 1    # stage 1: auto (+ profile), torch, auto as
+#                                                   # a scan, dots, full
 #   OUT=/some/folder bash bench/gpu_session.sh 2    # stage 3: auto at batch 8 (4 if 8 fits no
 #                                                   # policy), torch; stage 1 dots with fp32
 #                                                   # activations, with 2 layers per scan
 #                                                   # iteration, and with cuBLAS GEMMs
 #
-# Meant for an H200: stage 1 under `dots` at 32 samples takes 78 GiB (docs/performance.md), so on
-# an 80 GB card auto takes save_qkv_attn, and the runs that name dots train 16 samples (62.5 GiB;
-# "One 80 GB card" there), their JSON saying so.
+# Meant for an H200: stage 1 under `dots` at 32 samples takes 69 GiB unrolled, 78 as a scan
+# (docs/performance.md), over XLA's limit on an 80 GB card, where auto takes save_qkv_attn and
+# the runs that name dots train 16 samples (62.5 GiB as a scan; "One 80 GB card" there), their
+# JSON saying so.
 # Every run is bench/trainer.py or bench/torch_trainer.py at global batch 32 (stage 1) with cuDNN
-# attention, bf16 compute and the stage configs' defaults otherwise, 10 warm-up and 10 timed steps.
+# attention, bf16 compute and the stage configs' defaults otherwise (layer loop auto: unrolled on
+# a GPU), 10 warm-up and 10 timed steps. Should stage 1's auto run not end in time (the unrolled
+# step compiles longer than the scan), the same run as a scan takes its place.
 # A run has a timeout (then it prints every thread's stack into its log, SIGUSR1, and is killed
 # 20 s later), and one that would not end before the part's deadline (DEADLINE_S seconds
 # after the versions are printed, default 500) is skipped, and the next one that still fits runs:
@@ -84,18 +89,23 @@ S1=(--config configs/svg_t2i_2b.py:stage1_256 --global_batch_size 32 --steps 10
     --config.model.attention_backend=cudnn)
 S3=(--config configs/svg_t2i_2b.py:stage3_1024 --steps 5 --config.model.attention_backend=cudnn)
 stage1_auto() {
-  run stage1_auto 240 trainer.py "${S1[@]}" --config.model.remat_policy=auto --profile_steps 2 \
-      --workdir "$RUNS/stage1_auto"
-  local trace
-  trace=$(find "$RUNS/stage1_auto/tensorboard" -name '*.xplane.pb' 2>/dev/null | head -n 1)
+  local name=stage1_auto trace
+  run stage1_auto 270 trainer.py "${S1[@]}" --config.model.remat_policy=auto --profile_steps 2 \
+      --workdir "$RUNS/stage1_auto" \
+    || { name=stage1_auto_scan; run stage1_auto_scan 150 trainer.py "${S1[@]}" \
+      --config.model.remat_policy=auto --profile_steps 2 --workdir "$RUNS/stage1_auto_scan" \
+      --config.model.layer_loop=scan; }
+  trace=$(find "$RUNS/$name/tensorboard" -name '*.xplane.pb' 2>/dev/null | head -n 1)
   if [ -n "$trace" ]; then
     gzip -c "$trace" >"$OUT/stage1_auto.xplane.pb.gz"
     python3 launch/profile_summary.py "$trace" --steps 2 --top 40 >"$OUT/profile.txt" 2>&1
   fi
 }
 stage1_torch() {
-  local ours=()  # the speedup needs our run; torch's figures stand alone too
-  [ -s "$RUNS/stage1_auto.json" ] && ours=(--ours "$RUNS/stage1_auto.json")
+  local ours=() name  # the speedup needs our run; torch's figures stand alone too
+  for name in stage1_auto stage1_auto_scan; do
+    if [ -s "$RUNS/$name.json" ]; then ours=(--ours "$RUNS/$name.json"); break; fi
+  done
   run stage1_torch 150 torch_trainer.py "${S1[@]}" --compile blocks ${ours[@]+"${ours[@]}"}
 }
 stage3_auto() {
@@ -114,6 +124,10 @@ stage3_torch() {  # at the batch stage3_auto trained with
   fi
 }
 stage1_policies() {
+  # The layers as a scan (the loop over layers the other platforms run), against stage1_auto.
+  [ -s "$RUNS/stage1_auto_scan.json" ] \
+    || run stage1_auto_scan 120 trainer.py "${S1[@]}" --config.model.remat_policy=auto \
+      --config.model.layer_loop=scan
   run stage1_dots 90 trainer.py "${S1[@]}" "${DOTS[@]}"
   run stage1_full 90 trainer.py "${S1[@]}" --config.model.remat_policy=full
 }
@@ -122,7 +136,7 @@ stage1_variants() {
   run stage1_dots_fp32_activations 100 trainer.py "${S1[@]}" "${DOTS[@]}" \
       --config.model.activation_dtype=float32
   run stage1_dots_unroll2 100 trainer.py "${S1[@]}" "${DOTS[@]}" \
-      --config.model.scan_unroll=2
+      --config.model.layer_loop=scan --config.model.scan_unroll=2
   # The code-generation flags NVIDIA's JAX images set (cuBLAS rather than Triton GEMMs); the
   # latency-hiding scheduler only overlaps collectives, of which one GPU has none. Last, so a
   # short part skips it first.

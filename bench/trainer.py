@@ -106,6 +106,8 @@ def run(config, workdir: str) -> dict:
   import jax
   from jax import monitoring
 
+  from svg_jax import config as config_lib
+  from svg_jax.models import nextdit
   from svg_jax.train import metrics, remat, trainer
 
   n = FLAGS.steps
@@ -152,6 +154,7 @@ def run(config, workdir: str) -> dict:
       "latent_hw": shape[0], "cap_len": shape[1],
       "remat_policy": chosen[0]["policy"] if chosen else config.model.remat_policy,
       "attention_backend": _attention_backend(config),
+      "layer_loop": nextdit.resolved_layer_loop(config_lib.nextdit_config(config)),
       "compute_dtype": config.model.compute_dtype,
       "warmup_steps": n, "steps": n,
       "steps_per_sec": record["steps_per_sec"], "images_per_sec": record["images_per_sec"],

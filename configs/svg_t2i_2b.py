@@ -30,9 +30,11 @@ def get_config(variant: str = "stage1_256"):
   # compiles the step with each policy, least recomputation first, and trains with the first that
   # fits the device (svg_jax/train/remat.py); AOT tools compile it as full.
   # bf16 matmuls and bf16 activations between ops, as the official trainer's autocast runs them
-  # (norms, RoPE, softmax and the accumulations in fp32).
+  # (norms, RoPE, softmax and the accumulations in fp32). Layer loop auto: the stacked layers run
+  # unrolled when compiled for a GPU (less memory and time there, a longer compile), as a scan
+  # elsewhere; the params are stacked either way, so checkpoints move between the two.
   c.model.update(dict(compute_dtype="bfloat16", activation_dtype="compute", scan_layers=True,
-                      remat_policy="auto", attention_backend="auto"))
+                      layer_loop="auto", remat_policy="auto", attention_backend="auto"))
   c.mesh.update(dict(data=1, fsdp=-1, tensor=1))
   c.data.resolution = STAGES[variant]
   c.data.max_caption_len = 256

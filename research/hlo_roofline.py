@@ -181,7 +181,8 @@ def _users(table: dict[str, Instruction]) -> dict[str, list[Instruction]]:
 
 def _sliced_reads(inst: Instruction, computations) -> dict[int, float]:
   """Operand index -> bytes read, for the operands a fused computation reads only through
-  dynamic-slice (looking through bitcasts)."""
+  slices, static or dynamic (looking through bitcasts and dtype conversions: a fused loop reads
+  the input elements of the outputs it computes)."""
   callee = _called(inst.attributes, "calls")
   table = computations.get(callee[0], {}) if callee else {}
   users = _users(table)
@@ -192,10 +193,12 @@ def _sliced_reads(inst: Instruction, computations) -> dict[int, float]:
     while frontier:
       node = frontier.pop()
       for user in users.get(node.name, []):
-        if user.opcode == "bitcast":
+        if user.opcode in ("bitcast", "convert"):
           frontier.append(user)
-        elif user.opcode == "dynamic-slice" and user.operands[0] == node.name:
-          sliced += array_bytes(user.shape)
+        elif user.opcode in ("dynamic-slice", "slice") and user.operands[0] == node.name:
+          # The slice's elements, at the parameter's element size.
+          sliced += array_bytes(user.shape) / _element_bytes(user.shape) * _element_bytes(
+              param.shape)
         else:
           sliced = -1.0
           frontier = []
@@ -203,6 +206,10 @@ def _sliced_reads(inst: Instruction, computations) -> dict[int, float]:
     if sliced > 0:
       reads[index] = sliced
   return reads
+
+
+def _element_bytes(shape: str) -> float:
+  return array_bytes(shape) / max(math.prod(_dims(shape)), 1)
 
 
 def _parameter_index(param: Instruction) -> int:

@@ -15,7 +15,7 @@ from svg_jax import checkpoint as ckpt_lib
 
 # Implementation-only model fields a sampler may choose for its own hardware.
 HARDWARE_FIELDS = ("compute_dtype", "activation_dtype", "attention_backend", "remat_policy",
-                   "scan_unroll")
+                   "layer_loop", "scan_unroll")
 
 
 def saved_model_config(workdir: str, step: int | None = None,

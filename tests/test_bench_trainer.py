@@ -19,7 +19,8 @@ from configs import tiny
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, STEPS, PEAK, DEVICES = 8, 2, 2.5, 2  # the batch splits over the devices
 FIELDS = ("config", "platform", "device_kind", "devices", "global_batch_size", "latent_hw",
-          "cap_len", "remat_policy", "attention_backend", "compute_dtype", "warmup_steps", "steps",
+          "cap_len", "remat_policy", "attention_backend", "layer_loop", "compute_dtype", "warmup_steps",
+          "steps",
           "steps_per_sec", "images_per_sec", "tokens_per_sec", "tflops_per_device", "tflops",
           "peak_tflops", "mfu", "peak_memory_gib", "compile_s", "remat_auto_s", "compilation_cache",
           "wall_s", "loss", "profile")
@@ -34,8 +35,8 @@ def run(tmp_path_factory):
          "--config", os.path.join(REPO, "configs", "tiny.py"), f"--steps={STEPS}",
          f"--global_batch_size={BATCH}", f"--peak_tflops={PEAK}", f"--workdir={workdir}",
          "--config.model.remat_policy=auto", "--config.train.remat_memory_budget_gib=1000",
-         "--config.model.attention_backend=auto",
-         "--profile_steps=1"]
+         "--config.model.attention_backend=auto", "--config.model.scan_layers=True",
+         "--config.model.layer_loop=auto", "--profile_steps=1"]
   out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
   assert out.returncode == 0, out.stderr[-3000:]
   return json.loads(out.stdout.strip().splitlines()[-1]), str(workdir)
@@ -51,6 +52,7 @@ def test_the_json_line_has_every_figure(run):
   assert result["peak_memory_gib"] is None  # XLA:CPU keeps no allocator statistics
   assert result["remat_policy"] == "none"  # auto with 1000 GiB: no recomputation
   assert result["attention_backend"] == "xla"  # what the config's "auto" takes on a CPU
+  assert result["layer_loop"] == "scan"  # likewise
   assert (result["global_batch_size"], result["steps"]) == (BATCH, STEPS)
 
 

@@ -6,6 +6,7 @@ diffusers' model in fp32, our output errs by at most 1.5x what diffusers' own fo
 `torch.autocast(bfloat16)` errs (measured 0.8-1.1x, 0.8-0.9% of the output's range), and more than
 with bf16 matmuls alone (0.5-0.6%), so the activations are really rounded."""
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -43,19 +44,61 @@ def _loss_and_grad(cfg, state, inputs):
   return float(value), keymap.params_to_official(grads, cfg)
 
 
-@pytest.mark.parametrize("scan,remat,unroll", [
-    (True, "full", 1), (True, "dots", 1), (True, "save_qkv_attn", 2), (False, "full", 1),
-    (False, "dots_no_batch", 1)])
-def test_scan_and_remat_do_not_change_values_or_gradients(scan, remat, unroll):
-  state = ref.random_official_state(CFG, seed=2)
+@pytest.mark.parametrize("options", [
+    dict(remat_policy="full"), dict(remat_policy="dots"),
+    dict(remat_policy="save_qkv_attn", scan_unroll=2),
+    dict(scan_layers=False, remat_policy="full"),
+    dict(scan_layers=False, remat_policy="dots_no_batch"),
+    dict(layer_loop="unrolled"), dict(layer_loop="unrolled", remat_policy="dots"),
+    dict(layer_loop="unrolled", remat_policy="full")], ids=str)
+def test_scan_and_remat_do_not_change_values_or_gradients(options):
+  cfg = dataclasses.replace(CFG, n_layers=3)  # 3 layers: a partly unrolled loop
+  state = ref.random_official_state(cfg, seed=2)
   inputs = _inputs()
-  base_value, base_grads = _loss_and_grad(dataclasses.replace(CFG, remat_policy="none"), state, inputs)
-  value, grads = _loss_and_grad(
-      dataclasses.replace(CFG, scan_layers=scan, remat_policy=remat, scan_unroll=unroll),
-      state, inputs)
+  base_value, base_grads = _loss_and_grad(dataclasses.replace(cfg, remat_policy="none"), state,
+                                          inputs)
+  value, grads = _loss_and_grad(dataclasses.replace(cfg, **options), state, inputs)
   assert abs(value - base_value) <= 1e-6 * abs(base_value)
   for k in base_grads:
     np.testing.assert_allclose(grads[k], base_grads[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def _gradient(cfg):
+  params = nn.meta.unbox(NextDiT(cfg).init(jax.random.PRNGKey(0), *_inputs())["params"])
+
+  def loss(p):
+    return jnp.mean(jnp.square(NextDiT(cfg).apply({"params": p}, *_inputs())))
+
+  return jax.jit(jax.grad(loss)).lower(params)
+
+
+def test_unrolled_layers_have_no_loop_and_keep_the_remat():
+  """The full remat's gradient recomputes each main layer's forward (7 products: q, k, v, out,
+  w1, w3, w2), and its recomputation goes through JAX's barrier: with no loop between the
+  forward and the backward, XLA:GPU otherwise merges it back into the forward (the 2B stage-1
+  step then took none's memory; XLA:CPU happens not to merge it)."""
+  cfg = dataclasses.replace(CFG, n_layers=3, layer_loop="unrolled")
+  dots, barriers = {}, {}
+  for policy in ("none", "full"):
+    lowered = _gradient(dataclasses.replace(cfg, remat_policy=policy))
+    barriers[policy] = lowered.as_text().count("stablehlo.optimization_barrier")
+    text = lowered.compile().as_text()
+    assert " while(" not in text, policy
+    dots[policy] = len(re.findall(r" dot\(", text))
+  assert dots["full"] - dots["none"] >= cfg.n_layers * 7, dots
+  assert barriers == {"none": 0, "full": cfg.n_layers}, barriers
+  assert " while(" in _gradient(dataclasses.replace(CFG, n_layers=3)).compile().as_text()
+
+
+@pytest.mark.parametrize("platform,unrolled", [("cpu", False), ("tpu", False), ("gpu", True),
+                                               ("cuda", True)])
+def test_layer_loop_auto_unrolls_where_the_trace_compiles_for_a_gpu(platform, unrolled,
+                                                                      monkeypatch):
+  monkeypatch.setattr(layers.splash_attention, "compile_platform", lambda: platform)
+  cfg = dataclasses.replace(CFG, n_layers=3, layer_loop="auto")
+  params = NextDiT(cfg).init(jax.random.PRNGKey(0), *_inputs())["params"]
+  text = jax.jit(NextDiT(cfg).apply).lower({"params": nn.meta.unbox(params)}, *_inputs()).as_text()
+  assert ("stablehlo.while" not in text) == unrolled
 
 
 def test_bf16_compute_stays_close_to_fp32():
@@ -174,8 +217,10 @@ def test_unknown_options_are_clear_errors():
   with pytest.raises(ValueError, match="attention backend"):
     layers.attention(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 2, 2, 4)),
                      backend="flash")
-  with pytest.raises(ValueError, match=r"scan_unroll 3 not in \[1, n_layers 2\]"):
-    dataclasses.replace(CFG, scan_unroll=3).validate()
+  with pytest.raises(ValueError, match=r"scan_unroll 2 not in \[1, 1\] .*layer_loop='unrolled'"):
+    dataclasses.replace(CFG, scan_unroll=2).validate()
+  with pytest.raises(ValueError, match="layer_loop 'unroll' not in"):
+    dataclasses.replace(CFG, layer_loop="unroll").validate()
   with pytest.raises(ValueError, match="sum\\(axes_dims\\)"):
     dataclasses.replace(CFG, axes_dims=(4, 4, 4)).validate()
   with pytest.raises(ValueError, match="unknown NextDiT config fields"):

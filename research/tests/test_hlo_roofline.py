@@ -59,6 +59,24 @@ def test_a_loop_over_stacked_weights_counts_every_trip_and_one_layer_a_trip(laye
   assert layer <= sum(k.bytes for k in looped) < 4 * layer
 
 
+@pytest.mark.parametrize("take,xla_sees_it", [
+    (lambda w: w[3] * 2, True),  # a static slice
+    (lambda w: w[3].astype(jnp.bfloat16) * 2, True),  # then a conversion
+    (lambda w: jax.lax.split(w.astype(jnp.bfloat16), [1] * 8)[3][0] * 2, False),  # convert first
+], ids=["slice", "slice_convert", "convert_slice"])
+def test_a_kernel_that_slices_a_stack_reads_the_slice(take, xla_sees_it):
+  """One layer of a stack of 8 taken in a fused kernel (the unrolled layer loop's weights) reads
+  that layer's elements at the stack's 4 bytes, not the stack. XLA's own analysis agrees where
+  the slice comes first; where a conversion does, it charges the whole stack."""
+  w = jax.ShapeDtypeStruct((8, 256, 256), jnp.float32)
+  compiled = _compiled(take, w)
+  found = hlo_roofline.kernels(compiled.as_text())
+  read = 256 * 256 * 4
+  written = 256 * 256 * jnp.dtype(compiled.out_info.dtype).itemsize
+  assert _total(found, "bytes") == read + written
+  assert (_xla(compiled, "bytes accessed") == read + written) == xla_sees_it
+
+
 def test_time_is_the_larger_of_compute_and_memory():
   chip = hlo_roofline.Chip("test", 1e12, 1e9)
   kernel = hlo_roofline.Kernel("k", "main", "matmul", flops=2e12, bytes=1e9, count=1)

@@ -50,7 +50,7 @@ def _dot(a: jax.Array, b: jax.Array, out_dtype: Dtype = jnp.float32) -> jax.Arra
                              preferred_element_type=out_dtype)
 
 
-_GPU_PLATFORMS = ("gpu", "cuda")
+GPU_PLATFORMS = ("gpu", "cuda")
 
 
 # A bf16 result instead of an fp32 one (`out`): the GEMM rounds its fp32 sums once, as an fp32
@@ -60,7 +60,7 @@ _GPU_PLATFORMS = ("gpu", "cuda")
 # docs/performance.md); XLA:TPU already saves the bf16 value (v5p-16 at 64 samples a chip rose
 # 76.6 -> 79.1 GiB with bf16 GEMM results), and XLA:CPU's bf16-result GEMM adds the products in
 # another order.
-_BF16_RESULT_PLATFORMS = _GPU_PLATFORMS
+_BF16_RESULT_PLATFORMS = GPU_PLATFORMS
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -249,7 +249,7 @@ def auto_backend(head_dim: int, compute_dtype: Dtype, *, plain: bool) -> str:
   platform = splash_attention.compile_platform()
   if plain and platform == "tpu":
     return "splash"
-  if (plain and platform in _GPU_PLATFORMS and jnp.dtype(compute_dtype) in _CUDNN_DTYPES
+  if (plain and platform in GPU_PLATFORMS and jnp.dtype(compute_dtype) in _CUDNN_DTYPES
       and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM and _cuda_capability_ok()):
     return "cudnn"
   return "xla"
@@ -273,7 +273,7 @@ def _require_platform(backend: str, platforms: Sequence[str]) -> None:
 
 
 def _cudnn_attention(q, k, v, kv_lengths, scale, compute_dtype):
-  _require_platform("cudnn", _GPU_PLATFORMS)
+  _require_platform("cudnn", GPU_PLATFORMS)
   dtype = jnp.bfloat16 if compute_dtype == jnp.float32 else compute_dtype
 
   def kernel(q, k, v, lengths):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from svg_jax.models import config_dict, kernel_residuals, layers
+from svg_jax.models import config_dict, kernel_residuals, layers, splash_attention
 
 # What each block keeps for its backward, least recomputation first (the order in which the
 # trainer's "auto" tries them, svg_jax/train/remat.py):
@@ -41,6 +41,7 @@ REMAT_POLICIES = ("none", "dots", "dots_no_batch", "save_qkv_attn", "offload_qkv
 # policy that needs the least memory.
 AUTO = "auto"
 ACTIVATION_DTYPES = ("float32", "compute")
+LAYER_LOOPS = ("scan", "unrolled", AUTO)
 # checkpoint_name tags in the attention: its inputs after RoPE and its output before `out`.
 QKV_ATTN_NAMES = ("attn_q", "attn_k", "attn_v", "attn_out")
 
@@ -75,8 +76,13 @@ class NextDiTConfig:
   activation_dtype: str = "float32"
   attention_backend: str = "xla"
   scan_layers: bool = True
-  # Layers per iteration of the scanned stack's loop (XLA unrolls that many): fewer loop
-  # boundaries for the scheduler to work across, at a longer compile.
+  # How the stacked layers run: "scan" (a loop: XLA compiles one layer), "unrolled" (each layer
+  # its own code over its slice of the stack: no stacks of saved activations, a longer compile)
+  # or "auto" (unrolled when the trace compiles for a GPU, where it measured faster, else scan).
+  layer_loop: str = "scan"
+  # Layers per iteration of the scan's loop (XLA unrolls that many): fewer loop boundaries for
+  # the scheduler to work across, at a longer compile. Below n_layers: a loop of one iteration
+  # would let XLA merge the remat's recomputation into the forward (layer_loop="unrolled").
   scan_unroll: int = 1
   remat_policy: str = "none"
 
@@ -112,8 +118,11 @@ class NextDiTConfig:
       problems.append(f"axes_dims {self.axes_dims} must be even")
     if len(self.axes_dims) != 3 or len(self.axes_lens) != 3:
       problems.append("axes_dims and axes_lens need 3 entries (caption, row, column)")
-    if not 1 <= self.scan_unroll <= max(self.n_layers, 1):
-      problems.append(f"scan_unroll {self.scan_unroll} not in [1, n_layers {self.n_layers}]")
+    if not 1 <= self.scan_unroll <= max(self.n_layers - 1, 1):
+      problems.append(f"scan_unroll {self.scan_unroll} not in [1, {max(self.n_layers - 1, 1)}] "
+                      "(all layers unrolled: layer_loop='unrolled')")
+    if self.layer_loop not in LAYER_LOOPS:
+      problems.append(f"layer_loop {self.layer_loop!r} not in {LAYER_LOOPS}")
     if self.remat_policy not in REMAT_POLICIES + (AUTO,):
       problems.append(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES + (AUTO,)}")
     if self.activation_dtype not in ACTIVATION_DTYPES:
@@ -291,6 +300,41 @@ def _remat(module_cls, policy: str, scanned: bool):
   return nn.remat(module_cls, policy=remat_policy_fn(policy), prevent_cse=not scanned)
 
 
+def resolved_layer_loop(cfg: NextDiTConfig) -> str:
+  """How the main layers run in the trace at hand: "scan" or "unrolled" (unscanned layers are
+  unrolled; "auto" resolved for the platform the trace compiles for)."""
+  if not cfg.scan_layers:
+    return "unrolled"
+  if cfg.layer_loop == AUTO:
+    return "unrolled" if splash_attention.compile_platform() in layers.GPU_PLATFORMS else "scan"
+  return cfg.layer_loop
+
+
+def _unrolled_stack(cfg: NextDiTConfig, stacked, seq, c, cos, sin, kv_lengths):
+  """The stacked layers as straight-line code, each a remat'd block on its slice of the stacked
+  params: no stacks of saved activations to zero, fill and slice, and no stacked gradients
+  written layer by layer, as a loop needs (docs/performance.md, "One layer's code or 26")."""
+  block = JointBlock(cfg, True, parent=None)
+  ones = [1] * cfg.n_layers
+  stacked = nn.meta.unbox(stacked)
+
+  def layer(stacked, i, *args):
+    # Sliced inside the remat: a slice made outside would be one of its inputs, which the
+    # backward keeps (26 layers' fp32 weights: +8 GiB at stage 1 on a GPU). lax.split's
+    # transpose concatenates, so the layers' gradients make one stack, not n padded ones.
+    params = jax.tree.map(lambda a: jax.lax.split(a, ones, axis=0)[i][0], stacked)
+    return block.apply({"params": params}, *args)
+
+  if cfg.remat_policy != "none":
+    # With no loop between the forward and the backward, only JAX's barrier keeps XLA from
+    # merging the recomputation back into the forward.
+    layer = jax.checkpoint(layer, policy=remat_policy_fn(cfg.remat_policy), prevent_cse=True,
+                           static_argnums=(1,))
+  for i in range(cfg.n_layers):
+    seq = layer(stacked, i, seq, c, cos, sin, kv_lengths)
+  return seq
+
+
 class NextDiT(nn.Module):
   """The SVG-T2I DiT. Inputs are channel-last latents; output is the predicted velocity.
 
@@ -343,7 +387,10 @@ class NextDiT(nn.Module):
     cos = jnp.concatenate([img_cos, cap_cos], axis=1)
     sin = jnp.concatenate([img_sin, cap_sin], axis=1)
     kv_lengths = n_img + cap_lens
-    if cfg.scan_layers:
+    if cfg.scan_layers and resolved_layer_loop(cfg) == "unrolled" and not self.is_initializing():
+      seq = _unrolled_stack(cfg, self.variables["params"]["layers"]["block"],
+                            seq, c, cos, sin, kv_lengths)
+    elif cfg.scan_layers:
       stack = nn.scan(_remat(_ScanBlock, cfg.remat_policy, scanned=True),
                       variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
