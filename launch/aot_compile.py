@@ -68,6 +68,8 @@ def _parser():
   p.add_argument("--attention", default="", help="xla | splash | cudnn | auto (default: config)")
   p.add_argument("--activation_dtype", "--activation-dtype", default="",
                  help="float32 | compute (default: the config's)")
+  p.add_argument("--layer_loop", "--layer-loop", default="",
+                 help="scan | unrolled | auto (default: the config's; auto is a scan on TPUs)")
   p.add_argument("--n_layers", "--n-layers", type=int, default=0,
                  help="compile a shorter stack (0: config)")
   p.add_argument("--cap_len", "--cap-len", type=int, default=0,
@@ -131,6 +133,8 @@ def run_one(args) -> dict:
       config.model.attention_backend = args.attention
     if args.activation_dtype:
       config.model.activation_dtype = args.activation_dtype
+    if args.layer_loop:
+      config.model.layer_loop = args.layer_loop
     if args.n_layers:
       config.model.n_layers = args.n_layers
   mesh = aot.tpu_mesh(target, sizes) if target else parallel.make_mesh(sizes)
@@ -167,7 +171,7 @@ def print_one(r: dict) -> None:
   if "pallas_calls" in r:
     attention += f" ({r['pallas_calls']} Pallas kernel calls)"
   print(f"  mesh {r['mesh']} remat {r['remat']} attention {attention} activations "
-        f"{r['activation_dtype']} layers "
+        f"{r['activation_dtype']} layers ({r['layer_loop']}) "
         f"{r['n_layers']}/{r['n_layers_config']} | global batch {r['global_batch']} = "
         f"{r['micro_batches']} micro x {r['per_device_micro_batch']:g} per device | latent "
         f"{r['latent_hw']} caption {r['cap_len']} | compile {r['compile_s']} s")
@@ -204,7 +208,8 @@ def _child(args, extra) -> list:
                       ("--per_device_batch", args.per_device_batch), ("--mesh", args.mesh),
                       ("--n_layers", args.n_layers), ("--cap_len", args.cap_len),
                       ("--global_batch", args.global_batch), ("--attention", args.attention),
-                      ("--activation_dtype", args.activation_dtype)):
+                      ("--activation_dtype", args.activation_dtype),
+                      ("--layer_loop", args.layer_loop)):
     if value and flag not in extra:
       cmd += [flag, str(value)]
   if args.flops:

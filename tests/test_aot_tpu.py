@@ -218,6 +218,16 @@ def test_tiny_step_compiles_for_two_slices():
   _check_memory_and_kernel(compiled, setup)
 
 
+@pytest.mark.parametrize("scan_layers,layer_loop,compiled", [
+    (True, "auto", "scan"), (True, "unrolled", "unrolled"), (False, "auto", "unrolled")])
+def test_the_report_names_the_loop_the_target_compiles(scan_layers, layer_loop, compiled):
+  """On a TPU slice layer loop auto is the scan (unrolled only where it compiles for a GPU)."""
+  config = _tiny(dict(data=1, fsdp=8, tensor=1))
+  config.model.update(dict(scan_layers=scan_layers, layer_loop=layer_loop))
+  mesh = aot.tpu_mesh(aot.tpu_target("v5e-8"), dict(config.mesh))
+  assert aot.describe(config, mesh)["layer_loop"] == compiled
+
+
 def test_cli_prints_verdict_and_json(capsys):
   cli = _module("launch/aot_compile.py", "aot_cli")
   assert cli.main(["--config", os.path.join(ROOT, "configs/tiny.py"), "--target", "2xv5e-4",

@@ -39,7 +39,7 @@ from jax.experimental import topologies
 
 from svg_jax import config as config_lib
 from svg_jax import parallel
-from svg_jax.models import layers
+from svg_jax.models import nextdit
 from svg_jax.train import dit_task
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.utils.error_lines import out_of_memory_line
@@ -215,7 +215,14 @@ def describe(config, mesh) -> dict[str, Any]:
           "per_device_micro_batch": b // micro / shards,
           "remat": config.model.remat_policy, "n_layers": int(config.model.n_layers),
           "attention": config.model.attention_backend,
-          "activation_dtype": config.model.activation_dtype}
+          "activation_dtype": config.model.activation_dtype,
+          "layer_loop": _layer_loop(config, mesh)}
+
+
+def _layer_loop(config, mesh) -> str:
+  """The loop the main layers compile to on `mesh` ("auto" resolved for its platform)."""
+  with parallel.use_mesh(mesh):
+    return nextdit.resolved_layer_loop(config_lib.nextdit_config(config))
 
 
 def mesh_platform(mesh) -> str:
