@@ -197,8 +197,7 @@ def _sliced_reads(inst: Instruction, computations) -> dict[int, float]:
           frontier.append(user)
         elif user.opcode in ("dynamic-slice", "slice") and user.operands[0] == node.name:
           # The slice's elements, at the parameter's element size.
-          sliced += array_bytes(user.shape) / _element_bytes(user.shape) * _element_bytes(
-              param.shape)
+          sliced += math.prod(_dims(user.shape)) * _element_bytes(param.shape)
         else:
           sliced = -1.0
           frontier = []
@@ -209,7 +208,7 @@ def _sliced_reads(inst: Instruction, computations) -> dict[int, float]:
 
 
 def _element_bytes(shape: str) -> float:
-  return array_bytes(shape) / max(math.prod(_dims(shape)), 1)
+  return DTYPE_BYTES[_ARRAY.search(shape).group(1)]
 
 
 def _parameter_index(param: Instruction) -> int:

@@ -19,11 +19,10 @@ from configs import tiny
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH, STEPS, PEAK, DEVICES = 8, 2, 2.5, 2  # the batch splits over the devices
 FIELDS = ("config", "platform", "device_kind", "devices", "global_batch_size", "latent_hw",
-          "cap_len", "remat_policy", "attention_backend", "layer_loop", "compute_dtype", "warmup_steps",
-          "steps",
-          "steps_per_sec", "images_per_sec", "tokens_per_sec", "tflops_per_device", "tflops",
-          "peak_tflops", "mfu", "peak_memory_gib", "compile_s", "remat_auto_s", "compilation_cache",
-          "wall_s", "loss", "profile")
+          "cap_len", "remat_policy", "attention_backend", "layer_loop", "compute_dtype",
+          "warmup_steps", "steps", "steps_per_sec", "images_per_sec", "tokens_per_sec",
+          "tflops_per_device", "tflops", "peak_tflops", "mfu", "peak_memory_gib", "compile_s",
+          "remat_auto_s", "compilation_cache", "wall_s", "loss", "profile")
 
 
 @pytest.fixture(scope="module")
