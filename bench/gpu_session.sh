@@ -27,9 +27,11 @@
 # 20 s later), and one that would not end before the part's deadline (DEADLINE_S seconds
 # after the versions are printed, default 500) is skipped, and the next one that still fits runs:
 # 15 minutes of GPU time hold one part and the start of a machine.
-# Back in $OUT (at most 8 files): results.jsonl (one JSON line a run, "run" naming it), log.txt
-# (versions, each run's exit), profile.txt (launch/profile_summary.py of the 2 profiled stage-1
-# steps), stage1_auto.xplane.pb.gz (that trace, for TensorBoard), logs.tar.gz (each run's log).
+# Back in $OUT (at most 8 files): results.jsonl (one JSON line a run that printed one, "run"
+# naming it, "exit" its exit status), log.txt (versions, each run's exit), profile.txt
+# (launch/profile_summary.py of the 2 profiled stage-1 steps), stage1_auto.xplane.pb.gz (that
+# trace, for TensorBoard), profile_scan.txt (the same for the layers as a scan, when stage1_auto
+# ran unrolled), logs.tar.gz (each run's log).
 set -uo pipefail
 PART=${1:?give the part: all, 1 or 2}
 OUT=${OUT:-gpu_out}
@@ -73,8 +75,10 @@ run() {  # run <name> <timeout s> <script> <flags...>: one JSON line into result
   local rc=$?
   echo "$name: exit $rc at $SECONDS s" | tee -a "$OUT/log.txt"
   tail -n 1 "$RUNS/$name.log" | tee -a "$OUT/log.txt"
-  if ((rc == 0)); then
-    tail -n 1 "$RUNS/$name.json" | sed "s/^{/{\"run\": \"$name\", /" >>"$OUT/results.jsonl"
+  # A run that printed its JSON in the 20 s after the timeout's signal exits 124 but measured.
+  if tail -n 1 "$RUNS/$name.json" | grep -q '^{'; then
+    tail -n 1 "$RUNS/$name.json" | sed "s/^{/{\"run\": \"$name\", \"exit\": $rc, /" \
+      >>"$OUT/results.jsonl"
   fi
   return $rc
 }
@@ -95,10 +99,14 @@ stage1_auto() {
     || { name=stage1_auto_scan; run stage1_auto_scan 150 trainer.py "${S1[@]}" \
       --config.model.remat_policy=auto --profile_steps 2 --workdir "$RUNS/stage1_auto_scan" \
       --config.model.layer_loop=scan; }
-  trace=$(find "$RUNS/$name/tensorboard" -name '*.xplane.pb' 2>/dev/null | head -n 1)
+  summarize_profile "$name" profile.txt stage1_auto.xplane.pb.gz
+}
+summarize_profile() {  # <run> <summary file> [<trace file>]: the run's profiled steps into $OUT
+  local trace
+  trace=$(find "$RUNS/$1/tensorboard" -name '*.xplane.pb' 2>/dev/null | head -n 1)
   if [ -n "$trace" ]; then
-    gzip -c "$trace" >"$OUT/stage1_auto.xplane.pb.gz"
-    python3 launch/profile_summary.py "$trace" --steps 2 --top 40 >"$OUT/profile.txt" 2>&1
+    if [ -n "${3:-}" ]; then gzip -c "$trace" >"$OUT/$3"; fi
+    python3 launch/profile_summary.py "$trace" --steps 2 --top 40 >"$OUT/$2" 2>&1
   fi
 }
 stage1_torch() {
@@ -124,10 +132,12 @@ stage3_torch() {  # at the batch stage3_auto trained with
   fi
 }
 stage1_policies() {
-  # The layers as a scan (the loop over layers the other platforms run), against stage1_auto.
+  # The layers as a scan (the loop over layers the other platforms run), against stage1_auto:
+  # its profile is the "before" of the unrolled loop's.
   [ -s "$RUNS/stage1_auto_scan.json" ] \
-    || run stage1_auto_scan 120 trainer.py "${S1[@]}" --config.model.remat_policy=auto \
-      --config.model.layer_loop=scan
+    || { run stage1_auto_scan 120 trainer.py "${S1[@]}" --config.model.remat_policy=auto \
+      --config.model.layer_loop=scan --profile_steps 2 --workdir "$RUNS/stage1_auto_scan" \
+      && summarize_profile stage1_auto_scan profile_scan.txt; }
   run stage1_dots 90 trainer.py "${S1[@]}" "${DOTS[@]}"
   run stage1_full 90 trainer.py "${S1[@]}" --config.model.remat_policy=full
 }
