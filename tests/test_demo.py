@@ -29,6 +29,10 @@ def test_demo_dit_matches_its_encoder_and_is_wide_enough(tmp_path, preset):
           == decoder.autoencoder.decoder.z_channels == p.encoder_dim)
   # The decoder upsamples by the encoder's patch, so reconstructions have the image size.
   assert 2 ** (len(decoder.autoencoder.decoder.ch_mult) - 1) == 8
+  # configs/tiny.py alone loads what the demo trained (docs/demo.md scores a demo with it).
+  alone = demo_configs.dit(preset).autoencoder
+  assert alone.decoder.to_dict() == decoder.autoencoder.decoder.to_dict()
+  assert alone.encoder.to_dict() == decoder.autoencoder.encoder.to_dict()
   model = config_lib.nextdit_config(dit)
   assert dit_task.bottleneck_problems(model) == []
   half = p.encoder_dim // 2
@@ -53,6 +57,15 @@ def test_a_stage_stopped_by_a_signal_stops_the_demo():
   with pytest.raises(SystemExit, match="decoder training stopped by SIGTERM at step 412 "
                      r"\(checkpoint saved\); rerun the same command to resume"):
     demo._finished({"stopped_by": "SIGTERM", "step": 412}, "decoder training")
+
+
+def test_a_dit_trained_past_the_asked_steps_stops_the_demo():
+  """scores.json names the settings' steps: a workdir's DiT trained further is not scored under
+  them."""
+  demo._not_past({"stopped_by": None, "step": 300}, 300, "runs/demo/dit")  # as asked: goes on
+  with pytest.raises(SystemExit, match=r"runs/demo/dit holds a DiT trained to step 1200, past "
+                     r"--dit_steps 300; run these settings in a fresh --workdir"):
+    demo._not_past({"stopped_by": None, "step": 1200}, 300, "runs/demo/dit")
 
 
 def test_seen_prompts_are_training_items_balanced_per_category(tmp_path):

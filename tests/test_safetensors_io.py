@@ -155,3 +155,15 @@ def test_sharded_errors(tmp_path):
     load_sharded_safetensors(tmp_path / 'empty')
   with pytest.raises(FileNotFoundError, match='no such'):
     load_sharded_safetensors(tmp_path / 'absent')
+
+
+def test_converted_files_readable_as_open_makes_them(tmp_path):
+  """safetensors creates its files for their owner only; what the converters write through the
+  atomic writer gets the mode a plain `open` gives, so others on shared storage can read it."""
+  from svg_jax.convert import weights_io
+  weights_io.atomic_write(tmp_path / "w.safetensors",
+                          lambda tmp: save_safetensors(tmp, {"a": np.zeros(3, np.float32)}))
+  (tmp_path / "plain").write_bytes(b"")
+  mode = os.stat(tmp_path / "w.safetensors").st_mode & 0o777
+  assert mode == os.stat(tmp_path / "plain").st_mode & 0o777, oct(mode)
+  assert set(load_safetensors(tmp_path / "w.safetensors")) == {"a"}

@@ -75,6 +75,12 @@ def _encoder(p: Preset) -> dict:
               scan_layers=False)  # CPU: unrolled is faster
 
 
+def _decoder(p: Preset) -> dict:
+  # 3 upsamplings: 8x, the encoder's patch.
+  return dict(z_channels=p.encoder_dim, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1,
+              norm_groups=8)
+
+
 def decoder(name: str = DEFAULT_PRESET, steps: int | None = None) -> ml_collections.ConfigDict:
   """The demo's decoder training: shapes images at 64 px, a small decoder, the official recipe;
   `steps` long (default: the preset's)."""
@@ -84,9 +90,7 @@ def decoder(name: str = DEFAULT_PRESET, steps: int | None = None) -> ml_collecti
   c.data.resolution = RESOLUTION
   c.data.num_eval_images = 64
   c.autoencoder.encoder.update(_encoder(p))
-  c.autoencoder.decoder.update(dict(z_channels=p.encoder_dim, ch=32, ch_mult=(1, 2, 2, 4),
-                                    num_res_blocks=1,
-                                    norm_groups=8))  # 3 upsamplings: 8x, the encoder's patch
+  c.autoencoder.decoder.update(_decoder(p))
   c.discriminator.ndf = 16
   c.train.global_batch_size = 8
   c.train.num_steps = steps
@@ -111,8 +115,9 @@ def dit(name: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       axes_dims=p.dit_axes_dims, axes_lens=(600, 512, 512),
       # CPU: scan and remat each cost 15-25% (docs/cpu_performance.md); they exist for memory.
       scan_layers=False, remat_policy="none", compute_dtype="float32"))
-  c.autoencoder.encoder.update(_encoder(p))  # the decoder()'s encoder
-  c.autoencoder.decoder.z_channels = p.encoder_dim
+  # decoder()'s encoder and decoder: a demo's exported decoder loads with this config alone.
+  c.autoencoder.encoder.update(_encoder(p))
+  c.autoencoder.decoder.update(_decoder(p))
   c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   c.data.resolution = RESOLUTION
   c.data.max_caption_len = 64

@@ -86,6 +86,14 @@ def _finished(summary: dict, stage: str) -> None:
                      "(checkpoint saved); rerun the same command to resume")
 
 
+def _not_past(summary: dict, steps: int, workdir: str) -> None:
+  """A DiT trained past the asked steps in this workdir would be scored under settings that name
+  fewer: the demo stops instead (asking more resumes the run)."""
+  if summary["step"] > steps:
+    raise SystemExit(f"demo: {workdir} holds a DiT trained to step {summary['step']}, past "
+                     f"--dit_steps {steps}; run these settings in a fresh --workdir")
+
+
 class Stages:
   """The demo's stages; each returns what later stages need and is cached in `workdir`."""
 
@@ -193,7 +201,9 @@ class Stages:
     config = self.dit_config(records, decoder_config)
     if self.s.validate_every:
       self.watch(config, records, decoder_config)
-    _finished(trainer.train(config, workdir), "DiT training")
+    summary = trainer.train(config, workdir)
+    _finished(summary, "DiT training")
+    _not_past(summary, self.s.dit_steps, workdir)
     return workdir
 
   # 5. sample the held-out prompts and score them

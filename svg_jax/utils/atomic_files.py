@@ -3,6 +3,8 @@
 A killed run never leaves a half-written file under the final name, and a reader never sees one.
 The temporary name holds the host and the pid, so several processes may write into one shared
 folder; it lives in `tmp_dir` (default: the target's folder, so the rename stays on one file system).
+Every file gets the permissions a plain `open` gives under the process's umask, whatever the
+writer used: safetensors writes its files readable by their owner only.
 """
 from __future__ import annotations
 
@@ -12,6 +14,15 @@ import socket
 from typing import Any, Callable
 
 import numpy as np
+
+
+def _read_umask() -> int:
+  mask = os.umask(0)  # the only portable read; at import, before the process starts threads
+  os.umask(mask)
+  return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
 
 
 def temp_name(path: str | os.PathLike, tmp_dir: str | None = None) -> str:
@@ -27,6 +38,7 @@ def write(path: str | os.PathLike, write_to: Callable[[str], Any],
   tmp = temp_name(path, tmp_dir)
   try:
     write_to(tmp)
+    os.chmod(tmp, _FILE_MODE)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
