@@ -4,9 +4,17 @@ sharding), both documented in svg_jax/config.py.
 
   python launch/precompute.py --input data/train.jsonl --out records/ \
       --config.autoencoder.encoder_path=... --config.precompute.text_encoder_dir=gemma-2-2b
+
+`configs/precompute.py:demo` is the demo's job (svg_jax/demo/configs.py): its small random DINOv3
+at 64 px, for the files `launch/demo.sh` made, whose records `configs/tiny.py` trains on.
 """
 from svg_jax import config
+from svg_jax.demo import configs as demo_configs
 
 
-def get_config():
+def get_config(variant: str = ""):
+  if variant == "demo":
+    return demo_configs.precompute()
+  if variant:
+    raise ValueError(f"unknown variant {variant!r} of configs/precompute.py (none, or demo)")
   return config.precompute_job_config()

@@ -3,6 +3,7 @@ import collections
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -98,6 +99,43 @@ def test_a_workdir_of_the_other_text_encoder_stops_the_demo_with_a_clear_message
   with pytest.raises(SystemExit, match=r"differs in \['spec'\].*run the demo in a fresh --workdir"):
     new.text_encoder(decoder)
   assert old.text_encoder(decoder) == folder  # the old settings still find their encoder
+
+
+def test_precompute_demo_variant_makes_records_that_configs_tiny_takes(tmp_path):
+  """The README's route without the official weights: the demo's random DINOv3 and text encoder
+  on a folder of images with .txt captions, through `configs/precompute.py:demo`; the records'
+  latent grid, channels and caption width are what configs/tiny.py's model reads."""
+  from svg_jax.demo import decoder_data
+  from svg_jax.demo.text_encoder import ensure_demo_text_encoder
+  decoder = demo_configs.decoder()
+  paths = decoder_data.prepare_for(decoder, str(tmp_path / "demo"), num_train=6, num_heldout=0,
+                                   seed=0, layouts="fixed")
+  items = shapes.read_split(os.path.dirname(paths["data.jsonl"]), "train")
+  text_dir = ensure_demo_text_encoder(str(tmp_path / "text"), [i["prompt"] for i in items],
+                                      seed=0)
+  images = tmp_path / "images"
+  images.mkdir()
+  for n, item in enumerate(items):
+    shutil.copy(item["path"], images / f"{n}.png")
+    (images / f"{n}.txt").write_text(item["prompt"])
+  out = tmp_path / "records"
+  run = subprocess.run(
+      [sys.executable, os.path.join(REPO, "launch", "precompute.py"), "--config",
+       os.path.join(REPO, "configs", "precompute.py:demo"), "--input", str(images),
+       "--input_format", "folder", "--out", str(out),
+       f"--config.autoencoder.encoder_path={paths['autoencoder.encoder_path']}",
+       f"--config.autoencoder.stats_path={paths['autoencoder.stats_path']}",
+       f"--config.precompute.text_encoder_dir={text_dir}"],
+      capture_output=True, text=True, timeout=300, cwd=REPO,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert run.returncode == 0, run.stderr[-2000:]
+  with open(out / "manifest.json") as f:
+    manifest = json.load(f)
+  tiny = config_lib.nextdit_config(demo_configs.dit())
+  side = demo_configs.RESOLUTION // decoder.autoencoder.encoder.patch_size
+  assert manifest["num_records"] == len(items) and manifest["buckets"] == {f"{side}x{side}": 6}
+  assert manifest["text"] == {"kind": "text_features", "dim": tiny.cap_feat_dim}
+  assert manifest["latent_channels"] == tiny.in_channels
 
 
 @pytest.mark.parametrize("preset, layouts", [("small", "fixed"), ("full", "jittered")])

@@ -103,6 +103,18 @@ def decoder(name: str = DEFAULT_PRESET, steps: int | None = None) -> ml_collecti
   return c
 
 
+def precompute(name: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
+  """launch/precompute.py's job with the demo's encoder at 64 px and captions without the
+  official system prompt, as the demo encodes its own records."""
+  p = preset(name)
+  c = base.precompute_job_config()
+  c.autoencoder.encoder.update(_encoder(p))
+  c.autoencoder.decoder.update(_decoder(p))
+  c.precompute.update(dict(resolution=RESOLUTION, min_side=RESOLUTION // 2, batch_size=64,
+                           system_prompt="empty"))
+  return c
+
+
 def dit(name: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   """The demo's DiT: 64 px images are 8x8 latents of the preset's encoder."""
   p = preset(name)

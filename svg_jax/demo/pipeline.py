@@ -17,7 +17,6 @@ import numpy as np
 from PIL import Image
 
 from svg_jax import autoencoder as ae_lib
-from svg_jax import config as config_lib
 from svg_jax import generate, precompute
 from svg_jax.convert import decoder_io
 from svg_jax.data import sources
@@ -158,14 +157,10 @@ class Stages:
   # 3. precompute latents and text features of the training split
   def precompute(self, decoder_config, text_dir: str) -> str:
     out = os.path.join(self.workdir, "records")
-    c = config_lib.precompute_job_config()
-    c.autoencoder = decoder_config.autoencoder
-    p = c.precompute
-    p.text_encoder_dir = text_dir
-    p.resolution = int(decoder_config.data.resolution)
-    p.min_side = int(decoder_config.data.resolution) // 2
-    p.batch_size = 64
-    p.system_prompt = self.s.system_prompt
+    c = configs.precompute(self.s.preset)
+    c.autoencoder = decoder_config.autoencoder  # with its files
+    c.precompute.text_encoder_dir = text_dir
+    c.precompute.system_prompt = self.s.system_prompt
     job = precompute.build(c)
     job.run(sources.list_inputs(decoder_config.data.jsonl, "jsonl", job.cfg), out)
     if self.s.validate_every:  # the held-out split too, for the DiT run's held-out loss
