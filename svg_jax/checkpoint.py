@@ -12,6 +12,9 @@ only into the same count).
 A damaged step (a truncated or missing file) is found by `problems` (every file a restore reads is
 there and the JSON items parse) or by the restore itself; `move_aside` moves its folder to
 `<workdir>/damaged_checkpoints/` so the previous step becomes the newest (svg_jax/train/loop.py).
+A step of another run (a state with other leaves, or leaves of other shapes or dtypes: another
+model or optimizer) is told from its metadata before any array is read, `IncompatibleCheckpoint`,
+and never taken for damage.
 
 Restoring takes an abstract target tree whose leaves carry the *target* shardings, so a checkpoint
 written on one mesh restores onto any other. `load_state_item` reads one entry of the saved state
@@ -19,6 +22,8 @@ written on one mesh restores onto any other. `load_state_item` reads one entry o
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -159,6 +164,41 @@ if not hasattr(jax, "set_mesh"):
       jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+class _DrainingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets its unfinished tasks end before it closes. orbax reads every array
+  of a restore at once in a fresh loop and closes it on the first read that fails; the reads
+  still running then fail into the closed loop, each with its traceback ("Task exception was
+  never retrieved", "Event loop is closed"): thousands of lines for one damaged file. Cancelled
+  and awaited here, they end quietly, and the first error is the one reported."""
+
+  def close(self) -> None:
+    if not self.is_running() and not self.is_closed():
+      unfinished = asyncio.all_tasks(self)
+      for task in unfinished:
+        task.cancel()
+      if unfinished:
+        self.run_until_complete(asyncio.gather(*unfinished, return_exceptions=True))
+    super().close()
+
+
+class _DrainingLoopPolicy(asyncio.DefaultEventLoopPolicy):
+  """The default policy, whose new loops drain when closed."""
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _DrainingEventLoop()
+
+
+@contextlib.contextmanager
+def _draining_event_loops():
+  """orbax's restores make their loops with `asyncio.new_event_loop`, which asks the policy."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_DrainingLoopPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` with the three items of a training run (the
   manager saves and lists the steps; `restore` reads through the items' handlers)."""
@@ -251,12 +291,20 @@ class Checkpointer:
     Each process only reads: the items go through orbax's handlers, not the manager, whose
     restore ends in a barrier of all processes. A process whose read failed (a damaged shard of
     an FSDP checkpoint is read by one host only) never reached that barrier and left the others
-    waiting in it; the caller agrees on the outcome instead (svg_jax/train/loop.py)."""
+    waiting in it; the caller agrees on the outcome instead (svg_jax/train/loop.py).
+
+    IncompatibleCheckpoint, before any array is read, when the saved state has other leaves, or
+    leaves of other shapes or dtypes, than `abstract_state` (a run of another config)."""
     folder = epath.Path(self.step_dir(step))
     state_handler = ocp.StandardCheckpointHandler()
     try:
-      state = state_handler.restore(folder / "state",
-                                    args=ocp.args.StandardRestore(abstract_state))
+      # Another model's or optimizer's state is told from the saved metadata: its restore would
+      # fail on a mis-shaped array just as a damaged file fails.
+      _check_same_tree(_saved_tree(state_handler, folder / "state"), abstract_state,
+                       f"the arrays of step {step}", dtypes=True)
+      with _draining_event_loops():
+        state = state_handler.restore(folder / "state",
+                                      args=ocp.args.StandardRestore(abstract_state))
     finally:
       state_handler.close()
     config = self.read_config(step)
@@ -336,8 +384,7 @@ def load_state_item(source: str, item: str, abstract, step: int | None = None, *
   folder = epath.Path(directory) / str(step) / "state"
   handler = ocp.PyTreeCheckpointHandler()
   try:
-    meta = handler.metadata(folder)
-    saved = meta.tree if hasattr(meta, "tree") else meta
+    saved = _saved_tree(handler, folder)
     if item not in saved:
       raise IncompatibleCheckpoint(f"{what}: the checkpoint of step {step} in {directory} has no "
                                    f"`{item}` (it holds {sorted(saved)})")
@@ -345,8 +392,9 @@ def load_state_item(source: str, item: str, abstract, step: int | None = None, *
     restore_args = jax.tree.map(
         lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype),
         abstract)
-    out = handler.restore(folder, args=ocp.args.PyTreeRestore(
-        item={item: abstract}, restore_args={item: restore_args}, partial_restore=True))
+    with _draining_event_loops():
+      out = handler.restore(folder, args=ocp.args.PyTreeRestore(
+          item={item: abstract}, restore_args={item: restore_args}, partial_restore=True))
   finally:
     handler.close()
   log.info("%s: loaded %s of step %d from %s", what, item, step, directory)
@@ -359,20 +407,47 @@ def load_params(source: str, abstract_params, step: int | None = None):
   return load_state_item(source, "params", abstract_params, step, what="train.init_from")
 
 
+def _saved_tree(handler, folder):
+  """The tree of the saved arrays' metadata (shapes, dtypes), read from the folder's metadata
+  file without reading an array."""
+  meta = handler.metadata(folder)
+  return meta.tree if hasattr(meta, "tree") else meta  # an older orbax gives the tree itself
+
+
+def _leaf_name(path) -> str:
+  """`params/layers_0/attention/qkv/kernel`: one name for a leaf of the saved tree (dicts and
+  lists) and of the tree restored into (dataclasses, named tuples and tuples)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
 def _flat(tree) -> dict[str, Any]:
-  return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {_leaf_name(k): v for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_same_tree(saved, target, what: str) -> None:
+_DIFFERENCES_SHOWN = 3  # in an error line; the rest are counted
+
+
+def _check_same_tree(saved, target, what: str, *, dtypes: bool = False) -> None:
+  """IncompatibleCheckpoint naming the first leaves where `saved` (orbax's metadata) and `target`
+  (ShapeDtypeStructs) differ: a leaf only one of them has, another shape, another dtype (only
+  with `dtypes`: a restore would cast it silently)."""
   saved_f, target_f = _flat(saved), _flat(target)
-  missing = sorted(set(target_f) - set(saved_f))
-  unexpected = sorted(set(saved_f) - set(target_f))
-  shapes = sorted(f"{k}: saved {tuple(saved_f[k].shape)}, model {tuple(target_f[k].shape)}"
-                  for k in set(saved_f) & set(target_f)
-                  if tuple(saved_f[k].shape) != tuple(target_f[k].shape))
-  if missing or unexpected or shapes:
-    raise IncompatibleCheckpoint(f"{what} do not fit the model: missing {missing}; unexpected "
-                                 f"{unexpected}; mis-shaped {shapes}")
+
+  def described(leaf) -> str:
+    if leaf is None:
+      return "absent"
+    shape = tuple(getattr(leaf, "shape", ()))
+    return f"{shape} {getattr(leaf, 'dtype', '?')}" if dtypes else str(shape)
+
+  names = [*target_f, *(k for k in saved_f if k not in target_f)]  # this run's order first
+  pairs = ((k, described(saved_f.get(k)), described(target_f.get(k))) for k in names)
+  differences = [f"{k}: checkpoint {s} vs this run {t}" for k, s, t in pairs if s != t]
+  if differences:
+    shown = "; ".join(differences[:_DIFFERENCES_SHOWN])
+    rest = len(differences) - _DIFFERENCES_SHOWN
+    raise IncompatibleCheckpoint(f"{what} do not fit this run: {len(differences)} of "
+                                 f"{len(names)} arrays differ ({shown}"
+                                 f"{f'; {rest} more' if rest > 0 else ''})")
 
 
 def config_to_json(config) -> dict:

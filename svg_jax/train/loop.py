@@ -19,7 +19,8 @@ Order of work (nothing compiles before the config has been checked):
      one-line ConfigError on every process), otherwise a fresh init. A newest step that cannot
      be restored (a truncated or missing file) is logged in one line, moved to
      `<workdir>/damaged_checkpoints/` and the previous step is restored: a damaged checkpoint
-     costs one interval, not the run.
+     costs one interval, not the run. A checkpoint of another run (another model or optimizer,
+     told from its metadata; another loader pipeline) is a one-line `ResumeError`, and stays.
   4. Steps: jit(train_step) with explicit in/out shardings and the state donated, compiled ahead
      for each batch shape (`TaskSetup.compile_step`; with the first batch, the evaluation's
      programs too: `TaskSetup.compile_eval`). Every host then waits for the others' compiles
@@ -352,8 +353,10 @@ def _resume(ckpt, setup, agreement: _Agreement, logger, stall: stall_watch.Stall
   (None, None, fresh iterator) when the workdir has none. A step that fails anywhere (a
   missing or unreadable file, an error of the restore) is read once more on every process (a
   network filesystem's error may pass), then moved aside on process 0 and the next older one is
-  tried. ResumeError, with the checkpoint left in place, when a loader state belongs to another
-  pipeline or a process ran out of memory restoring it; ResumeError too when every step failed."""
+  tried. ResumeError, with the checkpoint left in place, when it belongs to another run (a state
+  of another model or optimizer, told from its metadata before any array is read; a loader
+  state of another pipeline) or a process ran out of memory restoring it; ResumeError too when
+  every step failed."""
   stall.expect("starting the loader")
   data_iter = setup.make_data_iterator()
   moved: list[str] = []
@@ -373,9 +376,11 @@ def _resume(ckpt, setup, agreement: _Agreement, logger, stall: stall_watch.Stall
     if agreed == _OK:
       return state, step, data_iter
     if agreed == _INCOMPATIBLE:
-      raise ResumeError(f"{reason or 'another process cannot resume the loader state'}; the "
-                        f"checkpoint {ckpt.step_dir(step)} is intact: resume it with the settings "
-                        "that wrote it, or train in another workdir")
+      raise ResumeError(f"{reason or 'another process cannot resume this checkpoint'}; the "
+                        f"checkpoint {ckpt.step_dir(step)} is intact and was left in place: "
+                        "resume it with the config that wrote it (saved in its config/ folder), "
+                        "train in another --workdir, or start one from its params with "
+                        f"train.init_from={os.path.dirname(ckpt.directory)}")
     if agreed == _NO_MEMORY:
       raise ResumeError(f"restoring {ckpt.step_dir(step)} ran out of memory ("
                         f"{reason or 'on another process'}); the checkpoint is left in place: "
