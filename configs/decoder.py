@@ -23,6 +23,7 @@ LPIPS term. The fields and their defaults: `decoder_task_config()` in svg_jax/co
 import ml_collections
 
 from svg_jax import config
+from svg_jax.input_errors import InputError
 from svg_jax.demo import configs as demo_configs
 
 
@@ -45,5 +46,5 @@ VARIANTS = {
 
 def get_config(variant: str = "tiny") -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
-    raise ValueError(f"unknown decoder config variant {variant!r}; one of {sorted(VARIANTS)}")
+    raise InputError(f"unknown decoder config variant {variant!r}; one of {sorted(VARIANTS)}")
   return VARIANTS[variant]()

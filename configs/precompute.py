@@ -10,11 +10,12 @@ at 64 px, for the files `launch/demo.sh` made, whose records `configs/tiny.py` t
 """
 from svg_jax import config
 from svg_jax.demo import configs as demo_configs
+from svg_jax.input_errors import InputError
 
 
 def get_config(variant: str = ""):
   if variant == "demo":
     return demo_configs.precompute()
   if variant:
-    raise ValueError(f"unknown variant {variant!r} of configs/precompute.py (none, or demo)")
+    raise InputError(f"unknown variant {variant!r} of configs/precompute.py (none, or demo)")
   return config.precompute_job_config()

@@ -11,6 +11,7 @@ the same; only the resolution (and with it the timestep shift) and init_from cha
 overrides: e.g. --config.mesh.fsdp=64 --config.mesh.data=4 on a 256-chip slice.
 """
 from svg_jax import config as base
+from svg_jax.input_errors import InputError
 
 STAGES = {
     "stage1_256": 256,
@@ -23,7 +24,7 @@ STAGES = {
 
 def get_config(variant: str = "stage1_256"):
   if variant not in STAGES:
-    raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(STAGES)}")
+    raise InputError(f"unknown variant {variant!r}; choose one of {sorted(STAGES)}")
   c = base.base_config()
   # Attention auto: splash when compiled for TPUs (svg_jax/models/splash_attention.py), cuDNN's
   # fused kernel for Ampere-or-later GPUs (bf16 compute), xla elsewhere. Remat auto: the trainer

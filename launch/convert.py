@@ -25,11 +25,10 @@ Exit status 2, with one line on stderr, when the weights cannot be read or do no
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from svg_jax import cli
 
-config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+cli.define_config_file("config", None, "ml_collections config file")
 flags.DEFINE_enum("model", "dit", ["dit", "decoder"], "which model's weights")
 flags.DEFINE_string("src", None, "source path")
 flags.DEFINE_enum("src_format", None, ["flax", "official", "safetensors", "diffusers"],

@@ -3,11 +3,10 @@
   python launch/describe.py --config configs/svg_t2i_2b.py:stage1_256
 """
 from absl import flags
-from ml_collections import config_flags
 
 from svg_jax import cli
 
-config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+cli.define_config_file("config", None, "ml_collections config file")
 
 
 def main(argv):

@@ -2,9 +2,8 @@
 evaluate.py): the config, where the DiT weights come from, the text encoder, the sampler settings,
 and the helpers that turn them into a `Generator`."""
 from absl import app, flags
-from ml_collections import config_flags
 
-from svg_jax import sampling
+from svg_jax import cli, sampling
 
 FLAGS = flags.FLAGS
 
@@ -13,8 +12,8 @@ def define(*, resolution: str, batch_size: int, shift: float = 10.0,
            system_type_help: str = "system prompt (base/align/aesthetics/real/4grid/empty)",
            batch_size_help: str = "images per jitted trajectory") -> None:
   """Defines the shared flags; the defaults that differ between launchers are arguments."""
-  config_flags.DEFINE_config_file("config", None, "ml_collections config with `model` and "
-                                  "`autoencoder` sections", lock_config=True)
+  cli.define_config_file("config", None, "ml_collections config with `model` and `autoencoder` "
+                         "sections")
   flags.DEFINE_string("checkpoint", None, "training workdir to load the DiT from")
   flags.DEFINE_bool("ema", True, "with --checkpoint: the EMA params (--noema: the raw params)")
   flags.DEFINE_integer("step", None, "with --checkpoint: this step instead of the newest")
@@ -43,8 +42,9 @@ def sampler_settings():
 
   if (FLAGS.checkpoint is None) == (FLAGS.weights is None):
     raise app.UsageError("give exactly one of --checkpoint and --weights")
+  multiple = gen.config_pixels_per_token(FLAGS.config)
   try:
-    resolution = gen.parse_resolution(FLAGS.resolution)
+    resolution = gen.parse_resolution(FLAGS.resolution, multiple)
     settings = gen.SamplerSettings(steps=FLAGS.steps, cfg_scale=FLAGS.cfg,
                                    cfg_mode=FLAGS.cfg_mode, shift=FLAGS.shift,
                                    solver=FLAGS.solver)

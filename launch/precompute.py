@@ -9,20 +9,20 @@
 file needs an `autoencoder` section and may have a `precompute` one.
 Rerun the same command to resume: finished chunks are skipped. On a multi-host job run it on
 every host; each process does its share and the last to finish writes manifest.json.
-Exit status 0 also when some inputs were bad (they are listed in the summary and manifest.json).
+Exit status 0 also when some inputs were bad (they are listed in the summary and manifest.json);
+2, with one line on stderr, for a bad flag, config or input (one that does not exist, holds no
+usable input, or none of whose inputs gave a record).
 """
 import os
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from svg_jax import cli
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_REPO, "configs", "precompute.py"),
-    "ml_collections config file with `autoencoder` and `precompute` sections", lock_config=True)
+cli.define_config_file("config", os.path.join(_REPO, "configs", "precompute.py"),
+                       "ml_collections config file with `autoencoder` and `precompute` sections")
 flags.DEFINE_string("input", None, "a jsonl file, an image folder, or a TFDS dataset name")
 flags.DEFINE_enum("input_format", "jsonl", ["jsonl", "folder", "tfds"], "kind of --input")
 flags.DEFINE_string("out", None, "output folder (shards, manifest.json, empty_text.npy)")
@@ -42,9 +42,11 @@ def main(argv):
     parallel.initialize_distributed()  # multi-host: jax.process_index() splits the chunks
   if "autoencoder" not in config:
     raise app.UsageError("the config has no `autoencoder` section")
-  job = precompute.build(config)
-  inputs = sources.list_inputs(FLAGS.input, FLAGS.input_format, job.cfg)
-  job.run(inputs, FLAGS.out)
+  # The config and the inputs first: a bad one is reported before the models load.
+  job_config = precompute.job_config(config)
+  precompute.validate_config(job_config)
+  inputs = sources.list_inputs(FLAGS.input, FLAGS.input_format, job_config)
+  precompute.build(config).run(inputs, FLAGS.out)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ The run's validation prompts must be these prompts, in this order.
 """
 from absl import app, flags
 
+from svg_jax import cli
+
 flags.DEFINE_string("text_encoder", None, "local Gemma-2 folder (HF format)")
 flags.DEFINE_string("tokenizer", None, "tokenizer folder (default: --text_encoder)")
 flags.DEFINE_string("system_type", "base", "system prompt of text.SYSTEM_PROMPTS")
@@ -42,4 +44,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["text_encoder", "out"])
-  app.run(main)
+  cli.run(main)

@@ -12,13 +12,11 @@ PSNR (dB) / SSIM per image and their means are printed and written to `<out>/met
 Images that cannot be read are reported by name and counted, never silently dropped.
 """
 from absl import flags
-from ml_collections import config_flags
 
 from svg_jax import cli
 
-config_flags.DEFINE_config_file("config", None, "ml_collections config file with an `autoencoder` "
-                                "section (svg_jax.config.autoencoder_defaults)",
-                                lock_config=True)
+cli.define_config_file("config", None, "ml_collections config file with an `autoencoder` section "
+                       "(svg_jax.config.autoencoder_defaults)")
 flags.DEFINE_list("images", None, "image files and/or folders (comma separated)")
 flags.DEFINE_string("out", None, "output folder for the pairs and metrics.json")
 flags.DEFINE_integer("resolution", 256, "bucket resolution of the crop (256, 512, 1024, ...)")
@@ -29,7 +27,6 @@ def main(argv):
   del argv
   import json
   import os
-  import sys
 
   import numpy as np
   from PIL import Image
@@ -37,6 +34,7 @@ def main(argv):
   from svg_jax import autoencoder as ae_lib
   from svg_jax.data.images import BadImageError
   from svg_jax.eval import image_metrics
+  from svg_jax.input_errors import InputError
 
   ae = ae_lib.SVGAutoencoder.from_config(FLAGS.config)
   paths = ae_lib.list_images(FLAGS.images)
@@ -80,7 +78,7 @@ def main(argv):
   with open(os.path.join(FLAGS.out, "metrics.json"), "w") as f:
     json.dump(summary, f, indent=1)
   if not results:
-    sys.exit(f"no image could be reconstructed ({len(bad)} skipped)")
+    raise InputError(f"no image could be reconstructed ({len(bad)} skipped)")
 
 
 if __name__ == "__main__":

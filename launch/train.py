@@ -13,44 +13,31 @@ Several processes (a pod slice, a GPU cluster, local processes with JAX_COORDINA
 JAX_NUM_PROCESSES / JAX_PROCESS_ID; docs/pods.md) run this same command; a signal to any of them
 stops all of them at the same step.
 
-Exit status: 0 when done or stopped by SIGTERM/SIGINT (after saving), 2 for a bad config
-(one line on stderr, nothing compiled), 3 when the loss became NaN/inf (nothing bad saved), 4 when
-the workdir's checkpoints cannot resume this run (one line: every step damaged, or a loader state
-of another pipeline), 5 when the state or a step does not fit in host or device memory (one line
-with what to change; the checkpoints written are intact), 6 when a checkpoint could not be
-written (one line: the step, the reason, the newest intact step, which a rerun resumes from), 7
-when a step, a restore or a save waited for `train.stall_timeout_s` (every thread's stack, then
-one line), 1 for any other error (its traceback). In a run of several processes, a process that
-ends early exits at once rather than in JAX's shutdown barrier: the others, which may be waiting
-for it in a collective, are then stopped within `train.heartbeat_timeout_s`; one of them that
-ends early after it prints its line too ("process 1 ended before this one, exit 6: ...").
+Exit status: 0 when done or stopped by SIGTERM/SIGINT (after saving), 2 for a bad config (one line
+on stderr, nothing compiled) or bad input (one line: a flag, a config file, data that cannot be
+used as given, such as a dataset without records), 3 when the loss became NaN/inf (nothing bad
+saved), 4 when the workdir's checkpoints cannot resume this run (one line: every step damaged and
+moved aside, or a checkpoint of another run left in place: a state of another model or optimizer,
+a loader state of another pipeline), 5 when the state or a step does not fit in host or device
+memory (one line with what to change; the checkpoints written are intact), 6 when a checkpoint
+could not be written (one line: the step, the reason, the newest intact step, which a rerun
+resumes from), 7 when a step, a restore or a save waited for `train.stall_timeout_s` (every
+thread's stack, then one line), 1 for any other error (its traceback). In a run of several
+processes, a process that ends early exits at once rather than in JAX's shutdown barrier: the
+others, which may be waiting for it in a collective, are then stopped within
+`train.heartbeat_timeout_s`; one of them that ends early after it prints its line too ("process 1
+ended before this one, exit 6: ...").
 """
 import signal
 import sys
 import traceback
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from svg_jax import cli
 
-config_flags.DEFINE_config_file("config", None, "ml_collections config file", lock_config=True)
+cli.define_config_file("config", None, "ml_collections config file")
 flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics.jsonl, tensorboard/")
-
-
-def _parse_flags(argv):
-  """absl's parser, but an unknown `--config.x.y` is one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"flag error: {e}", file=sys.stderr)
-  except (AttributeError, KeyError) as e:  # ConfigDict's answer to an unknown field
-    key = str(e).strip("\"'")
-    given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and key in a]
-    print(f"config error: unknown config field {key!r} (given as {', '.join(given) or '?'}); "
-          "the config is locked, so fields must exist in svg_jax/config.py or the config file",
-          file=sys.stderr)
-  sys.exit(2)
 
 
 def main(argv):
@@ -62,13 +49,14 @@ def main(argv):
     print(f"config error: task {config.task!r} has no trainer (one of {tuple(trainer.TASKS)})",
           file=sys.stderr)
     sys.exit(2)
-  from svg_jax import parallel, process_exit
+  from svg_jax import input_errors, parallel, process_exit
   from svg_jax.utils import error_lines
   from svg_jax.train import metrics
   metrics.console_logging()
   # One line on stderr and an exit status for each way a run ends early (the module docstring).
   early_ends = ((loop.ConfigError, "config error: ", 2),
                 (parallel.DistributedSetupError, "multi-host setup error: ", 2),
+                (input_errors.InputError, "input error: ", 2),
                 (loop.TrainingDiverged, "training diverged: ", 3),
                 (loop.ResumeError, "resume error: ", 4),
                 (loop.OutOfMemory, "out of memory ", 5),
@@ -91,4 +79,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  cli.run(main, flags_parser=_parse_flags)
+  cli.run(main)

@@ -31,6 +31,7 @@ from svg_jax.convert.decoder import load_decoder
 from svg_jax.convert.dinov3 import load_dinov3
 from svg_jax.data import buckets
 from svg_jax.data.images import imagenet_normalize, open_rgb
+from svg_jax.input_errors import InputError, MissingInput
 from svg_jax.latent_stats import LatentStats
 from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax.models.dinov3 import DINOv3Config, DINOv3ViT
@@ -115,7 +116,7 @@ def path_fingerprint(path: str | os.PathLike) -> str:
   if os.path.isfile(path):
     return "sha256:" + latent_stats.file_sha256(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path} does not exist")
+    raise MissingInput(f"{path} does not exist")
   h = hashlib.sha256()
   for root, _, files in sorted(os.walk(path)):
     for name in sorted(files):
@@ -212,7 +213,7 @@ class SVGAutoencoder:
     missing = [f"autoencoder.{k}" for k, want in (("encoder_path", encoder),
                                                   ("decoder_path", decoder)) if want and not c[k]]
     if missing:
-      raise ValueError(f"set {' and '.join(missing)} (weights are the user's local files)")
+      raise InputError(f"set {' and '.join(missing)} (weights are the user's local files)")
     stats = latent_stats.load_latent_stats(c.stats_path, c.stats_layer)
     enc_cfg = DINOv3Config.from_dict(c.encoder.to_dict())
     dec_cfg = DecoderConfig.from_dict(c.decoder.to_dict())
@@ -315,5 +316,5 @@ def list_images(paths: Sequence[str], extensions: Sequence[str] = (
     elif os.path.exists(path):
       out.append(path)
     else:
-      raise FileNotFoundError(f"{path} does not exist")
+      raise MissingInput(f"{path} does not exist")
   return out

@@ -18,19 +18,31 @@ whatever thread the kernel picks (one started before the script's start, as Open
 are, would not block a signal that the others block). The thread prints holding the interpreter's
 lock: `faulthandler.register` prints from inside the signal handler, walking the threads without
 the lock, and crashed processes (SIGSEGV) when a thread ended during the walk.
+
+`run` also reports bad input in one line on stderr and exit status 2, never a traceback: a flag
+absl refuses, a config file that does not exist, an unknown `--config.x.y` field (with the nearest
+known one), a config variant that raises an `input_errors.InputError`, and, from `main`, an
+`InputError` or absl's `app.UsageError`. Every other exception keeps its traceback (exit 1): it is
+a bug.
 """
 from __future__ import annotations
 
+import difflib
 import faulthandler
 import os
+import re
 import signal
 import sys
 import threading
-from typing import Callable
+from typing import Callable, NoReturn
 
-from absl import app
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+# Public names that the package's __init__ leaves out.
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser, is_config_flag
 
-from svg_jax import compile_cache, malloc_tuning
+from svg_jax import compile_cache, input_errors, malloc_tuning
 
 # The rest of the card holds the CUDA context, cuDNN's workspaces and NCCL's buffers.
 GPU_MEMORY_FRACTION = "0.92"
@@ -67,6 +79,94 @@ def _print_stacks_on_each_signal(read_fd: int) -> None:
       _print_stacks()
 
 
+def bad_input_exit(line: str, *, started: bool = True) -> NoReturn:
+  """Prints `line` (made one line) to stderr and exits with status 2. `started`: JAX may run
+  several processes by now, so this one leaves without waiting for the others
+  (`process_exit`)."""
+  line = " ".join(line.split())
+  print(line, file=sys.stderr)
+  if started:
+    from svg_jax import process_exit  # imports JAX: only after run's set-up
+    process_exit.exit_process(2, line)
+  sys.exit(2)
+
+
+def define_config_file(name: str, default: str | None, help_string: str):
+  """`config_flags.DEFINE_config_file`, locked (an override must name an existing field). With a
+  default file, config_flags reads it and the command line's `--<name>.x` overrides right here
+  (unless the command line names a file), so an unknown field is reported here."""
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+  except (AttributeError, KeyError):  # ConfigDict's answer to an unknown field
+    _exit_on_unknown_field(name, default, sys.argv)
+    raise
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parser, with bad flags and config files as one line and exit status 2 (the
+  module docstring); the flags_parser of `run`."""
+  for name in _config_flag_names():
+    path = (_given_config_file(name, argv) or "").split(":")[0]
+    if path and not os.path.isfile(path):  # config_flags would raise at the config's first use
+      bad_input_exit(f"config error: config file {path} (--{name}) does not exist", started=False)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    root = _root_cause(e)
+    if isinstance(root, input_errors.InputError):  # raised by a config file, e.g. a variant
+      bad_input_exit(f"config error: {root}", started=False)
+    if len(str(e).splitlines()) > 1:  # a config file that failed otherwise: its traceback
+      raise
+    bad_input_exit(f"flag error: {e}", started=False)
+  except (AttributeError, KeyError):  # ConfigDict's answer to an unknown field
+    for name in _config_flag_names():
+      _exit_on_unknown_field(name, _given_config_file(name, argv), argv)
+    raise
+
+
+def _root_cause(error: BaseException) -> BaseException:
+  while (error.__cause__ or error.__context__) is not None:
+    error = error.__cause__ or error.__context__
+  return error
+
+
+def _config_flag_names() -> list[str]:
+  return [name for name in flags.FLAGS if is_config_flag(flags.FLAGS[name])]
+
+
+def _given_config_file(name: str, argv: list[str]) -> str | None:
+  """The `--<name>` value on the command line (a default file is checked where it is defined)."""
+  for i, arg in enumerate(argv):
+    if re.fullmatch(rf"--?{re.escape(name)}", arg) and i + 1 < len(argv):
+      return argv[i + 1]
+    if re.match(rf"--?{re.escape(name)}=", arg):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def _exit_on_unknown_field(name: str, config_file: str | None, argv: list[str]) -> None:
+  """If an override `--<name>.a.b=...` in argv names no field of `config_file`'s config: its one
+  line and exit 2 (with the nearest field of its section, as ConfigDict suggests one)."""
+  if config_file is None:
+    return
+  config = ConfigFileFlagParser(name).parse(config_file)  # without the overrides
+  for arg in argv[1:]:
+    match = re.match(rf"--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
+    if not match:
+      continue
+    node, parts = config, match.group(1).split(".")
+    for i, part in enumerate(parts):
+      if isinstance(node, ml_collections.ConfigDict) and part in node:
+        node = node[part]
+        continue
+      known = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      near = difflib.get_close_matches(part, known, n=1)
+      hint = f" (did you mean {near[0]!r}?)" if near else ""
+      bad_input_exit(f"config error: unknown config field {'.'.join(parts[:i + 1])!r}{hint}, "
+                     f"given as {arg.split('=')[0]}; the config is locked, so fields must exist "
+                     "in svg_jax/config.py or the config file", started=False)
+
+
 def run(main: Callable, **kwargs) -> None:
   def tuned_main(argv):
     malloc_tuning.tune()
@@ -74,6 +174,11 @@ def run(main: Callable, **kwargs) -> None:
     compile_cache.enable_default()
     # Read when the GPU backend starts (the first device query), not when JAX is imported.
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION)
-    return main(argv)
+    try:
+      return main(argv)
+    except input_errors.InputError as e:
+      bad_input_exit(f"{e.kind}: {e}")
+    except app.UsageError as e:  # absl would print the whole usage text
+      bad_input_exit(f"usage error: {e}")
 
-  app.run(tuned_main, **kwargs)
+  app.run(tuned_main, flags_parser=parse_flags, **kwargs)

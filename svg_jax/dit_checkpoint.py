@@ -3,6 +3,7 @@ params, placed on a mesh (replicated) or on one device."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import flax.linen as nn
 import jax
@@ -12,6 +13,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from svg_jax import parallel
 from svg_jax.models.nextdit import NextDiTConfig, abstract_params
 from svg_jax import checkpoint as ckpt_lib
+from svg_jax.input_errors import InputError, MissingInput
 
 # Implementation-only model fields a sampler may choose for its own hardware.
 HARDWARE_FIELDS = ("compute_dtype", "activation_dtype", "attention_backend", "remat_policy",
@@ -22,14 +24,19 @@ def saved_model_config(workdir: str, step: int | None = None,
                        base: ml_collections.ConfigDict | None = None) -> NextDiTConfig:
   """The NextDiTConfig a training run saved with its checkpoint (newest step by default); the
   `HARDWARE_FIELDS` come from `base`'s model section when given."""
+  if not os.path.isdir(workdir):
+    raise MissingInput(f"training workdir {workdir} does not exist")
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
-    step = ckpt_lib.resolve_step(ckpt.latest_step(), step, ckpt.all_steps(), ckpt.directory)
+    try:
+      step = ckpt_lib.resolve_step(ckpt.latest_step(), step, ckpt.all_steps(), ckpt.directory)
+    except FileNotFoundError as e:  # the workdir given has no (such) finished checkpoint
+      raise MissingInput(str(e)) from None
     saved = ckpt.read_config(step)
   finally:
     ckpt.close()
   if "model" not in saved:
-    raise ValueError(f"the config saved in {workdir} at step {step} has no `model` section")
+    raise InputError(f"the config saved in {workdir} at step {step} has no `model` section")
   model = dict(saved["model"])
   if base is not None:
     for k in HARDWARE_FIELDS:

@@ -40,6 +40,7 @@ from svg_jax import parallel, sampling, text
 from svg_jax.convert import dit_io
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig
 from svg_jax import dit_checkpoint
+from svg_jax.input_errors import InputError
 from svg_jax.utils.rounding import round_up
 
 # Official sampling defaults (scripts/sample.sh, eval/generation): 50 steps, CFG 4, DPM, shift 10.
@@ -86,7 +87,7 @@ def parse_resolution(spec: str | int | Sequence[int], multiple: int = 16) -> tup
   if isinstance(spec, str):
     m = re.fullmatch(r"\s*(\d+)\s*(?:[x\*]\s*(\d+))?\s*", spec.lower())
     if not m:
-      raise ValueError(f"resolution {spec!r} is not 'WIDTHxHEIGHT' (e.g. 1024x1024) or one number")
+      raise InputError(f"resolution {spec!r} is not 'WIDTHxHEIGHT' (e.g. 1024x1024) or one number")
     w = int(m.group(1))
     h = int(m.group(2)) if m.group(2) else w
   elif isinstance(spec, (int, np.integer)):
@@ -95,9 +96,16 @@ def parse_resolution(spec: str | int | Sequence[int], multiple: int = 16) -> tup
     h, w = (int(v) for v in spec)
   bad = [f"{name} {v}" for name, v in (("width", w), ("height", h)) if v <= 0 or v % multiple]
   if bad:
-    raise ValueError(f"resolution {w}x{h}: {' and '.join(bad)} not a positive multiple of "
+    raise InputError(f"resolution {w}x{h}: {' and '.join(bad)} not a positive multiple of "
                      f"{multiple} (one latent token covers {multiple}x{multiple} pixels)")
   return h, w
+
+
+def config_pixels_per_token(config: ml_collections.ConfigDict) -> int:
+  """The resolution multiple of a config, before anything is loaded: the encoder's patch (the
+  pixels of one latent token, which the decoder upsamples by) times the DiT's patch. A loaded
+  `Generator` gives the same as `pixels_per_token`."""
+  return int(config.autoencoder.encoder.patch_size) * int(config.model.patch_size)
 
 
 def make_grid(images: Sequence[np.ndarray] | np.ndarray, cols: int) -> np.ndarray:
@@ -303,14 +311,14 @@ class Generator:
     (flax | official | safetensors | diffusers, laid out for config.model).
     """
     if (checkpoint is None) == (weights is None):
-      raise ValueError("give exactly one of a training checkpoint (--checkpoint) and converted "
+      raise InputError("give exactly one of a training checkpoint (--checkpoint) and converted "
                        "weights (--weights with --format)")
     if checkpoint is not None:
       dit_cfg = dit_checkpoint.saved_model_config(checkpoint, step, config)
       params = dit_checkpoint.load_params(checkpoint, dit_cfg, ema=ema, step=step, mesh=mesh)
     else:
       if not weights_format:
-        raise ValueError("--weights needs --format (flax | official | safetensors | diffusers)")
+        raise InputError("--weights needs --format (flax | official | safetensors | diffusers)")
       dit_cfg = config_lib.nextdit_config(config)
       params = dit_io.load_dit(weights, weights_format, dit_cfg)
     enc = text.TextEncoder.from_pretrained(text_encoder, tokenizer,

@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from svg_jax.convert.torch_pickle import load_torch_file, save_torch_file
+from svg_jax.input_errors import InputError, MissingInput
 
 EPS = 1e-8  # official: (f - mean) / (std + 1e-8)
 OFFICIAL_LAYER = -1  # official `num_layer` default: the last row (layer 11 of ViT-S/16+)
@@ -101,11 +102,11 @@ def load_latent_stats(path: str | os.PathLike, layer: int = OFFICIAL_LAYER) -> L
   """
   path = os.fspath(path)
   if not path:
-    raise ValueError("no latent statistics file given: set config.autoencoder.stats_path to the "
+    raise InputError("no latent statistics file given: set config.autoencoder.stats_path to the "
                      "official dinov3_s16p_layer_patchtoken_stats_dist.pt (the project does not "
                      "ship it) or to one written by save_latent_stats")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"latent statistics file {path} does not exist")
+    raise MissingInput(f"latent statistics file {path} does not exist")
   obj = load_torch_file(path)
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: expected a dict with 'mean' and 'std', got {type(obj).__name__}")

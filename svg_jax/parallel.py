@@ -18,6 +18,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from svg_jax import input_errors
+
 # `jax.set_mesh` (a context manager) arrived in jax 0.7.1; jax 0.6, the newest on Python 3.10, has
 # `jax.sharding.use_mesh` for the same (its `set_mesh` is a global setter there).
 _use_mesh = getattr(jax, "set_mesh", None) or jax.sharding.use_mesh
@@ -142,8 +144,9 @@ def replicated_to_host(x: jax.Array) -> np.ndarray:
 EXPLICIT_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 
 
-class DistributedSetupError(ValueError):
+class DistributedSetupError(input_errors.InputError):
   """The environment describes a multi-process run that cannot be started (one line)."""
+  kind = "multi-host setup error"
 
 
 def explicit_cluster(env=None) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ bf16 text features cut to their valid length or the token ids.
 Bad inputs (missing / zero-byte / corrupt / truncated image, image smaller than `min_side`, image
 mode that cannot be converted, empty or non-string caption, missing `.txt`, bad jsonl line) are
 reported as {"key", "reason"} in the manifest's `bad_inputs` and on the console; the job goes on.
+A job none of whose inputs gives a record ends with an `InputError` once its manifest is written.
 
 Resumability and processes. The ordered input list is cut into chunks of `records_per_shard`
 consecutive inputs; chunk c belongs to process c % process_count. A chunk is written through a
@@ -52,6 +53,7 @@ from svg_jax import text as text_lib
 from svg_jax.data import records
 from svg_jax.data import sources
 from svg_jax.data.sources import BadInput, Inputs, Loaded
+from svg_jax.input_errors import InputError
 from svg_jax.utils import atomic_files
 from svg_jax.utils.progress import Progress
 
@@ -90,7 +92,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   elif c.process_count >= 0 and not 0 <= c.process_index < c.process_count:
     problems.append(f"process_index {c.process_index} not in [0, {c.process_count})")
   if problems:
-    raise ValueError("precompute config: " + "; ".join(problems))
+    raise InputError("precompute config: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,8 +123,13 @@ def expected_fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
   """The fingerprints a dataset precomputed with `config` carries, computed from the files alone
   (no model is loaded): what a trainer passes to `pipeline.make_pipeline(expected_fingerprints=)`
   to refuse data made with other weights, statistics or text settings."""
-  cfg = config.precompute if "precompute" in config else config_lib.precompute_defaults()
-  return {**autoencoder.config_fingerprints(config.autoencoder), "text_encoder": text_fingerprint(cfg)}
+  return {**autoencoder.config_fingerprints(config.autoencoder),
+          "text_encoder": text_fingerprint(job_config(config))}
+
+
+def job_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `precompute` section of a config, or its defaults when it has none."""
+  return config.precompute if "precompute" in config else config_lib.precompute_defaults()
 
 
 class TextSide:
@@ -229,7 +236,7 @@ class Precomputer:
     old = atomic_files.read_json(path)
     if old is not None:
       if old != plan:
-        raise ValueError(f"{out} holds a precompute run with a different plan (differs in "
+        raise InputError(f"{out} holds a precompute run with a different plan (differs in "
                          f"{atomic_files.differing_keys(old, plan)}); use another output folder "
                          "or delete it")
     else:
@@ -348,6 +355,9 @@ class Precomputer:
       return None
     manifest = self.finalize(inputs, out)
     self._print(summary(manifest))
+    if not manifest["num_records"]:
+      raise InputError(f"none of the {len(inputs)} inputs gave a record (every one is a bad input, "
+                       f"listed above and in {os.path.join(out, records.MANIFEST_NAME)})")
     return manifest
 
   def _chunk_done(self, out: str, c: int) -> bool:
@@ -425,7 +435,7 @@ def summary(manifest: dict, max_lines: int = 50) -> str:
 
 def build(config: ml_collections.ConfigDict, *, stream=None) -> Precomputer:
   """Loads the encoder (batch sharded over this process's local devices) and the text side."""
-  cfg = config.precompute if "precompute" in config else config_lib.precompute_defaults()
+  cfg = job_config(config)
   validate_config(cfg)
   ae_cfg = ml_collections.ConfigDict(config.autoencoder.to_dict())
   ae_cfg.batch_size = int(cfg.batch_size)

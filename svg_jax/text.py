@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from svg_jax.convert import gemma2 as convert
+from svg_jax.input_errors import InputError, MissingInput
 from svg_jax.models.gemma2 import Gemma2Config, Gemma2Encoder
 from svg_jax.utils.rounding import round_up
 
@@ -95,13 +96,13 @@ def load_tokenizer(model_dir: str):
   The tokenizer must add <bos> by itself and have a pad token, as Gemma's does.
   """
   if not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"tokenizer folder {model_dir} does not exist")
+    raise MissingInput(f"tokenizer folder {model_dir} does not exist")
   import transformers  # local: only text I/O needs transformers
 
   try:
     tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
   except (OSError, ValueError) as e:
-    raise ValueError(f"{model_dir} is not a loadable tokenizer folder: {e}") from e
+    raise InputError(f"{model_dir} is not a loadable tokenizer folder: {e}") from e
   tok.padding_side = "right"
   problems = []
   if tok.bos_token_id is None:
@@ -200,6 +201,8 @@ class TextEncoder:
                       hidden_layer: int = -2, compute_dtype: str = "float32", **kwargs
                       ) -> "TextEncoder":
     """Config, weights (only the layers needed) and tokenizer from local HF-format folders."""
+    if not os.path.exists(model_dir):
+      raise MissingInput(f"text encoder folder {model_dir} does not exist")
     cfg = convert.config_from_hf_json(model_dir, hidden_layer=hidden_layer,
                                       compute_dtype=compute_dtype)
     params = convert.load_gemma2(model_dir, cfg, only_needed=True)

@@ -1,6 +1,7 @@
 """The scripts' shared start (svg_jax/cli.py): XLA's share of a GPU's memory, set before the
 backend starts unless the environment chose one; every thread's stack on STACKS_SIGNAL, printed
-while threads come and go and while the main thread waits inside XLA."""
+while threads come and go and while the main thread waits inside XLA; bad flags, configs and input
+as one line on stderr and exit status 2 in every script, while a bug keeps its traceback."""
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+import script_runs
 from svg_jax import cli
 
 _SCRIPT = """
@@ -122,3 +124,114 @@ def test_stacks_on_signal_come_while_the_main_thread_waits_inside_xla(tmp_path):
   during = err[:err.index("unblocked")]
   assert during.count("Current thread") == 5, err[-3000:]  # one print for each signal
   assert re.search(r'File "<string>", line \d+ in <module>', during), err[-3000:]
+
+
+# ----------------------------------------------------------------------------- bad input: one line
+
+TINY = os.path.join(script_runs.REPO, "configs", "tiny.py")
+
+
+@pytest.mark.parametrize("script, args, field, hint", [
+    ("train.py", ["--config", TINY, "--workdir=unused", "--config.train.num_step=3"],
+     "train.num_step", "num_steps"),
+    # The default config file: config_flags reads its overrides when the flag is defined.
+    ("precompute.py", ["--input=x", "--out=y", "--config.precompute.resolutoin=64"],
+     "precompute.resolutoin", "resolution"),
+    ("sample.py", ["--config", TINY, "--config.modl.dim=3"], "modl", "model"),
+    ("generate_benchmark.py", ["--config", TINY, "--config.model.n_layer=3"], "model.n_layer",
+     "n_layers"),
+    ("evaluate.py", ["--config", TINY, "--config.autoencoder.stats_pth=s"],
+     "autoencoder.stats_pth", "stats_path"),
+    ("describe.py", [f"--config={TINY}", "--config.model.dimension=3"], "model.dimension", None),
+    ("convert.py", ["--config", TINY, "--config.model.dimm=3"], "model.dimm", "dim"),
+    ("reconstruct.py", ["--config", TINY, "--noconfig.autoencoder.bf16_stat"],
+     "autoencoder.bf16_stat", "bf16_stats"),
+])
+def test_an_unknown_config_field_is_one_line_naming_it_in_every_script(script, args, field, hint):
+  line = script_runs.assert_one_line(script_runs.run(script, *args),
+                                     f"config error: unknown config field {field!r}")
+  assert (f"(did you mean {hint!r}?)" in line) == (hint is not None), line
+  assert f"given as {args[-1].split('=')[0]}" in line
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("train.py", ["--config", "configs/nope.py", "--workdir=unused"],
+     "config error: config file configs/nope.py (--config) does not exist"),
+    ("precompute.py", ["--input=x", "--out=y", "--config=configs/nope.py:demo",
+                       "--config.precompute.resolution=64"],
+     "config error: config file configs/nope.py (--config) does not exist"),
+    ("train.py", ["--config", f"{TINY}:huge", "--workdir=unused"],
+     "config error: unknown demo preset 'huge'"),
+    ("precompute.py", ["--input=x"], "flag error: flag --out=None: Flag --out must have a value"),
+])
+def test_a_bad_config_file_or_flag_is_one_line(script, args, message):
+  script_runs.assert_one_line(script_runs.run(script, *args), message)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("precompute.py", ["--input=x", "--out=y"]),
+    ("generate_benchmark.py", ["--benchmark=geneval", "--out=y", "--weights=x", "--format=flax",
+                               "--text_encoder=t", "--config", TINY]),
+])
+def test_a_partial_multi_host_environment_is_one_line(script, args):
+  """docs/pods.md: a partial set of the explicit variables stops every script that starts the
+  distributed runtime with one line, as it stops the trainer."""
+  out = script_runs.run(script, *args, env={"JAX_NUM_PROCESSES": "2"})
+  script_runs.assert_one_line(out, "multi-host setup error: JAX_NUM_PROCESSES set but "
+                              "JAX_COORDINATOR_ADDRESS, JAX_PROCESS_ID not")
+
+
+_RAISES = """
+import sys
+from absl import app
+from svg_jax import cli, input_errors
+errors = {"input": input_errors.MissingInput("weights/x.pth does not exist"),
+          "usage": app.UsageError("give --prompt"), "bug": ValueError("a bug")}
+def main(argv):
+  raise errors[sys.argv[1]]
+cli.run(main)
+"""
+
+
+@pytest.mark.parametrize("kind, status, line", [
+    ("input", 2, "input error: weights/x.pth does not exist"),
+    ("usage", 2, "usage error: give --prompt"),
+    ("bug", 1, None),
+])
+def test_bad_input_from_main_is_one_line_and_a_bug_keeps_its_traceback(kind, status, line):
+  out = subprocess.run([sys.executable, "-c", _RAISES, kind], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  if line is None:
+    assert out.returncode == status and "Traceback" in out.stderr, out.stderr[-2000:]
+    assert out.stderr.rstrip().endswith("ValueError: a bug")
+  else:
+    assert script_runs.error_lines(out.stderr) == [line], out.stderr[-2000:]
+    assert out.returncode == status
+
+
+@pytest.fixture(scope="module")
+def decoder_files(tmp_path_factory):
+  """The demo decoder's files, 6 held-out images, and a copy of their list with a bad line."""
+  from configs import decoder as decoder_configs
+  from svg_jax.demo import decoder_data
+  folder = tmp_path_factory.mktemp("decoder_files")
+  paths = decoder_data.prepare_for(decoder_configs.get_config("tiny"), str(folder), num_train=8,
+                                   num_heldout=6, seed=0)
+  bad = folder / "heldout_bad.jsonl"
+  bad.write_text(open(paths["data.heldout_jsonl"]).read() + "{not json\n")
+  return paths, str(bad)
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    (False, "heldout.jsonl lists 6 images, fewer than the 64 asked for"),
+    (True, "heldout_bad.jsonl:7 is not valid JSON"),
+])
+def test_decoder_training_on_unusable_images_is_one_line(decoder_files, tmp_path, bad_line,
+                                                         message):
+  paths, bad = decoder_files
+  if bad_line:
+    paths = {**paths, "data.heldout_jsonl": bad, "data.num_eval_images": 6}
+  out = script_runs.run("train.py", "--config", f"{script_runs.REPO}/configs/decoder.py:tiny",
+                        "--workdir", tmp_path, "--config.train.num_steps=1",
+                        *[f"--config.{k}={v}" for k, v in paths.items()])
+  script_runs.assert_one_line(out, "input error: ", message)

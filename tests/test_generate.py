@@ -22,6 +22,7 @@ import optax
 import pytest
 from PIL import Image
 
+import script_runs
 from svg_jax import assets
 from svg_jax import autoencoder as ae_lib
 from svg_jax import config as config_lib
@@ -444,3 +445,40 @@ def test_bad_flags_fail_clearly(files, tmp_path, flag, message):
   r = _run("sample.py", *_common(files), "--prompt=a cat", f"--out={tmp_path}", flag)
   assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
   assert "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- bad input: one line
+
+
+@pytest.mark.parametrize("script, change, message", [
+    ("sample.py", dict(weights="/nonexistent/dit.msgpack"),
+     "input error: DiT checkpoint not found: /nonexistent/dit.msgpack"),
+    ("sample.py", dict(weights=None, format=None, checkpoint="/nonexistent/run"),
+     "input error: training workdir /nonexistent/run does not exist"),
+    ("sample.py", dict(text_encoder="/nonexistent/gemma"),
+     "input error: text encoder folder /nonexistent/gemma does not exist"),
+    ("generate_benchmark.py", dict(weights="/nonexistent/dit.msgpack", benchmark="geneval"),
+     "input error: DiT checkpoint not found: /nonexistent/dit.msgpack"),
+    ("evaluate.py", dict(text_encoder="/nonexistent/gemma", data="SHAPES", resolution="48"),
+     "input error: text encoder folder /nonexistent/gemma does not exist"),
+    # A config whose encoder has 8-pixel patches: the resolution is a multiple of 8, not of 16
+    # (the run then stops at the weights, before anything is compiled).
+    ("sample.py", {"config.autoencoder.encoder.patch_size": 8, "resolution": "72x64",
+                   "weights": "/nonexistent/dit.msgpack"}, "DiT checkpoint not found"),
+    ("sample.py", {"config.autoencoder.encoder.patch_size": 8, "resolution": "68x64"},
+     "usage error: resolution 68x64: width 68 not a positive multiple of 8 (one latent token "
+     "covers 8x8 pixels)"),
+])
+def test_a_missing_model_file_or_bad_resolution_is_one_line(files, tmp_path, script, change,
+                                                            message):
+  from svg_jax.demo import shapes
+
+  given = {"config": files["config"], "text_encoder": files["text"], "weights": files["weights"],
+           "format": "flax", "steps": 2, "resolution": "48x32", "out": tmp_path / "out", **change}
+  if script == "sample.py":
+    given["prompt"] = "a cat"
+  if given.get("data") == "SHAPES":
+    given["data"] = tmp_path / "shapes"
+    shapes.write_dataset(str(given["data"]), 0, 6, 48)
+  args = [f"--{k}={v}" for k, v in given.items() if v is not None]
+  script_runs.assert_one_line(script_runs.run(script, *args), message)

@@ -21,6 +21,7 @@ from grain import checkpoint as grain_checkpoint
 from svg_jax.data import pipeline as P
 from svg_jax.data import records as R
 from svg_jax.data import synthetic
+from svg_jax.input_errors import InputError
 
 BUCKET_COUNTS = {"2x2": 12, "2x3": 20, "3x2": 8}
 
@@ -119,6 +120,14 @@ def test_mix_weights(dataset):
                     process_count=1)
   with pytest.raises(ValueError, match=r"buckets \['9x9'\] have no records"):
     P.make_pipeline(dataset, _cfg(buckets=("9x9",)), process_index=0, process_count=1)
+
+
+def test_a_dataset_without_records_is_an_input_error(tmp_path):
+  """Not Grain's `min() arg is an empty sequence` from mixing no buckets."""
+  synthetic.write_random_dataset(str(tmp_path), buckets=[], num_records=[], latent_channels=4,
+                                 text_dim=8, seed=1)
+  with pytest.raises(InputError, match=f"the dataset {tmp_path} has no records"):
+    P.make_pipeline(str(tmp_path), _cfg(), process_index=0, process_count=1)
 
 
 def test_long_captions_are_cut_counted_and_reported(dataset, caplog):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import script_runs
 import test_dinov3
 from svg_jax import autoencoder as ae_lib
 from svg_jax import config as config_lib
@@ -31,6 +32,7 @@ from svg_jax.convert.torch_pickle import save_torch_file
 from svg_jax.data import pipeline, records, sources
 from svg_jax.demo import shapes
 from svg_jax.demo import text_encoder as demo
+from svg_jax.input_errors import InputError
 from svg_jax.utils.progress import Progress
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
@@ -402,7 +404,7 @@ def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_
   calls.clear()
   assert job.run(inputs, out) == full and calls == []
   other = job_factory(records_per_shard=5)
-  with pytest.raises(ValueError, match=r"different plan \(differs in \['records_per_shard'\]\)"):
+  with pytest.raises(InputError, match=r"different plan \(differs in \['records_per_shard'\]\)"):
     other.run(inputs, out)
   # A shard deleted after the fact makes its chunk redo.
   os.remove(os.path.join(out, full["shards"][-1]["name"]))
@@ -519,20 +521,27 @@ def test_helpers():
     assert frag in str(e.value)
 
 
+def _config_flags(files, **paths):
+  """launch/precompute.py's flags for the tiny encoder, its statistics and the text encoder;
+  `paths` replaces some (encoder_path=..., text_encoder_dir=...)."""
+  given = {"encoder_path": files["encoder"], "stats_path": files["stats"],
+           "text_encoder_dir": files["text"], **paths}
+  enc = dataclasses.asdict(ENC)
+  return [f"--config.autoencoder.encoder_path={given['encoder_path']}",
+          f"--config.autoencoder.stats_path={given['stats_path']}",
+          f"--config.precompute.text_encoder_dir={given['text_encoder_dir']}",
+          "--config.precompute.resolution=64", "--config.precompute.batch_size=4"] + [
+      f"--config.autoencoder.encoder.{k}={v}" for k, v in enc.items()
+      if k in ("dim", "depth", "num_heads", "ffn_hidden", "num_register_tokens")]
+
+
 def test_cli_on_the_demo_dataset(files, tmp_path):
   jsonl = _demo_jsonl(tmp_path, 5)
   out = tmp_path / "records"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  enc = dataclasses.asdict(ENC)
   cmd = [sys.executable, os.path.join(REPO, "launch", "precompute.py"), f"--input={jsonl}",
-         "--input_format=jsonl", f"--out={out}",
-         f"--config.autoencoder.encoder_path={files['encoder']}",
-         f"--config.autoencoder.stats_path={files['stats']}",
-         f"--config.precompute.text_encoder_dir={files['text']}",
-         "--config.precompute.resolution=64", "--config.precompute.batch_size=4"]
-  cmd += [f"--config.autoencoder.encoder.{k}={v}" for k, v in enc.items()
-          if k in ("dim", "depth", "num_heads", "ffn_hidden", "num_register_tokens")]
+         "--input_format=jsonl", f"--out={out}", *_config_flags(files)]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   print(proc.stdout)
@@ -543,3 +552,70 @@ def test_cli_on_the_demo_dataset(files, tmp_path):
   assert manifest["text"] == {"kind": "text_features", "dim": 128}
   items = shapes.read_split(str(tmp_path / "shapes"), "train")
   assert sorted(r["caption"] for r in recs.values()) == sorted(i["prompt"] for i in items)
+
+
+# ----------------------------------------------------------------------------- bad input: one line
+
+
+@pytest.mark.parametrize("input_path, input_format, paths, message", [
+    ("folder", "folder", dict(encoder_path="/nonexistent/dinov3.pth"),
+     "input error: DINOv3 checkpoint not found: /nonexistent/dinov3.pth"),
+    ("folder", "folder", dict(text_encoder_dir="/nonexistent/gemma"),
+     "input error: text encoder folder /nonexistent/gemma does not exist"),
+    ("/nonexistent/folder", "folder", {},
+     "input error: input folder /nonexistent/folder does not exist"),
+    ("folder", "jsonl", {}, "is a folder, not a jsonl file; for a folder of images with .txt "
+     "captions give --input_format folder"),
+    ("empty", "folder", {}, "no inputs found in "),
+])
+def test_cli_refuses_a_missing_model_or_unusable_input_in_one_line(files, tmp_path, input_path,
+                                                                     input_format, paths, message):
+  (tmp_path / "folder").mkdir()
+  (tmp_path / "empty").mkdir()
+  _rgb(40, 48, 0).save(tmp_path / "folder" / "a.png")
+  (tmp_path / "folder" / "a.txt").write_text("a red circle")
+  out = script_runs.run("precompute.py", f"--input={tmp_path / input_path}",
+                        f"--input_format={input_format}", f"--out={tmp_path / 'out'}",
+                        *_config_flags(files, **paths))
+  line = script_runs.assert_one_line(out, message)
+  if input_path == "empty":
+    assert "image files (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .tiff)" in line
+
+
+def test_no_record_at_all_is_one_line_in_precompute_and_in_training(files, tmp_path):
+  """Inputs that all turn out bad: precompute writes its manifest (the bad inputs listed) and
+  exits 2; training on that dataset is one line too, not Grain's error on no buckets."""
+  (tmp_path / "in").mkdir()
+  (tmp_path / "in" / "a.png").write_bytes(b"")
+  (tmp_path / "in" / "a.txt").write_text("a red circle")
+  records_dir = tmp_path / "records"
+  out = script_runs.run("precompute.py", f"--input={tmp_path / 'in'}", "--input_format=folder",
+                        f"--out={records_dir}", *_config_flags(files))
+  script_runs.assert_one_line(out, "input error: none of the 1 inputs gave a record")
+  assert "bad input a.png: empty (zero-byte) data" in out.stdout
+  manifest = records.read_manifest(str(records_dir))
+  assert manifest["num_records"] == 0 and [b["key"] for b in manifest["bad_inputs"]] == ["a.png"]
+  out = script_runs.run("train.py", "--config", os.path.join(REPO, "configs", "tiny.py"),
+                        "--workdir", tmp_path / "run", f"--config.data.path={records_dir}",
+                        f"--config.model.in_channels={ENC.dim}", "--config.model.cap_feat_dim=128")
+  script_runs.assert_one_line(out, f"input error: the dataset {records_dir} has no records")
+
+
+def test_folder_reports_unsupported_images_and_captions_without_an_image(job_factory, tmp_path):
+  d = tmp_path / "folder"
+  d.mkdir()
+  _rgb(40, 48, 0).save(d / "a.png")
+  (d / "a.txt").write_text("a red circle")
+  (d / "photo.heic").write_bytes(b"not decodable here")
+  (d / "photo.txt").write_text("a cat")
+  (d / "orphan.txt").write_text("a dog")
+  (d / "notes.md").write_text("no caption: not an input")
+  job = job_factory()
+  manifest = job.run(sources.list_inputs(str(d), "folder", job.cfg), str(tmp_path / "out"))
+  supported = ", ".join(sources.IMAGE_EXTENSIONS)
+  assert {b["key"]: b["reason"] for b in manifest["bad_inputs"]} == {
+      "photo.heic": f"unsupported image type .heic (supported: {supported})",
+      "orphan.txt": f"caption file without an image (no orphan with one of {supported})"}
+  assert manifest["num_records"] == 1 and manifest["num_inputs"] == 3
+  text = pc.summary(manifest)
+  assert "bad inputs: 2" in text and "bad input photo.heic: unsupported image type .heic" in text

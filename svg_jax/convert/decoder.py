@@ -22,6 +22,7 @@ import flax
 import numpy as np
 
 from svg_jax.convert import errors, layouts, safetensors_io, torch_pickle
+from svg_jax.input_errors import MissingInput
 from svg_jax.models.decoder import DecoderConfig
 
 OFFICIAL_PREFIX = "decoder."
@@ -279,7 +280,7 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, Any]:
 def _read_state(path: str | os.PathLike) -> dict[str, Any]:
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"decoder checkpoint {path} does not exist")
+    raise MissingInput(f"decoder checkpoint {path} does not exist")
   if path.endswith(".safetensors"):
     return dict(safetensors_io.load_safetensors(path))
   if path.endswith(TORCH_SUFFIXES):

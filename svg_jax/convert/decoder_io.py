@@ -31,6 +31,7 @@ import numpy as np
 from svg_jax import checkpoint
 from svg_jax.convert import decoder as keymap
 from svg_jax.convert import safetensors_io, torch_pickle, weights_io
+from svg_jax.input_errors import MissingInput
 from svg_jax.models.decoder import Decoder, DecoderConfig
 
 FORMATS = ("flax", "official", "safetensors", "diffusers")
@@ -49,7 +50,7 @@ def load_decoder_weights(path: str | os.PathLike, fmt: str, cfg: DecoderConfig,
   _check_format(fmt)
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"decoder checkpoint not found: {path}")
+    raise MissingInput(f"decoder checkpoint not found: {path}")
   if step is not None and not (fmt == "flax" and path.is_dir()):
     raise ValueError("a step applies to a training workdir only (flax format, a folder)")
   if fmt == "flax":

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from svg_jax.convert import errors, layouts, scan_layout
+from svg_jax.input_errors import MissingInput
 from svg_jax.convert.safetensors_io import load_safetensors, load_sharded_safetensors
 from svg_jax.convert.torch_pickle import load_torch_file
 from svg_jax.models.dinov3 import DINOv3Config, abstract_params, rope_periods
@@ -391,7 +392,7 @@ def _read_state(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
         config = json.load(f)
     return dict(load_sharded_safetensors(path)), config
   if not os.path.exists(path):
-    raise FileNotFoundError(f"DINOv3 checkpoint not found: {path}")
+    raise MissingInput(f"DINOv3 checkpoint not found: {path}")
   if path.endswith(".safetensors"):
     return dict(load_safetensors(path)), None
   if path.endswith((".pth", ".pt", ".ckpt", ".bin")):

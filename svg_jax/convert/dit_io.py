@@ -22,6 +22,7 @@ import numpy as np
 from svg_jax import dit_checkpoint
 from svg_jax.convert import nextdit as keymap
 from svg_jax.convert import safetensors_io, torch_pickle, weights_io
+from svg_jax.input_errors import InputError, MissingInput
 from svg_jax.models.nextdit import NextDiTConfig, abstract_params
 
 FORMATS = ("flax", "official", "safetensors", "diffusers")
@@ -41,7 +42,7 @@ def load_dit(path: str | os.PathLike, fmt: str, cfg: NextDiTConfig, step: int | 
   _check_format(fmt)
   path = Path(path)
   if not path.exists():
-    raise FileNotFoundError(f"DiT checkpoint not found: {path}")
+    raise MissingInput(f"DiT checkpoint not found: {path}")
   workdir = fmt == "flax" and path.is_dir()
   if (step is not None or ema is not None) and not workdir:
     raise ValueError("a step or EMA choice applies to a training workdir only (flax format, a "
@@ -109,7 +110,7 @@ def _workdir_params(workdir: Path, cfg: NextDiTConfig, step: int | None, ema: bo
             for f in dataclasses.fields(NextDiTConfig)
             if f.name not in free and getattr(saved, f.name) != getattr(cfg, f.name)]
   if differ:
-    raise ValueError(f"{workdir} step {step}: the model the run saved differs from the config's "
+    raise InputError(f"{workdir} step {step}: the model the run saved differs from the config's "
                      "in " + "; ".join(differ))
   layout = dataclasses.replace(cfg, scan_layers=saved.scan_layers)  # the hardware of `cfg`
   return jax.device_get(dit_checkpoint.load_params(run, layout, ema=ema, step=step))

@@ -1,7 +1,9 @@
 """The error every converter raises when a checkpoint and a model config disagree."""
 
+from svg_jax.input_errors import InputError
 
-class KeyMismatchError(ValueError):
+
+class KeyMismatchError(InputError):
   """A checkpoint does not match the model: lists missing, unexpected and mis-shaped keys."""
 
   def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), model: str = "model"):

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from svg_jax.convert import layouts, safetensors_io
+from svg_jax.input_errors import MissingInput
 from svg_jax.models.gemma2 import LAYER_TYPES, Gemma2Config
 
 _CAUSAL_LM_PREFIX = "model."
@@ -187,10 +188,10 @@ def load_gemma2(path: str, cfg: Gemma2Config, *, only_needed: bool = False) -> d
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if not (os.path.exists(index) or os.path.exists(single)):
-      raise FileNotFoundError(
+      raise MissingInput(
           f"{path} holds neither model.safetensors.index.json nor model.safetensors")
   elif not os.path.isfile(path):
-    raise FileNotFoundError(f"Gemma-2 checkpoint {path} does not exist")
+    raise MissingInput(f"Gemma-2 checkpoint {path} does not exist")
   if not os.path.isdir(path):
     flat = safetensors_io.load_safetensors(path)
   elif os.path.exists(index):
@@ -210,6 +211,9 @@ def config_from_hf_json(path: str, **overrides: Any) -> Gemma2Config:
   """
   if os.path.isdir(path):
     path = os.path.join(path, "config.json")
+  if not os.path.isfile(path):
+    raise MissingInput(f"Gemma-2 config {path} does not exist (a model folder in the Hugging Face "
+                       "layout holds config.json)")
   with open(path) as f:
     hf = json.load(f)
   problems = []

@@ -20,6 +20,7 @@ import numpy as np
 import safetensors.numpy
 
 from svg_jax.convert import errors, layouts, torch_pickle
+from svg_jax.input_errors import MissingInput
 from svg_jax.models import lpips as lpips_model
 
 IGNORED_VGG_PREFIXES = ("classifier.",)
@@ -47,7 +48,7 @@ def read_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """A flat str -> fp32 numpy dict from a .pth (zip or legacy) or .safetensors file."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"LPIPS weights {path} do not exist")
+    raise MissingInput(f"LPIPS weights {path} do not exist")
   if path.endswith(".safetensors"):
     state = safetensors.numpy.load_file(path)
   else:

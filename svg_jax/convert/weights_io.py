@@ -17,6 +17,7 @@ import numpy as np
 
 from svg_jax import checkpoint
 from svg_jax.convert import safetensors_io
+from svg_jax.input_errors import MissingInput
 from svg_jax.utils import atomic_files
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -43,7 +44,7 @@ def load_flax_msgpack(path: str | os.PathLike) -> dict:
   """The tree of a msgpack file written by `save_flax_msgpack` (or flax.serialization)."""
   path = Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f"Flax msgpack file not found: {path}")
+    raise MissingInput(f"Flax msgpack file not found: {path}")
   try:
     return flax.serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several unrelated types for a file that is not msgpack
@@ -64,12 +65,12 @@ def training_checkpoint(path: str | os.PathLike, step: int | None,
   finally:
     ckpt.close()
   if not steps:
-    raise FileNotFoundError(f"{path} holds no finished Orbax checkpoint (expected the workdir of "
+    raise MissingInput(f"{path} holds no finished Orbax checkpoint (expected the workdir of "
                             f"a `task = \"{task}\"` training run)")
   if step is None:
     return os.fspath(run), steps[-1]
   if step not in steps:
-    raise FileNotFoundError(f"{path} has no checkpoint of step {step} (steps: {steps})")
+    raise MissingInput(f"{path} has no checkpoint of step {step} (steps: {steps})")
   return os.fspath(run), step
 
 

@@ -29,6 +29,7 @@ from svg_jax.data import buckets
 from svg_jax.data import jsonl as jsonl_lib
 from svg_jax.data.global_position import agreed_position
 from svg_jax.data.images import BadImageError, open_rgb
+from svg_jax.input_errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -57,17 +58,17 @@ def read_image_list(jsonl: str | os.PathLike) -> list[str]:
   """The image paths of a jsonl (absolute; relative ones resolved against the jsonl's folder)."""
   jsonl = os.fspath(jsonl)
   if not os.path.isfile(jsonl):
-    raise FileNotFoundError(f"image list {jsonl} does not exist")
+    raise MissingInput(f"image list {jsonl} does not exist")
   base = os.path.dirname(os.path.abspath(jsonl))
   out = []
   for line in jsonl_lib.lines(jsonl):
     if line.problem:
-      raise ValueError(f"{jsonl}:{line.number} is {line.problem}")
+      raise InputError(f"{jsonl}:{line.number} is {line.problem}")
     if "path" not in line.item:
-      raise ValueError(f"{jsonl}:{line.number} has no \"path\"")
+      raise InputError(f"{jsonl}:{line.number} has no \"path\"")
     out.append(os.path.join(base, line.item["path"]))
   if not out:
-    raise ValueError(f"{jsonl} lists no images")
+    raise InputError(f"{jsonl} lists no images")
   return out
 
 
@@ -153,5 +154,5 @@ def load_eval_images(jsonl: str | os.PathLike, resolution: int, count: int) -> n
   """The first `count` images of a jsonl (in file order), cropped: uint8 [count, R, R, 3]."""
   paths = read_image_list(jsonl)
   if count > len(paths):
-    raise ValueError(f"{jsonl} lists {len(paths)} images, fewer than the {count} asked for")
+    raise InputError(f"{jsonl} lists {len(paths)} images, fewer than the {count} asked for")
   return np.stack([load_crop(p, resolution) for p in paths[:count]])

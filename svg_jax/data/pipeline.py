@@ -32,7 +32,8 @@ Bad data is counted and reported, never silently dropped and never a crash:
   - the counters count what the consumer received (they are updated from the batches, so they are
     exact with prefetching and multiprocessing) and are part of the iterator state;
   - an unreadable or missing shard, a shard whose record count disagrees with the manifest, or
-    fingerprints that differ from the expected ones fail at build time with the file named.
+    fingerprints that differ from the expected ones fail at build time with the file named; so
+    does a dataset without records (an `InputError`: one line, not Grain's error on no buckets).
 
 `make_pipeline` returns a `PipelineIterator` (a Grain DatasetIterator, so Grain's Orbax
 CheckpointHandler can save it) whose `get_state()` is JSON-serializable and whose `set_state()`
@@ -67,6 +68,7 @@ from svg_jax import malloc_tuning
 from svg_jax.data import length_buckets as length_buckets_lib
 from svg_jax.data.global_position import agreed_position
 from svg_jax.data import records
+from svg_jax.input_errors import InputError
 from svg_jax.utils import orphan_watch
 
 log = logging.getLogger(__name__)
@@ -445,10 +447,13 @@ def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[
     records.check_fingerprints(manifest, expected_fingerprints)
 
   counts = manifest["buckets"]
+  if not sum(counts.values()):
+    raise InputError(f"the dataset {data_dir} has no records (its {records.MANIFEST_NAME} "
+                     "lists 0)")
   keys = tuple(config.buckets) or tuple(k for k in sorted(counts) if counts[k] > 0)
   unknown = [k for k in keys if counts.get(k, 0) == 0]
   if unknown:
-    raise ValueError(f"buckets {unknown} have no records in {data_dir} (it has {counts})")
+    raise InputError(f"buckets {unknown} have no records in {data_dir} (it has {counts})")
   if config.bucket_weights is None:
     weights = tuple(float(counts[k]) for k in keys)
   else:

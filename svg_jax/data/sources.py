@@ -5,14 +5,20 @@ Inputs (`list_inputs`), each item with a source key that names it in every repor
           `{"image_path", "super_high_quality_caption"}` (relative paths are resolved against the
           jsonl's folder; blank lines are skipped); the key is the path as written, a bad line's
           key is `<file>:<line number>`.
-  folder  image files (by extension) with a same-name `.txt` caption next to each; the key is the
-          file name relative to the folder.
+  folder  image files (by extension, `IMAGE_EXTENSIONS`) with a same-name `.txt` caption next to
+          each; the key is the file name relative to the folder. A caption without a supported
+          image beside it is a bad input: the file of another type it captions (`photo.heic`:
+          unsupported image type), or the caption itself when it captions no file. Other files
+          (`notes.md`) are not inputs.
   tfds    a prepared TFDS dataset (ArrayRecord file format) read through `tfds.data_source`, which
           needs tensorflow-datasets but not TensorFlow; the key is `<name>/<split>[<index>]`.
 
 `load_item`: caption check, image decode (`images.open_rgb`: RGBA / LA / P / CMYK / gray / 16-bit
 inputs are CONVERTED to RGB and counted per conversion kind, not dropped), official bucket + center
 crop at `resolution`. A bad input raises `BadInput` with the reason the job reports.
+
+A source that does not exist, is of another kind than `input_format` says, or holds no usable input
+raises an `InputError`: one line, before any model is loaded.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from svg_jax import text as text_lib
 from svg_jax.data import buckets as buckets_lib
 from svg_jax.data import images as images_lib
 from svg_jax.data import jsonl as jsonl_lib
+from svg_jax.input_errors import InputError, MissingInput
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 INPUT_FORMATS = ("jsonl", "folder", "tfds")
@@ -76,8 +83,11 @@ def _caption_and_prompt(obj: dict, system_prompt: str) -> tuple[Any, str]:
 
 def read_jsonl(path: str, system_prompt: str = "auto") -> list[Item]:
   """Items of an official training jsonl (see the module docstring)."""
+  if os.path.isdir(path):
+    raise InputError(f"input {path} is a folder, not a jsonl file; for a folder of images with "
+                     ".txt captions give --input_format folder")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"input jsonl {path} does not exist")
+    raise MissingInput(f"input jsonl {path} does not exist")
   root = os.path.dirname(os.path.abspath(path))
   name = os.path.basename(path)
   items = []
@@ -102,18 +112,27 @@ def read_jsonl(path: str, system_prompt: str = "auto") -> list[Item]:
 
 
 def read_folder(folder: str, system_prompt: str = "auto") -> list[Item]:
-  """Image files of a folder (sorted, recursive) with same-name `.txt` captions."""
+  """Image files of a folder (sorted, recursive) with same-name `.txt` captions, and the captions
+  without a supported image as bad inputs (see the module docstring)."""
+  if os.path.isfile(folder):
+    raise InputError(f"input folder {folder} is a file; for a jsonl file give --input_format jsonl")
   if not os.path.isdir(folder):
-    raise FileNotFoundError(f"input folder {folder} does not exist")
+    raise MissingInput(f"input folder {folder} does not exist")
   prompt = text_lib.SYSTEM_PROMPTS["base" if system_prompt == "auto" else system_prompt]
   items = []
   for root, dirs, files in os.walk(folder):
     dirs.sort()
+    by_stem: dict[str, list[str]] = {}
+    for fname in files:
+      by_stem.setdefault(os.path.splitext(fname)[0], []).append(fname)
     for fname in sorted(files):
-      if not fname.lower().endswith(IMAGE_EXTENSIONS):
-        continue
       path = os.path.join(root, fname)
       key = os.path.relpath(path, folder)
+      if not fname.lower().endswith(IMAGE_EXTENSIONS):
+        error = _unusable_file_error(fname, by_stem[os.path.splitext(fname)[0]])
+        if error is not None:
+          items.append(Item(key, error=error))
+        continue
       txt = os.path.splitext(path)[0] + ".txt"
       if not os.path.isfile(txt):
         items.append(Item(key, error=f"missing caption file {os.path.relpath(txt, folder)}"))
@@ -127,6 +146,32 @@ def read_folder(folder: str, system_prompt: str = "auto") -> list[Item]:
       items.append(Item(key, path, caption, prompt))
   items.sort(key=lambda it: it.key)
   return items
+
+
+def _unusable_file_error(fname: str, same_stem: list[str]) -> str | None:
+  """Why `fname`, not a supported image, is a bad input of its folder, where the files of its
+  stem are `same_stem`; None when it is no input at all."""
+  stem, ext = os.path.splitext(fname)
+  if any(n.lower().endswith(IMAGE_EXTENSIONS) for n in same_stem):
+    return None  # the caption of a supported image, or a file beside one
+  if ext == ".txt":
+    if len(same_stem) > 1:
+      return None  # the caption of a file of another type, which is the bad input
+    return f"caption file without an image (no {stem} with one of {', '.join(IMAGE_EXTENSIONS)})"
+  if stem + ".txt" in same_stem:
+    return (f"unsupported image type {ext or '(no extension)'} (supported: "
+            f"{', '.join(IMAGE_EXTENSIONS)})")
+  return None
+
+
+def _check_usable(items: Sequence[Item], source: str, expected: str) -> None:
+  """An InputError when no item of `source` can give a record."""
+  if not items:
+    raise InputError(f"no inputs found in {source}; expected {expected}")
+  bad = [it for it in items if it.error is not None]
+  if len(bad) == len(items):
+    raise InputError(f"no usable inputs in {source}: all {len(bad)} are bad (first: {bad[0].key}: "
+                     f"{bad[0].error}); expected {expected}")
 
 
 def read_tfds(name: str, split: str, data_dir: str = "", image_key: str = "image",
@@ -163,12 +208,21 @@ def read_tfds(name: str, split: str, data_dir: str = "", image_key: str = "image
 def list_inputs(source: str, input_format: str, cfg: ml_collections.ConfigDict) -> Inputs:
   """The ordered inputs of `source` in `input_format` (jsonl | folder | tfds)."""
   if input_format == "jsonl":
-    return Inputs.from_items(read_jsonl(source, cfg.system_prompt))
+    items = read_jsonl(source, cfg.system_prompt)
+    _check_usable(items, source, "one JSON object a line with `path` and `prompt` (or "
+                  "`image_path` and `super_high_quality_caption`)")
+    return Inputs.from_items(items)
   if input_format == "folder":
-    return Inputs.from_items(read_folder(source, cfg.system_prompt))
+    items = read_folder(source, cfg.system_prompt)
+    _check_usable(items, source, f"image files ({', '.join(IMAGE_EXTENSIONS)}), each with a "
+                  "same-name .txt caption")
+    return Inputs.from_items(items)
   if input_format == "tfds":
-    return read_tfds(source, cfg.tfds_split, cfg.tfds_data_dir, cfg.tfds_image_key,
-                     cfg.tfds_caption_key, cfg.system_prompt)
+    inputs = read_tfds(source, cfg.tfds_split, cfg.tfds_data_dir, cfg.tfds_image_key,
+                       cfg.tfds_caption_key, cfg.system_prompt)
+    if not len(inputs):
+      raise InputError(f"no usable inputs in {source}: its split {cfg.tfds_split!r} is empty")
+    return inputs
   raise ValueError(f"input format {input_format!r} is not one of {INPUT_FORMATS}")
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import ml_collections
 
 from svg_jax import config as base
+from svg_jax.input_errors import InputError
 
 # 8 px patches: with the official 16 a 64 px image is a 4x4 grid and a random (near-linear) ViT
 # projects each 768-value patch onto 384 channels, losing half of it; held-out ground truth
@@ -64,7 +65,7 @@ DEFAULT_PRESET = "small"
 
 def preset(name: str) -> Preset:
   if name not in PRESETS:
-    raise ValueError(f"unknown demo preset {name!r}; one of {sorted(PRESETS)}")
+    raise InputError(f"unknown demo preset {name!r}; one of {sorted(PRESETS)}")
   return PRESETS[name]
 
 

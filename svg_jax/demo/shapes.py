@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from svg_jax.data import jsonl as jsonl_lib
+from svg_jax.input_errors import MissingInput
 from svg_jax.utils import atomic_files
 
 BACKGROUND = (128, 128, 128)
@@ -466,7 +467,7 @@ def read_split(out_dir: str, split: str) -> list[dict]:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
   jsonl = os.path.join(out_dir, f"{split}.jsonl")
   if not os.path.isfile(jsonl):
-    raise FileNotFoundError(f"{jsonl} does not exist; run write_dataset first")
+    raise MissingInput(f"{jsonl} does not exist; run write_dataset first")
   out = []
   for line in jsonl_lib.lines(jsonl):
     if line.problem:

@@ -1,0 +1,15 @@
+"""Errors in what a user gave: a flag, a config field or file, a file or folder one names, the
+data in it. The scripts print such an error as one line and exit with status 2 (`cli.run`); any
+other exception is a bug and keeps its traceback. Raise one where the input is found wrong, with a
+message on one line that names the input and says what is wrong with it.
+
+The classes subclass the built-in types callers already catch (ValueError, FileNotFoundError)."""
+
+
+class InputError(ValueError):
+  """Bad input or config; the message is one line, printed after `kind`."""
+  kind = "input error"
+
+
+class MissingInput(InputError, FileNotFoundError):
+  """A file or folder that the user named does not exist."""
