@@ -184,6 +184,8 @@ def _attention_backend(config) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.profile_steps and not FLAGS.workdir:  # the temporary run folder goes, trace and all
+    raise app.UsageError("--profile_steps needs --workdir, where the trace is kept")
   from svg_jax.train import metrics
   metrics.console_logging()
   from svg_jax.train import loop

@@ -104,3 +104,13 @@ def test_the_last_warm_up_step_is_profiled(run):
   assert len(matmul) == 1
   assert float(matmul[0].split()[1]) == pytest.approx(profile["ms_per_step"]["matmul"], abs=2e-3)
   assert len([line for line in lines if line.endswith("%")]) >= 5 + 1  # classes and top 5
+
+
+def test_a_profile_without_a_workdir_is_refused():
+  """Without --workdir the run folder is temporary: the trace the log points to would be gone."""
+  import script_runs
+  out = subprocess.run([sys.executable, os.path.join(REPO, "bench", "trainer.py"), "--config",
+                        os.path.join(REPO, "configs", "tiny.py"), "--profile_steps=1"],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+  script_runs.assert_one_line(out, "usage error: --profile_steps needs --workdir")

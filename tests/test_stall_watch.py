@@ -1,9 +1,11 @@
 """The stall watch (svg_jax/train/stall_watch.py) in this process, with its action replaced by a
 list: steps that keep coming keep it quiet, silence fires it once, a timeout after the last step,
 with that step and the checkpoint folder, a paused watch leaves no thread and fires only once
-armed again, and a stopped or disabled watch never fires. The real action (stacks, exit 7) is run
-by tests/test_multihost.py on a run whose peer was stopped; tests/test_train.py runs the loop with
-a hung restore."""
+armed again, and a stopped or disabled watch never fires. Each firing appends a "stalled" event
+(the last step that ended, what the watch waited for) to the metrics file it was given. The real
+action (stacks, exit 7) is run by tests/test_multihost.py on a run whose peer was stopped;
+tests/test_train.py runs the loop with a hung restore."""
+import json
 import threading
 import time
 
@@ -20,10 +22,18 @@ def _wait_for(condition, timeout_s):
     time.sleep(0.02)
 
 
-def test_steps_keep_it_quiet_and_silence_fires_it_once():
+def _last_event(path):
+  with open(path) as f:
+    return json.loads(f.readlines()[-1])
+
+
+def test_steps_keep_it_quiet_and_silence_fires_it_once(tmp_path):
   fired = []
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_text('{"step": 40, "loss": 0.5}\n')
   watch = stall_watch.StallWatch(0.5, "/runs/a/checkpoints",
-                                 on_stall=lambda line: fired.append((time.monotonic(), line)))
+                                 on_stall=lambda line: fired.append((time.monotonic(), line)),
+                                 events_path=str(metrics))
   beats = []
   for step in range(1, 41):  # 2 s of steps 0.05 s apart: four timeouts, quiet only if re-armed
     beats.append(time.monotonic())  # before the beat: the watch's clock starts after it
@@ -38,6 +48,9 @@ def test_steps_keep_it_quiet_and_silence_fires_it_once():
   assert 0.5 <= when - beats[-1] < 10.0  # a whole timeout after the last step, not before
   assert line.startswith("stalled: no step ended for 0.5 s after step 40 (train.stall_timeout_s)")
   assert line.endswith("newest checkpoint in /runs/a/checkpoints")
+  assert len(metrics.read_text().splitlines()) == 2  # appended once, after the step's record
+  assert _last_event(metrics) == {"step": 40, "event": "stalled",
+                                  "waiting_for": "the end of step 41", "timeout_s": 0.5}
 
 
 def test_a_stopped_or_disabled_watch_never_fires():
@@ -51,9 +64,11 @@ def test_a_stopped_or_disabled_watch_never_fires():
   assert not fired
 
 
-def test_a_paused_watch_fires_only_after_it_is_armed_again():
+def test_a_paused_watch_fires_only_after_it_is_armed_again(tmp_path):
   fired = []
-  watch = stall_watch.StallWatch(0.5, "/c", on_stall=fired.append)
+  metrics = tmp_path / "metrics.jsonl"
+  watch = stall_watch.StallWatch(0.5, "/c", on_stall=fired.append, events_path=str(metrics))
+  watch.step = 6  # as the loop sets it once the state is restored
   watch.expect("restoring checkpoint 6")
   watch.pause()  # a compile follows: 1.5 s, three timeouts
   time.sleep(1.5)
@@ -66,3 +81,6 @@ def test_a_paused_watch_fires_only_after_it_is_armed_again():
   assert fired == ["stalled: running step 7 (after its compile) took over 0.5 s "
                    "(train.stall_timeout_s); every thread's stack is above. Rerun the same "
                    "command to resume from the newest checkpoint in /c"]
+  assert _last_event(metrics) == {"step": 6, "event": "stalled",
+                                  "waiting_for": "running step 7 (after its compile)",
+                                  "timeout_s": 0.5}

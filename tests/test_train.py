@@ -299,11 +299,13 @@ def test_sigusr1_prints_the_stacks_and_sigterm_saves_and_exits_zero(data_dir, tm
 def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
   config = _config(data_dir, num_steps=12, checkpoint_every=2, log_every=3, debug_nan_step=6)
   with pytest.raises(loop.TrainingDiverged, match=r"loss is nan at step 6: training stopped "
-                     r"without saving this state; the last good checkpoint is step 4"):
+                     r"without saving this state; the last good checkpoint is step 4") as stopped:
     trainer.train(config, str(tmp_path))
   ckpt = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
   assert ckpt.all_steps() == [2, 4]
   ckpt.close()
+  # A watcher of metrics.jsonl sees the run end.
+  assert _records(tmp_path)[-1] == {"step": 6, "event": "diverged", "reason": str(stopped.value)}
   # Loadable, finite, and the same values on two other meshes (restore onto a different mesh).
   config.mesh.update(dict(data=2, fsdp=2, tensor=2))
   a, step = trainer.restore_state(config, str(tmp_path), parallel.make_mesh(config.mesh))
@@ -565,10 +567,11 @@ def test_the_stall_watch_times_a_hung_restore_and_not_the_compiles(tmp_path, mon
   init and the step calls that compile (the first batch of each bucket) take 3 s each, as long
   compiles do, and pass. A restore that hangs fires the watch once, naming the checkpoint, and
   the run resumes once it is released."""
-  fired, released, shapes_seen = [], threading.Event(), []
+  fired, released, shapes_seen, last_events = [], threading.Event(), [], []
 
   def on_stall(line):
     fired.append(line)
+    last_events.append(_records(workdir)[-1])  # what the exit 7 that comes here would leave
     released.set()
 
   monkeypatch.setattr(stall_watch, "StallWatch",
@@ -599,6 +602,9 @@ def test_the_stall_watch_times_a_hung_restore_and_not_the_compiles(tmp_path, mon
       "stalled: restoring checkpoint 4 (its files and every host's agreement) took over 2 s "
       "(train.stall_timeout_s); every thread's stack is above. Rerun the same command to resume "
       f"from the newest checkpoint in {ckpt_lib.checkpoint_dir(workdir)}"]
+  assert last_events == [{
+      "step": 0, "event": "stalled", "timeout_s": 2.0,
+      "waiting_for": "restoring checkpoint 4 (its files and every host's agreement)"}]
 
 
 @pytest.mark.parametrize("error", [

@@ -30,7 +30,8 @@ Order of work (nothing compiles before the config has been checked):
      what to change; the checkpoints already written are intact.
   5. Metrics are fetched lazily (at log and checkpoint steps) so the host does not wait on every
      step; a NaN/inf loss or grad norm stops the run with `TrainingDiverged` *before* the state is
-     saved, so the newest checkpoint is always a good one.
+     saved, so the newest checkpoint is always a good one; metrics.jsonl ends with a "diverged"
+     event (the stall watch's exit 7 with a "stalled" one), so a dead run is told from a slow one.
   6. `train.profile_steps` steps after the first `train.profile_start` are traced with
      jax.profiler into <workdir>/tensorboard and summarized in the log (svg_jax/train/profiling.py).
   7. Checkpoints every `checkpoint_every` steps, at the end, and after SIGTERM/SIGINT (then `train`
@@ -455,7 +456,9 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   logging.info("mesh %s over %d devices (%s)", dict(zip(parallel.MESH_AXES, mesh_shape)),
                jax.device_count(), jax.devices()[0].device_kind)
   agreement = _Agreement(mesh)
-  stall = stall_watch.StallWatch(float(t.stall_timeout_s), ckpt_lib.checkpoint_dir(workdir))
+  stall = stall_watch.StallWatch(  # its event goes where the logger's go: process 0's file
+      float(t.stall_timeout_s), ckpt_lib.checkpoint_dir(workdir),
+      events_path=metrics_lib.metrics_path(workdir) if is_main else None)
   resolved = None  # the task's choices made on the mesh (the DiT's remat "auto"): a metrics event
   if task.resolve_config is not None:
     config, resolved = task.resolve_config(
@@ -504,6 +507,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       step = int(jax.device_get(state.step))
       if step != (resumed_from or 0):
         raise RuntimeError(f"checkpoint {resumed_from} holds state.step {step}")
+      stall.step = step
       base_rng = jax.random.PRNGKey(int(config.seed))
       last_saved = resumed_from
       pending: list[tuple[int, Any, int, int, float]] = []
@@ -549,8 +553,9 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
             host = jax.device_get(pm)
             try:
               _check_finite(s, host, ckpt)
-            except TrainingDiverged:
+            except TrainingDiverged as e:
               log_committed(force=True)  # _check_finite waited for the saves
+              logger.event(s, event="diverged", reason=str(e))
               raise
             logger.add(host, images=images, tokens=tokens, flops=flops)
             if s % log_every == 0 or (at_end and s == step):

@@ -165,6 +165,10 @@ def format_duration(seconds: float) -> str:
   return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def metrics_path(workdir: str) -> str:
+  return os.path.join(workdir, "metrics.jsonl")
+
+
 class MetricsLogger:
   """Accumulates per-step metrics and writes a record every `log_every` steps.
 
@@ -187,7 +191,7 @@ class MetricsLogger:
     self._tb = None
     if is_main:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+      self._jsonl = open(metrics_path(workdir), "a", buffering=1)
       from tensorboardX import SummaryWriter  # lazily: only the main process writes events
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

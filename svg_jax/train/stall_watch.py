@@ -7,7 +7,9 @@ When what the loop waits for (a restore, the hosts' agreement on a config choice
 batch, a step) takes longer than `train.stall_timeout_s`, the watch prints every thread's Python
 stack (the main thread's names the line it waits on) and ends the process as a failed host does
 (`process_exit`): the other hosts are stopped by JAX's coordination service, and a launcher that
-restarts failed jobs resumes the run from its newest checkpoint.
+restarts failed jobs resumes the run from its newest checkpoint. Before that, the process that
+writes metrics.jsonl appends a "stalled" event to it, so that whoever watches the file can tell a
+dead run from a slow one.
 
 The loop arms the watch with what it waits for and pauses it while it compiles (the state's init,
 remat auto's candidates, the step for each new batch shape: the first batch, an aspect or
@@ -19,6 +21,8 @@ between them.
 from __future__ import annotations
 
 import faulthandler
+import json
+import os
 import sys
 import threading
 import time
@@ -37,26 +41,34 @@ def _stack_and_exit(line: str) -> None:
 
 class StallWatch:
   """`expect(what)` before a wait that may hang, `beat(step)` after each step, `pause()` before a
-  compile; when `timeout_s` (> 0) passes armed with no new call, `on_stall(line)` runs in the
-  watch's thread (by default: the stacks, the line, exit 7). `stop()` ends the watch."""
+  compile; when `timeout_s` (> 0) passes armed with no new call, the "stalled" event is appended
+  to `events_path` (metrics.jsonl; None on the processes that do not write it) and
+  `on_stall(line)` runs in the watch's thread (by default: the stacks, the line, exit 7). `step`,
+  the event's, is the last step that ended (0 until the loop sets its state's step, then each
+  beat's). `stop()` ends the watch."""
 
   def __init__(self, timeout_s: float, where: str,
-               on_stall: Callable[[str], None] = _stack_and_exit):
+               on_stall: Callable[[str], None] = _stack_and_exit, events_path: str | None = None):
     self.timeout_s = float(timeout_s)
+    self.step = 0
     self._where = where
     self._on_stall = on_stall
-    self._armed: tuple[str, float] | None = None  # (what stalled, in words; since when)
+    self._events_path = events_path
+    # (what it waits for, what stalled if that does not come: in words; since when)
+    self._armed: tuple[str, str, float] | None = None
     self._stopped = False
     self._changed = threading.Condition()
     self._thread: threading.Thread | None = None
 
   def expect(self, what: str) -> None:
     """Times `what` (e.g. "restoring checkpoint 6"), a wait that may be one for another host."""
-    self._arm(f"{what} took over {self.timeout_s:g} s")
+    self._arm(what, f"{what} took over {self.timeout_s:g} s")
 
   def beat(self, step: int) -> None:
     """Step `step` has ended: times the next one."""
-    self._arm(f"no step ended for {self.timeout_s:g} s after step {step}")
+    self.step = step
+    self._arm(f"the end of step {step + 1}",
+              f"no step ended for {self.timeout_s:g} s after step {step}")
 
   def pause(self) -> None:
     with self._changed:
@@ -68,11 +80,11 @@ class StallWatch:
       self._stopped = True
       self._changed.notify()
 
-  def _arm(self, stalled: str) -> None:
+  def _arm(self, waiting_for: str, stalled: str) -> None:
     if self.timeout_s <= 0:
       return
     with self._changed:
-      self._armed = (stalled, time.monotonic())
+      self._armed = (waiting_for, stalled, time.monotonic())
       self._changed.notify()
       if self._thread is None:
         self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
@@ -82,7 +94,7 @@ class StallWatch:
     """Lives while the watch is armed: a paused or stopped watch leaves no thread behind."""
     with self._changed:
       while not self._stopped and self._armed is not None:
-        stalled, since = self._armed
+        waiting_for, stalled, since = self._armed
         left = since + self.timeout_s - time.monotonic()
         if left <= 0:
           break
@@ -90,6 +102,23 @@ class StallWatch:
       else:
         self._thread = None  # the next arm starts another
         return
+    self._append_event(waiting_for)
     self._on_stall(f"stalled: {stalled} (train.stall_timeout_s); every thread's stack is above. "
                    f"Rerun the same command to resume from the newest checkpoint in "
                    f"{self._where}")
+
+  def _append_event(self, waiting_for: str) -> None:
+    """Appends through a file of its own: the main thread, which may hold the logger's, is stuck
+    (in XLA, a collective or a read), and the line must be on disk before the exit."""
+    if self._events_path is None:
+      return
+    event = {"step": self.step, "event": "stalled", "waiting_for": waiting_for,
+             "timeout_s": self.timeout_s}
+    try:
+      with open(self._events_path, "a") as f:
+        f.write(json.dumps(event) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as e:  # the stacks and the exit matter more than the event
+      print(f"stall watch: could not write the stalled event to {self._events_path}: {e}",
+            file=sys.stderr)
