@@ -163,6 +163,8 @@ def test_an_unknown_config_field_is_one_line_naming_it_in_every_script(script, a
     ("train.py", ["--config", f"{TINY}:huge", "--workdir=unused"],
      "config error: unknown demo preset 'huge'"),
     ("precompute.py", ["--input=x"], "flag error: flag --out=None: Flag --out must have a value"),
+    ("describe.py", ["--config", TINY, "--config.model.n_kv_heads=3"],
+     "input error: invalid NextDiT config: n_heads 4 not a multiple of n_kv_heads 3"),
 ])
 def test_a_bad_config_file_or_flag_is_one_line(script, args, message):
   script_runs.assert_one_line(script_runs.run(script, *args), message)

@@ -584,7 +584,8 @@ def test_cli_refuses_a_missing_model_or_unusable_input_in_one_line(files, tmp_pa
 
 def test_no_record_at_all_is_one_line_in_precompute_and_in_training(files, tmp_path):
   """Inputs that all turn out bad: precompute writes its manifest (the bad inputs listed) and
-  exits 2; training on that dataset is one line too, not Grain's error on no buckets."""
+  exits 2; training on that dataset is the config check's one line, before any state is built
+  (not Grain's error on no buckets)."""
   (tmp_path / "in").mkdir()
   (tmp_path / "in" / "a.png").write_bytes(b"")
   (tmp_path / "in" / "a.txt").write_text("a red circle")
@@ -598,7 +599,8 @@ def test_no_record_at_all_is_one_line_in_precompute_and_in_training(files, tmp_p
   out = script_runs.run("train.py", "--config", os.path.join(REPO, "configs", "tiny.py"),
                         "--workdir", tmp_path / "run", f"--config.data.path={records_dir}",
                         f"--config.model.in_channels={ENC.dim}", "--config.model.cap_feat_dim=128")
-  script_runs.assert_one_line(out, f"input error: the dataset {records_dir} has no records")
+  script_runs.assert_one_line(out, f"config error: data.path '{records_dir}' holds no records")
+  assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_folder_reports_unsupported_images_and_captions_without_an_image(job_factory, tmp_path):

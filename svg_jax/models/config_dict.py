@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from svg_jax.input_errors import InputError
+
 
 def from_dict(cls, d: Any, name: str, tuple_fields: Sequence[str] = ()):
   """`cls(**d)`, with list values of `tuple_fields` made tuples (JSON and ml_collections give
@@ -14,5 +16,5 @@ def from_dict(cls, d: Any, name: str, tuple_fields: Sequence[str] = ()):
       d[key] = tuple(d[key])
   unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
   if unknown:
-    raise ValueError(f"unknown {name} config fields: {sorted(unknown)}")
+    raise InputError(f"unknown {name} config fields: {sorted(unknown)}")
   return cls(**d)

@@ -39,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from svg_jax.input_errors import InputError
 from svg_jax.models import config_dict, layers
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
@@ -87,7 +88,7 @@ class DecoderConfig:
       problems.append(f"attention_backend {self.attention_backend!r} not in "
                       f"{layers.ATTENTION_BACKENDS}")
     if problems:
-      raise ValueError("invalid Decoder config: " + "; ".join(problems))
+      raise InputError("invalid Decoder config: " + "; ".join(problems))
 
   @classmethod
   def from_dict(cls, d: Any) -> "DecoderConfig":

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from svg_jax.input_errors import InputError
 from svg_jax.models import config_dict, layers
 
 
@@ -67,7 +68,7 @@ class DINOv3Config:
       problems.append(f"attention_backend {self.attention_backend!r} not in "
                       f"{layers.ATTENTION_BACKENDS}")
     if problems:
-      raise ValueError("invalid DINOv3 config: " + "; ".join(problems))
+      raise InputError("invalid DINOv3 config: " + "; ".join(problems))
 
   @classmethod
   def from_dict(cls, d: Any) -> "DINOv3Config":

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from svg_jax.input_errors import InputError
 from svg_jax.models import config_dict, layers
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -107,7 +108,7 @@ class Gemma2Config:
     except ValueError as e:
       problems.append(str(e))
     if problems:
-      raise ValueError("invalid Gemma2 config: " + "; ".join(problems))
+      raise InputError("invalid Gemma2 config: " + "; ".join(problems))
 
   @classmethod
   def from_dict(cls, d: Any) -> "Gemma2Config":

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from svg_jax.input_errors import InputError
 from svg_jax.models import config_dict, kernel_residuals, layers, splash_attention
 
 # What each block keeps for its backward, least recomputation first (the order in which the
@@ -131,7 +132,7 @@ class NextDiTConfig:
       problems.append(f"attention_backend {self.attention_backend!r} not in "
                       f"{layers.ATTENTION_BACKENDS}")
     if problems:
-      raise ValueError("invalid NextDiT config: " + "; ".join(problems))
+      raise InputError("invalid NextDiT config: " + "; ".join(problems))
 
   @classmethod
   def from_dict(cls, d: Any) -> "NextDiTConfig":

@@ -92,6 +92,9 @@ def config_problems(config, process_count: int) -> list[str]:
     manifest = _manifest_or_none(path)
     if manifest is None:
       problems.append(f"data.path {path!r} has no readable {records.MANIFEST_NAME}")
+    elif not manifest.get("num_records"):  # before the state is built, not at the loader
+      problems.append(f"data.path {path!r} holds no records (its {records.MANIFEST_NAME} lists "
+                      "0: every input of its precompute was bad)")
     elif model_cfg is not None:
       kind = manifest["text"]["kind"]
       if kind == "token_ids":  # online mode: the trainer runs the frozen text encoder
