@@ -19,11 +19,12 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError("give one trace file or folder")
+  from svg_jax import input_errors
   from svg_jax.train import profiling  # JAX after cli.run's process setup
   try:
     path = profiling.latest_trace(argv[1])
-  except FileNotFoundError as e:
-    raise SystemExit(str(e)) from None
+  except FileNotFoundError as e:  # a path the user gave
+    raise input_errors.MissingInput(str(e)) from None
   print(profiling.report(path, FLAGS.steps, FLAGS.top))
 
 

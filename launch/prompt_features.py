@@ -31,8 +31,11 @@ def main(argv):
   from svg_jax import text
   from svg_jax.train import validation
 
-  prompts = validation.read_prompts(ml_collections.ConfigDict(dict(
-      prompts=tuple(FLAGS.prompt), prompts_file=FLAGS.prompts_jsonl or "")))
+  try:
+    prompts = validation.read_prompts(ml_collections.ConfigDict(dict(
+        prompts=tuple(FLAGS.prompt), prompts_file=FLAGS.prompts_jsonl or "")))
+  except (ValueError, OSError) as e:  # a missing or bad --prompts_jsonl
+    raise app.UsageError(str(e)) from e
   if not prompts:
     raise app.UsageError("give prompts with --prompt and/or --prompts_jsonl")
   encoder = text.TextEncoder.from_pretrained(

@@ -165,6 +165,9 @@ def test_an_unknown_config_field_is_one_line_naming_it_in_every_script(script, a
     ("precompute.py", ["--input=x"], "flag error: flag --out=None: Flag --out must have a value"),
     ("describe.py", ["--config", TINY, "--config.model.n_kv_heads=3"],
      "input error: invalid NextDiT config: n_heads 4 not a multiple of n_kv_heads 3"),
+    ("prompt_features.py", ["--text_encoder=t", "--out=o.npz", "--prompts_jsonl=nope.jsonl"],
+     "usage error: [Errno 2] No such file or directory: 'nope.jsonl'"),
+    ("profile_summary.py", ["nope"], "input error: no *.xplane.pb trace under nope"),
 ])
 def test_a_bad_config_file_or_flag_is_one_line(script, args, message):
   script_runs.assert_one_line(script_runs.run(script, *args), message)
