@@ -30,11 +30,14 @@ RUNTIME = [
 TEST = [
     "pytest>=8",
     "pytest-xdist>=3.5",  # launch/test.sh runs the tests that may share the cores on workers
+    "pytest-timeout>=2.3",  # pytest.ini's limit: a hung test fails instead of holding the suite
     "torch==2.13.0",  # the reference implementations run on its CPU build
     "jax[tpu]",  # libtpu: XLA:TPU compiles of the train step for TPU topologies, on any host
     "scikit-image>=0.25",  # SSIM reference
     "tensorflow-datasets>=4.9",  # tfds mock data for the precompute reader (no TensorFlow needed)
-    "scipy", "tqdm",  # needed by the lpips package, installed with --no-deps by launch/env.sh
+    # needed by the lpips and taming-transformers packages, installed with --no-deps by
+    # launch/env.sh
+    "scipy", "tqdm", "requests",
     "diffusers>=0.42,<0.43; python_version >= '3.11'",
     "diffusers>=0.41,<0.42; python_version < '3.11'",  # the newest diffusers for Python 3.10
     "tensorboard>=2.16",  # reads back the trainer's event files (tests/test_validation.py)

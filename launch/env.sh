@@ -35,9 +35,11 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   else  # the measured versions are for 3.11; other Pythons take the newest compatible ones
     "${pip[@]}" install -q -e "$SVG_JAX_ROOT[test]" >&2
   fi
-  # LPIPS parity reference. --no-deps: its torchvision requirement would pull a multi-GB CUDA torch,
-  # and the test builds the VGG16 it needs from torch.nn itself.
-  "${pip[@]}" install -q --no-deps lpips==0.1.4 >&2
+  # The LPIPS and decoder-training references (the lpips package; taming-transformers'
+  # discriminator and GAN loss). --no-deps: their torchvision requirement would pull a multi-GB
+  # CUDA torch (the tests build the VGG16 they need from torch.nn), and taming's Lightning and
+  # OmegaConf serve only its training scripts.
+  "${pip[@]}" install -q --no-deps lpips==0.1.4 taming-transformers==0.0.1 >&2
   echo "$want" > "$stamp"
 fi
 # shellcheck disable=SC1091
