@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md ("The whole trainer on one GPU"). Each part fits one call
-# of a lent GPU machine (under 9 minutes). Run from the repository root, after
+# The GPU figures of docs/performance.md ("The whole trainer on one GPU"). Each part runs in under
+# 9 minutes. Run from the repository root, after
 # bench/gpu_wheels.sh has filled .whl/ where pip reaches the index:
 #
-#   OUT=/some/folder bash bench/gpu_session.sh all  # the issue's targets first, in one call:
+#   OUT=/some/folder bash bench/gpu_session.sh all  # the GPU targets' figures first, in one part:
 #                                                   # stage 1 auto (+ profile), torch; stage 3
 #                                                   # auto; stage 1 auto as a scan, dots, full;
 #                                                   # stage 3 torch; then part 2's variants,
@@ -25,8 +25,8 @@
 # step compiles longer than the scan), the same run as a scan takes its place.
 # A run has a timeout (then it prints every thread's stack into its log, SIGUSR1, and is killed
 # 20 s later), and one that would not end before the part's deadline (DEADLINE_S seconds
-# after the versions are printed, default 500) is skipped, and the next one that still fits runs:
-# 15 minutes of GPU time hold one part and the start of a machine.
+# after the versions are printed, default 500) is skipped, and the next one that still fits runs,
+# so that a part ends in time on a machine held for a fixed time.
 # Back in $OUT (at most 8 files): results.jsonl (one JSON line a run that printed one, "run"
 # naming it, "exit" its exit status), log.txt (versions, each run's exit), profile.txt
 # (launch/profile_summary.py of the 2 profiled stage-1 steps), stage1_auto.xplane.pb.gz (that

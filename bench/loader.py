@@ -18,8 +18,8 @@ Two record shapes (synthetic records from `synthetic.write_random_dataset`, read
         needs do not depend on the slice size.
 
 The loader must keep >= 10x ahead. `--threads` sets Grain read threads and `--workers` Grain worker
-processes (hosts have many cores; this machine has 2 shared ones: on it 2 threads read ~1.5x
-faster than 1, and 4 no faster than 2).
+processes (training hosts have many cores; on a 2-core host 2 threads read ~1.5x faster than 1,
+and 4 no faster than 2).
 
   python bench/loader.py [--shapes tiny,2b] [--threads 2] [--workers 0] [--rounds 4]
                          [--compression zstd,uncompressed]
