@@ -15,7 +15,6 @@ Attention is counted over the padded length (it is what the kernels compute).
 # No `from __future__ import annotations`: clu reads the metric classes from the annotations.
 import json
 import logging
-import math
 import os
 import time
 from typing import Any, NamedTuple
@@ -26,6 +25,7 @@ import numpy as np
 from clu import metrics as clu_metrics
 
 from svg_jax import parallel
+from svg_jax.utils import progress
 
 log = logging.getLogger(__name__)
 
@@ -156,15 +156,6 @@ class TrainMetrics(clu_metrics.Collection):
   lr: clu_metrics.LastValue.from_output("lr")
 
 
-def format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 def metrics_path(workdir: str) -> str:
   return os.path.join(workdir, "metrics.jsonl")
 
@@ -251,7 +242,7 @@ class MetricsLogger:
     if r.get("mfu") is not None:
       parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("eta_sec") is not None:
-      parts.append(f"ETA {format_duration(r['eta_sec'])}")
+      parts.append(f"ETA {progress.hms(r['eta_sec'])}")
     return " | ".join(parts)
 
   def event(self, step: int, **fields) -> None:
