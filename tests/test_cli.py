@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -52,13 +53,38 @@ print("still running", flush=True)
 """
 
 
-def _with_stderr_file(tmp_path, script, signal_it, **popen):
-  """(process, its stderr, what `signal_it(process)` returned) for `python -c script`; stderr
-  goes to a file, as a pipe nobody reads would stop the writer."""
+# The children print their first line within ~0.1 s (_CHURN) and ~1 s (_BLOCKED: imports JAX and
+# compiles) on 2 busy cores.
+READY_TIMEOUT_S = 60
+
+
+def _first_line(proc, timeout):
+  """The child's first line on stdout, or None when none came within `timeout` s (a reader thread
+  waits for it, so that a child hanging before it prints cannot hold the test)."""
+  lines = []
+  reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+  reader.start()
+  reader.join(timeout)
+  return None if reader.is_alive() else lines[0]
+
+
+def _with_stderr_file(tmp_path, script, ready, signal_it, **popen):
+  """(process, its stderr, what `signal_it(process)` returned) for `python -c script`, called once
+  the child has printed the line `ready`; stderr goes to a file, as a pipe nobody reads would stop
+  the writer. A child that has not printed it within READY_TIMEOUT_S is killed and fails the
+  test."""
   with open(tmp_path / "stderr", "w+") as log:
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=log,
                             text=True, **popen)
     try:
+      line = _first_line(proc, READY_TIMEOUT_S)
+      if line is None:
+        proc.kill()
+        proc.wait()
+        log.seek(0)
+        raise AssertionError(f"the child printed no {ready!r} line within {READY_TIMEOUT_S} s and "
+                             f"was killed; its stderr ends:\n{log.read()[-2000:]}")
+      assert line == ready, (line, ready)
       result = signal_it(proc)
     finally:
       proc.kill()
@@ -71,7 +97,6 @@ def test_stacks_on_signal_survive_threads_that_start_and_end(tmp_path):
   """kill -USR1 many times over a process whose threads come and go: it prints stacks and goes
   on. (faulthandler.register's signal-time walk of the threads crashed such a process.)"""
   def signal_it(proc):
-    assert proc.stdout.readline() == "ready\n"
     end, sent = time.monotonic() + 4, 0
     while time.monotonic() < end and proc.poll() is None:
       proc.send_signal(cli.STACKS_SIGNAL)
@@ -79,7 +104,8 @@ def test_stacks_on_signal_survive_threads_that_start_and_end(tmp_path):
     out, _ = proc.communicate("\n", timeout=120)
     return out, sent
 
-  proc, err, (out, sent) = _with_stderr_file(tmp_path, _CHURN, signal_it, stdin=subprocess.PIPE)
+  proc, err, (out, sent) = _with_stderr_file(tmp_path, _CHURN, "ready\n", signal_it,
+                                             stdin=subprocess.PIPE)
   assert proc.returncode == 0, (proc.returncode, sent, err[-2000:])
   assert out == "still running\n"
   assert err.count("(most recent call first)") > 1
@@ -111,14 +137,13 @@ def test_stacks_on_signal_come_while_the_main_thread_waits_inside_xla(tmp_path):
   """Signals while the main thread waits inside XLA: the stacks (its own frame among them) are
   printed during the wait, not after it."""
   def signal_it(proc):
-    assert proc.stdout.readline() == "blocking\n"
     time.sleep(1)
     for _ in range(5):  # the kernel may pick any thread that does not block the signal
       proc.send_signal(cli.STACKS_SIGNAL)
       time.sleep(0.3)
     proc.wait(timeout=120)
 
-  proc, err, _ = _with_stderr_file(tmp_path, _BLOCKED, signal_it,
+  proc, err, _ = _with_stderr_file(tmp_path, _BLOCKED, "blocking\n", signal_it,
                                    env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, err[-2000:]
   during = err[:err.index("unblocked")]

@@ -182,8 +182,9 @@ def test_reads_without_torch(tmp_path):
           'r = load_torch_file(sys.argv[1])\n'
           'print(json.dumps({k: [str(v.dtype), v.shape, v.view(f"u{v.itemsize}").tolist()]\n'
           '                  for k, v in r.items()}))')
+  # ~0.8 s on 2 busy cores; the timeout stops a hung child long before pytest's global limit.
   out = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'x.pt')], cwd=REPO,
-                       capture_output=True, text=True, check=True).stdout
+                       capture_output=True, text=True, check=True, timeout=60).stdout
   got = json.loads(out)
   for k, t in obj.items():
     assert got[k][:2] == [str(NP[t.dtype]), list(t.shape)], k
