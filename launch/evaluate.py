@@ -1,6 +1,6 @@
 """Score a DiT on the demo's prompts: ShapesGenEval of one image per held-out prompt.
 
-  python launch/evaluate.py --benchmark=shapes --data=runs/demo/demo/shapes_64px_fixed_seed0 \
+  python launch/evaluate.py --data=runs/demo/demo/shapes_64px_fixed_seed0 \
       --config configs/tiny.py --config.autoencoder.decoder_path=runs/demo/decoder.safetensors \
       --config.autoencoder.stats_path=runs/demo/demo/latent_stats_d128_l4_p8_seed0_64px.pt \
       --checkpoint=runs/demo/dit --text_encoder=runs/demo/text_encoder --system_type=empty
@@ -20,8 +20,6 @@ import generator_flags
 generator_flags.define(resolution="64", batch_size=64, shift=1.0,
                        system_type_help="system prompt the records were made with (the demo: "
                        "empty)")
-flags.DEFINE_enum("benchmark", "shapes", ["shapes"], "the benchmark (GenEval / DPG images: "
-                  "launch/generate_benchmark.py, scored by their official scorers)")
 flags.DEFINE_string("data", None, "shapes dataset folder (train.jsonl, heldout.jsonl)")
 flags.DEFINE_enum("split", "heldout", ["heldout", "train"], "which prompts")
 flags.DEFINE_integer("limit", 0, "only the first N prompts (0: all)")

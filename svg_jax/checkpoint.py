@@ -148,15 +148,6 @@ class DataIterRestore(ocp.args.CheckpointArgs):
   item: Any
 
 
-def _abstract(tree, shardings=None):
-  """ShapeDtypeStructs with target shardings (restore places every array where it belongs)."""
-  if shardings is None:
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        tree)
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
-
-
 if not hasattr(jax, "set_mesh"):
   # jax < 0.7.1 (the stack of Python 3.10) with orbax 0.11: its replica-parallel save leaves a
   # one-device mesh set for good, which the next step's device code then trips over.

@@ -56,7 +56,6 @@ def load_params(workdir: str, cfg: NextDiTConfig, *, ema: bool = True, step: int
   """EMA (`ema_params`) or raw (`params`) DiT params of a training workdir's checkpoint."""
   sharding = (SingleDeviceSharding(jax.devices()[0]) if mesh is None
               else parallel.replicated(mesh))
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                          nn.meta.unbox(abstract_params(cfg)))
+  abstract = parallel.abstract_arrays(nn.meta.unbox(abstract_params(cfg)), sharding)
   item = "ema_params" if ema else "params"
   return ckpt_lib.load_state_item(workdir, item, abstract, step, what=f"DiT {item}")

@@ -8,7 +8,7 @@ pickle `{"mean": float32 [layers, C], "std": float32 [layers, C]}`. It is read w
 `load_torch_file` (no torch at run time). The official DiT training casts the statistics to bf16
 before normalizing (the features stay fp32, so the arithmetic is fp32 with bf16-rounded mean and
 std; `std + 1e-8` is formed in bf16 as torch does for a bf16 tensor plus a python float);
-`normalize(..., bf16_stats=True)` reproduces that bit for bit.
+`normalize_arrays(..., bf16_stats=True)` reproduces that bit for bit.
 
 The offline demo has a random encoder, so its statistics are computed on demo latents
 (`StatsAccumulator`) and written by `save_latent_stats` in the same file format, so the demo
@@ -86,13 +86,6 @@ class LatentStats:
     std = np.asarray(std, np.float32)
     h = hashlib.sha256(mean.tobytes() + std.tobytes() + str(mean.shape).encode()).hexdigest()
     return cls(mean, std, f"sha256-arrays:{h}", source)
-
-  @classmethod
-  def identity(cls, dim: int) -> "LatentStats":
-    """mean 0, std 1: normalization is exactly the identity (1 + 1e-8 rounds to 1 in fp32), so
-    an autoencoder with these statistics encodes to raw DINOv3 features (for computing stats)."""
-    return cls.from_arrays(np.zeros(dim, np.float32), np.ones(dim, np.float32), "identity")
-
 
 def load_latent_stats(path: str | os.PathLike, layer: int = OFFICIAL_LAYER) -> LatentStats:
   """Read row `layer` (python indexing: -1 = last) of a statistics file.
@@ -212,7 +205,11 @@ def stats_for_normalize(mean: Any, std: Any, bf16_stats: bool = False):
 
 
 def normalize_arrays(f: Any, mean: Any, std: Any, bf16_stats: bool = False):
-  """`normalize` with the statistics as (possibly traced) arrays [C]."""
+  """Features f [..., C] (fp32) -> z = (f - mean) / (std + 1e-8), fp32, with the statistics as
+  (possibly traced) arrays [C].
+
+  bf16_stats: reproduce the official DiT training, which rounds mean and std to bf16 first.
+  """
   mean, denom = stats_for_normalize(mean, std, bf16_stats)
   f = jnp.asarray(f, jnp.float32)
   # XLA rewrites x / broadcast(d) as x * broadcast(1 / d), 1 ulp off torch's division; the
@@ -222,27 +219,8 @@ def normalize_arrays(f: Any, mean: Any, std: Any, bf16_stats: bool = False):
 
 
 def denormalize_arrays(z: Any, mean: Any, std: Any):
-  """`denormalize` with the statistics as (possibly traced) arrays [C]."""
+  """Normalized latents z [..., C] -> f = z * std + mean with the fp32 statistics (no epsilon),
+  as (possibly traced) arrays [C]."""
   return (jnp.asarray(z, jnp.float32) * jnp.asarray(std, jnp.float32)
           + jnp.asarray(mean, jnp.float32))
 
-
-def normalize(f: Any, stats: LatentStats, bf16_stats: bool = False):
-  """Features f [..., C] (fp32) -> z = (f - mean) / (std + 1e-8), fp32.
-
-  bf16_stats: reproduce the official DiT training, which rounds mean and std to bf16 first.
-  """
-  _check_dim(f, stats)
-  return normalize_arrays(f, stats.mean, stats.std, bf16_stats)
-
-
-def denormalize(z: Any, stats: LatentStats):
-  """Normalized latents z [..., C] -> f = z * std + mean with the fp32 statistics (no epsilon)."""
-  _check_dim(z, stats)
-  return denormalize_arrays(z, stats.mean, stats.std)
-
-
-def _check_dim(x: Any, stats: LatentStats) -> None:
-  if np.shape(x)[-1:] != (stats.dim,):
-    raise ValueError(f"latents must end in {stats.dim} channels (the statistics' size), got shape "
-                     f"{np.shape(x)}")

@@ -124,6 +124,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def abstract_arrays(tree, shardings) -> Any:
+  """ShapeDtypeStructs of `tree`'s arrays placed on `shardings`: one sharding for every leaf, or a
+  tree of them matching `tree` (a restore target, or the arrays an `eval_shape` will make)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
 def batch_axis_size(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 

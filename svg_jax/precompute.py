@@ -42,7 +42,6 @@ import time
 from typing import Any, Sequence
 
 import jax
-import ml_dtypes
 import ml_collections
 import numpy as np
 
@@ -442,8 +441,3 @@ def build(config: ml_collections.ConfigDict, *, stream=None) -> Precomputer:
   mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())
   ae = autoencoder.SVGAutoencoder.from_config(ae_cfg, decoder=False, mesh=mesh)
   return Precomputer(cfg, ae, TextSide(cfg), stream=stream)
-
-
-def bf16_round(x: Any) -> np.ndarray:
-  """float32 values of x rounded to bf16 (the precision records store)."""
-  return np.asarray(x, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)

@@ -227,10 +227,3 @@ class TextEncoder:
                ) -> tuple[jax.Array, jax.Array]:
     """Captions (system prompt added to non-empty ones) -> (features, lengths)."""
     return self.encode_tokens(*self.tokenize(captions, pad_to))
-
-  def empty_prompt_features(self, pad_to: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Features of the unconditional caption "" (<bos> only; length 1), shape [1, L, D].
-
-    L defaults to `pad_multiple`, the length the official batch pads it to on its own.
-    """
-    return self([UNCONDITIONAL], pad_to)

@@ -12,7 +12,7 @@ import sentencepiece as spm
 import torch
 import transformers
 
-from svg_jax import text
+from svg_jax import generate, text
 from svg_jax.convert import gemma2 as convert
 from svg_jax.demo import shapes
 from svg_jax.demo import text_encoder as demo
@@ -79,9 +79,10 @@ def test_features_match_transformers(folder, hidden_layer):
   np.testing.assert_array_equal(np.asarray(lengths), mask.sum(1))
   assert mask[1].sum() == 1 and ids[1, 0] == enc.tokenizer.bos_token_id
 
-  empty, n = enc.empty_prompt_features()
+  # "" as the sampler's negative prompt (generate.Generator._uncond): <bos> alone
+  empty, empty_mask = generate.encode_prompts(enc, [text.UNCONDITIONAL], 8)
   ref_empty = _hf_hidden_states(folder, ids[1:2, :8], mask[1:2, :8])[hidden_layer]
-  assert int(n[0]) == 1
+  assert int(empty_mask.sum()) == 1
   assert float(np.abs(np.asarray(empty)[0, 0] - ref_empty[0, 0]).max()) <= TOL
 
 

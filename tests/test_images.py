@@ -9,9 +9,17 @@ import torch
 from PIL import Image
 
 from svg_jax.data import images
-from svg_jax.data.images import BadImageError, load_rgb
+from svg_jax.data.images import BadImageError, open_rgb
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def load_rgb(src, **kw):
+  """`open_rgb` as the uint8 array [H, W, 3] the pipelines make of it."""
+  image, info = open_rgb(src, **kw)
+  arr = np.asarray(image)
+  assert arr.dtype == np.uint8 and arr.shape == (info.height, info.width, 3)
+  return arr, info
 
 
 def _save(img, tmp_path, name, **kw):

@@ -8,9 +8,9 @@ import pytest
 import torch
 import transformers
 
+import shape_items
 from svg_jax import config as config_lib
 from svg_jax import parallel
-from svg_jax.demo import shapes
 from svg_jax.demo.text_encoder import ensure_demo_text_encoder
 from svg_jax.models.gemma2 import Gemma2Encoder
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig
@@ -19,7 +19,7 @@ from svg_jax.train import dit_step, state as state_lib
 
 
 def test_token_mode_equals_feature_mode(tmp_path):
-  items = [shapes.make_item(0, "train", i, 64) for i in range(40)]
+  items = [shape_items.make_item(0, "train", i, 64) for i in range(40)]
   captions = [it["prompt"] for it in items]
   enc = TextEncoder.from_pretrained(ensure_demo_text_encoder(str(tmp_path / "te"), captions))
   batch_captions = captions[:8]
@@ -73,7 +73,7 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
   from svg_jax.data import synthetic
   from svg_jax.train import dit_task, loop, trainer
 
-  captions = [shapes.make_item(0, "train", i, 64)["prompt"] for i in range(20)]
+  captions = [shape_items.make_item(0, "train", i, 64)["prompt"] for i in range(20)]
   te = ensure_demo_text_encoder(str(tmp_path / "te"), captions)
   enc = TextEncoder.from_pretrained(te)
   data = str(tmp_path / "data")

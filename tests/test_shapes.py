@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import shape_items
 from svg_jax import assets
 from svg_jax.demo import shapes
 
@@ -17,6 +18,26 @@ def _real_geneval() -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def _combinations(item: dict) -> dict[str, set]:
+  """The compositional combinations an item shows: image-level colour-shape pairs, and the
+  caption-level relation key / (count, shape) / two_object shape pair."""
+  out: dict[str, set] = {
+      "color_shape": {(o["color"], o["shape"]) for o in item["objects"]},
+      "relation": set(), "count": set(), "pair": set(),
+  }
+  meta = item["metadata"]
+  include = meta["include"]
+  if meta["tag"] == "position":
+    relation, target = include[1]["position"]
+    out["relation"].add(shapes.relation_key(include[1]["class"], relation,
+                                            include[target]["class"]))
+  elif meta["tag"] == "counting":
+    out["count"].add((include[0]["count"], include[0]["class"]))
+  elif meta["tag"] == "two_object":
+    out["pair"].add(frozenset(i["class"] for i in include))
+  return out
+
+
 def _specs(split, count, seed=0, size=64, layouts="jittered"):
   return [shapes.item_spec(seed, split, i, size, layouts) for i in range(count)]
 
@@ -24,19 +45,19 @@ def _specs(split, count, seed=0, size=64, layouts="jittered"):
 def test_rendering_is_deterministic_by_seed():
   for split in shapes.SPLITS:
     for i in (0, 5, 17):
-      a, b = shapes.make_item(7, split, i, 64), shapes.make_item(7, split, i, 64)
+      a, b = shape_items.make_item(7, split, i, 64), shape_items.make_item(7, split, i, 64)
       assert a["prompt"] == b["prompt"] and a["objects"] == b["objects"]
       np.testing.assert_array_equal(a["image"], b["image"])
   # another seed gives other images (compare a whole batch: any single pair could collide)
-  imgs7 = np.stack([shapes.make_item(7, "train", i, 64)["image"] for i in range(12)])
-  imgs8 = np.stack([shapes.make_item(8, "train", i, 64)["image"] for i in range(12)])
+  imgs7 = np.stack([shape_items.make_item(7, "train", i, 64)["image"] for i in range(12)])
+  imgs8 = np.stack([shape_items.make_item(8, "train", i, 64)["image"] for i in range(12)])
   assert not np.array_equal(imgs7, imgs8)
   # the two splits are different streams
   assert _specs("train", 12) != _specs("heldout", 12)
 
 
 def test_rendered_pixels_match_objects():
-  item = shapes.make_item(0, "train", 3, 128)  # a colors item: one object
+  item = shape_items.make_item(0, "train", 3, 128)  # a colors item: one object
   img = item["image"]
   assert img.shape == (128, 128, 3) and img.dtype == np.uint8
   obj, = item["objects"]
@@ -74,7 +95,7 @@ def test_write_dataset_layout_and_idempotence(tmp_path):
       with Image.open(out / line["path"]) as im:
         assert im.mode == "RGB" and im.size == (64, 64)
         pixels = np.asarray(im)
-      ref = shapes.make_item(3, split, i, 64)
+      ref = shape_items.make_item(3, split, i, 64)
       np.testing.assert_array_equal(pixels, ref["image"])
       assert line["prompt"] == ref["prompt"] and line["objects"] == ref["objects"]
     absolute = shapes.read_split(str(out), split)
@@ -123,7 +144,7 @@ def test_heldout_combinations_never_in_training(layouts):
   held = _specs("heldout", 600, layouts=layouts)
   seen = {k: set() for k in ("color_shape", "relation", "count", "pair")}
   for item in train:
-    for k, v in shapes.combinations_of(item).items():
+    for k, v in _combinations(item).items():
       seen[k] |= v
   # nothing held out occurs in training: colour-shape pairs in any training *image*
   assert not seen["color_shape"] & shapes.HELDOUT_COLOR_SHAPE
@@ -145,7 +166,7 @@ def test_heldout_combinations_never_in_training(layouts):
   # every held-out item of a compositional category shows a held-out combination of its kind
   held_seen = {k: set() for k in seen}
   for item in held:
-    combos = shapes.combinations_of(item)
+    combos = _combinations(item)
     for k, v in combos.items():
       held_seen[k] |= v
     tag = item["metadata"]["tag"]

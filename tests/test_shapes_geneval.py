@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+import shape_items
 from svg_jax.demo import geneval as sg
 from svg_jax.demo import shapes
 
 
 def _heldout(count, size, seed=0):
-  items = [shapes.make_item(seed, "heldout", i, size) for i in range(count)]
+  items = [shape_items.make_item(seed, "heldout", i, size) for i in range(count)]
   return [it["image"] for it in items], [it["metadata"] for it in items]
 
 
@@ -68,15 +69,32 @@ def test_mild_degradation_scores_high(size, blur):
 
 def test_strong_degradation_report():
   images, metas = _heldout(180, 64)
-  strong = sg.score(_degrade(images, blur=1.5, noise=20, shift=15), metas)
-  _report("blur 1.5px + noise 20 + shift 15, 64px", strong)
-  extreme = sg.score(_degrade(images, blur=2.0, noise=30, shift=25), metas)
-  _report("blur 2px + noise 30 + shift 25, 64px", extreme)
-  # measured 0.956 and 0.756: shapes 12-18px wide blurred by 2px are genuinely ambiguous
-  assert strong["overall"] >= 0.93
-  assert extreme["overall"] >= 0.6
-  # colour survives even extreme degradation; shape identity is what goes first
-  assert extreme["colors"] >= 0.9
+  drawn = [sorted(o["color"] for o in shapes.item_spec(0, "heldout", i, 64)["objects"])
+           for i in range(len(images))]
+  # Colour survives even extreme degradation, stated against what was drawn: palette colours and
+  # the background are >= 150 apart in RGB, so a pixel keeps its nearest colour under any change
+  # below half that. The largest shift (25 per channel) moves a pixel by at most 25 * sqrt(3) = 43,
+  # which leaves 32 for the noise; after the 3x3 median its std is ~0.42 x 30 = 13 per channel, so
+  # an object's interior keeps its colour and every object is found in it. That no object is
+  # invented (a blurred rim is a grey-colour blend, which a shift can move nearer a third colour)
+  # is measured, not derived: 180 of 180 images at both levels.
+  table = np.array([shapes.BACKGROUND, *shapes.PALETTE.values()], np.float64)
+  separation = min(np.linalg.norm(a - b) for i, a in enumerate(table) for b in table[:i])
+  assert 25 * np.sqrt(3) < separation / 2, separation
+  scores = {}
+  for name, blur, noise, shift in (("strong", 1.5, 20, 15), ("extreme", 2.0, 30, 25)):
+    results = sg.evaluate_images(_degrade(images, blur=blur, noise=noise, shift=shift), metas)
+    scores[name] = sg.summarize(results)
+    _report(f"{name}: blur {blur}px + noise {noise} + shift {shift}, 64px", scores[name])
+    found = [sorted(d.color for d in r["detections"]) for r in results]
+    wrong = [i for i, (f, d) in enumerate(zip(found, drawn)) if f != d]
+    assert not wrong, [(i, found[i], drawn[i]) for i in wrong[:5]]
+  # Shape identity is what goes first, and how far is not derivable from the ground truth: a
+  # diamond 19 px wide blurred by 1.5 px and noised reads as a circle although its blur (0.08 of
+  # its side) is within the scorer's templates (up to 0.09), and 12-18 px shapes blurred by 2 px
+  # are genuinely ambiguous. So these are regression floors under the measured 0.956 and 0.761.
+  assert scores["strong"]["overall"] >= 0.93
+  assert scores["extreme"]["overall"] >= 0.6
 
 
 def test_wrong_prompt_scores_low():
@@ -96,7 +114,7 @@ def test_wrong_prompt_scores_low():
 def test_training_combinations_do_not_pass_heldout_prompts():
   """A model that ignores the novel combination and draws training-like content scores low."""
   _, metas = _heldout(120, 64)
-  train = [shapes.make_item(0, "train", i, 64)["image"] for i in range(120)]
+  train = [shape_items.make_item(0, "train", i, 64)["image"] for i in range(120)]
   scores = sg.score(train, metas)  # same categories, training combinations
   _report("training images against held-out prompts", scores)
   assert scores["overall"] <= 0.15
@@ -160,7 +178,7 @@ def test_relative_position_is_geneval_rule():
 
 
 def _det(shape, color, box, area):
-  return sg.Detection(shape, color, tuple(map(float, box)), area, 1.0)
+  return sg.Detection(shape, color, tuple(map(float, box)), area)
 
 
 def test_clause_semantics_follow_geneval():
@@ -229,7 +247,7 @@ def test_bad_inputs_are_named():
   with pytest.raises(ValueError, match="2 images but 1"):
     sg.score([img, img], [{"tag": "colors", "include": []}])
   # float [0, 1] images and PIL images score like uint8 ones
-  item = shapes.make_item(0, "heldout", 4, 64)
+  item = shape_items.make_item(0, "heldout", 4, 64)
   as_float = item["image"].astype(np.float32) / 255.0
   for image in (as_float, Image.fromarray(item["image"])):
     assert sg.evaluate_image(image, item["metadata"])["correct"]

@@ -196,7 +196,7 @@ def test_text_encoder_padding_invariance(tok):
     alone, n = enc([caption])
     n = int(n[0])
     np.testing.assert_allclose(np.asarray(alone)[0, :n], np.asarray(feats)[row, :n], atol=1e-5)
-  empty, n = enc.empty_prompt_features()
+  empty, n = enc([text.UNCONDITIONAL])
   assert empty.shape == (1, 8, 32) and int(n[0]) == 1
   np.testing.assert_allclose(np.asarray(empty)[0, 0], np.asarray(feats)[1, 0], atol=1e-5)
 

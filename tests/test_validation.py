@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
+import saved_state
 import validation_files
 from lowerings import lowered_programs
 from svg_jax import parallel
@@ -24,7 +25,7 @@ from svg_jax.data import records
 from svg_jax.demo import configs as demo_configs
 from svg_jax.demo import text_encoder as demo
 from svg_jax.models.nextdit import NextDiT
-from svg_jax.train import dit_task, loop, trainer, validation
+from svg_jax.train import dit_task, trainer, validation
 
 SPEC = demo.DemoSpec(vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                      head_dim=16, intermediate_size=64)
@@ -150,7 +151,7 @@ def test_heldout_loss_equals_a_direct_computation(runs, files):
   whole, _ = runs
   config = _config(files, files["train"], files["heldout"])
   mesh = parallel.make_mesh(dict(config.mesh))
-  state, step = loop.restore_state(config, whole, mesh, dit_task.TASK)
+  state, step = saved_state.restore_state(config, whole, mesh)
   assert step == 6
   params = jax.device_get(state.params)  # validation.loss_on_ema is False
   want = _direct_heldout_losses(config, params, files["heldout"], 10, SEED, TIMES)

@@ -26,9 +26,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import flax
+import jax
 import numpy as np
 
-from svg_jax import checkpoint
+from svg_jax import checkpoint, parallel
 from svg_jax.convert import decoder as keymap
 from svg_jax.convert import safetensors_io, torch_pickle, weights_io
 from svg_jax.input_errors import MissingInput
@@ -91,10 +93,6 @@ def _workdir_params(workdir: Path, cfg: DecoderConfig, step: int | None) -> dict
   """The decoder params of a training run's Orbax checkpoint (the run's folder or its
   `checkpoints/`), on the host. The saved shapes are checked against `cfg` before anything is
   read, so a run of another model fails fast with the key lists of every other format."""
-  import flax
-  import jax
-
-
   run, step = weights_io.training_checkpoint(workdir, step, "decoder")
   ckpt = checkpoint.Checkpointer(run, read_only=True)
   try:
@@ -110,7 +108,6 @@ def _workdir_params(workdir: Path, cfg: DecoderConfig, step: int | None) -> dict
   z = jax.ShapeDtypeStruct((1, 1, 1, cfg.z_channels), jax.numpy.float32)
   boxed = jax.eval_shape(lambda z: Decoder(cfg).init(jax.random.PRNGKey(0), z)["params"], z)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          flax.linen.meta.unbox(boxed))
+  abstract = parallel.abstract_arrays(flax.linen.meta.unbox(boxed), device)
   return jax.device_get(checkpoint.load_state_item(run, "params", abstract, step,
                                                   what="decoder params"))

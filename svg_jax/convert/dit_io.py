@@ -17,6 +17,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from svg_jax import dit_checkpoint
@@ -100,9 +101,6 @@ def _workdir_params(workdir: Path, cfg: NextDiTConfig, step: int | None, ema: bo
   """The EMA or raw params of a training run's Orbax checkpoint, on the host, once the model
   config the run saved is the architecture of `cfg` (hardware fields and the layer layout may
   differ: the tree is read in the run's layout and `params_from_tree` converts it)."""
-  import jax
-
-
   run, step = weights_io.training_checkpoint(workdir, step, "dit")
   saved = dit_checkpoint.saved_model_config(run, step)
   free = set(dit_checkpoint.HARDWARE_FIELDS) | {"scan_layers"}

@@ -1,7 +1,7 @@
 """Image decoding to 8-bit RGB, with clear errors for bad files, and the pixel normalizations.
 
-`load_rgb` turns whatever PIL can open into an RGB uint8 array [H, W, 3] plus an `ImageInfo` saying
-what was done, or raises `BadImageError` whose `reason` names the problem (missing, empty,
+`open_rgb` turns whatever PIL can open into a (fully loaded) RGB PIL image plus an `ImageInfo`
+saying what was done, or raises `BadImageError` whose `reason` names the problem (missing, empty,
 truncated / corrupt, too small, unsupported mode), so a long precompute job can count and report
 bad inputs by key instead of crashing (docs/design.md, Data).
 
@@ -50,7 +50,7 @@ class BadImageError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ImageInfo:
-  """What the file was and what `load_rgb` did to it."""
+  """What the file was and what `open_rgb` did to it."""
   format: str | None  # PIL format name ("PNG", "JPEG", ...)
   mode: str  # PIL mode of the decoded file
   width: int
@@ -137,12 +137,6 @@ def open_rgb(src: PathOrBytes, min_size: int = 1) -> tuple[Image.Image, ImageInf
     raise BadImageError(f"too small: {w}x{h}, shorter side < {min_size}", name)
   rgb, conversion = _to_rgb(image, name)
   return rgb, ImageInfo(fmt, image.mode, w, h, conversion, n_frames)
-
-
-def load_rgb(src: PathOrBytes, min_size: int = 1) -> tuple[np.ndarray, ImageInfo]:
-  """Decode to uint8 [H, W, 3] RGB, or raise BadImageError (see the module docstring)."""
-  rgb, info = open_rgb(src, min_size)
-  return np.asarray(rgb, dtype=np.uint8).reshape(info.height, info.width, 3), info
 
 
 def _unit_float(x: Any):

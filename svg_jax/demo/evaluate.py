@@ -1,5 +1,5 @@
 """ShapesGenEval of a generator: one image per demo prompt (seed of the official eval, 42 + 4i),
-scored with `geneval`; the evaluation behind `launch/evaluate.py --benchmark shapes` and the
+scored with `geneval`; the evaluation behind `launch/evaluate.py` and the
 demo's last stage."""
 from __future__ import annotations
 

@@ -53,7 +53,6 @@ class Detection:
   color: str
   box: tuple[float, float, float, float]  # x0, y0, x1, y1 (x1, y1 exclusive), pixels
   area: int
-  shape_iou: float
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,7 +189,7 @@ def detect(image: Any, config: ScorerConfig = ScorerConfig()) -> list[Detection]
       continue
     color = shapes.COLORS[int(labels.flat[cid]) - 1]
     found.append(Detection(shape, color, (float(x0), float(y0), float(x1), float(y1)),
-                           int(area), iou))
+                           int(area)))
   found.sort(key=lambda d: -d.area)
   return found
 

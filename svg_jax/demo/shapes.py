@@ -359,33 +359,6 @@ def item_spec(seed: int, split: str, index: int, image_size: int,
   return sample_item(rng, category_of(index), split, image_size, layouts)
 
 
-def make_item(seed: int, split: str, index: int, image_size: int,
-              layouts: str = "jittered") -> dict:
-  """`item_spec` plus "image": uint8 [S, S, 3]."""
-  item = item_spec(seed, split, index, image_size, layouts)
-  item["image"] = render(item["objects"], image_size)
-  return item
-
-
-def combinations_of(item: dict) -> dict[str, set]:
-  """The compositional combinations an item shows: image-level colour-shape pairs, and the
-  caption-level relation key / (count, shape) / two_object shape pair."""
-  out: dict[str, set] = {
-      "color_shape": {(o["color"], o["shape"]) for o in item["objects"]},
-      "relation": set(), "count": set(), "pair": set(),
-  }
-  meta = item["metadata"]
-  include = meta["include"]
-  if meta["tag"] == "position":
-    relation, target = include[1]["position"]
-    out["relation"].add(relation_key(include[1]["class"], relation, include[target]["class"]))
-  elif meta["tag"] == "counting":
-    out["count"].add((include[0]["count"], include[0]["class"]))
-  elif meta["tag"] == "two_object":
-    out["pair"].add(frozenset(i["class"] for i in include))
-  return out
-
-
 # ------------------------------------------------------------------------------------------------
 # On disk
 

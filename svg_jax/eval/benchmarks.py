@@ -60,15 +60,6 @@ def geneval_sample_path(outdir: str, index: int, k: int) -> str:
   return os.path.join(outdir, f"{index:05d}", "samples", f"{k:05d}.png")
 
 
-def prompt_files(benchmark: str, outdir: str, index: int, item: dict,
-                 images_per_prompt: int) -> list[str]:
-  """Every file a finished prompt has."""
-  if benchmark == "geneval":
-    return [os.path.join(outdir, f"{index:05d}", GENEVAL_METADATA)] + [
-        geneval_sample_path(outdir, index, k) for k in range(images_per_prompt)]
-  return [os.path.join(outdir, dpg_grid_name(item["filename"]))]
-
-
 def _missing_images(benchmark, outdir, index, item, images_per_prompt) -> list[int]:
   if benchmark == "geneval":
     meta = os.path.join(outdir, f"{index:05d}", GENEVAL_METADATA)

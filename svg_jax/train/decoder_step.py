@@ -50,7 +50,6 @@ from svg_jax.train import state as state_lib
 
 ADAPTIVE_EPS = 1e-4
 ADAPTIVE_MAX = 1e4
-LAST_LAYER = ("conv_out", "kernel")
 
 
 class DecoderTrainState(flax.struct.PyTreeNode):

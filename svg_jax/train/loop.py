@@ -167,21 +167,6 @@ def validate_config(config, task: Task, num_devices: int | None = None,
   return shape
 
 
-def restore_state(config, workdir: str, mesh, task: Task, step: int | None = None):
-  """The saved state of `workdir` (newest step by default) on `mesh`'s shardings; returns
-  (state, step). Restoring onto a mesh other than the one that saved it is supported."""
-  setup = task.make_setup(config, mesh)
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    state, _ = ckpt.restore(step, setup.abstract_state)
-    return state, step
-  finally:
-    ckpt.close()
-
-
 class _StopFlag:
   """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and returns."""
 

@@ -69,9 +69,7 @@ def sharded_abstract_state(boxed_state, mesh, rules):
   """(shardings, abstract state) of an eval_shape'd, logically boxed state on `mesh`: the
   optimizer moments and EMA inherit the shardings of the parameters they mirror."""
   shardings = parallel.logical_shardings(boxed_state, mesh, rules)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          unbox(boxed_state), shardings)
-  return shardings, abstract
+  return shardings, parallel.abstract_arrays(unbox(boxed_state), shardings)
 
 
 def ema_update(ema, params, decay: float):

@@ -39,8 +39,3 @@ def train(config, workdir: str) -> dict[str, Any]:
     return loop.train(config, workdir, get(config.task))
   finally:  # the loop's batches are gone: their shared memory is unlinked before the exit
     pipeline.release_shared_memory()
-
-
-def restore_state(config, workdir: str, mesh, step: int | None = None):
-  """`loop.restore_state` for the task of `config`: (state, step) on `mesh`'s shardings."""
-  return loop.restore_state(config, workdir, mesh, get(config.task), step)
