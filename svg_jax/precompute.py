@@ -49,7 +49,7 @@ from svg_jax import autoencoder
 from svg_jax import config as config_lib
 from svg_jax import parallel
 from svg_jax import text as text_lib
-from svg_jax.data import records
+from svg_jax.data import global_position, records
 from svg_jax.data import sources
 from svg_jax.data.sources import BadInput, Inputs, Loaded
 from svg_jax.input_errors import InputError
@@ -205,9 +205,8 @@ class Precomputer:
     if process_index is None:
       process_index = cfg.process_index if cfg.process_index >= 0 else None
       process_count = cfg.process_count if cfg.process_count >= 0 else None
-    if process_index is None or process_count is None:
-      process_index, process_count = jax.process_index(), jax.process_count()
-    self.process_index, self.process_count = process_index, process_count
+    self.process_index, self.process_count = global_position.process_of(process_index,
+                                                                         process_count)
     self.stream = stream or sys.stdout
     self.patch_size = ae.encoder_cfg.patch_size
     self.fingerprints = {"encoder": ae.fingerprints.get("encoder", "unknown"),

@@ -27,7 +27,7 @@ import numpy as np
 
 from svg_jax.data import buckets
 from svg_jax.data import jsonl as jsonl_lib
-from svg_jax.data.global_position import agreed_position
+from svg_jax.data.global_position import agreed_position, process_of
 from svg_jax.data.images import BadImageError, open_rgb
 from svg_jax.input_errors import InputError, MissingInput
 
@@ -135,10 +135,7 @@ def make_image_pipeline(jsonl: str | os.PathLike, config: ImagePipelineConfig, *
                         ) -> ImageIterator:
   """The training iterator (see the module docstring)."""
   config.validate()
-  if process_index is None or process_count is None:
-    import jax
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+  process_index, process_count = process_of(process_index, process_count)
   paths = read_image_list(jsonl)
   ds = (grain.MapDataset.range(len(paths))
         .shuffle(seed=int(config.seed))

@@ -66,7 +66,7 @@ from grain.sources import ArrayRecordDataSource
 
 from svg_jax import malloc_tuning
 from svg_jax.data import length_buckets as length_buckets_lib
-from svg_jax.data.global_position import agreed_position
+from svg_jax.data.global_position import agreed_position, process_of
 from svg_jax.data import records
 from svg_jax.input_errors import InputError
 from svg_jax.utils import orphan_watch
@@ -381,16 +381,6 @@ class PipelineInfo:
   signature: dict
 
 
-def _resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # only when the caller did not say; keeps the data code importable without jax
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-  return process_index, process_count
-
-
 def _resolve_rows(rows: Sequence[int] | None, per_process: int, process_index: int,
                   global_batch: int) -> tuple[int, ...]:
   if rows is None:
@@ -438,7 +428,7 @@ def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[
   if not isinstance(config, PipelineConfig):
     config = PipelineConfig.from_mapping(config)
   config.validate()
-  process_index, process_count = _resolve_process(process_index, process_count)
+  process_index, process_count = process_of(process_index, process_count)
   global_batch = config.per_process_batch_size * process_count
   rows = _resolve_rows(rows, config.per_process_batch_size, process_index, global_batch)
   data_dir = os.fspath(data_dir)
