@@ -299,15 +299,45 @@ def test_bad_latents_raise():
         jax.random.key(0), jnp.zeros((1, 2, 2, 16)))
 
 
+def _torch_forward_autocast(model: TorchDecoder, z_nhwc: np.ndarray) -> np.ndarray:
+  """diffusers under torch.autocast(bfloat16) as on a GPU: CUDA's autocast runs GroupNorm in fp32,
+  CPU's runs it in bf16 on the bf16 conv outputs, so GroupNorm inputs are cast to fp32 here."""
+  hooks = [m.register_forward_pre_hook(lambda _, args: tuple(a.float() for a in args))
+           for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+  try:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+      out = model(torch.from_numpy(z_nhwc).permute(0, 3, 1, 2).contiguous())
+  finally:
+    for hook in hooks:
+      hook.remove()
+  return out.float().permute(0, 2, 3, 1).numpy()
+
+
 def test_bf16_compute_stays_close_to_the_reference(reference):
-  _, state, latents, outputs = reference
+  """compute_dtype=bfloat16 errs against diffusers' fp32 decoder no more than diffusers' own forward
+  under a bf16 autocast does, and far more than fp32 rounding: bf16 is used.
+
+  This autocast rounds every conv output to bf16, and with it most of the residual stream; we
+  round only the conv and matmul inputs. Rounding our residual stream, GroupNorm inputs or
+  attention logits to bf16 therefore stays within autocast's error (measured RMS 0.7-1.0x
+  autocast's): this test cannot see those.
+  """
+  model, state, latents, outputs = reference
   params = conv.diffusers_to_params(state, SMALL)
   bf16 = Decoder(dataclasses.replace(SMALL, compute_dtype="bfloat16"))
-  got = jax.jit(lambda p, z: bf16.apply({"params": p}, z))(params, latents[1])
-  assert got.dtype == jnp.float32
-  err = _max_err(got, outputs[1])
-  print(f"bf16 compute: max |jax - diffusers fp32| = {err:.2e}")
-  assert 1e-4 < err < 0.1 * np.abs(outputs[1]).max(), err  # bf16 is used, and is only rounding
+  got = np.asarray(jax.jit(lambda p, z: bf16.apply({"params": p}, z))(params, latents[1]))
+  assert got.dtype == np.float32
+  want, autocast = outputs[1], _torch_forward_autocast(model, latents[1])
+  errs = {name: (float(np.sqrt(np.mean((out - want) ** 2) / np.mean(want ** 2))),
+                 float(np.abs(out - want).max() / np.abs(want).max()))
+          for name, out in (("ours", got), ("autocast", autocast))}
+  print("bf16 vs diffusers fp32 (relative RMS, max): "
+        + ", ".join(f"{k} {r:.3g}, {m:.3g}" for k, (r, m) in errs.items()))
+  (ours_rms, ours_max), (ac_rms, ac_max) = errs["ours"], errs["autocast"]
+  # Measured ours / autocast over 6 latents: RMS 0.57-0.82 (here 0.64), max 0.54-0.82 (CPU
+  # autocast's bf16 GroupNorm: RMS 0.55-0.79). fp32 compute gives 2e-6.
+  assert 1e-4 < ours_rms <= ac_rms, errs
+  assert ours_max <= 1.5 * ac_max, errs
 
 
 @pytest.mark.slow

@@ -363,11 +363,31 @@ def test_load_dinov3_files(small_hf, tmp_path):
 
 
 def test_bf16_compute_stays_close(small_hf):
+  """compute_dtype=bfloat16 errs against HF's fp32 latent no more than HF's own forward under
+  torch.autocast(bfloat16) does, and far more than fp32 rounding: bf16 is used, and the residual
+  stream stays fp32 as under autocast. SVG-T2I runs DINO in fp32 (docs/reference.md §2.2), so the
+  official way to run it in bf16 is this autocast. Its RoPE rotation stays fp32 there, as the
+  official one (HF's cos / sin take the pixels' dtype, docs/equivalence/autoencoder.md §1)."""
   params = conv.hf_to_params(_hf_state(small_hf), SMALL)
   x = _images(2, 64, 64, seed=7)
-  ref = _ours(SMALL, params, x)
   bf16 = dinov3.DINOv3Config(**{**SMALL.__dict__, "compute_dtype": "bfloat16"})
   out = _ours(bf16, params, x)
   assert out.dtype == np.float32
-  rel = np.abs(out - ref).max() / np.abs(ref).max()
-  assert 0 < rel < 5e-2
+  # CPU autocast rounds here what CUDA's does: no op of CUDA's fp32 list (LayerNorm, softmax)
+  # sees a bf16 input (LayerNorms read the fp32 residual stream, attention is SDPA).
+  with torch.autocast("cpu", dtype=torch.bfloat16):
+    autocast = _hf_tokens(small_hf, x)
+  p = SMALL.num_prefix_tokens
+  ref = _hf_tokens(small_hf, x)[:, p:].reshape(out.shape)
+  errs = {}
+  for name, got in (("ours", out), ("autocast", autocast[:, p:].reshape(out.shape))):
+    errs[name] = (float(np.sqrt(np.mean((got - ref) ** 2) / np.mean(ref ** 2))),
+                  float(np.abs(got - ref).max() / np.abs(ref).max()))
+  print("bf16 vs HF fp32 (relative RMS, max): "
+        + ", ".join(f"{k} {r:.3g}, {m:.3g}" for k, (r, m) in errs.items()))
+  (ours_rms, ours_max), (ac_rms, ac_max) = errs["ours"], errs["autocast"]
+  # Measured ours / autocast over 7 batches and sizes: RMS 0.76-0.80 (here 0.79), max 0.6-0.85.
+  # Rounding the residual stream to bf16 after each block gives RMS 1.06-1.13 (max 0.94-1.38,
+  # too noisy to tell); fp32 compute gives 4e-7.
+  assert 1e-4 < ours_rms <= ac_rms, errs
+  assert ours_max <= 1.5 * ac_max, errs

@@ -143,15 +143,42 @@ def test_mutations_are_detected(reference):
   assert err_cap > 100 * TOL  # measured 0.027 at cap 50 and 1.5 at cap 5 with these weights
 
 
+def _rel_errors(out, ref, mask):
+  """(RMS, max) of out - ref on valid tokens, relative to the RMS and max of ref there."""
+  valid = mask.astype(bool)
+  diff, ref = (out - ref)[valid], ref[valid]
+  return (float(np.sqrt(np.mean(diff ** 2) / np.mean(ref ** 2))),
+          float(np.abs(diff).max() / np.abs(ref).max()))
+
+
 def test_bf16_compute_close(reference):
-  """compute_dtype=bfloat16 (matmul inputs only) stays close to the fp32 reference."""
+  """compute_dtype=bfloat16 errs against transformers' fp32 features no more than transformers'
+  own forward under torch.autocast(bfloat16) does, and far more than fp32 rounding: bf16 is used,
+  and the residual stream stays fp32 as under autocast.
+
+  The released pipeline loads Gemma-2 with bf16 weights (docs/reference.md §1.5), which also rounds
+  the residual stream and the norm weights: 2.6-2.8x autocast's max error here. Our compute dtype
+  rounds what autocast rounds (matmul inputs), so autocast is the yardstick.
+  """
   cfg = _our_cfg(reference["softcap"], -2, compute_dtype="bfloat16")
   params = convert.hf_to_params(_state_dict(reference["model"]), cfg)
-  feats, _ = _run(cfg, params, reference["ids"], reference["mask"])
+  ids, mask = reference["ids"], reference["mask"]
+  feats, _ = _run(cfg, params, ids, mask)
+  # CPU autocast rounds here what CUDA's does: the eager softmax is fp32 by request, and no op of
+  # CUDA's fp32 list sees a bf16 input.
+  with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    out = reference["model"](input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             output_hidden_states=True)
   ref = reference["hidden"][-2]
-  rel = _valid_err(feats, ref, reference["mask"]) / float(np.abs(ref).max())
-  print(f"softcap={reference['softcap']} bf16 compute: max abs err / max |ref| = {rel:.3g}")
-  assert rel < 5e-2
+  errs = {"ours": _rel_errors(feats, ref, mask),
+          "autocast": _rel_errors(out.hidden_states[-2].float().numpy(), ref, mask)}
+  print(f"softcap={reference['softcap']} bf16 vs transformers fp32 (relative RMS, max): "
+        + ", ".join(f"{k} {r:.3g}, {m:.3g}" for k, (r, m) in errs.items()))
+  (ours_rms, ours_max), (ac_rms, ac_max) = errs["ours"], errs["autocast"]
+  # Measured ours / autocast: RMS 0.75-0.76, max 0.56-0.63. Rounding the residual stream to bf16
+  # after each layer gives 1.5-1.6 on both; fp32 compute gives 1.3e-7.
+  assert 1e-4 < ours_rms <= ac_rms, errs
+  assert ours_max <= 1.5 * ac_max, errs
 
 
 def test_truncated_model_params_match_key_map():

@@ -4,7 +4,8 @@ attention backend dispatch, compute dtype), and the logical axis names every par
 bf16 activations (`activation_dtype`) round like the official trainer's bf16 autocast: against
 diffusers' model in fp32, our output errs by at most 1.5x what diffusers' own forward under
 `torch.autocast(bfloat16)` errs (measured 0.8-1.1x, 0.8-0.9% of the output's range), and more than
-with bf16 matmuls alone (0.5-0.6%), so the activations are really rounded."""
+with bf16 matmuls alone (0.5-0.6%), so the activations are really rounded. bf16 matmuls alone
+err less than that autocast (relative RMS error 0.64-0.68x autocast's)."""
 import dataclasses
 import re
 
@@ -102,16 +103,33 @@ def test_layer_loop_auto_unrolls_where_the_trace_compiles_for_a_gpu(platform, un
 
 
 def test_bf16_compute_stays_close_to_fp32():
-  state = ref.random_official_state(CFG, seed=3)
+  """bf16 matmuls alone (compute_dtype=bfloat16, fp32 activations) err against diffusers' fp32
+  model no more than diffusers' own forward under torch.autocast(bfloat16) does, and far more than
+  fp32 rounding: bf16 is used, and the activations between ops are not rounded (the next test's
+  bf16 activations err like autocast). CPU autocast rounds here what CUDA's does: no op of CUDA's
+  fp32 list sees a bf16 input."""
+  import torch
   inputs = _inputs()
-  out = {}
-  for dtype in ("float32", "bfloat16"):
-    cfg = dataclasses.replace(CFG, compute_dtype=dtype)
-    params = keymap.official_to_params(state, cfg)
-    out[dtype] = np.asarray(jax.jit(NextDiT(cfg).apply)({"params": params}, *inputs))
-    assert out[dtype].dtype == np.float32
-  rel = np.abs(out["bfloat16"] - out["float32"]).max() / np.abs(out["float32"]).max()
-  assert 0 < rel < 5e-2
+  cfg = dataclasses.replace(CFG, compute_dtype="bfloat16")
+  apply = jax.jit(NextDiT(cfg).apply)
+  for seed in (3, 4):
+    state = ref.random_official_state(CFG, seed=seed)
+    model = ref.build_reference(CFG, state)
+    want = ref.reference_forward(model, *inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+      autocast = ref.reference_forward(model, *inputs)
+    out = np.asarray(apply({"params": keymap.official_to_params(state, cfg)}, *inputs))
+    assert out.dtype == np.float32
+    errs = {name: (float(np.sqrt(np.mean((got - want) ** 2) / np.mean(want ** 2))),
+                   float(np.abs(got - want).max() / np.abs(want).max()))
+            for name, got in (("ours", out), ("autocast", autocast))}
+    print(f"seed {seed} bf16 vs diffusers fp32 (relative RMS, max): "
+          + ", ".join(f"{k} {r:.3g}, {m:.3g}" for k, (r, m) in errs.items()))
+    (ours_rms, ours_max), (ac_rms, ac_max) = errs["ours"], errs["autocast"]
+    # Measured ours / autocast over seeds 3-6: RMS 0.64-0.68, max 0.51-0.80. Rounding the
+    # activations too (activation_dtype="compute") gives RMS 1.07-1.17; fp32 compute gives 4e-7.
+    assert 1e-4 < ours_rms <= ac_rms, errs
+    assert ours_max <= 1.5 * ac_max, errs
 
 
 def test_bf16_activations_err_like_the_official_autocast():
