@@ -115,9 +115,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     root = _root_cause(e)
     if isinstance(root, input_errors.InputError):  # raised by a config file, e.g. a variant
       bad_input_exit(f"config error: {root}", started=False)
-    if len(str(e).splitlines()) > 1:  # a config file that failed otherwise: its traceback
+    if not isinstance(root, flags.Error):  # a config file that failed otherwise: a traceback
       raise
-    bad_input_exit(f"flag error: {e}", started=False)
+    # absl gives a line per bad flag (several required flags missing): one line of them all.
+    bad_input_exit("flag error: " + "; ".join(line.rstrip(".") for line in str(e).splitlines()),
+                   started=False)
   except (AttributeError, KeyError):  # ConfigDict's answer to an unknown field
     for name in _config_flag_names():
       _exit_on_unknown_field(name, _given_config_file(name, argv), argv)

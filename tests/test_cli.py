@@ -188,6 +188,8 @@ def test_an_unknown_config_field_is_one_line_naming_it_in_every_script(script, a
     ("train.py", ["--config", f"{TINY}:huge", "--workdir=unused"],
      "config error: unknown demo preset 'huge'"),
     ("precompute.py", ["--input=x"], "flag error: flag --out=None: Flag --out must have a value"),
+    ("train.py", [], "flag error: flag --config=None: Flag --config must have a value other than "
+     "None; flag --workdir=None: Flag --workdir must have a value other than None"),
     ("describe.py", ["--config", TINY, "--config.model.n_kv_heads=3"],
      "input error: invalid NextDiT config: n_heads 4 not a multiple of n_kv_heads 3"),
     ("prompt_features.py", ["--text_encoder=t", "--out=o.npz", "--prompts_jsonl=nope.jsonl"],
@@ -196,6 +198,14 @@ def test_an_unknown_config_field_is_one_line_naming_it_in_every_script(script, a
 ])
 def test_a_bad_config_file_or_flag_is_one_line(script, args, message):
   script_runs.assert_one_line(script_runs.run(script, *args), message)
+
+
+def test_a_config_file_that_fails_keeps_its_traceback(tmp_path):
+  """A bug in a config file is not bad input: its traceback and exit status 1."""
+  (tmp_path / "broken.py").write_text("def get_config():\n  return 1 / 0\n")
+  out = script_runs.run("train.py", "--config", tmp_path / "broken.py", "--workdir", tmp_path)
+  assert out.returncode == 1 and "ZeroDivisionError: division by zero" in out.stderr, out.stderr
+  assert "Traceback (most recent call last)" in out.stderr
 
 
 @pytest.mark.parametrize("script, args", [
