@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md ("The whole trainer on one GPU"). Each part runs in under
+# The GPU figures of docs/performance.md ("The whole trainer: bench/trainer.py and remat auto"). Each part runs in under
 # 9 minutes. Run from the repository root, after
 # bench/gpu_wheels.sh has filled .whl/ where pip reaches the index:
 #
