@@ -239,8 +239,8 @@ class Precomputer:
                          "or delete it")
     else:
       if os.path.exists(os.path.join(out, records.MANIFEST_NAME)):
-        raise FileExistsError(f"{out} holds a dataset not written by this precompute "
-                              f"(no {PROGRESS_DIR}/{PLAN_FILE}); use another output folder")
+        raise InputError(f"{out} holds a dataset not written by this precompute "
+                         f"(no {PROGRESS_DIR}/{PLAN_FILE}); use another output folder")
       os.makedirs(os.path.join(out, PROGRESS_DIR), exist_ok=True)
       atomic_files.write_json(path, plan)
 

@@ -410,6 +410,12 @@ def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_
   os.remove(os.path.join(out, full["shards"][-1]["name"]))
   calls.clear()
   assert job_factory(records_per_shard=4).run(inputs, out) == full and calls == [2]
+  # A dataset that another writer made is not overwritten.
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / records.MANIFEST_NAME).write_text("{}")
+  with pytest.raises(InputError, match=r"holds a dataset not written by this precompute"):
+    job.run(inputs, str(foreign))
 
 
 def test_processes_split_the_chunks(job_factory, tmp_path):
