@@ -7,22 +7,37 @@ right-padded keys.
 Prints the largest error of each backend's output and of its gradients (of sum(out^2) with
 respect to q, k, v, relative to the largest reference gradient) against torch (bf16 inputs, fp32
 reference), and the forward + backward time of each, side by side in one run, as ratios against
-torch.
+torch. JAX and torch share the GPU in this process: JAX allocates as it goes
+(XLA_PYTHON_CLIENT_PREALLOCATE=false unless the environment says otherwise), instead of taking
+`cli.run`'s share of the card up front.
 """
 from __future__ import annotations
 
+import os
 
 from absl import app, flags
 
+from svg_jax import cli
+from svg_jax.input_errors import InputError
+
 flags.DEFINE_list("tokens", ["512", "4352"], "sequence lengths (stage 1 and stage 3 of the recipe)")
-flags.DEFINE_integer("batch", 4, "batch")
+flags.register_validator("tokens", lambda tokens: all(n.isdigit() and int(n) > 0 for n in tokens),
+                         message="--tokens: expected positive integers, e.g. 512,4352")
+flags.DEFINE_integer("batch", 4, "batch", lower_bound=1)
 FLAGS = flags.FLAGS
 
 HEADS, KV_HEADS, HEAD_DIM = 24, 8, 96
+PAD_STEP = 37  # keys of padding added from one row of the batch to the next
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  shortest = PAD_STEP * (FLAGS.batch - 1) + 1  # row i of the batch holds n - PAD_STEP * i keys
+  if any(int(n) < shortest for n in FLAGS.tokens):
+    raise InputError(f"--tokens {','.join(FLAGS.tokens)}: each must be at least {shortest} at "
+                     f"--batch {FLAGS.batch} (row i is right-padded by {PAD_STEP} x i keys)")
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # before JAX's GPU client
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -39,7 +54,8 @@ def main(argv):
     q = rng.standard_normal((b, n, HEADS, HEAD_DIM)).astype(np.float32)
     k = rng.standard_normal((b, n, KV_HEADS, HEAD_DIM)).astype(np.float32)
     v = rng.standard_normal((b, n, KV_HEADS, HEAD_DIM)).astype(np.float32)
-    lengths = np.array([n - 37 * i for i in range(b)], np.int32)  # right padding, one full row
+    # right padding, one full row
+    lengths = np.array([n - PAD_STEP * i for i in range(b)], np.int32)
     # Reference: torch SDPA in fp32 on the bf16-rounded inputs, GQA by repeating key-value heads.
     tq, tk, tv = (torch.from_numpy(a).cuda().to(torch.bfloat16).float().transpose(1, 2)
                   for a in (q, k, v))
@@ -87,4 +103,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/performance.md ("The whole trainer: bench/trainer.py and remat auto"). Each part runs in under
-# 9 minutes. Run from the repository root, after
-# bench/gpu_wheels.sh has filled .whl/ where pip reaches the index:
+# The GPU figures of docs/performance.md ("The whole trainer: bench/trainer.py and remat auto").
+# Each part runs in under 9 minutes. Run from the repository root, after bench/gpu_wheels.sh has
+# filled .whl/ where pip reaches the index:
 #
 #   OUT=/some/folder bash bench/gpu_session.sh all  # the GPU targets' figures first, in one part:
 #                                                   # stage 1 auto (+ profile), torch; stage 3
@@ -112,7 +112,10 @@ summarize_profile() {  # <run> <summary file> [<trace file>]: the run's profiled
 stage1_torch() {
   local ours=() name  # the speedup needs our run; torch's figures stand alone too
   for name in stage1_auto stage1_auto_scan; do
-    if [ -s "$RUNS/$name.json" ]; then ours=(--ours "$RUNS/$name.json"); break; fi
+    if tail -n 1 "$RUNS/$name.json" 2>/dev/null | grep -q '^{'; then
+      ours=(--ours "$RUNS/$name.json")
+      break
+    fi
   done
   run stage1_torch 150 torch_trainer.py "${S1[@]}" --compile blocks ${ours[@]+"${ours[@]}"}
 }

@@ -69,17 +69,20 @@ def _receive(proc: subprocess.Popen, name: str) -> dict:
 
 
 def interleave_processes(commands: dict[str, list[str]], rounds: int = 6, per_round: int = 2,
-                         warmup: int = 1) -> tuple[dict[str, list[float]], dict[str, dict]]:
+                         warmup: int = 1, envs: dict[str, dict[str, str]] | None = None
+                         ) -> tuple[dict[str, list[float]], dict[str, dict]]:
   """`interleave` with each contender in a process of its own: commands maps a name to the argv of
-  a program that calls `serve`. Contenders are built one after the other. Returns the seconds per
-  call and each contender's `info`."""
+  a program that calls `serve`, `envs` a name to environment variables that its process sets
+  besides this one's (e.g. `malloc_tuning.OPT_OUT`: a contender's script that starts with
+  `cli.run` tunes malloc unless told not to). Contenders are built one after the other. Returns the
+  seconds per call and each contender's `info`."""
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # GPUs are shared by the two
   procs: dict[str, subprocess.Popen] = {}
   try:
     infos = {}
     for name, argv in commands.items():
       procs[name] = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+                                     text=True, env=dict(env, **(envs or {}).get(name, {})))
       infos[name] = _receive(procs[name], name)["info"]
 
     def run(name, n):
@@ -99,10 +102,23 @@ def interleave_processes(commands: dict[str, list[str]], rounds: int = 6, per_ro
         proc.kill()
 
 
+def check_names(flag: str, given: list[str], known, where: str = "") -> None:
+  """Refuses (`InputError`: one line, exit 2 under `cli.run`) the entries of --`flag` that are not
+  `known` (defined in `where`), before any contender starts."""
+  from svg_jax.input_errors import InputError
+
+  unknown = [name for name in given if name not in known]
+  if unknown:
+    raise InputError(f"--{flag}: unknown {', '.join(map(repr, unknown))}; known"
+                     f"{f' ({where})' if where else ''}: {', '.join(known)}")
+
+
 def summarize(times: dict[str, list[float]], baseline: str, items_per_call: int, unit: str) -> str:
   """A table of min / median seconds, items/s and the ratio of our speed to the baseline's."""
   import statistics
-  lines = [f"{'contender':<28}{'min s':>10}{'median s':>10}{unit + '/s':>14}{'speed vs ' + baseline:>22}"]
+  # The last column's rows are 25 wide; a longer baseline name still leaves 2 spaces before it.
+  lines = [f"{'contender':<28}{'min s':>10}{'median s':>10}{unit + '/s':>14}"
+           f"  {'speed vs ' + baseline:>23}"]
   base_min = min(times[baseline])
   base_med = statistics.median(times[baseline])
   for name, ts in times.items():

@@ -23,26 +23,46 @@ and 4 no faster than 2).
 
   python bench/loader.py [--shapes tiny,2b] [--threads 2] [--workers 0] [--rounds 4]
                          [--compression zstd,uncompressed]
+
+A bad flag (an unknown shape, compression or text kind) is one line on stderr, exit status 2.
 """
-import argparse
 import os
 import statistics
 import tempfile
 import time
+import types
+
+from absl import app, flags
+
+from svg_jax import cli
 
 # (peak key in metrics.PEAK_TFLOPS, chips per host)
 HOSTS = {"v5p": ("v5p", 4), "h100": ("h100", 8), "v5e": ("v5e", 4)}
 TARGET = 10.0
 CAPTION_LENGTHS = (64, 128)  # 2b: the padded caption lengths measured
+SHAPES = ("tiny", "2b")
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+
+flags.DEFINE_list("shapes", list(SHAPES), f"record shapes to measure, of {SHAPES}")
+flags.DEFINE_integer("threads", 2, "Grain read threads", lower_bound=1)
+flags.DEFINE_integer("workers", 0, "2b: Grain worker processes", lower_bound=0)
+flags.DEFINE_integer("rounds", 4, "measured rounds", lower_bound=1)
+flags.DEFINE_integer("steps", 3, "tiny: train steps per round", lower_bound=1)
+flags.DEFINE_integer("loader-batches", 40, "tiny: batches per round", lower_bound=1)
+flags.DEFINE_integer("loader-batches-2b", 6, "2b: batches per round", lower_bound=1)
+flags.DEFINE_integer("batch-2b", 16, "2b: per-process batch", lower_bound=1)
+flags.DEFINE_integer("records-2b", 192, "2b: records written", lower_bound=1)
+flags.DEFINE_float("mfu", 0.4, "2b: the consumer's MFU")
+flags.DEFINE_list("compression", ["zstd", "uncompressed"],
+                  "2b: shard compressions to compare (records.COMPRESSIONS)")
+flags.DEFINE_list("text", ["text_features"],
+                  "2b: record text kinds to compare: text_features (precomputed Gemma-2 states) "
+                  "and/or token_ids (online text encoder, records.TEXT_FIELDS)")
+flags.DEFINE_string("workdir", "", "where the records go (default: a temp dir)")
 
 
-def _config(name, *args):
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"bench_cfg_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+def _config(name, variant):
+  return cli.read_config_file(os.path.join(CONFIGS, f"{name}.py:{variant}"))
 
 
 def _pipeline(data_dir, batch, buckets, threads, dtype, workers=0):
@@ -164,39 +184,34 @@ def bench_2b(args, workdir, compression, text_kind="text_features"):
   return ratios
 
 
-def main(argv=None):
-  from svg_jax import malloc_tuning
-  malloc_tuning.tune()  # as the launch scripts do, before JAX starts
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--shapes", default="tiny,2b")
-  p.add_argument("--threads", type=int, default=2, help="Grain read threads")
-  p.add_argument("--workers", type=int, default=0, help="2b: Grain worker processes")
-  p.add_argument("--rounds", type=int, default=4)
-  p.add_argument("--steps", type=int, default=3, help="tiny: train steps per round")
-  p.add_argument("--loader-batches", type=int, default=40, help="tiny: batches per round")
-  p.add_argument("--loader-batches-2b", type=int, default=6, help="2b: batches per round")
-  p.add_argument("--batch-2b", type=int, default=16, help="2b: per-process batch")
-  p.add_argument("--records-2b", type=int, default=192)
-  p.add_argument("--mfu", type=float, default=0.4)
-  p.add_argument("--compression", default="zstd,uncompressed",
-                 help="2b: shard compressions to compare (records.COMPRESSIONS)")
-  p.add_argument("--text", default="text_features",
-                 help="2b: record text kinds to compare: text_features (precomputed Gemma-2 "
-                      "states) and/or token_ids (online text encoder, records.TEXT_FIELDS)")
-  p.add_argument("--workdir", default="", help="where the records go (default: a temp dir)")
-  args = p.parse_args(argv)
+def _choices(name, allowed):
+  unknown = [v for v in flags.FLAGS[name].value if v not in allowed]
+  if unknown or not flags.FLAGS[name].value:
+    raise app.UsageError(f"--{name} {','.join(flags.FLAGS[name].value)}: expected one or more of "
+                         f"{', '.join(allowed)}")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from svg_jax.data import records
+  _choices("shapes", SHAPES)
+  _choices("compression", tuple(records.COMPRESSIONS))
+  _choices("text", records.TEXT_FIELDS)
+  # This file's flags, dashes spelt as underscores (args.loader_batches_2b).
+  args = types.SimpleNamespace(**{f.name.replace("-", "_"): f.value
+                                  for f in flags.FLAGS.get_flags_for_module(__name__)})
   with tempfile.TemporaryDirectory() as tmp:
     workdir = args.workdir or tmp
-    shapes = args.shapes.split(",")
     # 2b first: after the tiny train step has run in this process, its reads were 30-40% slower
     # (threads blocked 3x as often; not page faults, not the garbage collector).
-    if "2b" in shapes:
-      for text_kind in args.text.split(","):
-        for compression in args.compression.split(","):
+    if "2b" in args.shapes:
+      for text_kind in args.text:
+        for compression in args.compression:
           bench_2b(args, workdir, compression, text_kind)
-    if "tiny" in shapes:
+    if "tiny" in args.shapes:
       bench_tiny(args, workdir)
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -4,6 +4,10 @@ page faults per step, resident memory and compile time. Shows where the settings
 under the 2 GiB trim threshold) and where they cost.
 
   python bench/malloc_settings.py [--batches 16,32,64] [--dtype float32]
+
+Each setting's process is told its malloc choice in its environment (`malloc_tuning.OPT_OUT`, read
+by `cli.run`'s set-up before JAX starts) and compiles without the persistent compilation cache, so
+that both compile times are measured compiles.
 """
 from __future__ import annotations
 
@@ -13,25 +17,32 @@ import time
 
 from absl import app, flags
 
+from svg_jax import cli, compile_cache, malloc_tuning
+
 flags.DEFINE_list("batches", ["16", "32", "64"], "global batch sizes")
+flags.register_validator("batches", lambda batches: all(b.isdigit() and int(b) > 0
+                                                        for b in batches),
+                         message="--batches: expected positive integers, e.g. 16,32,64")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (the demo's: fp32)")
-flags.DEFINE_integer("rounds", 3, "interleaved rounds")
-flags.DEFINE_integer("per_round", 3, "steps per round")
+flags.DEFINE_integer("rounds", 3, "interleaved rounds", lower_bound=1)
+flags.DEFINE_integer("per_round", 3, "steps per round", lower_bound=1)
 flags.DEFINE_string("serve", "", "internal: run one setting's step for the harness")
 FLAGS = flags.FLAGS
 
 DEFAULTS, TUNED = "glibc defaults", "malloc_tuning"
+# Each setting's process: its malloc choice, and no compilation cache (an empty folder: off).
+ENVS = {DEFAULTS: {malloc_tuning.OPT_OUT: "1", compile_cache.ENV: ""},
+        TUNED: {malloc_tuning.OPT_OUT: "0", compile_cache.ENV: ""}}
 
 
-def serve(name: str, batch: int) -> None:
+def serve(batch: int) -> None:
+  """One setting's process (which one: its environment, ENVS, which cli.run's set-up read)."""
   import resource
 
   from dit_step import mse_step
   from harness import serve as serve_steps
 
-  from svg_jax import malloc_tuning
-  os.environ[malloc_tuning.OPT_OUT] = "0" if name == TUNED else "1"
-  applied = malloc_tuning.tune()  # before JAX starts, as the launch scripts do
+  applied = malloc_tuning.tune()  # what cli.run did, before JAX started
   import jax
   import jax.numpy as jnp
   import optax
@@ -74,16 +85,17 @@ def serve(name: str, batch: int) -> None:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if FLAGS.serve:
-    name, batch = FLAGS.serve.rsplit(":", 1)
-    return serve(name, int(batch))
+    return serve(int(FLAGS.serve.rsplit(":", 1)[1]))  # --serve=<setting>:<batch>
   from harness import interleave_processes, summarize
 
   for batch in (int(b) for b in FLAGS.batches):
     commands = {name: [sys.executable, os.path.abspath(__file__), f"--serve={name}:{batch}",
                        f"--dtype={FLAGS.dtype}"] for name in (DEFAULTS, TUNED)}
-    times, infos = interleave_processes(commands, rounds=FLAGS.rounds, per_round=FLAGS.per_round)
+    times, infos = interleave_processes(commands, rounds=FLAGS.rounds, per_round=FLAGS.per_round,
+                                        envs=ENVS)
     if not infos[TUNED]["applied"]:
       raise SystemExit("malloc_tuning did not apply here (not glibc, or an accelerator backend)")
     print(f"\n== demo DiT train step ({FLAGS.dtype}), batch {batch}: "
@@ -95,4 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -13,15 +13,18 @@ import os
 
 from absl import app, flags
 
+from svg_jax import cli
+
 flags.DEFINE_string("workdir", "runs/demo", "demo workdir (its demo dataset / tokenizer are reused)")
-flags.DEFINE_integer("batch", 16, "per-process batch size")
-flags.DEFINE_integer("image_tokens", 256, "image tokens per sample (stage 1: 256x256 -> 16x16)")
+flags.DEFINE_integer("batch", 16, "per-process batch size", lower_bound=1)
+flags.DEFINE_integer("image_tokens", 256, "image tokens per sample (stage 1: 256x256 -> 16x16)",
+                     lower_bound=0)
 FLAGS = flags.FLAGS
 
 
-
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import numpy as np
 
   from svg_jax import assets, text
@@ -57,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

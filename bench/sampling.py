@@ -4,7 +4,9 @@ docs/equivalence/sampler.md §2.3 says (the official sampler), same weights, bat
 
   python bench/sampling.py --sizes tiny,calib
 
-Each contender runs in a process of its own (bench/harness.py, as in bench/train_step.py).
+Each contender runs in a process of its own (bench/harness.py, as in bench/train_step.py): ours
+with the launch scripts' malloc settings (applied by `cli.run`), torch with glibc's defaults. An
+unknown --sizes entry is refused (one line, exit 2) before any contender starts.
 """
 from __future__ import annotations
 
@@ -13,12 +15,17 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_list("sizes", ["tiny", "calib"], "model sizes (see bench/train_step.py SIZES)")
-flags.DEFINE_integer("steps", 50, "sampling steps")
-flags.DEFINE_integer("rounds", 3, "interleaved rounds")
+from svg_jax import cli, malloc_tuning
+
+flags.DEFINE_list("sizes", ["tiny", "calib"], "model sizes (bench/sizes.py)")
+flags.DEFINE_integer("steps", 50, "sampling steps", lower_bound=1)
+flags.DEFINE_integer("rounds", 3, "interleaved rounds", lower_bound=1)
 flags.DEFINE_string("serve", None, "internal: be this contender's process (bench/harness.py)")
 FLAGS = flags.FLAGS
 OURS, TORCH = "svg-jax", "torch (diffusers)"
+
+from sizes import SIZES  # noqa: E402  (bench/, beside this script)
+from harness import check_names  # noqa: E402
 
 
 def build(size: str, steps: int, compare: bool):
@@ -34,7 +41,6 @@ def build(size: str, steps: int, compare: bool):
   from svg_jax import sampling
   from svg_jax.convert import nextdit as keymap
   from svg_jax.models.nextdit import NextDiT, NextDiTConfig
-  from sizes import SIZES
 
   overrides, batch, h, w, cap_len = SIZES[size]
   cfg = dataclasses.replace(NextDiTConfig(**overrides), scan_layers=False)
@@ -98,12 +104,11 @@ def build(size: str, steps: int, compare: bool):
 
 
 def main(argv):
-  del argv
-  if FLAGS.serve:  # one contender's process
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  check_names("sizes", FLAGS.sizes, SIZES, "bench/sizes.py")
+  if FLAGS.serve:  # one contender's process, ours with cli.run's malloc settings
     from harness import serve
-    if FLAGS.serve == OURS:
-      from svg_jax import malloc_tuning
-      malloc_tuning.tune()  # as the launch scripts do, before JAX starts
     contenders, batch, err = build(FLAGS.sizes[0], FLAGS.steps, compare=FLAGS.serve == OURS)
     return serve(contenders[FLAGS.serve], dict(batch=batch, err=err))
   from harness import interleave_processes, summarize
@@ -111,7 +116,8 @@ def main(argv):
   for size in FLAGS.sizes:
     commands = {name: [sys.executable, os.path.abspath(__file__), f"--serve={name}",
                        f"--sizes={size}", f"--steps={FLAGS.steps}"] for name in (OURS, TORCH)}
-    times, infos = interleave_processes(commands, rounds=FLAGS.rounds, per_round=1)
+    times, infos = interleave_processes(commands, rounds=FLAGS.rounds, per_round=1,
+                                        envs={TORCH: {malloc_tuning.OPT_OUT: "1"}})
     batch, err = infos[OURS]["batch"], infos[OURS]["err"]
     print(f"\n== {FLAGS.steps}-step DPM-Solver++ renorm-CFG, {size}, batch {batch} (x2 for CFG), "
           f"fp32; max |ours - torch| on the final latent: {err:.2e}")
@@ -119,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

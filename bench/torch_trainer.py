@@ -37,10 +37,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from svg_jax import cli  # noqa: E402
+from svg_jax import cli, malloc_tuning  # noqa: E402
+from svg_jax.input_errors import InputError, MissingInput  # noqa: E402
 
-config_flags.DEFINE_config_file("config", None, "ml_collections config file[:variant]",
-                                lock_config=True)
+cli.define_config_file("config", None, "ml_collections config file[:variant]")
 flags.DEFINE_integer("steps", 5, "timed steps (as many again run first: compile + warm-up)")
 flags.DEFINE_integer("global_batch_size", 0, "0: the config's train.global_batch_size")
 flags.DEFINE_float("peak_tflops", 0.0, "peak TFLOP/s of the device for MFU (0: the chip's)")
@@ -50,13 +50,34 @@ flags.DEFINE_enum("compile", "none", ["none", "model", "blocks"],
 flags.DEFINE_bool("checkpointing", True, "activation checkpointing on the main layers (official)")
 flags.DEFINE_string("ours", "", "bench/trainer.py's JSON output to compare with, or `run`")
 FLAGS = flags.FLAGS
+_OURS_KEYS = ("images_per_sec", "remat_policy")  # what this script reads of bench/trainer.py's JSON
+
+
+def _read_ours(path: str) -> dict:
+  """bench/trainer.py's JSON line, the last line of `path`; bad input (`InputError`) if it is not
+  there."""
+  try:
+    with open(path) as f:
+      lines = f.read().strip().splitlines()
+  except FileNotFoundError as e:
+    raise MissingInput(f"--ours {path}: no such file (bench/trainer.py's JSON output, or `run`)"
+                       ) from e
+  except (OSError, UnicodeDecodeError) as e:
+    raise InputError(f"--ours {path}: cannot be read: {e}") from e
+  try:
+    out = json.loads(lines[-1]) if lines else None
+  except json.JSONDecodeError:
+    out = None
+  if not isinstance(out, dict) or any(key not in out for key in _OURS_KEYS):
+    raise InputError(f"--ours {path}: its last line is not bench/trainer.py's JSON object (with "
+                     f"{', '.join(_OURS_KEYS)})")
+  return out
 
 
 def _ours(arg: str) -> dict:
   """bench/trainer.py's result: read from a file, or measured now with this run's shared flags."""
   if arg != "run":
-    with open(arg) as f:
-      return json.loads(f.read().strip().splitlines()[-1])
+    return _read_ours(arg)
   forwarded = [f"--config={config_flags.get_config_filename(FLAGS['config'])}",
                f"--steps={FLAGS.steps}", f"--global_batch_size={FLAGS.global_batch_size}",
                f"--peak_tflops={FLAGS.peak_tflops}"]
@@ -177,5 +198,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # torch's step with glibc's malloc defaults, which suit it (svg_jax/malloc_tuning.py: its CPU
+  # step is ~30% slower under the settings cli.run would apply); `--ours run`'s process keeps them.
+  os.environ.setdefault(malloc_tuning.OPT_OUT, "1")
   flags.mark_flags_as_required(["config"])
   cli.run(main)

@@ -12,7 +12,9 @@ TFLOP/s (the analytic count behind the trainer's MFU metric) with MFU where the 
 known.
 On a GPU both sides run there: ours with cuDNN attention by default, torch eager with its SDPA.
 Each contender runs in a process of its own (bench/harness.py): ours with the launch scripts'
-malloc settings (svg_jax/malloc_tuning.py), torch with glibc's defaults, which suit it better.
+malloc settings (svg_jax/malloc_tuning.py, applied by `cli.run`), torch with glibc's defaults,
+which suit it better. An unknown --sizes or --dtypes entry is refused (one line, exit 2) before
+any contender starts; the sizes are bench/sizes.py's.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_list("sizes", ["tiny", "calib", "2b_slice"], "model sizes to run")
+from svg_jax import cli, malloc_tuning
+
+flags.DEFINE_list("sizes", ["tiny", "calib", "2b_slice"], "model sizes to run (bench/sizes.py)")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "compute dtypes to run")
-flags.DEFINE_integer("rounds", 5, "interleaved rounds")
-flags.DEFINE_integer("per_round", 2, "steps per contender per round")
+flags.DEFINE_integer("rounds", 5, "interleaved rounds", lower_bound=1)
+flags.DEFINE_integer("per_round", 2, "steps per contender per round", lower_bound=1)
 flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn"],
                   "our attention backend; auto: cudnn on a GPU, xla elsewhere")
 flags.DEFINE_enum("activation_dtype", "float32", ["float32", "compute"],
@@ -33,9 +37,11 @@ flags.DEFINE_enum("activation_dtype", "float32", ["float32", "compute"],
                   "configs' setting, as torch's autocast hands them on)")
 flags.DEFINE_string("serve", None, "internal: be this contender's process (bench/harness.py)")
 OURS, TORCH = "svg-jax", "torch (diffusers)"
+DTYPES = ("float32", "bfloat16")
 FLAGS = flags.FLAGS
 
 from dit_step import mse_step  # noqa: E402
+from harness import check_names  # noqa: E402
 from sizes import SIZES  # noqa: E402
 
 
@@ -108,21 +114,25 @@ def build(size: str, dtype: str):
 
 
 def serve(name: str) -> None:
-  """One contender's process: builds the size / dtype of the flags and serves its step."""
+  """One contender's process: builds the size / dtype of the flags and serves its step (ours with
+  the malloc settings that `cli.run` applied; torch's process opts out, see main)."""
   from harness import serve as serve_steps
 
-  if name == OURS:
-    from svg_jax import malloc_tuning
-    malloc_tuning.tune()  # as the launch scripts do, before JAX starts
   contenders, batch, n_params, tokens, flops = build(FLAGS.sizes[0], FLAGS.dtypes[0])
   serve_steps(contenders[name], dict(batch=batch, n_params=n_params, tokens=tokens, flops=flops))
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  check_names("sizes", FLAGS.sizes, SIZES, "bench/sizes.py")
+  check_names("dtypes", FLAGS.dtypes, DTYPES)
   if FLAGS.serve:
     return serve(FLAGS.serve)
   import statistics
+
+  # This process only asks which device there is: on a GPU, the memory is the contenders'.
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
   import jax
   from harness import interleave_processes, summarize
@@ -139,7 +149,8 @@ def main(argv):
                          f"--activation_dtype={FLAGS.activation_dtype}"]
                   for name in (OURS, TORCH)}
       times, infos = interleave_processes(commands, rounds=FLAGS.rounds,
-                                          per_round=FLAGS.per_round)
+                                          per_round=FLAGS.per_round,
+                                          envs={TORCH: {malloc_tuning.OPT_OUT: "1"}})
       info = infos[OURS]
       print(f"\n== train step, {size} ({info['n_params'] / 1e6:.1f}M params, batch "
             f"{info['batch']}, {info['tokens']} tokens), {dtype}, our activations "
@@ -152,4 +163,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -12,6 +12,7 @@ every N steps (`--every`, the demo's 100 by default).
 """
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 
@@ -22,7 +23,15 @@ def main():
   parser.add_argument("--rounds", type=int, default=4)
   parser.add_argument("--steps", type=int, default=10, help="train steps per round")
   args = parser.parse_args()
+  work = tempfile.mkdtemp(prefix="bench_validation_")  # the run's files: ~30 MB
+  try:
+    measure(args, work)
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
 
+
+def measure(args, work: str) -> None:
+  """Builds the run's files in `work`, measures and prints."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -37,7 +46,6 @@ def main():
   from svg_jax.models.decoder import Decoder, DecoderConfig
   from svg_jax.train import dit_task
 
-  work = tempfile.mkdtemp(prefix="bench_validation_")
   config = demo_configs.dit("full")  # configs/tiny.py:full, the DiT its measurement used
   m = config.model
   config.autoencoder.decoder = demo_configs.decoder("full").autoencoder.decoder

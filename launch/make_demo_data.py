@@ -22,7 +22,13 @@ from svg_jax import cli
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _NUM_TRAIN = flags.DEFINE_integer("num_train", 4000, "Number of training images.")
 _NUM_HELDOUT = flags.DEFINE_integer("num_heldout", 300, "Number of held-out images.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side in pixels (64 or 128 typical).")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Image side in pixels (64 or 128 typical; "
+                                   "at least 32, for shapes to stay recognisable).")
+# shapes.write_dataset's bounds, checked while the flags are parsed: one line, exit 2 (cli.run).
+flags.register_validator("num_train", lambda n: n >= 0, "--num_train must be >= 0")
+flags.register_validator("num_heldout", lambda n: n >= 0, "--num_heldout must be >= 0")
+flags.register_validator("image_size", lambda n: n >= 32,
+                         "--image_size must be >= 32 for shapes to stay recognisable")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed; every image is a function of (seed, split, index).")
 _PRESET = flags.DEFINE_enum("preset", "small", ["small", "full"],
                             "demo preset: its layouts and, with --decoder_files, its encoder")

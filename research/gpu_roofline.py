@@ -27,6 +27,9 @@ roofline: estimated milliseconds, the MFU that bounds (model FLOPs, as the train
 over estimated time x the bf16 peak), the share of each kernel class and the costliest kernels
 outside matmul and attention; on several cards also the collectives' link time at NVLink
 bandwidth and the part of it the schedule leaves exposed (`hlo_roofline.timeline`).
+
+Bad input (a flag, the config file, a mesh the --gpus cannot hold) is one line and exit status 2
+(`cli.run`), found before anything asks the CUDA plugin.
 """
 import dataclasses
 import json
@@ -46,10 +49,11 @@ from jax.sharding import AxisType, Mesh  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from research import hlo_roofline  # noqa: E402
-from svg_jax import cli  # noqa: E402
+from svg_jax import cli, compile_cache, malloc_tuning  # noqa: E402
 from svg_jax import config as config_lib  # noqa: E402
 from svg_jax import parallel  # noqa: E402
-from svg_jax.models import layers  # noqa: E402
+from svg_jax.input_errors import InputError  # noqa: E402
+from svg_jax.models import layers, nextdit  # noqa: E402
 from svg_jax.train import aot, remat  # noqa: E402
 from svg_jax.train import metrics as metrics_lib  # noqa: E402
 
@@ -155,7 +159,8 @@ def policy_report(config, mesh, gpu: Gpu, policy: str, top: int, hlo_dir: str) -
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   gpu = GPUS[FLAGS.gpu]
   with config.unlocked():
@@ -163,9 +168,18 @@ def main(argv):
       config.mesh.update(dict(data=1, fsdp=1, tensor=1))
     if FLAGS.global_batch_size:
       config.train.global_batch_size = FLAGS.global_batch_size
+  try:  # before the CUDA plugin is asked for the cards
+    parallel.mesh_shape(dict(config.mesh), FLAGS.gpus)
+  except ValueError as e:
+    raise InputError(f"--gpus {FLAGS.gpus} with the config's {e}") from e
   compile_without_the_card()
   jax.config.update("jax_optimization_level", FLAGS.optimization_level)
-  mesh = gpu_mesh(gpu, dict(config.mesh), FLAGS.gpus)
+  try:
+    mesh = gpu_mesh(gpu, dict(config.mesh), FLAGS.gpus)
+  except NotImplementedError as e:  # "topology not implemented for cuda": no plugin installed
+    raise SystemExit(f"research/gpu_roofline.py needs jax's CUDA plugin: pip install "
+                     f"jax-cuda12-plugin=={jax.__version__} jax-cuda12-pjrt=={jax.__version__} "
+                     "(no GPU, driver or CUDA library needed)") from e
   about = dict(gpu=gpu.name, gpus=FLAGS.gpus, jax=jax.__version__,
                config=config_flags.get_config_filename(FLAGS["config"]),
                global_batch_size=int(config.train.global_batch_size))
@@ -193,22 +207,30 @@ def auto_choice(config, mesh, gpu: Gpu) -> dict:
 def define_flags() -> None:
   """The command line's flags (defined when run, not when imported: the tests import this file
   beside other scripts that define --config)."""
-  config_flags.DEFINE_config_file("config", None, "ml_collections config file[:variant]",
-                                  lock_config=False)
-  flags.DEFINE_enum("gpu", "h100", ["h100", "h200"], "the card to compile for")
-  flags.DEFINE_integer("global_batch_size", 0, "0: the config's")
-  flags.DEFINE_integer("gpus", 1, "cards of one host (NVLink): the config's mesh over them")
+  cli.define_config_file("config", None, "ml_collections config file[:variant]")
+  flags.mark_flag_as_required("config")
+  flags.DEFINE_enum("gpu", "h100", sorted(GPUS), "the card to compile for")
+  flags.DEFINE_integer("global_batch_size", 0, "0: the config's", lower_bound=0)
+  flags.DEFINE_integer("gpus", 1, "cards of one host (NVLink): the config's mesh over them",
+                       lower_bound=1)
   flags.DEFINE_enum("optimization_level", "UNKNOWN", ["UNKNOWN", "O0", "O1", "O2", "O3"],
                     "jax_optimization_level (O1 and up: XLA:GPU pipelines the collectives of "
                     "loops and double-buffers them)")
   flags.DEFINE_list("remats", ["none", "dots", "save_qkv_attn", "full"], "policies to compile")
+  flags.register_validator("remats", lambda remats: set(remats) <= set(nextdit.REMAT_POLICIES),
+                           message="--remats: policies of " + ", ".join(nextdit.REMAT_POLICIES))
   flags.DEFINE_string("hlo_dir", "", "where to write each policy's optimized HLO (none: not "
                       "written)")
-  flags.DEFINE_integer("top", 8, "kernels listed outside matmul and attention")
+  flags.DEFINE_integer("top", 8, "kernels listed outside matmul and attention", lower_bound=0)
   flags.DEFINE_bool("auto", False, "also print what remat auto takes on the card (its own "
                     "compiles; --remats= to skip the per-policy reports)")
 
 
 if __name__ == "__main__":
+  # It compiles, never runs, and times its compiles: without the malloc settings (they slow XLA's
+  # compiles, svg_jax/malloc_tuning.py) or the persistent compilation cache (a cached compile takes
+  # no time), unless the environment asks for them.
+  os.environ.setdefault(malloc_tuning.OPT_OUT, "1")
+  os.environ.setdefault(compile_cache.ENV, "")
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -11,7 +11,8 @@ the ratio of the two bounds what a hand-fused update could save.
 
 prints one JSON line: parameters per device, XLA's bytes accessed, the minimum and their ratio.
 `--target` compiles for a TPU slice (libtpu's topology, FSDP over its chips); without it, for
-this machine's devices (FSDP over all of them).
+this machine's devices (FSDP over all of them). Bad input (a flag, the config file, the target)
+is one line and exit status 2 (`cli.run`), found before anything compiles.
 """
 import json
 import math
@@ -26,13 +27,13 @@ import optax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from svg_jax import parallel  # noqa: E402
+from svg_jax import cli, compile_cache, malloc_tuning, parallel  # noqa: E402
+from svg_jax.input_errors import InputError  # noqa: E402
 from svg_jax.train import aot, dit_task  # noqa: E402
 from svg_jax.train import state as state_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "ml_collections config file[:variant]",
-                                lock_config=False)
+cli.define_config_file("config", None, "ml_collections config file[:variant]")
 flags.DEFINE_string("target", "", "a TPU slice to compile for: v5p-8, v5e-64, ...")
 MIN_PASSES = 10  # fp32 passes over the parameters: 6 reads (grads twice) + 4 writes
 
@@ -69,10 +70,14 @@ def update_traffic(config, mesh) -> dict:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
   if FLAGS.target:
-    target = aot.tpu_target(FLAGS.target)
+    try:
+      target = aot.tpu_target(FLAGS.target)
+    except ValueError as e:  # its only error: a name that is no TPU slice
+      raise InputError(f"--target: {e}") from e
     config.mesh.update(dict(data=1, fsdp=target.chips, tensor=1))
     mesh = aot.tpu_mesh(target, dict(config.mesh))
   else:
@@ -85,4 +90,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # It compiles, never runs, and times its compile: without the malloc settings (they slow XLA's
+  # compiles, svg_jax/malloc_tuning.py) or the persistent compilation cache (a cached compile takes
+  # no time), unless the environment asks for them.
+  os.environ.setdefault(malloc_tuning.OPT_OUT, "1")
+  os.environ.setdefault(compile_cache.ENV, "")
+  flags.mark_flags_as_required(["config"])
+  cli.run(main)

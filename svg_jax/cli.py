@@ -39,6 +39,7 @@ from typing import Callable, NoReturn
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 # Public names that the package's __init__ leaves out.
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser, is_config_flag
 
@@ -102,6 +103,24 @@ def define_config_file(name: str, default: str | None, help_string: str):
     raise
 
 
+def read_config_file(spec: str, name: str = "config", overrides: dict | None = None):
+  """The config of `spec` (file[:argument]) as a `--<name>` config flag reads it (config_flags'
+  parser, locked), with `overrides` ({"a.b": value}, as `config_flags.get_override_values` gives a
+  parsed flag's) set: for a script that reads configs besides the one its flag names
+  (bench/loader.py's, the variants of launch/aot_compile.py --fit). A file that does not exist,
+  or an `input_errors.InputError` of the config file (a bad variant), raises one line."""
+  path = spec.split(":")[0]
+  if not os.path.isfile(path):
+    raise input_errors.MissingInput(f"config file {path} does not exist")
+  try:
+    config = ConfigFileFlagParser(name).parse(spec)
+  except input_errors.InputError as e:  # config_flags raises it again with the traceback in it
+    raise _root_cause(e) from None
+  for field, value in (overrides or {}).items():
+    config_path.set_value(field, config, value)
+  return config
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parser, with bad flags and config files as one line and exit status 2 (the
   module docstring); the flags_parser of `run`."""
@@ -115,7 +134,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     root = _root_cause(e)
     if isinstance(root, input_errors.InputError):  # raised by a config file, e.g. a variant
       bad_input_exit(f"config error: {root}", started=False)
-    if not isinstance(root, flags.Error):  # a config file that failed otherwise: a traceback
+    failed = re.match(r"flag --([^=]+)=", str(e))
+    if (failed and failed.group(1) in _config_flag_names()
+        and not isinstance(root, flags.Error)):  # a config file that failed otherwise: a traceback
       raise
     # absl gives a line per bad flag (several required flags missing): one line of them all.
     bad_input_exit("flag error: " + "; ".join(line.rstrip(".") for line in str(e).splitlines()),

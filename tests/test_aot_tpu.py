@@ -9,12 +9,16 @@ description; nothing runs).
   (Flax's reading of the rules on the parameters' logical names), and the large kernels are split
   over fsdp; the per-device memory figures are positive, the arguments hold at least the state's
   shards, and attention `auto` compiled to the Pallas splash kernel (Mosaic custom calls in the
-  program). Clipping, AdamW, the update and the EMA read the state in one pass: one fusion per
-  parameter takes it, both moments and its EMA array.
+  program, each counted as a Pallas call). Clipping, AdamW, the update and the EMA read the state
+  in one pass: one fusion per parameter takes it, both moments and its EMA array.
+- With the `xla` attention backend XLA:TPU writes Mosaic calls of its own (`online-softmax`):
+  the report does not count them as Pallas kernels.
 - The HBM table is XLA:TPU's: a program that needs more is refused with that figure, for every
   generation; a train step XLA refuses is reported as not fitting, with XLA's reason.
 - On two slices each fsdp group of the mesh lies in one slice and the data axis spans both.
-- The command line prints a fit verdict and one JSON line for a 2-slice target.
+- The command line prints a fit verdict and one JSON line for a 2-slice target; --fit halves the
+  per-chip batch of the config a child compiles (its --config.x overrides included) until a step
+  fits; a bad target is one line (exit 2).
 """
 import importlib.util
 import json
@@ -28,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+import script_runs
 
 from svg_jax import config as config_lib
 from svg_jax import parallel
@@ -74,14 +80,12 @@ def test_cuda_device_names_map_to_their_peak(name, chip):
 
 
 @pytest.mark.parametrize("bad", ["v5e-100", "v5p-7", "v9-8", "v5e256", "3x", "v5e-512"])
-def test_bad_target_is_one_line(bad, capsys):
+def test_bad_target_is_one_line(bad):
   with pytest.raises(ValueError) as e:
     aot.tpu_target(bad)
   assert "\n" not in str(e.value) and repr(bad) in str(e.value)
-  cli = _module("launch/aot_compile.py", "aot_cli_bad")
-  assert cli.main(["--target", bad]) == 2
-  err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1 and "bad TPU target" in err
+  script_runs.assert_one_line(script_runs.run("aot_compile.py", "--target", bad),
+                              "bad TPU target", repr(bad))
 
 
 @pytest.mark.parametrize("generation", sorted(metrics.TPU_GENERATIONS))
@@ -99,7 +103,7 @@ def test_hbm_table_is_what_xla_tpu_allows(generation):
   assert available == metrics.TPU_GENERATIONS[generation].hbm_gib
 
 
-def test_a_step_xla_refuses_is_a_verdict(capsys):
+def test_a_step_xla_refuses_is_a_verdict():
   """The 2B stage-3 step with 128 samples per chip of a v5e-4: no fit, XLA's reason kept."""
   config = _module("configs/svg_t2i_2b.py", "cfg_2b_tpu").get_config("stage3_1024")
   target = aot.tpu_target("v5e-4")
@@ -107,8 +111,7 @@ def test_a_step_xla_refuses_is_a_verdict(capsys):
   r = aot.step_report(config, mesh, cap_len=256, target=target)
   assert r["fits"] is False and r["memory"] is None and "15.75G" in r["error"]
   r.update(config="svg_t2i_2b.py", variant="stage3_1024", n_layers_config=26)
-  _module("launch/aot_compile.py", "aot_cli_oom").print_one(r)
-  assert "verdict: DOES NOT FIT: RESOURCE_EXHAUSTED" in capsys.readouterr().out
+  assert "  verdict: DOES NOT FIT: RESOURCE_EXHAUSTED" in "\n".join(aot.report_lines(r))
 
 
 def _logical_specs(config):
@@ -157,7 +160,9 @@ def _check_memory_and_kernel(compiled, setup):
   assert mem["arguments"] >= aot.per_device_bytes(setup.abstract_state)
   assert mem["total"] > mem["arguments"]
   assert aot.cost_flops(compiled) > 0
-  assert compiled.as_text().count('custom_call_target="tpu_custom_call"') > 0  # splash
+  text = compiled.as_text()
+  assert text.count('custom_call_target="tpu_custom_call"') > 0  # splash
+  assert aot.pallas_calls(text) == text.count('custom_call_target="tpu_custom_call"')
   return mem
 
 
@@ -228,13 +233,41 @@ def test_the_report_names_the_loop_the_target_compiles(scan_layers, layer_loop, 
   assert aot.describe(config, mesh)["layer_loop"] == compiled
 
 
-def test_cli_prints_verdict_and_json(capsys):
-  cli = _module("launch/aot_compile.py", "aot_cli")
-  assert cli.main(["--config", os.path.join(ROOT, "configs/tiny.py"), "--target", "2xv5e-4",
-                   "--n_layers", "1", "--global_batch", "8", "--attention", "auto"]) == 0
-  out = capsys.readouterr().out.strip().splitlines()
+def test_xla_tpus_own_kernels_are_no_pallas_calls():
+  """The `xla` backend's attention, which XLA:TPU rewrites into Mosaic calls of its own (with
+  fp32 matmuls, as configs/tiny.py's; it leaves bf16 ones as they are)."""
+  config = _tiny(dict(data=1, fsdp=8, tensor=1))
+  config.model.update(dict(attention_backend="xla", remat_policy="dots", compute_dtype="float32"))
+  mesh = aot.tpu_mesh(aot.tpu_target("v5e-8"), dict(config.mesh))
+  text = aot.compile_step(config, mesh, cap_len=64)[0].as_text()
+  assert 'metadata={op_name="online-softmax"' in text
+  assert text.count('custom_call_target="tpu_custom_call"') > 0
+  assert aot.pallas_calls(text) == 0
+
+
+def test_cli_prints_verdict_and_json():
+  run = script_runs.run("aot_compile.py", "--config", "configs/tiny.py", "--target", "2xv5e-4",
+                        "--n_layers", "1", "--global_batch", "8", "--attention", "auto",
+                        timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = run.stdout.strip().splitlines()
   r = json.loads(out[-1])
   assert r["target"] == "2xv5e-4" and r["devices"] == 8 and r["num_slices"] == 2
   assert r["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}  # tiny.py asks for data parallelism
   assert r["fits"] and 0 < r["memory"]["total"] < r["hbm"] and r["pallas_calls"] > 0
   assert any(line.strip().startswith("verdict: FITS") for line in out)
+
+
+def test_fit_finds_the_largest_batch_a_chip_takes():
+  """--fit on a v5e-4 with the global batch overridden to 8: the search starts from the 2
+  samples a chip of the overridden config (8 / 4 chips) and the child compiles that config."""
+  run = script_runs.run("aot_compile.py", "--fit", "--config", "configs/tiny.py:small",
+                        "--config.train.global_batch_size=8", "--targets", "v5e-4",
+                        "--remats", "dots", "--n_layers", "1", "--attention", "auto",
+                        timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stdout.strip().splitlines()
+  assert lines[0].startswith("small x v5e-4 remat dots 2/device: fits ("), lines
+  r = json.loads(lines[1].split("json ", 1)[1])
+  assert (r["global_batch"], r["micro_batches"], r["per_device_micro_batch"]) == (8, 1, 2)
+  assert r["fits"] and r["pallas_calls"] > 0 and r["n_layers"] == 1

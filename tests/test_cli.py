@@ -195,6 +195,10 @@ def test_an_unknown_config_field_is_one_line_naming_it_in_every_script(script, a
     ("prompt_features.py", ["--text_encoder=t", "--out=o.npz", "--prompts_jsonl=nope.jsonl"],
      "usage error: [Errno 2] No such file or directory: 'nope.jsonl'"),
     ("profile_summary.py", ["nope"], "input error: no *.xplane.pb trace under nope"),
+    ("profile_summary.py", ["--steps=x", "nope"],
+     "flag error: flag --steps=x: invalid literal for int() with base 10: 'x'"),
+    ("train.py", ["--config", TINY, "--workdir=unused", "--config.model.dim=abc"],
+     "flag error: flag --config.model.dim=abc: invalid literal for int() with base 10: 'abc'"),
 ])
 def test_a_bad_config_file_or_flag_is_one_line(script, args, message):
   script_runs.assert_one_line(script_runs.run(script, *args), message)

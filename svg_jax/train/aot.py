@@ -21,6 +21,12 @@ TPU slices need no TPU: `tpu_target` parses a Cloud accelerator type ("v5e-256",
 builds its devices from libtpu's topology description (`jax.experimental.topologies`), and the
 same step is compiled by XLA:TPU for them, Pallas kernels (splash attention) included. The
 generation facts (HBM, peak FLOP/s, slice shapes) are `metrics.TPU_GENERATIONS` / `PEAK_TFLOPS`.
+
+`compile_report` is one run of launch/aot_compile.py: the mesh its flags lay out (`slice_sizes`,
+`compile_mesh`), the micro-batches a per-device batch asks for, the training loop's own config
+checks (`check_config`), then `step_report`; `report_lines` prints it. Bad input (a target, a
+mesh, a batch that does not divide) raises one line (`input_errors.InputError`). The same script
+over many combinations, one process each, is svg_jax/train/aot_sweep.py.
 """
 from __future__ import annotations
 
@@ -38,9 +44,9 @@ import numpy as np
 from jax.experimental import topologies
 
 from svg_jax import config as config_lib
-from svg_jax import parallel
+from svg_jax import input_errors, parallel
 from svg_jax.models import nextdit
-from svg_jax.train import dit_task
+from svg_jax.train import dit_task, loop
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.utils.error_lines import out_of_memory_line
 
@@ -123,6 +129,27 @@ def xla_recomputed(hlo_text: str) -> int:
   outputs, whatever the allocator may use) by recomputing parts of it, whatever the remat
   policy asked: the program fits, but slower than its policy would run."""
   return len(_XLA_REMAT_CLONE.findall(hlo_text))
+
+
+_TPU_CUSTOM_CALL = 'custom_call_target="tpu_custom_call"'
+# Where the next instruction or the computation's end begins (a Pallas call spans several lines).
+_INSTRUCTION_END = re.compile(r"\n\s*(?:ROOT )?%|\n\}\n")
+_PALLAS_OP = re.compile(r'op_name="[^"]*pallas_call"')
+
+
+def pallas_calls(hlo_text: str) -> int:
+  """Pallas (Mosaic) kernel calls in an XLA:TPU program: splash attention's kernels, ours.
+
+  Both these and kernels XLA:TPU writes itself are `tpu_custom_call`s: with the `xla` attention
+  backend it rewrites the softmax attention into `online-softmax` calls, which are not ours. A
+  Pallas call's metadata names the `pallas_call` it was lowered from; XLA's name their rewrite."""
+  count, start = 0, hlo_text.find(_TPU_CUSTOM_CALL)
+  while start >= 0:
+    end = _INSTRUCTION_END.search(hlo_text, start)
+    stop = end.start() if end else len(hlo_text)
+    count += bool(_PALLAS_OP.search(hlo_text, start, stop))
+    start = hlo_text.find(_TPU_CUSTOM_CALL, stop)
+  return count
 
 
 def memory_report(compiled, setup) -> dict[str, float]:
@@ -291,9 +318,9 @@ def tpu_target(text: str) -> TpuTarget:
   The number is Cloud's: chips for v5e / v6e, TensorCores (2 a chip) for v4 / v5p."""
   m = _TARGET.match(text.strip().lower())
   if not m:
-    raise ValueError(f"bad TPU target {text!r}: expected [<slices>x]<generation>-<size>, e.g. "
-                     "v5e-256, v5p-128, 2xv5e-256, generations "
-                     f"{sorted(metrics_lib.TPU_GENERATIONS)}")
+    raise input_errors.InputError(
+        f"bad TPU target {text!r}: expected [<slices>x]<generation>-<size>, e.g. v5e-256, "
+        f"v5p-128, 2xv5e-256, generations {sorted(metrics_lib.TPU_GENERATIONS)}")
   slices, generation, size = int(m.group(1) or 1), m.group(2), int(m.group(3))
   generation = "v5e" if generation == "v5litepod" else generation
   gen = metrics_lib.TPU_GENERATIONS[generation]
@@ -301,9 +328,10 @@ def tpu_target(text: str) -> TpuTarget:
   chips, rem = divmod(size, gen.cores_per_chip)
   if rem or chips not in shapes or slices < 1:
     sizes = ", ".join(str(c * gen.cores_per_chip) for c in sorted(shapes))
-    raise ValueError(f"bad TPU target {text!r}: {generation} slices are {generation}-N with N in "
-                     f"{sizes}" + (" (TensorCores, 2 a chip)" if gen.cores_per_chip > 1 else "")
-                     + ("" if slices >= 1 else "; at least one slice"))
+    raise input_errors.InputError(
+        f"bad TPU target {text!r}: {generation} slices are {generation}-N with N in {sizes}"
+        + (" (TensorCores, 2 a chip)" if gen.cores_per_chip > 1 else "")
+        + ("" if slices >= 1 else "; at least one slice"))
   name = f"{generation}-{size}" if slices == 1 else f"{slices}x{generation}-{size}"
   return TpuTarget(name, generation, chips, slices, shapes[chips])
 
@@ -347,8 +375,8 @@ def step_report(config, mesh, *, cap_len: int, target: TpuTarget | None = None,
     return out
   out["compile_s"] = round(seconds, 1)
   out["memory"] = memory_report(compiled, setup)
-  if target is not None:  # Mosaic kernels (splash attention) in the compiled program
-    out["pallas_calls"] = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+  if target is not None:  # Pallas kernels (splash attention) in the compiled program
+    out["pallas_calls"] = pallas_calls(compiled.as_text())
   out["xla_flops_scanned"] = cost_flops(compiled)
   if target is not None:
     out.update(fit_report(out["memory"], target))
@@ -360,3 +388,190 @@ def step_report(config, mesh, *, cap_len: int, target: TpuTarget | None = None,
                analytic_over_xla=out["analytic_flops"] / f["total"],
                expected_from_remat=remat_expected_ratio(config, cap_len=cap_len))
   return out
+
+
+# ----------------------------------------------------------------------------- one compile run
+
+# Fake CPU devices without a mesh given: FSDP over 8 and 64 devices, 4 x 64 over 256 (the 2B
+# model's layouts of docs/performance.md, "Scale on paper"); any other count is all FSDP.
+FAKE_DEVICE_MESHES = {8: (1, 8, 1), 64: (1, 64, 1), 256: (4, 64, 1)}
+
+
+class AotConfigError(input_errors.InputError):
+  """The config cannot train on the mesh (the training loop's own checks, one line)."""
+  kind = "config error"
+
+
+# The training loop's checks of a config, with the DiT task's own left out: they are about its
+# record dataset, which a compile never reads (the model's fields are checked when the step is
+# built).
+_COMPILE_TASK = dataclasses.replace(dit_task.TASK, config_problems=lambda config, processes: [])
+
+
+def compile_here(fake_devices: int = 0) -> None:
+  """Sets this process up to compile only: JAX on the CPU unless JAX_PLATFORMS names another
+  platform (XLA:TPU compiles through libtpu's topology, no TPU needed), `fake_devices` CPU
+  devices when > 0, and no persistent compilation cache (compile times are part of the report,
+  and nothing compiled here runs). Call it before JAX's first device query."""
+  if fake_devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={fake_devices}")
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")  # for the processes this one starts
+  if not jax.config.jax_platforms:  # JAX read the environment when it was imported
+    jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+  jax.config.update("jax_enable_compilation_cache", False)
+
+
+def with_settings(config, settings: dict[str, Any]):
+  """`config` with the dotted fields of `settings` ("train.micro_batches": 4) set; a value of 0 or
+  "" (a flag not given) leaves its field as the config has it."""
+  for path, value in settings.items():
+    if value:
+      *sections, field = path.split(".")
+      node = config
+      for part in sections:
+        node = node[part]
+      node[field] = value
+  return config
+
+
+def parse_mesh(text: str) -> tuple[int, ...]:
+  """'data,fsdp,tensor' sizes ("1,64,1"; one may be -1) -> a tuple; anything else one line."""
+  try:
+    shape = tuple(int(v) for v in text.split(","))
+  except ValueError:
+    shape = ()
+  if len(shape) != len(parallel.MESH_AXES):
+    raise input_errors.InputError(f"mesh {text!r}: expected {len(parallel.MESH_AXES)} integers "
+                                  f"{','.join(parallel.MESH_AXES)}, e.g. 1,64,1")
+  return shape
+
+
+def slice_sizes(config, *, target: TpuTarget | None = None, fake_devices: int = 0,
+                mesh: str = "") -> dict[str, int]:
+  """The mesh's axis sizes on one slice (all the devices without a target): `mesh` given as
+  data,fsdp,tensor for the whole mesh (data divisible by the slices), else on a target the
+  config's mesh for each slice, else `FAKE_DEVICE_MESHES` on `fake_devices`."""
+  slices = target.num_slices if target else 1
+  if mesh:
+    shape = parse_mesh(mesh)
+    if shape[0] % slices:
+      raise input_errors.InputError(f"mesh {mesh!r}: the data axis {shape[0]} is not divisible "
+                                    f"by the {slices} slices of {target.name}")
+    return dict(zip(parallel.MESH_AXES, (shape[0] // slices,) + shape[1:]))
+  if target:
+    return dict(config.mesh)
+  return dict(zip(parallel.MESH_AXES, FAKE_DEVICE_MESHES.get(fake_devices,
+                                                             (1, fake_devices, 1))))
+
+
+def _resolved(sizes: dict[str, int], devices: int) -> tuple[int, ...]:
+  try:
+    return parallel.mesh_shape(sizes, devices)
+  except ValueError as e:
+    raise input_errors.InputError(str(e)) from None
+
+
+def compile_mesh(config, *, target: TpuTarget | None = None, fake_devices: int = 0,
+                 mesh: str = ""):
+  """The mesh to compile on: `target`'s slices (`tpu_mesh`) or this process's devices, laid out
+  by `slice_sizes`; a layout that does not fit the devices raises one line."""
+  sizes = slice_sizes(config, target=target, fake_devices=fake_devices, mesh=mesh)
+  if target:
+    _resolved(sizes, target.chips)
+    return tpu_mesh(target, sizes)
+  _resolved(sizes, jax.device_count())
+  return parallel.make_mesh(sizes)
+
+
+def per_device_step_batch(config, target: TpuTarget, mesh: str = "") -> int:
+  """Samples per device per optimizer step on `target` (nothing built or compiled): the global
+  batch over the batch shards (data x fsdp) of the mesh `compile_mesh` would lay out."""
+  shape = _resolved(slice_sizes(config, target=target, mesh=mesh), target.chips)
+  return int(config.train.global_batch_size) // (shape[0] * target.num_slices * shape[1])
+
+
+def check_config(config, mesh) -> None:
+  """The training loop's checks of `config` on `mesh` (`loop.validate_config`: the mesh, the
+  global batch over micro-batches and batch shards, the train section's ranges), as one
+  `AotConfigError` line."""
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.train.init_from = ""  # a compile reads no weights: the run's path need not exist here
+  try:
+    loop.validate_config(config, _COMPILE_TASK, num_devices=mesh.devices.size, process_count=1)
+  except loop.ConfigError as e:
+    raise AotConfigError(str(e)) from None
+
+
+def fit_to_mesh(config, mesh, *, per_device_batch: int = 0):
+  """`config` made to train on `mesh`: its mesh the mesh's shape, its micro-batches those that
+  give `per_device_batch` samples per device (when > 0), checked (`check_config`)."""
+  with config.unlocked():
+    config.mesh.update(dict(zip(parallel.MESH_AXES, mesh.devices.shape)))
+    if per_device_batch:
+      per_step = int(config.train.global_batch_size) // parallel.batch_axis_size(mesh)
+      if per_step % per_device_batch:
+        raise input_errors.InputError(
+            f"{per_step} samples per device per step are not a multiple of --per_device_batch "
+            f"{per_device_batch}")
+      config.train.micro_batches = per_step // per_device_batch
+  check_config(config, mesh)
+  return config
+
+
+def compile_report(config, *, target: str = "", fake_devices: int = 0, mesh: str = "",
+                   per_device_batch: int = 0, cap_len: int = 0, flops: bool = False
+                   ) -> dict[str, Any]:
+  """One run of launch/aot_compile.py: `config`'s step compiled for the TPU `target` (a Cloud
+  accelerator type) or this process's `fake_devices` CPU devices, on the mesh `compile_mesh`
+  lays out, with captions padded to `cap_len` (0: data.max_caption_len); `step_report`'s dict."""
+  tpu = tpu_target(target) if target else None
+  device_mesh = compile_mesh(config, target=tpu, fake_devices=fake_devices, mesh=mesh)
+  fit_to_mesh(config, device_mesh, per_device_batch=per_device_batch)
+  return step_report(config, device_mesh, cap_len=cap_len or int(config.data.max_caption_len),
+                     target=tpu, flops=flops)
+
+
+def gib_text(b: float) -> str:
+  return f"{b / GIB:.2f}"
+
+
+def report_lines(r: dict[str, Any]) -> list[str]:
+  """`step_report`'s dict (with the config's name, variant and n_layers_config) as text lines."""
+  where = (f"{r['target']} ({r['devices']} chips, {r['device_kind']}, {r['topology']})"
+           if r.get("target") else f"{r['devices']} fake CPU devices")
+  lines = [f"{r['config']}:{r['variant']} on {where}"]
+  attention = r["attention"]
+  if "pallas_calls" in r:
+    attention += f" ({r['pallas_calls']} Pallas kernel calls)"
+  lines.append(
+      f"  mesh {r['mesh']} remat {r['remat']} attention {attention} activations "
+      f"{r['activation_dtype']} layers ({r['layer_loop']}) "
+      f"{r['n_layers']}/{r['n_layers_config']} | global batch {r['global_batch']} = "
+      f"{r['micro_batches']} micro x {r['per_device_micro_batch']:g} per device | latent "
+      f"{r['latent_hw']} caption {r['cap_len']} | compile {r['compile_s']} s")
+  m = r.get("memory")
+  if m:
+    rows = [("params", m["params"]), ("opt_state", m["opt_state"]), ("ema", m["ema"]),
+            ("arguments", m["arguments"]), ("outputs", m["outputs"]),
+            ("aliased", m["aliased"]), ("temporaries", m["temp"])]
+    rows += [(k, m[k]) for k in ("xla_peak", "program") if k in m] + [("peak total", m["total"])]
+    lines.append("  per device GiB   " + " ".join(f"{k:>11}" for k, _ in rows))
+    lines.append("                   " + " ".join(f"{gib_text(v):>11}" for _, v in rows))
+  if "fits" in r:
+    verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+    used = (f"{gib_text(m['total'])} of the {gib_text(r['hbm'])} GiB of HBM XLA:TPU allows "
+            f"({100 * r['hbm_used']:.0f}%)" if m else r.get("error", ""))
+    lines.append(f"  verdict: {verdict}: {used}")
+  if "xla_flops_scanned" in r:
+    line = (f"  per device FLOPs: analytic {r['analytic_flops']:.4e}; XLA as counted (loop bodies "
+            f"once) {r['xla_flops_scanned']:.4e}")
+    if "xla_flops" in r:
+      line += (f"; XLA unrolled {r['xla_flops']:.4e}; analytic/XLA {r['analytic_over_xla']:.3f} "
+               f"(remat alone would give {r['expected_from_remat']:.3f})")
+    lines.append(line)
+  if r.get("ideal_step_s"):
+    lines.append(f"  step time at the chip's peak ({r['peak_tflops']:g} TFLOP/s, analytic "
+                 f"FLOPs): {r['ideal_step_s']:.3f} s")
+  return lines
