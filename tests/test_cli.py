@@ -279,3 +279,11 @@ def test_decoder_training_on_unusable_images_is_one_line(decoder_files, tmp_path
                         "--workdir", tmp_path, "--config.train.num_steps=1",
                         *[f"--config.{k}={v}" for k, v in paths.items()])
   script_runs.assert_one_line(out, "input error: ", message)
+
+
+def test_demo_data_into_a_folder_of_another_dataset_is_one_line(tmp_path):
+  args = [f"--out={tmp_path}", "--num_heldout=1", "--nodecoder_files"]
+  assert script_runs.run("make_demo_data.py", *args, "--num_train=2").returncode == 0
+  script_runs.assert_one_line(script_runs.run("make_demo_data.py", *args, "--num_train=3"),
+                              f"input error: {tmp_path} already holds a different shapes dataset "
+                              "(differs in ['counts']); use another directory or delete it")

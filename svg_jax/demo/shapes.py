@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from svg_jax.data import jsonl as jsonl_lib
-from svg_jax.input_errors import MissingInput
+from svg_jax.input_errors import InputError, MissingInput
 from svg_jax.utils import atomic_files
 
 BACKGROUND = (128, 128, 128)
@@ -401,17 +401,17 @@ def write_dataset(out_dir: str, num_train: int, num_heldout: int, image_size: in
   writes nothing, one over an interrupted run finishes it, different arguments are an error."""
   for name, value in (("num_train", num_train), ("num_heldout", num_heldout)):
     if int(value) < 0:
-      raise ValueError(f"{name} must be >= 0, got {value}")
+      raise InputError(f"{name} must be >= 0, got {value}")
   if int(image_size) < 32:
-    raise ValueError(f"image_size must be >= 32 for shapes to stay recognisable, got {image_size}")
+    raise InputError(f"image_size must be >= 32 for shapes to stay recognisable, got {image_size}")
   if layouts not in LAYOUTS:
-    raise ValueError(f"unknown layouts {layouts!r}; expected one of {LAYOUTS}")
+    raise InputError(f"unknown layouts {layouts!r}; expected one of {LAYOUTS}")
   manifest = _manifest(num_train, num_heldout, image_size, seed, layouts)
   manifest_path = os.path.join(out_dir, MANIFEST)
   existing = atomic_files.read_json(manifest_path)
   if existing is not None:
     if existing != manifest:
-      raise ValueError(f"{out_dir} already holds a different shapes dataset (differs in "
+      raise InputError(f"{out_dir} already holds a different shapes dataset (differs in "
                        f"{atomic_files.differing_keys(existing, manifest)}); use another "
                        "directory or delete it")
     if _complete(out_dir, existing):
@@ -437,18 +437,18 @@ def write_dataset(out_dir: str, num_train: int, num_heldout: int, image_size: in
 def read_split(out_dir: str, split: str) -> list[dict]:
   """The lines of `<out_dir>/<split>.jsonl` with `path` made absolute."""
   if split not in SPLITS:
-    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    raise InputError(f"unknown split {split!r}; expected one of {SPLITS}")
   jsonl = os.path.join(out_dir, f"{split}.jsonl")
   if not os.path.isfile(jsonl):
     raise MissingInput(f"{jsonl} does not exist; run write_dataset first")
   out = []
   for line in jsonl_lib.lines(jsonl):
     if line.problem:
-      raise ValueError(f"{jsonl}:{line.number} is {line.problem}")
+      raise InputError(f"{jsonl}:{line.number} is {line.problem}")
     item = line.item
     missing = [k for k in ("path", "prompt", "metadata") if k not in item]
     if missing:
-      raise ValueError(f"{jsonl}:{line.number} is missing keys {missing}")
+      raise InputError(f"{jsonl}:{line.number} is missing keys {missing}")
     item["path"] = os.path.join(os.path.abspath(out_dir), item["path"])
     out.append(item)
   return out
