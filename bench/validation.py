@@ -10,22 +10,27 @@ every N steps (`--every`, the demo's 100 by default).
 
   python bench/validation.py [--every 100] [--rounds 4]
 """
-import argparse
 import os
 import shutil
 import statistics
 import tempfile
 
+from absl import app, flags
 
-def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--every", type=int, default=100)
-  parser.add_argument("--rounds", type=int, default=4)
-  parser.add_argument("--steps", type=int, default=10, help="train steps per round")
-  args = parser.parse_args()
+from svg_jax import cli
+
+flags.DEFINE_integer("every", 100, "validate every N train steps", lower_bound=1)
+flags.DEFINE_integer("rounds", 4, "alternating rounds", lower_bound=1)
+flags.DEFINE_integer("steps", 10, "train steps per round", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   work = tempfile.mkdtemp(prefix="bench_validation_")  # the run's files: ~30 MB
   try:
-    measure(args, work)
+    measure(FLAGS, work)
   finally:
     shutil.rmtree(work, ignore_errors=True)
 
@@ -119,4 +124,4 @@ def measure(args, work: str) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -17,7 +17,8 @@ _UNKNOWN_SIZE = ("unknown 'bogus'", "bench/sizes.py", "tiny, calib")
 CASES = {
     **{f"{script}-unknown-flag": (script, [_UNKNOWN_FLAG[0]], _UNKNOWN_FLAG[1]) for script in (
         "bench/train_step.py", "bench/sampling.py", "bench/malloc_settings.py", "bench/padding.py",
-        "bench/cudnn_attention.py", "research/gpu_roofline.py", "research/update_traffic.py")},
+        "bench/cudnn_attention.py", "bench/validation.py", "research/gpu_roofline.py",
+        "research/update_traffic.py")},
     # Unknown sizes are refused in the parent, before a contender's process starts.
     "train_step-unknown-size": ("bench/train_step.py", ["--sizes", "bogus", "--rounds", "1"],
                                 ("--sizes",) + _UNKNOWN_SIZE),
@@ -51,6 +52,8 @@ CASES = {
     "torch_trainer-ours-not-json": ("bench/torch_trainer.py",
                                     ["--config", _TINY, "--ours", "README.md"],
                                     ("--ours README.md", "not bench/trainer.py's JSON")),
+    "validation-no-rounds": ("bench/validation.py", ["--rounds", "0"],
+                             ("flag --rounds=0", "not a positive integer")),
     "make_demo_data-negative-count": ("launch/make_demo_data.py", ["--num_train", "-1"],
                                       ("--num_train must be >= 0",)),
 }
