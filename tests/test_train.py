@@ -928,3 +928,26 @@ def test_metric_accumulation_stays_off_the_mesh(tmp_path):
   cpu = jax.local_devices(backend="cpu")[0]
   assert all(a.sharding.device_set == {cpu} for a in made), {str(a.sharding) for a in made}
   assert record["loss"] == 0.5 and record["grad_norm"] == 1.0
+
+
+def test_a_workdir_that_cannot_be_written_or_a_truncated_shard_stops_before_any_step(data_dir,
+                                                                                      tmp_path):
+  """One line (an input error: exit 2 in the scripts) before the first step, not a traceback or
+  an orbax wait at the first save."""
+  import shutil
+
+  from svg_jax.input_errors import InputError
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("not a folder")
+  with pytest.raises(ckpt_lib.FolderNotWritable, match=r"^the checkpoint folder \S+/checkpoints "
+                     r"cannot be made: File exists$"):
+    trainer.train(_config(data_dir, num_steps=4, checkpoint_every=2), str(workdir))
+  assert sorted(os.listdir(workdir)) == ["checkpoints"]  # nothing trained, nothing written
+  bad = tmp_path / "truncated"
+  shutil.copytree(data_dir, bad)
+  shard = sorted(bad.glob("*.array_record"))[0]
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  with pytest.raises(InputError, match=rf"shard {shard}: not a readable ArrayRecord"):
+    trainer.train(_config(str(bad), num_steps=4), str(tmp_path / "run2"))
+  assert not [r for r in _records(str(tmp_path / "run2")) if "loss" in r]  # no step was taken

@@ -39,6 +39,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from svg_jax.data import msgpack_view
+from svg_jax.input_errors import InputError
 from svg_jax.utils import atomic_files
 
 SCHEMA_VERSION = 1
@@ -77,8 +78,9 @@ class BadRecordError(ValueError):
   """A record that cannot be encoded or decoded; the message names the problem."""
 
 
-class CorruptShardError(IOError):
-  """A shard file that is missing, unreadable or disagrees with the manifest."""
+class CorruptShardError(InputError, OSError):
+  """A shard file that is missing, unreadable or disagrees with the manifest (bad input: one
+  line, exit 2, in the scripts)."""
 
 
 class ManifestError(ValueError):

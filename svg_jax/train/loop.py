@@ -432,7 +432,8 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   parallel.initialize_distributed(heartbeat)
   mesh_shape = validate_config(config, task)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.check_writable_folder(workdir, "the workdir")
+  ckpt_lib.check_writable_folder(ckpt_lib.checkpoint_dir(workdir), "the checkpoint folder")
   is_main = jax.process_index() == 0
   t = config.train
   num_steps, log_every, ckpt_every = int(t.num_steps), int(t.log_every), int(t.checkpoint_every)
