@@ -44,19 +44,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
-  from svg_jax.train import loop, trainer
-  if config.task not in trainer.TASKS:
-    print(f"config error: task {config.task!r} has no trainer (one of {tuple(trainer.TASKS)})",
-          file=sys.stderr)
-    sys.exit(2)
-  from svg_jax import input_errors, parallel, process_exit
+  from svg_jax.train import loop, trainer  # an unknown task is trainer.get's config error
+  from svg_jax import input_errors, process_exit
   from svg_jax.utils import error_lines
   from svg_jax.train import metrics
   metrics.console_logging()
   # One line on stderr and an exit status for each way a run ends early (the module docstring).
-  early_ends = ((loop.ConfigError, "config error: ", 2),
-                (parallel.DistributedSetupError, "multi-host setup error: ", 2),
-                (input_errors.InputError, "input error: ", 2),
+  # Bad input (a config, a multi-host setup, data) is one line named by its kind.
+  early_ends = ((input_errors.InputError, None, 2),
                 (loop.TrainingDiverged, "training diverged: ", 3),
                 (loop.ResumeError, "resume error: ", 4),
                 (loop.OutOfMemory, "out of memory ", 5),
@@ -65,7 +60,7 @@ def main(argv):
     summary = trainer.train(config, flags.FLAGS.workdir)
   except tuple(kind for kind, _, _ in early_ends) as e:
     prefix, code = next((p, c) for kind, p, c in early_ends if isinstance(e, kind))
-    line = prefix + str(e)
+    line = (f"{e.kind}: " if prefix is None else prefix) + str(e)
     print(line, file=sys.stderr)
     process_exit.exit_process(code, line)
   except Exception as e:  # noqa: BLE001  (the traceback, then out without waiting for other hosts)

@@ -33,7 +33,7 @@ import pytest
 from svg_jax import parallel
 from svg_jax.input_errors import InputError
 from svg_jax.models import nextdit
-from svg_jax.train import aot, aot_sweep, dit_task
+from svg_jax.train import aot, aot_sweep, dit_task, loop
 import script_runs
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -158,7 +158,7 @@ def test_a_run_is_fitted_to_its_mesh_and_checked_by_the_loops_rules():
   with pytest.raises(InputError, match="8 samples per device per step are not a multiple of"):
     aot.fit_to_mesh(config, mesh, per_device_batch=3)
   aot.with_settings(config, {"train.micro_batches": 16})
-  with pytest.raises(aot.AotConfigError, match="not divisible by the 8 batch shards") as e:
+  with pytest.raises(loop.ConfigError, match="not divisible by the 8 batch shards") as e:
     aot.fit_to_mesh(config, mesh)
   assert "\n" not in str(e.value) and e.value.kind == "config error"
   # The weights a run starts from live where it runs: a compile does not ask for them.

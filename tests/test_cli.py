@@ -187,6 +187,8 @@ def test_an_unknown_config_field_is_one_line_naming_it_in_every_script(script, a
      "config error: config file configs/nope.py (--config) does not exist"),
     ("train.py", ["--config", f"{TINY}:huge", "--workdir=unused"],
      "config error: unknown demo preset 'huge'"),
+    ("train.py", ["--config", TINY, "--workdir=unused", "--config.task=nope"],
+     "config error: task 'nope' is not supported by this trainer (only ('dit', 'decoder'))"),
     ("precompute.py", ["--input=x"], "flag error: flag --out=None: Flag --out must have a value"),
     ("train.py", [], "flag error: flag --config=None: Flag --config must have a value other than "
      "None; flag --workdir=None: Flag --workdir must have a value other than None"),

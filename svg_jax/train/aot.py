@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import topologies
+from ml_collections.config_flags import config_path
 
 from svg_jax import config as config_lib
 from svg_jax import input_errors, parallel
@@ -397,11 +398,6 @@ def step_report(config, mesh, *, cap_len: int, target: TpuTarget | None = None,
 FAKE_DEVICE_MESHES = {8: (1, 8, 1), 64: (1, 64, 1), 256: (4, 64, 1)}
 
 
-class AotConfigError(input_errors.InputError):
-  """The config cannot train on the mesh (the training loop's own checks, one line)."""
-  kind = "config error"
-
-
 # The training loop's checks of a config, with the DiT task's own left out: they are about its
 # record dataset, which a compile never reads (the model's fields are checked when the step is
 # built).
@@ -427,11 +423,7 @@ def with_settings(config, settings: dict[str, Any]):
   "" (a flag not given) leaves its field as the config has it."""
   for path, value in settings.items():
     if value:
-      *sections, field = path.split(".")
-      node = config
-      for part in sections:
-        node = node[part]
-      node[field] = value
+      config_path.set_value(path, config, value)
   return config
 
 
@@ -493,15 +485,12 @@ def per_device_step_batch(config, target: TpuTarget, mesh: str = "") -> int:
 
 def check_config(config, mesh) -> None:
   """The training loop's checks of `config` on `mesh` (`loop.validate_config`: the mesh, the
-  global batch over micro-batches and batch shards, the train section's ranges), as one
-  `AotConfigError` line."""
+  global batch over micro-batches and batch shards, the train section's ranges): a one-line
+  `loop.ConfigError`."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.train.init_from = ""  # a compile reads no weights: the run's path need not exist here
-  try:
-    loop.validate_config(config, _COMPILE_TASK, num_devices=mesh.devices.size, process_count=1)
-  except loop.ConfigError as e:
-    raise AotConfigError(str(e)) from None
+  loop.validate_config(config, _COMPILE_TASK, num_devices=mesh.devices.size, process_count=1)
 
 
 def fit_to_mesh(config, mesh, *, per_device_batch: int = 0):

@@ -63,12 +63,15 @@ from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import profiling
 from svg_jax.train import state as state_lib
 from svg_jax.train import stall_watch
+from svg_jax.input_errors import InputError
 from svg_jax.train.task_api import Task
 from svg_jax.utils.error_lines import first_line, out_of_memory_line
 
 
-class ConfigError(ValueError):
-  """The config cannot run; the message is one line naming every problem."""
+class ConfigError(InputError):
+  """The config cannot run; the message is one line naming every problem (bad input: exit 2 in
+  the scripts, `cli.run`)."""
+  kind = "config error"
 
 
 class TrainingDiverged(RuntimeError):
