@@ -34,6 +34,7 @@ TEST = [
     "torch==2.13.0",  # the reference implementations run on its CPU build
     "jax[tpu]",  # libtpu: XLA:TPU compiles of the train step for TPU topologies, on any host
     "scikit-image>=0.25",  # SSIM reference
+    "albumentations>=2",  # the official decoder loader's resize and crops (taming's ImagePaths)
     "tensorflow-datasets>=4.9",  # tfds mock data for the precompute reader (no TensorFlow needed)
     # needed by the lpips and taming-transformers packages, installed with --no-deps by
     # launch/env.sh

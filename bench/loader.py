@@ -12,7 +12,7 @@ Two record shapes (synthetic records from `synthetic.write_random_dataset`, read
         (`--text token_ids`: the online text-encoder mode's records, token ids instead of
         features; its step also runs the frozen Gemma-2-2B forward, counted at the same MFU).
         A 2.6B step cannot run here, so the consumer is an accelerator host: the step time is the
-        analytic FLOPs of the step (svg_jax/train/metrics.py, checked against XLA's count by
+        analytic FLOPs of the step (svg_jax/train/flop_count.py, checked against XLA's count by
         launch/aot_compile.py) at `--mfu` of the chip's peak; a host with `chips_per_host` chips
         must deliver chips_per_host x (global batch / chips) samples per step, so the samples/s it
         needs do not depend on the slice size.
@@ -36,7 +36,7 @@ from absl import app, flags
 
 from svg_jax import cli
 
-# (peak key in metrics.PEAK_TFLOPS, chips per host)
+# (peak key in chip_specs.PEAK_TFLOPS, chips per host)
 HOSTS = {"v5p": ("v5p", 4), "h100": ("h100", 8), "v5e": ("v5e", 4)}
 TARGET = 10.0
 CAPTION_LENGTHS = (64, 128)  # 2b: the padded caption lengths measured
@@ -137,7 +137,7 @@ def bench_2b(args, workdir, compression, text_kind="text_features"):
   from svg_jax import config as config_lib
   from svg_jax.data import synthetic
   from svg_jax.models.gemma2 import Gemma2Config
-  from svg_jax.train import metrics
+  from svg_jax.train import chip_specs, flop_count
 
   config = _config("svg_t2i_2b", "stage1_256")
   cfg = config_lib.nextdit_config(config)
@@ -169,11 +169,11 @@ def bench_2b(args, workdir, compression, text_kind="text_features"):
           f"{write_s:.1f} s); loader threads {args.threads}, workers {args.workers}")
     print(f"  loader {1 / lb:8.2f} batches/s = {samples_s:8.1f} samples/s "
           f"({samples_s * size / args.records_2b / 1e6:.0f} MB/s of records)")
-    flops = metrics.dit_train_flops(cfg, gb, (hw, hw), cap)
+    flops = flop_count.dit_train_flops(cfg, gb, (hw, hw), cap)
     if text_kind == "token_ids":  # the step also runs the frozen Gemma-2 forward
-      flops += metrics.gemma2_forward_flops(Gemma2Config(), gb, cap)
+      flops += flop_count.gemma2_forward_flops(Gemma2Config(), gb, cap)
     for host, (chip, per_host) in HOSTS.items():
-      peak = metrics.PEAK_TFLOPS[chip] * 1e12
+      peak = chip_specs.PEAK_TFLOPS[chip] * 1e12
       per_chip = gb / (flops / (args.mfu * peak))  # samples/s one chip consumes
       need = per_chip * per_host
       ratios[(cap, host)] = samples_s / need

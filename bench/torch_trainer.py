@@ -97,7 +97,7 @@ def run(config) -> dict:
 
   from svg_jax import config as config_lib
   from svg_jax.convert import nextdit as keymap
-  from svg_jax.train import aot, dit_step, metrics
+  from svg_jax.train import aot, chip_specs, dit_step, flop_count
 
   cfg = config_lib.nextdit_config(config)
   tc, fc = config.train, config.flow
@@ -165,10 +165,10 @@ def run(config) -> dict:
   seconds, loss = steps(n)
   if not math.isfinite(loss):
     raise RuntimeError(f"the torch step's loss is {loss}")
-  flops = metrics.dit_train_flops(cfg, batch, hw, cap_len)
+  flops = flop_count.dit_train_flops(cfg, batch, hw, cap_len)
   name = torch.cuda.get_device_name() if cuda else "cpu"
-  chip = metrics.chip_of("gpu" if cuda else "cpu", name)
-  peak = FLAGS.peak_tflops or metrics.PEAK_TFLOPS[chip]
+  chip = chip_specs.chip_of("gpu" if cuda else "cpu", name)
+  peak = FLAGS.peak_tflops or chip_specs.PEAK_TFLOPS[chip]
   tokens = (hw[0] // cfg.patch_size) * (hw[1] // cfg.patch_size) + cap_len
   return {
       "contender": "torch " + ("eager" if FLAGS.compile == "none" else f"compile ({FLAGS.compile})"),

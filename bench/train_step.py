@@ -55,7 +55,7 @@ def build(size: str, dtype: str):
 
   from svg_jax.convert import nextdit as keymap
   from svg_jax.models.nextdit import NextDiT, NextDiTConfig
-  from svg_jax.train import metrics
+  from svg_jax.train import flop_count
 
   overrides, batch, h, w, cap_len = SIZES[size]
   on_gpu = jax.default_backend() == "gpu"
@@ -108,7 +108,7 @@ def build(size: str, dtype: str):
     loss.block_until_ready()
 
   n_params = sum(p.numel() for p in ref.parameters())
-  flops = metrics.dit_train_flops(cfg, batch, (h, w), cap_len)
+  flops = flop_count.dit_train_flops(cfg, batch, (h, w), cap_len)
   contenders = {OURS: jax_step, TORCH: torch_step}
   return contenders, batch, n_params, (h // cfg.patch_size) * (w // cfg.patch_size) + cap_len, flops
 
@@ -137,10 +137,10 @@ def main(argv):
   import jax
   from harness import interleave_processes, summarize
 
-  from svg_jax.train import metrics
+  from svg_jax.train import chip_specs
 
   device = jax.devices()[0]
-  peak = metrics.peak_tflops("auto")
+  peak = chip_specs.peak_tflops("auto")
   print(f"device: {device.device_kind} ({device.platform}); bf16 peak used for MFU: {peak} TFLOP/s")
   for size in FLAGS.sizes:
     for dtype in FLAGS.dtypes:

@@ -12,8 +12,8 @@ the config's shapes go to a temporary folder: latents of data.resolution, captio
 data.max_caption_len tokens as the only caption bucket (one compiled shape, the longest).
 
 Printed as the last stdout line: steps/s, img/s, tokens/s; model TFLOP/s per device and in all
-(the analytic count behind the trainer's MFU, svg_jax/train/metrics.py); MFU against
---peak_tflops (default the chip's, metrics.PEAK_TFLOPS; null on a CPU); the peak device memory
+(the analytic count behind the trainer's MFU, svg_jax/train/flop_count.py); MFU against
+--peak_tflops (default the chip's, chip_specs.PEAK_TFLOPS; null on a CPU); the peak device memory
 (memory_stats' peak_bytes_in_use, null where the backend keeps none); the seconds spent tracing,
 lowering and compiling the train step (jax.monitoring events; the compiles of remat "auto"'s
 candidates are `remat_auto_s`; a step loaded from the persistent compilation cache, named by
@@ -107,7 +107,7 @@ def run(config, workdir: str) -> dict:
 
   from svg_jax import config as config_lib
   from svg_jax.models import nextdit
-  from svg_jax.train import metrics, remat, trainer
+  from svg_jax.train import chip_specs, remat, trainer
 
   n = FLAGS.steps
   with config.unlocked():
@@ -143,7 +143,7 @@ def run(config, workdir: str) -> dict:
   profiled = _events(workdir, "profile")
   chosen = _events(workdir, remat.EVENT)
   tried = len(chosen[0].get("candidates", [])) if chosen else 0
-  peak = FLAGS.peak_tflops or metrics.peak_tflops(config.train.chip)
+  peak = FLAGS.peak_tflops or chip_specs.peak_tflops(config.train.chip)
   tflops_dev = record["tflops_per_device"]
   memory = _peak_memory_bytes()
   return {

@@ -9,16 +9,16 @@ Variants (`--config configs/decoder.py:<variant>`):
   stage1_256   official stage 1: 256 px, batch 64 x 8 GPUs, the released decoder architecture.
   stage2_512   official stage 2: 512 px (the file says 64 per GPU although its name says bs16).
   stage3_1024  official stage 3 (1024 px per its name; batch 3 x 8). Stage 3 officially trains at
-               native aspect ratios from a JSONL; here images are center-cropped squares.
+               native aspect ratios from a JSONL; here images are squares as in stages 1-2.
 Official recipe in every variant: Adam(lr 1e-4, b1 0.5, b2 0.9) for decoder and discriminator,
 no gradient clipping, no weight decay, fp32; loss L1 + 1.0 * LPIPS (sum over pixels / batch) +
 hinge PatchGAN with the adaptive weight x 0.5 from disc_start = 2500 iterations (the official
 5000 counts Lightning global steps, two per iteration). Later stages start from the previous stage's
 decoder (`--config.train.init_from=<stage workdir>`); the step counts are not in the official repo.
-Set data.jsonl / data.heldout_jsonl (official `{"path": ...}` lines), autoencoder.encoder_path and
-stats_path, and loss.lpips_vgg_path (torchvision vgg16-397923af.pth) + loss.lpips_lin_path
-(the lpips package's weights/v0.1/vgg.pth); without LPIPS weights training runs without the
-LPIPS term. The fields and their defaults: `decoder_task_config()` in svg_jax/config.py.
+Set data.jsonl / data.heldout_jsonl (official `{"path": ...}` lines), autoencoder.encoder_path
+(stats_path's default is the official statistics), and loss.lpips_vgg_path (torchvision
+vgg16-397923af.pth) + loss.lpips_lin_path (the lpips package's weights/v0.1/vgg.pth); without
+LPIPS weights training runs without the LPIPS term. The fields and their defaults: `decoder_task_config()` in svg_jax/config.py.
 """
 import ml_collections
 

@@ -35,7 +35,7 @@ Printed per device: parameter, optimizer-state, EMA, argument, output and tempor
 (`memory_analysis()`), the peak against the chip's HBM and a fit verdict (TPU targets), the
 Pallas kernel calls in the program (TPU targets), XLA's FLOPs (`cost_analysis()`; with --flops
 the layer and micro-batch loops are unrolled by extrapolation, see svg_jax/train/aot.py), our
-analytic FLOPs (svg_jax/train/metrics.py, the MFU numerator), and the last line is the same as
+analytic FLOPs (svg_jax/train/flop_count.py, the MFU numerator), and the last line is the same as
 one JSON object. --n_layers compiles a shorter stack (documented as such in the output). Inputs
 are abstract (ShapeDtypeStructs with shardings): nothing is allocated. A bad flag, target, mesh
 or config is one line on stderr (exit 2).

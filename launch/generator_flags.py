@@ -39,11 +39,15 @@ def sampler_settings():
   """(resolution, SamplerSettings) from the flags; bad values are a one-line usage error, raised
   before anything is loaded."""
   from svg_jax import generate as gen
+  from svg_jax import text
 
   if (FLAGS.checkpoint is None) == (FLAGS.weights is None):
     raise app.UsageError("give exactly one of --checkpoint and --weights")
+  if FLAGS.batch_size < 0:
+    raise app.UsageError(f"--batch_size must be >= 0, got {FLAGS.batch_size}")
   multiple = gen.config_pixels_per_token(FLAGS.config)
   try:
+    text.system_prompt(FLAGS.system_type)
     resolution = gen.parse_resolution(FLAGS.resolution, multiple)
     settings = gen.SamplerSettings(steps=FLAGS.steps, cfg_scale=FLAGS.cfg,
                                    cfg_mode=FLAGS.cfg_mode, shift=FLAGS.shift,

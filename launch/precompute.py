@@ -2,7 +2,6 @@
 
   python launch/precompute.py --input data/train.jsonl --input_format jsonl --out /data/records \
       --config.autoencoder.encoder_path=dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth \
-      --config.autoencoder.stats_path=dinov3_s16p_layer_patchtoken_stats_dist.pt \
       --config.precompute.text_encoder_dir=gemma-2-2b --config.precompute.resolution=256
 
 --config defaults to configs/precompute.py (`autoencoder` + `precompute` sections); another config
@@ -44,7 +43,7 @@ def main(argv):
     raise app.UsageError("the config has no `autoencoder` section")
   # The config and the inputs first: a bad one is reported before the models load.
   job_config = precompute.job_config(config)
-  precompute.validate_config(job_config)
+  precompute.validate_config(job_config, int(config.autoencoder.encoder.patch_size))
   inputs = sources.list_inputs(FLAGS.input, FLAGS.input_format, job_config)
   precompute.build(config).run(inputs, FLAGS.out)
 

@@ -3,7 +3,6 @@
   python launch/reconstruct.py --config configs/svg_t2i_2b.py \
       --config.autoencoder.encoder_path=dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth \
       --config.autoencoder.decoder_path=svg_autoencoder-P-stage3.ckpt \
-      --config.autoencoder.stats_path=dinov3_s16p_layer_patchtoken_stats_dist.pt \
       --images=photos/,cat.jpg --out=recon --resolution=1024
 
 Each image is cropped to its closest aspect-ratio bucket of --resolution (the official DiT crop),

@@ -2,7 +2,6 @@
 
   python launch/sample.py --config configs/svg_t2i_2b.py \
       --config.autoencoder.decoder_path=svg_autoencoder-P-stage3.ckpt \
-      --config.autoencoder.stats_path=dinov3_s16p_layer_patchtoken_stats_dist.pt \
       --weights=dit-stage4/consolidated.00-of-01.pth --format=official \
       --text_encoder=gemma-2-2b --prompt="a photo of a cat" --out=out
 
@@ -51,6 +50,9 @@ def main(argv):
     raise app.UsageError("give prompts with --prompt and/or --prompts_jsonl")
   if FLAGS.num_images < 1:
     raise app.UsageError(f"--num_images must be >= 1, got {FLAGS.num_images}")
+  if FLAGS.grid_cols < 0:
+    raise app.UsageError(f"--grid_cols must be >= 0 (0: about the square root), got "
+                         f"{FLAGS.grid_cols}")
   resolution, settings = generator_flags.sampler_settings()
   generator = generator_flags.make_generator()
 

@@ -55,7 +55,7 @@ from svg_jax import parallel  # noqa: E402
 from svg_jax.input_errors import InputError  # noqa: E402
 from svg_jax.models import layers, nextdit  # noqa: E402
 from svg_jax.train import aot, remat  # noqa: E402
-from svg_jax.train import metrics as metrics_lib  # noqa: E402
+from svg_jax.train import flop_count  # noqa: E402
 
 FLAGS = flags.FLAGS
 MEMORY_FRACTIONS = (0.75, float(cli.GPU_MEMORY_FRACTION))  # XLA's default share; the scripts'
@@ -140,7 +140,7 @@ def policy_report(config, mesh, gpu: Gpu, policy: str, top: int, hlo_dir: str) -
   roof = hlo_roofline.summary(found, gpu.chip(), top=top)
   timed = hlo_roofline.timeline(hlo, gpu.chip())
   devices = mesh.devices.size  # the HLO is one device's program
-  model_flops = metrics_lib.dit_train_flops(config_lib.nextdit_config(config),
+  model_flops = flop_count.dit_train_flops(config_lib.nextdit_config(config),
                                             int(config.train.global_batch_size), hw,
                                             cap_len) / devices
   headroom = float(config.train.remat_headroom)

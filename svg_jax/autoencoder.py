@@ -57,11 +57,14 @@ def decode_latents(decoder_params: Any, mean: Any, std: Any, latents: jax.Array,
   return Decoder(cfg).apply({"params": decoder_params}, feats)
 
 
-def to_uint8(images: Any) -> np.ndarray:
-  """Images in [-1, 1] -> uint8: (x + 1) / 2, clamped to [0, 1], * 255 rounded half up."""
+def to_uint8(images: Any, *, truncate: bool = False) -> np.ndarray:
+  """Images in [-1, 1] -> uint8: (x + 1) / 2, clamped to [0, 1], * 255 rounded half up (as
+  torchvision's save_image, which the official reconstruction script writes with), or truncated
+  (as the official samplers' `mul(255).byte()` and to_pil_image: one level darker about half
+  the time)."""
   x = np.asarray(images, np.float32)
-  x = np.clip((x + np.float32(1)) / np.float32(2), 0, 1)
-  return np.floor(x * np.float32(255) + np.float32(0.5)).astype(np.uint8)
+  x = np.clip((x + np.float32(1)) / np.float32(2), 0, 1) * np.float32(255)
+  return (x if truncate else np.floor(x + np.float32(0.5))).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,6 +72,20 @@ class SaveFailed(RuntimeError):
   before it are intact."""
 
 
+class _WritesOfAFailedSave(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" reports of the write tasks into one
+  checkpoint folder once its save has failed: each repeats the error SaveFailed already gives
+  (one per array), and they come at exit, after (and burying) the run's one line."""
+
+  def __init__(self, directory: str):
+    super().__init__()
+    self.directory = directory
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not ("Task exception was never retrieved" in message and self.directory in message)
+
+
 class IncompatibleCheckpoint(ValueError):
   """An intact checkpoint this run cannot read (another loader format or pipeline, or another
   model's parameters)."""
@@ -332,6 +346,7 @@ class Checkpointer:
         self.directory) else []
 
   def _failed(self, error: Exception, step: int) -> SaveFailed:
+    logging.getLogger("asyncio").addFilter(_WritesOfAFailedSave(self.directory))
     reason = first_line(error)
     try:  # an earlier save may still be writing: it decides which step is the newest intact one
       self.manager.wait_until_finished()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections import config_dict
 
+from svg_jax import assets
 from svg_jax import text as text_lib
 from svg_jax.data import records
 from svg_jax.models.decoder import DecoderConfig
@@ -44,9 +46,20 @@ DEFAULT_AXIS_RULES = (
 )
 
 
+def section_of(instance) -> ml_collections.ConfigDict:
+  """A model's dataclass config as a config section. A field whose default is None holds a typed
+  placeholder instead: ml_collections refuses a command-line override of a plain None."""
+  values = dataclasses.asdict(instance)
+  for field in dataclasses.fields(instance):
+    if values[field.name] is None:
+      kind = next((k for k in (float, int, str) if k.__name__ in str(field.type)), None)
+      values[field.name] = config_dict.placeholder(kind)
+  return ml_collections.ConfigDict(values)
+
+
 def nextdit_2b() -> ml_collections.ConfigDict:
   """The official 2B model section (docs/reference.md §1.2): 2,611,246,336 parameters."""
-  return ml_collections.ConfigDict(dataclasses.asdict(NextDiTConfig()))
+  return section_of(NextDiTConfig())
 
 
 def autoencoder_defaults() -> ml_collections.ConfigDict:
@@ -57,20 +70,20 @@ def autoencoder_defaults() -> ml_collections.ConfigDict:
   # "encoder.": it holds a copy of the encoder next to the decoder).
   c.encoder_path = ""
   c.encoder_prefix = ""  # key prefix selected and stripped in the encoder file ("" = none)
-  c.encoder = ml_collections.ConfigDict(dataclasses.asdict(DINOv3Config()))  # ViT-S/16+
+  c.encoder = section_of(DINOv3Config())  # ViT-S/16+
   # Pixel decoder weights: the official SVG autoencoder .ckpt (`decoder.*` in `state_dict`), a
   # .pth state dict, or .safetensors, with official or diffusers key names.
   c.decoder_path = ""
   c.decoder_format = "auto"  # auto | official | diffusers
-  c.decoder = ml_collections.ConfigDict(dataclasses.asdict(DecoderConfig()))  # released ddconfig
-  # Latent statistics: the official dinov3_s16p_layer_patchtoken_stats_dist.pt (the package ships
-  # it: `svg_jax.assets.OFFICIAL_LATENT_STATS`) or a file written by
-  # latent_stats.save_latent_stats (the demo's random encoder).
-  c.stats_path = ""
+  c.decoder = section_of(DecoderConfig())  # released ddconfig
+  # Latent statistics: by default the official dinov3_s16p_layer_patchtoken_stats_dist.pt, which
+  # the package ships; else a file written by latent_stats.save_latent_stats (the demo's random
+  # encoder). "" names none: nothing to normalize with, nothing to check records against.
+  c.stats_path = assets.OFFICIAL_LATENT_STATS
   c.stats_layer = -1  # row of the [layers, C] statistics; official -1 (= layer 11)
-  # Round mean/std to bf16 before normalizing, as the official DiT training does (bit-exact
-  # training latents); denormalization always uses the fp32 statistics, as official sampling.
-  c.bf16_stats = False
+  # Round mean/std to bf16 before normalizing, as the official DiT training does (its training
+  # latents bit for bit); denormalization always uses the fp32 statistics, as official sampling.
+  c.bf16_stats = True
   c.batch_size = 0  # images per jitted call (chunks; the last is padded); 0 = the whole input
   return c
 
@@ -260,6 +273,9 @@ def decoder_task_config() -> ml_collections.ConfigDict:
   c.data.jsonl = ""  # training images (official jsonl: one {"path": ...} a line)
   c.data.heldout_jsonl = ""  # held-out images for the PSNR evaluation
   c.data.num_eval_images = 64  # the first N held-out images (0 = no evaluation)
+  # Training crops as the official ImageNet loader's: the shorter side resized to the resolution,
+  # then "random" squares (official) or the "center" one (held-out images always).
+  c.data.crop = "random"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lpips_vgg_path = ""  # torchvision VGG16 state dict

@@ -284,8 +284,9 @@ class Generator:
             jnp.float32(settings.cfg_scale))
 
   def decode(self, latents: np.ndarray) -> np.ndarray:
-    """Latents -> uint8 images [N, H, W, 3]."""
-    return ae_lib.to_uint8(self.autoencoder.decode(latents))
+    """Latents -> uint8 images [N, H, W, 3], converted as the official samplers do (their
+    benchmark images included)."""
+    return ae_lib.to_uint8(self.autoencoder.decode(latents), truncate=True)
 
   def generate(self, prompts: Sequence[str], seeds: Sequence[int], resolution,
                settings: SamplerSettings = SamplerSettings(), *, batch_size: int = 0,

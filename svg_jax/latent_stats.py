@@ -96,8 +96,9 @@ def load_latent_stats(path: str | os.PathLike, layer: int = OFFICIAL_LAYER) -> L
   path = os.fspath(path)
   if not path:
     raise InputError("no latent statistics file given: set config.autoencoder.stats_path to the "
-                     "official dinov3_s16p_layer_patchtoken_stats_dist.pt (the project does not "
-                     "ship it) or to one written by save_latent_stats")
+                     "official one (the package ships it: svg_jax/assets/"
+                     "dinov3_s16p_layer_patchtoken_stats_dist.pt) or to one written by "
+                     "save_latent_stats")
   if not os.path.isfile(path):
     raise MissingInput(f"latent statistics file {path} does not exist")
   obj = load_torch_file(path)
@@ -118,7 +119,8 @@ def load_latent_stats(path: str | os.PathLike, layer: int = OFFICIAL_LAYER) -> L
     raise ValueError(f"{path}: 'mean' {mean.shape} and 'std' {std.shape} differ in shape")
   n = mean.shape[0]
   if not -n <= layer < n:
-    raise ValueError(f"{path}: layer {layer} out of range for {n} rows of statistics")
+    raise InputError(f"{path}: autoencoder.stats_layer {layer} is out of range for its {n} rows "
+                     f"of statistics ({-n}..{n - 1})")
   row = layer % n
   return LatentStats(mean[row].astype(np.float32), std[row].astype(np.float32),
                      f"sha256:{file_sha256(path)}:row{row}", f"{path} row {row}")

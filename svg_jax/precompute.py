@@ -49,7 +49,7 @@ from svg_jax import autoencoder
 from svg_jax import config as config_lib
 from svg_jax import parallel
 from svg_jax import text as text_lib
-from svg_jax.data import global_position, records
+from svg_jax.data import buckets, global_position, records
 from svg_jax.data import sources
 from svg_jax.data.sources import BadInput, Inputs, Loaded
 from svg_jax.input_errors import InputError
@@ -63,7 +63,9 @@ TEXT_MODES = ("features", "token_ids")
 MAX_CONVERSION_EXAMPLES = 20  # keys listed per conversion kind in the manifest
 
 
-def validate_config(c: ml_collections.ConfigDict) -> None:
+def validate_config(c: ml_collections.ConfigDict, patch_size: int | None = None) -> None:
+  """One InputError listing every problem of a `precompute` section; with the encoder's
+  `patch_size`, also whether resolution and max_ratio leave any bucket."""
   problems = []
   if c.text_mode not in TEXT_MODES:
     problems.append(f"text_mode {c.text_mode!r} is not one of {TEXT_MODES}")
@@ -83,6 +85,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   for name in ("resolution", "batch_size", "records_per_shard", "min_side", "num_threads"):
     if int(c[name]) < 1:
       problems.append(f"{name} must be >= 1, got {c[name]}")
+  if float(c.max_ratio) < 1:
+    problems.append(f"max_ratio must be >= 1, got {c.max_ratio}")
+  elif patch_size and int(c.resolution) >= 1 and not buckets.buckets_for_resolution(
+      int(c.resolution), int(patch_size), float(c.max_ratio)):
+    problems.append(f"resolution {c.resolution} leaves no aspect-ratio bucket ({patch_size}-"
+                    f"pixel patches, max_ratio {c.max_ratio}; with 16-pixel patches 256, 512 and "
+                    "1024 leave 15, 27 and 51)")
   if c.output_dtype != "bfloat16":
     problems.append(f"output_dtype {c.output_dtype!r}: record schema v{records.SCHEMA_VERSION} "
                     "stores floats as bfloat16 only")
@@ -200,7 +209,7 @@ class Precomputer:
   def __init__(self, cfg: ml_collections.ConfigDict, ae: Any, text_side: TextSide, *,
                process_index: int | None = None, process_count: int | None = None,
                stream=None):
-    validate_config(cfg)
+    validate_config(cfg, ae.encoder_cfg.patch_size)
     self.cfg, self.ae, self.text = cfg, ae, text_side
     if process_index is None:
       process_index = cfg.process_index if cfg.process_index >= 0 else None
@@ -434,7 +443,7 @@ def summary(manifest: dict, max_lines: int = 50) -> str:
 def build(config: ml_collections.ConfigDict, *, stream=None) -> Precomputer:
   """Loads the encoder (batch sharded over this process's local devices) and the text side."""
   cfg = job_config(config)
-  validate_config(cfg)
+  validate_config(cfg, int(config.autoencoder.encoder.patch_size))
   ae_cfg = ml_collections.ConfigDict(config.autoencoder.to_dict())
   ae_cfg.batch_size = int(cfg.batch_size)
   mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, jax.local_devices())

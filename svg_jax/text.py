@@ -57,11 +57,11 @@ UNCONDITIONAL = ""
 def system_prompt(system_type: str) -> str:
   """The sampler's system prompt for `system_type` (base/align/aesthetics/real/4grid/empty)."""
   if system_type == "enhance":
-    raise ValueError("system_type 'enhance' rewrites the prompt with Gemma-2 as a causal LM before "
+    raise InputError("system_type 'enhance' rewrites the prompt with Gemma-2 as a causal LM before "
                      "encoding; that prompt rewriting is not implemented here. Use one of "
                      f"{sorted(SYSTEM_PROMPTS)}")
   if system_type not in SYSTEM_PROMPTS:
-    raise ValueError(f"unknown system_type {system_type!r}; expected one of "
+    raise InputError(f"unknown system_type {system_type!r}; expected one of "
                      f"{sorted(SYSTEM_PROMPTS)} ('enhance' is not implemented)")
   return SYSTEM_PROMPTS[system_type]
 

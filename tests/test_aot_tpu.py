@@ -38,7 +38,7 @@ import script_runs
 from svg_jax import config as config_lib
 from svg_jax import parallel
 from svg_jax.models import nextdit
-from svg_jax.train import aot, metrics
+from svg_jax.train import aot, chip_specs
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -67,7 +67,7 @@ def test_targets_build_one_device_per_chip(name, chips, kind):
   assert len(devices) == chips and {d.device_kind for d in devices} == {kind}
   assert {d.platform for d in devices} == {"tpu"}
   # The MFU peak of libtpu's own device kind is the generation's.
-  assert metrics.detect_chip(devices[0]) == name.split()[-1].split("-")[0]
+  assert chip_specs.detect_chip(devices[0]) == name.split()[-1].split("-")[0]
 
 
 @pytest.mark.parametrize("name,chip", [
@@ -76,7 +76,7 @@ def test_targets_build_one_device_per_chip(name, chips, kind):
     ("NVIDIA A100 80GB PCIe", "a100"), ("NVIDIA B200", "cpu"), ("Tesla V100-SXM2-16GB", "cpu")])
 def test_cuda_device_names_map_to_their_peak(name, chip):
   """Names as jax's device_kind and torch.cuda.get_device_name give them; unknown: no MFU."""
-  assert metrics.chip_of("gpu", name) == chip
+  assert chip_specs.chip_of("gpu", name) == chip
 
 
 @pytest.mark.parametrize("bad", ["v5e-100", "v5p-7", "v9-8", "v5e256", "3x", "v5e-512"])
@@ -88,10 +88,10 @@ def test_bad_target_is_one_line(bad):
                               "bad TPU target", repr(bad))
 
 
-@pytest.mark.parametrize("generation", sorted(metrics.TPU_GENERATIONS))
+@pytest.mark.parametrize("generation", sorted(chip_specs.TPU_GENERATIONS))
 def test_hbm_table_is_what_xla_tpu_allows(generation):
   """A program needing 128 GiB of temporaries per chip: XLA:TPU refuses it, naming its HBM."""
-  target = aot.tpu_target(f"{generation}-{4 * metrics.TPU_GENERATIONS[generation].cores_per_chip}")
+  target = aot.tpu_target(f"{generation}-{4 * chip_specs.TPU_GENERATIONS[generation].cores_per_chip}")
   mesh = jax.make_mesh((4,), ("x",), devices=target.devices())
   x = jax.ShapeDtypeStruct((4 * 2 ** 16, 2 ** 16), jnp.float32,
                            sharding=NamedSharding(mesh, P("x")))
@@ -100,7 +100,7 @@ def test_hbm_table_is_what_xla_tpu_allows(generation):
   with pytest.raises(Exception, match="available HBM") as e:
     f.lower(x).compile()
   available = float(re.search(r"available HBM \(([0-9.]+)G\)", str(e.value)).group(1))
-  assert available == metrics.TPU_GENERATIONS[generation].hbm_gib
+  assert available == chip_specs.TPU_GENERATIONS[generation].hbm_gib
 
 
 def test_a_step_xla_refuses_is_a_verdict():

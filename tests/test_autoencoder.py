@@ -200,6 +200,11 @@ def test_to_uint8():
   r = np.random.default_rng(0).uniform(-1.2, 1.2, 1000).astype(np.float32)
   t = ((torch.from_numpy(r) + 1) / 2).clamp(0, 1).mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
   np.testing.assert_array_equal(ae_lib.to_uint8(r), t.numpy())
+  # As the official samplers: (x + 1) / 2, clamp_(0, 1), then torchvision's to_pil_image or
+  # svg_generate.py's own mul(255).byte().
+  t = ((torch.from_numpy(r) + 1) / 2).clamp(0, 1).mul(255).byte()
+  np.testing.assert_array_equal(ae_lib.to_uint8(r, truncate=True), t.numpy())
+  assert (ae_lib.to_uint8(r, truncate=True) != ae_lib.to_uint8(r)).mean() > 0.3
 
 
 def test_preprocess_real_images():
@@ -289,6 +294,7 @@ def weight_files(tmp_path_factory, encoder):
   cfg.encoder.update({**dataclasses.asdict(ENC)})
   cfg.decoder.update({**dataclasses.asdict(DEC64)})
   cfg.encoder_path, cfg.decoder_path, cfg.stats_path = enc_path, dec_path, stats_path
+  cfg.bf16_stats = False  # the default rounds them (the official statistics' training); not here
   return root, cfg, enc_params, dec_params
 
 
@@ -319,7 +325,10 @@ def test_from_config_loads_the_official_formats(weight_files, encoder):
   bare = config_lib.autoencoder_defaults()
   with pytest.raises(ValueError, match="autoencoder.encoder_path and autoencoder.decoder_path"):
     ae_lib.SVGAutoencoder.from_config(bare)
-  bare.encoder_path = cfg.encoder_path
+  bare.encoder_path = cfg.encoder_path  # the default statistics are the official 384 channels
+  with pytest.raises(ValueError, match=f"{ENC.dim}.*384|384.*{ENC.dim}"):
+    ae_lib.SVGAutoencoder.from_config(bare, decoder=False)
+  bare.stats_path = ""
   with pytest.raises(ValueError, match="stats_path"):
     ae_lib.SVGAutoencoder.from_config(bare, decoder=False)
 

@@ -12,7 +12,7 @@ import pytest
 
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax import config as config_lib
-from svg_jax.train import metrics
+from svg_jax.train import flop_count
 
 from configs import tiny
 
@@ -62,7 +62,7 @@ def test_the_figures_agree(run):
   assert result["tflops"] == pytest.approx(result["tflops_per_device"] * result["devices"])
   h, w = result["latent_hw"]
   # The total is the model's FLOPs per step at the measured rate, however many devices share it.
-  flops = metrics.dit_train_flops(config_lib.nextdit_config(tiny.get_config()), BATCH, (h, w),
+  flops = flop_count.dit_train_flops(config_lib.nextdit_config(tiny.get_config()), BATCH, (h, w),
                                   result["cap_len"])
   assert result["tflops"] == pytest.approx(flops * result["steps_per_sec"] / 1e12, rel=1e-9)
   assert result["tokens_per_sec"] == pytest.approx(

@@ -378,9 +378,52 @@ def test_adaptive_weight_and_hinge_are_taming_s(taming_losses):
 # ----------------------------------------------------------------------------- image pipeline
 
 
+@pytest.mark.parametrize("shape, size", [((375, 500), 256), ((500, 333), 256), ((40, 30), 16),
+                                         ((200, 200), 256), ((57, 91), 64), ((256, 300), 256)])
+def test_the_resize_is_albumentations_smallest_max_size(shape, size):
+  """The official ImageNet loader's resize (taming's ImagePaths: albumentations' SmallestMaxSize,
+  cv2 bilinear): the same output size, every pixel within 1 level and most equal. cv2 rounds its
+  fixed-point sums down where we round to nearest (about 1 value in 8 one level lower); an
+  antialiased or corner-aligned resize would differ by far more."""
+  import albumentations
+  from svg_jax.data import image_pipeline
+  image = np.random.default_rng(sum(shape)).integers(0, 256, (*shape, 3), dtype=np.uint8)
+  want = albumentations.SmallestMaxSize(max_size=size)(image=image)["image"]
+  got = image_pipeline.shorter_side_to(image, size)
+  assert got.shape == want.shape and got.dtype == np.uint8
+  diff = got.astype(int) - want
+  assert np.abs(diff).max() <= 1 and (diff == 0).mean() > 0.85, (diff.min(), diff.max())
+
+
+def test_crops_are_albumentations_random_and_center_crops():
+  """RandomCrop's offsets from two uniform draws (albumentations' own get_crop_coords), and
+  CenterCrop's square."""
+  import albumentations
+  from albumentations.augmentations.crops import functional as crops
+  from svg_jax.data import image_pipeline
+
+  class Draws:  # an rng whose two draws the test chooses
+    def __init__(self, u, v):
+      self.values = np.array([u, v])
+
+    def random(self, n):
+      assert n == 2
+      return self.values
+
+  for h, w, size in ((256, 385, 256), (300, 256, 256), (64, 64, 64), (17, 40, 16)):
+    for u, v in ((0.0, 0.0), (0.999999, 0.5), (0.3, 0.999999), (0.5, 0.25)):
+      x0, y0, _, _ = crops.get_crop_coords((h, w), (size, size), u, v)
+      assert image_pipeline.crop_offsets(h, w, size, Draws(u, v)) == (y0, x0)
+    image = np.random.default_rng(h * w).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    top, left = image_pipeline.crop_offsets(h, w, size, None)
+    np.testing.assert_array_equal(
+        image[top:top + size, left:left + size],
+        albumentations.CenterCrop(height=size, width=size)(image=image)["image"])
+
+
 def test_image_pipeline_is_deterministic_resumable_and_skips_bad_images(tmp_path):
   from PIL import Image
-  from svg_jax.data import buckets, image_pipeline
+  from svg_jax.data import image_pipeline
   rng = np.random.default_rng(0)
   lines = []
   for i in range(6):
@@ -397,11 +440,17 @@ def test_image_pipeline_is_deterministic_resumable_and_skips_bad_images(tmp_path
   state = it.get_state()
   after = [next(it)["image"] for _ in range(3)]
   assert all(b.shape == (2, 16, 16, 3) and b.dtype == np.uint8 for b in batches)
-  # Every image is the official center crop of one listed good image.
-  good = {i: np.asarray(buckets.center_crop(Image.open(tmp_path / f"{i}.png"), (16, 16)))
-          for i in range(6)}
-  for img in np.concatenate(batches):
-    assert any(np.array_equal(img, g) for g in good.values())
+  # Every image is a 16 x 16 square of one listed good image with its shorter side at 16, at
+  # offsets that vary (the images are taller than wide).
+  resized = [image_pipeline.shorter_side_to(np.asarray(Image.open(tmp_path / f"{i}.png")), 16)
+             for i in range(6)]
+  found = set()
+  for img in np.concatenate(batches + after):
+    found |= {(i, top) for i, r in enumerate(resized) for top in range(r.shape[0] - 15)
+              if np.array_equal(img, r[top:top + 16])}
+  assert len({i for i, _ in found}) > 1 and len({top for _, top in found}) > 1, found
+  assert all(any(np.array_equal(img, r[top:top + 16]) for r in resized
+                 for top in range(r.shape[0] - 15)) for img in np.concatenate(batches + after))
   again = image_pipeline.make_image_pipeline(tmp_path / "list.jsonl", cfg, process_index=0,
                                              process_count=1)
   assert all(np.array_equal(next(again)["image"], b) for b in batches)  # same seed, same order
@@ -581,3 +630,17 @@ def test_nan_stops_and_bad_config_is_one_line(tmp_path):
   msg = str(info.value)
   assert "\n" not in msg and "set both loss.lpips_vgg_path and loss.lpips_lin_path" in msg
   assert "autoencoder.decoder.z_channels 24 != encoder dim 32" in msg
+  # Values that used to fail in the first step, or to be ignored.
+  config.autoencoder.decoder.z_channels = 32
+  config.discriminator.update(dict(ndf=0, n_layers=-1))
+  config.data.update(dict(resolution=0, num_workers=3, num_threads=0, crop="middle",
+                          num_eval_images=-1))
+  config.loss.disc_start = -5
+  with pytest.raises(loop.ConfigError) as info:
+    trainer.validate_config(config)
+  msg = str(info.value)
+  for part in ("ndf must be an integer >= 1, got 0", "n_layers must be an integer >= 1, got -1",
+               "data.resolution must be >= 1, got 0", "data.num_workers is 3",
+               "data.num_threads and data.prefetch must be >= 1", "data.crop 'middle' is not one",
+               "data.num_eval_images must be >= 0", "loss.disc_start must be >= 0, got -5"):
+    assert part in msg, (part, msg)

@@ -13,6 +13,7 @@ import torch
 
 from svg_jax import assets
 from svg_jax import latent_stats as ls
+from svg_jax.input_errors import InputError
 
 STATS_FILE = assets.OFFICIAL_LATENT_STATS
 OFFICIAL_SHA256 = "a504c54c6775f4e418f549915405a5d31ad685dca73d132b34b68cee60e5edd6"
@@ -155,7 +156,7 @@ def test_bad_files_are_named(tmp_path):
   with pytest.raises(ValueError, match="differ in shape"):
     ls.load_latent_stats(tmp_path / "shapes.pt")
   torch.save({"mean": torch.zeros(2, 3), "std": torch.ones(2, 3)}, tmp_path / "ok.pt")
-  with pytest.raises(ValueError, match="layer 2 out of range for 2 rows"):
+  with pytest.raises(InputError, match="stats_layer 2 is out of range for its 2 rows"):
     ls.load_latent_stats(tmp_path / "ok.pt", layer=2)
   torch.save({"mean": torch.zeros(3), "std": torch.ones(3)}, tmp_path / "flat.pt")
   with pytest.raises(ValueError, match=r"\[layers, C\]"):

@@ -162,20 +162,21 @@ def test_acceptance_two_real_images_plus_corrupt_and_missing(files, job_factory,
   assert manifest["conversions"] == {"alpha_on_white": {"count": 1,
                                                         "examples": [f"{ASSETS}/hello.png"]}}
   assert manifest["buckets"] == {"12x20": 1, "16x16": 1}  # 320x192 and 256x256 pixels
-  # Stats: the file's sha256 and the row used (the file holds one row). Text: both files and
-  # every setting that changes the features.
+  # Stats: the file's sha256, the row used (the file holds one row) and the bf16 rounding of
+  # the official training (the default). Text: both files and every setting that changes the
+  # features.
   text_dir = _dir_sha256(files["text"])
   assert manifest["fingerprints"] == {
       "encoder": "sha256:" + _sha256(files["encoder"]),
-      "statistics": "sha256:" + _sha256(files["stats"]) + ":row0",
+      "statistics": "sha256:" + _sha256(files["stats"]) + ":row0:bf16",
       "text_encoder": f"model={text_dir};tokenizer={text_dir};layer=-2;max_length="
                       f"{text_lib.TRAIN_MAX_LENGTH};system_prompt=auto;mode=features"}
 
   # A trainer can compute the same fingerprints from its config without loading any model.
   config = _config(files, resolution=256)
   assert pc.expected_fingerprints(config) == manifest["fingerprints"]
-  config.autoencoder.bf16_stats = True
-  assert pc.expected_fingerprints(config)["statistics"].endswith(":bf16")
+  config.autoencoder.bf16_stats = False
+  assert pc.expected_fingerprints(config)["statistics"].endswith(":row0")
   config.precompute.hidden_layer = -1
   with pytest.raises(records.FingerprintMismatchError, match="text_encoder"):
     records.check_fingerprints(manifest, pc.expected_fingerprints(config))

@@ -1,5 +1,6 @@
 """The DiT training loop on CPU: mesh equivalence, kill/resume, SIGTERM, NaN stop, bad configs and
 a falling loss, on tiny models and synthetic learnable record datasets."""
+import asyncio
 import functools
 import gc
 import hashlib
@@ -22,6 +23,7 @@ from svg_jax import parallel
 from svg_jax.data import records, synthetic
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import dit_task, loop, stall_watch, trainer
+from svg_jax.train import flop_count
 from svg_jax.train import metrics as metrics_lib
 
 import saved_state
@@ -651,12 +653,29 @@ def _saves_that_fail(monkeypatch, where):
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
 
 
+def _reports_of_a_failed_write_task(folder: str, caplog) -> list[str]:
+  """What asyncio logs of a write task into `folder` whose error nobody retrieved, as orbax
+  leaves them behind a failed save (one per array, logged when the task is collected)."""
+  async def write():
+    raise ValueError(f'Error writing "params/0" at local file "{folder}/4.orbax-checkpoint-tmp"')
+
+  caplog.clear()
+  event_loop = asyncio.new_event_loop()
+  task = event_loop.create_task(write())
+  event_loop.run_until_complete(asyncio.sleep(0.01))
+  event_loop.close()
+  del task
+  gc.collect()
+  return [r.getMessage() for r in caplog.records if "never retrieved" in r.getMessage()]
+
+
 @pytest.mark.parametrize("where", ["at save", "in the background"])
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data_dir, six_steps,
                                                                        tmp_path, monkeypatch,
-                                                                       where):
+                                                                       where, caplog):
   """The save of step 4 fails (a full disk): CheckpointError names the step, the reason and step
-  2 as the newest intact one; a rerun resumes from step 2 with the uninterrupted run's losses."""
+  2 as the newest intact one; a rerun resumes from step 2 with the uninterrupted run's losses.
+  The write tasks that failed with it are not reported again at exit (after the run's line)."""
   config = _config(data_dir, num_steps=6, checkpoint_every=2)
   _saves_that_fail(monkeypatch, where)
   with pytest.raises(loop.CheckpointError) as e:
@@ -666,6 +685,9 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data_dir,
   assert message.startswith(f"writing checkpoint 4 to {ckpt_lib.checkpoint_dir(str(tmp_path))} "
                             "failed (OSError: [Errno 28] No space left on device); the checkpoints "
                             "up to step 2 are intact: make the checkpoint folder writable"), message
+  folder = ckpt_lib.checkpoint_dir(str(tmp_path))
+  assert not _reports_of_a_failed_write_task(folder, caplog)
+  assert _reports_of_a_failed_write_task(str(tmp_path / "another_run"), caplog)  # only this save's
   monkeypatch.undo()
   assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2]
   assert trainer.train(config, str(tmp_path))["resumed_from"] == 2
@@ -802,7 +824,7 @@ def test_flop_count_matches_xla_cost_analysis():
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
   fwd = jax.jit(model.apply).lower(params, *args).compile().cost_analysis()
   fwd = fwd[0] if isinstance(fwd, list) else fwd
-  ours = metrics_lib.dit_train_flops(cfg, b, (h, w), lc) / 3
+  ours = flop_count.dit_train_flops(cfg, b, (h, w), lc) / 3
   # XLA also counts elementwise work (norms, RoPE, softmax), so it is a little higher.
   print(f"analytic forward FLOPs / XLA's: {ours / fwd['flops']:.3f}")
   assert 0.8 * fwd["flops"] < ours <= 1.05 * fwd["flops"], (ours, fwd["flops"])
@@ -819,7 +841,7 @@ def test_gemma2_flop_count_matches_xla_cost_analysis():
   params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))
   fwd = jax.jit(model.apply).lower(params, *args).compile().cost_analysis()
   fwd = fwd[0] if isinstance(fwd, list) else fwd
-  ours = metrics_lib.gemma2_forward_flops(cfg, b, length)
+  ours = flop_count.gemma2_forward_flops(cfg, b, length)
   print(f"analytic Gemma-2 forward FLOPs / XLA's: {ours / fwd['flops']:.3f}")
   assert 0.8 * fwd["flops"] < ours <= 1.05 * fwd["flops"], (ours, fwd["flops"])
   # Only the layers up to hidden_states[-2] run: one fewer than the model has.
@@ -903,8 +925,12 @@ def test_data_from_other_statistics_is_refused(tmp_path):
   config.autoencoder.stats_path = stats
   with pytest.raises(records.FingerprintMismatchError, match="statistics"):
     dit_task.make_data_iterator(config)
+  # The config check finds it first, before the train state is built.
+  assert [p for p in dit_task.config_problems(config, 1)
+          if p.startswith("data.path: dataset fingerprints do not match") and "statistics" in p]
   config.autoencoder.stats_path = ""  # nothing named, nothing to check
   dit_task.make_data_iterator(config).close()
+  assert not [p for p in dit_task.config_problems(config, 1) if "fingerprints" in p]
 
 
 def test_metric_accumulation_stays_off_the_mesh(tmp_path):

@@ -206,6 +206,10 @@ def test_an_evaluation_compiled_ahead_lowers_no_program(files, tmp_path):
     (dict(eval_every=3, eval_path=""), "train.eval_every > 0 needs data.eval_path"),
     (dict(seeds=(1, 2)), "validation.seeds has 2 seeds for 3 prompts"),
     (dict(loss_timesteps=(0.5, 1.5)), "validation.loss_timesteps must be times in [0, 1]"),
+    # Found before training, not at the first grid after it (nothing saved by then).
+    (dict(grid_cols=-3), "validation.grid_cols must be >= 0"),
+    (dict(batch_size=-2), "validation.batch_size must be >= 0"),
+    (dict(prompts=("x", "y", "z")), "holds features of other prompts than validation.prompts"),
 ])
 def test_validation_config_problems_are_named(files, change, message):
   config = _config(files, files["train"], files["heldout"])

@@ -22,7 +22,7 @@ import flax
 import numpy as np
 
 from svg_jax.convert import errors, layouts, safetensors_io, torch_pickle
-from svg_jax.input_errors import MissingInput
+from svg_jax.input_errors import InputError, MissingInput
 from svg_jax.models.decoder import DecoderConfig
 
 OFFICIAL_PREFIX = "decoder."
@@ -116,7 +116,7 @@ def _to_numpy(v: Any) -> np.ndarray:
 def _names(cfg: DecoderConfig, fmt: str) -> Iterator[tuple[tuple[str, ...], str, str, tuple]]:
   """(flax path, key in `fmt`, source layout, flax shape) for every parameter."""
   if fmt not in FORMATS:
-    raise ValueError(f"unknown decoder checkpoint format {fmt!r}; choose one of {FORMATS}")
+    raise InputError(f"unknown decoder checkpoint format {fmt!r}; choose one of {FORMATS}")
   for path, off, dif, kind, shape in key_map(cfg):
     yield path, (off if fmt == "official" else dif), _LAYOUT[fmt][kind], shape
 
@@ -307,7 +307,7 @@ def state_to_params(state: Mapping[str, Any], cfg: DecoderConfig, fmt: str = "au
   elif fmt == "official":
     prefix = OFFICIAL_PREFIX if any(k.startswith(OFFICIAL_PREFIX) for k in state) else ""
   elif fmt != "diffusers":
-    raise ValueError(
+    raise InputError(
         f"unknown decoder checkpoint format {fmt!r}; choose 'auto' or one of {FORMATS}")
   if fmt == "official":
     return official_to_params(state, cfg, prefix=prefix)

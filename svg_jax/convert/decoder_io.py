@@ -33,7 +33,7 @@ import numpy as np
 from svg_jax import checkpoint, parallel
 from svg_jax.convert import decoder as keymap
 from svg_jax.convert import safetensors_io, torch_pickle, weights_io
-from svg_jax.input_errors import MissingInput
+from svg_jax.input_errors import InputError, MissingInput
 from svg_jax.models.decoder import Decoder, DecoderConfig
 
 FORMATS = ("flax", "official", "safetensors", "diffusers")
@@ -41,7 +41,7 @@ FORMATS = ("flax", "official", "safetensors", "diffusers")
 
 def _check_format(fmt: str) -> None:
   if fmt not in FORMATS:
-    raise ValueError(f"unknown decoder checkpoint format {fmt!r}; choose one of {FORMATS}")
+    raise InputError(f"unknown decoder checkpoint format {fmt!r}; choose one of {FORMATS}")
 
 
 def load_decoder_weights(path: str | os.PathLike, fmt: str, cfg: DecoderConfig,

@@ -31,7 +31,7 @@ FORMATS = ("flax", "official", "safetensors", "diffusers")
 
 def _check_format(fmt: str) -> None:
   if fmt not in FORMATS:
-    raise ValueError(f"unknown DiT checkpoint format {fmt!r}; choose one of {FORMATS}")
+    raise InputError(f"unknown DiT checkpoint format {fmt!r}; choose one of {FORMATS}")
 
 
 def load_dit(path: str | os.PathLike, fmt: str, cfg: NextDiTConfig, step: int | None = None,

@@ -165,7 +165,9 @@ class PipelineConfig:
         raise ValueError(
             f"{name} must be one of {sorted(_OUT_DTYPES)}, got {getattr(self, name)!r}")
     if self.num_threads < 0 or self.prefetch_buffer_size < 0 or self.num_workers < 0:
-      raise ValueError("num_threads, prefetch_buffer_size and num_workers must be >= 0")
+      raise ValueError("num_threads, prefetch_buffer_size (data.prefetch) and num_workers must be "
+                       f">= 0, got {self.num_threads}, {self.prefetch_buffer_size} and "
+                       f"{self.num_workers}")
 
 
 def _bucket_seed(seed: int, key: str) -> int:

@@ -87,7 +87,7 @@ class ManifestError(ValueError):
   """A missing or malformed manifest.json."""
 
 
-class FingerprintMismatchError(ValueError):
+class FingerprintMismatchError(InputError):
   """The dataset was built with a different encoder / statistics / text encoder than expected."""
 
 
@@ -448,7 +448,10 @@ def check_fingerprints(manifest: Mapping[str, Any], expected: Mapping[str, str])
     if key not in have:
       problems.append(f"{key}: dataset has no fingerprint (expected {want!r})")
     elif have[key] != want:
-      problems.append(f"{key}: dataset {have[key]!r} != expected {want!r}")
+      # ":bf16" marks latents normalized with bf16-rounded statistics (autoencoder.bf16_stats).
+      only_rounding = have[key].removesuffix(":bf16") == want.removesuffix(":bf16")
+      problems.append(f"{key}: dataset {have[key]!r} != expected {want!r}" + (
+          " (only autoencoder.bf16_stats differs)" if only_rounding else ""))
   if problems:
     raise FingerprintMismatchError(
         "dataset fingerprints do not match the config (precomputed with other "

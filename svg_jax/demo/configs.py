@@ -82,6 +82,15 @@ def _decoder(p: Preset) -> dict:
               norm_groups=8)
 
 
+def _autoencoder(section: ml_collections.ConfigDict, p: Preset) -> None:
+  """The preset's encoder and decoder. Their statistics are the demo's own, computed from its
+  images (the pipeline names the file), and the official training's bf16 rounding of them is
+  not theirs to reproduce."""
+  section.encoder.update(_encoder(p))
+  section.decoder.update(_decoder(p))
+  section.update(dict(stats_path="", bf16_stats=False))
+
+
 def decoder(name: str = DEFAULT_PRESET, steps: int | None = None) -> ml_collections.ConfigDict:
   """The demo's decoder training: shapes images at 64 px, a small decoder, the official recipe;
   `steps` long (default: the preset's)."""
@@ -90,8 +99,7 @@ def decoder(name: str = DEFAULT_PRESET, steps: int | None = None) -> ml_collecti
   c = base.decoder_task_config()
   c.data.resolution = RESOLUTION
   c.data.num_eval_images = 64
-  c.autoencoder.encoder.update(_encoder(p))
-  c.autoencoder.decoder.update(_decoder(p))
+  _autoencoder(c.autoencoder, p)
   c.discriminator.ndf = 16
   c.train.global_batch_size = 8
   c.train.num_steps = steps
@@ -109,8 +117,7 @@ def precompute(name: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   official system prompt, as the demo encodes its own records."""
   p = preset(name)
   c = base.precompute_job_config()
-  c.autoencoder.encoder.update(_encoder(p))
-  c.autoencoder.decoder.update(_decoder(p))
+  _autoencoder(c.autoencoder, p)
   c.precompute.update(dict(resolution=RESOLUTION, min_side=RESOLUTION // 2, batch_size=64,
                            system_prompt="empty"))
   return c
@@ -129,8 +136,7 @@ def dit(name: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
       # CPU: scan and remat each cost 15-25% (docs/cpu_performance.md); they exist for memory.
       scan_layers=False, remat_policy="none", compute_dtype="float32"))
   # decoder()'s encoder and decoder: a demo's exported decoder loads with this config alone.
-  c.autoencoder.encoder.update(_encoder(p))
-  c.autoencoder.decoder.update(_decoder(p))
+  _autoencoder(c.autoencoder, p)
   c.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   c.data.resolution = RESOLUTION
   c.data.max_caption_len = 64

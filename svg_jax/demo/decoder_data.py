@@ -50,7 +50,7 @@ def make_stats(path: str, encoder_path: str, cfg: DINOv3Config, jsonl: str, reso
 
   def batches():
     for start in range(0, len(paths), 64):
-      images = np.stack([image_pipeline.load_crop(p, resolution) for p in paths[start:start + 64]])
+      images = np.stack([image_pipeline.load_square(p, resolution) for p in paths[start:start + 64]])
       yield np.asarray(encode(params, images))
 
   atomic_files.write(path, lambda tmp: write_latent_stats(tmp, batches()))

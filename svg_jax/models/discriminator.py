@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from svg_jax.input_errors import InputError
 from svg_jax.models import config_dict
 
 CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
@@ -44,6 +45,19 @@ class DiscriminatorConfig:
     out = [self.ndf]
     out += [self.ndf * min(2 ** n, 8) for n in range(1, self.n_layers + 1)]
     return out + [1]
+
+  def validate(self) -> None:
+    problems = [f"{name} must be an integer >= 1, got {getattr(self, name)!r}"
+                for name in ("in_channels", "ndf", "n_layers")
+                if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+    if not self.bn_eps > 0:
+      problems.append(f"bn_eps must be > 0, got {self.bn_eps}")
+    if not 0 <= self.bn_momentum <= 1:
+      problems.append(f"bn_momentum must be in [0, 1], got {self.bn_momentum}")
+    if not self.leaky_slope >= 0:
+      problems.append(f"leaky_slope must be >= 0, got {self.leaky_slope}")
+    if problems:
+      raise InputError("invalid discriminator config: " + "; ".join(problems))
 
   @classmethod
   def from_dict(cls, d: Any) -> "DiscriminatorConfig":

@@ -42,6 +42,7 @@ REMAT_POLICIES = ("none", "dots", "dots_no_batch", "save_qkv_attn", "offload_qkv
 # policy that needs the least memory.
 AUTO = "auto"
 ACTIVATION_DTYPES = ("float32", "compute")
+COMPUTE_DTYPES = ("float32", "bfloat16")  # the tested ones
 LAYER_LOOPS = ("scan", "unrolled", AUTO)
 # checkpoint_name tags in the attention: its inputs after RoPE and its output before `out`.
 QKV_ATTN_NAMES = ("attn_q", "attn_k", "attn_v", "attn_out")
@@ -108,7 +109,11 @@ class NextDiTConfig:
     return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
   def validate(self) -> None:
-    problems = []
+    problems = self._size_problems()
+    if problems:  # the checks below divide by these sizes
+      raise InputError("invalid NextDiT config: " + "; ".join(problems))
+    if self.compute_dtype not in COMPUTE_DTYPES:
+      problems.append(f"compute_dtype {self.compute_dtype!r} not in {COMPUTE_DTYPES}")
     if self.dim % self.n_heads:
       problems.append(f"dim {self.dim} not divisible by n_heads {self.n_heads}")
     elif sum(self.axes_dims) != self.head_dim:
@@ -133,6 +138,21 @@ class NextDiTConfig:
                       f"{layers.ATTENTION_BACKENDS}")
     if problems:
       raise InputError("invalid NextDiT config: " + "; ".join(problems))
+
+  def _size_problems(self) -> list[str]:
+    def whole(v, least):
+      return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+    problems = [f"{name} must be an integer >= {least}, got {getattr(self, name)!r}"
+                for name, least in (("patch_size", 1), ("in_channels", 1), ("dim", 1),
+                                    ("n_layers", 1), ("n_refiner_layers", 0), ("n_heads", 1),
+                                    ("n_kv_heads", 1), ("multiple_of", 1), ("cap_feat_dim", 1),
+                                    ("t_freq_dim", 2), ("scan_unroll", 1))
+                if not whole(getattr(self, name), least)]
+    for name in ("axes_dims", "axes_lens"):
+      if not all(whole(v, 1) for v in getattr(self, name)):
+        problems.append(f"{name} must be integers >= 1, got {getattr(self, name)!r}")
+    return problems
 
   @classmethod
   def from_dict(cls, d: Any) -> "NextDiTConfig":

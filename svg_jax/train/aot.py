@@ -20,7 +20,7 @@ Two facts about XLA's numbers shape this file:
 TPU slices need no TPU: `tpu_target` parses a Cloud accelerator type ("v5e-256", "2xv5p-128") and
 builds its devices from libtpu's topology description (`jax.experimental.topologies`), and the
 same step is compiled by XLA:TPU for them, Pallas kernels (splash attention) included. The
-generation facts (HBM, peak FLOP/s, slice shapes) are `metrics.TPU_GENERATIONS` / `PEAK_TFLOPS`.
+generation facts (HBM, peak FLOP/s, slice shapes) are `chip_specs.TPU_GENERATIONS` / `PEAK_TFLOPS`.
 
 `compile_report` is one run of launch/aot_compile.py: the mesh its flags lay out (`slice_sizes`,
 `compile_mesh`), the micro-batches a per-device batch asks for, the training loop's own config
@@ -47,8 +47,7 @@ from ml_collections.config_flags import config_path
 from svg_jax import config as config_lib
 from svg_jax import input_errors, parallel
 from svg_jax.models import nextdit
-from svg_jax.train import dit_task, loop
-from svg_jax.train import metrics as metrics_lib
+from svg_jax.train import chip_specs, dit_task, flop_count, loop
 from svg_jax.utils.error_lines import out_of_memory_line
 
 GIB = 1024 ** 3
@@ -210,7 +209,7 @@ def xla_step_flops(config, mesh, *, cap_len: int, hw: tuple[int, int] | None = N
 
 def analytic_flops_per_device(config, mesh, *, cap_len: int, hw=None) -> float:
   cfg = config_lib.nextdit_config(config)
-  total = metrics_lib.dit_train_flops(cfg, int(config.train.global_batch_size),
+  total = flop_count.dit_train_flops(cfg, int(config.train.global_batch_size),
                                       hw or latent_hw(config), cap_len)
   return total / mesh.devices.size
 
@@ -227,9 +226,9 @@ def remat_expected_ratio(config, *, cap_len: int, hw=None) -> float:
   h, w = hw or latent_hw(config)
   b = int(config.train.global_batch_size)
   s = (h // cfg.patch_size) * (w // cfg.patch_size) + cap_len
-  total = metrics_lib.dit_train_flops(cfg, b, (h, w), cap_len)
+  total = flop_count.dit_train_flops(cfg, b, (h, w), cap_len)
   layers_forward = b * cfg.n_layers * (
-      2 * s * metrics_lib.block_matmul_params(cfg) + 4 * cfg.n_heads * cfg.head_dim * s * s
+      2 * s * flop_count.block_matmul_params(cfg) + 4 * cfg.n_heads * cfg.head_dim * s * s
       + 2 * cfg.adaln_dim * 4 * cfg.dim)
   return total / (total + layers_forward)
 
@@ -265,7 +264,7 @@ _TARGET = re.compile(r"^(?:(\d+)\s*x\s*)?(v4|v5e|v5litepod|v5p|v6e)-(\d+)$")
 def slice_shapes(generation: str) -> dict[int, tuple[int, ...]]:
   """chips -> the slice's chip grid, for the standard slices of a generation: from one host's
   box, double the last of the smallest axes (v5e 2x4, 4x4, ..., 16x16; v4 2x2x2, 2x2x4, 2x4x4)."""
-  gen = metrics_lib.TPU_GENERATIONS[generation]
+  gen = chip_specs.TPU_GENERATIONS[generation]
   shape = [2, 2, 1] if gen.torus_dims == 3 else [2, 2]
   shapes = {1: (1,) * gen.torus_dims} if gen.torus_dims == 2 else {}
   while math.prod(shape) <= gen.max_chips:
@@ -291,18 +290,18 @@ class TpuTarget:
 
   @property
   def hbm_bytes(self) -> float:
-    return metrics_lib.TPU_GENERATIONS[self.generation].hbm_gib * GIB
+    return chip_specs.TPU_GENERATIONS[self.generation].hbm_gib * GIB
 
   @property
   def peak_flops(self) -> float:
-    return metrics_lib.PEAK_TFLOPS[self.generation] * 1e12
+    return chip_specs.PEAK_TFLOPS[self.generation] * 1e12
 
   def devices(self) -> list:
     """The slices' devices from libtpu's topology description (no TPU needed)."""
     # libtpu takes a machine-wide lock file unless told otherwise; these processes only compile,
     # so several may load it at once (a test beside a running aot_compile.py).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    gen = metrics_lib.TPU_GENERATIONS[self.generation]
+    gen = chip_specs.TPU_GENERATIONS[self.generation]
     topo = topologies.get_topology_desc(
         platform="tpu", topology_name=self.topology, chip_config_name=gen.chip_config,
         chips_per_host_bounds=gen.host_bounds, num_slices=self.num_slices)
@@ -321,10 +320,10 @@ def tpu_target(text: str) -> TpuTarget:
   if not m:
     raise input_errors.InputError(
         f"bad TPU target {text!r}: expected [<slices>x]<generation>-<size>, e.g. v5e-256, "
-        f"v5p-128, 2xv5e-256, generations {sorted(metrics_lib.TPU_GENERATIONS)}")
+        f"v5p-128, 2xv5e-256, generations {sorted(chip_specs.TPU_GENERATIONS)}")
   slices, generation, size = int(m.group(1) or 1), m.group(2), int(m.group(3))
   generation = "v5e" if generation == "v5litepod" else generation
-  gen = metrics_lib.TPU_GENERATIONS[generation]
+  gen = chip_specs.TPU_GENERATIONS[generation]
   shapes = slice_shapes(generation)
   chips, rem = divmod(size, gen.cores_per_chip)
   if rem or chips not in shapes or slices < 1:
@@ -364,7 +363,7 @@ def step_report(config, mesh, *, cap_len: int, target: TpuTarget | None = None,
              device_kind=mesh.devices.flat[0].device_kind)
   if target is not None:
     out.update(target=target.name, topology=target.topology, num_slices=target.num_slices,
-               peak_tflops=metrics_lib.PEAK_TFLOPS[target.generation])
+               peak_tflops=chip_specs.PEAK_TFLOPS[target.generation])
   out["analytic_flops"] = analytic_flops_per_device(config, mesh, cap_len=cap_len)
   try:
     compiled, setup, seconds = compile_step(config, mesh, cap_len=cap_len)

@@ -38,7 +38,7 @@ from svg_jax.train import task_api
 from svg_jax.utils.rounding import round_up
 
 SECTIONS = ("loss", "discriminator")
-DATA_FIELDS = ("jsonl", "heldout_jsonl", "num_eval_images")
+DATA_FIELDS = ("jsonl", "heldout_jsonl", "num_eval_images", "crop")
 
 
 def config_problems(config, process_count: int) -> list[str]:
@@ -64,7 +64,7 @@ def config_problems(config, process_count: int) -> list[str]:
   except ValueError as e:
     problems.append(f"autoencoder.decoder: {e}")
   try:
-    DiscriminatorConfig.from_dict(config.discriminator.to_dict())
+    DiscriminatorConfig.from_dict(config.discriminator.to_dict()).validate()
   except (ValueError, TypeError) as e:
     problems.append(f"discriminator: {e}")
   if enc_cfg is not None and dec_cfg is not None:
@@ -75,7 +75,9 @@ def config_problems(config, process_count: int) -> list[str]:
       problems.append(f"the decoder upsamples {dec_cfg.upsample_factor}x but the encoder patch is "
                       f"{enc_cfg.patch_size}: reconstructions would not have the image size")
     res = int(config.data.resolution)
-    if res % enc_cfg.patch_size:
+    if res < 1:
+      problems.append(f"data.resolution must be >= 1, got {res}")
+    elif res % enc_cfg.patch_size:
       problems.append(f"data.resolution {res} is not a multiple of the patch size "
                       f"{enc_cfg.patch_size}")
   for field, what in (("encoder_path", "DINOv3 weights"), ("stats_path", "latent statistics")):
@@ -92,10 +94,21 @@ def config_problems(config, process_count: int) -> list[str]:
   for name, path in (("lpips_vgg_path", vgg), ("lpips_lin_path", lin)):
     if path and not os.path.isfile(path):
       problems.append(f"loss.{name} {path!r} does not exist")
-  for name in ("lpips_weight", "disc_weight", "disc_factor"):
+  for name in ("lpips_weight", "disc_weight", "disc_factor", "disc_start"):
     if float(loss[name]) < 0:
       problems.append(f"loss.{name} must be >= 0, got {loss[name]}")
   d = config.data
+  if int(d.num_eval_images) < 0:
+    problems.append(f"data.num_eval_images must be >= 0 (0 = no evaluation), got "
+                    f"{d.num_eval_images}")
+  if int(d.num_threads) < 1 or int(d.prefetch) < 1:
+    problems.append(f"data.num_threads and data.prefetch must be >= 1, got {d.num_threads} and "
+                    f"{d.prefetch}")
+  if d.crop not in image_pipeline.CROPS:
+    problems.append(f"data.crop {d.crop!r} is not one of {image_pipeline.CROPS}")
+  if int(d.num_workers) != 0:
+    problems.append(f"data.num_workers is {d.num_workers}: the decoder task's image loader reads "
+                    "with threads only (data.num_threads); leave it 0")
   if not d.jsonl:
     problems.append("data.jsonl is empty (the training image list)")
   elif not os.path.isfile(d.jsonl):
@@ -120,7 +133,7 @@ def _pipeline_config(config) -> image_pipeline.ImagePipelineConfig:
   return image_pipeline.ImagePipelineConfig(
       per_process_batch_size=int(config.train.global_batch_size) // jax.process_count(),
       resolution=int(d.resolution), seed=int(d.shuffle_seed),
-      num_threads=max(1, min(4, int(d.prefetch))), prefetch_buffer_size=int(d.prefetch))
+      num_threads=int(d.num_threads), prefetch_buffer_size=int(d.prefetch), crop=d.crop)
 
 
 def make_data_iterator(config):

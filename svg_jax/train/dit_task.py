@@ -25,8 +25,7 @@ from svg_jax.data import pipeline as pipeline_lib
 from svg_jax.data import records
 from svg_jax.models.gemma2 import Gemma2Encoder
 from svg_jax.models.nextdit import NextDiT
-from svg_jax.train import dit_step
-from svg_jax.train import metrics as metrics_lib
+from svg_jax.train import dit_step, flop_count
 from svg_jax.train import state as state_lib
 from svg_jax.train import task_api
 from svg_jax.train import validation
@@ -123,6 +122,11 @@ def config_problems(config, process_count: int) -> list[str]:
                           "caption length bucket")
       except (OSError, ValueError) as e:
         problems.append(str(e))
+    if manifest is not None and manifest.get("num_records"):
+      try:  # as the loader checks them, but before the state is built
+        records.check_fingerprints(manifest, ae_lib.config_fingerprints(config.autoencoder))
+      except (OSError, ValueError) as e:
+        problems.append(f"data.path: {e}")
   try:
     pipeline_config(config, max(gb // max(process_count, 1), 1)).validate()
   except ValueError as e:
@@ -305,7 +309,7 @@ class DiTSetup:
     p = self.model_cfg.patch_size
     gb = int(self.config.train.global_batch_size)
     return (gb, gb * ((h // p) * (w // p) + cap_len),
-            metrics_lib.dit_train_flops(self.model_cfg, gb, (h, w), cap_len))
+            flop_count.dit_train_flops(self.model_cfg, gb, (h, w), cap_len))
 
   def poison(self, local_batch: dict) -> dict:
     return dict(local_batch, latent=np.full_like(local_batch["latent"], np.nan))

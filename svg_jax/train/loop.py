@@ -59,6 +59,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from svg_jax import parallel
 from svg_jax import checkpoint as ckpt_lib
+from svg_jax.train import chip_specs
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import profiling
 from svg_jax.train import state as state_lib
@@ -159,9 +160,9 @@ def validate_config(config, task: Task, num_devices: int | None = None,
   problems += _range_problems(config)
   if t.lr_schedule not in state_lib.LR_SCHEDULES:
     problems.append(f"train.lr_schedule {t.lr_schedule!r} is not one of {state_lib.LR_SCHEDULES}")
-  if t.chip != "auto" and t.chip not in metrics_lib.PEAK_TFLOPS:
+  if t.chip != "auto" and t.chip not in chip_specs.PEAK_TFLOPS:
     problems.append(f"train.chip {t.chip!r} is not one of "
-                    f"{['auto'] + sorted(metrics_lib.PEAK_TFLOPS)}")
+                    f"{['auto'] + sorted(chip_specs.PEAK_TFLOPS)}")
   if t.init_from and not os.path.isdir(t.init_from):
     problems.append(f"train.init_from {t.init_from!r} does not exist")
   problems += task.config_problems(config, process_count)

@@ -143,6 +143,14 @@ def config_problems(config, model_cfg, train_text_kind: str | None) -> list[str]
                       "(an .npz of launch/prompt_features.py)")
     elif not config.text.encoder_dir and not os.path.isfile(v.text_features):
       problems.append(f"validation.text_features {v.text_features!r} does not exist")
+    elif not config.text.encoder_dir and prompts:
+      try:
+        load_prompt_features(v.text_features, prompts)
+      except (OSError, ValueError) as e:
+        problems.append(str(e))
+    for name in ("batch_size", "grid_cols", "resolution"):
+      if int(v[name]) < 0:
+        problems.append(f"validation.{name} must be >= 0 (0 = the default), got {v[name]}")
     try:
       generate.SamplerSettings(steps=int(v.steps), cfg_scale=float(v.cfg_scale),
                                cfg_mode=v.cfg_mode, shift=float(v.shift),
