@@ -70,6 +70,7 @@ class _StepCompiles:
 
 def _synthetic_records(config, path: str) -> tuple[tuple[int, int], int]:
   """Records of the config's largest shapes in `path`; returns (latent hw, caption length)."""
+  from svg_jax import autoencoder
   from svg_jax.data import synthetic
   from svg_jax.train import aot
 
@@ -79,7 +80,8 @@ def _synthetic_records(config, path: str) -> tuple[tuple[int, int], int]:
   synthetic.write_random_dataset(
       path, buckets=[hw], num_records=FLAGS.num_records or max(2 * batch, 32),
       latent_channels=int(config.model.in_channels), text_dim=int(config.model.cap_feat_dim),
-      caption_len=(cap - 1, cap - 1), records_per_shard=64)  # text_len = words + <bos>
+      caption_len=(cap - 1, cap - 1), records_per_shard=64,  # text_len = words + <bos>
+      fingerprints=autoencoder.config_fingerprints(config.autoencoder))  # as the config's own
   return hw, cap
 
 

@@ -26,6 +26,8 @@ def define(*, resolution: str, batch_size: int, shift: float = 10.0,
   flags.DEFINE_integer("steps", 50, "sampling steps (DPM steps / ODE grid points)")
   flags.DEFINE_float("cfg", 4.0, "classifier-free guidance scale")
   flags.DEFINE_enum("cfg_mode", "renorm", list(sampling.CFG_MODES), "CFG variant")
+  flags.DEFINE_float("renorm", 1.0, "renorm CFG: the guided velocity's norm is clipped to this "
+                     "times the conditional one's (official 1; <= 0: no clip)")
   flags.DEFINE_float("shift", shift, "time shift of the sampling grid")
   flags.DEFINE_enum("solver", "dpm", list(sampling.SOLVERS), "ODE solver")
   flags.DEFINE_string("resolution", resolution, "WIDTHxHEIGHT in pixels (a multiple of the "
@@ -51,7 +53,7 @@ def sampler_settings():
     resolution = gen.parse_resolution(FLAGS.resolution, multiple)
     settings = gen.SamplerSettings(steps=FLAGS.steps, cfg_scale=FLAGS.cfg,
                                    cfg_mode=FLAGS.cfg_mode, shift=FLAGS.shift,
-                                   solver=FLAGS.solver)
+                                   solver=FLAGS.solver, renorm=FLAGS.renorm)
     settings.validate()
   except ValueError as e:
     raise app.UsageError(str(e)) from e

@@ -68,7 +68,8 @@ def main(argv):
     atomic_files.save_png(os.path.join(FLAGS.out, name), img)
     lines.append(json.dumps(dict(file=name, prompt=prompt, seed=seed, width=w, height=h,
                                  steps=settings.steps, cfg=settings.cfg_scale,
-                                 cfg_mode=settings.cfg_mode, shift=settings.shift,
+                                 cfg_mode=settings.cfg_mode, renorm=settings.renorm,
+                                 shift=settings.shift,
                                  solver=settings.solver, system_type=FLAGS.system_type,
                                  checkpoint=FLAGS.checkpoint, ema=FLAGS.ema,
                                  weights=FLAGS.weights)))

@@ -245,6 +245,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.validation.steps = 25
   c.validation.cfg_scale = 4.0
   c.validation.cfg_mode = "renorm"  # renorm | standard | none
+  c.validation.renorm = 1.0  # renorm's clip: the guided velocity's norm <= this x the conditional's
   c.validation.shift = 10.0  # the sampler's time shift (official 10 at 1024 px)
   c.validation.solver = "dpm"  # dpm | euler | midpoint | heun
   c.validation.batch_size = 0  # images per trajectory call (0 = all prompts in one)

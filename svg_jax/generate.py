@@ -71,6 +71,8 @@ class SamplerSettings:
       problems.append(f"shift must be a positive number, got {self.shift!r}")
     if not math.isfinite(self.cfg_scale):
       problems.append(f"cfg scale must be finite, got {self.cfg_scale!r}")
+    if not math.isfinite(self.renorm):
+      problems.append(f"renorm must be finite, got {self.renorm!r}")
     if problems:
       raise ValueError("; ".join(problems))
 

@@ -384,7 +384,7 @@ def test_sample_cli(files, tmp_path):
   out = tmp_path / "out"
   r = _run("sample.py", *_common(files), f"--prompt={GENEVAL[0]['prompt']}",
            f"--prompts_jsonl={jsonl}", "--num_images=2", "--seed=10", "--batch_size=3",
-           "--solver=euler", "--cfg=3", f"--out={out}")
+           "--solver=euler", "--cfg=3", "--renorm=0.5", f"--out={out}")
   assert r.returncode == 0, r.stderr[-3000:]
   assert "4/4 images" in r.stderr  # the progress line (stderr) reached the end
   assert _tree(out) == ["00000.png", "00001.png", "00002.png", "00003.png", "grid.png",
@@ -395,6 +395,7 @@ def test_sample_cli(files, tmp_path):
       ("00000.png", GENEVAL[0]["prompt"], 10), ("00001.png", GENEVAL[0]["prompt"], 11),
       ("00002.png", GENEVAL[5]["prompt"], 12), ("00003.png", GENEVAL[5]["prompt"], 13)]
   assert meta[0]["solver"] == "euler" and meta[0]["cfg"] == 3.0 and meta[0]["width"] == 48
+  assert meta[0]["renorm"] == 0.5
 
 
 @pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch

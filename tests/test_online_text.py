@@ -88,6 +88,7 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
                            remat_policy="none"))
   config.mesh.update(dict(data=-1, fsdp=1, tensor=1))
   config.data.update(dict(path=data, max_caption_len=16, resolution=64))
+  config.autoencoder.stats_path = ""  # random records: no statistics to check them against
   config.train.update(dict(global_batch_size=8, num_steps=3, log_every=1, checkpoint_every=3))
   with pytest.raises(loop.ConfigError, match="text.encoder_dir"):
     trainer.validate_config(config)

@@ -120,6 +120,13 @@ def load_prompt_features(path: str, prompts: Sequence[str]) -> dict[str, np.ndar
 # ----------------------------------------------------------------------------- config checks
 
 
+def sampler_settings(v) -> generate.SamplerSettings:
+  """The grids' sampler from the `validation` section."""
+  return generate.SamplerSettings(steps=int(v.steps), cfg_scale=float(v.cfg_scale),
+                                  cfg_mode=v.cfg_mode, shift=float(v.shift), solver=v.solver,
+                                  renorm=float(v.renorm))
+
+
 def config_problems(config, model_cfg, train_text_kind: str | None) -> list[str]:
   """What the validation fields need (nothing compiles; files are only looked at)."""
   problems: list[str] = []
@@ -152,9 +159,7 @@ def config_problems(config, model_cfg, train_text_kind: str | None) -> list[str]
       if int(v[name]) < 0:
         problems.append(f"validation.{name} must be >= 0 (0 = the default), got {v[name]}")
     try:
-      generate.SamplerSettings(steps=int(v.steps), cfg_scale=float(v.cfg_scale),
-                               cfg_mode=v.cfg_mode, shift=float(v.shift),
-                               solver=v.solver).validate()
+      sampler_settings(v).validate()
     except ValueError as e:
       problems.append(f"validation: {e}")
     if v.system_prompt not in text.SYSTEM_PROMPTS:
@@ -232,9 +237,7 @@ class GridSampler:
     if arrays["features"].shape[-1] != model_cfg.cap_feat_dim:
       raise ValueError(f"the validation prompts' features have dim {arrays['features'].shape[-1]},"
                        f" model.cap_feat_dim is {model_cfg.cap_feat_dim}")
-    self.settings = generate.SamplerSettings(steps=int(v.steps), cfg_scale=float(v.cfg_scale),
-                                             cfg_mode=v.cfg_mode, shift=float(v.shift),
-                                             solver=v.solver)
+    self.settings = sampler_settings(v)
     self.generator = generate.Generator(model_cfg, None, None, decoder, mesh=mesh)
     resolution = int(v.resolution) or int(config.data.resolution)
     self.latent_shape = self.generator.latent_shape(resolution)
