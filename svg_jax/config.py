@@ -188,6 +188,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr = 2e-4
   c.train.lr_schedule = "constant"  # constant | warmup_constant | warmup_cosine
   c.train.warmup_steps = 0
+  c.train.lr_end = 0.0  # warmup_cosine: the learning rate the cosine reaches at num_steps
   c.train.b1 = 0.9
   c.train.b2 = 0.95
   c.train.eps = 1e-15

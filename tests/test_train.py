@@ -757,6 +757,7 @@ def test_a_step_out_of_memory_is_one_line_and_the_checkpoints_resume(data_dir, s
                                    num_steps=50)),
      r"train.warmup_steps 100 must be below train.num_steps 50"),
     (lambda c: c.flow.update(dict(logit_std=0.0)), r"flow.logit_std must be > 0"),
+    (lambda c: c.train.update(dict(lr_end=0.5)), r"train.lr_end must be in \[0, train.lr\]"),
     (lambda c: c.train.update(dict(profile_steps=2, profile_start=0)),
      r"train.profile_steps must be >= 0 and train.profile_start >= 1 \(step 1 compiles\)"),
 ])
@@ -913,6 +914,9 @@ def test_lr_schedules():
   # Half way through the 100 decay steps the cosine is at half the peak; it ends at 0.
   assert [float(f(s)) for s in (5, 10, 60, 110)] == pytest.approx([5e-4, 1e-3, 5e-4, 0],
                                                                     abs=1e-9)
+  c.lr_end = 1e-4  # the cosine runs from the peak to lr_end: half way it is their mean
+  f = state_lib.lr_schedule(c)
+  assert [float(f(s)) for s in (10, 60, 110)] == pytest.approx([1e-3, 5.5e-4, 1e-4], abs=1e-9)
 
 
 def test_data_from_other_statistics_is_refused(tmp_path):

@@ -110,6 +110,7 @@ def _range_problems(config) -> list[str]:
   check("weight_decay", float(t.weight_decay) >= 0, ">= 0")
   check("grad_clip", float(t.grad_clip) >= 0, ">= 0 (0 turns clipping off)")
   check("warmup_steps", int(t.warmup_steps) >= 0, ">= 0")
+  check("lr_end", 0 <= float(t.lr_end) <= float(t.lr), "in [0, train.lr]")
   # A cosine schedule decays over num_steps - warmup_steps. (A warmup_constant run shorter than
   # its warmup is a smoke test, e.g. of the demo config, and stays allowed.)
   if t.lr_schedule == "warmup_cosine" and int(t.warmup_steps) >= int(t.num_steps) >= 1:

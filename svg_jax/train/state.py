@@ -41,7 +41,8 @@ def lr_schedule(train_cfg) -> Callable[[jax.Array], jax.Array]:
         [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
   if kind == "warmup_cosine":
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, max(warmup, 0), max(int(train_cfg.num_steps), warmup + 1), end_value=0.0)
+        0.0, lr, max(warmup, 0), max(int(train_cfg.num_steps), warmup + 1),
+        end_value=float(train_cfg.lr_end))
   raise ValueError(f"train.lr_schedule {kind!r} is not one of {LR_SCHEDULES}")
 
 
