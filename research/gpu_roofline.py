@@ -141,8 +141,8 @@ def policy_report(config, mesh, gpu: Gpu, policy: str, top: int, hlo_dir: str) -
   timed = hlo_roofline.timeline(hlo, gpu.chip())
   devices = mesh.devices.size  # the HLO is one device's program
   model_flops = flop_count.dit_train_flops(config_lib.nextdit_config(config),
-                                            int(config.train.global_batch_size), hw,
-                                            cap_len) / devices
+                                           int(config.train.global_batch_size), hw,
+                                           cap_len) / devices
   headroom = float(config.train.remat_headroom)
   return {
       "policy": policy, "peak_gib": round(peak / aot.GIB, 2),

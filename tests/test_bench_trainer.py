@@ -63,7 +63,7 @@ def test_the_figures_agree(run):
   h, w = result["latent_hw"]
   # The total is the model's FLOPs per step at the measured rate, however many devices share it.
   flops = flop_count.dit_train_flops(config_lib.nextdit_config(tiny.get_config()), BATCH, (h, w),
-                                  result["cap_len"])
+                                     result["cap_len"])
   assert result["tflops"] == pytest.approx(flops * result["steps_per_sec"] / 1e12, rel=1e-9)
   assert result["tokens_per_sec"] == pytest.approx(
       result["images_per_sec"] * (h * w + result["cap_len"]), rel=1e-9)  # patch size 1

@@ -135,10 +135,10 @@ class _Loader:
   def __call__(self, position_and_index: tuple[int, int]) -> np.ndarray:
     position, index = position_and_index
     n = len(self.paths)
+    # A replacement image is cropped with the offsets the bad one would have had.
+    rng = np.random.default_rng([self.seed, int(position)]) if self.crop == "random" else None
     for j in range(min(MAX_REPLACEMENTS, n)):
       path = self.paths[(int(index) + j) % n]
-      rng = (np.random.default_rng([self.seed, int(position)]) if self.crop == "random"
-             else None)
       try:
         return load_square(path, self.resolution, rng)
       except (BadImageError, OSError) as e:

@@ -22,8 +22,8 @@ from absl import logging
 
 from svg_jax.convert.dinov3 import load_dinov3, params_to_official
 from svg_jax.convert.torch_pickle import save_torch_file
-from svg_jax.data import image_pipeline
-from svg_jax.data.images import imagenet_normalize
+from svg_jax.data import buckets, image_pipeline
+from svg_jax.data.images import imagenet_normalize, open_rgb
 from svg_jax.demo import shapes
 from svg_jax.latent_stats import write_latent_stats
 from svg_jax.models.dinov3 import DINOv3Config, DINOv3ViT
@@ -41,6 +41,11 @@ def make_random_encoder(path: str, cfg: DINOv3Config, seed: int) -> None:
   atomic_files.write(path, lambda tmp: save_torch_file(tmp, state))
 
 
+def _dit_crop(path: str, resolution: int) -> np.ndarray:
+  """The square the DiT's precompute encodes (the statistics normalize its latents)."""
+  return np.asarray(buckets.center_crop(open_rgb(path)[0], (resolution, resolution)), np.uint8)
+
+
 def make_stats(path: str, encoder_path: str, cfg: DINOv3Config, jsonl: str, resolution: int
                ) -> None:
   """Raw-feature statistics over the training images."""
@@ -50,7 +55,7 @@ def make_stats(path: str, encoder_path: str, cfg: DINOv3Config, jsonl: str, reso
 
   def batches():
     for start in range(0, len(paths), 64):
-      images = np.stack([image_pipeline.load_square(p, resolution) for p in paths[start:start + 64]])
+      images = np.stack([_dit_crop(p, resolution) for p in paths[start:start + 64]])
       yield np.asarray(encode(params, images))
 
   atomic_files.write(path, lambda tmp: write_latent_stats(tmp, batches()))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from svg_jax.input_errors import InputError
 
@@ -18,3 +18,14 @@ def from_dict(cls, d: Any, name: str, tuple_fields: Sequence[str] = ()):
   if unknown:
     raise InputError(f"unknown {name} config fields: {sorted(unknown)}")
   return cls(**d)
+
+
+def whole_number_problems(cfg, least: Mapping[str, int]) -> list[str]:
+  """"<field> must be an integer >= n, got v" for each field of `cfg` named in `least` (field ->
+  n) whose value is not such an integer (bools are not)."""
+  return [f"{name} must be an integer >= {n}, got {getattr(cfg, name)!r}"
+          for name, n in least.items() if not is_whole_number(getattr(cfg, name), n)]
+
+
+def is_whole_number(value: Any, least: int) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= least

@@ -47,9 +47,7 @@ class DiscriminatorConfig:
     return out + [1]
 
   def validate(self) -> None:
-    problems = [f"{name} must be an integer >= 1, got {getattr(self, name)!r}"
-                for name in ("in_channels", "ndf", "n_layers")
-                if not isinstance(getattr(self, name), int) or getattr(self, name) < 1]
+    problems = config_dict.whole_number_problems(self, dict(in_channels=1, ndf=1, n_layers=1))
     if not self.bn_eps > 0:
       problems.append(f"bn_eps must be > 0, got {self.bn_eps}")
     if not 0 <= self.bn_momentum <= 1:

@@ -140,17 +140,11 @@ class NextDiTConfig:
       raise InputError("invalid NextDiT config: " + "; ".join(problems))
 
   def _size_problems(self) -> list[str]:
-    def whole(v, least):
-      return isinstance(v, int) and not isinstance(v, bool) and v >= least
-
-    problems = [f"{name} must be an integer >= {least}, got {getattr(self, name)!r}"
-                for name, least in (("patch_size", 1), ("in_channels", 1), ("dim", 1),
-                                    ("n_layers", 1), ("n_refiner_layers", 0), ("n_heads", 1),
-                                    ("n_kv_heads", 1), ("multiple_of", 1), ("cap_feat_dim", 1),
-                                    ("t_freq_dim", 2), ("scan_unroll", 1))
-                if not whole(getattr(self, name), least)]
+    problems = config_dict.whole_number_problems(self, dict(
+        patch_size=1, in_channels=1, dim=1, n_layers=1, n_refiner_layers=0, n_heads=1,
+        n_kv_heads=1, multiple_of=1, cap_feat_dim=1, t_freq_dim=2, scan_unroll=1))
     for name in ("axes_dims", "axes_lens"):
-      if not all(whole(v, 1) for v in getattr(self, name)):
+      if not all(config_dict.is_whole_number(v, 1) for v in getattr(self, name)):
         problems.append(f"{name} must be integers >= 1, got {getattr(self, name)!r}")
     return problems
 

@@ -210,7 +210,7 @@ def xla_step_flops(config, mesh, *, cap_len: int, hw: tuple[int, int] | None = N
 def analytic_flops_per_device(config, mesh, *, cap_len: int, hw=None) -> float:
   cfg = config_lib.nextdit_config(config)
   total = flop_count.dit_train_flops(cfg, int(config.train.global_batch_size),
-                                      hw or latent_hw(config), cap_len)
+                                     hw or latent_hw(config), cap_len)
   return total / mesh.devices.size
 
 
