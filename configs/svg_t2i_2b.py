@@ -25,7 +25,7 @@ STAGES = {
 def get_config(variant: str = "stage1_256"):
   if variant not in STAGES:
     raise InputError(f"unknown variant {variant!r}; choose one of {sorted(STAGES)}")
-  c = base.base_config()
+  c = base.dit_task_config()
   # Attention auto: splash when compiled for TPUs (svg_jax/models/splash_attention.py), cuDNN's
   # fused kernel for Ampere-or-later GPUs (bf16 compute), xla elsewhere. Remat auto: the trainer
   # compiles the step with each policy, least recomputation first, and trains with the first that

@@ -95,8 +95,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   absl_logging.set_verbosity(absl_logging.ERROR)  # the empty-prompt stand-in warning is expected
-  from svg_jax.train import aot, aot_sweep  # JAX after cli.run's process set-up
+  from svg_jax import config as config_lib  # JAX after cli.run's process set-up
+  from svg_jax.train import aot, aot_sweep
 
+  config_lib.model_section(FLAGS.config)  # the DiT's step only: a decoder config is one line
   config_spec = config_flags.get_config_filename(FLAGS["config"])
   settings = {field: FLAGS[flag].value for flag, field in FIELD_FLAGS.items()}
   if FLAGS.all or FLAGS.fit:
@@ -113,7 +115,7 @@ def main(argv):
 
   aot.compile_here(0 if FLAGS.target else FLAGS.devices)
   config = FLAGS.config
-  n_layers_config = int(config.model.n_layers)
+  n_layers_config = config_lib.nextdit_config(config).n_layers
   r = aot.compile_report(aot.with_settings(config, settings), target=FLAGS.target,
                          fake_devices=FLAGS.devices, mesh=FLAGS.mesh,
                          per_device_batch=FLAGS.per_device_batch, cap_len=FLAGS.cap_len,

@@ -20,7 +20,9 @@ Formats: flax | official | safetensors | diffusers.
            with `config.json` (the kwargs of `diffusers.models.autoencoders.vae.Decoder`) and
            `diffusion_pytorch_model.safetensors` (its state dict).
 The architecture comes from --config: `model` for the DiT, `autoencoder.decoder` for the decoder.
-Exit status 2, with one line on stderr, when the weights cannot be read or do not fit the config.
+An existing --dst is replaced only with --overwrite (a diffusers folder as a whole: files of an
+earlier export there go). Exit status 2, with one line on stderr, when the weights cannot be read,
+do not fit the config or cannot be written.
 """
 import sys
 
@@ -42,11 +44,20 @@ flags.DEFINE_integer("step", None, "flax training workdir source: the checkpoint
 flags.DEFINE_bool("ema", True, "dit, flax training workdir source: the EMA params (--noema: the "
                   "raw params)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of written tensors "
-                  "(official/safetensors/diffusers)")
+                  "(official/safetensors/diffusers; flax writes fp32)")
+flags.DEFINE_bool("overwrite", False, "replace an existing --dst (without it an existing file or "
+                  "folder there is an error)")
 FLAGS = flags.FLAGS
 
 
 def _convert(dtype) -> None:
+  from svg_jax.convert import weights_io
+
+  if FLAGS["dtype"].present and FLAGS.dst_format == "flax":
+    raise ValueError("--dtype applies to the official, safetensors and diffusers formats (flax "
+                     "msgpack files hold fp32 params)")
+  weights_io.check_destination(FLAGS.dst, folder=FLAGS.dst_format == "diffusers",
+                               overwrite=FLAGS.overwrite)
   if FLAGS.model == "dit":
     from svg_jax import config as config_lib
     from svg_jax.convert import dit_io

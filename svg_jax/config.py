@@ -1,4 +1,5 @@
-"""The config schema: the default experiment config every file under configs/ starts from, and
+"""The config schema: the configs of the two training tasks that every file under configs/ starts
+from (`dit_task_config`, `decoder_task_config`; each has only the sections its task reads), and
 the sections other jobs share (`autoencoder_defaults`, `precompute_defaults`).
 
 Every number a user may want to change is a field here with a documented default; config files override
@@ -15,6 +16,7 @@ from ml_collections import config_dict
 from svg_jax import assets
 from svg_jax import text as text_lib
 from svg_jax.data import records
+from svg_jax.input_errors import InputError
 from svg_jax.models.decoder import DecoderConfig
 from svg_jax.models.dinov3 import DINOv3Config
 from svg_jax.models.nextdit import NextDiTConfig
@@ -132,12 +134,12 @@ def precompute_job_config() -> ml_collections.ConfigDict:
   return c
 
 
-def base_config() -> ml_collections.ConfigDict:
+def _training_config(task: str) -> ml_collections.ConfigDict:
+  """The sections and fields both training tasks read (launch/train.py's loop, mesh, checkpoints,
+  optimizer); each task adds its own (`dit_task_config`, `decoder_task_config`)."""
   c = ml_collections.ConfigDict()
-  c.task = "dit"  # dit | decoder
+  c.task = task  # dit | decoder
   c.seed = 42
-
-  c.model = nextdit_2b()
   c.autoencoder = autoencoder_defaults()
 
   # Device mesh: sizes of (data, fsdp, tensor); exactly one may be -1 (= the remaining devices).
@@ -145,20 +147,68 @@ def base_config() -> ml_collections.ConfigDict:
   c.axis_rules = DEFAULT_AXIS_RULES
 
   c.data = ml_collections.ConfigDict()
+  c.data.resolution = 256  # nominal training resolution (the DiT's timestep shift uses its token count)
+  c.data.prefetch = 2  # batches buffered ahead of the step
+  # Read threads per process. A GPU or TPU host has the cores to spare; the 2-core CPU demo does not.
+  c.data.num_threads = 2
+  c.data.shuffle_seed = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 512
+  c.train.micro_batches = 1  # gradient accumulation: global batch = micro_batches x micro batch
+  c.train.num_steps = 100_000
+  c.train.lr = 2e-4
+  c.train.lr_schedule = "constant"  # constant | warmup_constant | warmup_cosine
+  c.train.warmup_steps = 0
+  c.train.lr_end = 0.0  # warmup_cosine: the learning rate the cosine reaches at num_steps
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-15
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 2.0
+  c.train.init_from = ""  # checkpoint dir of an earlier stage: params (not optimizer) + EMA from them
+  c.train.log_every = 50
+  c.train.checkpoint_every = 2000  # 0: never (benchmarks), not even at the end or on a signal
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpointing = True  # Orbax writes in a background thread while training goes on
+  # Several processes: seconds without a heartbeat from one before JAX's coordination service
+  # stops the others (a host that died or hangs); JAX's default is 100.
+  c.train.heartbeat_timeout_s = 100
+  # Several processes: seconds that every process has to join `jax.distributed.initialize` at the
+  # start (hosts of a large slice may start minutes apart); JAX's default is 300.
+  c.train.distributed_init_timeout_s = 300
+  # Seconds that a step, a checkpoint restore or the first batch may take (compiles excepted)
+  # before a process prints every thread's stack and exits 7 (svg_jax/train/stall_watch.py): a
+  # run stuck in a collective, which the heartbeat cannot see while every host lives. Checkpoint
+  # saves and validation count as step time. 0: off.
+  c.train.stall_timeout_s = 1800
+  # Test hook: the batch of this (1-based) step gets NaN inputs, to exercise the divergence stop.
+  c.train.debug_nan_step = -1
+  # jax.profiler trace of profile_steps steps after the first profile_start (0 = off), on process
+  # 0, into <workdir>/tensorboard (TensorBoard's Profile tab); the log gets its summary.
+  c.train.profile_steps = 0
+  c.train.profile_start = 10
+  # Peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | a100 | h100 | h100_pcie |
+  # h100_nvl | h200 (auto: the device's; an unknown device gets no MFU).
+  c.train.chip = "auto"
+  c.train.eval_every = 0  # held-out evaluation every this many steps (0 = off)
+  return c
+
+
+def dit_task_config() -> ml_collections.ConfigDict:
+  """`task = "dit"`: the official 2B Next-DiT on precomputed records, its text, flow and
+  validation sections (configs/svg_t2i_2b.py sets the official stages)."""
+  c = _training_config("dit")
+  c.model = nextdit_2b()
+
   c.data.path = ""  # folder with manifest.json + ArrayRecord shards (launch/precompute.py output)
-  c.data.resolution = 256  # nominal training resolution (the timestep shift uses its token count)
   # Captions are padded to the smallest bucket that fits. Empty: fitted to the dataset's caption-
   # length histogram (`num_caption_buckets` buckets): 1-6% padding at stage 1 where the fixed
   # (64, 128, 256) gave 9-11% (bench/padding.py). Each bucket is one more compiled shape.
   c.data.caption_len_buckets = ()
   c.data.num_caption_buckets = 4
   c.data.max_caption_len = 256  # official training truncation (docs/reference.md §1.5: 512 is ignored)
-  c.data.prefetch = 2  # batches buffered ahead of the step
-  # Grain read threads per process, and worker processes (0: read in the training process). A GPU
-  # or TPU host has the cores to spare; the 2-core CPU demo does not.
-  c.data.num_threads = 2
-  c.data.num_workers = 0
-  c.data.shuffle_seed = 0
+  c.data.num_workers = 0  # Grain worker processes (0: read in the training process)
   # Features of the empty prompt (caption dropout's unconditional context; officially just `<bos>`
   # through the text encoder): "auto" = `<path>/empty_text.npy` ([Le, D] float) when present, else a
   # stand-in of one fixed unit-RMS token (what synthetic test datasets use; a warning is logged);
@@ -181,45 +231,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.flow.logit_std = 1.0
   c.flow.resolution_shift = True  # the official shift e^mu(resolution) toward noise (docs/reference.md §4.2)
 
-  c.train = ml_collections.ConfigDict()
-  c.train.global_batch_size = 512
-  c.train.micro_batches = 1  # gradient accumulation: global batch = micro_batches x micro batch
-  c.train.num_steps = 100_000
-  c.train.lr = 2e-4
-  c.train.lr_schedule = "constant"  # constant | warmup_constant | warmup_cosine
-  c.train.warmup_steps = 0
-  c.train.lr_end = 0.0  # warmup_cosine: the learning rate the cosine reaches at num_steps
-  c.train.b1 = 0.9
-  c.train.b2 = 0.95
-  c.train.eps = 1e-15
-  c.train.weight_decay = 0.0
-  c.train.grad_clip = 2.0
   c.train.caption_dropout = 0.1
   # The official decay is 0.95 per step (a ~20-step horizon, docs/reference.md §5); 0.9999 averages over
   # ~10k steps, the usual horizon for DiT training runs of 10^5+ steps. Set 0.95 to match official.
   c.train.ema_decay = 0.9999
-  c.train.init_from = ""  # checkpoint dir of an earlier stage: params (not optimizer) + EMA from them
-  c.train.log_every = 50
-  c.train.checkpoint_every = 2000  # 0: never (benchmarks), not even at the end or on a signal
-  c.train.keep_checkpoints = 3
-  c.train.async_checkpointing = True  # Orbax writes in a background thread while training goes on
-  # Several processes: seconds without a heartbeat from one before JAX's coordination service
-  # stops the others (a host that died or hangs); JAX's default is 100.
-  c.train.heartbeat_timeout_s = 100
-  # Seconds that a step, a checkpoint restore or the first batch may take (compiles excepted)
-  # before a process prints every thread's stack and exits 7 (svg_jax/train/stall_watch.py): a
-  # run stuck in a collective, which the heartbeat cannot see while every host lives. Checkpoint
-  # saves and validation count as step time. 0: off.
-  c.train.stall_timeout_s = 1800
-  # Test hook: the batch of this (1-based) step gets NaN latents, to exercise the divergence stop.
-  c.train.debug_nan_step = -1
-  # jax.profiler trace of profile_steps steps after the first profile_start (0 = off), on process
-  # 0, into <workdir>/tensorboard (TensorBoard's Profile tab); the log gets its summary.
-  c.train.profile_steps = 0
-  c.train.profile_start = 10
-  # Peak-FLOP table key for MFU: auto | cpu | v4 | v5e | v5p | v6e | a100 | h100 | h100_pcie |
-  # h100_nvl | h200 (auto: the device's; an unknown device gets no MFU).
-  c.train.chip = "auto"
   # model.remat_policy = "auto" (svg_jax/train/remat.py) takes the least recomputation whose
   # compiled step fits device memory x (1 - remat_headroom); the memory is GiB per device, 0 =
   # the device's own figure (memory_stats' bytes_limit; the host's RAM on CPUs).
@@ -229,7 +244,6 @@ def base_config() -> ml_collections.ConfigDict:
   # prompts every `sample_every` steps, the held-out loss of `data.eval_path` every `eval_every`;
   # both also after the last step (not after a preemption signal, which saves at once).
   c.train.sample_every = 0
-  c.train.eval_every = 0
 
   # What the validation samples and how; the grids go to <workdir>/samples/step_XXXXXX.png and to
   # TensorBoard (`validation/samples`), decoded by autoencoder.decoder_path (none: no grids).
@@ -260,17 +274,26 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+
+
+def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The DiT's `model` section; a config without one (the decoder task's) is a one-line error."""
+  if "model" not in config:
+    raise InputError(f"this config (task {config.get('task', '?')!r}) has no DiT model section; "
+                     "give a DiT config such as configs/svg_t2i_2b.py:<stage> or configs/tiny.py")
+  return config.model
+
+
 def nextdit_config(config: ml_collections.ConfigDict) -> NextDiTConfig:
-  cfg = NextDiTConfig.from_dict(config.model.to_dict())
+  cfg = NextDiTConfig.from_dict(model_section(config).to_dict())
   cfg.validate()
   return cfg
 
 
 def decoder_task_config() -> ml_collections.ConfigDict:
-  """`task = "decoder"`: the base config plus the decoder task's sections and the official recipe
-  (configs/decoder.py documents both)."""
-  c = base_config()
-  c.task = "decoder"
+  """`task = "decoder"`: the training sections both tasks share, the decoder task's own and the
+  official recipe (configs/decoder.py documents both)."""
+  c = _training_config("decoder")
 
   c.data.jsonl = ""  # training images (official jsonl: one {"path": ...} a line)
   c.data.heldout_jsonl = ""  # held-out images for the PSNR evaluation
@@ -278,6 +301,9 @@ def decoder_task_config() -> ml_collections.ConfigDict:
   # Training crops as the official ImageNet loader's: the shorter side resized to the resolution,
   # then "random" squares (official) or the "center" one (held-out images always).
   c.data.crop = "random"
+  # An unreadable image is logged and replaced by the next one of the list; this many in a row stop
+  # the run (a wrong folder or a broken mount rather than a few bad files).
+  c.data.max_bad_in_a_row = 64
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lpips_vgg_path = ""  # torchvision VGG16 state dict
@@ -294,9 +320,8 @@ def decoder_task_config() -> ml_collections.ConfigDict:
   t.lr, t.b1, t.b2, t.eps = 1e-4, 0.5, 0.9, 1e-8  # torch Adam
   t.weight_decay, t.grad_clip = 0.0, 0.0
   t.lr_schedule, t.warmup_steps = "constant", 0
-  t.caption_dropout = 0.0  # unused by this task
   t.eval_every = 1000
-  t.eval_batch_size = 16
+  t.eval_batch_size = 16  # held-out images per evaluation call
   t.log_every = 50
   t.checkpoint_every = 2000
   return c

@@ -35,6 +35,8 @@ def saved_model_config(workdir: str, step: int | None = None,
     saved = ckpt.read_config(step)
   finally:
     ckpt.close()
+  if saved.get("task", "dit") != "dit":
+    raise InputError(f"{workdir} is a `task = \"{saved['task']}\"` training run, not a DiT's")
   if "model" not in saved:
     raise InputError(f"the config saved in {workdir} at step {step} has no `model` section")
   model = dict(saved["model"])

@@ -107,7 +107,8 @@ def config_pixels_per_token(config: ml_collections.ConfigDict) -> int:
   """The resolution multiple of a config, before anything is loaded: the encoder's patch (the
   pixels of one latent token, which the decoder upsamples by) times the DiT's patch. A loaded
   `Generator` gives the same as `pixels_per_token`."""
-  return int(config.autoencoder.encoder.patch_size) * int(config.model.patch_size)
+  return (int(config.autoencoder.encoder.patch_size)
+          * int(config_lib.model_section(config).patch_size))
 
 
 def make_grid(images: Sequence[np.ndarray] | np.ndarray, cols: int) -> np.ndarray:

@@ -35,12 +35,26 @@ EPS = 1e-8  # official: (f - mean) / (std + 1e-8)
 OFFICIAL_LAYER = -1  # official `num_layer` default: the last row (layer 11 of ViT-S/16+)
 
 
+# A run's config check and its loader fingerprint the same encoder weights (~110 MB for ViT-S/16+)
+# several times; large files are hashed once per (file, size, modification time). Small ones are
+# always re-read: they cost nothing, and a same-size rewrite within the file system's timestamp
+# granularity (milliseconds) would otherwise keep the old hash.
+_MEMO_MIN_BYTES = 1 << 24
+_sha256_memo: dict[tuple, str] = {}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
   """Hex sha256 of a file's bytes (read in 1 MiB chunks)."""
+  st = os.stat(path)
+  key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+  if st.st_size >= _MEMO_MIN_BYTES and key in _sha256_memo:
+    return _sha256_memo[key]
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 20), b""):
       h.update(chunk)
+  if st.st_size >= _MEMO_MIN_BYTES:
+    _sha256_memo[key] = h.hexdigest()
   return h.hexdigest()
 
 

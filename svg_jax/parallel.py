@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -184,16 +185,19 @@ def explicit_cluster(env=None) -> dict[str, Any] | None:
               process_id=pid)
 
 
-JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's default
+JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's defaults
+JAX_INIT_TIMEOUT_S = 300
 
 
-def initialize_distributed(heartbeat_timeout_s: int | None = None) -> None:
+def initialize_distributed(heartbeat_timeout_s: int | None = None,
+                           init_timeout_s: int | None = None) -> None:
   """`jax.distributed.initialize` when the launcher says this run spans several processes.
 
   Explicit (`EXPLICIT_ENV`, all three) or detected by JAX itself: a TPU pod slice's metadata,
   SLURM (`srun`, one task per host), OpenMPI (`mpirun`). On one process this is a no-op, so the
   same command works on a laptop and on every host of a slice. `heartbeat_timeout_s`: how long a
-  silent process may stay silent before the others are stopped (None: JAX's default).
+  silent process may stay silent before the others are stopped; `init_timeout_s`: how long the
+  processes wait for each other at the start (None: JAX's defaults).
   """
   if jax.distributed.is_initialized():
     return
@@ -204,9 +208,16 @@ def initialize_distributed(heartbeat_timeout_s: int | None = None) -> None:
                                   f"({heartbeat_timeout_s} s); upgrade jax or leave the default "
                                   f"{JAX_HEARTBEAT_TIMEOUT_S} s")
     options["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
+  if init_timeout_s is not None and int(init_timeout_s) != JAX_INIT_TIMEOUT_S:
+    options["initialization_timeout"] = int(init_timeout_s)
+  # JAX ends a process whose peers do not all join in time with a C++ abort and its stack; this
+  # line says beforehand what that abort will mean.
+  wait = f"waiting up to {init_timeout_s or JAX_INIT_TIMEOUT_S} s for every process to join"
   explicit = explicit_cluster()
   if explicit is not None:
     if explicit["num_processes"] > 1:
+      logging.info("process %d of %d (coordinator %s): %s", explicit["process_id"],
+                   explicit["num_processes"], explicit["coordinator_address"], wait)
       jax.distributed.initialize(**explicit, **options)
     return
   multi = any(os.environ.get(k) for k in (
@@ -216,6 +227,7 @@ def initialize_distributed(heartbeat_timeout_s: int | None = None) -> None:
       os.environ.get("TPU_WORKER_HOSTNAMES", "x") in ("localhost", "")):
     multi = False
   if multi:
+    logging.info("a multi-process run detected by JAX: %s", wait)
     jax.distributed.initialize(**options)
 
 

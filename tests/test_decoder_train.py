@@ -2,6 +2,7 @@
 against the official loss in torch (taming-transformers' discriminator and GAN loss, diffusers'
 decoder, the `lpips` package), and the shared loop on the demo (falling loss,
 held-out PSNR, checkpoints and resume through launch/train.py)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -459,6 +460,20 @@ def test_image_pipeline_is_deterministic_resumable_and_skips_bad_images(tmp_path
   with pytest.raises(ValueError, match="has no \"path\""):
     (tmp_path / "nopath.jsonl").write_text('{"prompt": "x"}\n')
     image_pipeline.read_image_list(tmp_path / "nopath.jsonl")
+  # Two bad images in a row: replaced under the default, the stop at max_bad_in_a_row = 2.
+  (tmp_path / "bad2.png").write_bytes(b"")
+  lines.insert(3, {"path": "bad2.png"})
+  (tmp_path / "two.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+  whole_epoch = -(-len(lines) // 2)
+  it = image_pipeline.make_image_pipeline(tmp_path / "two.jsonl", cfg, process_index=0,
+                                          process_count=1)
+  assert all(next(it)["image"].shape == (2, 16, 16, 3) for _ in range(whole_epoch))
+  strict = dataclasses.replace(cfg, max_bad_in_a_row=2)
+  it = image_pipeline.make_image_pipeline(tmp_path / "two.jsonl", strict, process_index=0,
+                                          process_count=1)
+  with pytest.raises(Exception, match="2 consecutive images from index [23] are unreadable"):
+    for _ in range(whole_epoch):
+      next(it)
 
 
 def test_image_pipeline_resumes_on_another_number_of_processes(tmp_path):
@@ -633,14 +648,14 @@ def test_nan_stops_and_bad_config_is_one_line(tmp_path):
   # Values that used to fail in the first step, or to be ignored.
   config.autoencoder.decoder.z_channels = 32
   config.discriminator.update(dict(ndf=0, n_layers=-1))
-  config.data.update(dict(resolution=0, num_workers=3, num_threads=0, crop="middle",
-                          num_eval_images=-1))
+  config.data.update(dict(resolution=0, num_threads=0, crop="middle",
+                          num_eval_images=-1, max_bad_in_a_row=0))
   config.loss.disc_start = -5
   with pytest.raises(loop.ConfigError) as info:
     trainer.validate_config(config)
   msg = str(info.value)
   for part in ("ndf must be an integer >= 1, got 0", "n_layers must be an integer >= 1, got -1",
-               "data.resolution must be >= 1, got 0", "data.num_workers is 3",
+               "data.resolution must be >= 1, got 0", "data.max_bad_in_a_row must be >= 1, got 0",
                "data.num_threads and data.prefetch must be >= 1", "data.crop 'middle' is not one",
                "data.num_eval_images must be >= 0", "loss.disc_start must be >= 0, got -5"):
     assert part in msg, (part, msg)

@@ -78,7 +78,7 @@ def _write_config(path, files):
   with open(path, "w") as f:
     f.write("from svg_jax import config as base\n\n\n"
             "def get_config():\n"
-            "  c = base.base_config()\n"
+            "  c = base.dit_task_config()\n"
             f"  c.model.update({model!r})\n"
             f"  c.autoencoder.decoder.update({_decoder_fields()!r})\n"
             f"  c.autoencoder.decoder_path = {files['decoder']!r}\n"
@@ -109,7 +109,7 @@ def files(tmp_path_factory):
 
 
 def _config(files):
-  c = config_lib.base_config()
+  c = config_lib.dit_task_config()
   c.model.update({k: getattr(DIT, k) for k in DIT.__dataclass_fields__})
   c.autoencoder.decoder.update(_decoder_fields())
   c.autoencoder.decoder_path = files["decoder"]

@@ -4,6 +4,7 @@ The official file is read without torch (`load_torch_file`); torch reads the sam
 independent reference, and the normalization is compared with the official expression evaluated
 by torch on NCHW features (docs/reference.md §2.3).
 """
+import hashlib
 import os
 
 import jax
@@ -161,3 +162,27 @@ def test_bad_files_are_named(tmp_path):
   torch.save({"mean": torch.zeros(3), "std": torch.ones(3)}, tmp_path / "flat.pt")
   with pytest.raises(ValueError, match=r"\[layers, C\]"):
     ls.load_latent_stats(tmp_path / "flat.pt")
+
+
+def test_file_sha256_hashes_a_large_file_once_until_it_changes(tmp_path, monkeypatch):
+  big = tmp_path / "weights.bin"
+  data = np.random.default_rng(0).integers(0, 256, ls._MEMO_MIN_BYTES, dtype=np.uint8).tobytes()
+  big.write_bytes(data)
+  reads = []
+  real = hashlib.sha256
+  monkeypatch.setattr(ls.hashlib, "sha256", lambda *a: reads.append(1) or real(*a))
+  assert ls.file_sha256(big) == real(data).hexdigest()
+  assert ls.file_sha256(str(big)) == real(data).hexdigest() and len(reads) == 1
+  changed = bytes([data[0] ^ 1]) + data[1:]
+  big.write_bytes(changed)  # same size, later modification time
+  st = os.stat(big)
+  os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+  assert ls.file_sha256(big) == real(changed).hexdigest() and len(reads) == 2
+  # A small file is read every time, even rewritten at the same size and modification time.
+  small = tmp_path / "stats.pt"
+  small.write_bytes(b"a" * 100)
+  st = os.stat(small)
+  assert ls.file_sha256(small) == real(b"a" * 100).hexdigest()
+  small.write_bytes(b"b" * 100)
+  os.utime(small, ns=(st.st_atime_ns, st.st_mtime_ns))
+  assert ls.file_sha256(small) == real(b"b" * 100).hexdigest() and len(reads) == 4

@@ -86,6 +86,20 @@ def test_a_bad_explicit_set_is_one_line_and_exit_2(data_dir, tmp_path, env, mess
   assert "Traceback" not in out.stderr
 
 
+def test_a_process_whose_peer_never_starts_ends_after_the_init_timeout(data_dir, tmp_path):
+  """Process 0 of 2 alone: it ends after train.distributed_init_timeout_s (5 s here), not after
+  JAX's default of 300 s, having said what it waited for."""
+  started = time.monotonic()
+  out = subprocess.run(_command(data_dir, tmp_path / "run", 2) + [
+      "--config.train.distributed_init_timeout_s=5"],
+      env=local_hosts.host_env(_env(), local_hosts.free_port(), 2, 0), capture_output=True,
+      text=True, timeout=120)
+  assert out.returncode != 0 and time.monotonic() - started < 90, out.stderr[-2000:]
+  assert "process 0 of 2" in out.stderr and "waiting up to 5 s for every process to join" in (
+      out.stderr), out.stderr[-2000:]
+  assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_explicit_coordinator_starts_two_processes_that_train_together(data_dir, tmp_path):
   """Two processes x 2 CPU devices: both join one 4-device mesh (process 0 logs the global
   batch's loss), train, save the final step together and exit 0."""

@@ -233,6 +233,70 @@ def test_convert_cli_official_to_diffusers(tmp_path):
                             ref.diffusers_state(state, cfg))
 
 
+def _with_file_size_limit(kib: int, command: list[str]) -> list[str]:
+  """`command` under a shell's `ulimit -f`: files over `kib` KiB fail to write with EFBIG (a full
+  disk as the writers see it: torch and safetensors get the OS's error mid-file; Python ignores
+  the SIGXFSZ that comes with it)."""
+  return ["bash", "-c", f'ulimit -f {int(kib)} && exec "$@"', "bash", *command]
+
+
+def test_cli_destination_is_never_lost_or_half_written(tmp_path):
+  """An existing --dst stays unless --overwrite; a diffusers folder is replaced whole (a stale
+  sharded index there would otherwise win over the new file in diffusers' loading); a write the
+  file system refuses is one line with nothing left behind."""
+  cfg = dataclasses.replace(SMALL, scan_layers=False)
+  state = ref.random_official_state(cfg, seed=4)
+  src = tmp_path / "official.pth"
+  torch.save({k: torch.from_numpy(v) for k, v in state.items()}, src)
+  common = ["--config", ROOT / "configs/tiny.py", *SMALL_FLAGS, "--src", src,
+            "--src_format", "official"]
+  dst = tmp_path / "out.pth"
+  dst.write_bytes(b"a user's file")
+  out = _cli(*common, "--dst", dst, "--dst_format", "official")
+  assert out.returncode == 2 and "exists" in out.stderr and "--overwrite" in out.stderr, out.stderr
+  assert dst.read_bytes() == b"a user's file"
+  out = _cli(*common, "--dst", dst, "--dst_format", "official", "--overwrite")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert_flat_bitwise_equal({k: v.numpy() for k, v in torch.load(dst).items()}, state)
+
+  # An earlier sharded export in the folder: diffusers' own save_pretrained of other weights.
+  folder = tmp_path / "dit"
+  other = ref.random_official_state(cfg, seed=5)
+  model = Lumina2Transformer2DModel(**keymap.diffusers_config(cfg))
+  model.load_state_dict({k: torch.from_numpy(v) for k, v in
+                         ref.diffusers_state(other, cfg).items()})
+  model.save_pretrained(folder, max_shard_size="100KB")
+  assert (folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+  out = _cli(*common, "--dst", folder, "--dst_format", "diffusers")
+  assert out.returncode == 2 and "exists" in out.stderr, out.stderr[-3000:]
+  out = _cli(*common, "--dst", folder, "--dst_format", "diffusers", "--overwrite")
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert sorted(p.name for p in folder.iterdir()) == ["config.json",
+                                                      "diffusion_pytorch_model.safetensors"]
+  assert_flat_bitwise_equal(_from_pretrained_strictly(folder), ref.diffusers_state(state, cfg))
+
+  for args, named in (
+      (["--dst", folder, "--dst_format", "official"], "is a folder"),
+      (["--dst", dst, "--dst_format", "diffusers"], "is a file"),
+      (["--dst", tmp_path / "p.msgpack", "--dst_format", "flax", "--dtype", "bfloat16"],
+       "flax msgpack files hold fp32")):
+    out = _cli(*common, *args)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and named in lines[0], out.stderr[-3000:]
+
+  before = sorted(os.listdir(tmp_path))
+  for fmt, name in (("official", "full.pth"), ("safetensors", "full.safetensors"),
+                    ("diffusers", "full_dit")):
+    cmd = [sys.executable, str(ROOT / "launch/convert.py"), *map(str, common),
+           "--dst", str(tmp_path / name), "--dst_format", fmt]
+    out = subprocess.run(_with_file_size_limit(64, cmd), capture_output=True, text=True,
+                         timeout=CLI_TIMEOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, (fmt, out.stderr[-3000:])
+    assert f"could not write {tmp_path / name} (a full disk" in lines[0], (fmt, lines[0])
+    assert sorted(os.listdir(tmp_path)) == before, fmt  # no half file, no temporary
+
+
 # ----------------------------------------------------------------------------- training workdir
 
 
@@ -283,7 +347,8 @@ def test_cli_converts_a_training_workdir(choice, dit_run, tmp_path):
                                   np.asarray(tree["x_embedder"]["kernel"]).T), (step, which)
 
 
-@pytest.mark.parametrize("problem", ["config", "step", "noema_file", "decoder_noema"])
+@pytest.mark.parametrize("problem", ["config", "step", "step_folder", "noema_file",
+                                     "decoder_noema", "decoder_model"])
 def test_cli_workdir_errors_are_one_line(problem, dit_run, tmp_path):
   run, saved = dit_run
   args = ["--config", ROOT / "configs/tiny.py", *SMALL_FLAGS, "--src", run, "--src_format", "flax"]
@@ -293,14 +358,21 @@ def test_cli_workdir_errors_are_one_line(problem, dit_run, tmp_path):
   elif problem == "step":
     args += ["--step", 4]
     named = ["no checkpoint of step 4 (steps: [3, 5])"]
+  elif problem == "step_folder":
+    args[args.index(run)] = run / "checkpoints" / "3"
+    named = ["one checkpoint's folder", f"workdir {run} and step 3"]
   elif problem == "noema_file":
     dit_io.save_dit(saved[3]["params"], tmp_path / "p.msgpack", "flax", SMALL)
     args = args[:-4] + ["--src", tmp_path / "p.msgpack", "--src_format", "flax", "--noema"]
     named = ["training workdir only"]
-  else:
+  elif problem == "decoder_noema":
     args = ["--model", "decoder", "--config", f"{ROOT}/configs/decoder.py:tiny", "--src", run,
             "--src_format", "flax", "--noema"]
     named = ["--model dit only"]
+  else:
+    args = ["--model", "decoder", "--config", f"{ROOT}/configs/decoder.py:tiny", "--src", run,
+            "--src_format", "flax"]
+    named = ['is a `task = "dit"` training run, not a "decoder" one', "--model dit"]
   out = _cli(*args, "--dst", tmp_path / "out", "--dst_format", "diffusers")
   lines = [line for line in out.stderr.splitlines() if line.strip()]
   assert out.returncode == 2, out.stderr[-3000:]

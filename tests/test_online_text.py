@@ -29,7 +29,7 @@ def test_token_mode_equals_feature_mode(tmp_path):
   empty_ids, empty_mask = enc.tokenize([""], pad_to=8)
   empty_feats = np.asarray(enc.encode_tokens(empty_ids, empty_mask)[0])[0, :1]
 
-  config = config_lib.base_config()
+  config = config_lib.dit_task_config()
   config.train.caption_dropout = 0.5  # both branches of the dropout in one batch
   config.data.resolution = 64
   cfg = NextDiTConfig(in_channels=8, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
@@ -81,7 +81,7 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
                                  text_kind="token_ids", vocab_size=len(enc.tokenizer),
                                  caption_len=(1, 6))
   np.save(os.path.join(data, dit_task.EMPTY_TEXT_FILE), enc.tokenize([""])[0][0, :1])
-  config = config_lib.base_config()
+  config = config_lib.dit_task_config()
   config.model.update(dict(in_channels=8, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
                            n_kv_heads=1, multiple_of=32, cap_feat_dim=enc.cfg.hidden_size,
                            axes_dims=(8, 12, 12), scan_layers=False, compute_dtype="float32",

@@ -33,7 +33,7 @@ import numpy as np
 from svg_jax import checkpoint, parallel
 from svg_jax.convert import decoder as keymap
 from svg_jax.convert import safetensors_io, torch_pickle, weights_io
-from svg_jax.input_errors import InputError, MissingInput
+from svg_jax.input_errors import InputError
 from svg_jax.models.decoder import Decoder, DecoderConfig
 
 FORMATS = ("flax", "official", "safetensors", "diffusers")
@@ -51,8 +51,7 @@ def load_decoder_weights(path: str | os.PathLike, fmt: str, cfg: DecoderConfig,
   step: the checkpoint step of a training workdir (flax only; default the latest)."""
   _check_format(fmt)
   path = Path(path)
-  if not path.exists():
-    raise MissingInput(f"decoder checkpoint not found: {path}")
+  weights_io.check_source(path, fmt, "decoder")
   if step is not None and not (fmt == "flax" and path.is_dir()):
     raise ValueError("a step applies to a training workdir only (flax format, a folder)")
   if fmt == "flax":

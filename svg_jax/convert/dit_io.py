@@ -23,7 +23,7 @@ import numpy as np
 from svg_jax import dit_checkpoint
 from svg_jax.convert import nextdit as keymap
 from svg_jax.convert import safetensors_io, torch_pickle, weights_io
-from svg_jax.input_errors import InputError, MissingInput
+from svg_jax.input_errors import InputError
 from svg_jax.models.nextdit import NextDiTConfig, abstract_params
 
 FORMATS = ("flax", "official", "safetensors", "diffusers")
@@ -42,8 +42,7 @@ def load_dit(path: str | os.PathLike, fmt: str, cfg: NextDiTConfig, step: int | 
   of a training workdir (flax only)."""
   _check_format(fmt)
   path = Path(path)
-  if not path.exists():
-    raise MissingInput(f"DiT checkpoint not found: {path}")
+  weights_io.check_source(path, fmt, "DiT")
   workdir = fmt == "flax" and path.is_dir()
   if (step is not None or ema is not None) and not workdir:
     raise ValueError("a step or EMA choice applies to a training workdir only (flax format, a "
@@ -117,5 +116,8 @@ def _workdir_params(workdir: Path, cfg: NextDiTConfig, step: int | None, ema: bo
 def _flat_arrays(state, path) -> dict[str, np.ndarray]:
   bad = [k for k, v in state.items() if not isinstance(v, np.ndarray)]
   if bad:
-    raise ValueError(f"{path}: not a flat dict of tensors (entries {bad[:5]} are not tensors)")
+    hint = (" (a Lightning checkpoint, like the SVG autoencoder's .ckpt: a decoder's weights "
+            "convert as --model decoder)" if "state_dict" in bad else "")
+    raise ValueError(f"{path}: not a flat dict of tensors (entries {bad[:5]} are not tensors)"
+                     + hint)
   return state

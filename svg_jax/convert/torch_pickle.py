@@ -163,8 +163,9 @@ class _Unpickler(pickle.Unpickler):
     if not self.allow_unknown:
       raise UnsafeCheckpointError(
           f'{self.path}: the checkpoint references the global {full!r}, which is not needed to '
-          'rebuild tensors; refusing to load it. If you trust the file\'s structure (e.g. a '
-          'Lightning .ckpt), pass allow_unknown_objects=True to get inert placeholders.')
+          'rebuild tensors; refusing to load it (a pickled module or object, not a state dict: '
+          'save `model.state_dict()` instead; in Python, load_torch_file(..., '
+          'allow_unknown_objects=True) reads it with inert placeholders).')
     if full not in self.placeholders:
       self.placeholders[full] = type('UnknownObject', (UnknownObject,), {'global_name': full})
     return self.placeholders[full]

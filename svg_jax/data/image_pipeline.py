@@ -18,7 +18,7 @@ the number of processes: process p of P takes those at p, p + P, ... So the iter
 number of batches read, is one global position: it goes into checkpoints, a resume continues at the
 exact next batch, and it resumes on another number of processes too (`set_state_of_processes`;
 the global batch must stay the same). An image that cannot be decoded is logged with its path and
-replaced by the next good one in the list; 64 bad ones in a row are an error.
+replaced by the next good one in the list; `max_bad_in_a_row` bad ones in a row are an error.
 """
 from __future__ import annotations
 
@@ -37,7 +37,6 @@ from svg_jax.input_errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
 
-MAX_REPLACEMENTS = 64  # consecutive bad images tolerated before giving up
 CROPS = ("random", "center")
 
 
@@ -49,9 +48,12 @@ class ImagePipelineConfig:
   num_threads: int = 2
   prefetch_buffer_size: int = 2
   crop: str = "random"
+  max_bad_in_a_row: int = 64  # consecutive unreadable images tolerated before giving up
 
   def validate(self) -> None:
     problems = []
+    if self.max_bad_in_a_row < 1:
+      problems.append(f"max_bad_in_a_row {self.max_bad_in_a_row} < 1")
     if self.crop not in CROPS:
       problems.append(f"crop {self.crop!r} is not one of {CROPS}")
     if self.per_process_batch_size < 1:
@@ -129,21 +131,23 @@ def load_square(path: str, resolution: int, rng: np.random.Generator | None = No
 class _Loader:
   """(stream position, index) -> cropped image; a bad image is replaced by the next good one."""
 
-  def __init__(self, paths: Sequence[str], resolution: int, crop: str, seed: int):
-    self.paths, self.resolution, self.crop, self.seed = list(paths), resolution, crop, seed
+  def __init__(self, paths: Sequence[str], config: ImagePipelineConfig):
+    self.paths, self.resolution, self.crop = list(paths), config.resolution, config.crop
+    self.seed, self.max_bad = int(config.seed), config.max_bad_in_a_row
 
   def __call__(self, position_and_index: tuple[int, int]) -> np.ndarray:
     position, index = position_and_index
     n = len(self.paths)
     # A replacement image is cropped with the offsets the bad one would have had.
     rng = np.random.default_rng([self.seed, int(position)]) if self.crop == "random" else None
-    for j in range(min(MAX_REPLACEMENTS, n)):
+    for j in range(min(self.max_bad, n)):
       path = self.paths[(int(index) + j) % n]
       try:
         return load_square(path, self.resolution, rng)
       except (BadImageError, OSError) as e:
         log.error("bad image %s (%s): using the next one", path, e)
-    raise ValueError(f"{MAX_REPLACEMENTS} consecutive images from index {index} are unreadable")
+    raise ValueError(f"{min(self.max_bad, n)} consecutive images from index {index} are "
+                     "unreadable (data.max_bad_in_a_row)")
 
 
 def _with_position(position: int, index: int) -> tuple[int, int]:
@@ -196,7 +200,7 @@ def make_image_pipeline(jsonl: str | os.PathLike, config: ImagePipelineConfig, *
         .repeat()
         .map_with_index(_with_position)  # before the slice: the position in the global stream
         [process_index::process_count]
-        .map(_Loader(paths, config.resolution, config.crop, int(config.seed)))
+        .map(_Loader(paths, config))
         .batch(config.per_process_batch_size, drop_remainder=True, batch_fn=_collate))
   return ImageIterator(iter(ds.to_iter_dataset(grain.ReadOptions(
       num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size))))

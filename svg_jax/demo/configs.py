@@ -126,7 +126,7 @@ def precompute(name: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
 def dit(name: str = DEFAULT_PRESET) -> ml_collections.ConfigDict:
   """The demo's DiT: 64 px images are 8x8 latents of the preset's encoder."""
   p = preset(name)
-  c = base.base_config()
+  c = base.dit_task_config()
   c.model.update(dict(
       # dim >= in_channels x patch_size^2: a narrower model cannot predict the noise part of the
       # velocity in the directions x_embedder drops (the trainer refuses such configs).

@@ -104,11 +104,10 @@ def config_problems(config, process_count: int) -> list[str]:
   if int(d.num_threads) < 1 or int(d.prefetch) < 1:
     problems.append(f"data.num_threads and data.prefetch must be >= 1, got {d.num_threads} and "
                     f"{d.prefetch}")
+  if int(d.max_bad_in_a_row) < 1:
+    problems.append(f"data.max_bad_in_a_row must be >= 1, got {d.max_bad_in_a_row}")
   if d.crop not in image_pipeline.CROPS:
     problems.append(f"data.crop {d.crop!r} is not one of {image_pipeline.CROPS}")
-  if int(d.num_workers) != 0:
-    problems.append(f"data.num_workers is {d.num_workers}: the decoder task's image loader reads "
-                    "with threads only (data.num_threads); leave it 0")
   if not d.jsonl:
     problems.append("data.jsonl is empty (the training image list)")
   elif not os.path.isfile(d.jsonl):
@@ -133,7 +132,8 @@ def _pipeline_config(config) -> image_pipeline.ImagePipelineConfig:
   return image_pipeline.ImagePipelineConfig(
       per_process_batch_size=int(config.train.global_batch_size) // jax.process_count(),
       resolution=int(d.resolution), seed=int(d.shuffle_seed),
-      num_threads=int(d.num_threads), prefetch_buffer_size=int(d.prefetch), crop=d.crop)
+      num_threads=int(d.num_threads), prefetch_buffer_size=int(d.prefetch), crop=d.crop,
+      max_bad_in_a_row=int(d.max_bad_in_a_row))
 
 
 def make_data_iterator(config):

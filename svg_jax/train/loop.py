@@ -434,7 +434,10 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   heartbeat = int(config.train.heartbeat_timeout_s)
   if heartbeat < 1:
     raise ConfigError(f"train.heartbeat_timeout_s must be >= 1, got {heartbeat}")
-  parallel.initialize_distributed(heartbeat)
+  init_timeout = int(config.train.distributed_init_timeout_s)
+  if init_timeout < 1:
+    raise ConfigError(f"train.distributed_init_timeout_s must be >= 1, got {init_timeout}")
+  parallel.initialize_distributed(heartbeat, init_timeout)
   mesh_shape = validate_config(config, task)
   workdir = os.path.abspath(workdir)
   ckpt_lib.check_writable_folder(workdir, "the workdir")
