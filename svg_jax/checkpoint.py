@@ -36,6 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from svg_jax import save_failure_reports
 from svg_jax.input_errors import InputError
 from svg_jax.utils.error_lines import first_line
 
@@ -70,20 +71,6 @@ def check_writable_folder(path: str, what: str) -> None:
 class SaveFailed(RuntimeError):
   """A checkpoint could not be written (one line: which step, where, why); the steps committed
   before it are intact."""
-
-
-class _WritesOfAFailedSave(logging.Filter):
-  """Drops asyncio's "Task exception was never retrieved" reports of the write tasks into one
-  checkpoint folder once its save has failed: each repeats the error SaveFailed already gives
-  (one per array), and they come at exit, after (and burying) the run's one line."""
-
-  def __init__(self, directory: str):
-    super().__init__()
-    self.directory = directory
-
-  def filter(self, record):
-    message = record.getMessage()
-    return not ("Task exception was never retrieved" in message and self.directory in message)
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -232,6 +219,8 @@ class Checkpointer:
         max_to_keep=keep if keep and keep > 0 else None, create=not read_only,
         enable_async_checkpointing=async_save, read_only=read_only)
     self._writing = None  # the step of the newest save started
+    if not read_only:
+      save_failure_reports.shorten(os.path.dirname(self.directory), jax.process_index())
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=ITEMS, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -346,7 +335,7 @@ class Checkpointer:
         self.directory) else []
 
   def _failed(self, error: Exception, step: int) -> SaveFailed:
-    logging.getLogger("asyncio").addFilter(_WritesOfAFailedSave(self.directory))
+    save_failure_reports.drop_reports_of_writes_into(self.directory)
     reason = first_line(error)
     try:  # an earlier save may still be writing: it decides which step is the newest intact one
       self.manager.wait_until_finished()

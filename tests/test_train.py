@@ -695,6 +695,31 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data_dir,
   assert max(abs(losses[s] - six_steps[s]) for s in six_steps) <= 1e-6
 
 
+def test_a_full_disk_leaves_the_run_s_line_last_and_orbax_s_tracebacks_in_a_file(data_dir,
+                                                                                 tmp_path):
+  """launch/train.py whose files may not exceed 16 KiB (`ulimit -f`: the writes of checkpoint 3
+  fail mid-file as on a full disk). stderr ends with the run's one line; orbax's errors are one
+  line each, their tracebacks in the workdir's orbax_errors.0.log; none of asyncio's or
+  Python's reports of the failed writes (hundreds of tracebacks without the filters) remain."""
+  command = ["bash", "-c", 'ulimit -f 16 && exec "$@"', "bash", *_command(data_dir, tmp_path, 4)]
+  env = dict(_env(), JAX_ENABLE_COMPILATION_CACHE="false")  # its entries are larger than 16 KiB
+  out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 6, out.stderr[-3000:]
+  ours = [line for line in out.stderr.splitlines() if line.startswith("checkpoint error")]
+  assert len(ours) == 1 and ours[0].startswith(
+      f"checkpoint error: writing checkpoint 3 to {ckpt_lib.checkpoint_dir(str(tmp_path))} "
+      "failed ("), out.stderr[-3000:]
+  assert "failed (File too large [errno 27]; ValueError: " in ours[0], ours[0]
+  assert "no earlier checkpoint was written" in ours[0]
+  assert out.stderr.rstrip().splitlines()[-1] == ours[0], out.stderr[-3000:]
+  for noise in ("Traceback", "Event loop is closed", "never retrieved", "never awaited"):
+    assert noise not in out.stderr, (noise, out.stderr[-3000:])
+  orbax_lines = [line for line in out.stderr.splitlines() if "[orbax error; in full in" in line]
+  assert orbax_lines, out.stderr[-3000:]
+  with open(tmp_path / "orbax_errors.0.log") as f:
+    assert "Traceback" in f.read()
+
+
 def _steps_that_run_out_of_memory_after(monkeypatch, n):
   """The DiT's compiled step, but its call n + 1 meets XLA's own out-of-memory error: it allocates
   16 TiB."""
