@@ -11,7 +11,7 @@ never seen in training) of a shapes dataset folder (`svg_jax/demo/shapes.py`), t
 `--limit`. Prints the per-category table; with --out also grid.png, grid_prompts.txt and
 scores.json.
 """
-from absl import flags
+from absl import app, flags
 
 from svg_jax import cli
 
@@ -30,10 +30,15 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from svg_jax.demo import evaluate, geneval, shapes
+  from svg_jax.utils import writable_folders
 
   resolution, settings = generator_flags.sampler_settings()
+  if FLAGS.limit < 0:
+    raise app.UsageError(f"--limit must be >= 0 (0: all prompts), got {FLAGS.limit}")
   items = generator_flags.read_prompts(shapes.read_split, FLAGS.data, FLAGS.split,
                                        limit=FLAGS.limit)
+  if FLAGS.out:  # before the images are made
+    writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
   generator = generator_flags.make_generator()
   scores, _ = evaluate.evaluate(generator, items, resolution, settings,
                                 batch_size=FLAGS.batch_size, outdir=FLAGS.out)

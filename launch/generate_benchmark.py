@@ -11,7 +11,9 @@ Layouts (official recipe: 4 images per prompt, image k of prompt i from seed 42 
 Sharded: process p of P handles the prompts i with i % P == p (default: the JAX process index and
 count; override with --process_index / --process_count to split over separate jobs); each process
 splits its batches over its local devices. Resumable: prompts whose files all exist are skipped, a
-GenEval prompt with some samples gets the missing ones; files appear atomically.
+GenEval prompt with some samples gets the missing ones; files appear atomically. The first run
+writes what decides the images (weights, sampler, resolution, prompt file...) to
+<out>/generation.json; a rerun with other settings is refused instead of mixing images.
 """
 from absl import app, flags
 
@@ -36,14 +38,19 @@ def main(argv):
   del argv
   import jax
 
-  from svg_jax import assets, parallel
+  from svg_jax import assets, latent_stats, parallel
   from svg_jax.eval import benchmarks
+  from svg_jax.utils import writable_folders
 
   resolution, settings = generator_flags.sampler_settings()  # before loading anything
+  if FLAGS.limit < 0:
+    raise app.UsageError(f"--limit must be >= 0 (0: all prompts), got {FLAGS.limit}")
+  benchmarks.check_request(FLAGS.benchmark, FLAGS.images_per_prompt)
   official = {"geneval": assets.GENEVAL_PROMPTS, "dpg": assets.DPG_PROMPTS}
   prompts = FLAGS.prompts or official[FLAGS.benchmark]
   items = generator_flags.read_prompts(benchmarks.read_prompt_file, prompts, FLAGS.benchmark,
                                        limit=FLAGS.limit)
+  writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
   parallel.initialize_distributed()
   index = jax.process_index() if FLAGS.process_index < 0 else FLAGS.process_index
   count = jax.process_count() if FLAGS.process_count < 0 else FLAGS.process_count
@@ -52,6 +59,10 @@ def main(argv):
 
   # Processes work on disjoint prompts, so each one's mesh holds only its own devices.
   generator = generator_flags.make_generator(jax.local_devices())
+  benchmarks.pin_settings(FLAGS.out, dict(
+      benchmark=FLAGS.benchmark, prompts_sha256=latent_stats.file_sha256(prompts),
+      images_per_prompt=FLAGS.images_per_prompt, resolution=resolution,
+      **generator_flags.provenance(settings)))
   summary = benchmarks.run_benchmark(generator, items, FLAGS.benchmark, FLAGS.out, resolution,
                               settings, batch_size=FLAGS.batch_size,
                               images_per_prompt=FLAGS.images_per_prompt, process_index=index,

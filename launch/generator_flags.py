@@ -45,6 +45,9 @@ def sampler_settings():
 
   if (FLAGS.checkpoint is None) == (FLAGS.weights is None):
     raise app.UsageError("give exactly one of --checkpoint and --weights")
+  if FLAGS.weights is not None and (FLAGS["step"].present or FLAGS["ema"].present):
+    raise app.UsageError("--step and --ema/--noema apply to --checkpoint (a training workdir), "
+                         "not to --weights")
   if FLAGS.batch_size < 0:
     raise app.UsageError(f"--batch_size must be >= 0, got {FLAGS.batch_size}")
   multiple = gen.config_pixels_per_token(FLAGS.config)
@@ -58,6 +61,27 @@ def sampler_settings():
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   return resolution, settings
+
+
+def provenance(settings) -> dict:
+  """What, besides the prompt and the seed, decides a generated image: the sampler settings, the
+  system prompt and every file the generator reads (absolute paths), for metadata and for the
+  settings a benchmark folder pins."""
+  import os
+
+  def path(p):
+    return os.path.abspath(p) if p else None
+
+  ae = FLAGS.config.autoencoder
+  return dict(steps=settings.steps, cfg=settings.cfg_scale, cfg_mode=settings.cfg_mode,
+              renorm=settings.renorm, shift=settings.shift, solver=settings.solver,
+              system_type=FLAGS.system_type,
+              checkpoint=path(FLAGS.checkpoint), step=FLAGS.step,
+              ema=FLAGS.ema if FLAGS.checkpoint else None, weights=path(FLAGS.weights),
+              format=FLAGS.format, text_encoder=path(FLAGS.text_encoder),
+              tokenizer=path(FLAGS.tokenizer), decoder_path=path(ae.decoder_path),
+              stats_path=path(ae.stats_path), stats_layer=int(ae.stats_layer),
+              bf16_stats=bool(ae.bf16_stats))
 
 
 def read_prompts(read, *args, limit: int = 0) -> list:

@@ -10,7 +10,7 @@ encoded and decoded; `<out>/<name>.png` holds the crop and its reconstruction si
 PSNR (dB) / SSIM per image and their means are printed and written to `<out>/metrics.json`.
 Images that cannot be read are reported by name and counted, never silently dropped.
 """
-from absl import flags
+from absl import app, flags
 
 from svg_jax import cli
 
@@ -28,15 +28,27 @@ def main(argv):
   import os
 
   import numpy as np
-  from PIL import Image
 
   from svg_jax import autoencoder as ae_lib
+  from svg_jax.data import buckets
   from svg_jax.data.images import BadImageError
   from svg_jax.eval import image_metrics
   from svg_jax.input_errors import InputError
+  from svg_jax.utils import atomic_files, writable_folders
 
-  ae = ae_lib.SVGAutoencoder.from_config(FLAGS.config)
+  # Before anything loads: crops that exist and that SSIM can score, a folder for the results.
+  patch = int(FLAGS.config.autoencoder.encoder.patch_size)
+  sides = [min(b) for b in buckets.buckets_for_resolution(FLAGS.resolution, patch)] if (
+      FLAGS.resolution > 0) else []
+  if not sides:
+    raise app.UsageError(f"--resolution {FLAGS.resolution} gives no crop of whole {patch}-pixel "
+                         f"patches: use a positive multiple of {patch} (256, 512, 1024...)")
+  if min(sides) < image_metrics.SSIM_WINDOW:
+    raise app.UsageError(f"--resolution {FLAGS.resolution}: its narrowest crops are {min(sides)} "
+                         f"px, SSIM needs at least {image_metrics.SSIM_WINDOW}")
   paths = ae_lib.list_images(FLAGS.images)
+  writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
+  ae = ae_lib.SVGAutoencoder.from_config(FLAGS.config)
   os.makedirs(FLAGS.out, exist_ok=True)
   crops, bad = {}, []
   for path in paths:
@@ -58,8 +70,8 @@ def main(argv):
       while name in used_names:
         name, k = f"{stem}_{k}", k + 1
       used_names.add(name)
-      Image.fromarray(np.concatenate([orig, rec], axis=1)).save(
-          os.path.join(FLAGS.out, name + ".png"))
+      atomic_files.save_png(os.path.join(FLAGS.out, name + ".png"),
+                            np.concatenate([orig, rec], axis=1))
       results[path] = {"name": name, "bucket": list(bucket), "psnr": image_metrics.psnr(orig, rec),
                        "ssim": image_metrics.ssim(orig, rec)}
   for path in paths:
@@ -74,8 +86,7 @@ def main(argv):
     summary["mean_ssim"] = float(np.mean([r["ssim"] for r in results.values()]))
     print(f"mean over {len(results)} images\tPSNR {summary['mean_psnr']:.2f} dB\t"
           f"SSIM {summary['mean_ssim']:.4f}" + (f"\t({len(bad)} skipped)" if bad else ""))
-  with open(os.path.join(FLAGS.out, "metrics.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  atomic_files.write_text(os.path.join(FLAGS.out, "metrics.json"), json.dumps(summary, indent=1))
   if not results:
     raise InputError(f"no image could be reconstructed ({len(bad)} skipped)")
 

@@ -10,7 +10,8 @@ section replaces the config's) or `--weights` + `--format` (flax | official | sa
 diffusers). The config gives the autoencoder (decoder and statistics paths) and the model section
 for --weights. Image j (prompts in order, --num_images each) uses seed --seed + j and is written
 as `<out>/{j:05d}.png`; `<out>/grid.png` holds them all; `<out>/metadata.jsonl` has one
-line per image (file, prompt, seed and the sampler settings).
+line per image (file, prompt, seed, the sampler settings and the files read). An --out that holds
+an earlier run's images is an error unless --overwrite.
 """
 from absl import app, flags
 
@@ -26,6 +27,8 @@ flags.DEFINE_integer("num_images", 1, "images per prompt")
 flags.DEFINE_integer("seed", 0, "seed of the first image; image j uses seed + j")
 flags.DEFINE_integer("grid_cols", 0, "columns of grid.png (0: about the square root)")
 flags.DEFINE_string("out", None, "output folder")
+flags.DEFINE_bool("overwrite", False, "replace an earlier run's images in --out (without it, an "
+                  "--out with a metadata.jsonl is an error)")
 FLAGS = flags.FLAGS
 
 
@@ -37,15 +40,18 @@ def main(argv):
 
   from svg_jax import generate as gen
   from svg_jax.data import jsonl
-  from svg_jax.utils import atomic_files
+  from svg_jax.utils import atomic_files, writable_folders
   from svg_jax.utils.progress import Progress
 
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_jsonl:
     try:
-      prompts += jsonl.prompts(FLAGS.prompts_jsonl)
+      from_file = jsonl.prompts(FLAGS.prompts_jsonl)
     except (ValueError, OSError) as e:
       raise app.UsageError(str(e)) from None
+    if not from_file:
+      raise app.UsageError(f"--prompts_jsonl {FLAGS.prompts_jsonl} holds no prompts")
+    prompts += from_file
   if not prompts:
     raise app.UsageError("give prompts with --prompt and/or --prompts_jsonl")
   if FLAGS.num_images < 1:
@@ -54,28 +60,39 @@ def main(argv):
     raise app.UsageError(f"--grid_cols must be >= 0 (0: about the square root), got "
                          f"{FLAGS.grid_cols}")
   resolution, settings = generator_flags.sampler_settings()
-  generator = generator_flags.make_generator()
-
   jobs = [p for p in prompts for _ in range(FLAGS.num_images)]
   seeds = [FLAGS.seed + j for j in range(len(jobs))]
+  if FLAGS.seed < 0 or seeds[-1] >= 2 ** 31:
+    raise app.UsageError(f"--seed must be >= 0 and --seed + images - 1 below 2^31 (the seeds "
+                         f"are {FLAGS.seed}..{seeds[-1]})")
+  # Before anything is sampled: the folder must take the files, an earlier run's are not replaced
+  # unless asked.
+  writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
+  metadata = os.path.join(FLAGS.out, "metadata.jsonl")
+  if os.path.exists(metadata) and not FLAGS.overwrite:
+    raise app.UsageError(f"{FLAGS.out} holds an earlier run's images (metadata.jsonl); choose "
+                         "another --out or replace them with --overwrite")
+  generator = generator_flags.make_generator()
+  os.makedirs(FLAGS.out, exist_ok=True)
   images = generator.generate(jobs, seeds, resolution, settings, batch_size=FLAGS.batch_size,
                               progress=Progress(len(jobs), what="images"))
-  os.makedirs(FLAGS.out, exist_ok=True)
+  if os.path.exists(metadata):  # --overwrite: the earlier run's files go, none left beside ours
+    for line in jsonl.lines(metadata):
+      if not line.problem and isinstance(line.item.get("file"), str):
+        earlier = os.path.join(FLAGS.out, os.path.basename(line.item["file"]))
+        if os.path.isfile(earlier):
+          os.remove(earlier)
   h, w = resolution
+  provenance = generator_flags.provenance(settings)
   lines = []
   for j, (prompt, seed, img) in enumerate(zip(jobs, seeds, images)):
     name = f"{j:05d}.png"
     atomic_files.save_png(os.path.join(FLAGS.out, name), img)
     lines.append(json.dumps(dict(file=name, prompt=prompt, seed=seed, width=w, height=h,
-                                 steps=settings.steps, cfg=settings.cfg_scale,
-                                 cfg_mode=settings.cfg_mode, renorm=settings.renorm,
-                                 shift=settings.shift,
-                                 solver=settings.solver, system_type=FLAGS.system_type,
-                                 checkpoint=FLAGS.checkpoint, ema=FLAGS.ema,
-                                 weights=FLAGS.weights)))
+                                 **provenance)))
   cols = FLAGS.grid_cols or math.ceil(math.sqrt(len(images)))
   atomic_files.save_png(os.path.join(FLAGS.out, "grid.png"), gen.make_grid(images, cols))
-  atomic_files.write_text(os.path.join(FLAGS.out, "metadata.jsonl"), "\n".join(lines) + "\n")
+  atomic_files.write_text(metadata, "\n".join(lines) + "\n")
   print(f"wrote {len(images)} images, grid.png and metadata.jsonl to {FLAGS.out}")
 
 

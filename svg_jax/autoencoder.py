@@ -185,7 +185,7 @@ class SVGAutoencoder:
     if batch_size < 0:
       problems.append(f"batch_size {batch_size} < 0")
     if problems:
-      raise ValueError("SVGAutoencoder: " + "; ".join(problems))
+      raise InputError("SVGAutoencoder: " + "; ".join(problems))
     self.stats, self.encoder_cfg, self.decoder_cfg = stats, encoder_cfg, decoder_cfg
     self.bf16_stats, self.batch_size, self.sharding = bf16_stats, batch_size, sharding
     self.fingerprints = dict(fingerprints or {})
@@ -235,9 +235,10 @@ class SVGAutoencoder:
                batch_size=c.batch_size, mesh=mesh, sharding=sharding,
                fingerprints=fingerprints)
 
-  def _chunk_size(self, n: int) -> int:
-    """Rows of each call: `batch_size` (or all n), rounded up to a multiple of the batch split."""
-    return round_up(self.batch_size or n, _batch_multiple(self.sharding))
+  def _chunk_size(self, n: int, default: int = 0) -> int:
+    """Rows of each call: `batch_size` (else `default`, else all n), rounded up to a multiple of
+    the batch split."""
+    return round_up(self.batch_size or default or n, _batch_multiple(self.sharding))
 
   def _place(self, part: np.ndarray) -> Any:
     return part if self.sharding is None else jax.device_put(part, self.sharding)
@@ -248,12 +249,12 @@ class SVGAutoencoder:
     return contextlib.nullcontext() if self.sharding is None else parallel.use_mesh(
         self.sharding.mesh)
 
-  def _run(self, fn, params, x: np.ndarray) -> np.ndarray:
+  def _run(self, fn, params, x: np.ndarray, default_chunk: int = 0) -> np.ndarray:
     """Apply `fn` in chunks of a fixed size (the last one padded) with the batch sharded."""
     n = x.shape[0]
     if n == 0:
       raise ValueError("empty batch")
-    chunk = self._chunk_size(n)
+    chunk = self._chunk_size(n, default_chunk)
     outs = []
     with self._own_mesh():
       for start in range(0, n, chunk):
@@ -290,11 +291,12 @@ class SVGAutoencoder:
       x = x.astype(np.float32)
     return self._run(self._encode, self.encoder_params, x)
 
-  def decode(self, latents: Any) -> np.ndarray:
-    """Normalized latents [B, h, w, C] -> images [B, h * f, w * f, 3] in about [-1, 1], fp32."""
+  def decode(self, latents: Any, batch_size: int = 0) -> np.ndarray:
+    """Normalized latents [B, h, w, C] -> images [B, h * f, w * f, 3] in about [-1, 1], fp32.
+    Rows per call: the autoencoder's `batch_size`, else this `batch_size`, else all of them."""
     z = np.asarray(latents, np.float32)
     self._check_latents(z.shape)
-    return self._run(self._decode, self.decoder_params, z)
+    return self._run(self._decode, self.decoder_params, z, batch_size)
 
   def _check_latents(self, shape: Sequence[int]) -> None:
     if self.decoder_params is None:

@@ -37,7 +37,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from svg_jax import save_failure_reports
-from svg_jax.input_errors import InputError
 from svg_jax.utils.error_lines import first_line
 
 log = logging.getLogger(__name__)
@@ -50,22 +49,6 @@ _DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json$")
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), SUBDIR)
-
-
-class FolderNotWritable(InputError):
-  """A run's folder that cannot be made or written (one line)."""
-
-
-def check_writable_folder(path: str, what: str) -> None:
-  """Makes the folder `path` if it is missing; FolderNotWritable naming `what` when it cannot be
-  made (a file in its place, a read-only file system) or written. Before a run's first step, so
-  that it does not train up to its first checkpoint to find out."""
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError as e:
-    raise FolderNotWritable(f"{what} {path} cannot be made: {e.strerror or e}") from None
-  if not os.access(path, os.W_OK | os.X_OK):
-    raise FolderNotWritable(f"{what} {path} cannot be written")
 
 
 class SaveFailed(RuntimeError):

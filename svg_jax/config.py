@@ -279,8 +279,9 @@ def dit_task_config() -> ml_collections.ConfigDict:
 def model_section(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The DiT's `model` section; a config without one (the decoder task's) is a one-line error."""
   if "model" not in config:
-    raise InputError(f"this config (task {config.get('task', '?')!r}) has no DiT model section; "
-                     "give a DiT config such as configs/svg_t2i_2b.py:<stage> or configs/tiny.py")
+    what = (f"task {config.task!r}" if "task" in config else "launch/precompute.py's job")
+    raise InputError(f"this config ({what}) has no DiT model section; give a DiT config such as "
+                     "configs/svg_t2i_2b.py:<stage> or configs/tiny.py")
   return config.model
 
 

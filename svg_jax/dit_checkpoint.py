@@ -24,6 +24,9 @@ def saved_model_config(workdir: str, step: int | None = None,
                        base: ml_collections.ConfigDict | None = None) -> NextDiTConfig:
   """The NextDiTConfig a training run saved with its checkpoint (newest step by default); the
   `HARDWARE_FIELDS` come from `base`'s model section when given."""
+  if os.path.isfile(workdir):
+    raise InputError(f"{workdir} is a file, not a training workdir (a weights file loads with "
+                     "--weights and --format)")
   if not os.path.isdir(workdir):
     raise MissingInput(f"training workdir {workdir} does not exist")
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)

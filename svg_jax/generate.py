@@ -286,19 +286,22 @@ class Generator:
     return (self.params, self._put(noise), self._put(feats), self._put(mask),
             jnp.float32(settings.cfg_scale))
 
-  def decode(self, latents: np.ndarray) -> np.ndarray:
+  def decode(self, latents: np.ndarray, batch_size: int = 0) -> np.ndarray:
     """Latents -> uint8 images [N, H, W, 3], converted as the official samplers do (their
-    benchmark images included)."""
-    return ae_lib.to_uint8(self.autoencoder.decode(latents), truncate=True)
+    benchmark images included); `batch_size` images per decoder call unless the config's
+    `autoencoder.batch_size` says otherwise (0: all at once)."""
+    return ae_lib.to_uint8(self.autoencoder.decode(latents, batch_size), truncate=True)
 
   def generate(self, prompts: Sequence[str], seeds: Sequence[int], resolution,
                settings: SamplerSettings = SamplerSettings(), *, batch_size: int = 0,
                text_length: int | None = None,
                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """uint8 images [N, H, W, 3] of prompts[i] from the noise of seeds[i]."""
+    """uint8 images [N, H, W, 3] of prompts[i] from the noise of seeds[i]; decoded
+    `batch_size` at a time as they were sampled (a 1024 px image takes 1.5 GiB of decoder
+    temporaries: all of a long prompt list at once would not fit)."""
     z = self.latents(prompts, seeds, resolution, settings, batch_size=batch_size,
                      text_length=text_length, progress=progress)
-    return self.decode(z)
+    return self.decode(z, batch_size)
 
   # ---- loading
 

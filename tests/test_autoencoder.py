@@ -385,3 +385,14 @@ def test_reconstruct_cli_end_to_end(weight_files, tmp_path):
   assert metrics["mean_psnr"] == pytest.approx(mean_psnr)
   assert any(l.startswith("mean over 2 images") and f"PSNR {mean_psnr:.2f} dB" in l
              for l in lines)
+  # Resolutions that give no crop, or crops SSIM cannot score: one line before anything loads.
+  patch8 = "--config.autoencoder.encoder.patch_size=8"
+  for resolution, extra, message in (
+      ("0", [], "--resolution 0 gives no crop of whole 16-pixel patches"),
+      ("-64", [], "--resolution -64 gives no crop"), ("8", [], "--resolution 8 gives no crop"),
+      ("16", [patch8], "--resolution 16: its narrowest crops are 8 px, SSIM needs at least 11")):
+    bad_run = subprocess.run([a for a in cmd if not a.startswith("--resolution")] + extra
+                             + [f"--resolution={resolution}", f"--out={tmp_path / 'no'}"],
+                             capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert bad_run.returncode == 2 and message in bad_run.stderr, bad_run.stderr[-2000:]
+    assert not (tmp_path / "no").exists()

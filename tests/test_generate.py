@@ -327,6 +327,39 @@ def test_geneval_layout_sharding_and_resume(generator, tmp_path):
   assert s == dict(prompts=2, skipped=2, images=0, written=0) and _mtimes(tmp_path) == after
 
 
+def test_a_peer_that_finishes_first_leaves_the_others_temporary_files(generator, tmp_path,
+                                                                      monkeypatch):
+  """Two processes share one benchmark folder (each host of a slice): process 1 (another host)
+  runs and finishes while process 0 is between its images; process 0 still writes all its own,
+  and the temporary folder goes once both are done."""
+  items = GENEVAL[:2]
+  settings = gen.SamplerSettings(steps=2)
+  kw = dict(batch_size=1, images_per_prompt=2, process_count=2, stream=io.StringIO())
+
+  class PeerFinishesMeanwhile:
+    peer_ran = False
+
+    def __getattr__(self, name):
+      return getattr(generator, name)
+
+    def generate(self, *args, **kwargs):
+      if not self.peer_ran:
+        self.peer_ran = True
+        with monkeypatch.context() as m:
+          m.setattr(benchmarks.socket, "gethostname", lambda: "another-host")
+          peer = benchmarks.run_benchmark(generator, items, "geneval", str(tmp_path), RES,
+                                          settings, process_index=1, **kw)
+        assert peer["written"] == 2
+      return generator.generate(*args, **kwargs)
+
+  s = benchmarks.run_benchmark(PeerFinishesMeanwhile(), items, "geneval", str(tmp_path), RES,
+                               settings, process_index=0, **kw)
+  assert s["written"] == 2
+  assert _tree(tmp_path) == sorted(f"{i:05d}/{f}" for i in range(2) for f in
+                                   ["metadata.jsonl", "samples/00000.png", "samples/00001.png"])
+  assert not os.path.exists(tmp_path / ".tmp")
+
+
 def test_dpg_grids(generator, tmp_path):
   items = DPG[:2]
   settings = gen.SamplerSettings(steps=2)
@@ -396,6 +429,15 @@ def test_sample_cli(files, tmp_path):
       ("00002.png", GENEVAL[5]["prompt"], 12), ("00003.png", GENEVAL[5]["prompt"], 13)]
   assert meta[0]["solver"] == "euler" and meta[0]["cfg"] == 3.0 and meta[0]["width"] == 48
   assert meta[0]["renorm"] == 0.5
+  assert meta[0]["weights"] == os.path.abspath(files["weights"]) and meta[0]["ema"] is None
+  # The same folder again: refused before anything is sampled; --overwrite replaces the run whole.
+  again = ["--prompt=a cat", "--num_images=1", f"--out={out}"]
+  r = _run("sample.py", *_common(files), *again)
+  assert r.returncode == 2 and "holds an earlier run's images" in r.stderr, r.stderr[-2000:]
+  r = _run("sample.py", *_common(files), *again, "--overwrite")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert _tree(out) == ["00000.png", "grid.png", "metadata.jsonl"]
+  assert [json.loads(line)["prompt"] for line in open(out / "metadata.jsonl")] == ["a cat"]
 
 
 @pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
@@ -404,15 +446,26 @@ def test_benchmark_cli_writes_the_official_layouts(files, tmp_path):
   r = _run("generate_benchmark.py", *_common(files), "--benchmark=geneval",
            "--limit=2", f"--out={out}")  # the packaged GenEval prompts by default
   assert r.returncode == 0, r.stderr[-3000:]
-  assert _tree(out) == sorted(f"{i:05d}/{f}" for i in range(2) for f in
-                              ["metadata.jsonl"] + [f"samples/{k:05d}.png" for k in range(4)])
+  assert _tree(out) == sorted(["generation.json"] + [
+      f"{i:05d}/{f}" for i in range(2) for f in
+      ["metadata.jsonl"] + [f"samples/{k:05d}.png" for k in range(4)]])
+  pinned = json.load(open(out / "generation.json"))
+  assert pinned["steps"] == 2 and pinned["resolution"] == [32, 48]
+  # A rerun with another sampler would mix images: refused, nothing touched.
+  before = _mtimes(out)
+  r = _run("generate_benchmark.py", *_common(files), "--benchmark=geneval", "--limit=3",
+           "--steps=3", f"--out={out}")
+  script_runs.assert_one_line(r, f"{out} holds images made with other settings (steps: 2 there, "
+                              "3 now)")
+  assert _mtimes(out) == before
   out = tmp_path / "dpg"
   r = _run("generate_benchmark.py", *_common(files), "--benchmark=dpg",
            f"--prompts={assets.DPG_PROMPTS}", "--limit=2", "--process_count=2",
            "--process_index=1", f"--out={out}")
   assert r.returncode == 0, r.stderr[-3000:]
-  assert _tree(out) == [os.path.splitext(DPG[1]["filename"])[0] + ".png"]
-  assert _png(out / _tree(out)[0]).shape == (64, 96, 3)
+  grid = os.path.splitext(DPG[1]["filename"])[0] + ".png"
+  assert _tree(out) == sorted([grid, "generation.json"])
+  assert _png(out / grid).shape == (64, 96, 3)
 
 
 @pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
@@ -469,6 +522,20 @@ def test_bad_flags_fail_clearly(files, tmp_path, flag, message):
     ("sample.py", {"config.autoencoder.encoder.patch_size": 8, "resolution": "68x64"},
      "usage error: resolution 68x64: width 68 not a positive multiple of 8 (one latent token "
      "covers 8x8 pixels)"),
+    # Files of the wrong kind, outputs that cannot be written, values no run takes: before
+    # anything is generated.
+    ("sample.py", dict(format="official"), "input error: WEIGHTS: not a PyTorch checkpoint"),
+    ("sample.py", dict(weights=None, format=None, checkpoint="WEIGHTS"),
+     "input error: WEIGHTS is a file, not a training workdir"),
+    ("sample.py", dict(out="A_FILE"), "input error: --out A_FILE cannot be made: A_FILE is a file"),
+    ("sample.py", dict(seed=-1), "usage error: --seed must be >= 0"),
+    ("sample.py", dict(step=3), "usage error: --step and --ema/--noema apply to --checkpoint"),
+    ("generate_benchmark.py", dict(benchmark="geneval", images_per_prompt=0),
+     "input error: images per prompt must be >= 1, got 0"),
+    ("generate_benchmark.py", dict(benchmark="dpg", images_per_prompt=3),
+     "input error: DPG-Bench grids are 2x2"),
+    ("generate_benchmark.py", dict(benchmark="geneval", out="A_FILE"),
+     "input error: --out A_FILE cannot be made: A_FILE is a file"),
 ])
 def test_a_missing_model_file_or_bad_resolution_is_one_line(files, tmp_path, script, change,
                                                             message):
@@ -476,6 +543,12 @@ def test_a_missing_model_file_or_bad_resolution_is_one_line(files, tmp_path, scr
 
   given = {"config": files["config"], "text_encoder": files["text"], "weights": files["weights"],
            "format": "flax", "steps": 2, "resolution": "48x32", "out": tmp_path / "out", **change}
+  (tmp_path / "a_file").write_text("not a folder")
+  names = {"WEIGHTS": str(files["weights"]), "A_FILE": str(tmp_path / "a_file")}
+  for key, value in given.items():
+    given[key] = names.get(value, value) if isinstance(value, str) else value
+  for placeholder, value in names.items():
+    message = message.replace(placeholder, value)
   if script == "sample.py":
     given["prompt"] = "a cat"
   if given.get("data") == "SHAPES":
@@ -483,3 +556,4 @@ def test_a_missing_model_file_or_bad_resolution_is_one_line(files, tmp_path, scr
     shapes.write_dataset(str(given["data"]), 0, 6, 48)
   args = [f"--{k}={v}" for k, v in given.items() if v is not None]
   script_runs.assert_one_line(script_runs.run(script, *args), message)
+  assert not os.path.exists(tmp_path / "out")  # nothing was made

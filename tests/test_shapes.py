@@ -134,7 +134,7 @@ def test_bad_arguments_are_named():
     shapes.write_dataset("/nonexistent/never", 1, 1, 16, 0)
   with pytest.raises(ValueError, match="num_train"):
     shapes.write_dataset("/nonexistent/never", -1, 1, 64, 0)
-  with pytest.raises(FileNotFoundError, match="write_dataset"):
+  with pytest.raises(FileNotFoundError, match="not a shapes dataset folder"):
     shapes.read_split("/nonexistent/never", "train")
 
 

@@ -19,6 +19,7 @@ import torch
 from svg_jax import assets
 from svg_jax.convert.torch_pickle import (UnknownObject, UnsafeCheckpointError, load_torch_file,
                                           save_torch_file)
+from svg_jax.input_errors import InputError
 
 STATS = assets.OFFICIAL_LATENT_STATS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,6 +315,7 @@ def test_malformed_tensor_records(tmp_path, offset, size, stride, numel, key, me
   with pytest.raises(pickle.UnpicklingError, match=message) as err:
     load_torch_file(path)
   assert str(path) in str(err.value)
+  assert isinstance(err.value, InputError)  # the scripts' one line, not a traceback
 
 
 class AttrDict(dict):

@@ -22,6 +22,7 @@ from svg_jax import assets
 from svg_jax import parallel
 from svg_jax.data import records, synthetic
 from svg_jax import checkpoint as ckpt_lib
+from svg_jax.utils import writable_folders
 from svg_jax.train import dit_task, loop, stall_watch, trainer
 from svg_jax.train import flop_count
 from svg_jax.train import metrics as metrics_lib
@@ -995,7 +996,8 @@ def test_a_workdir_that_cannot_be_written_or_a_truncated_shard_stops_before_any_
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "checkpoints").write_text("not a folder")
-  with pytest.raises(ckpt_lib.FolderNotWritable, match=r"^the checkpoint folder \S+/checkpoints "
+  with pytest.raises(writable_folders.FolderNotWritable,
+                     match=r"^the checkpoint folder \S+/checkpoints "
                      r"cannot be made: File exists$"):
     trainer.train(_config(data_dir, num_steps=4, checkpoint_every=2), str(workdir))
   assert sorted(os.listdir(workdir)) == ["checkpoints"]  # nothing trained, nothing written

@@ -259,7 +259,7 @@ def detect_format(keys) -> tuple[str, str]:
     return "official", ""
   if any(k.startswith("mid_block.") or k.startswith("up_blocks.") for k in keys):
     return "diffusers", ""
-  raise ValueError("cannot tell the decoder checkpoint format: no 'decoder.*' (official "
+  raise InputError("cannot tell the decoder checkpoint format: no 'decoder.*' (official "
                    "autoencoder), 'mid.*' (bare official decoder) or 'mid_block.*' (diffusers) "
                    "keys; "
                    f"first keys: {sorted(keys)[:8]}")

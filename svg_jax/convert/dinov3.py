@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from svg_jax.convert import errors, layouts, scan_layout
-from svg_jax.input_errors import MissingInput
+from svg_jax.input_errors import InputError, MissingInput
 from svg_jax.convert.safetensors_io import load_safetensors, load_sharded_safetensors
 from svg_jax.convert.torch_pickle import load_torch_file
 from svg_jax.models.dinov3 import DINOv3Config, abstract_params, rope_periods
@@ -377,7 +377,7 @@ def detect_format(state: Mapping[str, Any]) -> str:
     return "official"
   if "embeddings.cls_token" in keys or "embeddings.patch_embeddings.weight" in keys:
     return "hf"
-  raise ValueError("not a DINOv3 state dict (neither official `cls_token` nor HF "
+  raise InputError("not a DINOv3 state dict (neither official `cls_token` nor HF "
                    f"`embeddings.cls_token`); first keys: {sorted(keys)[:10]}")
 
 

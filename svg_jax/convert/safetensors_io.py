@@ -14,6 +14,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from svg_jax.input_errors import InputError
+
 __all__ = ['load_safetensors', 'save_safetensors', 'load_sharded_safetensors']
 
 # Header dtype -> numpy dtype, for the dtypes safetensors' numpy backend reads and writes.
@@ -36,10 +38,10 @@ def load_safetensors(path):
       dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
       bad = {k: d for k, d in dtypes.items() if d not in _DTYPES}
       if bad:
-        raise ValueError(f'{path}: tensors with dtypes that numpy loading does not support: {bad}')
+        raise InputError(f'{path}: tensors with dtypes that numpy loading does not support: {bad}')
       return {k: f.get_tensor(k) for k in dtypes}
   except safetensors.SafetensorError as e:
-    raise ValueError(f'{path}: not a valid safetensors file: {e}') from e
+    raise InputError(f'{path}: not a valid safetensors file: {e}') from e
 
 
 def save_safetensors(path, flat, metadata=None):
@@ -81,7 +83,7 @@ def _resolve(dir_or_index):
     if len(found) == 1:
       return kind, os.path.join(path, found[0])
     if len(found) > 1:
-      raise ValueError(f'{path}: ambiguous, several candidates {found}; pass the file to use')
+      raise InputError(f'{path}: ambiguous, several candidates {found}; pass the file to use')
   raise FileNotFoundError(f'{path}: no model.safetensors.index.json, *.safetensors.index.json '
                           f'or *.safetensors file (found {names})')
 
@@ -101,7 +103,7 @@ def load_sharded_safetensors(dir_or_index):
     index = json.load(f)
   weight_map = index.get('weight_map') if isinstance(index, dict) else None
   if not isinstance(weight_map, dict):
-    raise ValueError(f'{path}: index has no "weight_map" dict')
+    raise InputError(f'{path}: index has no "weight_map" dict')
   by_shard = {}
   for key, shard in weight_map.items():
     by_shard.setdefault(shard, set()).add(key)
@@ -117,7 +119,7 @@ def load_sharded_safetensors(dir_or_index):
     absent = sorted(keys - tensors.keys())
     extra = sorted(tensors.keys() - keys)
     if absent or extra:
-      raise ValueError(f'{path}: shard {shard} does not match the weight_map: missing keys '
+      raise InputError(f'{path}: shard {shard} does not match the weight_map: missing keys '
                        f'{absent}, unexpected keys {extra}')
     out.update(tensors)
   return out

@@ -23,11 +23,18 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-__all__ = ['UnsafeCheckpointError', 'UnknownObject', 'load_torch_file', 'save_torch_file']
+from svg_jax.input_errors import InputError
+
+__all__ = ['DamagedCheckpoint', 'UnsafeCheckpointError', 'UnknownObject', 'load_torch_file',
+           'save_torch_file']
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
+class UnsafeCheckpointError(pickle.UnpicklingError, InputError):
   """The checkpoint's pickle names a global that is not needed to rebuild tensors."""
+
+
+class DamagedCheckpoint(pickle.UnpicklingError, InputError):
+  """A torch checkpoint whose records cannot be read: truncated, corrupt or inconsistent."""
 
 
 # torch dtype name (as pickled: `torch.<name>`) -> numpy dtype.
@@ -272,7 +279,7 @@ def _archive_prefix(zf, path):
   # torch puts every record under one top-level folder; data.pkl sits directly in it.
   pkls = [n for n in zf.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
   if len(pkls) != 1:
-    raise ValueError(f'{path}: not a torch.save zip archive (found {len(pkls)} top-level '
+    raise InputError(f'{path}: not a torch.save zip archive (found {len(pkls)} top-level '
                      'data.pkl records)')
   return pkls[0][:-len('data.pkl')]
 
@@ -290,11 +297,11 @@ def load_torch_file(path, *, allow_unknown_objects=False):
     with open(path, 'rb') as f:
       head = f.read(2)
     if head[:1] == b'\x80':
-      raise ValueError(
+      raise InputError(
           f'{path}: legacy (non-zip) torch serialization format, from torch<1.6 or '
           '_use_new_zipfile_serialization=False; re-save it with a newer torch: '
           'torch.save(torch.load(old_path), new_path)')
-    raise ValueError(f'{path}: not a PyTorch checkpoint (not a zip archive)')
+    raise InputError(f'{path}: not a PyTorch checkpoint (not a zip archive)')
   with open(path, 'rb') as f, zipfile.ZipFile(f) as zf:
     prefix = _archive_prefix(zf, path)
     names = set(zf.namelist())
@@ -302,12 +309,18 @@ def load_torch_file(path, *, allow_unknown_objects=False):
     if prefix + 'byteorder' in names:
       byteorder = zf.read(prefix + 'byteorder').decode('ascii').strip()
       if byteorder not in ('little', 'big'):
-        raise ValueError(f'{path}: unknown byteorder record {byteorder!r}')
+        raise InputError(f'{path}: unknown byteorder record {byteorder!r}')
     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     unpickler = _Unpickler(zf.read(prefix + 'data.pkl'), path=path, zf=zf, prefix=prefix,
                            mm=mm, byteorder=byteorder, allow_unknown=allow_unknown_objects)
     try:
       return unpickler.load()
+    except UnsafeCheckpointError:
+      raise
+    except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile) as e:  # truncated or damaged
+      text = str(e) if path in str(e) else (
+          f'{path}: not a readable torch checkpoint ({type(e).__name__}: {e})')
+      raise DamagedCheckpoint(text) from e
     finally:
       # Drop every view into the mapping (results are copies) so it can be unmapped now.
       unpickler.raw.clear()

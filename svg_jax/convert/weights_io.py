@@ -89,7 +89,7 @@ def load_flax_msgpack(path: str | os.PathLike) -> dict:
   try:
     return flax.serialization.msgpack_restore(path.read_bytes())
   except Exception as e:  # msgpack raises several unrelated types for a file that is not msgpack
-    raise ValueError(f"{path}: not a Flax msgpack file ({type(e).__name__}: {e})") from None
+    raise InputError(f"{path}: not a Flax msgpack file ({type(e).__name__}: {e})") from None
 
 
 def training_checkpoint(path: str | os.PathLike, step: int | None,
@@ -126,7 +126,8 @@ def save_diffusers_folder(path: str | os.PathLike, state: dict[str, np.ndarray],
                           config: dict[str, Any]) -> None:
   """`path/config.json` (indented JSON) and `path/diffusion_pytorch_model.safetensors`, written
   as a whole: into a temporary folder beside `path`, which then replaces `path` (an earlier
-  folder there goes, stale shards included: diffusers would read a sharded index before our file)."""
+  folder there goes, stale shards included: diffusers would read a sharded index before our
+  file)."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = Path(atomic_files.temp_name(path))

@@ -440,7 +440,8 @@ def read_split(out_dir: str, split: str) -> list[dict]:
     raise InputError(f"unknown split {split!r}; expected one of {SPLITS}")
   jsonl = os.path.join(out_dir, f"{split}.jsonl")
   if not os.path.isfile(jsonl):
-    raise MissingInput(f"{jsonl} does not exist; run write_dataset first")
+    raise MissingInput(f"{jsonl} does not exist: not a shapes dataset folder (the demo writes one "
+                       "under <workdir>/demo; launch/make_demo_data.py makes one)")
   out = []
   for line in jsonl_lib.lines(jsonl):
     if line.problem:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from typing import Sequence
 
@@ -16,12 +17,14 @@ import numpy as np
 
 from svg_jax import generate, sampling
 from svg_jax.data import jsonl as jsonl_lib
+from svg_jax.input_errors import InputError
 from svg_jax.utils import atomic_files
 from svg_jax.utils.progress import Progress
 
 BENCHMARKS = ("geneval", "dpg")
 GENEVAL_METADATA = "metadata.jsonl"
 TMP_DIR = ".tmp"
+SETTINGS_FILE = "generation.json"
 
 
 def read_prompt_file(path: str, benchmark: str) -> list[dict]:
@@ -60,15 +63,55 @@ def geneval_sample_path(outdir: str, index: int, k: int) -> str:
   return os.path.join(outdir, f"{index:05d}", "samples", f"{k:05d}.png")
 
 
+def check_request(benchmark: str, images_per_prompt: int) -> None:
+  """InputError for a benchmark or image count that no layout takes (before anything loads)."""
+  if benchmark not in BENCHMARKS:
+    raise InputError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
+  if images_per_prompt < 1:
+    raise InputError(f"images per prompt must be >= 1, got {images_per_prompt}")
+  if benchmark == "dpg" and images_per_prompt != 4:
+    raise InputError(f"DPG-Bench grids are 2x2: images per prompt must be 4, got "
+                     f"{images_per_prompt}")
+
+
+def pin_settings(outdir: str, settings: dict) -> None:
+  """Writes `settings` (what decides the images: weights, sampler, resolution, prompts...) to
+  <outdir>/generation.json, or, when a run wrote it before, refuses other settings: a rerun
+  resumes a folder, it must not fill it with images of another model or sampler. The scorers
+  read only the digit folders (GenEval) and the .png files (DPG-Bench)."""
+  os.makedirs(outdir, exist_ok=True)
+  path = os.path.join(outdir, SETTINGS_FILE)
+  try:
+    pinned = atomic_files.read_json(path)
+  except ValueError as e:
+    raise InputError(f"{path} is not JSON ({e}); remove it only if the folder's images were made "
+                     "with this run's settings") from None
+  settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
+  if pinned is None:
+    atomic_files.write_json(path, settings)
+    return
+  differ = atomic_files.differing_keys(pinned, settings)
+  if differ:
+    raise InputError(f"{outdir} holds images made with other settings ("
+                     + "; ".join(f"{k}: {pinned.get(k)!r} there, {settings.get(k)!r} now"
+                                 for k in differ)
+                     + "); use a fresh output folder, or the same settings to resume it")
+
+
 def _missing_images(benchmark, outdir, index, item, images_per_prompt) -> list[int]:
   if benchmark == "geneval":
     meta = os.path.join(outdir, f"{index:05d}", GENEVAL_METADATA)
     if os.path.exists(meta):
       with open(meta) as f:
         saved = f.read().strip()
-      if json.loads(saved) != item:
-        raise ValueError(f"{meta} holds another prompt ({saved[:80]}...) than line {index} of the "
-                         "prompt file; use a fresh output folder for another prompt file")
+      try:
+        same = json.loads(saved) == item
+      except ValueError:
+        raise InputError(f"{meta} is not a JSON line (a damaged folder: remove {meta} and rerun "
+                         "to have it written again)") from None
+      if not same:
+        raise InputError(f"{meta} holds another prompt ({saved[:80]}...) than line {index} of "
+                         "the prompt file; use a fresh output folder for another prompt file")
     return [k for k in range(images_per_prompt)
             if not os.path.exists(geneval_sample_path(outdir, index, k))]
   grid = os.path.join(outdir, dpg_grid_name(item["filename"]))
@@ -85,11 +128,7 @@ def run_benchmark(generator: generate.Generator, items: Sequence[dict], benchmar
   only the missing ones. Files appear atomically (temporary name, then rename). Image k of prompt
   i uses the seed 42 + images_per_prompt * i + k. Returns counts for the report.
   """
-  if benchmark not in BENCHMARKS:
-    raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {BENCHMARKS}")
-  if benchmark == "dpg" and images_per_prompt != 4:
-    raise ValueError(f"DPG-Bench grids are 2x2: images_per_prompt must be 4, got "
-                     f"{images_per_prompt}")
+  check_request(benchmark, images_per_prompt)
   if not 0 <= process_index < process_count:
     raise ValueError(f"process index {process_index} outside [0, {process_count})")
   mine = [i for i in range(len(items)) if i % process_count == process_index]
@@ -108,9 +147,9 @@ def run_benchmark(generator: generate.Generator, items: Sequence[dict], benchmar
   if not todo:
     return summary
   # Temporary files live in a hidden folder, never among the files a scorer lists (GenEval reads
-  # every file of samples/); a crash can leave only stale files there.
-  tmp_dir = os.path.join(outdir, TMP_DIR)
-  os.makedirs(tmp_dir, exist_ok=True)
+  # every file of samples/); a crash can leave only stale files there. Each process has its own
+  # folder in it, so that one that finishes cannot remove the folder another still writes into.
+  tmp_dir = _own_temporary_folder(outdir)
   prompts = [items[i]["prompt"] for i, _ in todo]
   # One caption length for the whole run: one compiled trajectory.
   length = generator.text_length(sorted(set(prompts)))
@@ -140,8 +179,22 @@ def run_benchmark(generator: generate.Generator, items: Sequence[dict], benchmar
                                 tmp_dir)
           summary["written"] += 1
     progress(start + len(part))
-  try:
-    os.rmdir(tmp_dir)  # only when empty (another process may still be writing)
-  except OSError:
-    pass
+  for folder in (tmp_dir, os.path.dirname(tmp_dir)):
+    try:
+      os.rmdir(folder)  # only when empty: the shared one stays while another process writes
+    except OSError:
+      pass
   return summary
+
+
+def _own_temporary_folder(outdir: str) -> str:
+  """<outdir>/.tmp/<host>-<pid>, made. Another process may remove the shared .tmp when it is
+  empty, between the two folders' creation: then again (once this one exists, .tmp is not empty)."""
+  folder = os.path.join(outdir, TMP_DIR, f"{socket.gethostname()}-{os.getpid()}")
+  for _ in range(100):
+    try:
+      os.makedirs(folder, exist_ok=True)
+      return folder
+    except FileNotFoundError:
+      continue
+  raise OSError(f"could not make {folder}: its parent keeps disappearing")

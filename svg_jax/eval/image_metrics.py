@@ -21,7 +21,10 @@ def psnr(a: Any, b: Any, data_range: float = 255.0) -> float:
   return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+SSIM_WINDOW = 11  # pixels; images smaller than the window have no SSIM
+
+
+def gaussian_window(size: int = SSIM_WINDOW, sigma: float = 1.5) -> np.ndarray:
   """Normalized 1-D Gaussian taps (the 2-D window is their outer product)."""
   x = np.arange(size, dtype=np.float64) - (size - 1) / 2
   g = np.exp(-0.5 * (x / sigma) ** 2)
@@ -35,8 +38,8 @@ def _filter_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
   return np.lib.stride_tricks.sliding_window_view(x, k, axis=1) @ g
 
 
-def ssim(a: Any, b: Any, data_range: float = 255.0, win_size: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03) -> float:
+def ssim(a: Any, b: Any, data_range: float = 255.0, win_size: int = SSIM_WINDOW,
+         sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> float:
   """Mean SSIM of two images [H, W] or [H, W, C] (see the module docstring)."""
   a, b = _pair(a, b)
   if a.ndim == 2:

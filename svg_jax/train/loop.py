@@ -66,6 +66,7 @@ from svg_jax.train import state as state_lib
 from svg_jax.train import stall_watch
 from svg_jax.input_errors import InputError
 from svg_jax.train.task_api import Task
+from svg_jax.utils import writable_folders
 from svg_jax.utils.error_lines import first_line, out_of_memory_line
 
 
@@ -440,8 +441,9 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   parallel.initialize_distributed(heartbeat, init_timeout)
   mesh_shape = validate_config(config, task)
   workdir = os.path.abspath(workdir)
-  ckpt_lib.check_writable_folder(workdir, "the workdir")
-  ckpt_lib.check_writable_folder(ckpt_lib.checkpoint_dir(workdir), "the checkpoint folder")
+  # Before the first step: not after training up to the first checkpoint.
+  writable_folders.check_writable_folder(workdir, "the workdir")
+  writable_folders.check_writable_folder(ckpt_lib.checkpoint_dir(workdir), "the checkpoint folder")
   is_main = jax.process_index() == 0
   t = config.train
   num_steps, log_every, ckpt_every = int(t.num_steps), int(t.log_every), int(t.checkpoint_every)
