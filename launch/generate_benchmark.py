@@ -62,7 +62,7 @@ def main(argv):
   benchmarks.pin_settings(FLAGS.out, dict(
       benchmark=FLAGS.benchmark, prompts_sha256=latent_stats.file_sha256(prompts),
       images_per_prompt=FLAGS.images_per_prompt, resolution=resolution,
-      **generator_flags.provenance(settings)))
+      **generator_flags.provenance(settings, generator)))
   summary = benchmarks.run_benchmark(generator, items, FLAGS.benchmark, FLAGS.out, resolution,
                               settings, batch_size=FLAGS.batch_size,
                               images_per_prompt=FLAGS.images_per_prompt, process_index=index,

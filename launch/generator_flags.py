@@ -63,10 +63,10 @@ def sampler_settings():
   return resolution, settings
 
 
-def provenance(settings) -> dict:
+def provenance(settings, generator) -> dict:
   """What, besides the prompt and the seed, decides a generated image: the sampler settings, the
-  system prompt and every file the generator reads (absolute paths), for metadata and for the
-  settings a benchmark folder pins."""
+  system prompt and every file the generator read (absolute paths; the checkpoint's step as
+  loaded), for metadata and for the settings a benchmark folder pins."""
   import os
 
   def path(p):
@@ -76,7 +76,7 @@ def provenance(settings) -> dict:
   return dict(steps=settings.steps, cfg=settings.cfg_scale, cfg_mode=settings.cfg_mode,
               renorm=settings.renorm, shift=settings.shift, solver=settings.solver,
               system_type=FLAGS.system_type,
-              checkpoint=path(FLAGS.checkpoint), step=FLAGS.step,
+              checkpoint=path(FLAGS.checkpoint), step=generator.checkpoint_step,
               ema=FLAGS.ema if FLAGS.checkpoint else None, weights=path(FLAGS.weights),
               format=FLAGS.format, text_encoder=path(FLAGS.text_encoder),
               tokenizer=path(FLAGS.tokenizer), decoder_path=path(ae.decoder_path),

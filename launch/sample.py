@@ -83,7 +83,7 @@ def main(argv):
         if os.path.isfile(earlier):
           os.remove(earlier)
   h, w = resolution
-  provenance = generator_flags.provenance(settings)
+  provenance = generator_flags.provenance(settings, generator)
   lines = []
   for j, (prompt, seed, img) in enumerate(zip(jobs, seeds, images)):
     name = f"{j:05d}.png"

@@ -20,10 +20,9 @@ HARDWARE_FIELDS = ("compute_dtype", "activation_dtype", "attention_backend", "re
                    "layer_loop", "scan_unroll")
 
 
-def saved_model_config(workdir: str, step: int | None = None,
-                       base: ml_collections.ConfigDict | None = None) -> NextDiTConfig:
-  """The NextDiTConfig a training run saved with its checkpoint (newest step by default); the
-  `HARDWARE_FIELDS` come from `base`'s model section when given."""
+def checkpoint_step(workdir: str, step: int | None = None) -> int:
+  """`step` when the training workdir has it, else (None) its newest finished step: the one step
+  a sampler then reads both the model config and the params of, while training may add more."""
   if os.path.isfile(workdir):
     raise InputError(f"{workdir} is a file, not a training workdir (a weights file loads with "
                      "--weights and --format)")
@@ -31,10 +30,20 @@ def saved_model_config(workdir: str, step: int | None = None,
     raise MissingInput(f"training workdir {workdir} does not exist")
   ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
-    try:
-      step = ckpt_lib.resolve_step(ckpt.latest_step(), step, ckpt.all_steps(), ckpt.directory)
-    except FileNotFoundError as e:  # the workdir given has no (such) finished checkpoint
-      raise MissingInput(str(e)) from None
+    return ckpt_lib.resolve_step(ckpt.latest_step(), step, ckpt.all_steps(), ckpt.directory)
+  except FileNotFoundError as e:  # the workdir given has no (such) finished checkpoint
+    raise MissingInput(str(e)) from None
+  finally:
+    ckpt.close()
+
+
+def saved_model_config(workdir: str, step: int | None = None,
+                       base: ml_collections.ConfigDict | None = None) -> NextDiTConfig:
+  """The NextDiTConfig a training run saved with its checkpoint (newest step by default); the
+  `HARDWARE_FIELDS` come from `base`'s model section when given."""
+  step = checkpoint_step(workdir, step)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
     saved = ckpt.read_config(step)
   finally:
     ckpt.close()

@@ -158,7 +158,7 @@ class Generator:
 
   def __init__(self, dit_cfg: NextDiTConfig, dit_params: Any, text_encoder: Any,
                autoencoder: ae_lib.SVGAutoencoder, *, mesh: Mesh | None = None,
-               pad_multiple: int = text.PAD_MULTIPLE):
+               pad_multiple: int = text.PAD_MULTIPLE, checkpoint_step: int | None = None):
     dit_cfg.validate()
     problems = []
     if autoencoder.decoder_params is None:
@@ -171,10 +171,11 @@ class Generator:
       problems.append(f"the text encoder gives {hidden}-dim features, the DiT cap_feat_dim is "
                       f"{dit_cfg.cap_feat_dim}")
     if problems:
-      raise ValueError("Generator: " + "; ".join(problems))
+      raise InputError("Generator: " + "; ".join(problems))
     self.cfg, self.text_encoder, self.autoencoder, self.mesh = (dit_cfg, text_encoder,
                                                                 autoencoder, mesh)
     self.pad_multiple = pad_multiple
+    self.checkpoint_step = checkpoint_step  # the training step of the params, when known
     self.model = NextDiT(dit_cfg)
     place = (jnp.asarray if mesh is None else
              lambda x: jax.device_put(x, parallel.replicated(mesh)))
@@ -321,6 +322,7 @@ class Generator:
       raise InputError("give exactly one of a training checkpoint (--checkpoint) and converted "
                        "weights (--weights with --format)")
     if checkpoint is not None:
+      step = dit_checkpoint.checkpoint_step(checkpoint, step)  # one step for config and params
       dit_cfg = dit_checkpoint.saved_model_config(checkpoint, step, config)
       params = dit_checkpoint.load_params(checkpoint, dit_cfg, ema=ema, step=step, mesh=mesh)
     else:
@@ -332,7 +334,8 @@ class Generator:
                                            system_prompt=text.system_prompt(system_type),
                                            max_length=text.SAMPLE_MAX_LENGTH)
     ae = ae_lib.SVGAutoencoder.from_config(config, encoder=False, decoder=True, mesh=mesh)
-    return cls(dit_cfg, params, enc, ae, mesh=mesh)
+    return cls(dit_cfg, params, enc, ae, mesh=mesh,
+               checkpoint_step=step if checkpoint is not None else None)
 
 
 def padded_text_length(text_encoder: Any, prompts: Sequence[str], pad_multiple: int) -> int:

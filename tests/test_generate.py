@@ -266,7 +266,7 @@ def test_loads_ema_and_raw_params_from_a_training_checkpoint(files, generator, t
   with pytest.raises(FileNotFoundError, match="step 8"):
     dit_checkpoint.load_params(str(tmp_path), DIT, step=8)
   g = gen.Generator.from_config(config, text_encoder=files["text"], checkpoint=str(tmp_path))
-  assert g.cfg == DIT
+  assert g.cfg == DIT and g.checkpoint_step == 7  # the newest step, as loaded (metadata)
   jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
                g.params, state.ema_params)
 
