@@ -29,6 +29,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  import os
+
   from svg_jax.demo import evaluate, geneval, shapes
   from svg_jax.utils import writable_folders
 
@@ -40,8 +42,10 @@ def main(argv):
   if FLAGS.out:  # before the images are made
     writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
   generator = generator_flags.make_generator()
+  report = dict(split=FLAGS.split, data=os.path.abspath(FLAGS.data),
+                generated_with=generator_flags.provenance(settings, generator))
   scores, _ = evaluate.evaluate(generator, items, resolution, settings,
-                                batch_size=FLAGS.batch_size, outdir=FLAGS.out)
+                                batch_size=FLAGS.batch_size, outdir=FLAGS.out, report=report)
   print(f"ShapesGenEval, {FLAGS.split} prompts of {FLAGS.data}:")
   geneval.print_table(scores, evaluate.category_counts(items))
 

@@ -482,6 +482,8 @@ def test_evaluate_cli_scores_the_shapes_prompts(files, generator, tmp_path):
   items = shapes.read_split(str(data), "heldout")
   report = json.load(open(out / "scores.json"))
   assert report["counts"] == {c: 1 for c in shapes.CATEGORIES}
+  assert report["generated_with"]["weights"] == os.path.abspath(files["weights"])
+  assert report["settings"]["renorm"] == 1.0 and report["split"] == "heldout"
   assert (out / "grid_prompts.txt").read_text().split("\n")[:6] == [i["prompt"] for i in items]
   # The same prompts, seeds (42 + 4i) and sampler in-process, scored by the library.
   images = generator.generate([i["prompt"] for i in items], [42 + 4 * i for i in range(6)],

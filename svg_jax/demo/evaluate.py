@@ -36,8 +36,9 @@ def evaluate(generator: generate.Generator, items: Sequence[dict], resolution,
     save(outdir, images, prompts, {
         "scores": scores, "counts": category_counts(items), "num_prompts": len(items),
         "settings": {"steps": settings.steps, "cfg": settings.cfg_scale,
-                     "cfg_mode": settings.cfg_mode, "shift": settings.shift,
-                     "solver": settings.solver, "resolution": list(resolution)},
+                     "cfg_mode": settings.cfg_mode, "renorm": settings.renorm,
+                     "shift": settings.shift, "solver": settings.solver,
+                     "resolution": list(resolution)},
         **(report or {}),
     })
   return scores, images
