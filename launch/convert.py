@@ -86,13 +86,11 @@ def main(argv):
   import ml_dtypes
   import numpy as np
 
-  from svg_jax.convert import torch_pickle
-
   dtype = np.float32 if FLAGS.dtype == "float32" else ml_dtypes.bfloat16
   try:
     _convert(dtype)
-  except (ValueError, OSError, torch_pickle.UnsafeCheckpointError) as e:
-    # Key mismatches, unreadable or absent files: one line, no traceback.
+  except (ValueError, OSError) as e:
+    # Key mismatches, unreadable, unsafe or absent files (InputError, a ValueError): one line.
     print(f"convert error: {' '.join(str(e).split())}", file=sys.stderr)
     sys.exit(2)
   print(f"wrote {FLAGS.dst} ({FLAGS.model}, {FLAGS.dst_format})")

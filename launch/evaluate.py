@@ -11,7 +11,7 @@ never seen in training) of a shapes dataset folder (`svg_jax/demo/shapes.py`), t
 `--limit`. Prints the per-category table; with --out also grid.png, grid_prompts.txt and
 scores.json.
 """
-from absl import app, flags
+from absl import flags
 
 from svg_jax import cli
 
@@ -35,8 +35,6 @@ def main(argv):
   from svg_jax.utils import writable_folders
 
   resolution, settings = generator_flags.sampler_settings()
-  if FLAGS.limit < 0:
-    raise app.UsageError(f"--limit must be >= 0 (0: all prompts), got {FLAGS.limit}")
   items = generator_flags.read_prompts(shapes.read_split, FLAGS.data, FLAGS.split,
                                        limit=FLAGS.limit)
   if FLAGS.out:  # before the images are made

@@ -43,8 +43,6 @@ def main(argv):
   from svg_jax.utils import writable_folders
 
   resolution, settings = generator_flags.sampler_settings()  # before loading anything
-  if FLAGS.limit < 0:
-    raise app.UsageError(f"--limit must be >= 0 (0: all prompts), got {FLAGS.limit}")
   benchmarks.check_request(FLAGS.benchmark, FLAGS.images_per_prompt)
   official = {"geneval": assets.GENEVAL_PROMPTS, "dpg": assets.DPG_PROMPTS}
   prompts = FLAGS.prompts or official[FLAGS.benchmark]

@@ -87,6 +87,8 @@ def provenance(settings, generator) -> dict:
 def read_prompts(read, *args, limit: int = 0) -> list:
   """`read(*args)` (a prompt-file reader) with its errors as one-line usage errors, cut to the
   first `limit` items (0: all)."""
+  if limit < 0:
+    raise app.UsageError(f"--limit must be >= 0 (0: all prompts), got {limit}")
   try:
     items = read(*args)
   except (ValueError, OSError) as e:
