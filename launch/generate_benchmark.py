@@ -38,7 +38,7 @@ def main(argv):
   del argv
   import jax
 
-  from svg_jax import assets, latent_stats, parallel
+  from svg_jax import assets, latent_stats, multihost
   from svg_jax.eval import benchmarks
   from svg_jax.utils import writable_folders
 
@@ -49,7 +49,7 @@ def main(argv):
   items = generator_flags.read_prompts(benchmarks.read_prompt_file, prompts, FLAGS.benchmark,
                                        limit=FLAGS.limit)
   writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
-  parallel.initialize_distributed()
+  multihost.initialize_distributed()
   index = jax.process_index() if FLAGS.process_index < 0 else FLAGS.process_index
   count = jax.process_count() if FLAGS.process_count < 0 else FLAGS.process_count
   if not 0 <= index < count:

@@ -32,13 +32,13 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from svg_jax import parallel
+  from svg_jax import multihost
   from svg_jax import precompute
   from svg_jax.data import sources
 
   config = FLAGS.config
   if "precompute" not in config or config.precompute.process_count < 0:
-    parallel.initialize_distributed()  # multi-host: jax.process_index() splits the chunks
+    multihost.initialize_distributed()  # multi-host: jax.process_index() splits the chunks
   if "autoencoder" not in config:
     raise app.UsageError("the config has no `autoencoder` section")
   # The config and the inputs first: a bad one is reported before the models load.

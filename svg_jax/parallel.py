@@ -1,4 +1,5 @@
-"""Device mesh, logical-axis sharding rules, multi-host setup and global batches.
+"""Device mesh, logical-axis sharding rules and global batches (the processes start together in
+`multihost`).
 
 Mesh axes are (`data`, `fsdp`, `tensor`) with `AxisType.Auto` (GSPMD propagation); batches shard their
 leading axis over (`data`, `fsdp`). Parameter shardings come from the logical axis names every
@@ -7,19 +8,15 @@ parameter carries, mapped to mesh axes by the config's rules.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import logging
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from svg_jax import input_errors
 
 # `jax.set_mesh` (a context manager) arrived in jax 0.7.1; jax 0.6, the newest on Python 3.10, has
 # `jax.sharding.use_mesh` for the same (its `set_mesh` is a global setter there).
@@ -148,87 +145,6 @@ def split_host_array(x: np.ndarray, mesh: Mesh) -> jax.Array:
 def replicated_to_host(x: jax.Array) -> np.ndarray:
   """A replicated (or one-process) array -> the whole array on the host, on every process."""
   return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
-
-
-# The explicit set, for plain SSH or any launcher JAX does not detect: all three or none.
-EXPLICIT_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
-
-class DistributedSetupError(input_errors.InputError):
-  """The environment describes a multi-process run that cannot be started (one line)."""
-  kind = "multi-host setup error"
-
-
-def explicit_cluster(env=None) -> dict[str, Any] | None:
-  """`jax.distributed.initialize` kwargs from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
-  JAX_PROCESS_ID, None when none is set; a partial or malformed set raises one line."""
-  env = os.environ if env is None else env
-  given = {k: env[k] for k in EXPLICIT_ENV if env.get(k)}
-  if not given:
-    return None
-  if len(given) < len(EXPLICIT_ENV):
-    missing = [k for k in EXPLICIT_ENV if k not in given]
-    raise DistributedSetupError(f"{', '.join(sorted(given))} set but {', '.join(missing)} not: an "
-                                "explicit multi-host start needs all of " + ", ".join(EXPLICIT_ENV))
-  try:
-    num, pid = int(given["JAX_NUM_PROCESSES"]), int(given["JAX_PROCESS_ID"])
-  except ValueError:
-    raise DistributedSetupError("JAX_NUM_PROCESSES and JAX_PROCESS_ID must be integers, got "
-                                f"{given['JAX_NUM_PROCESSES']!r} and {given['JAX_PROCESS_ID']!r}"
-                                ) from None
-  if num < 1 or not 0 <= pid < num:
-    raise DistributedSetupError(f"JAX_PROCESS_ID={pid} is outside [0, JAX_NUM_PROCESSES={num})")
-  if ":" not in given["JAX_COORDINATOR_ADDRESS"]:
-    raise DistributedSetupError("JAX_COORDINATOR_ADDRESS must be host:port, got "
-                                f"{given['JAX_COORDINATOR_ADDRESS']!r}")
-  return dict(coordinator_address=given["JAX_COORDINATOR_ADDRESS"], num_processes=num,
-              process_id=pid)
-
-
-JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's defaults
-JAX_INIT_TIMEOUT_S = 300
-
-
-def initialize_distributed(heartbeat_timeout_s: int | None = None,
-                           init_timeout_s: int | None = None) -> None:
-  """`jax.distributed.initialize` when the launcher says this run spans several processes.
-
-  Explicit (`EXPLICIT_ENV`, all three) or detected by JAX itself: a TPU pod slice's metadata,
-  SLURM (`srun`, one task per host), OpenMPI (`mpirun`). On one process this is a no-op, so the
-  same command works on a laptop and on every host of a slice. `heartbeat_timeout_s`: how long a
-  silent process may stay silent before the others are stopped; `init_timeout_s`: how long the
-  processes wait for each other at the start (None: JAX's defaults).
-  """
-  if jax.distributed.is_initialized():
-    return
-  options = {}
-  if heartbeat_timeout_s is not None and int(heartbeat_timeout_s) != JAX_HEARTBEAT_TIMEOUT_S:
-    if "heartbeat_timeout_seconds" not in inspect.signature(jax.distributed.initialize).parameters:
-      raise DistributedSetupError(f"this jax {jax.__version__} cannot set the heartbeat timeout "
-                                  f"({heartbeat_timeout_s} s); upgrade jax or leave the default "
-                                  f"{JAX_HEARTBEAT_TIMEOUT_S} s")
-    options["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
-  if init_timeout_s is not None and int(init_timeout_s) != JAX_INIT_TIMEOUT_S:
-    options["initialization_timeout"] = int(init_timeout_s)
-  # JAX ends a process whose peers do not all join in time with a C++ abort and its stack; this
-  # line says beforehand what that abort will mean.
-  wait = f"waiting up to {init_timeout_s or JAX_INIT_TIMEOUT_S} s for every process to join"
-  explicit = explicit_cluster()
-  if explicit is not None:
-    if explicit["num_processes"] > 1:
-      logging.info("process %d of %d (coordinator %s): %s", explicit["process_id"],
-                   explicit["num_processes"], explicit["coordinator_address"], wait)
-      jax.distributed.initialize(**explicit, **options)
-    return
-  multi = any(os.environ.get(k) for k in (
-      "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-      "OMPI_COMM_WORLD_SIZE"))
-  if os.environ.get("SLURM_NTASKS") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE") == "1" or (
-      os.environ.get("TPU_WORKER_HOSTNAMES", "x") in ("localhost", "")):
-    multi = False
-  if multi:
-    logging.info("a multi-process run detected by JAX: %s", wait)
-    jax.distributed.initialize(**options)
 
 
 def process_batch_rows(mesh: Mesh, global_batch_size: int) -> tuple[int, ...]:

@@ -22,7 +22,7 @@ import pytest
 
 import local_hosts
 import validation_files
-from svg_jax import parallel
+from svg_jax import multihost
 from svg_jax.data import pipeline, synthetic
 from svg_jax.demo import text_encoder as demo_text
 from svg_jax import checkpoint as ckpt_lib
@@ -53,7 +53,7 @@ def _env(**extra):
   """The launches compile the same few programs: the session's compilation cache
   (tests/conftest.py) keeps every one of them, so all but the first launch of each layout skip
   most of their compile time."""
-  env = {k: v for k, v in os.environ.items() if k not in parallel.EXPLICIT_ENV}
+  env = {k: v for k, v in os.environ.items() if k not in multihost.EXPLICIT_ENV}
   env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
@@ -86,17 +86,24 @@ def test_a_bad_explicit_set_is_one_line_and_exit_2(data_dir, tmp_path, env, mess
   assert "Traceback" not in out.stderr
 
 
-def test_a_process_whose_peer_never_starts_ends_after_the_init_timeout(data_dir, tmp_path):
-  """Process 0 of 2 alone: it ends after train.distributed_init_timeout_s (5 s here), not after
-  JAX's default of 300 s, having said what it waited for."""
+@pytest.mark.parametrize("process", [0, 1])
+def test_a_process_whose_peer_never_starts_ends_after_the_init_timeout(data_dir, tmp_path,
+                                                                       process):
+  """Process 0 of 2 alone (the coordinator, waiting for its peer) or process 1 alone (nothing
+  listens at the coordinator's address): it ends after train.distributed_init_timeout_s (5 s
+  here), not after JAX's default of 300 s, with one line and exit 2, not JAX's C++ abort."""
   started = time.monotonic()
   out = subprocess.run(_command(data_dir, tmp_path / "run", 2) + [
       "--config.train.distributed_init_timeout_s=5"],
-      env=local_hosts.host_env(_env(), local_hosts.free_port(), 2, 0), capture_output=True,
+      env=local_hosts.host_env(_env(), local_hosts.free_port(), 2, process), capture_output=True,
       text=True, timeout=120)
-  assert out.returncode != 0 and time.monotonic() - started < 90, out.stderr[-2000:]
-  assert "process 0 of 2" in out.stderr and "waiting up to 5 s for every process to join" in (
-      out.stderr), out.stderr[-2000:]
+  assert out.returncode == 2 and time.monotonic() - started < 90, out.stderr[-2000:]
+  assert f"process {process} of 2" in out.stderr and (
+      "waiting up to 5 s for every process to join") in out.stderr, out.stderr[-2000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("multi-host setup error: process") and (
+      "not every process joined within 5 s") in last, out.stderr[-2000:]
+  assert "Check failure" not in out.stderr, out.stderr[-2000:]
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 

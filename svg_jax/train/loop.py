@@ -57,7 +57,7 @@ from absl import logging
 from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec
 
-from svg_jax import parallel
+from svg_jax import multihost, parallel
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import chip_specs
 from svg_jax.train import metrics as metrics_lib
@@ -438,7 +438,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   init_timeout = int(config.train.distributed_init_timeout_s)
   if init_timeout < 1:
     raise ConfigError(f"train.distributed_init_timeout_s must be >= 1, got {init_timeout}")
-  parallel.initialize_distributed(heartbeat, init_timeout)
+  multihost.initialize_distributed(heartbeat, init_timeout)
   mesh_shape = validate_config(config, task)
   workdir = os.path.abspath(workdir)
   # Before the first step: not after training up to the first checkpoint.
