@@ -34,13 +34,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  import json
-  import math
-  import os
-
-  from svg_jax import generate as gen
+  from svg_jax import sample_folder
   from svg_jax.data import jsonl
-  from svg_jax.utils import atomic_files, writable_folders
+  from svg_jax.utils import writable_folders
   from svg_jax.utils.progress import Progress
 
   prompts = list(FLAGS.prompt)
@@ -68,32 +64,14 @@ def main(argv):
   # Before anything is sampled: the folder must take the files, an earlier run's are not replaced
   # unless asked.
   writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
-  metadata = os.path.join(FLAGS.out, "metadata.jsonl")
-  if os.path.exists(metadata) and not FLAGS.overwrite:
-    raise app.UsageError(f"{FLAGS.out} holds an earlier run's images (metadata.jsonl); choose "
-                         "another --out or replace them with --overwrite")
+  sample_folder.check_folder(FLAGS.out, FLAGS.overwrite)
   generator = generator_flags.make_generator()
-  os.makedirs(FLAGS.out, exist_ok=True)
   images = generator.generate(jobs, seeds, resolution, settings, batch_size=FLAGS.batch_size,
                               progress=Progress(len(jobs), what="images"))
-  if os.path.exists(metadata):  # --overwrite: the earlier run's files go, none left beside ours
-    for line in jsonl.lines(metadata):
-      if not line.problem and isinstance(line.item.get("file"), str):
-        earlier = os.path.join(FLAGS.out, os.path.basename(line.item["file"]))
-        if os.path.isfile(earlier):
-          os.remove(earlier)
-  h, w = resolution
-  provenance = generator_flags.provenance(settings, generator)
-  lines = []
-  for j, (prompt, seed, img) in enumerate(zip(jobs, seeds, images)):
-    name = f"{j:05d}.png"
-    atomic_files.save_png(os.path.join(FLAGS.out, name), img)
-    lines.append(json.dumps(dict(file=name, prompt=prompt, seed=seed, width=w, height=h,
-                                 **provenance)))
-  cols = FLAGS.grid_cols or math.ceil(math.sqrt(len(images)))
-  atomic_files.save_png(os.path.join(FLAGS.out, "grid.png"), gen.make_grid(images, cols))
-  atomic_files.write_text(metadata, "\n".join(lines) + "\n")
-  print(f"wrote {len(images)} images, grid.png and metadata.jsonl to {FLAGS.out}")
+  sample_folder.write_folder(FLAGS.out, images, jobs, seeds,
+                             generator_flags.provenance(settings, generator), FLAGS.grid_cols)
+  print(f"wrote {len(images)} images, {sample_folder.GRID} and {sample_folder.METADATA} to "
+        f"{FLAGS.out}")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from svg_jax import config as config_lib
 from svg_jax import generate as gen
 from svg_jax import latent_stats as ls
 from svg_jax import parallel
+from svg_jax import sample_folder
 from svg_jax.convert import decoder as dec_conv
 from svg_jax.convert.dit_io import save_dit
 from svg_jax.convert.safetensors_io import save_safetensors
@@ -394,6 +395,21 @@ def test_prompt_file_errors(tmp_path):
     benchmarks.read_prompt_file(str(bad), "dpg")
   with pytest.raises(ValueError, match="unknown benchmark"):
     benchmarks.read_prompt_file(str(bad), "coco")
+
+
+def test_sample_folder_replaces_an_earlier_run_and_keeps_other_files(tmp_path):
+  out = tmp_path / "out"
+  cell = np.zeros((4, 6, 3), np.uint8)
+  sample_folder.write_folder(str(out), [cell] * 3, ["a", "b", "c"], [0, 1, 2], dict(steps=2))
+  (out / "notes.txt").write_text("mine")
+  with pytest.raises(sample_folder.InputError, match="holds an earlier run's images"):
+    sample_folder.check_folder(str(out), overwrite=False)
+  sample_folder.check_folder(str(out), overwrite=True)
+  sample_folder.write_folder(str(out), [cell + 9], ["d"], [7], dict(steps=3))
+  assert sorted(os.listdir(out)) == ["00000.png", "grid.png", "metadata.jsonl", "notes.txt"]
+  assert [json.loads(line) for line in open(out / "metadata.jsonl")] == [
+      dict(file="00000.png", prompt="d", seed=7, width=6, height=4, steps=3)]
+  assert _png(out / "00000.png").max() == 9
 
 
 # ----------------------------------------------------------------------------- the CLIs
