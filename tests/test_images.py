@@ -155,6 +155,49 @@ def test_bad_files_have_clear_reasons(tmp_path):
   assert _reason(buf.getvalue()) == "unsupported mode F"
 
 
+def test_a_tiff_whose_second_page_has_no_size_is_a_bad_file():
+  """PIL raises TypeError ("Missing dimensions") reading the page count of such a file; it must
+  be a bad input like any damaged file, not the end of a precompute job."""
+  pages = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+  buf = io.BytesIO()
+  pages[0].save(buf, format="TIFF", save_all=True, append_images=pages[1:])
+  data = bytearray(buf.getvalue())
+  width_tag = b"\x00\x01\x04\x00"  # ImageWidth (256), LONG, little-endian
+  second = data.find(width_tag, data.find(width_tag) + 1)
+  data[second:second + 2] = b"\x99\x01"  # an unknown tag instead: page 2 has no width
+  with pytest.raises(TypeError):
+    getattr(Image.open(io.BytesIO(bytes(data))), "n_frames")
+  assert "Missing dimensions" in _reason(bytes(data))
+
+
+def test_sixteen_bit_conversion_spans_row_blocks_in_little_memory():
+  rows = 12 * images._ROWS_PER_BLOCK + 5
+  values = (np.arange(rows * 700) * 37 % 65536).astype(np.uint16).reshape(rows, 700)
+  image = Image.fromarray(values)
+  import tracemalloc
+  tracemalloc.start()
+  try:
+    gray = images._sixteen_bit_to_gray(image, "x")
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  np.testing.assert_array_equal(np.asarray(gray), np.round(values / 65535 * 255).astype(np.uint8))
+  # PIL's bytes and their array, the uint8 result, a block in uint32 (an int64 copy alone is 4x).
+  assert peak < 3 * values.nbytes, peak
+
+
+def test_a_pipe_is_not_read(tmp_path):
+  """A FIFO named like an image would block the reading thread forever."""
+  import threading
+  fifo = tmp_path / "pipe.png"
+  os.mkfifo(fifo)
+  reasons = []
+  reader = threading.Thread(target=lambda: reasons.append(_reason(fifo)), daemon=True)
+  reader.start()
+  reader.join(30)
+  assert reasons == ["not a regular file (a pipe, device or socket)"]
+
+
 def test_error_names_the_source(tmp_path):
   path = tmp_path / "empty.png"
   path.write_bytes(b"")

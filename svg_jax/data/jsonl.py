@@ -20,6 +20,8 @@ def lines(path: str | os.PathLike) -> Iterator[Line]:
   """The non-blank lines of a jsonl file, each parsed to a JSON object or its problem."""
   with open(path, "rb") as f:
     for number, raw in enumerate(f, 1):
+      if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a byte-order mark (editors on Windows write one): not part of the JSON
       try:
         text = raw.decode("utf-8")
       except UnicodeDecodeError as e:

@@ -9,7 +9,7 @@ Inputs (`list_inputs`), each item with a source key that names it in every repor
           each; the key is the file name relative to the folder. A caption without a supported
           image beside it is a bad input: the file of another type it captions (`photo.heic`:
           unsupported image type), or the caption itself when it captions no file. Other files
-          (`notes.md`) are not inputs.
+          (`notes.md`) are not inputs. Links to folders are followed, each folder read once.
   tfds    a prepared TFDS dataset (ArrayRecord file format) read through `tfds.data_source`, which
           needs tensorflow-datasets but not TensorFlow; the key is `<name>/<split>[<index>]`.
 
@@ -17,11 +17,13 @@ Inputs (`list_inputs`), each item with a source key that names it in every repor
 inputs are CONVERTED to RGB and counted per conversion kind, not dropped), official bucket + center
 crop at `resolution`. A bad input raises `BadInput` with the reason the job reports.
 
-A source that does not exist, is of another kind than `input_format` says, or holds no usable input
+Keys and captions that UTF-8 cannot hold (a file name of other bytes, a lone surrogate escape in
+a jsonl) are bad inputs: records and reports store UTF-8. A source that does not exist, is of another kind than `input_format` says, or holds no usable input
 raises an `InputError`: one line, before any model is loaded.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -30,6 +32,7 @@ from typing import Any, Callable, Sequence
 
 import ml_collections
 import numpy as np
+from absl import logging
 from PIL import Image
 
 from svg_jax import text as text_lib
@@ -67,11 +70,29 @@ class Inputs:
 
   @classmethod
   def from_items(cls, items: Sequence[Item]) -> "Inputs":
+    """The fingerprint covers each item's key, caption and system prompt: a rerun over edited
+    captions is another dataset, refused by the resume plan instead of mixed into it."""
     items = list(items)
     h = hashlib.sha256()
     for it in items:
-      h.update(it.key.encode("utf-8", "backslashreplace") + b"\0")
-    return cls(items.__getitem__, len(items), "keys-sha256:" + h.hexdigest())
+      for part in (it.key, it.caption, it.system_prompt, it.error):
+        h.update(repr(part).encode("utf-8", "backslashreplace") + b"\0")
+    return cls(items.__getitem__, len(items), "items-sha256:" + h.hexdigest())
+
+
+def _not_utf8(text: str) -> bool:
+  """A str that UTF-8 cannot hold: a file name of other bytes (os.fsdecode's surrogates) or a
+  lone surrogate from a JSON escape; the records and reports could not store it."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return True
+  return False
+
+
+def _printable(text: str) -> str:
+  """`text` with what UTF-8 cannot hold written as escapes (a key for the reports)."""
+  return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _caption_and_prompt(obj: dict, system_prompt: str) -> tuple[Any, str]:
@@ -102,13 +123,30 @@ def read_jsonl(path: str, system_prompt: str = "auto") -> list[Item]:
       items.append(Item(where, error="bad jsonl line: no 'path' / 'image_path' string (keys "
                         f"{sorted(obj)})"))
       continue
+    if _not_utf8(rel):
+      items.append(Item(_printable(rel), error=f"bad jsonl line {where}: the path is not valid "
+                        "UTF-8 text (a lone surrogate escape)"))
+      continue
     try:
       caption, prompt = _caption_and_prompt(obj, system_prompt)
     except ValueError as e:
       items.append(Item(rel, error=f"bad jsonl line {where}: {e}"))
       continue
     items.append(Item(rel, os.path.join(root, rel), caption, prompt))
+  _log_repeated_keys(items, name)
   return items
+
+
+def _log_repeated_keys(items: Sequence[Item], source: str) -> None:
+  """Says when paths repeat: each copy becomes a record (a list may oversample on purpose), and
+  a bad input's report names the path, which then stands for several lines."""
+  counts = collections.Counter(it.key for it in items if it.error is None)
+  repeated = {k: n for k, n in counts.items() if n > 1}
+  if repeated:
+    first = next(iter(repeated))
+    logging.warning("%s: %d paths appear more than once (%d extra lines; first: %s, %d times); "
+                    "each line becomes a record", source, len(repeated),
+                    sum(repeated.values()) - len(repeated), first, repeated[first])
 
 
 def read_folder(folder: str, system_prompt: str = "auto") -> list[Item]:
@@ -120,7 +158,23 @@ def read_folder(folder: str, system_prompt: str = "auto") -> list[Item]:
     raise MissingInput(f"input folder {folder} does not exist")
   prompt = text_lib.SYSTEM_PROMPTS["base" if system_prompt == "auto" else system_prompt]
   items = []
-  for root, dirs, files in os.walk(folder):
+  top = os.path.realpath(folder)
+  seen_folders = {top}
+  # Links to folders are followed (os.walk's default skips them, and their images with them),
+  # and each folder is read once: a link into the input folder (a loop, or a second name of a
+  # folder read under its own) or a second link to a folder read already is a bad input.
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    for d in sorted(dirs):
+      path = os.path.join(root, d)
+      real = os.path.realpath(path)
+      inside = real == top or real.startswith(top + os.sep)
+      if real in seen_folders or (inside and os.path.islink(path)):
+        dirs.remove(d)
+        items.append(Item(_printable(os.path.relpath(path, folder)), error=(
+            f"a second way to the folder {real} (a link): its files are read once, by their "
+            "own names")))
+      else:
+        seen_folders.add(real)
     dirs.sort()
     by_stem: dict[str, list[str]] = {}
     for fname in files:
@@ -131,14 +185,17 @@ def read_folder(folder: str, system_prompt: str = "auto") -> list[Item]:
       if not fname.lower().endswith(IMAGE_EXTENSIONS):
         error = _unusable_file_error(fname, by_stem[os.path.splitext(fname)[0]])
         if error is not None:
-          items.append(Item(key, error=error))
+          items.append(Item(_printable(key), error=error))
+        continue
+      if _not_utf8(key):
+        items.append(Item(_printable(key), error="the file name is not valid UTF-8 (rename it)"))
         continue
       txt = os.path.splitext(path)[0] + ".txt"
       if not os.path.isfile(txt):
         items.append(Item(key, error=f"missing caption file {os.path.relpath(txt, folder)}"))
         continue
       try:
-        with open(txt, encoding="utf-8") as f:
+        with open(txt, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no caption text
           caption = f.read().strip()
       except (OSError, UnicodeDecodeError) as e:
         items.append(Item(key, error=f"unreadable caption file ({e})"))
@@ -180,10 +237,17 @@ def read_tfds(name: str, split: str, data_dir: str = "", image_key: str = "image
   try:
     import tensorflow_datasets as tfds
   except ImportError as e:
-    raise ImportError("--input_format tfds needs tensorflow-datasets (`pip install "
-                      "tensorflow-datasets`; TensorFlow itself is not needed)") from e
-  source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+    raise InputError("--input_format tfds needs tensorflow-datasets (`pip install "
+                     "tensorflow-datasets`; TensorFlow itself is not needed)") from e
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir or None)
+  except Exception as e:  # noqa: BLE001  (tfds raises its own types: not found, unknown split...)
+    first = " ".join(str(e).split())[:300]
+    raise InputError(f"tfds dataset {name!r} split {split!r} (data dir "
+                     f"{data_dir or 'the default'}) cannot be opened: {type(e).__name__}: "
+                     f"{first}") from None
   prompt = text_lib.SYSTEM_PROMPTS["base" if system_prompt == "auto" else system_prompt]
+  _check_tfds_features(source, name, image_key, caption_key)
 
   def get(i: int) -> Item:
     key = f"{name}/{split}[{i}]"
@@ -203,6 +267,22 @@ def read_tfds(name: str, split: str, data_dir: str = "", image_key: str = "image
     return Item(key, ex[image_key], caption, prompt)
 
   return Inputs(get, len(source), f"tfds:{name}/{split}:{len(source)}")
+
+
+def _check_tfds_features(source: Any, name: str, image_key: str, caption_key: str) -> None:
+  """InputError when the first example lacks the image or caption feature: a wrong key would
+  otherwise make every example a bad input, found only after all were read."""
+  if not len(source):
+    return
+  try:
+    first = source[0]
+  except Exception:  # noqa: BLE001  (an unreadable example is reported as a bad input later)
+    return
+  missing = [k for k in (image_key, caption_key) if k not in first]
+  if missing:
+    raise InputError(f"tfds dataset {name!r} has no feature {' or '.join(map(repr, missing))} "
+                     f"(its features: {sorted(first)}); set precompute.tfds_image_key / "
+                     "tfds_caption_key")
 
 
 def list_inputs(source: str, input_format: str, cfg: ml_collections.ConfigDict) -> Inputs:
@@ -258,6 +338,8 @@ def check_caption(caption: Any) -> str:
     raise BadInput(f"caption is not a string ({type(caption).__name__}: {caption!r:.60})")
   if not caption.strip():
     raise BadInput("empty caption")
+  if _not_utf8(caption):
+    raise BadInput("caption is not valid UTF-8 text (a lone surrogate escape)")
   return caption
 
 
