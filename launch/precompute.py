@@ -10,9 +10,12 @@ Rerun the same command to resume: finished chunks are skipped. On a multi-host j
 every host; each process does its share and the last to finish writes manifest.json.
 Exit status 0 also when some inputs were bad (they are listed in the summary and manifest.json);
 2, with one line on stderr, for a bad flag, config or input (one that does not exist, holds no
-usable input, or none of whose inputs gave a record).
+usable input, or none of whose inputs gave a record), an --out that cannot be written, another
+run of the same process on --out, or a write the file system refuses (a full disk); 130, with one
+line, after Ctrl-C. After any of them, rerunning the same command resumes.
 """
 import os
+import sys
 
 from absl import app, flags
 
@@ -32,20 +35,18 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from svg_jax import multihost
-  from svg_jax import precompute
-  from svg_jax.data import sources
+  from svg_jax import multihost, precompute, process_exit
 
   config = FLAGS.config
   if "precompute" not in config or config.precompute.process_count < 0:
     multihost.initialize_distributed()  # multi-host: jax.process_index() splits the chunks
   if "autoencoder" not in config:
     raise app.UsageError("the config has no `autoencoder` section")
-  # The config and the inputs first: a bad one is reported before the models load.
-  job_config = precompute.job_config(config)
-  precompute.validate_config(job_config, int(config.autoencoder.encoder.patch_size))
-  inputs = sources.list_inputs(FLAGS.input, FLAGS.input_format, job_config)
-  precompute.build(config).run(inputs, FLAGS.out)
+  try:
+    precompute.run_job(config, FLAGS.input, FLAGS.input_format, FLAGS.out)
+  except precompute.Interrupted as e:
+    print(e, file=sys.stderr)
+    process_exit.exit_process(precompute.EXIT_INTERRUPTED, str(e))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ bf16 text features cut to their valid length or the token ids.
 Bad inputs (missing / zero-byte / corrupt / truncated image, image smaller than `min_side`, image
 mode that cannot be converted, empty or non-string caption, missing `.txt`, bad jsonl line) are
 reported as {"key", "reason"} in the manifest's `bad_inputs` and on the console; the job goes on.
-A job none of whose inputs gives a record ends with an `InputError` once its manifest is written.
+So are, as backstops behind those checks, any other exception of an image's load ("<Type>:
+<message>": third-party decoders raise their own types), a record that cannot be stored and a
+caption the tokenizer refuses (the rest of their batch is written). A job none of whose inputs
+gives a record ends with an `InputError` once its manifest is written. Captions longer than
+`max_length` tokens are cut (the official truncation) and counted (`truncated_captions`).
 
 Resumability and processes. The ordered input list is cut into chunks of `records_per_shard`
 consecutive inputs; chunk c belongs to process c % process_count. A chunk is written through a
@@ -22,9 +26,13 @@ most records_per_shard inputs), its shards are renamed into the output as
 bad inputs, conversions, text lengths) is written atomically: that file is what marks a chunk done.
 A rerun skips done chunks and redoes any other one from scratch (its stale shards removed);
 `progress/plan.json` pins the input list, chunking and models, so a rerun with anything else
-changed is refused instead of mixing two datasets. The process that finds every chunk done writes
-`empty_text.npy` and `manifest.json` (schema of records.py, plus `text_len_histogram`,
-`conversions`, `empty_text`, `precompute`); all of them produce the same bytes.
+changed is refused instead of mixing two datasets. A run holds `progress/process-<index>.lock`
+(`utils/folder_locks.py`), so a second run of its process index there is refused instead of
+removing its scratch as stale. A write the file system refuses (a full disk) is `WriteFailed`,
+Ctrl-C `Interrupted`: the unfinished chunk's scratch is removed either way, and a rerun resumes.
+The process that finds every chunk done writes `empty_text.npy` and `manifest.json` (schema of
+records.py, plus `text_len_histogram`, `conversions`, `truncated_captions`, `empty_text`,
+`precompute`); all of them produce the same bytes.
 
 `empty_text.npy` holds the features of the unconditional caption "" (<bos> alone, 1 token),
 [1, D] float32 of bf16-rounded values like the records: what `train.dit_task.load_empty_text`
@@ -53,14 +61,28 @@ from svg_jax.data import buckets, global_position, records
 from svg_jax.data import sources
 from svg_jax.data.sources import BadInput, Inputs, Loaded
 from svg_jax.input_errors import InputError
-from svg_jax.utils import atomic_files
+from svg_jax.utils import atomic_files, error_lines, folder_locks, writable_folders
 from svg_jax.utils.progress import Progress
 
 PROGRESS_DIR = "progress"
 PLAN_FILE = "plan.json"
 EMPTY_TEXT_FILE = "empty_text.npy"  # the name the DiT task's empty-prompt loader looks for
 TEXT_MODES = ("features", "token_ids")
-MAX_CONVERSION_EXAMPLES = 20  # keys listed per conversion kind in the manifest
+MAX_CONVERSION_EXAMPLES = 20  # keys listed per conversion kind (and of truncated captions)
+
+
+class WriteFailed(writable_folders.FolderNotWritable):
+  """The file system refused a write into the output folder (a full disk): one line, the
+  operating system's reason first, exit 2. Finished chunks stay; a rerun resumes."""
+  kind = "write error"
+
+
+class Interrupted(Exception):
+  """Ctrl-C (SIGINT) stopped the job; its message is the one line launch/precompute.py prints
+  before it exits with EXIT_INTERRUPTED."""
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a job Ctrl-C ended
 
 
 def validate_config(c: ml_collections.ConfigDict, patch_size: int | None = None) -> None:
@@ -181,6 +203,22 @@ class TextSide:
         out += [ids[i, :lens[i]] for i in range(len(part))]
     return out[:n]
 
+  def was_truncated(self, text: str) -> bool:
+    """Whether `text` (system prompt in front) is longer than max_length tokens, so that `encode`
+    cut it (the official training truncation)."""
+    return len(self.tokenizer(text)["input_ids"]) > self.cfg.max_length
+
+  def refusals(self, texts: Sequence[str]) -> list[str | None]:
+    """Per text, None or why the tokenizer refuses it alone (its one-line error)."""
+    reasons = []
+    for text in texts:
+      try:
+        self.tokenizer(text)
+        reasons.append(None)
+      except Exception as e:  # noqa: BLE001  (the tokenizer's types are its own)
+        reasons.append(f"caption cannot be tokenized ({error_lines.first_line(e)})")
+    return reasons
+
   def empty_text(self) -> np.ndarray:
     """The unconditional caption "" (<bos> only): [1, D] float32 (bf16 values) or [1] int32."""
     arr = self.encode([text_lib.UNCONDITIONAL], 1)[0]
@@ -189,6 +227,16 @@ class TextSide:
 
 # ----------------------------------------------------------------------------------------------
 # The job
+
+
+def check_output_folder(out: str, create: bool = False) -> None:
+  """InputError (one line) for an output folder that cannot be made or written, or that holds a
+  dataset this job did not write; `create` makes it. Called before the models load."""
+  writable_folders.check_writable_folder(out, "output folder", create=create)
+  if (os.path.exists(os.path.join(out, records.MANIFEST_NAME))
+      and not os.path.exists(os.path.join(out, PROGRESS_DIR, PLAN_FILE))):
+    raise InputError(f"{out} holds a dataset not written by this precompute "
+                     f"(no {PROGRESS_DIR}/{PLAN_FILE}); use another output folder")
 
 
 def _chunk_file(out: str, c: int) -> str:
@@ -247,25 +295,62 @@ class Precomputer:
                          f"{atomic_files.differing_keys(old, plan)}); use another output folder "
                          "or delete it")
     else:
-      if os.path.exists(os.path.join(out, records.MANIFEST_NAME)):
-        raise InputError(f"{out} holds a dataset not written by this precompute "
-                         f"(no {PROGRESS_DIR}/{PLAN_FILE}); use another output folder")
-      os.makedirs(os.path.join(out, PROGRESS_DIR), exist_ok=True)
       atomic_files.write_json(path, plan)
 
   # -- one chunk
 
-  def _flush(self, writer: records.DatasetWriter, group: list[Loaded], stats: dict) -> None:
-    crops = np.stack([g.crop for g in group])
-    latents = self.ae.encode(crops)
+  @staticmethod
+  def _report_bad(writer: records.DatasetWriter, stats: dict, key: str, reason: str) -> None:
+    writer.report_bad(key, reason)
+    stats["bad_inputs"].append({"key": key, "reason": reason})
+
+  def _encode_texts(self, writer: records.DatasetWriter, group: list[Loaded], stats: dict
+                    ) -> tuple[list[Loaded], list[str], list[np.ndarray]]:
+    """The group's captions encoded: (items kept, their texts, their arrays). A caption the
+    tokenizer refuses (the whole batch fails) is that input's bad input; a failure that no caption
+    alone causes goes up."""
     texts = [g.item.system_prompt + g.item.caption for g in group]
-    text_arrays = self.text.encode(texts, self.cfg.batch_size)
+    try:
+      return group, texts, self.text.encode(texts, self.cfg.batch_size)
+    except Exception:
+      reasons = self.text.refusals(texts)
+      if not any(reasons):
+        raise
+    kept = []
+    for g, text, reason in zip(group, texts, reasons):
+      if reason:
+        self._report_bad(writer, stats, g.item.key, reason)
+      else:
+        kept.append((g, text))
+    if not kept:
+      return [], [], []
+    group, texts = [g for g, _ in kept], [t for _, t in kept]
+    return group, texts, self.text.encode(texts, self.cfg.batch_size)
+
+  def _flush(self, writer: records.DatasetWriter, group: list[Loaded], stats: dict) -> int:
+    """Encodes and writes a group of one bucket; returns how many records it wrote. An input
+    whose record cannot be made (its caption or key cannot be stored) is a bad input of its own:
+    the rest of the group is written."""
+    group, texts, text_arrays = self._encode_texts(writer, group, stats)
+    if not group:
+      return 0
+    latents = self.ae.encode(np.stack([g.crop for g in group]))
     text_name = "text_features" if self.text.mode == "features" else "token_ids"
-    for g, z, t in zip(group, latents, text_arrays):
-      writer.add({"latent": z, "caption": g.item.caption, text_name: t, "text_len": int(t.shape[0]),
-                  "bucket": g.bucket, "orig_size": g.orig_size, "source": g.item.key})
+    written = 0
+    for g, text, z, t in zip(group, texts, latents, text_arrays):
+      try:
+        writer.add({"latent": z, "caption": g.item.caption, text_name: t,
+                    "text_len": int(t.shape[0]), "bucket": g.bucket, "orig_size": g.orig_size,
+                    "source": g.item.key})
+      except records.BadRecordError as e:  # nothing of it was written
+        self._report_bad(writer, stats, g.item.key, str(e))
+        continue
+      written += 1
       hist = stats["text_len_histogram"]
       hist[str(t.shape[0])] = hist.get(str(t.shape[0]), 0) + 1
+      if t.shape[0] >= self.cfg.max_length and self.text.was_truncated(text):
+        stats["truncated_captions"].append(g.item.key)
+    return written
 
   def run_chunk(self, inputs: Inputs, c: int, out: str, progress: Progress) -> dict:
     """Processes chunk c from scratch and marks it done; returns its done-file content."""
@@ -276,7 +361,8 @@ class Precomputer:
     for stale in glob.glob(os.path.join(out, PROGRESS_DIR, f"chunk-{c:06d}.tmp-*")):
       shutil.rmtree(stale, ignore_errors=True)  # scratch of a killed run
     scratch = os.path.join(out, PROGRESS_DIR, f"chunk-{c:06d}.tmp-{os.getpid()}")
-    stats = {"text_len_histogram": {}, "conversions": [], "bad_inputs": []}
+    stats = {"text_len_histogram": {}, "conversions": [], "bad_inputs": [],
+             "truncated_captions": []}
     pending: dict[tuple[int, int], list[Loaded]] = {}
 
     def load(i: int):
@@ -285,10 +371,15 @@ class Precomputer:
         return sources.load_item(item, self.cfg, self.patch_size)
       except BadInput as e:
         return item.key, e.reason
+      except MemoryError:
+        raise  # the host's, not the input's
+      except Exception as e:  # noqa: BLE001  (third-party decoders raise any type)
+        return item.key, error_lines.first_line(e)
 
-    writer = records.DatasetWriter(scratch, fingerprints=self.fingerprints, records_per_shard=n,
-                                   compression=self.cfg.shard_compression)
+    writer = None
     try:
+      writer = records.DatasetWriter(scratch, fingerprints=self.fingerprints,
+                                     records_per_shard=n, compression=self.cfg.shard_compression)
       # Decoded crops are held only for a window of inputs (memory stays bounded at 1024 px).
       window = max(4 * int(self.cfg.batch_size), 4 * int(self.cfg.num_threads))
       with concurrent.futures.ThreadPoolExecutor(self.cfg.num_threads) as pool:
@@ -296,9 +387,7 @@ class Precomputer:
                    for r in pool.map(load, indices[s:s + window]))
         for result in results:
           if isinstance(result, tuple):
-            key, reason = result
-            writer.report_bad(key, reason)
-            stats["bad_inputs"].append({"key": key, "reason": reason})
+            self._report_bad(writer, stats, *result)
             progress.update(done=1)
             continue
           if result.conversion != "none":
@@ -306,28 +395,28 @@ class Precomputer:
           group = pending.setdefault(result.bucket, [])
           group.append(result)
           if len(group) >= self.cfg.batch_size:
-            self._flush(writer, group, stats)
-            progress.update(done=len(group), good=len(group))
+            progress.update(done=len(group), good=self._flush(writer, group, stats))
             pending[result.bucket] = []
       for bucket in sorted(pending):
         if pending[bucket]:
-          self._flush(writer, pending[bucket], stats)
-          progress.update(done=len(pending[bucket]), good=len(pending[bucket]))
+          progress.update(done=len(pending[bucket]),
+                          good=self._flush(writer, pending[bucket], stats))
       manifest = writer.close()
+      shards = []
+      for s in manifest["shards"]:
+        name = f"{_chunk_prefix(c)}p{self.process_index:03d}-{s['name']}"
+        os.replace(os.path.join(scratch, s["name"]), os.path.join(out, name))
+        shards.append({"name": name, "bucket": s["bucket"], "num_records": s["num_records"]})
+      done = {"chunk": c, "process_index": self.process_index, "num_inputs": len(indices),
+              "shards": shards, **stats}
+      atomic_files.write_json(_chunk_file(out, c), done)
+      return done
     except BaseException:
-      writer.__exit__(*sys.exc_info())
-      shutil.rmtree(scratch, ignore_errors=True)
+      if writer is not None:
+        writer.__exit__(*sys.exc_info())  # drops the open shards, whatever their close raises
       raise
-    shards = []
-    for s in manifest["shards"]:
-      name = f"{_chunk_prefix(c)}p{self.process_index:03d}-{s['name']}"
-      os.replace(os.path.join(scratch, s["name"]), os.path.join(out, name))
-      shards.append({"name": name, "bucket": s["bucket"], "num_records": s["num_records"]})
-    done = {"chunk": c, "process_index": self.process_index, "num_inputs": len(indices),
-            "shards": shards, **stats}
-    atomic_files.write_json(_chunk_file(out, c), done)
-    shutil.rmtree(scratch, ignore_errors=True)
-    return done
+    finally:
+      shutil.rmtree(scratch, ignore_errors=True)  # a chunk not marked done is redone from scratch
 
   # -- the whole job
 
@@ -336,31 +425,62 @@ class Precomputer:
 
   def run(self, inputs: Inputs, out: str) -> dict | None:
     """Processes this process's unfinished chunks; writes the manifest when every chunk is done
-    (returns it), else returns None (another process will)."""
+    (returns it), else returns None (another process will). An output folder that cannot be
+    written, another run of this process index on it (folder_locks.FolderBusy) or a write the
+    file system refuses (WriteFailed) is an InputError; Ctrl-C raises Interrupted."""
     out = os.fspath(out)
-    os.makedirs(out, exist_ok=True)
-    self._check_plan(out, self._plan(inputs))
+    check_output_folder(out, create=True)
+    progress_dir = os.path.join(out, PROGRESS_DIR)
+    writable_folders.check_writable_folder(progress_dir, "the progress folder")
+    # Held for the whole run: a second run of this process index would take this one's chunks
+    # for a killed run's and remove its scratch folder.
+    with folder_locks.hold(os.path.join(progress_dir, f"process-{self.process_index:03d}.lock"),
+                           f"another precompute is writing {out} (process {self.process_index})"):
+      return self._run_locked(inputs, out)
+
+  def _run_locked(self, inputs: Inputs, out: str) -> dict | None:
     mine = [c for c in range(self.num_chunks(inputs))
             if c % self.process_count == self.process_index]
-    todo = [c for c in mine if not self._chunk_done(out, c)]
-    n = int(self.cfg.records_per_shard)
-    total = sum(min(len(inputs), (c + 1) * n) - c * n for c in todo)
-    self._print(f"precompute: {len(inputs)} inputs in {self.num_chunks(inputs)} chunks; process "
-                f"{self.process_index}/{self.process_count} has {len(mine)} chunks, "
-                f"{len(mine) - len(todo)} already done, {total} inputs to do")
-    progress = Progress(total, what="inputs", stream=sys.stderr)
-    start = time.perf_counter()
-    for c in todo:
-      self.run_chunk(inputs, c, out, progress)
-    elapsed = time.perf_counter() - start
-    self.images_per_second = progress.good / elapsed if elapsed > 0 and progress.good else 0.0
-    self._print(f"precompute: {progress.good} images encoded in {elapsed:.1f} s: "
-                f"{self.images_per_second:.2f} images/s ({progress.done - progress.good} bad)")
-    if not all(self._chunk_done(out, c) for c in range(self.num_chunks(inputs))):
-      self._print("precompute: other processes still have chunks to do; the last one to finish "
-                  "writes manifest.json")
-      return None
-    manifest = self.finalize(inputs, out)
+    finished = 0
+    try:
+      self._check_plan(out, self._plan(inputs))
+      todo = [c for c in mine if not self._chunk_done(out, c)]
+      finished = len(mine) - len(todo)
+      n = int(self.cfg.records_per_shard)
+      total = sum(min(len(inputs), (c + 1) * n) - c * n for c in todo)
+      self._print(f"precompute: {len(inputs)} inputs in {self.num_chunks(inputs)} chunks; process "
+                  f"{self.process_index}/{self.process_count} has {len(mine)} chunks, "
+                  f"{finished} already done, {total} inputs to do")
+      progress = Progress(total, what="inputs", stream=sys.stderr)
+      start = time.perf_counter()
+      try:
+        for c in todo:
+          self.run_chunk(inputs, c, out, progress)
+          finished += 1
+      finally:
+        progress.end_line()
+      elapsed = time.perf_counter() - start
+      self.images_per_second = progress.good / elapsed if elapsed > 0 and progress.good else 0.0
+      self._print(f"precompute: {progress.good} images encoded in {elapsed:.1f} s: "
+                  f"{self.images_per_second:.2f} images/s ({progress.done - progress.good} bad)")
+      if not all(self._chunk_done(out, c) for c in range(self.num_chunks(inputs))):
+        self._print("precompute: other processes still have chunks to do; the last one to finish "
+                    "writes manifest.json")
+        return None
+      manifest = self.finalize(inputs, out)
+    except KeyboardInterrupt:
+      # run_chunk has removed the unfinished chunk's scratch: what stays is what a rerun resumes.
+      raise Interrupted(f"precompute: interrupted after {finished} of {len(mine)} chunks; rerun "
+                        "the same command to resume") from None
+    except OSError as e:
+      if isinstance(e, InputError):
+        raise
+      reason = error_lines.first_line(e)
+      if e.errno and e.strerror:  # the operating system's reason first, as the TensorStore's
+        reason = f"{e.strerror} [errno {e.errno}]; {reason}"
+      raise WriteFailed(f"{reason}; writing {out} stopped after {finished} of "
+                        f"{len(mine)} chunks (finished chunks are kept); rerun to resume once "
+                        "there is room") from None
     self._print(summary(manifest))
     if not manifest["num_records"]:
       raise InputError(f"none of the {len(inputs)} inputs gave a record (every one is a bad input, "
@@ -378,13 +498,14 @@ class Precomputer:
 
   def finalize(self, inputs: Inputs, out: str) -> dict:
     """Merges the chunk files into manifest.json and writes empty_text.npy; returns the manifest."""
-    shards, bad, conversions, hist = [], [], [], {}
+    shards, bad, conversions, hist, truncated = [], [], [], {}, []
     for c in range(self.num_chunks(inputs)):
       with open(_chunk_file(out, c)) as f:
         done = json.load(f)
       shards += done["shards"]
       bad += done["bad_inputs"]
       conversions += done["conversions"]
+      truncated += done.get("truncated_captions", [])  # absent in chunks of older runs
       for k, v in done["text_len_histogram"].items():
         hist[k] = hist.get(k, 0) + v
     counts: dict[str, int] = {}
@@ -411,6 +532,8 @@ class Precomputer:
         "num_inputs": len(inputs),
         "conversions": kinds,
         "text_len_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
+        "truncated_captions": {"count": len(truncated), "max_length": int(self.cfg.max_length),
+                               "examples": truncated[:MAX_CONVERSION_EXAMPLES]},
         "empty_text": {"file": EMPTY_TEXT_FILE, "shape": list(empty.shape),
                        "dtype": str(empty.dtype), "caption": text_lib.UNCONDITIONAL},
         "precompute": {"resolution": int(c.resolution), "max_ratio": float(c.max_ratio),
@@ -432,12 +555,34 @@ def summary(manifest: dict, max_lines: int = 50) -> str:
            + ", ".join(f"{k}: {v}" for k, v in manifest["buckets"].items())]
   for kind, entry in sorted(manifest["conversions"].items()):
     lines.append(f"  converted ({kind}): {entry['count']}, e.g. {', '.join(entry['examples'][:3])}")
+  cut = manifest.get("truncated_captions")
+  if cut is not None:
+    lines.append(f"  captions cut to {cut['max_length']} tokens (system prompt and <bos> included, "
+                 f"the official truncation): {cut['count']}" + (
+                     f", e.g. {', '.join(cut['examples'][:3])}" if cut["count"] else ""))
   bad = manifest["bad_inputs"]
   lines.append(f"  bad inputs: {len(bad)}")
   lines += [f"  bad input {b['key']}: {b['reason']}" for b in bad[:max_lines]]
   if len(bad) > max_lines:
     lines.append(f"  ... and {len(bad) - max_lines} more (all in manifest.json)")
-  return "\n".join(lines)
+  # Keys from file names that are not UTF-8 hold surrogates, which a UTF-8 console refuses.
+  return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def run_job(config: ml_collections.ConfigDict, input_path: str, input_format: str, out: str
+            ) -> dict | None:
+  """launch/precompute.py's job. The config, the output folder and the inputs are checked before
+  the models load, so that a bad one is reported at once; then `Precomputer.run`."""
+  try:
+    cfg = job_config(config)
+    validate_config(cfg, int(config.autoencoder.encoder.patch_size))
+    check_output_folder(out)
+    inputs = sources.list_inputs(input_path, input_format, cfg)
+    precomputer = build(config)
+  except KeyboardInterrupt:
+    raise Interrupted("precompute: interrupted before the first chunk (nothing written); rerun "
+                      "the same command to start") from None
+  return precomputer.run(inputs, out)
 
 
 def build(config: ml_collections.ConfigDict, *, stream=None) -> Precomputer:

@@ -18,6 +18,7 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from svg_jax.convert import dinov3 as conv
 from svg_jax.convert.safetensors_io import save_safetensors
 from svg_jax.convert.torch_pickle import save_torch_file
+from svg_jax.input_errors import InputError
 from svg_jax.models import dinov3, layers
 
 ATOL = 1e-4
@@ -360,6 +361,12 @@ def test_load_dinov3_files(small_hf, tmp_path):
   save_safetensors(str(tmp_path / "other.safetensors"), {"foo.weight": np.zeros(2, np.float32)})
   with pytest.raises(ValueError, match="not a DINOv3 state dict"):
     conv.load_dinov3(str(tmp_path / "other.safetensors"), SMALL)
+
+
+def test_an_unknown_checkpoint_file_type_is_bad_input(tmp_path):
+  (tmp_path / "dinov3.onnx").write_bytes(b"not a checkpoint")
+  with pytest.raises(InputError, match=r"unknown DINOv3 checkpoint type .*dinov3\.onnx"):
+    conv.load_dinov3(str(tmp_path / "dinov3.onnx"), SMALL)
 
 
 def test_bf16_compute_stays_close(small_hf):

@@ -10,10 +10,14 @@ are the shared test assets; bad files are made with PIL / raw bytes here.
 import dataclasses
 import hashlib
 import io
+import glob
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import ml_dtypes
 import numpy as np
@@ -29,7 +33,7 @@ from svg_jax import precompute as pc
 from svg_jax import text as text_lib
 from svg_jax.convert import dinov3 as enc_conv
 from svg_jax.convert.torch_pickle import save_torch_file
-from svg_jax.data import pipeline, records, sources
+from svg_jax.data import images, pipeline, records, sources
 from svg_jax.demo import shapes
 from svg_jax.demo import text_encoder as demo
 from svg_jax.input_errors import InputError
@@ -361,7 +365,7 @@ def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_
     if calls and calls[-1] == 1:
       real_flush(self, writer, group[:1], stats)  # a partial shard is being written ...
       raise KeyboardInterrupt("killed")  # ... when the job dies
-    real_flush(self, writer, group, stats)
+    return real_flush(self, writer, group, stats)
 
   real_run_chunk = pc.Precomputer.run_chunk
 
@@ -371,11 +375,13 @@ def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_
 
   monkeypatch.setattr(pc.Precomputer, "run_chunk", spy)
   monkeypatch.setattr(pc.Precomputer, "_flush", crash_in_chunk_1)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(pc.Interrupted, match="interrupted after 1 of 3 chunks; rerun the same "
+                     "command to resume"):
     job.run(inputs, out)
   assert calls == [0, 1]
   assert os.path.isfile(pc._chunk_file(out, 0)) and not os.path.isfile(pc._chunk_file(out, 1))
   assert not os.path.exists(os.path.join(out, records.MANIFEST_NAME))
+  assert not [n for n in os.listdir(os.path.join(out, pc.PROGRESS_DIR)) if ".tmp-" in n]
   done0 = open(pc._chunk_file(out, 0)).read()
   # Debris of a harder kill: a stale shard of chunk 1 and a scratch folder.
   with open(os.path.join(out, "c000001-p000-4x4-00000.array_record"), "wb") as f:
@@ -397,7 +403,8 @@ def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_
       else:
         assert value == full_recs[key][field], (key, field)
   assert sorted(os.listdir(os.path.join(out, pc.PROGRESS_DIR))) == [
-      "chunk-000000.json", "chunk-000001.json", "chunk-000002.json", pc.PLAN_FILE]
+      "chunk-000000.json", "chunk-000001.json", "chunk-000002.json", pc.PLAN_FILE,
+      "process-000.lock"]
   assert sorted(os.listdir(out)) == sorted(
       [s["name"] for s in full["shards"]] + [records.MANIFEST_NAME, pc.EMPTY_TEXT_FILE,
                                              pc.PROGRESS_DIR])
@@ -553,6 +560,7 @@ def test_cli_on_the_demo_dataset(files, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   print(proc.stdout)
   assert "images/s" in proc.stdout and "bad inputs: 0" in proc.stdout
+  assert f"captions cut to {text_lib.TRAIN_MAX_LENGTH} tokens" in proc.stdout
   assert "5/5 inputs" in proc.stderr and "ETA" in proc.stderr
   manifest, recs = _read_all(str(out))
   assert manifest["num_records"] == 5 and manifest["buckets"] == {"4x4": 5}
@@ -628,3 +636,203 @@ def test_folder_reports_unsupported_images_and_captions_without_an_image(job_fac
   assert manifest["num_records"] == 1 and manifest["num_inputs"] == 3
   text = pc.summary(manifest)
   assert "bad inputs: 2" in text and "bad input photo.heic: unsupported image type .heic" in text
+
+
+# ----------------------------------------------------------------------------- one input's failure
+
+
+def test_a_decoder_crash_or_a_record_that_cannot_be_stored_is_that_input_s_bad_input(
+    job_factory, references, tmp_path, monkeypatch):
+  """Backstops behind sources' checks: a decoder's exception of its own type (PIL raised
+  `TypeError: Missing dimensions` on a damaged TIFF), a key msgpack cannot store (a non-UTF-8 file
+  name as Python reads it) and a caption the tokenizer refuses (a lone surrogate) are bad inputs
+  of their own; the rest of their batch is written."""
+  for i in range(4):
+    _rgb(40, 40, i).save(tmp_path / f"ok{i}.png")
+  _rgb(40, 40, 9).save(tmp_path / "damaged.tif")
+  real_open = images.open_rgb
+
+  def open_rgb(src, *args, **kwargs):
+    if str(src).endswith("damaged.tif"):
+      raise TypeError("Missing dimensions")
+    return real_open(src, *args, **kwargs)
+
+  monkeypatch.setattr(images, "open_rgb", open_rgb)
+  # Behind sources' own refusal of such captions: what the tokenizer does with the ones it lets by.
+  monkeypatch.setattr(sources, "check_caption", lambda caption: caption)
+  surrogate_key = "bad\udcffname.png"
+  item = lambda key, name, caption: sources.Item(key, str(tmp_path / name), caption)  # noqa: E731
+  items = [item("ok0.png", "ok0.png", "a red circle"),
+           item(surrogate_key, "ok0.png", "a blue square"),
+           item("ok1.png", "ok1.png", "a green triangle"),
+           item("lone.png", "ok1.png", "lone \ud800 surrogate"),  # the batch of 4 is flushed here
+           item("ok2.png", "ok2.png", "a white diamond"),
+           item("damaged.tif", "damaged.tif", "a red circle"),
+           item("ok3.png", "ok3.png", "a purple circle")]
+  job = job_factory()
+  out = str(tmp_path / "out")
+  manifest = job.run(sources.Inputs.from_items(items), out)
+  _, recs = _read_all(out)
+  assert sorted(recs) == ["ok0.png", "ok1.png", "ok2.png", "ok3.png"]
+  bad = {b["key"]: b["reason"] for b in manifest["bad_inputs"]}
+  assert bad.keys() == {surrogate_key, "lone.png", "damaged.tif"}
+  assert bad["damaged.tif"] == "TypeError: Missing dimensions"
+  assert bad[surrogate_key].startswith("cannot serialize the record (UnicodeEncodeError: "), bad
+  assert bad["lone.png"].startswith("caption cannot be tokenized (TypeError: "), bad
+  assert manifest["num_records"] == 4 and manifest["num_inputs"] == 7
+  ref_ae, _ = references
+  for key in recs:
+    crop, _ = ae_lib.preprocess(str(tmp_path / key), 64)
+    assert _bf16_close(recs[key]["latent"], ref_ae.encode(crop[None])[0]) <= 2.0
+  assert recs["ok1.png"]["caption"] == "a green triangle"
+  assert "bad input bad\\udcffname.png: cannot serialize" in pc.summary(manifest)
+
+
+def test_captions_longer_than_max_length_are_cut_and_counted(job_factory, references, tmp_path):
+  """The official truncation at max_length tokens (system prompt and <bos> included) is kept and
+  counted; a caption of exactly max_length tokens is not cut."""
+  _, te = references
+
+  def tokens(caption):
+    return len(te.tokenizer(text_lib.BASE_SYSTEM_PROMPT + caption)["input_ids"])
+
+  words = " ".join(["a red circle left of a blue square"] * 60).split()
+  exact = next(" ".join(words[:k]) for k in range(len(words))
+               if tokens(" ".join(words[:k])) == text_lib.TRAIN_MAX_LENGTH)
+  long = " ".join(words)
+  assert tokens(long) > text_lib.TRAIN_MAX_LENGTH
+  for name in ("short", "exact", "long"):
+    _rgb(40, 40, 0).save(tmp_path / f"{name}.png")
+  jsonl = _write_jsonl(tmp_path / "data.jsonl", [
+      {"path": "short.png", "prompt": "a red circle"}, {"path": "exact.png", "prompt": exact},
+      {"path": "long.png", "prompt": long}])
+  job = job_factory()
+  out = str(tmp_path / "out")
+  manifest = job.run(sources.list_inputs(jsonl, "jsonl", job.cfg), out)
+  _, recs = _read_all(out)
+  assert recs["long.png"]["text_len"] == recs["exact.png"]["text_len"] == text_lib.TRAIN_MAX_LENGTH
+  assert recs["long.png"]["caption"] == long  # the record keeps the whole caption text
+  assert manifest["truncated_captions"] == {"count": 1, "max_length": text_lib.TRAIN_MAX_LENGTH,
+                                            "examples": ["long.png"]}
+  assert (f"captions cut to {text_lib.TRAIN_MAX_LENGTH} tokens (system prompt and <bos> included, "
+          "the official truncation): 1, e.g. long.png") in pc.summary(manifest)
+
+
+# ----------------------------------------------------------------------------- the output folder
+
+
+def test_a_second_run_of_the_same_process_on_the_output_is_refused(job_factory, tmp_path):
+  """A run holds a lock per process index in <out>/progress/ (here another process holds it): a
+  second run of that index is refused and leaves the first run's scratch folder alone; another
+  index is another lock; once the holder ends, a run goes on."""
+  jsonl = _demo_jsonl(tmp_path, 3)
+  job = job_factory()
+  inputs = sources.list_inputs(jsonl, "jsonl", job.cfg)
+  out = tmp_path / "out"
+  (out / pc.PROGRESS_DIR).mkdir(parents=True)
+  scratch = out / pc.PROGRESS_DIR / "chunk-000000.tmp-424242"  # the running job's
+  scratch.mkdir()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+       "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+       str(out / pc.PROGRESS_DIR / "process-000.lock")],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    with pytest.raises(InputError, match=re.escape(f"another precompute is writing {out} "
+                                                   "(process 0)")):
+      job.run(inputs, str(out))
+    assert scratch.is_dir()
+    other = job_factory(process_index=1, process_count=2)  # one chunk, process 0's
+    assert other.run(inputs, str(out)) is None
+  finally:
+    holder.stdin.close()
+    holder.wait(timeout=60)
+  manifest = job.run(inputs, str(out))
+  assert manifest["num_records"] == 3
+  assert not scratch.exists()  # its owner is gone: stale
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_cli_refuses_an_output_folder_it_cannot_make_before_loading_models(files, tmp_path, where):
+  (tmp_path / "in").mkdir()
+  _rgb(40, 48, 0).save(tmp_path / "in" / "a.png")
+  (tmp_path / "in" / "a.txt").write_text("a red circle")
+  (tmp_path / "taken").write_text("a user's file")
+  out = tmp_path / "taken" if where == "a file" else tmp_path / "taken" / "records"
+  # The models do not exist: the output folder is checked first.
+  run = script_runs.run("precompute.py", f"--input={tmp_path / 'in'}", "--input_format=folder",
+                        f"--out={out}", *_config_flags(files, encoder_path="/nonexistent/e.pth",
+                                                       text_encoder_dir="/nonexistent/gemma"))
+  script_runs.assert_one_line(run, f"input error: output folder {out} cannot be made: "
+                              f"{tmp_path / 'taken'} is a file")
+  assert (tmp_path / "taken").read_text() == "a user's file"
+
+
+def _cli_command(files, jsonl, out, *flags):
+  return [sys.executable, os.path.join(REPO, "launch", "precompute.py"), f"--input={jsonl}",
+          "--input_format=jsonl", f"--out={out}", *_config_flags(files), *flags]
+
+
+def _cli_env():
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _scratch_left(out):
+  return [p for p in glob.glob(os.path.join(out, "**", "*"), recursive=True) if ".tmp-" in p]
+
+
+def test_cli_full_disk_is_one_line_and_a_rerun_resumes(files, tmp_path):
+  """Files may not grow past 16 KiB (`ulimit -f`: EFBIG, as on a full disk; Python ignores the
+  SIGXFSZ that comes with it): the first shard's write fails. One line with the OS reason
+  first, no scratch left behind; the same command without the limit finishes the job."""
+  jsonl = _demo_jsonl(tmp_path, 12)
+  out = tmp_path / "records"
+  command = _cli_command(files, jsonl, out, "--config.precompute.records_per_shard=4")
+  run = subprocess.run(["bash", "-c", 'ulimit -f 16 && exec "$@"', "bash", *command],
+                       capture_output=True, text=True, env=_cli_env(), cwd=REPO, timeout=300)
+  line = script_runs.assert_one_line(
+      run, "write error: File too large [errno 27]; OSError: ",
+      f"writing {out} stopped after 0 of 3 chunks", "rerun to resume")
+  assert "Traceback" not in run.stderr, line
+  assert _scratch_left(str(out)) == []
+  assert not glob.glob(str(out / "*.array_record"))
+  run = subprocess.run(command, capture_output=True, text=True, env=_cli_env(), cwd=REPO,
+                       timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  manifest, recs = _read_all(str(out))
+  assert manifest["num_records"] == len(recs) == 12
+
+
+@pytest.mark.serial  # the signal must come while the job runs: not on cores other tests share
+def test_cli_ctrl_c_is_one_line_exit_130_and_a_rerun_resumes(files, job_factory, tmp_path):
+  """SIGINT once the first chunk is done: one line, exit 130, no scratch left; the finished
+  chunks are those the line counts, and the same job goes on from them."""
+  jsonl = _demo_jsonl(tmp_path, 1000)  # seconds of work after the first chunk
+  out = tmp_path / "records"
+  command = _cli_command(files, jsonl, out, "--config.precompute.records_per_shard=20")
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_cli_env(), cwd=REPO)
+  try:
+    deadline = time.monotonic() + 240
+    while not os.path.exists(pc._chunk_file(str(out), 0)) and proc.poll() is None:
+      assert time.monotonic() < deadline, "no chunk finished in 240 s"
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  lines = script_runs.error_lines(stderr)
+  assert proc.returncode == 130 and len(lines) == 1, (proc.returncode, stderr[-3000:])
+  match = re.fullmatch(r"precompute: interrupted after (\d+) of 50 chunks; rerun the same command "
+                       r"to resume", lines[0])
+  assert match and 1 <= int(match.group(1)) < 50, lines[0]
+  done = sorted(glob.glob(os.path.join(out, pc.PROGRESS_DIR, "chunk-*.json")))
+  assert len(done) == int(match.group(1))
+  assert _scratch_left(str(out)) == []
+  # The same job in this process (the CLI's settings) does the rest.
+  job = job_factory(records_per_shard=20, min_side=64)
+  manifest = job.run(sources.list_inputs(jsonl, "jsonl", job.cfg), str(out))
+  assert manifest["num_records"] == 1000

@@ -2,6 +2,9 @@
 msgpack/numpy, Grain's own ArrayRecord reader, and every documented error."""
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import zlib
 
 import ml_dtypes
@@ -174,6 +177,32 @@ def test_shard_writer_is_atomic_and_readable_by_grain(tmp_path):
       w.write(payloads[0])
       raise RuntimeError("boom")
   assert sorted(os.listdir(tmp_path)) == ["s.array_record"]
+
+
+def test_a_write_the_file_system_refuses_is_one_os_error_and_leaves_nothing(tmp_path):
+  """Under `ulimit -f` (EFBIG, a full disk as a writer sees it; Python ignores SIGXFSZ) the
+  shard's close fails: the error is an OSError with the reason, not ArrayRecord's RuntimeError
+  raised a second time by the abort, and no temporary file stays."""
+  script = textwrap.dedent("""
+      import os, sys
+      import numpy as np
+      from svg_jax.data import records as R
+      out = sys.argv[1]
+      rng = np.random.default_rng(0)
+      try:
+        with R.DatasetWriter(out) as writer:
+          for i in range(8):
+            writer.add({"latent": rng.standard_normal((8, 8, 64)), "caption": "c",
+                        "text_features": rng.standard_normal((16, 128)), "text_len": 16,
+                        "bucket": (8, 8), "orig_size": (128, 128), "source": f"k{i}"})
+      except BaseException as e:
+        print(type(e).__name__, getattr(e, "errno", None), getattr(e, "strerror", None),
+              sorted(os.listdir(out)))
+      """)
+  out = tmp_path / "shards"
+  run = subprocess.run(["bash", "-c", 'ulimit -f 32 && exec "$@"', "bash", sys.executable, "-c",
+                        script, str(out)], capture_output=True, text=True, timeout=120)
+  assert run.stdout.strip() == "OSError 27 File too large []", (run.stdout, run.stderr[-3000:])
 
 
 def test_uncompressed_shards_read_back_the_same_and_are_larger(tmp_path):

@@ -402,9 +402,9 @@ def _read_state(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
       obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-      raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+      raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return dict(obj), None
-  raise ValueError(f"unknown DINOv3 checkpoint type {path!r}: expected .pth/.pt/.ckpt/.bin, "
+  raise InputError(f"unknown DINOv3 checkpoint type {path!r}: expected .pth/.pt/.ckpt/.bin, "
                    ".safetensors or an HF model folder")
 
 

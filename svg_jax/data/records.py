@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -216,7 +217,11 @@ def encode_record(record: Mapping[str, Any]) -> bytes:
   body_fields = {name: packed.get(name, value) for name, value in rec.items()}
   body_fields["bucket"] = list(rec["bucket"])
   body_fields["orig_size"] = list(rec["orig_size"])
-  body = msgpack.packb(body_fields, use_bin_type=True)
+  try:
+    body = msgpack.packb(body_fields, use_bin_type=True)
+  except (UnicodeEncodeError, TypeError, ValueError, OverflowError) as e:
+    # A str msgpack cannot store: one with lone surrogates (a non-UTF-8 file name read by Python).
+    raise BadRecordError(f"cannot serialize the record ({type(e).__name__}: {e})") from None
   return msgpack.packb(
       {"schema_version": SCHEMA_VERSION, "crc32": zlib.crc32(body), "body": body},
       use_bin_type=True)
@@ -272,6 +277,23 @@ def decode_record(data: bytes, verify_crc: bool = True) -> dict:
 # ----------------------------------------------------------------------------- shards
 
 
+# Riegeli (under ArrayRecord) words a refused write as "write() failed: File too large; writing
+# <path>; at byte <n>; ...", a RuntimeError: the reason is the C library's strerror text.
+_RIEGELI_OS_REASON = re.compile(r"\w+\(\) failed: ([^;]+)")
+_ERRNO_OF_REASON = {os.strerror(n): n for n in range(1, 200)}
+
+
+def shard_write_error(error: RuntimeError, path: str) -> OSError:
+  """ArrayRecord's RuntimeError for a write the file system refused, as the OSError it stands
+  for (errno and reason when the message names them, `path` its file)."""
+  message = " ".join(str(error).split())
+  match = _RIEGELI_OS_REASON.search(message)
+  reason = match.group(1).strip() if match else ""
+  if reason in _ERRNO_OF_REASON:
+    return OSError(_ERRNO_OF_REASON[reason], reason, path)
+  return OSError(f"could not write {path}: {message}")
+
+
 class ShardWriter:
   """Writes one ArrayRecord shard atomically: records go to a temporary name, renamed on close.
 
@@ -291,21 +313,39 @@ class ShardWriter:
   def write(self, record: bytes) -> None:
     if self._writer is None:
       raise ValueError(f"shard {self.path} is already closed")
-    self._writer.write(record)
+    try:
+      self._writer.write(record)
+    except RuntimeError as e:
+      raise shard_write_error(e, self._tmp) from e
     self.num_records += 1
 
   def close(self) -> None:
+    """Flushes and renames the shard; a write the file system refuses (the writer buffers, so a
+    full disk shows here) is an OSError and removes the temporary file."""
     if self._writer is None:
       return
-    self._writer.close()
-    self._writer = None
+    # Taken first: a writer whose close failed raises the same error again when closed again.
+    writer, self._writer = self._writer, None
+    try:
+      writer.close()
+    except RuntimeError as e:
+      self._remove_tmp()
+      raise shard_write_error(e, self._tmp) from e
     os.replace(self._tmp, self.path)
 
   def abort(self) -> None:
+    """Drops the shard. It runs while another error goes up: a failing close (a full disk) must
+    neither hide that error nor leave the temporary file behind."""
     if self._writer is None:
       return
-    self._writer.close()
-    self._writer = None
+    writer, self._writer = self._writer, None
+    try:
+      writer.close()
+    except RuntimeError:
+      pass  # the bytes are dropped anyway
+    self._remove_tmp()
+
+  def _remove_tmp(self) -> None:
     if os.path.exists(self._tmp):
       os.remove(self._tmp)
 
@@ -499,6 +539,8 @@ class DatasetWriter:
           f"the dataset's {self._text}, {self._channels} channels")
 
   def add(self, record: Mapping[str, Any]) -> None:
+    """A BadRecordError (the record cannot be encoded or differs in layout) leaves the dataset
+    as it was: nothing of the record is written."""
     data = encode_record(record)
     self._layout(record)
     key = bucket_key(record["bucket"])

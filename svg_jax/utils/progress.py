@@ -1,13 +1,17 @@
 """One progress line for long jobs: done / total, rate, elapsed and ETA.
 
-On a terminal the line overwrites itself; elsewhere (logs, pipes) it is printed at most every
-`min_interval` seconds as a new line, and once at the end.
+On a terminal the line overwrites itself, at most every TTY_INTERVAL_S seconds; elsewhere (logs,
+pipes) it is printed as a new line at the first update, then at most every LOG_INTERVAL_S seconds,
+and once at the end: a log keeps a line a minute or two, not 180 lines for a 90-second job.
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
+
+TTY_INTERVAL_S = 0.5
+LOG_INTERVAL_S = 30.0
 
 
 def hms(seconds: float) -> str:
@@ -21,14 +25,18 @@ class Progress:
   """`update(done=n)` adds n finished units (`good` counts the successful ones); calling the
   object with an absolute count (`progress(done, total)`) is the callback form samplers use."""
 
-  def __init__(self, total: int, what: str = "items", stream=None, min_interval: float = 0.5):
+  def __init__(self, total: int, what: str = "items", stream=None,
+               min_interval: float | None = None):
     self.total, self.what = int(total), what
     self.done = self.good = 0
     self.stream = stream or sys.stderr
-    self.min_interval = min_interval
     self.start = time.perf_counter()
     self._last = -math.inf
+    self._ended = self._open_line = False
     self._overwrite = bool(getattr(self.stream, "isatty", lambda: False)())
+    if min_interval is None:
+      min_interval = TTY_INTERVAL_S if self._overwrite else LOG_INTERVAL_S
+    self.min_interval = min_interval
 
   def update(self, done: int = 0, good: int = 0) -> None:
     self.done += done
@@ -44,12 +52,24 @@ class Progress:
   def _report(self) -> None:
     now = time.perf_counter()
     finished = self.done >= self.total
+    if finished and self._ended:
+      return  # the last line once, however often the count is set to the total again
+    self._ended = finished
     if now - self._last < self.min_interval and not finished:
       return
     self._last = now
     end = "\n" if finished or not self._overwrite else ""
     self.stream.write(("\r" if self._overwrite else "") + self.line() + end)
     self.stream.flush()
+    self._open_line = not end
+
+  def end_line(self) -> None:
+    """Ends a terminal's unfinished line (a job stopped early): what is printed next starts a
+    line of its own."""
+    if self._open_line:
+      self.stream.write("\n")
+      self.stream.flush()
+      self._open_line = False
 
   def line(self) -> str:
     elapsed = time.perf_counter() - self.start
