@@ -8,8 +8,13 @@ ends first, with one line and exit status 2, as any other bad set-up does.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import os
+import re
+import secrets
+import socket
 import sys
 import threading
 from typing import Any, Callable
@@ -105,10 +110,16 @@ def initialize_distributed(heartbeat_timeout_s: int | None = None,
   options["initialization_timeout"] = wait_s + _JAX_WAIT_MARGIN_S
   wait = f"waiting up to {wait_s} s for every process to join"
   explicit = explicit_cluster()
+  # JAX's preemption service takes SIGTERM once the processes have joined, and keeps it until the
+  # trainer's own stop handler replaces it after start-up (minutes on a pod): a stop sent then
+  # was lost. Without it SIGTERM ends a starting process at once, on one host as on several.
+  if "jax_enable_preemption_service" in jax.config.values:
+    jax.config.update("jax_enable_preemption_service", False)
   if explicit is not None:
     if explicit["num_processes"] > 1:
       who = (f"process {explicit['process_id']} of {explicit['num_processes']} (coordinator "
              f"{explicit['coordinator_address']})")
+      _check_coordinator_address(explicit["coordinator_address"], explicit["process_id"] == 0)
       logging.info("%s: %s", who, wait)
       join_within(wait_s, who, lambda: jax.distributed.initialize(**explicit, **options))
     return
@@ -122,3 +133,125 @@ def initialize_distributed(heartbeat_timeout_s: int | None = None,
     logging.info("a multi-process run detected by JAX: %s", wait)
     join_within(wait_s, "this process of a run detected by JAX",
                 lambda: jax.distributed.initialize(**options))
+
+
+def _check_coordinator_address(address: str, serves: bool) -> None:
+  """One line for what JAX reports badly: a port that process 0 cannot serve (a segfault in
+  gRPC) and a host name the others cannot resolve (the join's timeout, minutes later)."""
+  host, _, port_text = address.rpartition(":")
+  host = host.strip("[]")
+  try:
+    port = int(port_text)
+  except ValueError:
+    raise DistributedSetupError(f"the port of JAX_COORDINATOR_ADDRESS {address!r} is not a "
+                                "number") from None
+  if serves:
+    if not _can_listen(port):
+      raise DistributedSetupError(
+          f"port {port} on this host (process 0 serves the coordinator there) is taken by another "
+          "program; choose another port in JAX_COORDINATOR_ADDRESS on every host")
+    return
+  try:
+    socket.getaddrinfo(host, port)
+  except OSError as e:
+    raise DistributedSetupError(f"the coordinator's host {host!r} (JAX_COORDINATOR_ADDRESS) "
+                                f"cannot be resolved from this host: {e}") from None
+
+
+def _can_listen(port: int) -> bool:
+  """Whether JAX's coordinator (gRPC, on every address, with SO_REUSEPORT) could listen on `port`:
+  an earlier run's coordinator that is still ending does not block it, another program does."""
+  for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+    try:
+      probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+      continue  # no IPv6 on this host: try IPv4
+    with probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      if hasattr(socket, "SO_REUSEPORT"):
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+      try:
+        probe.bind((address, port))
+        probe.listen(1)
+      except OSError:
+        return False
+      return True
+  return True
+
+
+# ------------------------------------------------------------------------------------------------
+# After the start: the processes compare what must be the same on all of them.
+
+
+def coordination_client():
+  """JAX's coordination service client (its key-value store), or None. JAX keeps it private:
+  where a release has moved it, the callers leave out what needs it."""
+  try:
+    from jax._src import distributed as jax_distributed
+  except ImportError:
+    return None
+  return getattr(getattr(jax_distributed, "global_state", None), "client", None)
+
+
+def shared_folder(folder: str, timeout_s: float) -> str:
+  """"yes" when `folder` on this host is the folder process 0 sees (it writes a file of this run
+  there, the others look for it), else "no"; "yes" on one process or without JAX's store."""
+  client = coordination_client()
+  if jax.process_count() == 1 or client is None:
+    return "yes"
+  path = os.path.join(folder, ".shared_folder_check")
+  if jax.process_index() == 0:
+    token = secrets.token_hex(16)
+    with open(path + ".tmp", "w") as f:
+      f.write(token)
+    os.replace(path + ".tmp", path)
+    client.key_value_set("svg_jax/shared_folder_token", token, allow_overwrite=True)
+    return "yes"
+  token = _get(client, "svg_jax/shared_folder_token", 0, timeout_s, "its check file's name")
+  try:
+    with open(path) as f:
+      return "yes" if f.read() == token else "no"
+  except OSError:
+    return "no"
+
+
+def check_same_everywhere(what: str, items: dict[str, str], timeout_s: float) -> None:
+  """DistributedSetupError when another process's `items` differ from this one's: every process
+  compares its own with process 0's, process 0 with every other's, so all of them stop with a
+  line naming the differing items and both values. Without JAX's store, logs that it cannot."""
+  client = coordination_client()
+  count, me = jax.process_count(), jax.process_index()
+  if count == 1:
+    return
+  if client is None:
+    logging.warning("this jax keeps its key-value store elsewhere: the processes' %s are not "
+                    "compared", what)
+    return
+  text = json.dumps(items, sort_keys=True)
+  digest = hashlib.sha256(text.encode()).hexdigest()
+  prefix = f"svg_jax/same_everywhere/{re.sub(r'[^A-Za-z0-9]+', '_', what)}/"
+  client.key_value_set(f"{prefix}items/{me}", text, allow_overwrite=True)
+  client.key_value_set(f"{prefix}digest/{me}", digest, allow_overwrite=True)
+  peers = range(1, count) if me == 0 else (0,)
+  differ = [p for p in peers if _get(client, f"{prefix}digest/{p}", p, timeout_s, what) != digest]
+  if not differ:
+    return
+  theirs = json.loads(_get(client, f"{prefix}items/{differ[0]}", differ[0], timeout_s, what))
+  names = sorted(k for k in set(items) | set(theirs) if items.get(k) != theirs.get(k))
+  shown = "; ".join(f"{k}: {items.get(k, '(none)')} here, {theirs.get(k, '(none)')} on process "
+                    f"{differ[0]}" for k in names[:_DIFFERENCES_SHOWN])
+  more = f"; {len(names) - _DIFFERENCES_SHOWN} more" if len(names) > _DIFFERENCES_SHOWN else ""
+  others = f" (processes {', '.join(map(str, differ))} differ from this one)" if me == 0 else ""
+  raise DistributedSetupError(f"the processes of this run disagree on their {what}{others}: "
+                              f"{shown}{more}; start every host with the same command and files")
+
+
+_DIFFERENCES_SHOWN = 5
+
+
+def _get(client, key: str, process: int, timeout_s: float, what: str) -> str:
+  try:
+    return client.blocking_key_value_get(key, int(timeout_s * 1000))
+  except Exception as e:  # noqa: BLE001  (JAX's runtime error for a deadline, by status text)
+    raise DistributedSetupError(f"process {process} did not give its {what} within "
+                                f"{timeout_s:g} s ({' '.join(str(e).split())[:200]})") from None

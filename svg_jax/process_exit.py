@@ -23,18 +23,10 @@ from typing import NoReturn
 
 import jax
 
+from svg_jax import multihost
+
 _KEY_DIR = "svg_jax/ended_early/"
 _STORE_TIMEOUT_S = 5.0  # a coordinator that died with the failed process does not answer
-
-
-def _client():
-  """The coordination service's client (its key-value store), or None. JAX keeps it private:
-  where a release has moved it, the notes are left out and the exit is the same."""
-  try:
-    from jax._src import distributed as jax_distributed
-  except ImportError:
-    return None
-  return getattr(getattr(jax_distributed, "global_state", None), "client", None)
 
 
 def _within_timeout(call) -> None:
@@ -78,7 +70,7 @@ def exit_process(code: int, reason: str, *, now: bool = False) -> NoReturn:
   if not (multi or now):
     sys.stderr.flush()
     sys.exit(code)
-  client = _client() if multi else None
+  client = multihost.coordination_client() if multi else None
   if client is not None:
     for line in _lines_of_others(client):
       print(line, file=sys.stderr)

@@ -12,7 +12,9 @@ subprocess wait has a timeout, so a hang fails the test instead of blocking the 
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,7 +28,7 @@ from svg_jax import multihost
 from svg_jax.data import pipeline, synthetic
 from svg_jax.demo import text_encoder as demo_text
 from svg_jax import checkpoint as ckpt_lib
-from svg_jax.train import remat
+from svg_jax.train import host_consistency, remat
 
 pytestmark = pytest.mark.serial  # several processes, heartbeats and watches in seconds
 
@@ -76,7 +78,10 @@ def data_dir(tmp_path_factory):
     (dict(JAX_COORDINATOR_ADDRESS="localhost", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="0"),
      "host:port"),
     (dict(JAX_COORDINATOR_ADDRESS="a:1", JAX_NUM_PROCESSES="two", JAX_PROCESS_ID="0"),
-     "must be integers")])
+     "must be integers"),
+    (dict(JAX_COORDINATOR_ADDRESS="nohost.invalid:1234", JAX_NUM_PROCESSES="2",
+          JAX_PROCESS_ID="1"), "the coordinator's host 'nohost.invalid' (JAX_COORDINATOR_ADDRESS) "
+     "cannot be resolved")])
 def test_a_bad_explicit_set_is_one_line_and_exit_2(data_dir, tmp_path, env, message):
   out = subprocess.run(_command(data_dir, tmp_path / "run", 2), env=_env(**env),
                        capture_output=True, text=True, timeout=120)
@@ -107,12 +112,37 @@ def test_a_process_whose_peer_never_starts_ends_after_the_init_timeout(data_dir,
   assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["another_program", "a_coordinator"])
+def test_a_coordinator_port_taken_by_another_program_is_one_line(data_dir, tmp_path, reuse_port):
+  """Another program listening on the port made JAX's coordinator segfault; a listener that
+  shares ports as gRPC does (an earlier run's coordinator still ending) does not stop it."""
+  port = local_hosts.free_port()
+  with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as taken:
+    if reuse_port:
+      taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    taken.bind(("::", port))
+    taken.listen(1)
+    out = subprocess.run(_command(data_dir, tmp_path / "run", 2) + [
+        "--config.train.distributed_init_timeout_s=3"],
+        env=local_hosts.host_env(_env(), port, 2, 0), capture_output=True, text=True, timeout=120)
+  last = out.stderr.strip().splitlines()[-1]
+  assert out.returncode == 2, out.stderr[-2000:]
+  if reuse_port:  # JAX served the port and waited for process 1
+    assert "not every process joined within 3 s" in last, out.stderr[-2000:]
+  else:
+    assert last == (f"multi-host setup error: port {port} on this host (process 0 serves the "
+                    "coordinator there) is taken by another program; choose another port in "
+                    "JAX_COORDINATOR_ADDRESS on every host"), out.stderr[-2000:]
+
+
 def test_explicit_coordinator_starts_two_processes_that_train_together(data_dir, tmp_path):
   """Two processes x 2 CPU devices: both join one 4-device mesh (process 0 logs the global
-  batch's loss), train, save the final step together and exit 0."""
+  batch's loss), train, save the final step together and exit 0. Process 1 reads its own copy of
+  the records at another path (a host's local copy)."""
   port = local_hosts.free_port()
   workdir = tmp_path / "run"
-  procs = [local_hosts.popen(_command(data_dir, workdir, 4),
+  copy = shutil.copytree(data_dir, tmp_path / "local_copy")
+  procs = [local_hosts.popen(_command(data_dir if i == 0 else copy, workdir, 4),
                              local_hosts.host_env(_env(), port, 2, i)) for i in range(2)]
   codes, errs = local_hosts.wait(procs, 300)
   for code, err in zip(codes, errs):
@@ -121,6 +151,52 @@ def test_explicit_coordinator_starts_two_processes_that_train_together(data_dir,
     assert "over 4 devices" in err, err[-3000:]
   directory = ckpt_lib.checkpoint_dir(str(workdir))
   assert sorted(int(n) for n in os.listdir(directory) if n.isdigit()) == [4]
+
+
+def test_processes_started_with_different_settings_stop_before_training(data_dir, tmp_path):
+  """Process 1 with another batch size, another dataset and a workdir of its own: both stop at
+  once with one line naming all three (they trained to the end on mixed batches before)."""
+  other = tmp_path / "other_data"
+  synthetic.write_random_dataset(str(other), buckets=((4, 4),), num_records=24, latent_channels=8,
+                                 text_dim=16, caption_len=(1, 8))
+  port = local_hosts.free_port()
+  commands = [_command(data_dir, tmp_path / "run", 4),
+              _command(other, tmp_path / "run_b", 4) + ["--config.train.global_batch_size=16"]]
+  procs = [local_hosts.popen(commands[i], local_hosts.host_env(_env(), port, 2, i))
+           for i in range(2)]
+  codes, errs = local_hosts.wait(procs, 120)
+  assert codes == [2, 2], [e[-2000:] for e in errs]
+  for me, other_process, err in ((0, 1, errs[0]), (1, 0, errs[1])):
+    line = [x for x in err.splitlines() if "disagree on their configs" in x]
+    assert len(line) == 1 and line[0].startswith("multi-host setup error:"), err[-2000:]
+    mine, theirs = (8, 16) if me == 0 else (16, 8)
+    assert (f"train.global_batch_size: {mine} here, {theirs} on process {other_process}"
+            in line[0]), line[0]
+    assert "data.path (its manifest): manifest sha256:" in line[0], line[0]
+    shared = ("yes here, no" if me == 0 else "no here, yes")
+    assert f"{host_consistency.SHARED_WORKDIR}: {shared}" in line[0], line[0]
+  assert not (tmp_path / "run" / "checkpoints" / "4").exists()
+
+
+def test_sigterm_ends_a_starting_process_of_several_at_once(tmp_path):
+  """After the processes have joined, SIGTERM ends a process still starting (as on one host),
+  instead of JAX's preemption service taking it while the trainer's handler is not yet there."""
+  script = tmp_path / "start.py"
+  script.write_text("import time\nfrom svg_jax import multihost\n"
+                    "multihost.initialize_distributed()\nprint('joined', flush=True)\n"
+                    "time.sleep(120)\n")
+  port = local_hosts.free_port()
+  procs = [subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            stderr=subprocess.DEVNULL, env=local_hosts.host_env(_env(), port, 2, i))
+           for i in range(2)]
+  try:
+    assert procs[1].stdout.readline().strip() == "joined"
+    procs[1].send_signal(signal.SIGTERM)
+    assert procs[1].wait(timeout=20) == -signal.SIGTERM
+  finally:
+    for p in procs:
+      p.kill()
+      p.wait()
 
 
 # ----------------------------------------------------------------------------- several processes

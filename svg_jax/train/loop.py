@@ -60,6 +60,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from svg_jax import multihost, parallel
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import chip_specs
+from svg_jax.train import host_consistency
 from svg_jax.train import metrics as metrics_lib
 from svg_jax.train import profiling
 from svg_jax.train import state as state_lib
@@ -444,6 +445,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   # Before the first step: not after training up to the first checkpoint.
   writable_folders.check_writable_folder(workdir, "the workdir")
   writable_folders.check_writable_folder(ckpt_lib.checkpoint_dir(workdir), "the checkpoint folder")
+  host_consistency.check(config, workdir, init_timeout)  # before any collective that would hang
   is_main = jax.process_index() == 0
   t = config.train
   num_steps, log_every, ckpt_every = int(t.num_steps), int(t.log_every), int(t.checkpoint_every)
