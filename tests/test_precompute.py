@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 import script_runs
+import tfds_datasets
 import test_dinov3
 from svg_jax import autoencoder as ae_lib
 from svg_jax import config as config_lib
@@ -486,20 +487,7 @@ def test_tfds_mock_data(job_factory, references, tmp_path):
   # tensorflow-datasets without TensorFlow: data_source and mock_data need no TF.
   import tensorflow_datasets as tfds
 
-  class TinyCaptions(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "caption": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      yield 0, {"image": np.zeros((16, 16, 3), np.uint8), "caption": "x"}
-
+  tfds_datasets.define_captioned_images("TinyCaptions")
   job = job_factory(min_side=1)
   with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
     inputs = sources.list_inputs("tiny_captions", "tfds", job.cfg)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tfds_datasets
 from svg_jax import config as config_lib
 from svg_jax.data import sources
 from svg_jax.input_errors import InputError
@@ -101,20 +102,7 @@ def test_edited_captions_change_the_fingerprint(tmp_path):
 def test_tfds_that_cannot_be_opened_or_lacks_a_feature_is_one_line(tmp_path):
   import tensorflow_datasets as tfds
 
-  class CaptionKeys(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "text": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      yield 0, {"image": np.zeros((16, 16, 3), np.uint8), "text": "x"}
-
+  tfds_datasets.define_captioned_images("CaptionKeys", caption_key="text")
   cfg = config_lib.precompute_defaults()
   with pytest.raises(InputError, match=r"tfds dataset 'no_such_set_here' split 'train' .* cannot "
                      "be opened"):

@@ -1,0 +1,22 @@
+"""Tiny TFDS datasets defined in code, for `tfds.testing.mock_data(policy=USE_CODE)`: a builder of
+16x16 RGB images and one text feature, registered under the snake_case of `class_name`."""
+import numpy as np
+
+
+def define_captioned_images(class_name: str, caption_key: str = "caption"):
+  """Defines (and so registers) the builder class; tensorflow-datasets needs no TensorFlow here."""
+  import tensorflow_datasets as tfds
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3)), caption_key: tfds.features.Text()}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    yield 0, {"image": np.zeros((16, 16, 3), np.uint8), caption_key: "x"}
+
+  return type(class_name, (tfds.core.GeneratorBasedBuilder,), dict(
+      VERSION=tfds.core.Version("1.0.0"), _info=_info, _split_generators=_split_generators,
+      _generate_examples=_generate_examples))
