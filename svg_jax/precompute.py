@@ -69,6 +69,9 @@ PLAN_FILE = "plan.json"
 EMPTY_TEXT_FILE = "empty_text.npy"  # the name the DiT task's empty-prompt loader looks for
 TEXT_MODES = ("features", "token_ids")
 MAX_CONVERSION_EXAMPLES = 20  # keys listed per conversion kind (and of truncated captions)
+# Counted with the conversions: images whose EXIF asks for a rotation or flip that is not applied
+# (the official loader's choice), taken as stored: a phone's portrait photo goes in sideways.
+EXIF_NOT_APPLIED = "exif_orientation_not_applied"
 
 
 class WriteFailed(writable_folders.FolderNotWritable):
@@ -392,6 +395,8 @@ class Precomputer:
             continue
           if result.conversion != "none":
             stats["conversions"].append({"key": result.item.key, "kind": result.conversion})
+          if result.exif_orientation != 1:
+            stats["conversions"].append({"key": result.item.key, "kind": EXIF_NOT_APPLIED})
           group = pending.setdefault(result.bucket, [])
           group.append(result)
           if len(group) >= self.cfg.batch_size:
@@ -554,7 +559,9 @@ def summary(manifest: dict, max_lines: int = 50) -> str:
            f"in {len(manifest['shards'])} shards; buckets (rows x cols in latent units): "
            + ", ".join(f"{k}: {v}" for k, v in manifest["buckets"].items())]
   for kind, entry in sorted(manifest["conversions"].items()):
-    lines.append(f"  converted ({kind}): {entry['count']}, e.g. {', '.join(entry['examples'][:3])}")
+    what = ("taken as stored, their EXIF orientation not applied (as the official loader)"
+            if kind == EXIF_NOT_APPLIED else f"converted ({kind})")
+    lines.append(f"  {what}: {entry['count']}, e.g. {', '.join(entry['examples'][:3])}")
   cut = manifest.get("truncated_captions")
   if cut is not None:
     lines.append(f"  captions cut to {cut['max_length']} tokens (system prompt and <bos> included, "

@@ -261,8 +261,12 @@ def test_every_bad_input_kind_is_reported_and_conversions_kept(job_factory, refe
   Image.fromarray(rgba, mode="RGBA").save(d / "rgba.png")
   Image.fromarray(np.random.default_rng(8).random((40, 40), np.float32), mode="F").save(
       d / "float_mode.tif")
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 degrees clockwise to display": a phone's portrait photo
+  _rgb(48, 40, 9).save(d / "portrait.jpg", format="JPEG", exif=exif)
   lines = [
       {"path": "imgs/good.png", "prompt": "a red circle"},
+      {"path": "imgs/portrait.jpg", "prompt": "a red circle"},
       {"path": "imgs/missing.png", "prompt": "a red circle"},
       {"path": "imgs/zero.png", "prompt": "a red circle"},
       {"path": "imgs/corrupt.jpg", "prompt": "a red circle"},
@@ -288,11 +292,12 @@ def test_every_bad_input_kind_is_reported_and_conversions_kept(job_factory, refe
   out = str(tmp_path / "out")
   manifest = job.run(sources.list_inputs(jsonl, "jsonl", job.cfg), out)
   _, recs = _read_all(out)
-  good = ["imgs/good.png", "imgs/cmyk.jpg", "imgs/sixteen.png", "imgs/palette.png",
-          "imgs/rgba.png"]
+  good = ["imgs/good.png", "imgs/portrait.jpg", "imgs/cmyk.jpg", "imgs/sixteen.png",
+          "imgs/palette.png", "imgs/rgba.png"]
   assert sorted(recs) == sorted(good)
   assert {k: v["count"] for k, v in manifest["conversions"].items()} == {
-      "cmyk": 1, "16bit": 1, "palette": 1, "alpha_on_white": 1}
+      "cmyk": 1, "16bit": 1, "palette": 1, "alpha_on_white": 1, pc.EXIF_NOT_APPLIED: 1}
+  assert recs["imgs/portrait.jpg"]["orig_size"] == (48, 40)  # as stored: not rotated
   assert manifest["conversions"]["cmyk"]["examples"] == ["imgs/cmyk.jpg"]
   got = [(b["key"], b["reason"]) for b in manifest["bad_inputs"]]
   want = [("imgs/missing.png", "missing file"), ("imgs/zero.png", "zero-byte"),
@@ -302,8 +307,8 @@ def test_every_bad_input_kind_is_reported_and_conversions_kept(job_factory, refe
           ("imgs/good.png", "caption is not a string (int"),
           ("imgs/good.png", "caption is not a string (NoneType"),
           ("imgs/good.png", "neither 'super_high_quality_caption' nor 'prompt'"),
-          ("data.jsonl:17", "not valid JSON"), ("data.jsonl:18", "a JSON list, not an object"),
-          ("data.jsonl:19", "no 'path' / 'image_path'")]
+          ("data.jsonl:18", "not valid JSON"), ("data.jsonl:19", "a JSON list, not an object"),
+          ("data.jsonl:20", "no 'path' / 'image_path'")]
   assert [k for k, _ in got] == [k for k, _ in want], got
   for (key, reason), (_, frag) in zip(got, want):
     assert frag in reason, (key, reason, frag)
@@ -318,6 +323,8 @@ def test_every_bad_input_kind_is_reported_and_conversions_kept(job_factory, refe
   text = pc.summary(manifest)
   for key, reason in got:
     assert f"bad input {key}: {reason}" in text
+  assert "taken as stored, their EXIF orientation not applied (as the official loader): 1, e.g. " \
+      "imgs/portrait.jpg" in text
 
 
 def test_folder_input(job_factory, tmp_path):

@@ -17,7 +17,8 @@ it skips every other mode; we convert more modes and record which conversion was
   I;16*, I (16-bit PNG)    scaled to 8 bit (v * 255 / 65535, rounded), then gray to RGB
   anything else (F, ...)   BadImageError("unsupported mode ...")
 Animated files give their first frame. EXIF orientation is not applied (the official loader does
-not apply it either).
+not apply it either); `ImageInfo.exif_orientation` says when a file asks for it, so jobs can count
+the images they take as stored.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class ImageInfo:
   height: int
   conversion: str  # "none", "alpha_on_white", "palette", "gray", "bilevel", "cmyk", "16bit", ...
   n_frames: int = 1
+  exif_orientation: int = 1  # the EXIF Orientation tag (1: upright), read but not applied
 
 
 def _read_bytes(src: PathOrBytes) -> tuple[bytes, str]:
@@ -146,13 +148,25 @@ def open_rgb(src: PathOrBytes, min_size: int = 1) -> tuple[Image.Image, ImageInf
     if min(w, h) < min_size:
       raise BadImageError(f"too small: {w}x{h}, shorter side < {min_size}", name)
     rgb, conversion = _to_rgb(image, name)
+    orientation = _exif_orientation(image)
   except (BadImageError, MemoryError):
     raise
   except Image.DecompressionBombError as e:
     raise BadImageError(f"too many pixels ({e})", name) from e
   except Exception as e:  # noqa: BLE001  (as above: a damaged TIFF raises TypeError here)
     raise BadImageError(f"truncated or corrupt data ({type(e).__name__}: {e})", name) from e
-  return rgb, ImageInfo(fmt, image.mode, w, h, conversion, n_frames)
+  return rgb, ImageInfo(fmt, image.mode, w, h, conversion, n_frames, orientation)
+
+
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+def _exif_orientation(image: Image.Image) -> int:
+  try:
+    value = int(image.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+  except Exception:  # noqa: BLE001  (damaged EXIF: the pixels decoded, the tag is unknown)
+    return 1
+  return value if 1 <= value <= 8 else 1
 
 
 def _unit_float(x: Any):

@@ -350,6 +350,7 @@ class Loaded:
   bucket: tuple[int, int]  # latent units (rows, cols)
   orig_size: tuple[int, int]  # (w, h) pixels
   conversion: str
+  exif_orientation: int = 1  # not applied (images_lib.ImageInfo)
 
 
 def load_item(item: Item, cfg: ml_collections.ConfigDict, patch_size: int) -> Loaded:
@@ -365,13 +366,15 @@ def load_item(item: Item, cfg: ml_collections.ConfigDict, patch_size: int) -> Lo
       h, w = src.shape[:2]
       if min(h, w) < cfg.min_side:
         raise images_lib.BadImageError(f"too small: {w}x{h}, shorter side < {cfg.min_side}")
-      rgb, conversion = Image.fromarray(src), "none"
+      rgb, conversion, orientation = Image.fromarray(src), "none", 1
     else:
       rgb, info = images_lib.open_rgb(src, min_size=cfg.min_side)
       w, h, conversion = info.width, info.height, info.conversion
+      orientation = info.exif_orientation
   except images_lib.BadImageError as e:
     raise BadInput(e.reason) from None
   bucket_list = buckets_lib.buckets_for_resolution(cfg.resolution, patch_size, cfg.max_ratio)
   crop, (bw, bh) = buckets_lib.bucket_crop(rgb, bucket_list)
   crop = np.asarray(crop, np.uint8).reshape(bh, bw, 3)
-  return Loaded(item, crop, buckets_lib.latent_hw((bw, bh), patch_size), (w, h), conversion)
+  return Loaded(item, crop, buckets_lib.latent_hw((bw, bh), patch_size), (w, h), conversion,
+                orientation)
