@@ -11,7 +11,8 @@ The others then fail with an error of their own ("connection closed by peer"), w
 of the cause. So a process that ends early leaves its line in the coordination service's
 key-value store first, and a process that ends early after it prints that line beside its own:
 the log of any host names the cause. (The store lives in process 0; when process 0 is the one
-that failed, the others cannot read it and print only their own line.)"""
+that failed, the others cannot read it and print only their own line. Process 0 leaves after the
+others' notes, or after a few seconds, so that peers ending with it keep their own lines.)"""
 from __future__ import annotations
 
 import logging
@@ -19,6 +20,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 from typing import NoReturn
 
 import jax
@@ -27,6 +29,7 @@ from svg_jax import multihost
 
 _KEY_DIR = "svg_jax/ended_early/"
 _STORE_TIMEOUT_S = 5.0  # a coordinator that died with the failed process does not answer
+_COORDINATOR_WAIT_S = 5.0
 
 
 def _within_timeout(call) -> None:
@@ -54,6 +57,20 @@ def _lines_of_others(client) -> list[str]:
           if process != me]
 
 
+def _await_notes_of_others(client) -> None:
+  """Process 0 serves the store, which ends with it: a peer that is ending too, reading or
+  leaving its note then, would end in JAX's abort (a C++ stack) instead of its line. So process 0
+  leaves once every other process has left its note, or after _COORDINATOR_WAIT_S (peers that
+  are not ending leave none)."""
+  deadline = time.monotonic() + _COORDINATOR_WAIT_S
+  while time.monotonic() < deadline:
+    found: list = []
+    _within_timeout(lambda: found.extend(client.key_value_dir_get(_KEY_DIR)))
+    if len(found) >= jax.process_count():
+      return
+    time.sleep(0.1)
+
+
 def _leave_note(client, code: int, reason: str) -> None:
   _within_timeout(lambda: client.key_value_set(f"{_KEY_DIR}{jax.process_index()}",
                                                f"exit {code}: {reason}", allow_overwrite=True))
@@ -75,6 +92,8 @@ def exit_process(code: int, reason: str, *, now: bool = False) -> NoReturn:
     for line in _lines_of_others(client):
       print(line, file=sys.stderr)
     _leave_note(client, code, reason)
+    if jax.process_index() == 0:
+      _await_notes_of_others(client)
   sys.stderr.flush()
   # os._exit skips multiprocessing's exit handler, which ends daemonic children (a loader's
   # worker processes that an error left running): they would outlive this process.
