@@ -363,6 +363,53 @@ def test_load_dinov3_files(small_hf, tmp_path):
     conv.load_dinov3(str(tmp_path / "other.safetensors"), SMALL)
 
 
+def test_encoder_under_a_key_prefix_names_the_file_and_the_prefix_to_set(small_hf, tmp_path):
+  """A file holding DINOv3 weights under a key prefix (an SVG autoencoder .ckpt, a bigger HF
+  model) read without that prefix, or with another, is bad input naming the file and the prefix
+  flag to set; that prefix then loads it. For HF keys the prefix stops before `embeddings.`,
+  whose tail `cls_token` is also the official marker."""
+  hf_state = _hf_state(small_hf)
+  params = conv.hf_to_params(hf_state, SMALL)
+  official = conv.params_to_official(params, SMALL)
+  same = lambda a: jax.tree_util.tree_map(np.testing.assert_array_equal, a, params)  # noqa: E731
+  flag = "--config.autoencoder.encoder_prefix"
+  for name, state, prefix in (("ae.safetensors", official, "encoder."),
+                              ("vision.safetensors", hf_state, "vision_model.")):
+    path = str(tmp_path / name)
+    save_safetensors(path, {**{prefix + k: v for k, v in state.items()},
+                            "decoder.conv_in.weight": np.zeros(2, np.float32)})
+    with pytest.raises(InputError, match=rf"^the encoder file {path} \(autoencoder.encoder_path\)"
+                       rf" is not a DINOv3 state dict itself .* set {flag}={prefix}$"):
+      conv.load_dinov3(path, SMALL)
+    for wrong, what in (("enc.", "no key starts with the prefix 'enc.'"),
+                        ("decoder.", "the keys under the prefix 'decoder.' .* are not a DINOv3")):
+      with pytest.raises(InputError, match=rf"{path}.*{what}.*; its DINOv3 weights sit under "
+                                           rf"'{prefix}': set {flag}={prefix}$"):
+        conv.load_dinov3(path, SMALL, prefix=wrong)
+    same(conv.load_dinov3(path, SMALL, prefix=prefix))
+  plain = str(tmp_path / "official.safetensors")
+  save_safetensors(plain, official)
+  with pytest.raises(InputError, match=f"{plain}.*no key starts with the prefix 'encoder.'.*the "
+                                       f"file is a DINOv3 state dict itself: leave {flag} empty"):
+    conv.load_dinov3(plain, SMALL, prefix="encoder.")
+  other = str(tmp_path / "stats.safetensors")
+  save_safetensors(other, {"mean": np.zeros(2, np.float32), "std": np.ones(2, np.float32)})
+  with pytest.raises(InputError, match=rf"^the encoder file {other} \(autoencoder.encoder_path\):"
+                                       r" not a DINOv3 state dict .*\['mean', 'std'\]$"):
+    conv.load_dinov3(other, SMALL)
+
+
+def test_a_folder_that_is_no_model_folder_is_bad_input(tmp_path):
+  (tmp_path / "cat.png").write_bytes(b"x")
+  with pytest.raises(InputError, match=f"^{tmp_path} is a folder but not a Hugging Face model "
+                                       r"folder: expected model.safetensors.index.json"):
+    conv.load_dinov3(str(tmp_path), SMALL)
+  (tmp_path / "model.safetensors").write_bytes(b"x")
+  (tmp_path / "config.json").write_text("{not json")
+  with pytest.raises(InputError, match="config.json: not a JSON config"):
+    conv.load_dinov3(str(tmp_path), SMALL)
+
+
 def test_an_unknown_checkpoint_file_type_is_bad_input(tmp_path):
   (tmp_path / "dinov3.onnx").write_bytes(b"not a checkpoint")
   with pytest.raises(InputError, match=r"unknown DINOv3 checkpoint type .*dinov3\.onnx"):

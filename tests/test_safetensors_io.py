@@ -15,6 +15,7 @@ import torch
 from test_torch_pickle import bits, torch_bits  # the same bit-exact comparisons
 from svg_jax.convert.safetensors_io import (load_safetensors, load_sharded_safetensors,
                                             save_safetensors)
+from svg_jax.input_errors import InputError, MissingInput
 
 NP = {
     torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16, torch.float32: np.float32,
@@ -150,11 +151,29 @@ def test_sharded_errors(tmp_path):
   index_path.write_text('{"metadata": {}}')
   with pytest.raises(ValueError, match='no "weight_map"'):
     load_sharded_safetensors(index_path)
+  index_path.write_text('{"weight_map": ')
+  with pytest.raises(InputError, match='model.safetensors.index.json: not a safetensors index'):
+    load_sharded_safetensors(tmp_path)
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(FileNotFoundError, match='no model.safetensors.index.json'):
+  with pytest.raises(MissingInput, match='empty is a folder but not a Hugging Face model folder'):
     load_sharded_safetensors(tmp_path / 'empty')
-  with pytest.raises(FileNotFoundError, match='no such'):
+  with pytest.raises(MissingInput, match='no such'):
     load_sharded_safetensors(tmp_path / 'absent')
+
+
+def test_a_folder_without_weights_is_bad_input_naming_it(tmp_path):
+  """A folder of other files (images, a DINOv3 .pth) is not a model folder: one line that names
+  the folder, what it should hold and what it holds, still a FileNotFoundError for callers."""
+  for name in ('cat.png', 'dinov3.pth', 'config.json'):
+    (tmp_path / name).write_bytes(b'x')
+  with pytest.raises(MissingInput) as e:
+    load_sharded_safetensors(tmp_path)
+  message = str(e.value)
+  assert isinstance(e.value, InputError) and isinstance(e.value, FileNotFoundError)
+  assert '\n' not in message
+  assert message.startswith(f'{tmp_path} is a folder but not a Hugging Face model folder')
+  for fragment in ('model.safetensors.index.json', "'cat.png'", "'dinov3.pth'", '3 entries'):
+    assert fragment in message, message
 
 
 def test_converted_files_readable_as_open_makes_them(tmp_path):

@@ -194,7 +194,7 @@ def check_hf_config(config: Mapping[str, Any], cfg: DINOv3Config) -> None:
   if cfg.layerscale_init is None:
     diffs.append("our config has no LayerScale, HF DINOv3 always has it")
   if diffs:
-    raise ValueError("HF DINOv3 config.json does not match the model config: " + "; ".join(diffs))
+    raise InputError("HF DINOv3 config.json does not match the model config: " + "; ".join(diffs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,15 +370,69 @@ def params_to_hf(params, cfg: DINOv3Config, hub_names: bool = False) -> dict[str
 # Files
 
 
-def detect_format(state: Mapping[str, Any]) -> str:
-  """"official" or "hf" from the key names."""
+# Keys only a DINOv3 state dict has, HF's first: the official `cls_token` is also the tail of HF's
+# `embeddings.cls_token`, so HF's must match first for a nested copy's prefix to come out right.
+_HF_MARKERS = ("embeddings.cls_token", "embeddings.patch_embeddings.weight")
+_OFFICIAL_MARKERS = ("cls_token", "patch_embed.proj.weight")
+PREFIX_FLAG = "--config.autoencoder.encoder_prefix"
+
+
+def detect_format(state: Mapping[str, Any], source: str = "") -> str:
+  """"official" or "hf" from the key names; `source` (the file) names the input in errors."""
   keys = set(state)
-  if "cls_token" in keys or "patch_embed.proj.weight" in keys:
+  if any(k in keys for k in _OFFICIAL_MARKERS):
     return "official"
-  if "embeddings.cls_token" in keys or "embeddings.patch_embeddings.weight" in keys:
+  if any(k in keys for k in _HF_MARKERS):
     return "hf"
-  raise InputError("not a DINOv3 state dict (neither official `cls_token` nor HF "
-                   f"`embeddings.cls_token`); first keys: {sorted(keys)[:10]}")
+  raise InputError(f"{source + ': ' if source else ''}not a DINOv3 state dict (neither official "
+                   f"`cls_token` nor HF `embeddings.cls_token`); first keys: {sorted(keys)[:10]}")
+
+
+def nested_prefixes(keys) -> list[str]:
+  """The key prefixes under which a DINOv3 state dict sits inside a bigger one (the SVG autoencoder
+  .ckpt keeps its encoder under `encoder.`), shortest first."""
+  found = set()
+  for key in keys:
+    for marker in _HF_MARKERS + _OFFICIAL_MARKERS:
+      if isinstance(key, str) and key.endswith("." + marker):
+        found.add(key[:-len(marker)])
+        break
+  return sorted(found, key=lambda p: (len(p), p))
+
+
+def _is_dinov3(keys) -> bool:
+  return any(k in keys for k in _OFFICIAL_MARKERS + _HF_MARKERS)
+
+
+def _encoder_file(path: str) -> str:
+  # Every script reads the encoder from this config field: naming it says which flag to fix.
+  return f"the encoder file {path} (autoencoder.encoder_path)"
+
+
+def _select_prefix(state: dict, path: str, prefix: str) -> dict:
+  """The sub-dict under `prefix` (stripped), or `state` itself for no prefix. A file whose DINOv3
+  weights sit under another prefix than the one given is bad input naming the prefix to set."""
+  nested = nested_prefixes(state)
+  if not prefix:
+    if nested and not _is_dinov3(state):
+      raise InputError(f"{_encoder_file(path)} is not a DINOv3 state dict itself but holds one "
+                       f"under the key prefix {nested[0]!r} (as an SVG autoencoder .ckpt does): "
+                       f"set {PREFIX_FLAG}={nested[0]}")
+    return state
+  sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+  if _is_dinov3(sub):
+    return sub
+  if _is_dinov3(state):
+    hint = f"the file is a DINOv3 state dict itself: leave {PREFIX_FLAG} empty"
+  elif nested:
+    hint = f"its DINOv3 weights sit under {nested[0]!r}: set {PREFIX_FLAG}={nested[0]}"
+  else:
+    hint = f"first keys: {sorted(state)[:10]}"
+  given = f"the prefix {prefix!r} (autoencoder.encoder_prefix)"
+  what = (f"no key starts with {given}" if not sub else
+          f"the keys under {given} are not a DINOv3 state dict (neither official `cls_token` "
+          "nor HF `embeddings.cls_token`)")
+  raise InputError(f"{_encoder_file(path)}: {what}; {hint}")
 
 
 def _read_state(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -388,8 +442,13 @@ def _read_state(path: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     config = None
     config_path = os.path.join(path, "config.json")
     if os.path.exists(config_path):
-      with open(config_path) as f:
-        config = json.load(f)
+      try:
+        with open(config_path, encoding="utf-8") as f:
+          config = json.load(f)
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{config_path}: not a JSON config ({e})") from e
+      if not isinstance(config, dict):
+        raise InputError(f"{config_path}: not a JSON object, a {type(config).__name__}")
     return dict(load_sharded_safetensors(path)), config
   if not os.path.exists(path):
     raise MissingInput(f"DINOv3 checkpoint not found: {path}")
@@ -415,11 +474,8 @@ def load_dinov3(path: str, cfg: DINOv3Config = DINOv3Config(), prefix: str = "")
   carries a copy of the DINOv3 weights next to its decoder); other keys are then ignored.
   """
   state, config = _read_state(path)
-  if prefix:
-    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    if not state:
-      raise ValueError(f"no key of {path} starts with prefix {prefix!r}")
+  state = _select_prefix(state, os.fspath(path), prefix)
   if config is not None:
     check_hf_config(config, cfg)
-  fmt = detect_format(state)
+  fmt = detect_format(state, _encoder_file(os.fspath(path)))
   return official_to_params(state, cfg) if fmt == "official" else hf_to_params(state, cfg)

@@ -14,7 +14,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from svg_jax.input_errors import InputError
+from svg_jax.input_errors import InputError, MissingInput
 
 __all__ = ['load_safetensors', 'save_safetensors', 'load_sharded_safetensors']
 
@@ -32,7 +32,7 @@ def load_safetensors(path):
   """Returns {name: np.ndarray} for every tensor in the file (bf16 as `ml_dtypes.bfloat16`)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'safetensors file not found: {path}')
+    raise MissingInput(f'safetensors file not found: {path}')
   try:
     with safetensors.safe_open(path, framework='np') as f:
       dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
@@ -73,7 +73,7 @@ def _resolve(dir_or_index):
   if os.path.isfile(path):
     return ('index' if path.endswith('.json') else 'single'), path
   if not os.path.isdir(path):
-    raise FileNotFoundError(f'no such safetensors file or directory: {path}')
+    raise MissingInput(f'no such safetensors file or directory: {path}')
   names = sorted(os.listdir(path))
   for kind, candidates in (
       ('index', ['model.safetensors.index.json']), ('single', ['model.safetensors']),
@@ -84,8 +84,12 @@ def _resolve(dir_or_index):
       return kind, os.path.join(path, found[0])
     if len(found) > 1:
       raise InputError(f'{path}: ambiguous, several candidates {found}; pass the file to use')
-  raise FileNotFoundError(f'{path}: no model.safetensors.index.json, *.safetensors.index.json '
-                          f'or *.safetensors file (found {names})')
+  # A folder the user named that holds no weights: bad input (one line), not a bug.
+  shown = names[:10] + (['...'] if len(names) > 10 else [])
+  raise MissingInput(f'{path} is a folder but not a Hugging Face model folder: expected '
+                     f'model.safetensors.index.json, model.safetensors or one other '
+                     f'*.safetensors[.index.json] file in it (found {len(names)} entries: '
+                     f'{shown})')
 
 
 def load_sharded_safetensors(dir_or_index):
@@ -99,8 +103,11 @@ def load_sharded_safetensors(dir_or_index):
   kind, path = _resolve(dir_or_index)
   if kind == 'single':
     return load_safetensors(path)
-  with open(path, encoding='utf-8') as f:
-    index = json.load(f)
+  try:
+    with open(path, encoding='utf-8') as f:
+      index = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise InputError(f'{path}: not a safetensors index (invalid JSON: {e})') from e
   weight_map = index.get('weight_map') if isinstance(index, dict) else None
   if not isinstance(weight_map, dict):
     raise InputError(f'{path}: index has no "weight_map" dict')
@@ -111,8 +118,8 @@ def load_sharded_safetensors(dir_or_index):
   missing = {s: len(keys) for s, keys in by_shard.items()
              if not os.path.isfile(os.path.join(root, s))}
   if missing:
-    raise FileNotFoundError(f'{path}: missing shard files (with the number of tensors each '
-                            f'should hold): {missing}')
+    raise MissingInput(f'{path}: missing shard files (with the number of tensors each '
+                       f'should hold): {missing}')
   out = {}
   for shard, keys in sorted(by_shard.items()):
     tensors = load_safetensors(os.path.join(root, shard))

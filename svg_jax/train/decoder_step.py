@@ -27,8 +27,9 @@ d nll/dx_hat + d_weight * factor * d g/dx_hat. Before disc_start the D forward/b
 (`lax.cond`); D's running BatchNorm averages (unused in training) then stay unchanged, while the
 official code updates them from the first step.
 
-Metrics: loss (nll + weighted g), nll, l1 (mean |x - x_hat|), lpips (batch mean), g_loss, d_weight,
-disc_factor, d_loss, logits_real, logits_fake, grad_norm (decoder), disc_grad_norm, lr.
+Metrics: loss (nll + weighted g), nll, l1 (mean |x - x_hat|), lpips (batch mean; absent without
+LPIPS weights), g_loss, d_weight, disc_factor, d_loss, logits_real, logits_fake, grad_norm
+(decoder), disc_grad_norm, lr.
 """
 from __future__ import annotations
 
@@ -192,10 +193,13 @@ def make_train_step(encoder_cfg: DINOv3Config, decoder_cfg: DecoderConfig,
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               disc_params=disc_params, disc_stats=stats,
                               disc_opt_state=disc_opt_state)
-    metrics = {"loss": nll + coef * g_loss, "nll": nll, "l1": l1, "lpips": lp, "g_loss": g_loss,
+    metrics = {"loss": nll + coef * g_loss, "nll": nll, "l1": l1, "g_loss": g_loss,
                "d_weight": d_weight, "disc_factor": factor, "d_loss": d_loss,
                "logits_real": real, "logits_fake": fake, "grad_norm": optax.tree.norm(grads),
                "disc_grad_norm": optax.tree.norm(d_grads), "lr": schedule(state.step)}
+    # Without LPIPS weights nothing is measured: a logged 0 would read as a perfect score.
+    if frozen["lpips"] is not None:
+      metrics["lpips"] = lp
     return new_state, metrics
 
   return train_step
