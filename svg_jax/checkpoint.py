@@ -354,7 +354,7 @@ def resolve_step(latest: int | None, step: int | None, all_steps, directory: str
 
 
 def load_state_item(source: str, item: str, abstract, step: int | None = None, *,
-                    what: str = "checkpoint"):
+                    what: str = "checkpoint", task: str | None = None):
   """One entry of a run's saved `state` (`params`, `ema_params`, ...) of step `step` (default:
   the newest), from its workdir or its `checkpoints` folder, placed on the shardings of
   `abstract`; nothing else of the state is read.
@@ -364,7 +364,8 @@ def load_state_item(source: str, item: str, abstract, step: int | None = None, *
   multi-process caller agrees on the outcome (svg_jax/train/loop.py).
 
   Raises FileNotFoundError naming the folder when it holds no such checkpoint, and
-  IncompatibleCheckpoint (prefixed `what:`) listing the mismatched entries when the trees differ.
+  IncompatibleCheckpoint (prefixed `what:`) when the run's saved config names another `task`
+  than `task` (when given), or listing the mismatched entries when the trees differ.
   """
   directory = source if os.path.basename(os.path.normpath(source)) == SUBDIR else checkpoint_dir(
       source)
@@ -376,6 +377,11 @@ def load_state_item(source: str, item: str, abstract, step: int | None = None, *
     step = resolve_step(max(steps, default=None), step, steps, directory)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{what}: {e}") from None
+  if task is not None:
+    saved_task = _saved_task(epath.Path(directory) / str(step) / "config")
+    if saved_task not in (None, task):
+      raise IncompatibleCheckpoint(f"{what}: {source} is a `task = \"{saved_task}\"` training "
+                                   f"run, not a \"{task}\" one")
   folder = epath.Path(directory) / str(step) / "state"
   handler = ocp.PyTreeCheckpointHandler()
   try:
@@ -396,10 +402,22 @@ def load_state_item(source: str, item: str, abstract, step: int | None = None, *
   return out[item]
 
 
-def load_params(source: str, abstract_params, step: int | None = None):
-  """The `params` of another run's checkpoint (stage transitions: `train.init_from`); the
-  optimizer state and EMA of that run are not read."""
-  return load_state_item(source, "params", abstract_params, step, what="train.init_from")
+def load_params(source: str, abstract_params, step: int | None = None, *,
+                task: str | None = None):
+  """The `params` of another run's checkpoint of `task` (stage transitions: `train.init_from`);
+  the optimizer state and EMA of that run are not read."""
+  return load_state_item(source, "params", abstract_params, step, what="train.init_from",
+                         task=task)
+
+
+def _saved_task(config_folder: epath.Path) -> str | None:
+  """The `task` of a step's saved config ("dit" for runs saved before the field), None when the
+  config cannot be read (the params' own check then says what does not fit)."""
+  try:
+    saved = ocp.JsonCheckpointHandler().restore(config_folder, args=ocp.args.JsonRestore())
+  except Exception:  # noqa: BLE001  (a missing or damaged config: only the hint is lost)
+    return None
+  return saved.get("task", "dit") if isinstance(saved, dict) else None
 
 
 def _saved_tree(handler, folder):

@@ -305,6 +305,10 @@ def decoder_task_config() -> ml_collections.ConfigDict:
   # An unreadable image is logged and replaced by the next one of the list; this many in a row stop
   # the run (a wrong folder or a broken mount rather than a few bad files).
   c.data.max_bad_in_a_row = 64
+  # Images whose shorter side is below min(min_side, resolution) pixels are bad images too (a 1x40
+  # image blown up to a training square teaches nothing); precompute.min_side's default.
+  c.data.min_side = 64
+  c.data.num_workers = 0  # Grain worker processes decoding images (0: threads of this process)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.lpips_vgg_path = ""  # torchvision VGG16 state dict

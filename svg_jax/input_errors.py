@@ -13,3 +13,15 @@ class InputError(ValueError):
 
 class MissingInput(InputError, FileNotFoundError):
   """A file or folder that the user named does not exist."""
+
+
+def found_in(error: BaseException) -> InputError | None:
+  """The InputError that `error` is or was raised from (its __cause__ / __context__ chain), or
+  None: a data error raised inside a loader may reach the caller wrapped by the loader's own."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, InputError):
+      return error
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return None

@@ -117,27 +117,30 @@ def load_latent_stats(path: str | os.PathLike, layer: int = OFFICIAL_LAYER) -> L
     raise MissingInput(f"latent statistics file {path} does not exist")
   obj = load_torch_file(path)
   if not isinstance(obj, dict):
-    raise ValueError(f"{path}: expected a dict with 'mean' and 'std', got {type(obj).__name__}")
+    raise InputError(f"{path}: expected a dict with 'mean' and 'std', got {type(obj).__name__}")
   missing = [k for k in ("mean", "std") if k not in obj]
   unexpected = sorted(str(k) for k in obj if k not in ("mean", "std"))
   if missing or unexpected:
-    raise ValueError(f"{path}: latent statistics keys do not match {{'mean', 'std'}}: "
+    raise InputError(f"{path}: latent statistics keys do not match {{'mean', 'std'}}: "
                      f"missing {missing}, unexpected {unexpected}")
   mean, std = (np.asarray(obj[k]) for k in ("mean", "std"))
   for name, a in (("mean", mean), ("std", std)):
     is_float = np.issubdtype(a.dtype, np.floating) or a.dtype == ml_dtypes.bfloat16
     if a.ndim != 2 or not is_float:
-      raise ValueError(f"{path}: '{name}' must be a float [layers, C] array, got {a.dtype} "
+      raise InputError(f"{path}: '{name}' must be a float [layers, C] array, got {a.dtype} "
                        f"{a.shape}")
   if mean.shape != std.shape:
-    raise ValueError(f"{path}: 'mean' {mean.shape} and 'std' {std.shape} differ in shape")
+    raise InputError(f"{path}: 'mean' {mean.shape} and 'std' {std.shape} differ in shape")
   n = mean.shape[0]
   if not -n <= layer < n:
     raise InputError(f"{path}: autoencoder.stats_layer {layer} is out of range for its {n} rows "
                      f"of statistics ({-n}..{n - 1})")
   row = layer % n
-  return LatentStats(mean[row].astype(np.float32), std[row].astype(np.float32),
-                     f"sha256:{file_sha256(path)}:row{row}", f"{path} row {row}")
+  try:
+    return LatentStats(mean[row].astype(np.float32), std[row].astype(np.float32),
+                       f"sha256:{file_sha256(path)}:row{row}", f"{path} row {row}")
+  except ValueError as e:  # values no normalization can use: the file's fault
+    raise InputError(str(e)) from None
 
 
 def save_latent_stats(path: str | os.PathLike, mean: Any, std: Any) -> None:

@@ -5,6 +5,7 @@ held-out PSNR, checkpoints and resume through launch/train.py)."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -471,7 +472,9 @@ def test_image_pipeline_is_deterministic_resumable_and_skips_bad_images(tmp_path
   strict = dataclasses.replace(cfg, max_bad_in_a_row=2)
   it = image_pipeline.make_image_pipeline(tmp_path / "two.jsonl", strict, process_index=0,
                                           process_count=1)
-  with pytest.raises(Exception, match="2 consecutive images from index [23] are unreadable"):
+  with pytest.raises(image_pipeline.BadImagesInARow,
+                     match=r"2 images in a row of .*two.jsonl cannot be used \(data.max_bad_in_a_"
+                     r"row = 2; .*\), from image 3 of 8: .*/bad.png \(not a recognized image"):
     for _ in range(whole_epoch):
       next(it)
 
@@ -510,6 +513,206 @@ def test_image_pipeline_resumes_on_another_number_of_processes(tmp_path):
     assert global_batches(after, 4) == reference[3:], (saved, resumed)
   with pytest.raises(ValueError, match="disagree on the position"):
     loaders(1)[0].set_state_of_processes([{"next_index": 1}, {"next_index": 2}], 0)
+
+
+def _image_list(folder, names_and_shapes, name="list.jsonl"):
+  """PNGs of the given (height, width) (None: a file that is no image) and their jsonl."""
+  from PIL import Image
+  rng = np.random.default_rng(7)
+  lines = []
+  for entry, shape in names_and_shapes:
+    if shape is None:
+      (folder / entry).write_bytes(b"not an image")
+    elif not (folder / entry).exists():
+      Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(folder / entry)
+    lines.append(json.dumps({"path": entry}) + "\n")
+  (folder / name).write_text("".join(lines))
+  return folder / name
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_bad_images_in_a_row_are_one_input_error_also_from_worker_processes(tmp_path,
+                                                                          num_workers):
+  """The stop at data.max_bad_in_a_row is an InputError (the loop reports it in one line, exit
+  2) naming the images and why, also when a Grain worker process raised it: Grain re-raises the
+  worker's exception, type and message, in the reading process."""
+  from svg_jax.data import image_pipeline
+  from svg_jax.input_errors import InputError
+  jsonl = _image_list(tmp_path, [(f"bad{i}.png", None) for i in range(5)] + [("ok.png", (20, 20))])
+  cfg = image_pipeline.ImagePipelineConfig(per_process_batch_size=2, resolution=16, seed=0,
+                                           max_bad_in_a_row=3, num_workers=num_workers)
+  it = image_pipeline.make_image_pipeline(jsonl, cfg, process_index=0, process_count=1)
+  try:
+    with pytest.raises(InputError) as info:
+      for _ in range(3):
+        next(it)
+  finally:
+    it.close()
+  assert isinstance(info.value, image_pipeline.BadImagesInARow), type(info.value)
+  msg = str(info.value)
+  assert "\n" not in msg and "data.max_bad_in_a_row = 3" in msg, msg
+  assert "3 images in a row of " + str(jsonl) in msg, msg
+  assert "bad0.png (not a recognized image format" in msg or "bad1.png (not a recognized" in msg
+  # Fewer images than the limit, all bad: "none of them", with the count of those not named.
+  jsonl = _image_list(tmp_path, [(f"bad{i}.png", None) for i in range(5)], "allbad.jsonl")
+  it = image_pipeline.make_image_pipeline(jsonl, dataclasses.replace(cfg, max_bad_in_a_row=64),
+                                          process_index=0, process_count=1)
+  try:
+    with pytest.raises(image_pipeline.BadImagesInARow) as info:
+      next(it)
+  finally:
+    it.close()
+  # str(): what the one line shows (pytest's `match` would also see the note Grain adds).
+  assert re.fullmatch(r"none of the 5 images of .*allbad.jsonl can be used: .*bad\d.png \(not a "
+                      r"recognized image format .*; and 2 more", str(info.value)), str(info.value)
+
+
+def test_bad_and_tiny_training_images_are_counted_logged_once_and_resumed(tmp_path, caplog):
+  """A bad or too small image (shorter side below min(min_side, resolution)) is replaced by the
+  next image of the list, counted each time (`stats`, the names of the DiT loader's, kept in
+  the state) and logged once per process with its path named once, not again every epoch."""
+  from svg_jax.data import image_pipeline
+  jsonl = _image_list(tmp_path, [("a.png", (20, 24)), ("broken.png", None), ("dot.png", (1, 1)),
+                                 ("b.png", (16, 30)), ("strip.png", (1, 40)), ("c.png", (24, 18)),
+                                 ("d.png", (30, 30)), ("e.png", (17, 16))])
+  # min_side 64 > resolution 16: a 16 px side is enough (never more than the training square).
+  cfg = image_pipeline.ImagePipelineConfig(per_process_batch_size=4, resolution=16, seed=1,
+                                           min_side=64)
+  it = image_pipeline.make_image_pipeline(jsonl, cfg, process_index=0, process_count=1)
+  caplog.set_level("ERROR", logger=image_pipeline.__name__)
+  batches = [next(it)["image"] for _ in range(6)]  # 3 epochs of 8
+  # Per epoch: broken.png's position tries broken, dot (2), dot's tries dot (1), strip's (1).
+  stats = it.stats
+  assert (stats["batches"], stats["examples"], stats["bad_records"]) == (6, 24, 12), stats
+  assert sorted(r.rsplit("/", 1)[1] for r in stats["bad_record_reports"]) == [
+          "broken.png: not a recognized image format (corrupt data?)",
+          "dot.png: too small: 1x1, shorter side < 16",
+          "strip.png: too small: 40x1, shorter side < 16"], stats["bad_record_reports"]
+  logged = [r.getMessage() for r in caplog.records]
+  for name in ("broken.png", "dot.png", "strip.png"):
+    lines = [m for m in logged if name in m]
+    assert len(lines) == 1 and lines[0].count(name) == 1, lines
+  assert all(b.shape == (4, 16, 16, 3) for b in batches)
+  # The counters are part of the state: a resume counts on from them.
+  it = image_pipeline.make_image_pipeline(jsonl, cfg, process_index=0, process_count=1)
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))  # as the checkpoint stores it
+  again = image_pipeline.make_image_pipeline(jsonl, cfg, process_index=0, process_count=1)
+  again.set_state(state)
+  assert all(np.array_equal(next(again)["image"], b) for b in batches[3:])
+  assert again.stats["bad_records"] == 12 and again.stats["batches"] == 6
+
+
+def test_a_resume_under_another_list_batch_or_seed_is_refused_naming_the_fields(tmp_path,
+                                                                                caplog):
+  """The loader state says what its position means (the list's fingerprint, global batch, seed):
+  another of them is a LoaderStateMismatch (an InputError; the checkpoint handler makes it the
+  loop's one-line resume error) naming each field; a state of the first format, {"next_index"}
+  alone, resumes at its position with a warning."""
+  from svg_jax.data import image_pipeline
+  from svg_jax.input_errors import InputError
+  shapes = [(f"{i}.png", (16, 16)) for i in range(10)]
+  jsonl = _image_list(tmp_path, shapes)
+  cfg = image_pipeline.ImagePipelineConfig(per_process_batch_size=2, resolution=16, seed=4)
+
+  def loader(config=cfg, path=jsonl, index=0, count=1):
+    return image_pipeline.make_image_pipeline(path, config, process_index=index,
+                                              process_count=count)
+
+  reference = loader()
+  batches = [next(reference)["image"] for _ in range(5)]
+  it = loader()
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  assert state["signature"]["global_batch_size"] == 2 and state["signature"]["seed"] == 4
+  # The same list moved elsewhere (its paths as written are the same): accepted.
+  moved = tmp_path / "moved"
+  moved.mkdir()
+  for name, _ in shapes:
+    (moved / name).write_bytes((tmp_path / name).read_bytes())
+  same = loader(path=_image_list(moved, shapes))
+  same.set_state(state)
+  assert all(np.array_equal(next(same)["image"], b) for b in batches[3:])
+  other_list = _image_list(tmp_path, shapes[:9] + [("0.png", (16, 16))], "other.jsonl")
+  for it, fields in ((loader(dataclasses.replace(cfg, seed=5)), ["data.shuffle_seed (saved 4, "
+                                                                  "now 5)"]),
+                     (loader(dataclasses.replace(cfg, per_process_batch_size=4)),
+                      ["train.global_batch_size (saved 2, now 4)"]),
+                     (loader(path=other_list), ["the image list (data.jsonl's paths, in order)"]),
+                     (loader(path=_image_list(tmp_path, shapes[:9], "short.jsonl"),
+                             config=dataclasses.replace(cfg, seed=0)),
+                      ["the image list", "the number of images (data.jsonl) (saved 10, now 9)",
+                       "data.shuffle_seed (saved 4, now 0)"])):
+    with pytest.raises(image_pipeline.LoaderStateMismatch) as info:
+      it.set_state(state)
+    assert isinstance(info.value, InputError) and "\n" not in str(info.value)
+    for field in fields:
+      assert field in str(info.value), (field, str(info.value))
+  # Resuming on 2 processes checks the same fields.
+  with pytest.raises(image_pipeline.LoaderStateMismatch, match=r"train.global_batch_size \(saved "
+                     r"2, now 4\)"):
+    loader(index=1, count=2).set_state_of_processes([state], 1)
+  # An old state: accepted at its position, with a warning.
+  caplog.set_level("WARNING", logger=image_pipeline.__name__)
+  old = loader()
+  old.set_state({"next_index": 3})
+  assert all(np.array_equal(next(old)["image"], b) for b in batches[3:])
+  assert any("predates the check" in r.getMessage() for r in caplog.records)
+
+
+def test_held_out_images_that_cannot_be_used_stop_the_start_in_one_line(tmp_path):
+  """The evaluation set is fixed: a bad or too small held-out image is refused before training
+  (BadHeldOutImage, an InputError naming each image and why), not skipped or replaced."""
+  from svg_jax.data import image_pipeline
+  jsonl = _image_list(tmp_path, [("a.png", (20, 24)), ("broken.png", None), ("dot.png", (1, 1)),
+                                 ("b.png", (16, 30)), ("late.png", None)])
+  with pytest.raises(image_pipeline.BadHeldOutImage) as info:
+    image_pipeline.load_eval_images(jsonl, 16, 4)
+  msg = str(info.value)
+  assert "\n" not in msg and msg.startswith("2 of the first 4 held-out images of "), msg
+  assert "broken.png (not a recognized image format" in msg and "dot.png (too small: 1x1" in msg
+  assert "late.png" not in msg  # not among the images evaluated
+  assert image_pipeline.load_eval_images(jsonl, 16, 1).shape == (1, 16, 16, 3)
+
+
+def test_decoder_config_and_statistics_problems_are_one_line(tmp_path):
+  """A folder given as an image list is named a folder; data.min_side is checked; statistics of
+  another channel count than the encoder's are an InputError naming autoencoder.stats_path."""
+  from svg_jax import latent_stats
+  from svg_jax.input_errors import InputError
+  config = _tiny_config()
+  config.data.jsonl = str(tmp_path)
+  config.data.heldout_jsonl = str(tmp_path / "nope.jsonl")
+  config.data.min_side = 0
+  problems = decoder_task.config_problems(config, 1)
+  assert (f"data.jsonl {str(tmp_path)!r} is a folder, not a jsonl file (one {{\"path\": ...}} "
+          "line per image)") in problems, problems
+  assert f"data.heldout_jsonl {str(tmp_path / 'nope.jsonl')!r} does not exist" in problems
+  assert "data.min_side must be >= 1, got 0" in problems
+  stats = tmp_path / "stats.pt"
+  latent_stats.save_latent_stats(stats, np.zeros(24, np.float32), np.ones(24, np.float32))
+  config.autoencoder.stats_path = str(stats)
+  config.autoencoder.stats_layer = -1
+  fake_setup = types.SimpleNamespace(encoder_cfg=DINOv3Config.from_dict(
+      config.autoencoder.encoder.to_dict()))
+  with pytest.raises(InputError, match=r"^autoencoder.stats_path .*stats.pt holds statistics of "
+                     r"24 channels, but the encoder has 32 \(autoencoder.encoder.dim\)"):
+    decoder_task.DecoderSetup._load_frozen(fake_setup, config)
+
+
+def test_decoder_metrics_records_carry_the_loaders_bad_image_count(tmp_path):
+  """Every metrics.jsonl record of the decoder holds `bad_records`, the loader's count so far."""
+  counts = {"bad_records": 0}
+  logger = decoder_task.DecoderMetricsLogger(str(tmp_path), num_steps=4, num_devices=1,
+                                             chip="cpu", data_stats=lambda: dict(counts))
+  logger.write(1)
+  counts["bad_records"] = 3
+  record = logger.write(2)
+  logger.close()
+  assert [r["bad_records"] for r in _records(tmp_path)] == [0, 3]
+  assert logger.progress_line(record).endswith("| 3 bad images replaced")
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -151,17 +151,21 @@ def test_bad_files_are_named(tmp_path):
   with pytest.raises(FileNotFoundError):
     ls.load_latent_stats(tmp_path / "nope.pt")
   torch.save({"mean": torch.zeros(2, 3)}, tmp_path / "no_std.pt")
-  with pytest.raises(ValueError, match=r"missing \['std'\]"):
+  # A file of the wrong content is the user's: InputError (one line in the scripts).
+  with pytest.raises(InputError, match=r"missing \['std'\]"):
     ls.load_latent_stats(tmp_path / "no_std.pt")
   torch.save({"mean": torch.zeros(2, 3), "std": torch.ones(2, 4)}, tmp_path / "shapes.pt")
-  with pytest.raises(ValueError, match="differ in shape"):
+  with pytest.raises(InputError, match="differ in shape"):
     ls.load_latent_stats(tmp_path / "shapes.pt")
   torch.save({"mean": torch.zeros(2, 3), "std": torch.ones(2, 3)}, tmp_path / "ok.pt")
   with pytest.raises(InputError, match="stats_layer 2 is out of range for its 2 rows"):
     ls.load_latent_stats(tmp_path / "ok.pt", layer=2)
   torch.save({"mean": torch.zeros(3), "std": torch.ones(3)}, tmp_path / "flat.pt")
-  with pytest.raises(ValueError, match=r"\[layers, C\]"):
+  with pytest.raises(InputError, match=r"\[layers, C\]"):
     ls.load_latent_stats(tmp_path / "flat.pt")
+  torch.save({"mean": torch.zeros(2, 3), "std": torch.zeros(2, 3)}, tmp_path / "zero_std.pt")
+  with pytest.raises(InputError, match=r"zero_std.pt row 1: 3 std values <= 0"):
+    ls.load_latent_stats(tmp_path / "zero_std.pt", layer=-1)
 
 
 def test_file_sha256_hashes_a_large_file_once_until_it_changes(tmp_path, monkeypatch):

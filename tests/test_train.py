@@ -22,6 +22,7 @@ from svg_jax import assets
 from svg_jax import parallel
 from svg_jax.data import records, synthetic
 from svg_jax import checkpoint as ckpt_lib
+from svg_jax.input_errors import InputError
 from svg_jax.utils import writable_folders
 from svg_jax.train import dit_task, loop, stall_watch, trainer
 from svg_jax.train import flop_count
@@ -186,15 +187,36 @@ def _wait_for_step(proc, workdir, k, timeout=240, committed=False):
 
 
 @pytest.fixture(scope="module")
-def reference_run(data_dir, tmp_path_factory):
-  """An uninterrupted run of launch/train.py (one device); step -> loss."""
+def reference_workdir(data_dir, tmp_path_factory):
+  """An uninterrupted run of launch/train.py (one device)."""
   workdir = tmp_path_factory.mktemp("ref")
   out = subprocess.run(_command(data_dir, workdir), env=_env(), capture_output=True,
                        text=True, timeout=400)
   assert out.returncode == 0, out.stderr[-3000:]
-  losses = _losses(workdir)
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_workdir):
+  """The reference run's step -> loss."""
+  losses = _losses(reference_workdir)
   assert sorted(losses) == list(range(1, NUM_STEPS + 1))
   return losses
+
+
+@pytest.mark.slow
+def test_the_log_times_no_compile_and_names_saves_soon_after_they_commit(reference_workdir):
+  """Step 1 (with its compile) is in no throughput figure: its record has none (it was counted
+  without its time: 1000+ steps/s). A save is logged once it committed, by the next save at the
+  latest (each save waits for the one before): not all at the run's end."""
+  records = _records(reference_workdir)
+  rows = {r["step"]: i for i, r in enumerate(records) if "loss" in r}
+  assert "steps_per_sec" not in records[rows[1]] and "steps_per_sec" in records[rows[2]]
+  saved = {r["step"]: i for i, r in enumerate(records) if r.get("event") == "checkpoint"}
+  assert sorted(saved) == list(range(3, NUM_STEPS + 1, 3))
+  for step, i in saved.items():
+    if step + 4 <= NUM_STEPS:
+      assert i < rows[step + 4], (step, [records[j] for j in range(i - 5, i + 1)])
 
 
 @pytest.mark.slow
@@ -328,7 +350,10 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
   config.train.update(dict(debug_nan_step=-1, init_from=str(tmp_path)))
   mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
   setup = dit_task.DiTSetup(config, mesh)
-  params = ckpt_lib.load_params(str(tmp_path), setup.abstract_state.params)
+  params = ckpt_lib.load_params(str(tmp_path), setup.abstract_state.params, task="dit")
+  with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match=r'^train.init_from: .* is a `task = '
+                     r'"dit"` training run, not a "decoder" one$'):  # the decoder's init_from
+    ckpt_lib.load_params(str(tmp_path), setup.abstract_state.params, task="decoder")
   assert jax.tree.all(jax.tree.map(lambda x, y: np.array_equal(x, y), jax.device_get(params),
                                    jax.device_get(a.params)))
   fresh = setup.state_from_params(params)
@@ -346,6 +371,42 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
                      r"fit this run: \d+ of \d+ arrays differ \(cap_embedder_linear/bias: "
                      r"checkpoint \(64,\) vs this run \(32,\); "):
     trainer.train(wrong, str(tmp_path / "next_stage"))
+
+
+class _DataFailsAfter:
+  """A loader iterator that gives `n` batches, then fails the way a loader does when its data
+  goes (its own error type, raised from the InputError that says what is wrong)."""
+
+  def __init__(self, it, n):
+    self._it, self._left = it, n
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if not self._left:
+      try:
+        raise InputError("shard ds/4x4-00000.array_record: file does not exist")
+      except InputError as e:
+        raise RuntimeError("a reader thread failed") from e
+    self._left -= 1
+    return next(self._it)
+
+  def __getattr__(self, name):  # the state for checkpoints, close()
+    return getattr(self._it, name)
+
+
+def test_data_that_fails_in_mid_run_is_one_line_naming_the_intact_checkpoints(
+    data_dir, tmp_path, monkeypatch):
+  make = dit_task.DiTSetup.make_data_iterator
+  monkeypatch.setattr(dit_task.DiTSetup, "make_data_iterator",
+                      lambda self: _DataFailsAfter(make(self), 3))
+  config = _config(data_dir, num_steps=6, checkpoint_every=2)
+  with pytest.raises(loop.DataError, match=r"^reading the batch of step 4: shard ds/4x4-00000"
+                     r".array_record: file does not exist; the checkpoints up to step 2 are "
+                     r"intact: fix the data and rerun the same command to resume$"):
+    trainer.train(config, str(tmp_path))
+  assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2]
 
 
 # ----------------------------------------------------------------------------- damaged checkpoints

@@ -7,13 +7,15 @@ on the mesh and passed to the jitted step as an argument (not baked into the pro
 pipeline (svg_jax/data/image_pipeline.py), and the held-out evaluation: mean PSNR (dB, on uint8
 images, per image then averaged) of encode -> decode reconstructions of the first
 `data.num_eval_images` images of `data.heldout_jsonl`, every `train.eval_every` steps and at the
-end.
+end. Every metrics record also carries `bad_records`, the bad training images the loader replaced
+so far (its `stats`, kept in the checkpoints).
 
 FLOPs per step for the throughput line come from XLA's cost analysis of the lowered step (done
 once), there being no closed form worth maintaining for encoder + decoder + LPIPS + discriminator.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -25,6 +27,7 @@ from absl import logging
 from svg_jax import latent_stats, parallel
 from svg_jax.autoencoder import to_uint8
 from svg_jax.eval.image_metrics import psnr
+from svg_jax.input_errors import InputError
 from svg_jax.convert.dinov3 import load_dinov3
 from svg_jax.convert.lpips import load_lpips
 from svg_jax.data import image_pipeline
@@ -108,15 +111,19 @@ def config_problems(config, process_count: int) -> list[str]:
     problems.append(f"data.max_bad_in_a_row must be >= 1, got {d.max_bad_in_a_row}")
   if d.crop not in image_pipeline.CROPS:
     problems.append(f"data.crop {d.crop!r} is not one of {image_pipeline.CROPS}")
+  if int(int(d.min_side)) < 1:
+    problems.append(f"data.min_side must be >= 1, got {int(d.min_side)}")
+  if int(d.num_workers) < 0:
+    problems.append(f"data.num_workers must be >= 0, got {d.num_workers}")
   if not d.jsonl:
     problems.append("data.jsonl is empty (the training image list)")
-  elif not os.path.isfile(d.jsonl):
-    problems.append(f"data.jsonl {d.jsonl!r} does not exist")
+  else:
+    problems += _list_problems("data.jsonl", d.jsonl)
   if int(d.num_eval_images) > 0:
     if not d.heldout_jsonl:
       problems.append("data.heldout_jsonl is empty but data.num_eval_images > 0")
-    elif not os.path.isfile(d.heldout_jsonl):
-      problems.append(f"data.heldout_jsonl {d.heldout_jsonl!r} does not exist")
+    else:
+      problems += _list_problems("data.heldout_jsonl", d.heldout_jsonl)
     if int(config.train.eval_every) < 1:
       problems.append(f"train.eval_every must be >= 1, got {config.train.eval_every}")
     if int(config.train.eval_batch_size) < 1:
@@ -127,13 +134,23 @@ def config_problems(config, process_count: int) -> list[str]:
   return problems
 
 
+def _list_problems(field: str, path: str) -> list[str]:
+  if os.path.isdir(path):
+    return [f"{field} {path!r} is a folder, not a jsonl file (one {{\"path\": ...}} line per "
+            "image)"]
+  if not os.path.isfile(path):
+    return [f"{field} {path!r} does not exist"]
+  return []
+
+
 def _pipeline_config(config) -> image_pipeline.ImagePipelineConfig:
   d = config.data
   return image_pipeline.ImagePipelineConfig(
       per_process_batch_size=int(config.train.global_batch_size) // jax.process_count(),
       resolution=int(d.resolution), seed=int(d.shuffle_seed),
       num_threads=int(d.num_threads), prefetch_buffer_size=int(d.prefetch), crop=d.crop,
-      max_bad_in_a_row=int(d.max_bad_in_a_row))
+      max_bad_in_a_row=int(d.max_bad_in_a_row), min_side=int(d.min_side),
+      num_workers=int(d.num_workers))
 
 
 def make_data_iterator(config):
@@ -142,17 +159,28 @@ def make_data_iterator(config):
 
 class DecoderMetricsLogger(metrics_lib.MetricsLogger):
   """The shared logger with the decoder's metric set: every metric is averaged over the log window
-  (lr: its last value)."""
+  (lr: its last value). With `data_stats` (the loader's `stats`, or None before there is a
+  loader), every record also holds `bad_records`: the bad images this process's loader replaced
+  so far in the run (resumes included; the count is part of the loader state)."""
 
-  def add(self, host_metrics, *, images, tokens, flops):
+  def __init__(self, workdir: str, *, data_stats=None, **kwargs):
+    super().__init__(workdir, **kwargs)
+    self._data_stats = data_stats
+
+  def write(self, step: int, extra: dict | None = None) -> dict:
+    stats = self._data_stats() if self._data_stats is not None else None
+    if stats is not None:
+      extra = {"bad_records": int(stats["bad_records"]), **(extra or {})}
+    return super().write(step, extra)
+
+  def progress_line(self, r: dict) -> str:
+    line = super().progress_line(r)
+    return f"{line} | {r['bad_records']} bad images replaced" if r.get("bad_records") else line
+
+  def _accumulate(self, host_metrics):
     acc = self._acc or _WindowMean()
     acc.update({k: float(np.asarray(v)) for k, v in host_metrics.items()})
     self._acc = acc
-    w = self._window
-    w["steps"] += 1
-    w["images"] += images
-    w["tokens"] += tokens
-    w["flops"] += flops
 
 
 class _WindowMean:
@@ -216,6 +244,8 @@ class DecoderSetup:
                                 out_shardings=self.state_shardings)
 
     self.repl = parallel.replicated(mesh)
+    self._data_iter = None  # the newest loader made: the one the loop reads
+    self.logger_class = functools.partial(DecoderMetricsLogger, data_stats=self._data_stats)
     self.frozen = self._load_frozen(config)
     self._batch_sh = {"image": parallel.batch_sharding(mesh, 4)}
     step = decoder_step.make_train_step(self.encoder_cfg, self.decoder_cfg, self.disc_cfg,
@@ -235,7 +265,8 @@ class DecoderSetup:
     self.eval_images = None
     if int(config.data.num_eval_images) > 0:
       self.eval_images = image_pipeline.load_eval_images(
-          config.data.heldout_jsonl, res, int(config.data.num_eval_images))
+          config.data.heldout_jsonl, res, int(config.data.num_eval_images),
+          int(config.data.min_side))
 
   # ------------------------------------------------------------------------------ frozen weights
 
@@ -243,8 +274,9 @@ class DecoderSetup:
     ae, loss = config.autoencoder, config.loss
     stats = latent_stats.load_latent_stats(ae.stats_path, int(ae.stats_layer))
     if stats.dim != self.encoder_cfg.dim:
-      raise ValueError(f"the statistics {ae.stats_path} have {stats.dim} channels, the encoder "
-                       f"{self.encoder_cfg.dim}")
+      raise InputError(f"autoencoder.stats_path {ae.stats_path} holds statistics of "
+                       f"{stats.dim} channels, but the encoder has {self.encoder_cfg.dim} "
+                       "(autoencoder.encoder.dim): use the statistics computed for this encoder")
     encoder = load_dinov3(ae.encoder_path, self.encoder_cfg, prefix=ae.encoder_prefix)
     lpips = None
     if loss.lpips_vgg_path and loss.lpips_lin_path:
@@ -277,7 +309,11 @@ class DecoderSetup:
     return parallel.global_batch({"image": local_batch["image"]}, self.mesh)
 
   def make_data_iterator(self):
-    return make_data_iterator(self.config)
+    self._data_iter = make_data_iterator(self.config)
+    return self._data_iter
+
+  def _data_stats(self) -> dict | None:
+    return None if self._data_iter is None else self._data_iter.stats
 
   def batch_counts(self, local_batch: dict) -> tuple[int, int, float]:
     gb = int(self.config.train.global_batch_size)

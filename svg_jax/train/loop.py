@@ -57,7 +57,7 @@ from absl import logging
 from clu import parameter_overview
 from jax.sharding import NamedSharding, PartitionSpec
 
-from svg_jax import multihost, parallel
+from svg_jax import input_errors, multihost, parallel
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax.train import chip_specs
 from svg_jax.train import host_consistency
@@ -75,6 +75,11 @@ class ConfigError(InputError):
   """The config cannot run; the message is one line naming every problem (bad input: exit 2 in
   the scripts, `cli.run`)."""
   kind = "config error"
+
+
+class DataError(InputError):
+  """The data failed in mid-run (images gone, too many bad ones in a row): one line, exit 2."""
+  kind = "data error"
 
 
 class TrainingDiverged(RuntimeError):
@@ -396,7 +401,8 @@ def _resume(ckpt, setup, agreement: _Agreement, logger, stall: stall_watch.Stall
   return None, None, data_iter
 
 
-def _init_from(source: str, setup, agreement: _Agreement, stall: stall_watch.StallWatch):
+def _init_from(source: str, task: str, setup, agreement: _Agreement,
+               stall: stall_watch.StallWatch):
   """The params of `train.init_from`'s newest checkpoint, read by every process and agreed on: a
   read that fails anywhere is tried once more on every process (a network filesystem's error
   may pass), then every process raises the same one-line error: ConfigError (no checkpoint
@@ -405,7 +411,8 @@ def _init_from(source: str, setup, agreement: _Agreement, stall: stall_watch.Sta
   for attempt in range(2):
     params, reason = None, ""
     try:
-      params, verdict = ckpt_lib.load_params(source, setup.abstract_state.params), _OK
+      params, verdict = ckpt_lib.load_params(source, setup.abstract_state.params,
+                                             task=task), _OK
     except FileNotFoundError as e:  # no finished checkpoint (yet: a listing may be stale)
       verdict, reason = _DAMAGED, str(e)
     except Exception as e:  # noqa: BLE001  (any other failure to read it)
@@ -480,6 +487,11 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         logger.event(s, event="checkpoint")
       uncommitted.clear()
 
+  def evaluate(step: int, state) -> None:
+    result = setup.evaluate(state, step)
+    logger.event(step, event="eval", **result)
+    logging.info("step %d eval: %s", step, result)
+
   resumed_from = None
   stopped_by = None
   data_iter = None
@@ -491,7 +503,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
         logging.info("resumed from %s step %d", ckpt.directory, resumed_from)
         logger.event(resumed_from, event="resume")
       elif t.init_from:
-        state = setup.state_from_params(_init_from(t.init_from, setup, agreement, stall))
+        state = setup.state_from_params(_init_from(t.init_from, config.task, setup, agreement, stall))
         logger.event(0, event="init_from", source=t.init_from)
       else:
         stall.pause()  # the init's compile and run: local work
@@ -513,10 +525,20 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
       stop.install()
       stopping = _StopAgreement(stop, agreement)
       first = True
+      untimed_through = 0  # steps run before the clock restarted: counted in no throughput
       steps_by_shape: dict[tuple, Any] = {}  # the step compiled for each batch shape (and dtype)
       stall.expect("reading the first batch")
       while step < num_steps and stopped_by is None:
-        local = next(data_iter)
+        try:
+          local = next(data_iter)
+        except Exception as e:  # noqa: BLE001  (only a data error is translated)
+          bad = input_errors.found_in(e)
+          if bad is None:
+            raise
+          kept = (f"the checkpoints up to step {last_saved} are intact" if last_saved else
+                  "no checkpoint was written")
+          raise DataError(f"reading the batch of step {step + 1}: {bad}; {kept}: fix the data "
+                          "and rerun the same command to resume") from e
         if step + 1 == int(t.debug_nan_step):
           local = setup.poison(local)
         counts = setup.batch_counts(local)
@@ -539,13 +561,15 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
           stall.expect(f"running step {step} (after its compile)")
           jax.block_until_ready(m)
           logger.restart_clock()
+          untimed_through = step
           first = False
         stall.beat(step)
         if stopping.stop_after_this_step():  # the same answer on every process
           stopped_by = stop.signal or "another process"
         at_end = step == num_steps or stopped_by is not None
         save_now = ckpt_every > 0 and (step % ckpt_every == 0 or at_end)
-        eval_now = setup.eval_due(step, at_end)
+        # The evaluation after the last step: not at a stop, which saves and exits at once.
+        eval_now = setup.eval_due(step, step == num_steps)
         if step % log_every == 0 or save_now or eval_now or at_end:
           for s, pm, images, tokens, flops in pending:
             host = jax.device_get(pm)
@@ -555,20 +579,23 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
               log_committed(force=True)  # _check_finite waited for the saves
               logger.event(s, event="diverged", reason=str(e))
               raise
-            logger.add(host, images=images, tokens=tokens, flops=flops)
+            logger.add(host, images=images, tokens=tokens, flops=flops,
+                       timed=s > untimed_through)
             if s % log_every == 0 or (at_end and s == step):
               last_record = logger.write(s)
           pending = []
           log_committed()
-        if eval_now:  # after the finiteness check of this step's metrics
-          result = setup.evaluate(state, step)
-          logger.event(step, event="eval", **result)
-          logging.info("step %d eval: %s", step, result)
+        # After the finiteness check of this step's metrics; at a stop, after the save has
+        # started, so that the evaluation does not spend the grace time before it.
+        if eval_now and stopped_by is None:
+          evaluate(step, state)
         if save_now and last_saved != step:
           ckpt.save(step, state, data_iter, config_json)
+          log_committed(force=True)  # save() waited for the earlier saves: they have committed
           last_saved = step
           uncommitted.append(step)
-          log_committed()
+        if eval_now and stopped_by is not None:
+          evaluate(step, state)
       profiled = profile.stop(state, step)  # a window the run's end cut short
       if profiled:
         logger.event(step, event="profile", **profiled)

@@ -77,16 +77,25 @@ class MetricsLogger:
     self._t0 = time.perf_counter()
     self._window = {"steps": 0, "images": 0, "tokens": 0, "flops": 0.0}
 
-  def add(self, host_metrics: dict[str, Any], *, images: int, tokens: int, flops: float) -> None:
-    with parallel.on_host_cpu():  # not tiny programs on every device of the mesh
-      update = TrainMetrics.single_from_model_output(
-          **{k: np.asarray(v, np.float32) for k, v in host_metrics.items()})
-      self._acc = update if self._acc is None else self._acc.merge(update)
+  def add(self, host_metrics: dict[str, Any], *, images: int, tokens: int, flops: float,
+          timed: bool = True) -> None:
+    """Adds a step's metrics; `timed=False`: a step run before `restart_clock` (with its
+    compile), whose work is left out of the throughput as its time is."""
+    self._accumulate(host_metrics)
+    if not timed:
+      return
     w = self._window
     w["steps"] += 1
     w["images"] += images
     w["tokens"] += tokens
     w["flops"] += flops
+
+  def _accumulate(self, host_metrics: dict[str, Any]) -> None:
+    """Adds a step's metrics to `self._acc` (whose `compute()` gives the window's record)."""
+    with parallel.on_host_cpu():  # not tiny programs on every device of the mesh
+      update = TrainMetrics.single_from_model_output(
+          **{k: np.asarray(v, np.float32) for k, v in host_metrics.items()})
+      self._acc = update if self._acc is None else self._acc.merge(update)
 
   def write(self, step: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Emits the accumulated window as one record and resets it; returns the record."""
