@@ -241,7 +241,10 @@ def check_same_everywhere(what: str, items: dict[str, str], timeout_s: float) ->
   shown = "; ".join(f"{k}: {items.get(k, '(none)')} here, {theirs.get(k, '(none)')} on process "
                     f"{differ[0]}" for k in names[:_DIFFERENCES_SHOWN])
   more = f"; {len(names) - _DIFFERENCES_SHOWN} more" if len(names) > _DIFFERENCES_SHOWN else ""
-  others = f" (processes {', '.join(map(str, differ))} differ from this one)" if me == 0 else ""
+  others = ""
+  if me == 0:
+    others = (f" (process {differ[0]} differs from this one)" if len(differ) == 1 else
+              f" (processes {', '.join(map(str, differ))} differ from this one)")
   raise DistributedSetupError(f"the processes of this run disagree on their {what}{others}: "
                               f"{shown}{more}; start every host with the same command and files")
 

@@ -702,19 +702,6 @@ def test_decoder_config_and_statistics_problems_are_one_line(tmp_path):
     decoder_task.DecoderSetup._load_frozen(fake_setup, config)
 
 
-def test_decoder_metrics_records_carry_the_loaders_bad_image_count(tmp_path):
-  """Every metrics.jsonl record of the decoder holds `bad_records`, the loader's count so far."""
-  counts = {"bad_records": 0}
-  logger = decoder_task.DecoderMetricsLogger(str(tmp_path), num_steps=4, num_devices=1,
-                                             chip="cpu", data_stats=lambda: dict(counts))
-  logger.write(1)
-  counts["bad_records"] = 3
-  record = logger.write(2)
-  logger.close()
-  assert [r["bad_records"] for r in _records(tmp_path)] == [0, 3]
-  assert logger.progress_line(record).endswith("| 3 bad images replaced")
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -784,10 +771,15 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
   held-out PSNR is logged; then 2 processes of 1 device each (two hosts) resume from its
   checkpoint and train and evaluate to the end."""
   paths, work = _prepare(_tiny_config(), tmp_path / "demo"), tmp_path / "run"
+  with open(paths["data.jsonl"], "a") as f:  # two bad images: replaced, counted in every row
+    f.write(json.dumps({"path": "missing.png"}) + "\n" + json.dumps({"path": "empty.png"}) + "\n")
+  with open(os.path.join(os.path.dirname(paths["data.jsonl"]), "empty.png"), "wb"):
+    pass
   common = dict(checkpoint_every=20, eval_every=20)
   out = _run(work, paths, num_steps=40, **common)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stderr.count("no LPIPS weights configured") == 1
+  assert re.search(r"step 40/40 .*\| \d+ bad records replaced", out.stderr), out.stderr[-3000:]
   recs = _records(work)
   losses = {r["step"]: r["loss"] for r in recs if "loss" in r}
   assert sorted(losses) == list(range(1, 41))
@@ -806,6 +798,14 @@ def test_launch_trains_evaluates_and_resumes(tmp_path):
   assert [r["step"] for r in recs if r.get("event") == "resume"] == [40]
   assert max(r["step"] for r in recs if "loss" in r) == 46
   assert [r["step"] for r in recs if r.get("event") == "eval"] == [20, 40, 46]
+  # Each row counts the run's bad images, summed over the processes (each reads its own share):
+  # the final row holds the total of both processes' saved loader states.
+  saved = [json.load(open(work / "checkpoints" / "46" / "data_iter" / f"process_{i}-of-2.json"))
+           ["stats"]["bad_records"] for i in range(2)]
+  rows = [r for r in recs if "loss" in r]
+  assert rows[-1]["step"] == 46 and rows[-1]["bad_records"] == sum(saved) > 0, (saved, rows[-1])
+  assert all(a["bad_records"] <= b["bad_records"] for a, b in zip(rows, rows[1:]) if
+             b["step"] > a["step"])
 
 
 def test_an_evaluation_compiled_ahead_lowers_no_program(tmp_path):

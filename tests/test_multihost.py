@@ -167,7 +167,8 @@ def test_processes_started_with_different_settings_stop_before_training(data_dir
   codes, errs = local_hosts.wait(procs, 120)
   assert codes == [2, 2], [e[-2000:] for e in errs]
   for me, other_process, err in ((0, 1, errs[0]), (1, 0, errs[1])):
-    line = [x for x in err.splitlines() if "disagree on their configs" in x]
+    # Its own line (beside it, the other's, printed as "process k ended before this one: ...").
+    line = [x for x in err.splitlines() if x.startswith("multi-host setup error: the processes")]
     assert len(line) == 1 and line[0].startswith("multi-host setup error:"), err[-2000:]
     mine, theirs = (8, 16) if me == 0 else (16, 8)
     assert (f"train.global_batch_size: {mine} here, {theirs} on process {other_process}"

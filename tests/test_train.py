@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -409,14 +410,37 @@ def test_data_that_fails_in_mid_run_is_one_line_naming_the_intact_checkpoints(
   assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2]
 
 
+def test_every_row_counts_the_bad_records_the_loader_replaced(data_dir, tmp_path):
+  """A record that does not decode is replaced by the next good one (svg_jax/data/pipeline.py);
+  every metrics row carries the run's count so far, as the loader state saved with the step."""
+  data = shutil.copytree(data_dir, tmp_path / "data")
+  with open(data / "manifest.json") as f:
+    shard = str(data / json.load(f)["shards"][0]["name"])
+  raws = list(records.read_shard(shard))
+  with records.ShardWriter(shard) as w:
+    for i, raw in enumerate(raws):
+      w.write(raw[:len(raw) // 2] if i == 0 else raw)  # record 0 truncated
+  work = tmp_path / "run"
+  trainer.train(_config(str(data), num_steps=9, checkpoint_every=9), str(work))
+  rows = [r for r in _records(work) if "loss" in r]
+  with open(work / "checkpoints" / "9" / "data_iter" / "process_0-of-1.json") as f:
+    saved = json.load(f)["stats"]["bad_records"]
+  assert rows[-1]["step"] == 9 and rows[-1]["bad_records"] == saved >= 1, (saved, rows[-1])
+  assert rows[0]["bad_records"] <= rows[-1]["bad_records"]
+
+
 # ----------------------------------------------------------------------------- damaged checkpoints
 
 
-def _truncate_largest(folder):
-  files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs]
-  path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
+def _truncate_data_files(folder):
+  """Halves every file of the arrays' data (`d/`): the largest alone was at times a file that
+  the state's index no longer refers to (OCDBT keeps superseded data), and the restore passed."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(folder) for f in fs
+           if os.path.basename(d) == "d"]
+  assert files, f"no OCDBT data files under {folder}"
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
 
 
 def _remove(path):
@@ -424,10 +448,10 @@ def _remove(path):
 
 
 DAMAGES = {
-    "truncated_state": lambda step: _truncate_largest(os.path.join(step, "state")),
-    # the arrays' data file, not the metadata: the restore reads every array and fails in it
-    "truncated_arrays": lambda step: _truncate_largest(os.path.join(step, "state",
-                                                                    "ocdbt.process_0")),
+    "truncated_state": lambda step: _truncate_data_files(os.path.join(step, "state")),
+    # the arrays' data files, not the metadata: the restore reads every array and fails in them
+    "truncated_arrays": lambda step: _truncate_data_files(os.path.join(step, "state",
+                                                                       "ocdbt.process_0")),
     "no_manifest": lambda step: _remove(os.path.join(step, "state", "manifest.ocdbt")),
     "no_data_iter": lambda step: _remove(os.path.join(step, "data_iter", "process_0-of-1.json")),
     "truncated_data_iter": lambda step: open(

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -45,13 +44,12 @@ from typing import Sequence
 
 import grain
 import numpy as np
-from absl import flags
 
 from svg_jax.data import jsonl as jsonl_lib
+from svg_jax.data import grain_reading
 from svg_jax.data.global_position import agreed_position, process_of
 from svg_jax.data.images import BadImageError, open_rgb
 from svg_jax.input_errors import InputError, MissingInput
-from svg_jax.utils import orphan_watch
 
 log = logging.getLogger(__name__)
 
@@ -269,12 +267,6 @@ def _empty_stats() -> dict:
   return {"batches": 0, "examples": 0, "bad_records": 0, "bad_record_reports": []}
 
 
-def _end_with_reader(reader_pid: int, worker_index: int, worker_count: int) -> None:
-  """Grain's worker init: the worker ends when the process it loads for does (as the DiT's)."""
-  del worker_index, worker_count
-  orphan_watch.exit_with_parent(reader_pid)
-
-
 class ImageIterator:
   """The Grain iterator of one process, resumable from the states of any process count; counts
   the bad images replaced in the batches it returned (`stats`, part of the state)."""
@@ -388,13 +380,9 @@ def make_image_pipeline(jsonl: str | os.PathLike, config: ImagePipelineConfig, *
         [process_index::process_count]
         .map(_Loader(paths, config, source=jsonl))
         .batch(config.per_process_batch_size, drop_remainder=True, batch_fn=_collate))
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size))
-  if config.num_workers > 0:
-    if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
-      flags.FLAGS.mark_as_parsed()  # outside an absl app: use the flag defaults
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers),
-                              worker_init_fn=functools.partial(_end_with_reader, os.getpid()))
+  it_ds = grain_reading.read(ds, num_threads=config.num_threads,
+                             prefetch_buffer_size=config.prefetch_buffer_size,
+                             num_workers=config.num_workers)
   signature = {"image_list_sha256": image_list_fingerprint(entries), "num_images": len(entries),
                "global_batch_size": config.per_process_batch_size * process_count,
                "seed": int(config.seed), "num_workers": int(config.num_workers)}

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import gc
 import hashlib
 import json
@@ -60,16 +59,15 @@ from typing import Any
 import grain
 import ml_dtypes
 import numpy as np
-from absl import flags
 from grain.multiprocessing import SharedMemoryArray
 from grain.sources import ArrayRecordDataSource
 
 from svg_jax import malloc_tuning
 from svg_jax.data import length_buckets as length_buckets_lib
+from svg_jax.data import grain_reading
 from svg_jax.data.global_position import agreed_position, process_of
 from svg_jax.data import records
 from svg_jax.input_errors import InputError
-from svg_jax.utils import orphan_watch
 
 log = logging.getLogger(__name__)
 
@@ -408,12 +406,6 @@ def release_shared_memory() -> None:
   deleter.apply(int)  # a no-op queued behind every earlier unlink
 
 
-def _end_with_reader(reader_pid: int, worker_index: int, worker_count: int) -> None:
-  """Grain's worker init: the worker ends when the process it loads for does, however that ends."""
-  del worker_index, worker_count
-  orphan_watch.exit_with_parent(reader_pid)
-
-
 def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[str, Any], *,
                   process_index: int | None = None, process_count: int | None = None,
                   expected_fingerprints: Mapping[str, str] | None = None,
@@ -479,13 +471,9 @@ def build_dataset(data_dir: str | os.PathLike, config: PipelineConfig | Mapping[
           .batch(config.per_process_batch_size, drop_remainder=True, batch_fn=collate))
     per_bucket.append(ds)
   mixed = per_bucket[0] if len(per_bucket) == 1 else grain.MapDataset.mix(per_bucket, weights)
-  it_ds = mixed.to_iter_dataset(grain.ReadOptions(
-      num_threads=config.num_threads, prefetch_buffer_size=config.prefetch_buffer_size))
-  if config.num_workers > 0:
-    if not flags.FLAGS.is_parsed():  # Grain's worker processes read absl flags
-      flags.FLAGS.mark_as_parsed()  # outside an absl app: use the flag defaults
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers),
-                              worker_init_fn=functools.partial(_end_with_reader, os.getpid()))
+  it_ds = grain_reading.read(mixed, num_threads=config.num_threads,
+                             prefetch_buffer_size=config.prefetch_buffer_size,
+                             num_workers=config.num_workers)
 
   manifest_hash = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
   signature = {

@@ -7,15 +7,14 @@ on the mesh and passed to the jitted step as an argument (not baked into the pro
 pipeline (svg_jax/data/image_pipeline.py), and the held-out evaluation: mean PSNR (dB, on uint8
 images, per image then averaged) of encode -> decode reconstructions of the first
 `data.num_eval_images` images of `data.heldout_jsonl`, every `train.eval_every` steps and at the
-end. Every metrics record also carries `bad_records`, the bad training images the loader replaced
-so far (its `stats`, kept in the checkpoints).
+end. (Every metrics row also carries `bad_records`, the bad training images the loader replaced:
+the loop's, from the loader's `stats`.)
 
 FLOPs per step for the throughput line come from XLA's cost analysis of the lowered step (done
 once), there being no closed form worth maintaining for encoder + decoder + LPIPS + discriminator.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -159,23 +158,7 @@ def make_data_iterator(config):
 
 class DecoderMetricsLogger(metrics_lib.MetricsLogger):
   """The shared logger with the decoder's metric set: every metric is averaged over the log window
-  (lr: its last value). With `data_stats` (the loader's `stats`, or None before there is a
-  loader), every record also holds `bad_records`: the bad images this process's loader replaced
-  so far in the run (resumes included; the count is part of the loader state)."""
-
-  def __init__(self, workdir: str, *, data_stats=None, **kwargs):
-    super().__init__(workdir, **kwargs)
-    self._data_stats = data_stats
-
-  def write(self, step: int, extra: dict | None = None) -> dict:
-    stats = self._data_stats() if self._data_stats is not None else None
-    if stats is not None:
-      extra = {"bad_records": int(stats["bad_records"]), **(extra or {})}
-    return super().write(step, extra)
-
-  def progress_line(self, r: dict) -> str:
-    line = super().progress_line(r)
-    return f"{line} | {r['bad_records']} bad images replaced" if r.get("bad_records") else line
+  (lr: its last value)."""
 
   def _accumulate(self, host_metrics):
     acc = self._acc or _WindowMean()
@@ -244,8 +227,6 @@ class DecoderSetup:
                                 out_shardings=self.state_shardings)
 
     self.repl = parallel.replicated(mesh)
-    self._data_iter = None  # the newest loader made: the one the loop reads
-    self.logger_class = functools.partial(DecoderMetricsLogger, data_stats=self._data_stats)
     self.frozen = self._load_frozen(config)
     self._batch_sh = {"image": parallel.batch_sharding(mesh, 4)}
     step = decoder_step.make_train_step(self.encoder_cfg, self.decoder_cfg, self.disc_cfg,
@@ -309,11 +290,7 @@ class DecoderSetup:
     return parallel.global_batch({"image": local_batch["image"]}, self.mesh)
 
   def make_data_iterator(self):
-    self._data_iter = make_data_iterator(self.config)
-    return self._data_iter
-
-  def _data_stats(self) -> dict | None:
-    return None if self._data_iter is None else self._data_iter.stats
+    return make_data_iterator(self.config)
 
   def batch_counts(self, local_batch: dict) -> tuple[int, int, float]:
     gb = int(self.config.train.global_batch_size)

@@ -226,6 +226,7 @@ class _Agreement:
       self._sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
       self._local = len(mesh.local_devices)
       self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
+      self._sum = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
   def dispatch(self, value: int):
     """Starts the reduction of this process's `value`; `read` gives the result."""
@@ -243,6 +244,28 @@ class _Agreement:
   def max(self, value: int) -> int:
     """The max over all processes (blocks until every process has given its value)."""
     return self.read(self.dispatch(value))
+
+  def sum(self, value: int) -> int:
+    """The sum over all processes (each gives its value on one of its devices, 0 on the rest)."""
+    if not self.multi:
+      return int(value)
+    local = np.zeros((self._local,), np.int32)
+    local[0] = int(value)
+    return self.read(self._sum(jax.make_array_from_process_local_data(self._sharding, local)))
+
+
+# The loader's counts (its `stats`) that every metrics row carries, summed over the processes:
+# each reads its own rows, so process 0's count alone would be a share.
+LOADER_COUNTS = ("bad_records", "truncated_captions")
+
+
+def _loader_counts(data_iter, agreement: _Agreement) -> dict[str, int]:
+  """What the loader replaced or cut so far, run-wide (exact: the counts are in its state and
+  survive a resume). Every process calls it at the same rows (a collective per count)."""
+  stats = getattr(data_iter, "stats", None)
+  if not isinstance(stats, dict):
+    return {}
+  return {k: agreement.sum(int(stats[k])) for k in LOADER_COUNTS if k in stats}
 
 
 class _StopAgreement:
@@ -582,7 +605,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
             logger.add(host, images=images, tokens=tokens, flops=flops,
                        timed=s > untimed_through)
             if s % log_every == 0 or (at_end and s == step):
-              last_record = logger.write(s)
+              last_record = logger.write(s, _loader_counts(data_iter, agreement))
           pending = []
           log_committed()
         # After the finiteness check of this step's metrics; at a stop, after the save has

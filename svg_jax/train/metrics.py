@@ -138,6 +138,8 @@ class MetricsLogger:
       parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("eta_sec") is not None:
       parts.append(f"ETA {progress.hms(r['eta_sec'])}")
+    if r.get("bad_records"):
+      parts.append(f"{r['bad_records']} bad records replaced")
     return " | ".join(parts)
 
   def event(self, step: int, **fields) -> None:
