@@ -256,5 +256,6 @@ def _get(client, key: str, process: int, timeout_s: float, what: str) -> str:
   try:
     return client.blocking_key_value_get(key, int(timeout_s * 1000))
   except Exception as e:  # noqa: BLE001  (JAX's runtime error for a deadline, by status text)
-    raise DistributedSetupError(f"process {process} did not give its {what} within "
-                                f"{timeout_s:g} s ({' '.join(str(e).split())[:200]})") from None
+    raise DistributedSetupError(f"process {process} gave no {what} (it ended, or did not answer "
+                                f"within {timeout_s:g} s: {' '.join(str(e).split())[:200]})"
+                                ) from None
