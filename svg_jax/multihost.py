@@ -17,6 +17,7 @@ import secrets
 import socket
 import sys
 import threading
+import time
 from typing import Any, Callable
 
 import jax
@@ -29,6 +30,9 @@ EXPLICIT_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's defaults
 JAX_INIT_TIMEOUT_S = 300
+# Where a process that ends early leaves its line for the others (svg_jax/process_exit.py), key
+# `<this><process index>` in JAX's key-value store.
+ENDED_EARLY_KEYS = "svg_jax/ended_early/"
 # JAX's own wait is set this much longer than ours, so that ours is the one that ends it.
 _JAX_WAIT_MARGIN_S = 30
 _JOIN_HELP = ("start the same command on every host (each with its own process id), check that "
@@ -253,9 +257,25 @@ _DIFFERENCES_SHOWN = 5
 
 
 def _get(client, key: str, process: int, timeout_s: float, what: str) -> str:
-  try:
-    return client.blocking_key_value_get(key, int(timeout_s * 1000))
-  except Exception as e:  # noqa: BLE001  (JAX's runtime error for a deadline, by status text)
-    raise DistributedSetupError(f"process {process} gave no {what} (it ended, or did not answer "
-                                f"within {timeout_s:g} s: {' '.join(str(e).split())[:200]})"
-                                ) from None
+  """The value `process` sets at `key`, waited for in short polls: a process that ended early
+  (a config error of its own) leaves its line under ENDED_EARLY_KEYS and never sets `key`, and
+  waiting on for it would end in JAX's heartbeat abort, minutes later."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      return client.blocking_key_value_get(key, _POLL_MS)
+    except Exception as e:  # noqa: BLE001  (JAX's runtime error for a deadline, by status text)
+      error = " ".join(str(e).split())[:200]
+    try:
+      ended = [k.rsplit("/", 1)[-1] for k, _ in client.key_value_dir_get(ENDED_EARLY_KEYS)]
+    except Exception:  # noqa: BLE001  (no store: the coordinator is gone)
+      ended = []
+    if str(process) in ended:
+      raise DistributedSetupError(f"process {process} ended before the processes compared their "
+                                  f"{what} (its line follows)")
+    if time.monotonic() > deadline:
+      raise DistributedSetupError(f"process {process} gave no {what} within {timeout_s:g} s "
+                                  f"({error})")
+
+
+_POLL_MS = 1000

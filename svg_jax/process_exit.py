@@ -27,7 +27,7 @@ import jax
 
 from svg_jax import multihost
 
-_KEY_DIR = "svg_jax/ended_early/"
+_KEY_DIR = multihost.ENDED_EARLY_KEYS
 _STORE_TIMEOUT_S = 5.0  # a coordinator that died with the failed process does not answer
 _COORDINATOR_WAIT_S = 5.0
 

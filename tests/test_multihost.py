@@ -179,6 +179,28 @@ def test_processes_started_with_different_settings_stop_before_training(data_dir
   assert not (tmp_path / "run" / "checkpoints" / "4").exists()
 
 
+def test_a_config_error_on_one_process_ends_the_other_at_once_naming_it(data_dir, tmp_path):
+  """Process 1 alone has a bad value: it ends with its line, and process 0, waiting to compare
+  configs with it, ends at once with process 1's line beside its own (it waited out JAX's
+  heartbeat, 100 s, and aborted with a C++ stack)."""
+  port = local_hosts.free_port()
+  started, exits = time.monotonic(), []
+  procs = [local_hosts.popen(_command(data_dir, tmp_path / "run", 4) + (
+      ["--config.train.lr=-1"] if i == 1 else []), local_hosts.host_env(_env(), port, 2, i))
+           for i in range(2)]
+  codes, errs = local_hosts.wait(procs, 120, exits)
+  assert codes == [2, 2], [e[-2000:] for e in errs]
+  assert max(exits) - started < 60, exits
+  cause = "config error: train.lr must be > 0, got -1.0"
+  assert any(line.startswith(cause) for line in errs[1].splitlines()), errs[1][-2000:]
+  lines = errs[0].splitlines()
+  own = lines.index("multi-host setup error: process 1 ended before the processes compared their "
+                    "configs, records and workdir (its line follows)")
+  assert lines[own + 1].startswith(f"process 1 ended before this one, exit 2: {cause}"), (
+      errs[0][-2000:])
+  assert "Check failure" not in errs[0]
+
+
 def test_sigterm_ends_a_starting_process_of_several_at_once(tmp_path):
   """After the processes have joined, SIGTERM ends a process still starting (as on one host),
   instead of JAX's preemption service taking it while the trainer's handler is not yet there."""
