@@ -24,6 +24,7 @@ import jax
 from absl import logging
 
 from svg_jax import input_errors
+from svg_jax.utils import atomic_files
 
 # The explicit set, for plain SSH or any launcher JAX does not detect: all three or none.
 EXPLICIT_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -241,7 +242,7 @@ def check_same_everywhere(what: str, items: dict[str, str], timeout_s: float) ->
   if not differ:
     return
   theirs = json.loads(_get(client, f"{prefix}items/{differ[0]}", differ[0], timeout_s, what))
-  names = sorted(k for k in set(items) | set(theirs) if items.get(k) != theirs.get(k))
+  names = atomic_files.differing_keys(theirs, items)
   shown = "; ".join(f"{k}: {items.get(k, '(none)')} here, {theirs.get(k, '(none)')} on process "
                     f"{differ[0]}" for k in names[:_DIFFERENCES_SHOWN])
   more = f"; {len(names) - _DIFFERENCES_SHOWN} more" if len(names) > _DIFFERENCES_SHOWN else ""

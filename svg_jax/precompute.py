@@ -572,7 +572,8 @@ def summary(manifest: dict, max_lines: int = 50) -> str:
   lines += [f"  bad input {b['key']}: {b['reason']}" for b in bad[:max_lines]]
   if len(bad) > max_lines:
     lines.append(f"  ... and {len(bad) - max_lines} more (all in manifest.json)")
-  # Keys from file names that are not UTF-8 hold surrogates, which a UTF-8 console refuses.
+  # A backstop: the sources make such keys printable, but a reason may quote a name of other
+  # bytes (surrogates), which a UTF-8 console refuses at the end of a long job.
   return "\n".join(lines).encode("utf-8", "backslashreplace").decode("utf-8")
 
 

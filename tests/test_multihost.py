@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -213,7 +214,12 @@ def test_sigterm_ends_a_starting_process_of_several_at_once(tmp_path):
                             stderr=subprocess.DEVNULL, env=local_hosts.host_env(_env(), port, 2, i))
            for i in range(2)]
   try:
-    assert procs[1].stdout.readline().strip() == "joined"
+    first = []  # read in a thread: a process that never joins must fail the test, not hang it
+    reader = threading.Thread(target=lambda: first.append(procs[1].stdout.readline()),
+                              daemon=True)
+    reader.start()
+    reader.join(120)
+    assert [line.strip() for line in first] == ["joined"]
     procs[1].send_signal(signal.SIGTERM)
     assert procs[1].wait(timeout=20) == -signal.SIGTERM
   finally:
