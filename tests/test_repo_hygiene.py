@@ -66,6 +66,33 @@ def test_the_patterns_catch_what_they_are_for():
     assert not OUTSIDE.search(line) and not HISTORY.search(line)
 
 
+# The top level the README and docs/design.md describe; anything else at the top is a stray.
+TOP_LEVEL = {".ci", ".gitignore", "LICENSE", "NOTICE", "README.md", "bench", "configs",
+             "constraints.txt", "docs", "launch", "pytest.ini", "research", "setup.py", "svg_jax",
+             "tests"}
+# Leftovers of a shell or an editor: logs, nohup output, merge and backup files.
+STRAY = re.compile(r"(\.(log|orig|rej|swp|bak|pyc)|~|(^|/)nohup\.out)$")
+
+
+def _repository_files():
+  """The files a clone holds: git's list where this is a checkout, else the tree on disk."""
+  if os.path.isdir(os.path.join(REPO, ".git")):
+    out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=60)
+    return out.stdout.splitlines()
+  return [rel for rel, _ in _text_files()]
+
+
+def test_no_stray_files_in_the_repo():
+  files = _repository_files()
+  assert files
+  strays = {f.split("/")[0] for f in files} - TOP_LEVEL
+  strays |= {f for f in files if STRAY.search(f)}
+  assert not strays, "files that are no part of the project: " + ", ".join(sorted(strays))
+  for name in ("term2.log", "nohup.out", "svg_jax/train/loop.py.orig", "notes.md~"):
+    assert STRAY.search(name) or name.split("/")[0] not in TOP_LEVEL
+
+
 def _vermin(*paths):
   return subprocess.run([sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())",
                          "--target=3.10-", "--violations",
