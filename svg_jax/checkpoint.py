@@ -308,14 +308,12 @@ class Checkpointer:
 
   def read_config(self, step: int) -> dict:
     """The config dict saved with step `step` (read by this process alone, as `restore` reads)."""
-    return ocp.JsonCheckpointHandler().restore(epath.Path(self.step_dir(step)) / "config",
-                                               args=ocp.args.JsonRestore())
+    return read_saved_config(self.directory, step)
 
   def committed_steps(self) -> list[int]:
     """The steps whose folders are complete on disk (read from the folder, not the manager's
     list, which names a step as soon as its save starts)."""
-    return sorted(ocp.utils.checkpoint_steps(self.directory)) if os.path.isdir(
-        self.directory) else []
+    return finished_steps(self.directory)
 
   def _failed(self, error: Exception, step: int) -> SaveFailed:
     save_failure_reports.drop_reports_of_writes_into(self.directory)
@@ -339,6 +337,17 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self.manager.close()
+
+
+def finished_steps(directory: str) -> list[int]:
+  """The steps whose folders in a `checkpoints` folder are complete on disk, oldest first."""
+  return sorted(ocp.utils.checkpoint_steps(directory)) if os.path.isdir(directory) else []
+
+
+def read_saved_config(directory: str, step: int) -> dict:
+  """The config dict saved with step `step` in a `checkpoints` folder."""
+  return ocp.JsonCheckpointHandler().restore(epath.Path(directory) / str(step) / "config",
+                                             args=ocp.args.JsonRestore())
 
 
 def resolve_step(latest: int | None, step: int | None, all_steps, directory: str) -> int:
@@ -371,14 +380,14 @@ def load_state_item(source: str, item: str, abstract, step: int | None = None, *
       source)
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{what}: no checkpoint folder at {directory}")
-  steps = ocp.utils.checkpoint_steps(directory)  # the finalized ones (a manager's constructor
-  # would wait for all processes in a barrier)
+  steps = finished_steps(directory)  # a listing (a manager's constructor would wait for all
+  # processes in a barrier)
   try:
     step = resolve_step(max(steps, default=None), step, steps, directory)
   except FileNotFoundError as e:
     raise FileNotFoundError(f"{what}: {e}") from None
   if task is not None:
-    saved_task = _saved_task(epath.Path(directory) / str(step) / "config")
+    saved_task = _saved_task(directory, step)
     if saved_task not in (None, task):
       raise IncompatibleCheckpoint(f"{what}: {source} is a `task = \"{saved_task}\"` training "
                                    f"run, not a \"{task}\" one")
@@ -410,11 +419,11 @@ def load_params(source: str, abstract_params, step: int | None = None, *,
                          task=task)
 
 
-def _saved_task(config_folder: epath.Path) -> str | None:
+def _saved_task(directory: str, step: int) -> str | None:
   """The `task` of a step's saved config ("dit" for runs saved before the field), None when the
   config cannot be read (the params' own check then says what does not fit)."""
   try:
-    saved = ocp.JsonCheckpointHandler().restore(config_folder, args=ocp.args.JsonRestore())
+    saved = read_saved_config(directory, step)
   except Exception:  # noqa: BLE001  (a missing or damaged config: only the hint is lost)
     return None
   return saved.get("task", "dit") if isinstance(saved, dict) else None

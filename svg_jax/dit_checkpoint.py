@@ -28,13 +28,12 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int:
                      "--weights and --format)")
   if not os.path.isdir(workdir):
     raise MissingInput(f"training workdir {workdir} does not exist")
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  directory = ckpt_lib.checkpoint_dir(workdir)
+  steps = ckpt_lib.finished_steps(directory)  # a listing: no manager to open and close
   try:
-    return ckpt_lib.resolve_step(ckpt.latest_step(), step, ckpt.all_steps(), ckpt.directory)
+    return ckpt_lib.resolve_step(max(steps, default=None), step, steps, directory)
   except FileNotFoundError as e:  # the workdir given has no (such) finished checkpoint
     raise MissingInput(str(e)) from None
-  finally:
-    ckpt.close()
 
 
 def saved_model_config(workdir: str, step: int | None = None,
@@ -42,11 +41,7 @@ def saved_model_config(workdir: str, step: int | None = None,
   """The NextDiTConfig a training run saved with its checkpoint (newest step by default); the
   `HARDWARE_FIELDS` come from `base`'s model section when given."""
   step = checkpoint_step(workdir, step)
-  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
-  try:
-    saved = ckpt.read_config(step)
-  finally:
-    ckpt.close()
+  saved = ckpt_lib.read_saved_config(ckpt_lib.checkpoint_dir(workdir), step)
   if saved.get("task", "dit") != "dit":
     raise InputError(f"{workdir} is a `task = \"{saved['task']}\"` training run, not a DiT's")
   if "model" not in saved:

@@ -103,19 +103,16 @@ def training_checkpoint(path: str | os.PathLike, step: int | None,
     raise InputError(f"{path} is one checkpoint's folder: give the run's workdir "
                      f"{path.parent.parent} and step {int(path.name)} (--step)")
   run = path.parent if path.name == checkpoint.SUBDIR else path
-  ckpt = checkpoint.Checkpointer(os.fspath(run), read_only=True)
-  try:
-    steps = sorted(ckpt.all_steps())
-    if not steps:
-      raise MissingInput(f"{path} holds no finished Orbax checkpoint (expected the workdir of "
-                         f"a `task = \"{task}\"` training run)")
-    if step is None:
-      step = steps[-1]
-    elif step not in steps:
-      raise MissingInput(f"{path} has no checkpoint of step {step} (steps: {steps})")
-    saved_task = ckpt.read_config(step).get("task", "dit")
-  finally:
-    ckpt.close()
+  directory = checkpoint.checkpoint_dir(os.fspath(run))
+  steps = checkpoint.finished_steps(directory)
+  if not steps:
+    raise MissingInput(f"{path} holds no finished Orbax checkpoint (expected the workdir of "
+                       f"a `task = \"{task}\"` training run)")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise MissingInput(f"{path} has no checkpoint of step {step} (steps: {steps})")
+  saved_task = checkpoint.read_saved_config(directory, step).get("task", "dit")
   if saved_task != task:
     raise InputError(f"{path} is a `task = \"{saved_task}\"` training run, not a \"{task}\" one "
                      f"(convert it as --model {saved_task})")

@@ -226,7 +226,7 @@ class _Agreement:
       self._sharding = NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names)))
       self._local = len(mesh.local_devices)
       self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, PartitionSpec()))
-      self._sum = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, PartitionSpec()))
+      self._sum = jax.jit(lambda x: jnp.sum(x, axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
   def dispatch(self, value: int):
     """Starts the reduction of this process's `value`; `read` gives the result."""
@@ -245,13 +245,16 @@ class _Agreement:
     """The max over all processes (blocks until every process has given its value)."""
     return self.read(self.dispatch(value))
 
-  def sum(self, value: int) -> int:
-    """The sum over all processes (each gives its value on one of its devices, 0 on the rest)."""
-    if not self.multi:
-      return int(value)
-    local = np.zeros((self._local,), np.int32)
-    local[0] = int(value)
-    return self.read(self._sum(jax.make_array_from_process_local_data(self._sharding, local)))
+  def sums(self, values) -> list[int]:
+    """Each of `values` summed over all processes, in one all-reduce (each process gives its
+    values on one of its devices, zeros on the rest)."""
+    values = [int(v) for v in values]
+    if not self.multi or not values:
+      return values
+    local = np.zeros((self._local, len(values)), np.int32)
+    local[0] = values
+    total = self._sum(jax.make_array_from_process_local_data(self._sharding, local))
+    return [int(v) for v in np.asarray(total.addressable_data(0))]
 
 
 # The loader's counts (its `stats`) that every metrics row carries, summed over the processes:
@@ -261,11 +264,12 @@ LOADER_COUNTS = ("bad_records", "truncated_captions")
 
 def _loader_counts(data_iter, agreement: _Agreement) -> dict[str, int]:
   """What the loader replaced or cut so far, run-wide (exact: the counts are in its state and
-  survive a resume). Every process calls it at the same rows (a collective per count)."""
+  survive a resume). Every process calls it at the same rows (one collective)."""
   stats = getattr(data_iter, "stats", None)
   if not isinstance(stats, dict):
     return {}
-  return {k: agreement.sum(int(stats[k])) for k in LOADER_COUNTS if k in stats}
+  keys = [k for k in LOADER_COUNTS if k in stats]
+  return dict(zip(keys, agreement.sums(stats[k] for k in keys)))
 
 
 class _StopAgreement:
