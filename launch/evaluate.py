@@ -9,7 +9,7 @@
 latent_stats_d384_l12_p8_seed0_64px.pt.) Prompts: the `--split` (default heldout: combinations
 never seen in training) of a shapes dataset folder (`svg_jax/demo/shapes.py`), the first
 `--limit`. Prints the per-category table; with --out also grid.png, grid_prompts.txt and
-scores.json.
+scores.json (an earlier evaluation's files there are replaced: scores.json names what it scored).
 """
 from absl import flags
 

@@ -10,7 +10,8 @@ Layouts (official recipe: 4 images per prompt, image k of prompt i from seed 42 
   dpg      <out>/<stem of filename>.png, a 2x2 grid of the 4 images (row-major)
 Sharded: process p of P handles the prompts i with i % P == p (default: the JAX process index and
 count; override with --process_index / --process_count to split over separate jobs); each process
-splits its batches over its local devices. Resumable: prompts whose files all exist are skipped, a
+splits its batches over its local devices. A process that is done waits for the others (up to
+48 h) before it exits: JAX ends the processes of a run together. Resumable: prompts whose files all exist are skipped, a
 GenEval prompt with some samples gets the missing ones; files appear atomically. The first run
 writes what decides the images (weights, sampler, resolution, prompt file...) to
 <out>/generation.json; a rerun with other settings is refused instead of mixing images.
@@ -22,6 +23,8 @@ from svg_jax import cli
 import generator_flags
 
 generator_flags.define(resolution="1024x1024", batch_size=4,
+                       batch_size_help="images per jitted trajectory on this process (rounded up "
+                       "to a multiple of its devices; 0: all at once)",
                        system_type_help="system prompt (official eval: base)")
 flags.DEFINE_enum("benchmark", None, ["geneval", "dpg"], "output layout")
 flags.DEFINE_string("prompts", None, "prompt jsonl in the geneval_metadata.jsonl / dpg.jsonl format "
@@ -32,6 +35,7 @@ flags.DEFINE_integer("images_per_prompt", 4, "images per prompt (DPG grids need 
 flags.DEFINE_integer("process_index", -1, "this shard (default: jax.process_index())")
 flags.DEFINE_integer("process_count", -1, "number of shards (default: jax.process_count())")
 FLAGS = flags.FLAGS
+WAIT_FOR_OTHERS_S = 48 * 3600  # how long a process that is done waits at the exit for the others
 
 
 def main(argv):
@@ -49,7 +53,9 @@ def main(argv):
   items = generator_flags.read_prompts(benchmarks.read_prompt_file, prompts, FLAGS.benchmark,
                                        limit=FLAGS.limit)
   writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
-  multihost.initialize_distributed()
+  # The processes share no work, so one may finish hours before another (a resume, a slower
+  # host): JAX's exit wait (300 s) would abort the ones still generating.
+  multihost.initialize_distributed(shutdown_timeout_s=WAIT_FOR_OTHERS_S)
   index = jax.process_index() if FLAGS.process_index < 0 else FLAGS.process_index
   count = jax.process_count() if FLAGS.process_count < 0 else FLAGS.process_count
   if not 0 <= index < count:
@@ -65,9 +71,13 @@ def main(argv):
                               settings, batch_size=FLAGS.batch_size,
                               images_per_prompt=FLAGS.images_per_prompt, process_index=index,
                               process_count=count)
-  print(f"done: {summary}")
+  print(f"done: {summary}", flush=True)
+  if jax.process_count() > 1:
+    print(f"waiting up to {WAIT_FOR_OTHERS_S // 3600} h for the other processes to finish "
+          "(their progress is on their own hosts)", flush=True)
 
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "benchmark", "out", "text_encoder"])
-  cli.run(main)
+  cli.run(main, interrupted="interrupted (Ctrl-C): the images written so far stay; rerun the "
+                            "same command to make the rest")

@@ -46,7 +46,7 @@ def main(argv):
     precompute.run_job(config, FLAGS.input, FLAGS.input_format, FLAGS.out)
   except precompute.Interrupted as e:
     print(e, file=sys.stderr)
-    process_exit.exit_process(precompute.EXIT_INTERRUPTED, str(e))
+    process_exit.exit_process(cli.EXIT_INTERRUPTED, str(e))
 
 
 if __name__ == "__main__":

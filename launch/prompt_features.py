@@ -28,8 +28,11 @@ def main(argv):
   del argv
   import ml_collections
 
+  import os
+
   from svg_jax import text
   from svg_jax.train import validation
+  from svg_jax.utils import writable_folders
 
   try:
     prompts = validation.read_prompts(ml_collections.ConfigDict(dict(
@@ -38,9 +41,15 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   if not prompts:
     raise app.UsageError("give prompts with --prompt and/or --prompts_jsonl")
+  if os.path.isdir(FLAGS.out):
+    raise app.UsageError(f"--out {FLAGS.out} is a folder; give the .npz file to write")
+  # Before the encoder loads: a folder that cannot take the file is said at once.
+  folder = os.path.dirname(FLAGS.out) or "."
+  writable_folders.check_writable_folder(folder, "the folder of --out", create=False)
   encoder = text.TextEncoder.from_pretrained(
       FLAGS.text_encoder, FLAGS.tokenizer, hidden_layer=FLAGS.hidden_layer,
       system_prompt=text.system_prompt(FLAGS.system_type), max_length=text.SAMPLE_MAX_LENGTH)
+  os.makedirs(folder, exist_ok=True)
   validation.write_prompt_features(FLAGS.out, prompts, encoder)
   print(f"wrote the features of {len(prompts)} prompts to {FLAGS.out}")
 

@@ -22,8 +22,8 @@ the lock, and crashed processes (SIGSEGV) when a thread ended during the walk.
 `run` also reports bad input in one line on stderr and exit status 2, never a traceback: a flag
 absl refuses, a config file that does not exist, an unknown `--config.x.y` field (with the nearest
 known one), a config variant that raises an `input_errors.InputError`, and, from `main`, an
-`InputError` or absl's `app.UsageError`. Every other exception keeps its traceback (exit 1): it is
-a bug.
+`InputError` or absl's `app.UsageError`. Ctrl-C is one line too (exit 130). Every other
+exception keeps its traceback (exit 1): it is a bug.
 """
 from __future__ import annotations
 
@@ -190,7 +190,12 @@ def _exit_on_unknown_field(name: str, config_file: str | None, argv: list[str]) 
                      "in svg_jax/config.py or the config file", started=False)
 
 
-def run(main: Callable, **kwargs) -> None:
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a job Ctrl-C ended
+
+
+def run(main: Callable, *, interrupted: str = "interrupted (Ctrl-C)", **kwargs) -> None:
+  """absl's `app.run(main)` with the set-up and the one-line errors of the module docstring;
+  Ctrl-C prints `interrupted` (what is kept, how to go on) and exits with status 130."""
   def tuned_main(argv):
     malloc_tuning.tune()
     print_stacks_on_signal()
@@ -203,5 +208,10 @@ def run(main: Callable, **kwargs) -> None:
       bad_input_exit(f"{e.kind}: {e}")
     except app.UsageError as e:  # absl would print the whole usage text
       bad_input_exit(f"usage error: {e}")
+    except KeyboardInterrupt as e:  # a traceback through whatever ran says nothing to a user
+      line = " ".join(f"{interrupted} {e}".split())
+      print(line, file=sys.stderr)
+      from svg_jax import process_exit  # imports JAX: only after run's set-up
+      process_exit.exit_process(EXIT_INTERRUPTED, line)
 
   app.run(tuned_main, flags_parser=parse_flags, **kwargs)

@@ -31,6 +31,7 @@ EXPLICIT_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
 JAX_HEARTBEAT_TIMEOUT_S = 100  # jax.distributed.initialize's defaults
 JAX_INIT_TIMEOUT_S = 300
+JAX_SHUTDOWN_TIMEOUT_S = 300
 # Where a process that ends early leaves its line for the others (svg_jax/process_exit.py), key
 # `<this><process index>` in JAX's key-value store.
 ENDED_EARLY_KEYS = "svg_jax/ended_early/"
@@ -94,13 +95,15 @@ def join_within(timeout_s: float, who: str, join: Callable[[], None]) -> None:
 
 
 def initialize_distributed(heartbeat_timeout_s: int | None = None,
-                           init_timeout_s: int | None = None) -> None:
+                           init_timeout_s: int | None = None,
+                           shutdown_timeout_s: int | None = None) -> None:
   """`jax.distributed.initialize` when the launcher says this run spans several processes.
 
   Explicit (`EXPLICIT_ENV`, all three) or detected by JAX itself: a TPU pod slice's metadata,
   SLURM (`srun`, one task per host), OpenMPI (`mpirun`). `heartbeat_timeout_s`: how long a
   silent process may stay silent before the others are stopped; `init_timeout_s`: how long the
-  processes wait for each other at the start (None: JAX's defaults).
+  processes wait for each other at the start; `shutdown_timeout_s`: how long a process that is
+  done waits at the exit for the others (JAX aborts every process past it; None: JAX's defaults).
   """
   if jax.distributed.is_initialized():
     return
@@ -111,6 +114,12 @@ def initialize_distributed(heartbeat_timeout_s: int | None = None,
                                   f"({heartbeat_timeout_s} s); upgrade jax or leave the default "
                                   f"{JAX_HEARTBEAT_TIMEOUT_S} s")
     options["heartbeat_timeout_seconds"] = int(heartbeat_timeout_s)
+  if shutdown_timeout_s is not None:
+    if "shutdown_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+      options["shutdown_timeout_seconds"] = int(shutdown_timeout_s)
+    else:
+      logging.warning("this jax %s cannot set the shutdown wait: a process done %d s before "
+                      "another is aborted with it", jax.__version__, JAX_SHUTDOWN_TIMEOUT_S)
   wait_s = int(init_timeout_s) if init_timeout_s is not None else JAX_INIT_TIMEOUT_S
   options["initialization_timeout"] = wait_s + _JAX_WAIT_MARGIN_S
   wait = f"waiting up to {wait_s} s for every process to join"

@@ -82,10 +82,7 @@ class WriteFailed(writable_folders.FolderNotWritable):
 
 class Interrupted(Exception):
   """Ctrl-C (SIGINT) stopped the job; its message is the one line launch/precompute.py prints
-  before it exits with EXIT_INTERRUPTED."""
-
-
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a job Ctrl-C ended
+  before it exits with cli.EXIT_INTERRUPTED."""
 
 
 def validate_config(c: ml_collections.ConfigDict, patch_size: int | None = None) -> None:

@@ -216,6 +216,10 @@ def test_an_unknown_config_field_is_one_line_naming_it_in_every_script(script, a
      "usage error: --batch_size must be >= 0, got -1"),
     ("prompt_features.py", ["--text_encoder=t", "--out=o.npz", "--prompts_jsonl=nope.jsonl"],
      "usage error: [Errno 2] No such file or directory: 'nope.jsonl'"),
+    ("prompt_features.py", ["--text_encoder=t", "--out=setup.py/o.npz", "--prompt=a"],
+     "input error: the folder of --out setup.py cannot be made: "),
+    ("prompt_features.py", ["--text_encoder=t", "--out=/tmp", "--prompt=a"],
+     "usage error: --out /tmp is a folder; give the .npz file to write"),
     ("profile_summary.py", ["nope"], "input error: no *.xplane.pb trace under nope"),
     ("profile_summary.py", ["--steps=x", "nope"],
      "flag error: flag --steps=x: invalid literal for int() with base 10: 'x'"),
@@ -252,16 +256,18 @@ import sys
 from absl import app
 from svg_jax import cli, input_errors
 errors = {"input": input_errors.MissingInput("weights/x.pth does not exist"),
-          "usage": app.UsageError("give --prompt"), "bug": ValueError("a bug")}
+          "usage": app.UsageError("give --prompt"), "bug": ValueError("a bug"),
+          "ctrl-c": KeyboardInterrupt()}
 def main(argv):
   raise errors[sys.argv[1]]
-cli.run(main)
+cli.run(main, interrupted="interrupted (Ctrl-C): rerun to go on")
 """
 
 
 @pytest.mark.parametrize("kind, status, line", [
     ("input", 2, "input error: weights/x.pth does not exist"),
     ("usage", 2, "usage error: give --prompt"),
+    ("ctrl-c", 130, "interrupted (Ctrl-C): rerun to go on"),
     ("bug", 1, None),
 ])
 def test_bad_input_from_main_is_one_line_and_a_bug_keeps_its_traceback(kind, status, line):

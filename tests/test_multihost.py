@@ -228,6 +228,26 @@ def test_sigterm_ends_a_starting_process_of_several_at_once(tmp_path):
       p.wait()
 
 
+@pytest.mark.parametrize("wait_s, ends_well", [(4, False), (90, True)])
+def test_a_process_done_first_waits_for_the_others_within_its_shutdown_wait(tmp_path, wait_s,
+                                                                           ends_well):
+  """Processes that share no work (benchmark generation) end apart: process 1 is done 15 s after
+  process 0. Past JAX's exit wait every process is aborted (shown with a 4 s wait, for JAX's
+  300 s default); within `shutdown_timeout_s` both end well."""
+  script = tmp_path / "apart.py"
+  script.write_text("import sys, time\nimport jax\nfrom svg_jax import multihost\n"
+                    "multihost.initialize_distributed(shutdown_timeout_s=int(sys.argv[1]))\n"
+                    "time.sleep(15 * jax.process_index())\n")
+  port = local_hosts.free_port()
+  procs = [local_hosts.popen([sys.executable, str(script), str(wait_s)],
+                             local_hosts.host_env(_env(), port, 2, i)) for i in range(2)]
+  codes, errs = local_hosts.wait(procs, timeout=150)
+  if ends_well:
+    assert codes == [0, 0], errs
+  else:
+    assert codes[0] != 0 and "barrier" in errs[0].lower(), (codes, errs[0][-2000:])
+
+
 # ----------------------------------------------------------------------------- several processes
 
 

@@ -65,3 +65,17 @@ def test_the_last_line_is_printed_once_and_an_unfinished_line_is_ended(clock):
   p.end_line()  # a job stopped early: its error line starts a line of its own
   p.end_line()
   assert tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1
+
+
+def test_the_rate_and_eta_leave_out_the_first_update(clock):
+  """A first batch that took 100 s (its compiles), then one a second: from the second update on,
+  the line gives 1/s and the ETA of the remaining units at that rate."""
+  log = io.StringIO()
+  p = Progress(11, stream=log, min_interval=0.0)
+  clock[0] += 100.0
+  p.update(done=1)
+  assert "0.01/s" in log.getvalue().splitlines()[-1]  # one point: the only rate there is
+  clock[0] += 1.0
+  p.update(done=1)
+  last = log.getvalue().splitlines()[-1]
+  assert "1.00/s" in last and "elapsed 0:01:41" in last and "ETA 0:00:09" in last, last

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import sys
 from typing import Sequence
@@ -19,6 +20,7 @@ from svg_jax import generate, sampling
 from svg_jax.data import jsonl as jsonl_lib
 from svg_jax.input_errors import InputError
 from svg_jax.utils import atomic_files
+from svg_jax.utils.rounding import round_up
 from svg_jax.utils.progress import Progress
 
 BENCHMARKS = ("geneval", "dpg")
@@ -113,9 +115,46 @@ def _missing_images(benchmark, outdir, index, item, images_per_prompt) -> list[i
         raise InputError(f"{meta} holds another prompt ({saved[:80]}...) than line {index} of "
                          "the prompt file; use a fresh output folder for another prompt file")
     return [k for k in range(images_per_prompt)
-            if not os.path.exists(geneval_sample_path(outdir, index, k))]
+            if not _whole_png(geneval_sample_path(outdir, index, k))]
   grid = os.path.join(outdir, dpg_grid_name(item["filename"]))
-  return [] if os.path.exists(grid) else list(range(images_per_prompt))
+  return [] if _whole_png(grid) else list(range(images_per_prompt))
+
+
+def _paths(benchmark, outdir, index, item, ks) -> list[str]:
+  """The files that images `ks` of prompt `index` go to."""
+  if benchmark == "geneval":
+    return [geneval_sample_path(outdir, index, k) for k in ks]
+  return [os.path.join(outdir, dpg_grid_name(item["filename"]))] if ks else []
+
+
+def _stray_samples(outdir: str, index: int, images_per_prompt: int) -> list[str]:
+  folder = os.path.dirname(geneval_sample_path(outdir, index, 0))
+  try:
+    names = os.listdir(folder)
+  except OSError:
+    return []
+  ours = {os.path.basename(geneval_sample_path(outdir, index, k))
+          for k in range(images_per_prompt)}
+  return [os.path.join(folder, name) for name in sorted(set(names) - ours)]
+
+
+PNG_START = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"  # the last chunk's type and CRC: every whole PNG ends with them
+
+
+def _whole_png(path: str) -> bool:
+  """Whether `path` is a PNG from its signature to its end chunk. Ours appear whole (renamed into
+  place); a file cut by a copy or a full disk elsewhere is made again, not left to a scorer."""
+  try:
+    with open(path, "rb") as f:
+      start = f.read(len(PNG_START))
+      f.seek(0, os.SEEK_END)
+      if f.tell() < len(PNG_START) + len(PNG_END):
+        return False
+      f.seek(-len(PNG_END), os.SEEK_END)
+      return start == PNG_START and f.read() == PNG_END
+  except OSError:
+    return False
 
 
 def run_benchmark(generator: generate.Generator, items: Sequence[dict], benchmark: str,
@@ -132,7 +171,7 @@ def run_benchmark(generator: generate.Generator, items: Sequence[dict], benchmar
   if not 0 <= process_index < process_count:
     raise ValueError(f"process index {process_index} outside [0, {process_count})")
   mine = [i for i in range(len(items)) if i % process_count == process_index]
-  todo, skipped = [], 0
+  todo, skipped, damaged, strays = [], 0, [], []
   for i in mine:
     ks = _missing_images(benchmark, outdir, i, items[i], images_per_prompt)
     meta = os.path.join(outdir, f"{i:05d}", GENEVAL_METADATA)
@@ -140,20 +179,34 @@ def run_benchmark(generator: generate.Generator, items: Sequence[dict], benchmar
       atomic_files.write_text(meta, json.dumps(items[i]) + "\n")  # samples there, metadata lost
     skipped += not ks
     todo += [(i, k) for k in ks]
+    damaged += [path for path in _paths(benchmark, outdir, i, items[i], ks) if
+                os.path.exists(path)]
+    if benchmark == "geneval":
+      strays += _stray_samples(outdir, i, images_per_prompt)
   summary = dict(prompts=len(mine), skipped=skipped, images=len(todo), written=0)
   stream = stream or sys.stdout
   print(f"{benchmark}: process {process_index}/{process_count} has {len(mine)} prompts, "
         f"{skipped} already finished, {len(todo)} images to generate", file=stream, flush=True)
+  if damaged:
+    print(f"{len(damaged)} damaged files (not whole PNGs) are made again, e.g. {damaged[0]}",
+          file=stream, flush=True)
+  if strays:
+    print(f"warning: {len(strays)} files in samples/ folders are none of this run's "
+          f"{images_per_prompt} images per prompt, and GenEval's scorer reads every file there: "
+          f"remove them, e.g. {strays[0]}", file=stream, flush=True)
   if not todo:
     return summary
   # Temporary files live in a hidden folder, never among the files a scorer lists (GenEval reads
   # every file of samples/); a crash can leave only stale files there. Each process has its own
   # folder in it, so that one that finishes cannot remove the folder another still writes into.
   tmp_dir = _own_temporary_folder(outdir)
-  prompts = [items[i]["prompt"] for i, _ in todo]
-  # One caption length for the whole run: one compiled trajectory.
-  length = generator.text_length(sorted(set(prompts)))
-  chunk = batch_size if batch_size > 0 else len(todo)
+  # One caption length for the whole prompt file, not this process's remaining prompts: one
+  # compiled trajectory, and an image does not depend on how the prompts were split or resumed
+  # (another padded length moves a pixel by a level now and then).
+  length = generator.text_length(sorted({item["prompt"] for item in items}))
+  # Whole batches for the devices: generate would pad a part up to them with discarded rows.
+  chunk = round_up(batch_size if batch_size > 0 else len(todo),
+                            generator.batch_multiple())
   buffered: dict[int, dict[int, np.ndarray]] = {}
   progress = Progress(len(todo), what="images", stream=stream)
   for start in range(0, len(todo), chunk):
@@ -188,9 +241,12 @@ def run_benchmark(generator: generate.Generator, items: Sequence[dict], benchmar
 
 
 def _own_temporary_folder(outdir: str) -> str:
-  """<outdir>/.tmp/<host>-<pid>, made. Another process may remove the shared .tmp when it is
-  empty, between the two folders' creation: then again (once this one exists, .tmp is not empty)."""
-  folder = os.path.join(outdir, TMP_DIR, f"{socket.gethostname()}-{os.getpid()}")
+  """<outdir>/.tmp/<host>-<pid>, made, after removing the folders this host's ended processes
+  left there (a killed run's). Another process may remove the shared .tmp when it is empty,
+  between the two folders' creation: then again (once this one exists, .tmp is not empty)."""
+  host = socket.gethostname()
+  _remove_folders_of_ended_processes(os.path.join(outdir, TMP_DIR), host)
+  folder = os.path.join(outdir, TMP_DIR, f"{host}-{os.getpid()}")
   for _ in range(100):
     try:
       os.makedirs(folder, exist_ok=True)
@@ -198,3 +254,25 @@ def _own_temporary_folder(outdir: str) -> str:
     except FileNotFoundError:
       continue
   raise OSError(f"could not make {folder}: its parent keeps disappearing")
+
+
+def _remove_folders_of_ended_processes(shared: str, host: str) -> None:
+  try:
+    names = os.listdir(shared)
+  except OSError:
+    return
+  for name in names:
+    owner, _, pid = name.rpartition("-")
+    if owner != host or not pid.isdigit() or _running(int(pid)):
+      continue  # another host's (its processes are not visible here) or a live one's
+    shutil.rmtree(os.path.join(shared, name), ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True

@@ -3,6 +3,9 @@
 On a terminal the line overwrites itself, at most every TTY_INTERVAL_S seconds; elsewhere (logs,
 pipes) it is printed as a new line at the first update, then at most every LOG_INTERVAL_S seconds,
 and once at the end: a log keeps a line a minute or two, not 180 lines for a 90-second job.
+
+The rate and the ETA count from the first update on, once there is a later one: the first batch
+of a job carries its compiles (a sampler's first line said 33 minutes for an 8-minute job).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class Progress:
     self.stream = stream or sys.stderr
     self.start = time.perf_counter()
     self._last = -math.inf
+    self._first = None  # (time, done) of the first update that counted work
     self._ended = self._open_line = False
     self._overwrite = bool(getattr(self.stream, "isatty", lambda: False)())
     if min_interval is None:
@@ -51,6 +55,8 @@ class Progress:
 
   def _report(self) -> None:
     now = time.perf_counter()
+    if self._first is None and self.done > 0:
+      self._first = (now, self.done)
     finished = self.done >= self.total
     if finished and self._ended:
       return  # the last line once, however often the count is set to the total again
@@ -72,8 +78,11 @@ class Progress:
       self._open_line = False
 
   def line(self) -> str:
-    elapsed = time.perf_counter() - self.start
+    now = time.perf_counter()
+    elapsed = now - self.start
     rate = self.done / elapsed if elapsed > 0 else 0.0
+    if self._first is not None and self.done > self._first[1] and now > self._first[0]:
+      rate = (self.done - self._first[1]) / (now - self._first[0])  # past the warm-up
     eta = (self.total - self.done) / rate if rate > 0 else math.inf
     width = 24
     fill = width * min(self.done, self.total) // max(self.total, 1)
