@@ -12,7 +12,10 @@ network. Without --mesh the config's mesh lays out each slice and the data axis 
 across slices (configs/svg_t2i_2b.py: FSDP over a slice's chips, data across slices). Attention
 backend "auto" (the 2B config's) compiles the Pallas splash kernel for TPUs.
 
-Fake CPU devices (for GPU clusters; one process each, the device count is fixed when JAX starts):
+Fake CPU devices (a GPU cluster's layout and sharding; one process each, the device count is fixed
+when JAX starts). XLA:CPU compiles them: "auto" gives the layer scan and xla attention, not a GPU's
+unrolled layers and cuDNN, so their bytes check a layout, they are no GPU's figures (those are in
+docs/performance.md):
 
   python launch/aot_compile.py --devices 8 --config configs/svg_t2i_2b.py:stage1_256 \\
       --micro_batches 8

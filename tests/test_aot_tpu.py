@@ -233,6 +233,19 @@ def test_the_report_names_the_loop_the_target_compiles(scan_layers, layer_loop, 
   assert aot.describe(config, mesh)["layer_loop"] == compiled
 
 
+@pytest.mark.parametrize("target, attention", [("v5e-8", "splash (auto)"), (None, "xla (auto)")])
+def test_the_report_names_the_attention_and_remat_the_target_compiles(target, attention):
+  """"auto" attention is the platform's kernel where it applies (splash on a TPU slice, xla on
+  CPU devices); "auto" remat, which the trainer resolves from a device's memory, compiles here as
+  full recomputation, and the report says both instead of "auto"."""
+  config = _tiny(dict(data=1, fsdp=8, tensor=1))
+  config.model.update(dict(attention_backend="auto", remat_policy="auto"))
+  mesh = (aot.tpu_mesh(aot.tpu_target(target), dict(config.mesh)) if target else
+          parallel.make_mesh(dict(config.mesh)))
+  report = aot.describe(config, mesh)
+  assert (report["attention"], report["remat"]) == (attention, "full (auto unresolved)")
+
+
 def test_xla_tpus_own_kernels_are_no_pallas_calls():
   """The `xla` backend's attention, which XLA:TPU rewrites into Mosaic calls of its own (with
   fp32 matmuls, as configs/tiny.py's; it leaves bf16 ones as they are)."""

@@ -13,6 +13,7 @@ from svg_jax import config as config_lib
 from svg_jax.demo import configs as demo_configs
 from svg_jax.demo import pipeline as demo
 from svg_jax.demo import shapes
+from svg_jax.input_errors import InputError
 from svg_jax.train import dit_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +52,17 @@ def test_a_workdir_of_another_preset_stops_the_demo_with_one_line(tmp_path):
     demo.Stages(demo.DemoSettings(workdir=str(tmp_path)))
   with pytest.raises(ValueError, match="unknown demo preset 'huge'"):
     demo.DemoSettings(workdir=str(tmp_path), preset="huge")
+
+
+def test_a_demo_with_few_held_out_images_evaluates_its_decoder_on_all_of_them(tmp_path):
+  """8 held-out images: the decoder's evaluation takes those 8 (64 stopped the demo after its data
+  was made); none is refused before anything is made."""
+  stages = demo.Stages(demo.DemoSettings(workdir=str(tmp_path), num_heldout=8))
+  assert stages.decoder_config().data.num_eval_images == 8
+  assert demo.Stages(demo.DemoSettings(workdir=str(tmp_path / "b"))).decoder_config(
+      ).data.num_eval_images == 64
+  with pytest.raises(InputError, match="--num_heldout must be >= 1, got 0"):
+    demo.DemoSettings(workdir=str(tmp_path), num_heldout=0)
 
 
 def test_a_stage_stopped_by_a_signal_stops_the_demo():

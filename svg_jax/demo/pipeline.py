@@ -23,6 +23,7 @@ from svg_jax.data import sources
 from svg_jax.demo import configs, decoder_data, evaluate, geneval, shapes
 from svg_jax.demo.text_encoder import BuiltDifferently, DemoSpec, ensure_demo_text_encoder
 from svg_jax.eval import image_metrics
+from svg_jax.input_errors import InputError
 from svg_jax.models.decoder import DecoderConfig
 from svg_jax.train import metrics, trainer
 from svg_jax.utils import atomic_files
@@ -65,6 +66,10 @@ class DemoSettings:
     for name in ("num_train", "decoder_steps", "dit_steps"):
       if getattr(self, name) is None:
         setattr(self, name, getattr(p, name))
+    # Before a minute of data making: stages further on need images of both splits.
+    for name in ("num_train", "num_heldout"):
+      if int(getattr(self, name)) < 1:
+        raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 
 def export_decoder(decoder_config, workdir: str, dst: str) -> str:
@@ -131,7 +136,10 @@ class Stages:
   # 1. decoder training on the demo's files: the shapes data, a random encoder, its statistics
   def decoder_config(self) -> ml_collections.ConfigDict:
     """The decoder config before its files exist (their paths are set by `train_decoder`)."""
-    return configs.decoder(self.s.preset, self.s.decoder_steps)
+    c = configs.decoder(self.s.preset, self.s.decoder_steps)
+    # The decoder is evaluated on held-out images: all of them where there are fewer.
+    c.data.num_eval_images = min(int(c.data.num_eval_images), int(self.s.num_heldout))
+    return c
 
   def train_decoder(self) -> ml_collections.ConfigDict:
     c = self.decoder_config()

@@ -46,7 +46,7 @@ from ml_collections.config_flags import config_path
 
 from svg_jax import config as config_lib
 from svg_jax import input_errors, parallel
-from svg_jax.models import nextdit
+from svg_jax.models import layers, nextdit
 from svg_jax.train import chip_specs, dit_task, flop_count, loop
 from svg_jax.utils.error_lines import out_of_memory_line
 
@@ -240,10 +240,29 @@ def describe(config, mesh) -> dict[str, Any]:
   shards = parallel.batch_axis_size(mesh)
   return {"mesh": shape, "devices": mesh.devices.size, "global_batch": b, "micro_batches": micro,
           "per_device_micro_batch": b // micro / shards,
-          "remat": config.model.remat_policy, "n_layers": int(config.model.n_layers),
-          "attention": config.model.attention_backend,
+          "remat": _remat(config), "n_layers": int(config.model.n_layers),
+          "attention": _attention(config, mesh),
           "activation_dtype": config.model.activation_dtype,
           "layer_loop": _layer_loop(config, mesh)}
+
+
+def _remat(config) -> str:
+  """The policy compiled: "auto" is the trainer's choice from a device's memory; a program built
+  without that choice (this tool's) remats fully."""
+  policy = config.model.remat_policy
+  return "full (auto unresolved)" if policy == nextdit.AUTO else policy
+
+
+def _attention(config, mesh) -> str:
+  """The attention backend the step compiles to on `mesh` ("auto" resolved for its platform)."""
+  backend = config.model.attention_backend
+  if backend == "auto":
+    cfg = config_lib.nextdit_config(config)
+    with parallel.use_mesh(mesh):
+      return layers.auto_backend(cfg.head_dim, cfg.compute_dtype, plain=True) + " (auto)"
+  if backend == "splash" and mesh_platform(mesh) == "cpu":
+    return "splash (Pallas interpret mode on CPU: not the TPU kernel's program)"
+  return backend
 
 
 def _layer_loop(config, mesh) -> str:
