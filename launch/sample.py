@@ -9,13 +9,28 @@ DiT weights: `--checkpoint=<training workdir>` (EMA params unless --noema; its s
 section replaces the config's) or `--weights` + `--format` (flax | official | safetensors |
 diffusers). The config gives the autoencoder (decoder and statistics paths) and the model section
 for --weights. Image j (prompts in order, --num_images each) uses seed --seed + j and is written
-as `<out>/{j:05d}.png`; `<out>/grid.png` holds them all; `<out>/metadata.jsonl` has one
-line per image (file, prompt, seed, the sampler settings and the files read). An --out that holds
-an earlier run's images is an error unless --overwrite.
+as `<out>/{j:05d}.png`; `<out>/metadata.jsonl` has one line per image (file, prompt, seed,
+caption_tokens and caption_cut, the sampler settings and the files read); `<out>/grid.png` holds
+them all, for up to 64 images (sample_folder.GRID_MAX_IMAGES: more would make a PNG of hundreds
+of MB, so it is left out, with a line saying so). An --out that holds an earlier run's images
+(finished or interrupted) is an error unless --overwrite.
+
+Images are sampled, decoded and written --batch_size at a time, each batch's PNGs and metadata
+lines as soon as it is decoded: memory holds one batch whatever the number of prompts, and an
+interrupted run (Ctrl-C, out of memory) leaves the images written so far, listed in
+metadata.jsonl.
+
+An empty or blank prompt would give an image of no prompt (the empty one is the negative
+prompt): refused unless --allow_empty_prompts. A prompt longer than the caption length (512 tokens
+with <bos> and the system prompt, as the official sampler) is cut to it: a warning line says how
+many, and each image's metadata records `caption_tokens` (the tokens the DiT saw, <bos> and the
+system prompt included) and `caption_cut`.
 """
+import sys
+
 from absl import app, flags
 
-from svg_jax import cli
+from svg_jax import cli, sample_folder
 
 import generator_flags
 
@@ -25,31 +40,50 @@ flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for several)"
 flags.DEFINE_string("prompts_jsonl", None, "jsonl file, one object with `prompt` per line")
 flags.DEFINE_integer("num_images", 1, "images per prompt")
 flags.DEFINE_integer("seed", 0, "seed of the first image; image j uses seed + j")
-flags.DEFINE_integer("grid_cols", 0, "columns of grid.png (0: about the square root)")
+flags.DEFINE_integer("grid_cols", 0, "columns of grid.png (0: about the square root); grid.png "
+                     f"is made for up to {sample_folder.GRID_MAX_IMAGES} images only")
 flags.DEFINE_string("out", None, "output folder")
 flags.DEFINE_bool("overwrite", False, "replace an earlier run's images in --out (without it, an "
                   "--out with a metadata.jsonl is an error)")
+flags.DEFINE_bool("allow_empty_prompts", False, "sample empty or blank prompts (each gives an "
+                  "image of no prompt) instead of refusing them")
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-  del argv
-  from svg_jax import sample_folder
+def read_prompts() -> tuple[list[str], list[str]]:
+  """The --prompt and --prompts_jsonl prompts, in order, and where each came from (for messages:
+  '--prompt 2', 'p.jsonl line 5')."""
   from svg_jax.data import jsonl
-  from svg_jax.utils import writable_folders
-  from svg_jax.utils.progress import Progress
 
   prompts = list(FLAGS.prompt)
+  sources = [f"--prompt {k + 1}" for k in range(len(prompts))]
   if FLAGS.prompts_jsonl:
     try:
       from_file = jsonl.prompts(FLAGS.prompts_jsonl)
+      # jsonl.prompts took every non-blank line (it refuses a bad one): they number the prompts.
+      numbers = [line.number for line in jsonl.lines(FLAGS.prompts_jsonl)]
     except (ValueError, OSError) as e:
       raise app.UsageError(str(e)) from None
     if not from_file:
       raise app.UsageError(f"--prompts_jsonl {FLAGS.prompts_jsonl} holds no prompts")
     prompts += from_file
+    sources += [f"{FLAGS.prompts_jsonl} line {n}" for n in numbers]
   if not prompts:
     raise app.UsageError("give prompts with --prompt and/or --prompts_jsonl")
+  empty = [k for k, p in enumerate(prompts) if not p.strip()]
+  if empty and not FLAGS.allow_empty_prompts:
+    more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""
+    raise app.UsageError(f"{sources[empty[0]]}: the prompt is empty or blank{more}, which gives "
+                         "an image of no prompt; pass --allow_empty_prompts to sample it anyway")
+  return prompts, sources
+
+
+def main(argv):
+  del argv
+  from svg_jax.utils import writable_folders
+  from svg_jax.utils.progress import Progress
+
+  prompts, sources = read_prompts()
   if FLAGS.num_images < 1:
     raise app.UsageError(f"--num_images must be >= 1, got {FLAGS.num_images}")
   if FLAGS.grid_cols < 0:
@@ -66,12 +100,39 @@ def main(argv):
   writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
   sample_folder.check_folder(FLAGS.out, FLAGS.overwrite)
   generator = generator_flags.make_generator()
-  images = generator.generate(jobs, seeds, resolution, settings, batch_size=FLAGS.batch_size,
-                              progress=Progress(len(jobs), what="images"))
-  sample_folder.write_folder(FLAGS.out, images, jobs, seeds,
-                             generator_flags.provenance(settings, generator), FLAGS.grid_cols)
-  print(f"wrote {len(images)} images, {sample_folder.GRID} and {sample_folder.METADATA} to "
-        f"{FLAGS.out}")
+  encoder = generator.text_encoder
+  counts = encoder.token_counts(prompts)  # before truncation
+  cut = [k for k, c in enumerate(counts) if c > encoder.max_length]
+  if cut:
+    print(f"warning: {len(cut)} of {len(prompts)} prompts are longer than the caption length "
+          f"({encoder.max_length} tokens with <bos> and the system prompt) and are cut to it; the "
+          f"first: {sources[cut[0]]} ({counts[cut[0]]} tokens). metadata.jsonl marks their "
+          "images caption_cut", file=sys.stderr, flush=True)
+  folder = sample_folder.SampleFolder(FLAGS.out, generator_flags.provenance(settings, generator))
+  progress = Progress(len(jobs), what="images")
+  try:
+    for indices, images in generator.image_batches(jobs, seeds, resolution, settings,
+                                                   batch_size=FLAGS.batch_size):
+      fields = []
+      for j in indices:
+        tokens = int(counts[j // FLAGS.num_images])
+        fields.append(dict(prompt=jobs[j], seed=seeds[j],
+                           caption_tokens=min(tokens, encoder.max_length),
+                           caption_cut=tokens > encoder.max_length))
+      folder.add(indices, images, fields)
+      progress(indices.stop)
+  except BaseException:
+    if folder.written:  # Ctrl-C or a failure: say what is kept
+      progress.end_line()
+      print(f"stopped: {len(folder.written)} of {len(jobs)} images are written to {FLAGS.out} "
+            f"and listed in its {sample_folder.METADATA}", file=sys.stderr, flush=True)
+    raise
+  if folder.finish(FLAGS.grid_cols):
+    print(f"wrote {len(jobs)} images, {sample_folder.GRID} and {sample_folder.METADATA} to "
+          f"{FLAGS.out}")
+  else:
+    print(f"wrote {len(jobs)} images and {sample_folder.METADATA} to {FLAGS.out}; no "
+          f"{sample_folder.GRID}: it is made for up to {sample_folder.GRID_MAX_IMAGES} images")
 
 
 if __name__ == "__main__":

@@ -12,9 +12,16 @@ batch of prompts, the official sampling recipe (docs/reference.md §4.3-4.4, §6
 
 Shapes stay static under jit: every batch has `batch_size` rows (the last one padded with empty
 prompts, dropped afterwards) and the text features are padded to one length per call (the longest
-prompt rounded up to a multiple of 8, or a fixed `text_length`). Padding never changes outputs: the
-DiT masks padded caption keys and places image RoPE ids after the valid caption tokens. So one
-trajectory program is compiled per (batch, text length, latent size, sampler settings).
+prompt rounded up to a multiple of 8, or a fixed `text_length`). One trajectory program is compiled
+per (batch, text length, latent size, sampler settings). Padding leaves the math of the valid
+tokens as it is: the DiT masks padded caption keys and places image RoPE ids after the valid
+caption tokens. It does not leave the bits: XLA sums floats of another shape in another order, so
+another padded caption length (measured: 104 vs 168 tokens) or batch shape moves latents by ~4e-6
+and can move a few uint8 pixels by one level. The same prompts, seeds, batch size and text length
+give the same bytes on the same devices.
+
+`image_batches` yields each batch's images as soon as it is decoded, so a caller can write them
+as they come with memory bounded by one batch; `generate` gathers them for callers that want all.
 
 Given a mesh, the batch is split over its (data, fsdp) axes and the weights are replicated.
 The DiT comes from a training workdir (`dit_checkpoint.py`: EMA or raw params) or from
@@ -26,7 +33,7 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -241,6 +248,21 @@ class Generator:
               text_length: int | None = None,
               progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Sampled latents [N, h, w, C] fp32 (normalized latent space) for prompts[i] with seeds[i]."""
+    n = len(prompts)
+    out = []
+    for start, z in self._latent_batches(prompts, seeds, resolution, settings, batch_size,
+                                         text_length):
+      out.append(z)
+      if progress is not None:
+        progress(start + len(z), n)
+    return np.concatenate(out)
+
+  def _latent_batches(self, prompts, seeds, resolution, settings: SamplerSettings,
+                      batch_size: int, text_length: int | None
+                      ) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, latents [k, h, w, C]) of each batch of `batch_size` prompts (rounded up to the
+    batch split; 0: all in one), in order. The arguments are checked here, before the first
+    batch is asked for."""
     prompts, seeds = _check_prompts_seeds(prompts, seeds)
     settings.validate()
     shape = self.latent_shape(resolution)
@@ -249,18 +271,18 @@ class Generator:
     if length % self.pad_multiple:
       raise ValueError(f"text_length {length} is not a multiple of {self.pad_multiple}")
     chunk = round_up(batch_size if batch_size and batch_size > 0 else n, self.batch_multiple())
-    out = []
-    for start in range(0, n, chunk):
-      part_p, part_s = prompts[start:start + chunk], seeds[start:start + chunk]
-      k = len(part_p)
-      # Pad the last batch (empty prompts, seed 0) so every batch has one shape: one compile.
-      part_p = part_p + [text.UNCONDITIONAL] * (chunk - k)
-      part_s = part_s + [0] * (chunk - k)
-      feats, mask = self.text_features(part_p, length)
-      out.append(self.latents_from_features(feats, mask, part_s, shape, settings)[:k])
-      if progress is not None:
-        progress(start + k, n)
-    return np.concatenate(out)
+
+    def batches():
+      for start in range(0, n, chunk):
+        part_p, part_s = prompts[start:start + chunk], seeds[start:start + chunk]
+        k = len(part_p)
+        # Pad the last batch (empty prompts, seed 0) so every batch has one shape: one compile.
+        part_p = part_p + [text.UNCONDITIONAL] * (chunk - k)
+        part_s = part_s + [0] * (chunk - k)
+        feats, mask = self.text_features(part_p, length)
+        yield start, self.latents_from_features(feats, mask, part_s, shape, settings)[:k]
+
+    return batches()
 
   def latents_from_features(self, feats: np.ndarray, mask: np.ndarray, seeds: Sequence[int],
                             latent_shape: Sequence[int],
@@ -293,16 +315,41 @@ class Generator:
     `autoencoder.batch_size` says otherwise (0: all at once)."""
     return ae_lib.to_uint8(self.autoencoder.decode(latents, batch_size), truncate=True)
 
+  def image_batches(self, prompts: Sequence[str], seeds: Sequence[int], resolution,
+                    settings: SamplerSettings = SamplerSettings(), *, batch_size: int = 0,
+                    text_length: int | None = None,
+                    progress: Callable[[int, int], None] | None = None
+                    ) -> Iterator[tuple[range, np.ndarray]]:
+    """(indices, uint8 images [k, H, W, 3]) per batch of `batch_size` prompts, in order: image b
+    is prompts[indices[b]] from the noise of seeds[indices[b]], sampled and then decoded before
+    the next batch is sampled. A caller writes each batch as it comes: memory holds one batch's
+    latents and images, not the whole list's (20 GB for 1000 prompts at 1024 px), and an
+    interrupted run keeps what was done. The decoder's calls are those of
+    `decode(latents(...), batch_size)` (unless the autoencoder's own batch size cuts them
+    elsewhere), so are the bytes. Bad arguments raise here, not at the first batch."""
+    n = len(prompts)
+    batches = self._latent_batches(prompts, seeds, resolution, settings, batch_size, text_length)
+
+    def decoded():
+      for start, z in batches:
+        images = self.decode(z, batch_size)
+        if progress is not None:
+          progress(start + len(z), n)
+        yield range(start, start + len(z)), images
+
+    return decoded()
+
   def generate(self, prompts: Sequence[str], seeds: Sequence[int], resolution,
                settings: SamplerSettings = SamplerSettings(), *, batch_size: int = 0,
                text_length: int | None = None,
                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """uint8 images [N, H, W, 3] of prompts[i] from the noise of seeds[i]; decoded
-    `batch_size` at a time as they were sampled (a 1024 px image takes 1.5 GiB of decoder
-    temporaries: all of a long prompt list at once would not fit)."""
-    z = self.latents(prompts, seeds, resolution, settings, batch_size=batch_size,
-                     text_length=text_length, progress=progress)
-    return self.decode(z, batch_size)
+    `batch_size` at a time as they are sampled (`image_batches`: a 1024 px image takes 1.5 GiB of
+    decoder temporaries, all of a long prompt list at once would not fit)."""
+    parts = [images for _, images in self.image_batches(
+        prompts, seeds, resolution, settings, batch_size=batch_size, text_length=text_length,
+        progress=progress)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
   # ---- loading
 

@@ -164,6 +164,19 @@ def tokenize(tokenizer, captions: Sequence[str], system_prompt: str = BASE_SYSTE
   return ids, mask
 
 
+def token_counts(tokenizer, captions: Sequence[str], system_prompt: str = BASE_SYSTEM_PROMPT
+                 ) -> np.ndarray:
+  """Tokens of each caption as `tokenize` encodes it (<bos> and `system_prompt` included), before
+  any truncation: int [B]. A count above `tokenize`'s max_length means the caption is cut there,
+  which the official tokenization does silently; samplers use this to report it."""
+  if isinstance(captions, str):
+    raise TypeError("captions must be a sequence of str, got a single str")
+  texts = [with_system_prompt(c, system_prompt) for c in captions]
+  # verbose=False: no warning from transformers about captions over the tokenizer's own limit.
+  seqs = tokenizer(texts, truncation=False, padding=False, verbose=False)["input_ids"]
+  return np.array([len(s) for s in seqs], np.int64)
+
+
 class TextEncoder:
   """Frozen Gemma-2 + tokenizer: captions -> (features [B, L, D], lengths [B]).
 
@@ -215,6 +228,13 @@ class TextEncoder:
       raise ValueError("this TextEncoder has no tokenizer; call encode_tokens with token ids")
     return tokenize(self.tokenizer, captions, self.system_prompt, self.max_length,
                     pad_multiple=self.pad_multiple, pad_to=pad_to)
+
+  def token_counts(self, captions: Sequence[str]) -> np.ndarray:
+    """Each caption's tokens before truncation (`token_counts` with this encoder's tokenizer and
+    system prompt): those above `max_length` are cut by `tokenize`."""
+    if self.tokenizer is None:
+      raise ValueError("this TextEncoder has no tokenizer")
+    return token_counts(self.tokenizer, captions, self.system_prompt)
 
   def encode_tokens(self, ids: Any, mask: Any) -> tuple[jax.Array, jax.Array]:
     """(ids [B, L], mask [B, L]) -> (features [B, L, D], lengths [B] int32)."""

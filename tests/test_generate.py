@@ -245,6 +245,43 @@ def test_make_grid():
   assert not grid[4:6, 3:6].any()
 
 
+def test_image_batches_come_one_by_one_and_equal_the_whole_list(generator, monkeypatch):
+  """Each batch is sampled and decoded before the next is sampled, and the images are the bytes
+  of the whole list's latents decoded at once (`generate`'s output before it went by batches)."""
+  prompts = [GENEVAL[i]["prompt"] for i in (0, 7, 130, 300, 301)]
+  seeds = [3, 4, 5, 6, 7]
+  settings = gen.SamplerSettings(steps=2)
+  whole = generator.decode(generator.latents(prompts, seeds, RES, settings, batch_size=2), 2)
+  sampled, reported = [], []
+  sample = generator.latents_from_features
+  monkeypatch.setattr(generator, "latents_from_features",
+                      lambda *a, **k: sampled.append(1) or sample(*a, **k))
+  batches = generator.image_batches(prompts, seeds, RES, settings, batch_size=2,
+                                    progress=lambda done, total: reported.append((done, total)))
+  got = []
+  for indices, images in batches:
+    assert len(sampled) == len(got) + 1  # this batch sampled, the next not yet
+    assert images.dtype == np.uint8 and images.shape == (len(indices), 32, 48, 3)
+    got.append((indices, images))
+  assert [list(i) for i, _ in got] == [[0, 1], [2, 3], [4]]
+  assert reported == [(2, 5), (4, 5), (5, 5)]
+  np.testing.assert_array_equal(np.concatenate([im for _, im in got]), whole)
+  np.testing.assert_array_equal(generator.generate(prompts, seeds, RES, settings, batch_size=2),
+                                whole)
+  # Bad arguments fail at the call, not at the first batch.
+  with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+    generator.image_batches(["a", "b"], [0], RES)
+
+
+def test_token_counts_are_before_the_cut(generator):
+  enc = generator.text_encoder
+  short, long = GENEVAL[0]["prompt"], "a photo of a cat " * 100
+  counts = enc.token_counts(["", short, long])
+  _, mask = enc.tokenize(["", short, long])
+  assert counts[0] == 1 and counts[1] == mask[1].sum() < enc.max_length  # "" is <bos> alone
+  assert mask[2].sum() == enc.max_length < counts[2]
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
@@ -397,21 +434,6 @@ def test_prompt_file_errors(tmp_path):
     benchmarks.read_prompt_file(str(bad), "coco")
 
 
-def test_sample_folder_replaces_an_earlier_run_and_keeps_other_files(tmp_path):
-  out = tmp_path / "out"
-  cell = np.zeros((4, 6, 3), np.uint8)
-  sample_folder.write_folder(str(out), [cell] * 3, ["a", "b", "c"], [0, 1, 2], dict(steps=2))
-  (out / "notes.txt").write_text("mine")
-  with pytest.raises(sample_folder.InputError, match="holds an earlier run's images"):
-    sample_folder.check_folder(str(out), overwrite=False)
-  sample_folder.check_folder(str(out), overwrite=True)
-  sample_folder.write_folder(str(out), [cell + 9], ["d"], [7], dict(steps=3))
-  assert sorted(os.listdir(out)) == ["00000.png", "grid.png", "metadata.jsonl", "notes.txt"]
-  assert [json.loads(line) for line in open(out / "metadata.jsonl")] == [
-      dict(file="00000.png", prompt="d", seed=7, width=6, height=4, steps=3)]
-  assert _png(out / "00000.png").max() == 9
-
-
 # ----------------------------------------------------------------------------- the CLIs
 
 
@@ -454,6 +476,85 @@ def test_sample_cli(files, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   assert _tree(out) == ["00000.png", "grid.png", "metadata.jsonl"]
   assert [json.loads(line)["prompt"] for line in open(out / "metadata.jsonl")] == ["a cat"]
+
+
+# launch/sample.py as a user runs it, with Ctrl-C pressed while the second batch decodes.
+_INTERRUPTED_SAMPLE = """
+import runpy, sys
+sys.path.insert(0, {launch!r})
+from svg_jax import generate
+decode, calls = generate.Generator.decode, []
+
+def decode_then_interrupt(self, *args, **kwargs):
+  calls.append(1)
+  if len(calls) == 2:
+    raise KeyboardInterrupt
+  return decode(self, *args, **kwargs)
+
+generate.Generator.decode = decode_then_interrupt
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
+def test_sample_cli_writes_each_batch_as_it_is_decoded(files, generator, tmp_path):
+  """An interrupted run keeps the batches decoded before, their metadata lines and nothing else;
+  the folder is then an earlier run (refused without --overwrite)."""
+  wrapper = tmp_path / "interrupted_sample.py"
+  wrapper.write_text(_INTERRUPTED_SAMPLE.format(launch=os.path.join(REPO, "launch"),
+                                                script=os.path.join(REPO, "launch", "sample.py")))
+  prompts = [GENEVAL[i]["prompt"] for i in (0, 7, 130)]
+  out = tmp_path / "out"
+  r = script_runs.run(str(wrapper), *_common(files), *(f"--prompt={p}" for p in prompts),
+                      "--num_images=2", "--seed=4", "--batch_size=2", f"--out={out}")
+  assert script_runs.error_lines(r.stderr) == [
+      f"stopped: 2 of 6 images are written to {out} and listed in its metadata.jsonl",
+      "interrupted (Ctrl-C)"], r.stderr[-3000:]
+  assert _tree(out) == ["00000.png", "00001.png", "metadata.jsonl"]
+  meta = [json.loads(line) for line in open(out / "metadata.jsonl")]
+  assert [(m["file"], m["prompt"], m["seed"]) for m in meta] == [
+      ("00000.png", prompts[0], 4), ("00001.png", prompts[0], 5)]
+  # The whole list's images (same seeds, batch size and caption length), bit for bit.
+  jobs = [p for p in prompts for _ in range(2)]
+  want = generator.generate(jobs, range(4, 10), RES, gen.SamplerSettings(steps=2), batch_size=2)
+  for j in range(2):
+    np.testing.assert_array_equal(_png(out / f"{j:05d}.png"), want[j])
+  with pytest.raises(sample_folder.InputError, match="holds an earlier run's images"):
+    sample_folder.check_folder(str(out), overwrite=False)
+
+
+@pytest.mark.parametrize("args, where", [
+    (["--prompt=a cat", "--prompt="], "--prompt 2: the prompt is empty or blank"),
+    (["--prompt=a cat", "--prompts_jsonl=JSONL"], "JSONL line 3: the prompt is empty or blank "
+                                                  "(and 1 more)"),
+])
+def test_sample_cli_refuses_empty_prompts(files, tmp_path, args, where):
+  jsonl = tmp_path / "p.jsonl"
+  jsonl.write_text('{"prompt": "a dog"}\n\n{"prompt": "  "}\n{"prompt": ""}\n')
+  args = [a.replace("JSONL", str(jsonl)) for a in args]
+  r = script_runs.run("sample.py", *_common(files), *args, f"--out={tmp_path / 'out'}")
+  script_runs.assert_one_line(r, "usage error: " + where.replace("JSONL", str(jsonl)),
+                              "--allow_empty_prompts")
+  assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
+def test_sample_cli_allows_empty_prompts_and_reports_cut_ones(files, generator, tmp_path):
+  short, long = GENEVAL[0]["prompt"], "a photo of a cat " * 100  # 793 tokens, the limit 512
+  out = tmp_path / "out"
+  r = script_runs.run("sample.py", *_common(files), f"--prompt={short}", "--prompt=",
+                      f"--prompt={long}", "--allow_empty_prompts", f"--out={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert script_runs.error_lines(r.stderr) == [
+      "warning: 1 of 3 prompts are longer than the caption length (512 tokens with <bos> and the "
+      "system prompt) and are cut to it; the first: --prompt 3 (793 tokens). metadata.jsonl "
+      "marks their images caption_cut"]
+  assert _tree(out) == ["00000.png", "00001.png", "00002.png", "grid.png", "metadata.jsonl"]
+  meta = [json.loads(line) for line in open(out / "metadata.jsonl")]
+  _, mask = generator.text_encoder.tokenize([short])
+  assert [(m["prompt"], m["caption_tokens"], m["caption_cut"]) for m in meta] == [
+      (short, int(mask.sum()), False), ("", 1, False), (long, 512, True)]
 
 
 @pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
