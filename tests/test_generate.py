@@ -398,6 +398,97 @@ def test_a_peer_that_finishes_first_leaves_the_others_temporary_files(generator,
   assert not os.path.exists(tmp_path / ".tmp")
 
 
+def _bytes(root):
+  return {p: open(os.path.join(root, p), "rb").read() for p in _tree(root) if p.endswith(".png")}
+
+
+def test_an_image_is_the_same_however_the_prompts_are_split_or_resumed(generator, tmp_path):
+  """One caption length for the whole prompt file: a prompt's images do not depend on which
+  process made them or on what was left to do when a run resumed (the longest remaining prompt
+  set the length, and another padded length moves a pixel by a level now and then)."""
+  items = GENEVAL[:3] + [dict(GENEVAL[3], prompt=DPG[0]["prompt"])]  # one much longer prompt
+  settings = gen.SamplerSettings(steps=2)
+  kw = dict(batch_size=2, images_per_prompt=2, stream=io.StringIO())
+  lengths = []
+
+  class Recording:
+    def __getattr__(self, name):
+      return getattr(generator, name)
+
+    def generate(self, *args, **kwargs):
+      lengths.append(kwargs["text_length"])
+      return generator.generate(*args, **kwargs)
+
+  whole, split = tmp_path / "whole", tmp_path / "split"
+  benchmarks.run_benchmark(Recording(), items, "geneval", str(whole), RES, settings, **kw)
+  for index in (0, 1):  # process 0 has only short prompts
+    benchmarks.run_benchmark(Recording(), items, "geneval", str(split), RES, settings,
+                             process_index=index, process_count=2, **kw)
+  for k in range(2):  # resumed with only a short prompt left to do
+    os.remove(split / "00000" / "samples" / f"{k:05d}.png")
+  benchmarks.run_benchmark(Recording(), items, "geneval", str(split), RES, settings, **kw)
+  full = generator.text_length([it["prompt"] for it in items])
+  assert full > generator.text_length([it["prompt"] for it in items[:3]])
+  assert lengths and set(lengths) == {full}, lengths
+  assert _bytes(split) == _bytes(whole) and len(_bytes(whole)) == 8
+
+
+def test_damaged_files_are_made_again_and_stray_ones_named(generator, tmp_path):
+  items = GENEVAL[:2]
+  settings = gen.SamplerSettings(steps=2)
+  kw = dict(batch_size=2, images_per_prompt=2)
+  benchmarks.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
+                           stream=io.StringIO(), **kw)
+  whole = _bytes(tmp_path)
+  cut, empty = (tmp_path / "00000" / "samples" / "00001.png",
+                tmp_path / "00001" / "samples" / "00000.png")
+  cut.write_bytes(cut.read_bytes()[:100])  # a copy that stopped half-way
+  empty.write_bytes(b"")
+  (tmp_path / "00001" / "samples" / "00007.png").write_bytes(b"x")
+  out = io.StringIO()
+  s = benchmarks.run_benchmark(generator, items, "geneval", str(tmp_path), RES, settings,
+                               stream=out, **kw)
+  assert s == dict(prompts=2, skipped=0, images=2, written=2)
+  assert "2 damaged files (not whole PNGs) are made again" in out.getvalue()
+  assert ("warning: 1 files in samples/ folders are none of this run's 2 images per prompt"
+          in out.getvalue()) and "00001/samples/00007.png" in out.getvalue()
+  again = _bytes(tmp_path)
+  assert {p: again[p] for p in whole} == whole
+
+
+def test_batches_are_whole_for_the_devices_and_killed_runs_leave_no_temporary_folder(
+    generator, tmp_path, monkeypatch):
+  """--batch_size 2 where the batch splits over 4 devices: batches of 4 images, not 2 padded
+  to 4 (half the work thrown away); a killed run's temporary folder on this host goes, a live
+  process's and another host's stay."""
+  calls = []
+
+  class FourDevices:
+    def __getattr__(self, name):
+      return getattr(generator, name)
+
+    def batch_multiple(self):
+      return 4
+
+    def generate(self, prompts, *args, **kwargs):
+      calls.append((len(prompts), kwargs["batch_size"]))
+      return generator.generate(prompts, *args, **kwargs)
+
+  host = "this-host"
+  monkeypatch.setattr(benchmarks.socket, "gethostname", lambda: host)
+  shared = tmp_path / benchmarks.TMP_DIR
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  for name in (f"{host}-{dead}", f"{host}-{os.getppid()}", f"other-host-{dead}"):
+    (shared / name).mkdir(parents=True)
+    (shared / name / "leftover.png").write_bytes(b"x")
+  benchmarks.run_benchmark(FourDevices(), GENEVAL[:3], "geneval", str(tmp_path), RES,
+                           gen.SamplerSettings(steps=2), batch_size=2, images_per_prompt=2,
+                           stream=io.StringIO())
+  assert calls == [(4, 4), (2, 4)], calls
+  assert sorted(os.listdir(shared)) == sorted([f"{host}-{os.getppid()}", f"other-host-{dead}"])
+
+
 def test_dpg_grids(generator, tmp_path):
   items = DPG[:2]
   settings = gen.SamplerSettings(steps=2)
