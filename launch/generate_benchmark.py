@@ -11,11 +11,15 @@ Layouts (official recipe: 4 images per prompt, image k of prompt i from seed 42 
 Sharded: process p of P handles the prompts i with i % P == p (default: the JAX process index and
 count; override with --process_index / --process_count to split over separate jobs); each process
 splits its batches over its local devices. A process that is done waits for the others (up to
-48 h) before it exits: JAX ends the processes of a run together. Resumable: prompts whose files all exist are skipped, a
-GenEval prompt with some samples gets the missing ones; files appear atomically. The first run
-writes what decides the images (weights, sampler, resolution, prompt file...) to
-<out>/generation.json; a rerun with other settings is refused instead of mixing images.
+48 h) before it exits: JAX ends the processes of a run together. Resumable: prompts whose files
+all exist are skipped, a GenEval prompt with some samples gets the missing ones; damaged files
+are made again; files appear atomically. Prompts longer than the caption length are cut, with a
+warning line. The first run writes what decides the images (weights, sampler, resolution, prompt
+file...) to <out>/generation.json; a rerun with other settings is refused instead of mixing
+images.
 """
+import sys
+
 from absl import app, flags
 
 from svg_jax import cli
@@ -67,6 +71,14 @@ def main(argv):
       benchmark=FLAGS.benchmark, prompts_sha256=latent_stats.file_sha256(prompts),
       images_per_prompt=FLAGS.images_per_prompt, resolution=resolution,
       **generator_flags.provenance(settings, generator)))
+  encoder = generator.text_encoder
+  counts = encoder.token_counts([item["prompt"] for item in items])  # before truncation
+  cut = [i for i, c in enumerate(counts) if c > encoder.max_length]
+  if cut:
+    print(f"warning: {len(cut)} of {len(items)} prompts are longer than the caption length "
+          f"({encoder.max_length} tokens with <bos> and the system prompt) and are cut to it, "
+          f"as the official sampler cuts them; the first: line {cut[0] + 1} ({counts[cut[0]]} "
+          "tokens)", file=sys.stderr, flush=True)
   summary = benchmarks.run_benchmark(generator, items, FLAGS.benchmark, FLAGS.out, resolution,
                               settings, batch_size=FLAGS.batch_size,
                               images_per_prompt=FLAGS.images_per_prompt, process_index=index,

@@ -674,6 +674,16 @@ def test_benchmark_cli_writes_the_official_layouts(files, tmp_path):
   grid = os.path.splitext(DPG[1]["filename"])[0] + ".png"
   assert _tree(out) == sorted([grid, "generation.json"])
   assert _png(out / grid).shape == (64, 96, 3)
+  # A prompt past the caption length: cut, as the official sampler cuts it, and said.
+  prompts = tmp_path / "long.jsonl"
+  prompts.write_text(json.dumps(GENEVAL[0]) + "\n" +
+                     json.dumps(dict(GENEVAL[1], prompt="a red cube " * 300)) + "\n")
+  r = _run("generate_benchmark.py", *_common(files), "--benchmark=geneval", f"--prompts={prompts}",
+           "--images_per_prompt=1", f"--out={tmp_path / 'long'}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert ("warning: 1 of 2 prompts are longer than the caption length (512 tokens with <bos> and "
+          "the system prompt) and are cut to it, as the official sampler cuts them; the first: "
+          "line 2 (") in r.stderr, r.stderr[-3000:]
 
 
 @pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
