@@ -73,8 +73,10 @@ def provenance(settings, generator) -> dict:
     return os.path.abspath(p) if p else None
 
   ae = FLAGS.config.autoencoder
-  return dict(steps=settings.steps, cfg=settings.cfg_scale, cfg_mode=settings.cfg_mode,
-              renorm=settings.renorm, shift=settings.shift, solver=settings.solver,
+  # Only what decides the images: no guidance has no scale, only renorm-CFG clips.
+  guided, clipped = settings.cfg_mode != "none", settings.cfg_mode == "renorm"
+  return dict(steps=settings.steps, cfg=settings.cfg_scale if guided else None,
+              cfg_mode=settings.cfg_mode, renorm=settings.renorm if clipped else None, shift=settings.shift, solver=settings.solver,
               system_type=FLAGS.system_type,
               checkpoint=path(FLAGS.checkpoint), step=generator.checkpoint_step,
               ema=FLAGS.ema if FLAGS.checkpoint else None, weights=path(FLAGS.weights),

@@ -679,11 +679,16 @@ def test_benchmark_cli_writes_the_official_layouts(files, tmp_path):
   prompts.write_text(json.dumps(GENEVAL[0]) + "\n" +
                      json.dumps(dict(GENEVAL[1], prompt="a red cube " * 300)) + "\n")
   r = _run("generate_benchmark.py", *_common(files), "--benchmark=geneval", f"--prompts={prompts}",
-           "--images_per_prompt=1", f"--out={tmp_path / 'long'}")
+           "--images_per_prompt=1", f"--out={tmp_path / 'long'}", "--cfg_mode=none", "--cfg=7")
   assert r.returncode == 0, r.stderr[-3000:]
   assert ("warning: 1 of 2 prompts are longer than the caption length (512 tokens with <bos> and "
           "the system prompt) and are cut to it, as the official sampler cuts them; the first: "
           "line 2 (") in r.stderr, r.stderr[-3000:]
+  # Unguided, the scale decides nothing: another one resumes the folder instead of a refusal.
+  r = _run("generate_benchmark.py", *_common(files), "--benchmark=geneval", f"--prompts={prompts}",
+           "--images_per_prompt=1", f"--out={tmp_path / 'long'}", "--cfg_mode=none", "--cfg=3")
+  assert r.returncode == 0 and "2 already finished, 0 images to generate" in r.stdout, (
+      r.stdout[-2000:] + r.stderr[-2000:])
 
 
 @pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
