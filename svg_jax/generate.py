@@ -200,6 +200,12 @@ class Generator:
   def latent_shape(self, resolution) -> tuple[int, int, int]:
     """(height, width) pixels (or a 'WxH' string) -> the latent [h, w, C]."""
     h, w = parse_resolution(resolution, self.pixels_per_token)
+    rows, cols = h // self.pixels_per_token, w // self.pixels_per_token
+    _, max_rows, max_cols = self.cfg.axes_lens
+    if rows > max_rows or cols > max_cols:  # positions past the RoPE table would be clamped
+      raise InputError(f"resolution {w}x{h} is {cols}x{rows} tokens, more than the DiT's "
+                       f"position table holds ({max_cols}x{max_rows}, model.axes_lens): at most "
+                       f"{max_cols * self.pixels_per_token}x{max_rows * self.pixels_per_token}")
     f = self.autoencoder.decoder_cfg.upsample_factor
     return h // f, w // f, self.cfg.in_channels
 

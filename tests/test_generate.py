@@ -754,6 +754,9 @@ def test_bad_flags_fail_clearly(files, tmp_path, flag, message):
      "input error: WEIGHTS is a file, not a training workdir"),
     ("sample.py", dict(out="A_FILE"), "input error: --out A_FILE cannot be made: A_FILE is a file"),
     ("sample.py", dict(seed=-1), "usage error: --seed must be >= 0"),
+    ("sample.py", dict(resolution="1040x16"),
+     "input error: resolution 1040x16 is 65x1 tokens, more than the DiT's position table holds "
+     "(64x64, model.axes_lens): at most 1024x1024"),
     ("sample.py", dict(step=3), "usage error: --step and --ema/--noema apply to --checkpoint"),
     ("generate_benchmark.py", dict(benchmark="geneval", images_per_prompt=0),
      "input error: images per prompt must be >= 1, got 0"),
