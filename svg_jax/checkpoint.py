@@ -18,7 +18,8 @@ and never taken for damage.
 
 Restoring takes an abstract target tree whose leaves carry the *target* shardings, so a checkpoint
 written on one mesh restores onto any other. `load_state_item` reads one entry of the saved state
-(`load_params`: the params of another run, for stage transitions with `train.init_from`).
+(`load_params`: the params of another run, for stage transitions with `train.init_from`;
+`place_params` puts converted weights onto the same shardings).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -362,6 +364,22 @@ def resolve_step(latest: int | None, step: int | None, all_steps, directory: str
   return step
 
 
+def source_step(source: str, step: int | None = None, *,
+                what: str = "checkpoint") -> tuple[str, int]:
+  """(`checkpoints` folder, step) of a run's workdir or its `checkpoints` folder: `step`, or the
+  newest finished one (None). FileNotFoundError prefixed `what:` naming the folder when there is
+  no such checkpoint. A listing only: no manager, whose constructor waits for every process."""
+  directory = source if os.path.basename(os.path.normpath(source)) == SUBDIR else checkpoint_dir(
+      source)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"{what}: no checkpoint folder at {directory}")
+  steps = finished_steps(directory)
+  try:
+    return directory, resolve_step(max(steps, default=None), step, steps, directory)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f"{what}: {e}") from None
+
+
 def load_state_item(source: str, item: str, abstract, step: int | None = None, *,
                     what: str = "checkpoint", task: str | None = None):
   """One entry of a run's saved `state` (`params`, `ema_params`, ...) of step `step` (default:
@@ -376,16 +394,15 @@ def load_state_item(source: str, item: str, abstract, step: int | None = None, *
   IncompatibleCheckpoint (prefixed `what:`) when the run's saved config names another `task`
   than `task` (when given), or listing the mismatched entries when the trees differ.
   """
-  directory = source if os.path.basename(os.path.normpath(source)) == SUBDIR else checkpoint_dir(
-      source)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{what}: no checkpoint folder at {directory}")
-  steps = finished_steps(directory)  # a listing (a manager's constructor would wait for all
-  # processes in a barrier)
-  try:
-    step = resolve_step(max(steps, default=None), step, steps, directory)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{what}: {e}") from None
+  out, step, directory = _load_state_item(source, item, abstract, step, what=what, task=task)
+  log.info("%s: loaded %s of step %d from %s", what, item, step, directory)
+  return out
+
+
+def _load_state_item(source: str, item: str, abstract, step: int | None, *, what: str,
+                     task: str | None):
+  """`load_state_item`'s (entry, step read, `checkpoints` folder), logging nothing."""
+  directory, step = source_step(source, step, what=what)
   if task is not None:
     saved_task = _saved_task(directory, step)
     if saved_task not in (None, task):
@@ -407,16 +424,32 @@ def load_state_item(source: str, item: str, abstract, step: int | None = None, *
           item={item: abstract}, restore_args={item: restore_args}, partial_restore=True))
   finally:
     handler.close()
-  log.info("%s: loaded %s of step %d from %s", what, item, step, directory)
-  return out[item]
+  return out[item], step, directory
 
 
 def load_params(source: str, abstract_params, step: int | None = None, *,
                 task: str | None = None):
-  """The `params` of another run's checkpoint of `task` (stage transitions: `train.init_from`);
-  the optimizer state and EMA of that run are not read."""
-  return load_state_item(source, "params", abstract_params, step, what="train.init_from",
-                         task=task)
+  """(params, step read) of another run's checkpoint of `task`, `step` or the newest (stage
+  transitions: `train.init_from`, whose loop logs what it loaded); the optimizer state and EMA
+  of that run are not read."""
+  params, step, _ = _load_state_item(source, "params", abstract_params, step,
+                                     what="train.init_from", task=task)
+  return params, step
+
+
+def place_params(tree, abstract, what: str):
+  """Host arrays `tree` (nested dicts of numpy arrays: converted weights) placed on the
+  shardings of `abstract` (ShapeDtypeStructs), each process making only its own shards: what
+  `load_params` gives for a checkpoint. IncompatibleCheckpoint (`what` ...) when the leaves or
+  their shapes differ."""
+  _check_same_tree(tree, abstract, what)
+  host = _flat(tree)
+
+  def put(path, leaf):
+    array = np.asarray(host[_leaf_name(path)], leaf.dtype)
+    return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: array[index])
+
+  return jax.tree_util.tree_map_with_path(put, abstract)
 
 
 def _saved_task(directory: str, step: int) -> str | None:

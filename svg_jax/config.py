@@ -166,7 +166,13 @@ def _training_config(task: str) -> ml_collections.ConfigDict:
   c.train.eps = 1e-15
   c.train.weight_decay = 0.0
   c.train.grad_clip = 2.0
-  c.train.init_from = ""  # checkpoint dir of an earlier stage: params (not optimizer) + EMA from them
+  # An earlier stage's workdir (or a weights file, see init_from_format) whose params start this
+  # run; the optimizer starts fresh, the DiT's EMA as a copy. Unread when the workdir resumes.
+  c.train.init_from = ""
+  # "": a training workdir; flax | official | safetensors | diffusers: weights as launch/convert.py
+  # reads them (svg_jax/convert/dit_io.py, decoder_io.py).
+  c.train.init_from_format = ""
+  c.train.init_from_step = -1  # the workdir's checkpoint step to start from; -1: the newest
   c.train.log_every = 50
   c.train.checkpoint_every = 2000  # 0: never (benchmarks), not even at the end or on a signal
   c.train.keep_checkpoints = 3

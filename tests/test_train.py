@@ -351,7 +351,9 @@ def test_nan_loss_stops_without_saving_the_bad_state(data_dir, tmp_path):
   config.train.update(dict(debug_nan_step=-1, init_from=str(tmp_path)))
   mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2))
   setup = dit_task.DiTSetup(config, mesh)
-  params = ckpt_lib.load_params(str(tmp_path), setup.abstract_state.params, task="dit")
+  params, loaded_step = ckpt_lib.load_params(str(tmp_path), setup.abstract_state.params,
+                                             task="dit")
+  assert loaded_step == 4
   with pytest.raises(ckpt_lib.IncompatibleCheckpoint, match=r'^train.init_from: .* is a `task = '
                      r'"dit"` training run, not a "decoder" one$'):  # the decoder's init_from
     ckpt_lib.load_params(str(tmp_path), setup.abstract_state.params, task="decoder")

@@ -23,10 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from svg_jax import checkpoint as ckpt_lib
 from svg_jax import latent_stats, parallel
 from svg_jax.autoencoder import to_uint8
 from svg_jax.eval.image_metrics import psnr
 from svg_jax.input_errors import InputError
+from svg_jax.convert import decoder_io
 from svg_jax.convert.dinov3 import load_dinov3
 from svg_jax.convert.lpips import load_lpips
 from svg_jax.data import image_pipeline
@@ -281,6 +283,20 @@ class DecoderSetup:
     """A fresh state (optimizers, discriminator from the config seed) around given decoder
     params: a later stage starts from an earlier stage's decoder."""
     return self._from_params(params, jax.random.PRNGKey(int(self.config.seed)))
+
+  # The loop's init_from line.
+  init_from_note = "the discriminator starts afresh from `seed`, off for loss.disc_start steps"
+
+  def load_init_params(self, source: str, fmt: str, step: int | None):
+    """(decoder params on the state's shardings, step read or None) of `train.init_from`: a
+    training workdir's decoder (fmt "") read straight into its shards, or weights in a
+    `decoder_io` format (the official autoencoder's decoder, ...) read on the host."""
+    abstract = self.abstract_state.params
+    if not fmt:
+      return ckpt_lib.load_params(source, abstract, step, task="decoder")
+    params = decoder_io.load_decoder_weights(source, fmt, self.decoder_cfg)
+    return ckpt_lib.place_params(params, abstract,
+                                 f"train.init_from {source}: its decoder params"), None
 
   def compile_step(self, state, batch, rng):
     compiled = self._step.lower(state, batch, rng, self.frozen).compile()

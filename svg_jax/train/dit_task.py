@@ -10,21 +10,25 @@ held-out flow loss per noise level, built with the loop's logger (the hook that 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from svg_jax import autoencoder as ae_lib
+from svg_jax import checkpoint as ckpt_lib
 from svg_jax import config as config_lib
 from svg_jax import flow, parallel
+from svg_jax.convert import dit_io
 from svg_jax.convert.gemma2 import config_from_hf_json, load_gemma2
 from svg_jax.data import pipeline as pipeline_lib
 from svg_jax.data import records
 from svg_jax.models.gemma2 import Gemma2Encoder
-from svg_jax.models.nextdit import NextDiT
+from svg_jax.models.nextdit import NextDiT, abstract_params
 from svg_jax.train import dit_step, flop_count
 from svg_jax.train import state as state_lib
 from svg_jax.train import task_api
@@ -295,6 +299,39 @@ class DiTSetup:
 
   def state_from_params(self, params):
     return self._from_params(params)
+
+  init_from_note = "the EMA starts as a copy of these params"  # the loop's init_from line
+
+  def load_init_params(self, source: str, fmt: str, step: int | None):
+    """(params on the state's shardings, step read or None) of `train.init_from`: a training
+    workdir's params (fmt "") read straight into their shards, or weights in a `dit_io` format
+    read on the host. A workdir of the other `model.scan_layers` is read in its own layout and
+    restacked on the host (dit_io.params_from_tree)."""
+    abstract = self.abstract_state.params
+    what = f"train.init_from {source}: its params"
+    if fmt:
+      return ckpt_lib.place_params(dit_io.load_dit(source, fmt, self.model_cfg), abstract,
+                                   what), None
+    directory, step = ckpt_lib.source_step(source, step, what="train.init_from")
+    try:
+      saved = ckpt_lib.read_saved_config(directory, step)
+    except Exception:  # noqa: BLE001  (the params' own checks then say what does not fit)
+      saved = None
+    saved = saved if isinstance(saved, dict) else {}
+    scanned = (saved.get("model") or {}).get("scan_layers")
+    if (saved.get("task", "dit") != "dit" or scanned is None
+        or bool(scanned) == self.model_cfg.scan_layers):
+      return ckpt_lib.load_params(source, abstract, step, task="dit")
+    logging.info("train.init_from %s: its run has model.scan_layers %s, this one %s: its params "
+                 "are read into host memory and restacked", source, bool(scanned),
+                 self.model_cfg.scan_layers)
+    # Read in the source's layout onto this host's CPU (every process reads its own copy).
+    layout = dataclasses.replace(self.model_cfg, scan_layers=bool(scanned))
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    saved_abstract = parallel.abstract_arrays(nn.meta.unbox(abstract_params(layout)), host)
+    tree, step = ckpt_lib.load_params(source, saved_abstract, step, task="dit")
+    tree = dit_io.params_from_tree(jax.device_get(tree), self.model_cfg)
+    return ckpt_lib.place_params(tree, abstract, what), step
 
   def device_batch(self, local_batch: dict) -> dict:
     return parallel.global_batch({k: local_batch[k] for k in self.batch_keys}, self.mesh)

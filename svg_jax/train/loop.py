@@ -14,10 +14,12 @@ Order of work (nothing compiles before the config has been checked):
      their logical axis names, so the optimizer moments and EMA inherit the parameter shardings);
      a jitted init with out_shardings materializes every array directly in its shards.
   3. Auto-resume from the newest checkpoint in `workdir` (state onto this run's shardings, data
-     iterator at its saved position, also from a run of another process count); otherwise
-     `train.init_from` params (one that cannot be read or does not fit the model is the same
-     one-line ConfigError on every process), otherwise a fresh init. A newest step that cannot
-     be restored (a truncated or missing file) is logged in one line, moved to
+     iterator at its saved position, also from a run of another process count; one line lists
+     the config fields changed since that checkpoint was saved, `train.init_from` is ignored and
+     never looked at); otherwise `train.init_from` params (a workdir's step, or a weights file of
+     `train.init_from_format` read by the task; one that cannot be read or does not fit the
+     model is the same one-line ConfigError on every process), otherwise a fresh init. A newest
+     step that cannot be restored (a truncated or missing file) is logged in one line, moved to
      `<workdir>/damaged_checkpoints/` and the previous step is restored: a damaged checkpoint
      costs one interval, not the run. A checkpoint of another run (another model or optimizer,
      told from its metadata; another loader pipeline) is a one-line `ResumeError`, and stays.
@@ -130,9 +132,51 @@ def _range_problems(config) -> list[str]:
   return out
 
 
+# `train.init_from_format`s besides "" (a training workdir): the formats of the weight readers
+# (svg_jax/convert/dit_io.py, decoder_io.py; a test keeps them equal).
+INIT_FORMATS = ("flax", "official", "safetensors", "diffusers")
+_FILE_FORMATS = ("flax", "official", "safetensors")  # one file (diffusers: a folder)
+
+
+def _resumes(workdir: str | None) -> bool:
+  """Whether `workdir` has a finished checkpoint, which the run resumes (train.init_from unread)."""
+  return workdir is not None and bool(ckpt_lib.finished_steps(ckpt_lib.checkpoint_dir(workdir)))
+
+
+def _init_from_problems(t, workdir: str | None) -> list[str]:
+  """`train.init_from*` fields that cannot start a run. The source itself is looked at only when
+  it will be read: a run that resumes its workdir does not need it (an earlier stage's workdir
+  may be gone by then)."""
+  fmt, step, source = t.init_from_format, int(t.init_from_step), t.init_from
+  out = []
+  if fmt and fmt not in INIT_FORMATS:
+    out.append(f"train.init_from_format {fmt!r} is not one of {('',) + INIT_FORMATS} (\"\": a "
+               "training workdir)")
+  if step < -1:
+    out.append(f"train.init_from_step must be -1 (the newest) or a step >= 0, got {step}")
+  elif step != -1 and fmt:
+    out.append(f"train.init_from_step {step} picks a checkpoint of a training workdir; {fmt} "
+               "weights have no steps (leave it -1)")
+  if not source or out or _resumes(workdir):
+    return out
+  if not os.path.exists(source):
+    out.append(f"train.init_from {source!r} does not exist")
+  elif not fmt and not os.path.isdir(source):
+    out.append(f"train.init_from {source!r} is a file, not a training workdir: set "
+               f"train.init_from_format to its format (one of {INIT_FORMATS})")
+  elif fmt in _FILE_FORMATS and os.path.isdir(source):
+    hint = (" (a training workdir is read with train.init_from_format \"\")" if
+            os.path.isdir(ckpt_lib.checkpoint_dir(source)) else "")
+    out.append(f"train.init_from {source!r} is a folder; the {fmt} format is one file{hint}")
+  return out
+
+
 def validate_config(config, task: Task, num_devices: int | None = None,
-                    process_count: int | None = None) -> tuple[int, ...]:
-  """Checks everything that can be checked without compiling; returns the mesh shape."""
+                    process_count: int | None = None,
+                    workdir: str | None = None) -> tuple[int, ...]:
+  """Checks everything that can be checked without compiling; returns the mesh shape. With the
+  run's `workdir`, `train.init_from` is checked only when the workdir has no checkpoint to
+  resume."""
   num_devices = jax.device_count() if num_devices is None else num_devices
   process_count = jax.process_count() if process_count is None else process_count
   problems: list[str] = []
@@ -171,8 +215,7 @@ def validate_config(config, task: Task, num_devices: int | None = None,
   if t.chip != "auto" and t.chip not in chip_specs.PEAK_TFLOPS:
     problems.append(f"train.chip {t.chip!r} is not one of "
                     f"{['auto'] + sorted(chip_specs.PEAK_TFLOPS)}")
-  if t.init_from and not os.path.isdir(t.init_from):
-    problems.append(f"train.init_from {t.init_from!r} does not exist")
+  problems += _init_from_problems(t, workdir)
   problems += task.config_problems(config, process_count)
   if problems:
     raise ConfigError("; ".join(p.replace("\n", " ") for p in problems))
@@ -428,28 +471,41 @@ def _resume(ckpt, setup, agreement: _Agreement, logger, stall: stall_watch.Stall
   return None, None, data_iter
 
 
-def _init_from(source: str, task: str, setup, agreement: _Agreement,
-               stall: stall_watch.StallWatch):
-  """The params of `train.init_from`'s newest checkpoint, read by every process and agreed on: a
-  read that fails anywhere is tried once more on every process (a network filesystem's error
-  may pass), then every process raises the same one-line error: ConfigError (no checkpoint
-  there, one of another model, or one that cannot be read) or OutOfMemory."""
+def _naming(source: str, error: BaseException | str) -> str:
+  """`error`'s message on one line, starting with `train.init_from` (and the source)."""
+  text = " ".join(str(error).split())
+  return text if text.startswith("train.init_from") else f"train.init_from {source}: {text}"
+
+
+def _init_from(t, setup, agreement: _Agreement, stall: stall_watch.StallWatch):
+  """(params, step read or None for a weights file) of `train.init_from` (its step
+  `train.init_from_step`, -1 the newest; a file in `train.init_from_format`), read by every
+  process and agreed on: a read that fails anywhere is tried once more on every process (a
+  network filesystem's error may pass), then every process raises the same one-line error:
+  ConfigError (no checkpoint there, one of another model, or one that cannot be read) or
+  OutOfMemory."""
+  source, fmt = t.init_from, t.init_from_format
+  step = None if int(t.init_from_step) < 0 else int(t.init_from_step)
   stall.expect(f"reading train.init_from {source}")
   for attempt in range(2):
-    params, reason = None, ""
+    loaded, reason = None, ""
     try:
-      params, verdict = ckpt_lib.load_params(source, setup.abstract_state.params,
-                                             task=task), _OK
+      loaded, verdict = setup.load_init_params(source, fmt, step), _OK
     except FileNotFoundError as e:  # no finished checkpoint (yet: a listing may be stale)
-      verdict, reason = _DAMAGED, str(e)
+      verdict, reason = _DAMAGED, _naming(source, e)
+    except InputError as e:  # weights that do not fit the model, a file of another format
+      verdict, reason = _INCOMPATIBLE, _naming(source, e)
     except Exception as e:  # noqa: BLE001  (any other failure to read it)
       verdict, reason = _read_verdict(e)
-      if verdict != _INCOMPATIBLE:  # that reason names the source already
-        reason = f"train.init_from {source}: its checkpoint cannot be read ({reason})"
+      if verdict == _INCOMPATIBLE:
+        reason = _naming(source, reason)
+      else:
+        what = "its checkpoint" if not fmt else f"its {fmt} weights"
+        reason = f"train.init_from {source}: {what} cannot be read ({reason})"
     agreed = agreement.max(verdict)
     if agreed == _OK:
       stall.pause()  # what follows (the optimizer state's compile and init) is local work
-      return params
+      return loaded
     if agreed != _DAMAGED or attempt:
       break
     logging.warning("train.init_from %s failed to load (%s); reading it once more", source,
@@ -458,6 +514,60 @@ def _init_from(source: str, task: str, setup, agreement: _Agreement,
     raise OutOfMemory(f"loading train.init_from {source} ({reason or 'on another process'}); no "
                       "step was run: free host or device memory, or start on more devices")
   raise ConfigError(reason or f"train.init_from {source} cannot be loaded on another process")
+
+
+_MISSING = object()
+_CHANGES_SHOWN, _VALUE_CHARS = 12, 40  # in the resume's one line
+
+
+def _flat_json(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat_json(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+  """`field old -> new` for every config field whose value differs between the config a
+  checkpoint saved and this run's (`absent` where one has no such field), by field name."""
+  old, new = _flat_json(saved), _flat_json(current)
+
+  def shown(value) -> str:
+    text = "absent" if value is _MISSING else repr(tuple(value) if isinstance(value, list)
+                                                   else value)
+    return text if len(text) <= _VALUE_CHARS else text[:_VALUE_CHARS - 3] + "..."
+
+  return [f"{k} {shown(old.get(k, _MISSING))} -> {shown(new.get(k, _MISSING))}"
+          for k in sorted(set(old) | set(new)) if old.get(k, _MISSING) != new.get(k, _MISSING)]
+
+
+def _log_resume(ckpt, step: int, config_json: dict, t, workdir: str) -> None:
+  """What a resume keeps from the command: one line for the config fields that differ from the
+  checkpoint's saved config (those a checkpoint refuses never get here: ResumeError), one for an
+  ignored `train.init_from`, one when nothing is left to train."""
+  if t.init_from:
+    logging.info("train.init_from %s ignored: resuming %s at step %d", t.init_from, workdir, step)
+  else:
+    logging.info("resumed from %s step %d", ckpt.directory, step)
+  try:
+    saved = ckpt.read_config(step)
+  except Exception as e:  # noqa: BLE001  (restored without it: only the note is lost)
+    logging.warning("the config saved with step %d cannot be read (%s): not compared with this "
+                    "run's", step, first_line(e))
+    saved = None
+  if isinstance(saved, dict):
+    changes = config_changes(saved, config_json)
+    if changes:
+      rest = len(changes) - _CHANGES_SHOWN
+      logging.warning("resuming step %d with %d config field%s changed since it was saved: %s%s",
+                      step, len(changes), "s" if len(changes) > 1 else "",
+                      "; ".join(changes[:_CHANGES_SHOWN]), f"; {rest} more" if rest > 0 else "")
+  if step >= int(t.num_steps):
+    logging.warning("the run is already at step %d >= train.num_steps %d: nothing to train "
+                    "(raise train.num_steps to go on)", step, int(t.num_steps))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -474,8 +584,8 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   if init_timeout < 1:
     raise ConfigError(f"train.distributed_init_timeout_s must be >= 1, got {init_timeout}")
   multihost.initialize_distributed(heartbeat, init_timeout)
-  mesh_shape = validate_config(config, task)
   workdir = os.path.abspath(workdir)
+  mesh_shape = validate_config(config, task, workdir=workdir)
   # Before the first step: not after training up to the first checkpoint.
   writable_folders.check_writable_folder(workdir, "the workdir")
   writable_folders.check_writable_folder(ckpt_lib.checkpoint_dir(workdir), "the checkpoint folder")
@@ -526,12 +636,26 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   try:
     with parallel.mesh_context(mesh, setup.rules):
       state, resumed_from, data_iter = _resume(ckpt, setup, agreement, logger, stall)
+    # Off the mesh context: a weights reader's host work (a model's boxed abstract params) must
+    # not be constrained to the run's mesh; the params are placed on explicit shardings.
+    loaded = (_init_from(t, setup, agreement, stall)
+              if resumed_from is None and t.init_from else None)
+    with parallel.mesh_context(mesh, setup.rules):
       if resumed_from is not None:
-        logging.info("resumed from %s step %d", ckpt.directory, resumed_from)
-        logger.event(resumed_from, event="resume")
-      elif t.init_from:
-        state = setup.state_from_params(_init_from(t.init_from, config.task, setup, agreement, stall))
-        logger.event(0, event="init_from", source=t.init_from)
+        _log_resume(ckpt, resumed_from, config_json, t, workdir)
+        logger.event(resumed_from, event="resume",
+                     **({"init_from_ignored": t.init_from} if t.init_from else {}))
+      elif loaded is not None:
+        params, source_step = loaded
+        state = setup.state_from_params(params)
+        del params, loaded
+        what = (f"the params of step {source_step} of {t.init_from}" if source_step is not None
+                else f"the {t.init_from_format} weights {t.init_from}")
+        logging.info("train.init_from: loaded %s; the optimizer state starts fresh, %s", what,
+                     setup.init_from_note)
+        logger.event(0, event="init_from", source=t.init_from,
+                     **({"source_step": source_step} if source_step is not None
+                        else {"format": t.init_from_format}))
       else:
         stall.pause()  # the init's compile and run: local work
         state = setup.init_state(int(config.seed))

@@ -18,12 +18,18 @@ class TaskSetup(Protocol):
   abstract_state: Any  # ShapeDtypeStructs with shardings (restores and `init_from` target it)
   state_shardings: Any
   logger_class: Callable[..., Any]  # a metrics.MetricsLogger class, or a callable like it
+  init_from_note: str  # what else starts fresh from `train.init_from` (the loop's line ends so)
 
   def init_state(self, seed: int) -> Any:
     """A fresh state, every array made directly in its shards."""
 
   def state_from_params(self, params) -> Any:
     """A fresh state around trained params (a later stage starts from an earlier one's)."""
+
+  def load_init_params(self, source: str, fmt: str, step: int | None) -> tuple[Any, int | None]:
+    """(params on the state's shardings, the step read or None) of `train.init_from`: a training
+    workdir's step `step` (None: its newest) when `fmt` is "", else a weights file in format
+    `fmt`. Raises FileNotFoundError (no such checkpoint), InputError (weights that do not fit)."""
 
   def compile_step(self, state, batch: dict, rng) -> Callable[..., tuple[Any, dict]]:
     """The jitted train step compiled ahead for these arguments' shapes: this call does the whole
