@@ -137,10 +137,25 @@ def text_pad_length(longest: int, max_length: int) -> int:
   return min(n, max_length)
 
 
+def tokenizer_fingerprint(tok_dir: str) -> str:
+  """The `tokenizer=` field of `text_fingerprint`: a content hash of the tokenizer's folder."""
+  return autoencoder.path_fingerprint(tok_dir)
+
+
+def fingerprint_fields(fingerprint: str) -> dict[str, str]:
+  """A `text_fingerprint` string as {field: value} ({} for strings of another form)."""
+  fields = {}
+  for part in fingerprint.split(";"):
+    name, sep, value = part.partition("=")
+    if sep:
+      fields[name] = value
+  return fields
+
+
 def text_fingerprint(cfg: ml_collections.ConfigDict) -> str:
   """The manifest's `text_encoder` fingerprint: files, layer, max length, prompt rule, mode."""
   tok_dir = cfg.tokenizer_dir or cfg.text_encoder_dir
-  parts = [f"tokenizer={autoencoder.path_fingerprint(tok_dir)}"]
+  parts = [f"tokenizer={tokenizer_fingerprint(tok_dir)}"]
   if cfg.text_mode == "features":
     parts.insert(0, f"model={autoencoder.path_fingerprint(cfg.text_encoder_dir)}")
     parts.append(f"layer={cfg.hidden_layer}")
@@ -542,6 +557,8 @@ class Precomputer:
                        "patch_size": int(self.patch_size), "max_length": int(c.max_length),
                        "system_prompt": c.system_prompt, "text_mode": c.text_mode,
                        "hidden_layer": int(c.hidden_layer), "min_side": int(c.min_side),
+                       # token ids are < this: the trainer checks its encoder's vocab_size
+                       "tokenizer_size": len(self.text.tokenizer),
                        "records_per_shard": int(c.records_per_shard),
                        "shard_compression": c.shard_compression,
                        "bf16_stats": bool(self.ae.bf16_stats)},

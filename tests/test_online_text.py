@@ -109,3 +109,175 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
              attention_mask=torch.tensor(mask, dtype=torch.long),
              output_hidden_states=True).hidden_states[layer].numpy()
   assert float(np.abs(np.asarray(feats) - ref)[mask].max()) <= 1e-4
+
+
+# ------------------------------------------------------------------ config checks of online mode
+
+
+def _records(path, te=None, kind="token_ids", vocab=64, **fingerprint):
+  """Synthetic records whose manifest names the tokenizer of `te` as precompute would."""
+  from svg_jax import precompute
+  from svg_jax.data import records, synthetic
+
+  fps = {k: f"test-{k}" for k in records.FINGERPRINT_KEYS}
+  if te is not None:
+    fields = {"tokenizer": precompute.tokenizer_fingerprint(te), **fingerprint,
+              "max_length": "256", "system_prompt": fingerprint.pop("system_prompt", "auto"),
+              "mode": "token_ids" if kind == "token_ids" else "features"}
+    fps["text_encoder"] = ";".join(f"{k}={v}" for k, v in fields.items())
+  synthetic.write_random_dataset(str(path), buckets=((4, 4),), num_records=8, latent_channels=8,
+                                 text_kind=kind, vocab_size=vocab, caption_len=(1, 6),
+                                 fingerprints=fps)
+  return str(path)
+
+
+def _config(data, te, cap_feat_dim=128):
+  config = config_lib.dit_task_config()
+  config.model.update(dict(in_channels=8, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
+                           n_kv_heads=1, multiple_of=32, cap_feat_dim=cap_feat_dim,
+                           axes_dims=(8, 12, 12), scan_layers=False, remat_policy="none"))
+  config.data.update(dict(path=data, max_caption_len=16, resolution=64))
+  config.autoencoder.stats_path = ""
+  config.train.global_batch_size = 8
+  config.text.encoder_dir = te
+  return config
+
+
+def _problems(config):
+  from svg_jax.train import dit_task
+  return dit_task.config_problems(config, 1)
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+  """Two demo Gemma-2 folders whose tokenizers differ (trained on other captions)."""
+  root = tmp_path_factory.mktemp("encoders")
+  captions = [shape_items.make_item(0, "train", i, 64)["prompt"] for i in range(20)]
+  a = ensure_demo_text_encoder(str(root / "a"), captions)
+  b = ensure_demo_text_encoder(str(root / "b"), [c.upper() + " xyz" for c in captions])
+  return a, b
+
+
+def test_records_of_another_tokenizer_are_refused(encoders, tmp_path):
+  import shutil
+  a, b = encoders
+  data = _records(tmp_path / "data", te=a)
+  assert not _problems(_config(data, a))
+  problems = [p for p in _problems(_config(data, b)) if "tokenizer" in p]
+  assert len(problems) == 1 and "data.path holds token ids of the tokenizer" in problems[0]
+  assert (precompute_fp(a) in problems[0] and b in problems[0]
+          and precompute_fp(b) in problems[0])
+  # A precompute.tokenizer_dir holding only a's tokenizer files names the same tokenizer.
+  tok = tmp_path / "tok"
+  tok.mkdir()
+  for name in os.listdir(a):
+    if name.startswith(("tokenizer", "special_tokens")):
+      shutil.copy(os.path.join(a, name), tok / name)
+  assert not _problems(_config(_records(tmp_path / "by_tok", te=str(tok)), a))
+  # The held-out records are checked the same way.
+  config = _config(data, a)
+  config.data.eval_path = _records(tmp_path / "eval", te=b)
+  problems = [p for p in _problems(config) if "tokenizer" in p]
+  assert len(problems) == 1 and problems[0].startswith("data.eval_path holds token ids")
+
+
+def precompute_fp(folder):
+  from svg_jax import precompute
+  return precompute.tokenizer_fingerprint(folder)
+
+
+def test_token_ids_past_the_vocab_are_a_config_problem(encoders, tmp_path):
+  """Ids >= vocab_size embed as NaN: before this check, 'training diverged' at step 1."""
+  import json
+  import shutil
+  from svg_jax.data import records
+  small = str(tmp_path / "small")
+  shutil.copytree(encoders[0], small)
+  n = len(transformers.AutoTokenizer.from_pretrained(small))
+  with open(os.path.join(small, "config.json")) as f:
+    hf = json.load(f)
+  hf["vocab_size"] = n - 1
+  with open(os.path.join(small, "config.json"), "w") as f:
+    json.dump(hf, f)
+  data = _records(tmp_path / "data", te=small)  # the same tokenizer: its size from the folder
+  problems = [p for p in _problems(_config(data, small)) if "vocab_size" in p]
+  assert problems == [f"data.path holds token ids of a tokenizer of {n} tokens, more than the "
+                      f"text encoder's vocab_size {n - 1} (text.encoder_dir {small!r})"]
+  # Without a tokenizer fingerprint, precompute's recorded tokenizer_size is checked.
+  data = _records(tmp_path / "data2")
+  manifest = records.read_manifest(data)
+  manifest["precompute"] = {"tokenizer_size": n}
+  records.write_manifest(data, manifest)
+  assert [p for p in _problems(_config(data, small)) if "vocab_size" in p]
+  assert not [p for p in _problems(_config(data, encoders[0])) if "vocab_size" in p]
+
+
+def test_empty_text_of_the_wrong_kind_is_one_config_problem(encoders, tmp_path, caplog):
+  from svg_jax.train import dit_task
+  a = encoders[0]
+  data = _records(tmp_path / "data", te=a)
+  config = _config(data, a)
+  bos = transformers.AutoTokenizer.from_pretrained(a).bos_token_id
+  for spec in ("stand_in", "auto"):  # no empty_text.npy in the folder: the tokenizer's <bos>
+    config.data.empty_text = spec
+    assert not _problems(config)
+    np.testing.assert_array_equal(dit_task.load_empty_text(config, online=True), [bos])
+  np.save(os.path.join(data, dit_task.EMPTY_TEXT_FILE), np.asarray([bos], np.int32))
+  config.data.empty_text = "stand_in"
+  with caplog.at_level("INFO"):
+    dit_task.load_empty_text(config, online=True)
+    dit_task.load_empty_text(config)
+  assert "no empty_text.npy" not in caplog.text and "data.empty_text is stand_in" in caplog.text
+  floats = str(tmp_path / "floats.npy")
+  np.save(floats, np.ones((1, 128), np.float32))
+  config.data.empty_text = floats
+  problems = [p for p in _problems(config) if "empty_text" in p]
+  assert problems == [f"data.empty_text {floats!r} holds float32 [1, 128]; it must be the empty "
+                      "prompt's token ids (int [tokens]), as data.path holds token ids"]
+  # Features records with token ids as the empty prompt.
+  feats = _records(tmp_path / "feats", kind="text_features")
+  config = _config(feats, "", cap_feat_dim=16)
+  ids = str(tmp_path / "ids.npy")
+  np.save(ids, np.asarray([bos], np.int32))
+  config.data.empty_text = ids
+  problems = [p for p in _problems(config) if "empty_text" in p]
+  assert problems == [f"data.empty_text {ids!r} holds int32 [1]; it must be the empty prompt's "
+                      "features (float [tokens, dim]), as data.path holds text features"]
+
+
+def test_features_records_check_the_encoder_of_the_validation_prompts(encoders, tmp_path):
+  """text.encoder_dir encodes the validation prompts: its hidden size is a config problem (it
+  was a ValueError in validation), an encoder unlike the records' one a warning."""
+  from svg_jax.train import dit_task
+  a, b = encoders
+  data = _records(tmp_path / "data", kind="text_features")  # dim 16
+  config = _config(data, a, cap_feat_dim=16)
+  assert "the text encoder's hidden size 128 != model.cap_feat_dim 16" in _problems(config)
+  assert dit_task.text_source_warning(config) is None  # synthetic: nothing to compare
+  made = _records(tmp_path / "made", te=a, kind="text_features", model=precompute_fp(a),
+                  layer="-2", system_prompt="base")
+  config = _config(made, a, cap_feat_dim=16)
+  assert dit_task.text_source_warning(config) is None
+  config.text.update(dict(encoder_dir=b, hidden_layer=-3))
+  config.validation.system_prompt = "real"
+  warning = dit_task.text_source_warning(config)
+  assert (f"weights {precompute_fp(a)} vs {precompute_fp(b)}" in warning
+          and "hidden layer -2 vs text.hidden_layer -3" in warning
+          and "system prompt base vs validation.system_prompt real" in warning)
+
+
+def test_online_step_flops_count_the_text_encoder(encoders):
+  import types
+  from svg_jax.convert.gemma2 import config_from_hf_json
+  from svg_jax.train import dit_task, flop_count
+  config = _config("", encoders[0])
+  model_cfg = config_lib.nextdit_config(config)
+  text_cfg = config_from_hf_json(encoders[0], hidden_layer=-2)
+  batch = {"latent": np.zeros((8, 4, 4, 8)), "text_mask": np.zeros((8, 16), bool)}
+  setup = types.SimpleNamespace(model_cfg=model_cfg, config=config, text_encoder=(None, None))
+  _, _, dit = dit_task.DiTSetup.batch_counts(setup, batch)
+  assert dit == flop_count.dit_train_flops(model_cfg, 8, (4, 4), 16)
+  setup.text_encoder = (Gemma2Encoder(text_cfg), None)
+  _, _, online = dit_task.DiTSetup.batch_counts(setup, batch)
+  gemma = flop_count.gemma2_forward_flops(text_cfg, 8, 16)
+  assert gemma > 0 and online == dit + gemma

@@ -117,7 +117,12 @@ def make_train_step(model, tx: optax.GradientTransformation, config,
   decay = float(tcfg.ema_decay)
   schedule = state_lib.lr_schedule(tcfg)
   shift = time_shift_factor(config)
-  empty_text = np.asarray(empty_text, np.int32 if text_model is not None else np.float32)
+  empty_text = np.asarray(empty_text)
+  if text_model is not None and (empty_text.ndim != 1
+                                 or not np.issubdtype(empty_text.dtype, np.integer)):
+    raise ValueError(f"online text mode needs the empty prompt's token ids [tokens], got "
+                     f"{empty_text.dtype} {list(empty_text.shape)} (data.empty_text)")
+  empty_text = empty_text.astype(np.int32 if text_model is not None else np.float32)
 
   def condition(batch, rng, text_params):
     """(text features [B, L, D] fp32, mask [B, L] bool, dropped [B]) for the batch."""

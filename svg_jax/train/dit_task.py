@@ -11,7 +11,9 @@ held-out flow loss per noise level, built with the loop's logger (the hook that 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+from typing import Iterator
 
 import flax.linen as nn
 import jax
@@ -22,7 +24,8 @@ from absl import logging
 from svg_jax import autoencoder as ae_lib
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax import config as config_lib
-from svg_jax import flow, parallel
+from svg_jax import flow, latent_stats, parallel, precompute
+from svg_jax import text as text_lib
 from svg_jax.convert import dit_io
 from svg_jax.convert.gemma2 import config_from_hf_json, load_gemma2
 from svg_jax.data import pipeline as pipeline_lib
@@ -35,6 +38,10 @@ from svg_jax.train import task_api
 from svg_jax.train import validation
 
 EMPTY_TEXT_FILE = "empty_text.npy"
+# The files of a tokenizer folder (`save_pretrained`): precompute.tokenizer_dir may hold only these.
+TOKENIZER_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                   "tokenizer_config.json")
 
 
 def _manifest_or_none(path: str):
@@ -100,8 +107,9 @@ def config_problems(config, process_count: int) -> list[str]:
                       "0: every input of its precompute was bad)")
     elif model_cfg is not None:
       kind = manifest["text"]["kind"]
+      if config.text.encoder_dir or kind == "token_ids":
+        problems += _encoder_problems(config, model_cfg, manifest, kind)
       if kind == "token_ids":  # online mode: the trainer runs the frozen text encoder
-        problems += _online_text_problems(config, model_cfg)
         if model_cfg.remat_policy == "auto":  # its step takes the encoder's params as an input
           problems.append("model.remat_policy 'auto' does not support online text mode (data.path "
                           "holds token ids) yet: set a policy (svg_jax/models/nextdit.py)")
@@ -115,13 +123,17 @@ def config_problems(config, process_count: int) -> list[str]:
         problems.append(f"the dataset's latents have {manifest['latent_channels']} channels but "
                         f"model.in_channels is {model_cfg.in_channels}")
       try:
-        empty = load_empty_text(config, log_substitute=False)
-        if kind == "token_ids":
+        # Without text.encoder_dir (reported above) online mode has no tokenizer for its <bos>.
+        online = kind == "token_ids"
+        empty = (load_empty_text(config, log_substitute=False, online=online)
+                 if config.text.encoder_dir or not online else None)
+        if empty is None or online:
           pass  # token ids of the empty prompt; their features come from the text encoder
         elif empty.shape[1] != model_cfg.cap_feat_dim:
           problems.append(f"data.empty_text has dim {empty.shape[1]}, model.cap_feat_dim is "
                           f"{model_cfg.cap_feat_dim}")
-        if empty.shape[0] > min(config.data.caption_len_buckets or (config.data.max_caption_len,)):
+        if empty is not None and empty.shape[0] > min(config.data.caption_len_buckets
+                                                      or (config.data.max_caption_len,)):
           problems.append(f"data.empty_text has {empty.shape[0]} tokens, more than the shortest "
                           "caption length bucket")
       except (OSError, ValueError) as e:
@@ -138,10 +150,22 @@ def config_problems(config, process_count: int) -> list[str]:
   manifest = _manifest_or_none(path) if path and os.path.isdir(path) else None
   problems += validation.config_problems(config, model_cfg,
                                          manifest["text"]["kind"] if manifest else None)
+  eval_path = config.data.eval_path
+  eval_manifest = _manifest_or_none(eval_path) if eval_path else None
+  if (eval_manifest is not None and eval_manifest["text"]["kind"] == "token_ids"
+      and config.text.encoder_dir):  # unreadable or missing: validation.config_problems says so
+    try:
+      vocab = config_from_hf_json(config.text.encoder_dir).vocab_size
+    except (OSError, ValueError):
+      vocab = None  # reported by _encoder_problems
+    if vocab is not None:
+      problems += _tokenizer_problems(config, eval_manifest, "data.eval_path", vocab)
   return problems
 
 
-def _online_text_problems(config, model_cfg) -> list[str]:
+def _encoder_problems(config, model_cfg, manifest, kind: str) -> list[str]:
+  """text.encoder_dir against the model and the records: it encodes the token ids (online mode)
+  and, in either mode, the validation prompts."""
   if not config.text.encoder_dir:
     return [f"data.path {config.data.path!r} holds token ids: set text.encoder_dir to the local "
             "Gemma-2 folder the trainer runs on them (online mode)"]
@@ -150,10 +174,89 @@ def _online_text_problems(config, model_cfg) -> list[str]:
                                    hidden_layer=int(config.text.hidden_layer))
   except (OSError, ValueError) as e:
     return [f"text.encoder_dir: {e}"]
+  problems = []
   if text_cfg.hidden_size != model_cfg.cap_feat_dim:
-    return [f"the text encoder's hidden size {text_cfg.hidden_size} != model.cap_feat_dim "
-            f"{model_cfg.cap_feat_dim}"]
+    problems.append(f"the text encoder's hidden size {text_cfg.hidden_size} != model.cap_feat_dim "
+                    f"{model_cfg.cap_feat_dim}")
+  if kind == "token_ids":
+    problems += _tokenizer_problems(config, manifest, "data.path", text_cfg.vocab_size)
+  return problems
+
+
+def _folder_tokenizer_fingerprints(folder: str) -> Iterator[str]:
+  """`precompute.tokenizer_fingerprint`s that name the tokenizer of `folder`: that of its tokenizer
+  files alone (a precompute.tokenizer_dir holding a copy of them), then that of the whole folder
+  (precompute.text_encoder_dir = this folder). Computed in that order: the second hashes the
+  weights."""
+  names = sorted(n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n)))
+  h = hashlib.sha256()  # as autoencoder.path_fingerprint hashes a folder of just these files
+  for name in names:
+    h.update(f"{name}\0{latent_stats.file_sha256(os.path.join(folder, name))}\0".encode())
+  yield "sha256-dir:" + h.hexdigest()
+  yield precompute.tokenizer_fingerprint(folder)
+
+
+def _tokenizer_problems(config, manifest, what: str, vocab_size: int) -> list[str]:
+  """Token ids mean something only to the tokenizer that made them: the one precompute recorded
+  in the manifest's text fingerprint must be text.encoder_dir's, and its ids must fit the
+  encoder's embedding (an id past vocab_size embeds as NaN, a "diverged" loss at step 1)."""
+  folder = config.text.encoder_dir
+  made_by = precompute.fingerprint_fields(
+      manifest.get("fingerprints", {}).get("text_encoder", "")).get("tokenizer")
+  ours = None
+  if made_by:  # synthetic records carry no tokenizer to compare
+    try:
+      fingerprints = _folder_tokenizer_fingerprints(folder)
+      ours = next(fingerprints)
+      if made_by != ours:
+        ours = next(fingerprints)
+    except OSError as e:
+      return [f"text.encoder_dir: {e}"]
+    if made_by != ours:
+      return [f"{what} holds token ids of the tokenizer {made_by}, but text.encoder_dir "
+              f"{folder!r} has the tokenizer {ours}: precompute the records with this folder "
+              "(precompute.text_encoder_dir or a tokenizer_dir holding its tokenizer files)"]
+  size = (manifest.get("precompute") or {}).get("tokenizer_size")
+  if size is None and made_by:  # the same tokenizer: its ids are < its length
+    try:
+      size = len(text_lib.load_tokenizer(folder))
+    except (OSError, ValueError) as e:
+      return [f"text.encoder_dir: {e}"]
+  if size is not None and int(size) > vocab_size:
+    return [f"{what} holds token ids of a tokenizer of {size} tokens, more than the text "
+            f"encoder's vocab_size {vocab_size} (text.encoder_dir {folder!r})"]
   return []
+
+
+def text_source_warning(config) -> str | None:
+  """Features records: what differs between the encoder that made them (the manifest's text
+  fingerprint) and text.encoder_dir, which encodes the validation prompts; None when nothing
+  does or nothing can be compared."""
+  manifest = _manifest_or_none(config.data.path) if config.data.path else None
+  if (manifest is None or not config.text.encoder_dir
+      or manifest["text"]["kind"] != "text_features"):
+    return None
+  fields = precompute.fingerprint_fields(manifest.get("fingerprints", {}).get("text_encoder", ""))
+  differ = []
+  try:
+    if "model" in fields:
+      ours = precompute.tokenizer_fingerprint(config.text.encoder_dir)  # the folder's hash
+      if fields["model"] != ours:
+        differ.append(f"weights {fields['model']} vs {ours}")
+  except OSError:
+    pass  # config_problems reports a missing text.encoder_dir
+  if "layer" in fields and fields["layer"] != str(int(config.text.hidden_layer)):
+    differ.append(f"hidden layer {fields['layer']} vs text.hidden_layer "
+                  f"{int(config.text.hidden_layer)}")
+  prompt = fields.get("system_prompt", "auto")
+  if prompt != "auto" and prompt != config.validation.system_prompt:
+    differ.append(f"system prompt {prompt} vs validation.system_prompt "
+                  f"{config.validation.system_prompt}")
+  if not differ:
+    return None
+  return (f"the validation prompts are encoded by text.encoder_dir {config.text.encoder_dir!r}, "
+          "unlike the records' features of data.path (" + "; ".join(differ) + "): the grids "
+          "condition on features unlike those the model trains on")
 
 
 def load_text_encoder(config, mesh):
@@ -177,8 +280,9 @@ def stand_in_empty_text(dim: int) -> np.ndarray:
   return (token / np.sqrt(np.mean(token ** 2))).astype(np.float32)
 
 
-def load_empty_text(config, *, log_substitute: bool = True) -> np.ndarray:
-  """The empty-prompt features [Le, D] (see `data.empty_text` in svg_jax/config.py)."""
+def load_empty_text(config, *, log_substitute: bool = True, online: bool = False) -> np.ndarray:
+  """The empty-prompt features [Le, D] (see `data.empty_text` in svg_jax/config.py); `online`
+  (data.path holds token ids): its token ids [Le], the stand-in being the tokenizer's [<bos>]."""
   spec, dim = config.data.empty_text, int(config.model.cap_feat_dim)
   path = None
   if spec == "auto":
@@ -189,13 +293,27 @@ def load_empty_text(config, *, log_substitute: bool = True) -> np.ndarray:
     if not os.path.exists(path):
       raise ValueError(f"data.empty_text {path!r} does not exist")
   if path is None:
+    why = ("data.empty_text is stand_in" if spec == "stand_in" else
+           f"no {EMPTY_TEXT_FILE} in {config.data.path}")
+    if online:  # "" tokenizes to <bos> alone: the true empty prompt, not a stand-in
+      ids = np.asarray([text_lib.load_tokenizer(config.text.encoder_dir).bos_token_id], np.int32)
+      if log_substitute:
+        logging.info("%s: the empty prompt is the tokenizer's [<bos>] %s", why, ids.tolist())
+      return ids
     if log_substitute:
-      logging.warning("no %s in %s: the empty prompt is one fixed unit-RMS feature token (a "
-                      "stand-in for <bos> features; fine for synthetic data)", EMPTY_TEXT_FILE,
-                      config.data.path)
+      logging.warning("%s: the empty prompt is one fixed unit-RMS feature token (a stand-in for "
+                      "<bos> features; fine for synthetic data)", why)
     return stand_in_empty_text(dim)
   arr = np.load(path)
-  if np.issubdtype(arr.dtype, np.integer):  # online mode: the empty prompt's token ids [Le]
+  if online != np.issubdtype(arr.dtype, np.integer):
+    want = ("token ids (int [tokens]), as data.path holds token ids" if online else
+            "features (float [tokens, dim]), as data.path holds text features")
+    raise ValueError(f"data.empty_text {path!r} holds {arr.dtype} {list(arr.shape)}; it must be "
+                     f"the empty prompt's {want}")
+  if online:  # the empty prompt's token ids [Le] (or [1, Le])
+    if arr.ndim not in (1, 2) or arr.size < 1 or (arr.ndim == 2 and arr.shape[0] != 1):
+      raise ValueError(f"data.empty_text {path!r} has shape {list(arr.shape)}; expected token ids "
+                       "[tokens]")
     return arr.reshape(-1).astype(np.int32)
   arr = arr.astype(np.float32)
   if arr.ndim == 3 and arr.shape[0] == 1:
@@ -252,9 +370,9 @@ class DiTSetup:
     self._from_params = jax.jit(lambda p: state_lib.create_state(p, self.tx),
                                 in_shardings=(self.state_shardings.params,),
                                 out_shardings=self.state_shardings)
-    self.empty_text = load_empty_text(config)
     manifest = _manifest_or_none(config.data.path) if config.data.path else None
     online = manifest is not None and manifest["text"]["kind"] == "token_ids"
+    self.empty_text = load_empty_text(config, online=online)
     text_model = None
     repl = parallel.replicated(mesh)
     self.validation = None
@@ -288,6 +406,10 @@ class DiTSetup:
     AOT compiles and checkpoint reads never load a decoder or held-out records)."""
     logger = validation.ValidationLogger(workdir, **kwargs)
     t = self.config.train
+    if int(t.sample_every) > 0 and self.text_encoder[0] is None:
+      warning = text_source_warning(self.config)  # features records: the grids' prompts
+      if warning:
+        logging.warning("%s", warning)
     if int(t.sample_every) > 0 or int(t.eval_every) > 0:
       self.validation = validation.Validation(
           self.config, self.mesh, self.model, self.model_cfg, logger, workdir,
@@ -345,8 +467,10 @@ class DiTSetup:
     cap_len = local_batch["text_mask"].shape[1]
     p = self.model_cfg.patch_size
     gb = int(self.config.train.global_batch_size)
-    return (gb, gb * ((h // p) * (w // p) + cap_len),
-            flop_count.dit_train_flops(self.model_cfg, gb, (h, w), cap_len))
+    flops = flop_count.dit_train_flops(self.model_cfg, gb, (h, w), cap_len)
+    if self.text_encoder[0] is not None:  # online mode: the frozen encoder's forward, no backward
+      flops += flop_count.gemma2_forward_flops(self.text_encoder[0].cfg, gb, cap_len)
+    return (gb, gb * ((h // p) * (w // p) + cap_len), flops)
 
   def poison(self, local_batch: dict) -> dict:
     return dict(local_batch, latent=np.full_like(local_batch["latent"], np.nan))
