@@ -18,8 +18,6 @@ warning line. The first run writes what decides the images (weights, sampler, re
 file...) to <out>/generation.json; a rerun with other settings is refused instead of mixing
 images.
 """
-import sys
-
 from absl import app, flags
 
 from svg_jax import cli
@@ -71,14 +69,8 @@ def main(argv):
       benchmark=FLAGS.benchmark, prompts_sha256=latent_stats.file_sha256(prompts),
       images_per_prompt=FLAGS.images_per_prompt, resolution=resolution,
       **generator_flags.provenance(settings, generator)))
-  encoder = generator.text_encoder
-  counts = encoder.token_counts([item["prompt"] for item in items])  # before truncation
-  cut = [i for i, c in enumerate(counts) if c > encoder.max_length]
-  if cut:
-    print(f"warning: {len(cut)} of {len(items)} prompts are longer than the caption length "
-          f"({encoder.max_length} tokens with <bos> and the system prompt) and are cut to it, "
-          f"as the official sampler cuts them; the first: line {cut[0] + 1} ({counts[cut[0]]} "
-          "tokens)", file=sys.stderr, flush=True)
+  generator_flags.count_caption_tokens(generator.text_encoder, [it["prompt"] for it in items],
+                                       [f"line {i + 1}" for i in range(len(items))])
   summary = benchmarks.run_benchmark(generator, items, FLAGS.benchmark, FLAGS.out, resolution,
                               settings, batch_size=FLAGS.batch_size,
                               images_per_prompt=FLAGS.images_per_prompt, process_index=index,

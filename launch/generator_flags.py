@@ -114,3 +114,19 @@ def make_generator(devices=None):
       FLAGS.config, text_encoder=FLAGS.text_encoder, tokenizer=FLAGS.tokenizer,
       system_type=FLAGS.system_type, checkpoint=FLAGS.checkpoint, ema=FLAGS.ema, step=FLAGS.step,
       weights=FLAGS.weights, weights_format=FLAGS.format, mesh=mesh)
+
+
+def count_caption_tokens(encoder, prompts, sources, note: str = "") -> list[int]:
+  """Each prompt's tokens before truncation; one warning line on stderr when the caption length
+  cuts any (how many, the first one's `sources` entry and length), as the official sampler cuts
+  them. `note` ends the line."""
+  import sys
+
+  counts = [int(c) for c in encoder.token_counts(prompts)]
+  cut = [k for k, c in enumerate(counts) if c > encoder.max_length]
+  if cut:
+    print(f"warning: {len(cut)} of {len(prompts)} prompts are longer than the caption length "
+          f"({encoder.max_length} tokens with <bos> and the system prompt) and are cut to it, "
+          f"as the official sampler cuts them; the first: {sources[cut[0]]} ({counts[cut[0]]} "
+          f"tokens){note}", file=sys.stderr, flush=True)
+  return counts

@@ -101,13 +101,8 @@ def main(argv):
   sample_folder.check_folder(FLAGS.out, FLAGS.overwrite)
   generator = generator_flags.make_generator()
   encoder = generator.text_encoder
-  counts = encoder.token_counts(prompts)  # before truncation
-  cut = [k for k, c in enumerate(counts) if c > encoder.max_length]
-  if cut:
-    print(f"warning: {len(cut)} of {len(prompts)} prompts are longer than the caption length "
-          f"({encoder.max_length} tokens with <bos> and the system prompt) and are cut to it; the "
-          f"first: {sources[cut[0]]} ({counts[cut[0]]} tokens). metadata.jsonl marks their "
-          "images caption_cut", file=sys.stderr, flush=True)
+  counts = generator_flags.count_caption_tokens(
+      encoder, prompts, sources, ". metadata.jsonl marks their images caption_cut")
   folder = sample_folder.SampleFolder(FLAGS.out, generator_flags.provenance(settings, generator))
   progress = Progress(len(jobs), what="images")
   try:

@@ -639,8 +639,8 @@ def test_sample_cli_allows_empty_prompts_and_reports_cut_ones(files, generator, 
   assert r.returncode == 0, r.stderr[-3000:]
   assert script_runs.error_lines(r.stderr) == [
       "warning: 1 of 3 prompts are longer than the caption length (512 tokens with <bos> and the "
-      "system prompt) and are cut to it; the first: --prompt 3 (793 tokens). metadata.jsonl "
-      "marks their images caption_cut"]
+      "system prompt) and are cut to it, as the official sampler cuts them; the first: --prompt 3 "
+      "(793 tokens). metadata.jsonl marks their images caption_cut"]
   assert _tree(out) == ["00000.png", "00001.png", "00002.png", "grid.png", "metadata.jsonl"]
   meta = [json.loads(line) for line in open(out / "metadata.jsonl")]
   _, mask = generator.text_encoder.tokenize([short])
