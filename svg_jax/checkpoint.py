@@ -508,3 +508,14 @@ def _check_same_tree(saved, target, what: str, *, dtypes: bool = False) -> None:
 def config_to_json(config) -> dict:
   """The config as a JSON-able dict (tuples become lists)."""
   return json.loads(json.dumps(config.to_dict(), default=list))
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+  """A nested config dict (`config_to_json`'s) as {"section.field": value}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flat_config(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out

@@ -22,16 +22,6 @@ PER_HOST_DATA_FIELDS = ("data.path", "data.eval_path")
 SHARED_WORKDIR = "workdir shared with process 0 (one folder that every host sees)"
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, str]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = json.dumps(value)
-  return out
-
-
 def _manifest_digest(folder: str) -> str:
   path = os.path.join(folder, "manifest.json")
   try:
@@ -44,7 +34,8 @@ def _manifest_digest(folder: str) -> str:
 def run_items(config, workdir: str, timeout_s: float) -> dict[str, str]:
   """What must be the same on every process: the config's fields (dotted names, JSON values),
   the record folders' manifests and whether the workdir is process 0's."""
-  items = _flat(ckpt_lib.config_to_json(config))
+  items = {k: json.dumps(v) for k, v in
+           ckpt_lib.flat_config(ckpt_lib.config_to_json(config)).items()}
   for field in PER_HOST_DATA_FIELDS:
     folder = json.loads(items.pop(field, '""'))
     if folder:

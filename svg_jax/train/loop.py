@@ -520,20 +520,10 @@ _MISSING = object()
 _CHANGES_SHOWN, _VALUE_CHARS = 12, 40  # in the resume's one line
 
 
-def _flat_json(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat_json(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def config_changes(saved: dict, current: dict) -> list[str]:
   """`field old -> new` for every config field whose value differs between the config a
   checkpoint saved and this run's (`absent` where one has no such field), by field name."""
-  old, new = _flat_json(saved), _flat_json(current)
+  old, new = ckpt_lib.flat_config(saved), ckpt_lib.flat_config(current)
 
   def shown(value) -> str:
     text = "absent" if value is _MISSING else repr(tuple(value) if isinstance(value, list)
