@@ -18,8 +18,8 @@ from svg_jax import cli
 import generator_flags
 
 generator_flags.define(resolution="64", batch_size=64, shift=1.0,
-                       system_type_help="system prompt the records were made with (the demo: "
-                       "empty)")
+                       system_type_help="system prompt the records were made with (default: the "
+                       "run's; the demo: empty)")
 flags.DEFINE_string("data", None, "shapes dataset folder (train.jsonl, heldout.jsonl)")
 flags.DEFINE_enum("split", "heldout", ["heldout", "train"], "which prompts")
 flags.DEFINE_integer("limit", 0, "only the first N prompts (0: all)")

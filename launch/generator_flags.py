@@ -9,7 +9,8 @@ FLAGS = flags.FLAGS
 
 
 def define(*, resolution: str, batch_size: int, shift: float = 10.0,
-           system_type_help: str = "system prompt (base/align/aesthetics/real/4grid/empty)",
+           system_type_help: str = "system prompt (base/align/aesthetics/real/4grid/empty; "
+                                   "default: the run's, else base)",
            batch_size_help: str = "images per jitted trajectory") -> None:
   """Defines the shared flags; the defaults that differ between launchers are arguments."""
   cli.define_config_file("config", None, "ml_collections config with `model` and `autoencoder` "
@@ -22,7 +23,9 @@ def define(*, resolution: str, batch_size: int, shift: float = 10.0,
                     "format of --weights")
   flags.DEFINE_string("text_encoder", None, "Gemma-2 folder (HF layout: config, safetensors)")
   flags.DEFINE_string("tokenizer", None, "tokenizer folder (default: --text_encoder)")
-  flags.DEFINE_string("system_type", "base", system_type_help)
+  flags.DEFINE_string("system_type", None, system_type_help)
+  flags.DEFINE_integer("hidden_layer", None, "Gemma-2 hidden state the prompts are encoded to "
+                       "(default: the run's, else the official -2)")
   flags.DEFINE_integer("steps", 50, "sampling steps (DPM steps / ODE grid points)")
   flags.DEFINE_float("cfg", 4.0, "classifier-free guidance scale")
   flags.DEFINE_enum("cfg_mode", "renorm", list(sampling.CFG_MODES), "CFG variant")
@@ -52,7 +55,8 @@ def sampler_settings():
     raise app.UsageError(f"--batch_size must be >= 0, got {FLAGS.batch_size}")
   multiple = gen.config_pixels_per_token(FLAGS.config)
   try:
-    text.system_prompt(FLAGS.system_type)
+    if FLAGS.system_type is not None:
+      text.system_prompt(FLAGS.system_type)
     resolution = gen.parse_resolution(FLAGS.resolution, multiple)
     settings = gen.SamplerSettings(steps=FLAGS.steps, cfg_scale=FLAGS.cfg,
                                    cfg_mode=FLAGS.cfg_mode, shift=FLAGS.shift,
@@ -77,7 +81,7 @@ def provenance(settings, generator) -> dict:
   guided, clipped = settings.cfg_mode != "none", settings.cfg_mode == "renorm"
   return dict(steps=settings.steps, cfg=settings.cfg_scale if guided else None,
               cfg_mode=settings.cfg_mode, renorm=settings.renorm if clipped else None, shift=settings.shift, solver=settings.solver,
-              system_type=FLAGS.system_type,
+              **generator.text_settings,  # system_type, hidden_layer
               checkpoint=path(FLAGS.checkpoint), step=generator.checkpoint_step,
               ema=FLAGS.ema if FLAGS.checkpoint else None, weights=path(FLAGS.weights),
               format=FLAGS.format, text_encoder=path(FLAGS.text_encoder),
@@ -112,8 +116,8 @@ def make_generator(devices=None):
     mesh = parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices)
   return gen.Generator.from_config(
       FLAGS.config, text_encoder=FLAGS.text_encoder, tokenizer=FLAGS.tokenizer,
-      system_type=FLAGS.system_type, checkpoint=FLAGS.checkpoint, ema=FLAGS.ema, step=FLAGS.step,
-      weights=FLAGS.weights, weights_format=FLAGS.format, mesh=mesh)
+      system_type=FLAGS.system_type, hidden_layer=FLAGS.hidden_layer,
+      checkpoint=FLAGS.checkpoint, ema=FLAGS.ema, step=FLAGS.step, weights=FLAGS.weights, weights_format=FLAGS.format, mesh=mesh)
 
 
 def count_caption_tokens(encoder, prompts, sources, note: str = "") -> list[int]:

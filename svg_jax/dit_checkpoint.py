@@ -20,6 +20,11 @@ HARDWARE_FIELDS = ("compute_dtype", "activation_dtype", "attention_backend", "re
                    "layer_loop", "scan_unroll")
 
 
+# The key of the saved config under which a DiT run keeps how its captions were encoded (hidden
+# layer, system prompt rule; train/dit_task.text_conditioning), for samplers to follow.
+TEXT_CONDITIONING = "text_conditioning"
+
+
 def checkpoint_step(workdir: str, step: int | None = None) -> int:
   """`step` when the training workdir has it, else (None) its newest finished step: the one step
   a sampler then reads both the model config and the params of, while training may add more."""
@@ -58,6 +63,15 @@ def saved_model_config(workdir: str, step: int | None = None,
   cfg = NextDiTConfig(**model)
   cfg.validate()
   return cfg
+
+
+def saved_text_conditioning(workdir: str, step: int | None = None) -> dict:
+  """How the run of a training workdir encoded its captions (`TEXT_CONDITIONING`: `hidden_layer`,
+  `system_prompt`, `kind`, each only where its data said), {} for runs saved before it was."""
+  step = checkpoint_step(workdir, step)
+  saved = ckpt_lib.read_saved_config(ckpt_lib.checkpoint_dir(workdir), step)
+  facts = saved.get(TEXT_CONDITIONING)
+  return dict(facts) if isinstance(facts, dict) else {}
 
 
 def load_params(workdir: str, cfg: NextDiTConfig, *, ema: bool = True, step: int | None = None,

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from svg_jax import autoencoder as ae_lib
@@ -165,7 +166,8 @@ class Generator:
 
   def __init__(self, dit_cfg: NextDiTConfig, dit_params: Any, text_encoder: Any,
                autoencoder: ae_lib.SVGAutoencoder, *, mesh: Mesh | None = None,
-               pad_multiple: int = text.PAD_MULTIPLE, checkpoint_step: int | None = None):
+               pad_multiple: int = text.PAD_MULTIPLE, checkpoint_step: int | None = None,
+               text_settings: dict | None = None):
     dit_cfg.validate()
     problems = []
     if autoencoder.decoder_params is None:
@@ -183,6 +185,8 @@ class Generator:
                                                                 autoencoder, mesh)
     self.pad_multiple = pad_multiple
     self.checkpoint_step = checkpoint_step  # the training step of the params, when known
+    # The system_type and hidden_layer the text encoder was built with (for provenance).
+    self.text_settings = dict(text_settings or {})
     self.model = NextDiT(dit_cfg)
     place = (jnp.asarray if mesh is None else
              lambda x: jax.device_put(x, parallel.replicated(mesh)))
@@ -361,7 +365,8 @@ class Generator:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *, text_encoder: str,
-                  tokenizer: str | None = None, system_type: str = "base",
+                  tokenizer: str | None = None, system_type: str | None = None,
+                  hidden_layer: int | None = None,
                   checkpoint: str | None = None, ema: bool = True, step: int | None = None,
                   weights: str | None = None, weights_format: str | None = None,
                   mesh: Mesh | None = None) -> "Generator":
@@ -370,6 +375,7 @@ class Generator:
     DiT weights: exactly one of `checkpoint` (a training workdir; its saved `model` section
     replaces config.model, EMA or raw params) and `weights` + `weights_format`
     (flax | official | safetensors | diffusers, laid out for config.model).
+    Text: `system_type` and `hidden_layer` (None: the run's, see `text_settings`).
     """
     if (checkpoint is None) == (weights is None):
       raise InputError("give exactly one of a training checkpoint (--checkpoint) and converted "
@@ -383,12 +389,42 @@ class Generator:
         raise InputError("--weights needs --format (flax | official | safetensors | diffusers)")
       dit_cfg = config_lib.nextdit_config(config)
       params = dit_io.load_dit(weights, weights_format, dit_cfg)
-    enc = text.TextEncoder.from_pretrained(text_encoder, tokenizer,
+    run = (dit_checkpoint.saved_text_conditioning(checkpoint, step) if checkpoint is not None
+           else {})
+    system_type, hidden_layer, warnings = text_settings(run, system_type, hidden_layer)
+    for line in warnings:
+      logging.warning("%s", line)
+    enc = text.TextEncoder.from_pretrained(text_encoder, tokenizer, hidden_layer=hidden_layer,
                                            system_prompt=text.system_prompt(system_type),
                                            max_length=text.SAMPLE_MAX_LENGTH)
     ae = ae_lib.SVGAutoencoder.from_config(config, encoder=False, decoder=True, mesh=mesh)
     return cls(dit_cfg, params, enc, ae, mesh=mesh,
-               checkpoint_step=step if checkpoint is not None else None)
+               checkpoint_step=step if checkpoint is not None else None,
+               text_settings=dict(system_type=system_type, hidden_layer=hidden_layer))
+
+
+def text_settings(run: dict, system_type: str | None, hidden_layer: int | None
+                  ) -> tuple[str, int, list[str]]:
+  """(system_type, hidden_layer, warnings) a sampler encodes its prompts with. A value given
+  wins; None takes the training run's (`run`: `dit_checkpoint.saved_text_conditioning`), else the
+  official `base` and -2. A run whose records used the system prompt rule "auto" (base for plain
+  captions, align for `super_high_quality_caption` items) samples with base. A given value unlike
+  the run's is a warning: the DiT never saw prompts encoded so."""
+  warnings = []
+  saved = run.get("system_prompt")
+  run_type = saved if saved in text.SYSTEM_PROMPTS else None
+  if system_type is None:
+    system_type = run_type or "base"
+  elif run_type is not None and system_type != run_type:
+    warnings.append(f"--system_type {system_type}: the run trained on captions with the "
+                    f"{run_type!r} system prompt")
+  run_layer = run.get("hidden_layer")
+  if hidden_layer is None:
+    hidden_layer = -2 if run_layer is None else int(run_layer)
+  elif run_layer is not None and int(hidden_layer) != int(run_layer):
+    warnings.append(f"--hidden_layer {hidden_layer}: the run trained on Gemma-2's hidden state "
+                    f"{int(run_layer)}")
+  return system_type, int(hidden_layer), warnings
 
 
 def padded_text_length(text_encoder: Any, prompts: Sequence[str], pad_multiple: int) -> int:

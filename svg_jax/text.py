@@ -216,8 +216,11 @@ class TextEncoder:
     """Config, weights (only the layers needed) and tokenizer from local HF-format folders."""
     if not os.path.exists(model_dir):
       raise MissingInput(f"text encoder folder {model_dir} does not exist")
-    cfg = convert.config_from_hf_json(model_dir, hidden_layer=hidden_layer,
-                                      compute_dtype=compute_dtype)
+    try:
+      cfg = convert.config_from_hf_json(model_dir, hidden_layer=hidden_layer,
+                                        compute_dtype=compute_dtype)
+    except ValueError as e:  # a config this encoder cannot run, or a layer it does not have
+      raise InputError(f"text encoder {model_dir}: {e}") from None
     params = convert.load_gemma2(model_dir, cfg, only_needed=True)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)
     return cls(cfg, params, tokenizer, **kwargs)

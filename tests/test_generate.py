@@ -29,12 +29,13 @@ from svg_jax import config as config_lib
 from svg_jax import generate as gen
 from svg_jax import latent_stats as ls
 from svg_jax import parallel
-from svg_jax import sample_folder
+from svg_jax import sample_folder, text
 from svg_jax.convert import decoder as dec_conv
 from svg_jax.convert.dit_io import save_dit
 from svg_jax.convert.safetensors_io import save_safetensors
 from svg_jax.demo import text_encoder as demo
 from svg_jax.eval import benchmarks
+from svg_jax.input_errors import InputError
 from svg_jax.models.decoder import Decoder, DecoderConfig
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig
 from svg_jax import checkpoint as ckpt_lib
@@ -307,6 +308,58 @@ def test_loads_ema_and_raw_params_from_a_training_checkpoint(files, generator, t
   assert g.cfg == DIT and g.checkpoint_step == 7  # the newest step, as loaded (metadata)
   jax.tree.map(lambda g, w: np.testing.assert_array_equal(np.asarray(g), np.asarray(w)),
                g.params, state.ema_params)
+
+
+def _hf_hidden_state(folder, text, layer):
+  """transformers' Gemma-2 hidden state `layer` of `text` (<bos> added by the tokenizer)."""
+  import torch
+  import transformers
+
+  tok = transformers.AutoTokenizer.from_pretrained(folder)
+  ids = tok(text, return_tensors="pt").input_ids
+  hf = transformers.Gemma2Model.from_pretrained(folder, attn_implementation="eager").eval()
+  with torch.no_grad():
+    return hf(input_ids=ids, output_hidden_states=True).hidden_states[layer][0].numpy()
+
+
+def test_a_workdir_samples_with_the_text_conditioning_its_run_saved(files, tmp_path, caplog):
+  """A DiT run saves how its captions were encoded (the trainer: `dit_task.text_conditioning`);
+  sampling from its workdir encodes prompts the same way: here the `empty` system prompt and the
+  last hidden state, neither the sampler's old fixed `base` / -2. A given system type wins, with
+  a warning. Features compared with transformers' Gemma-2 on the same folder."""
+  params = jax.tree.map(jnp.asarray, files["params"])
+  state = state_lib.create_state(params, optax.adam(1e-3))
+  saved = {**ckpt_lib.config_to_json(_config(files)),
+           dit_checkpoint.TEXT_CONDITIONING: {"kind": "text_features", "hidden_layer": -1,
+                                              "system_prompt": "empty"}}
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), async_save=False)
+  ckpt.save(1, state, iter(grain.MapDataset.range(2).to_iter_dataset()), saved)
+  ckpt.close()
+  prompt = GENEVAL[0]["prompt"]
+
+  def features(g):
+    ids, mask = g.text_encoder.tokenize([prompt])
+    f, _ = g.text_encoder.encode_tokens(ids, mask)
+    return np.asarray(f, np.float32)[0][mask[0]]
+
+  g = gen.Generator.from_config(_config(files), text_encoder=files["text"],
+                                checkpoint=str(tmp_path))
+  assert g.text_settings == {"system_type": "empty", "hidden_layer": -1}
+  ref = _hf_hidden_state(files["text"], prompt, -1)
+  np.testing.assert_allclose(features(g), ref, atol=1e-4, rtol=1e-4)
+  with caplog.at_level("WARNING"):
+    g = gen.Generator.from_config(_config(files), text_encoder=files["text"],
+                                  checkpoint=str(tmp_path), system_type="base")
+  assert "the run trained on captions with the 'empty' system prompt" in caplog.text
+  ref = _hf_hidden_state(files["text"], text.SYSTEM_PROMPTS["base"] + prompt, -1)
+  np.testing.assert_allclose(features(g), ref, atol=1e-4, rtol=1e-4)
+  # Converted weights carry no run: the official base prompt and hidden state -2.
+  g = gen.Generator.from_config(_config(files), text_encoder=files["text"],
+                                weights=files["weights"], weights_format="flax")
+  assert g.text_settings == {"system_type": "base", "hidden_layer": -2}
+  with pytest.raises(InputError, match="hidden_layer 3 out of range for 3 hidden states"):
+    gen.Generator.from_config(_config(files), text_encoder=files["text"],
+                              weights=files["weights"], weights_format="flax", hidden_layer=3)
 
 
 # ----------------------------------------------------------------------------- benchmarks

@@ -10,7 +10,8 @@ import transformers
 
 import shape_items
 from svg_jax import config as config_lib
-from svg_jax import parallel
+from svg_jax import dit_checkpoint, parallel
+from svg_jax.data import records
 from svg_jax.demo.text_encoder import ensure_demo_text_encoder
 from svg_jax.models.gemma2 import Gemma2Encoder
 from svg_jax.models.nextdit import NextDiT, NextDiTConfig
@@ -81,6 +82,8 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
                                  text_kind="token_ids", vocab_size=len(enc.tokenizer),
                                  caption_len=(1, 6))
   np.save(os.path.join(data, dit_task.EMPTY_TEXT_FILE), enc.tokenize([""])[0][0, :1])
+  manifest = records.read_manifest(data)  # as precompute records its system prompt rule
+  records.write_manifest(data, {**manifest, "precompute": {"system_prompt": "empty"}})
   config = config_lib.dit_task_config()
   config.model.update(dict(in_channels=8, dim=64, n_layers=1, n_refiner_layers=1, n_heads=2,
                            n_kv_heads=1, multiple_of=32, cap_feat_dim=enc.cfg.hidden_size,
@@ -96,6 +99,9 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
   config.text.update(dict(encoder_dir=te, hidden_layer=layer))
   out = trainer.train(config, str(tmp_path / "run"))
   assert out["step"] == 3 and np.isfinite(out["last_record"]["loss"])
+  # Saved with the run, for samplers: how its captions became features.
+  assert dit_checkpoint.saved_text_conditioning(str(tmp_path / "run")) == {
+      "kind": "token_ids", "hidden_layer": layer, "system_prompt": "empty"}
 
   mesh = parallel.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   # The setup `trainer.train` builds for this config (on one device), as its step holds it.
@@ -117,7 +123,7 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
 def _records(path, te=None, kind="token_ids", vocab=64, **fingerprint):
   """Synthetic records whose manifest names the tokenizer of `te` as precompute would."""
   from svg_jax import precompute
-  from svg_jax.data import records, synthetic
+  from svg_jax.data import synthetic
 
   fps = {k: f"test-{k}" for k in records.FINGERPRINT_KEYS}
   if te is not None:

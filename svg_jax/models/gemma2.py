@@ -94,6 +94,9 @@ class Gemma2Config:
       bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
       if bad:
         problems.append(f"unknown layer_types {bad}; expected entries of {LAYER_TYPES}")
+    if not -(self.num_layers + 1) <= self.hidden_layer <= self.num_layers:
+      problems.append(f"hidden_layer {self.hidden_layer} out of range for "
+                      f"{self.num_layers + 1} hidden states (num_layers={self.num_layers})")
     if self.sliding_window is not None and self.sliding_window < 1:
       problems.append(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
     if self.attention_backend != "xla":

@@ -191,6 +191,7 @@ class DecoderSetup:
   """Decoder + discriminator state, frozen weights, jitted init / step / eval on one mesh."""
 
   logger_class = DecoderMetricsLogger
+  saved_facts: dict = {}  # the decoder's data holds images, nothing a reader needs besides config
   _lpips_notice_given = False  # "training without LPIPS" is said once per process
 
   def __init__(self, config, mesh):

@@ -24,7 +24,7 @@ from absl import logging
 from svg_jax import autoencoder as ae_lib
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax import config as config_lib
-from svg_jax import flow, latent_stats, parallel, precompute
+from svg_jax import dit_checkpoint, flow, latent_stats, parallel, precompute
 from svg_jax import text as text_lib
 from svg_jax.convert import dit_io
 from svg_jax.convert.gemma2 import config_from_hf_json, load_gemma2
@@ -259,6 +259,26 @@ def text_source_warning(config) -> str | None:
           "condition on features unlike those the model trains on")
 
 
+def text_conditioning(config, manifest: dict | None) -> dict:
+  """How data.path's captions became the DiT's conditioning, as far as its manifest says: the
+  records' kind, the Gemma-2 hidden layer (the records' for features, text.hidden_layer's when the
+  trainer encodes token ids) and the system prompt rule (precompute.system_prompt: a name of
+  text.SYSTEM_PROMPTS or "auto"). Saved with the run, so that a sampler encodes its prompts the
+  same way (dit_checkpoint.saved_text_conditioning)."""
+  if manifest is None:
+    return {}
+  made = manifest.get("precompute") or {}
+  kind = manifest["text"]["kind"]
+  out = {"kind": kind}
+  if kind == "token_ids":
+    out["hidden_layer"] = int(config.text.hidden_layer)
+  elif "hidden_layer" in made:
+    out["hidden_layer"] = int(made["hidden_layer"])
+  if "system_prompt" in made:
+    out["system_prompt"] = str(made["system_prompt"])
+  return out
+
+
 def load_text_encoder(config, mesh):
   """Online mode: (Gemma2Encoder, params placed on `mesh` by their logical axes, shardings)."""
   cfg = config_from_hf_json(config.text.encoder_dir, hidden_layer=int(config.text.hidden_layer))
@@ -372,6 +392,7 @@ class DiTSetup:
                                 out_shardings=self.state_shardings)
     manifest = _manifest_or_none(config.data.path) if config.data.path else None
     online = manifest is not None and manifest["text"]["kind"] == "token_ids"
+    self.saved_facts = {dit_checkpoint.TEXT_CONDITIONING: text_conditioning(config, manifest)}
     self.empty_text = load_empty_text(config, online=online)
     text_model = None
     repl = parallel.replicated(mesh)

@@ -601,7 +601,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
                                async_save=bool(t.async_checkpointing))
   logger = setup.logger_class(workdir, num_steps=num_steps, num_devices=jax.device_count(),
                               chip=t.chip, is_main=is_main)
-  config_json = ckpt_lib.config_to_json(config)
+  config_json = {**ckpt_lib.config_to_json(config), **setup.saved_facts}
   stop = _StopFlag()
   profile = profiling.ProfileWindow(workdir, start=int(t.profile_start),
                                     steps=int(t.profile_steps))

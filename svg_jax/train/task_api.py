@@ -19,6 +19,9 @@ class TaskSetup(Protocol):
   state_shardings: Any
   logger_class: Callable[..., Any]  # a metrics.MetricsLogger class, or a callable like it
   init_from_note: str  # what else starts fresh from `train.init_from` (the loop's line ends so)
+  # Saved with every checkpoint beside the config, under keys of their own: what the run's data
+  # was made with that a reader of the checkpoint needs (the DiT's text conditioning).
+  saved_facts: dict
 
   def init_state(self, seed: int) -> Any:
     """A fresh state, every array made directly in its shards."""
