@@ -146,6 +146,8 @@ def _spec_trajectory(generator, prompts, seeds, solver, steps, shift, scale, mod
   def velocity(x, t):
     xs, ts = jnp.asarray(x, jnp.float32), jnp.full((b,), t, jnp.float32)
     vc = np.asarray(apply(generator.params, xs, ts, cond, cond_mask), np.float64)
+    if mode == "none":  # unguided: the conditional velocity alone
+      return vc
     vu = np.asarray(apply(generator.params, xs, ts, unc, unc_mask), np.float64)
     v = vu + scale * (vc - vu)
     if mode == "renorm":  # clip each sample's guided velocity to the conditional one's norm
@@ -182,7 +184,8 @@ def _spec_trajectory(generator, prompts, seeds, solver, steps, shift, scale, mod
 
 
 @pytest.mark.parametrize("solver, steps, mode, scale", [("dpm", 4, "renorm", 4.0),
-                                                        ("euler", 3, "standard", 2.5)])
+                                                        ("euler", 3, "standard", 2.5),
+                                                        ("dpm", 3, "none", 4.0)])
 def test_jitted_generation_equals_the_spec_loop(generator, solver, steps, mode, scale):
   prompts = [GENEVAL[i]["prompt"] for i in (0, 130, 300)]
   seeds = [5, 42, 1234]
@@ -194,9 +197,10 @@ def test_jitted_generation_equals_the_spec_loop(generator, solver, steps, mode, 
   assert got.shape == (3, 2, 3, DIT.in_channels) and got.dtype == np.float32
   err = np.max(np.abs(got - want)) / np.max(np.abs(want))
   assert err < TOL, err
-  # The trajectory is not trivial: guidance and the steps matter.
-  assert np.max(np.abs(want - _spec_trajectory(generator, prompts, seeds, solver, steps, 3.0, 1.0,
-                                               mode))) > 100 * TOL * np.max(np.abs(want))
+  # The trajectory is not trivial: guidance (or, unguided, its absence) and the steps matter.
+  other_mode, other_scale = ("renorm", 4.0) if mode == "none" else (mode, 1.0)
+  other = _spec_trajectory(generator, prompts, seeds, solver, steps, 3.0, other_scale, other_mode)
+  assert np.max(np.abs(want - other)) > 100 * TOL * np.max(np.abs(want))
   images = generator.generate(prompts, seeds, RES, settings, batch_size=2)
   assert images.shape == (3, 32, 48, 3) and images.dtype == np.uint8
   dec = ae_lib.to_uint8(generator.autoencoder.decode(want.astype(np.float32)), truncate=True)
