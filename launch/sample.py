@@ -13,7 +13,9 @@ as `<out>/{j:05d}.png`; `<out>/metadata.jsonl` has one line per image (file, pro
 caption_tokens and caption_cut, the sampler settings and the files read); `<out>/grid.png` holds
 them all, for up to 64 images (sample_folder.GRID_MAX_IMAGES: more would make a PNG of hundreds
 of MB, so it is left out, with a line saying so). An --out that holds an earlier run's images
-(finished or interrupted) is an error unless --overwrite.
+(finished or interrupted) is an error unless --overwrite (replace them) or --resume (go on with
+it: the same prompts, seeds and settings are required; images listed in its metadata.jsonl and
+whole are kept, the others are made, with the caption length of the whole job as before).
 
 Images are sampled, decoded and written --batch_size at a time, each batch's PNGs and metadata
 lines as soon as it is decoded: memory holds one batch whatever the number of prompts, and an
@@ -45,6 +47,8 @@ flags.DEFINE_integer("grid_cols", 0, "columns of grid.png (0: about the square r
 flags.DEFINE_string("out", None, "output folder")
 flags.DEFINE_bool("overwrite", False, "replace an earlier run's images in --out (without it, an "
                   "--out with a metadata.jsonl is an error)")
+flags.DEFINE_bool("resume", False, "go on with an interrupted run in --out (the same prompts, "
+                  "seeds and settings): its images are kept, the missing ones are made")
 flags.DEFINE_bool("allow_empty_prompts", False, "sample empty or blank prompts (each gives an "
                   "image of no prompt) instead of refusing them")
 FLAGS = flags.FLAGS
@@ -97,30 +101,46 @@ def main(argv):
                          f"are {FLAGS.seed}..{seeds[-1]})")
   # Before anything is sampled: the folder must take the files, an earlier run's are not replaced
   # unless asked.
+  if FLAGS.resume and FLAGS.overwrite:
+    raise app.UsageError("--resume keeps an earlier run's images, --overwrite replaces them: "
+                         "give one")
   writable_folders.check_writable_folder(FLAGS.out, "--out", create=False)
-  sample_folder.check_folder(FLAGS.out, FLAGS.overwrite)
+  sample_folder.check_folder(FLAGS.out, FLAGS.overwrite, FLAGS.resume)
   generator = generator_flags.make_generator()
   encoder = generator.text_encoder
   counts = generator_flags.count_caption_tokens(
       encoder, prompts, sources, ". metadata.jsonl marks their images caption_cut")
-  folder = sample_folder.SampleFolder(FLAGS.out, generator_flags.provenance(settings, generator))
-  progress = Progress(len(jobs), what="images")
+  fields = []
+  for j in range(len(jobs)):
+    tokens = int(counts[j // FLAGS.num_images])
+    fields.append(dict(prompt=jobs[j], seed=seeds[j],
+                       caption_tokens=min(tokens, encoder.max_length),
+                       caption_cut=tokens > encoder.max_length))
+  height, width = resolution
+  folder = sample_folder.SampleFolder(
+      FLAGS.out, generator_flags.provenance(settings, generator),
+      resume_fields=([dict(f, width=width, height=height) for f in fields] if FLAGS.resume
+                     else None))
+  todo = [j for j in range(len(jobs)) if j not in folder.done]
+  if folder.done:
+    print(f"resuming {FLAGS.out}: {len(folder.done)} of {len(jobs)} images are there, "
+          f"{len(todo)} to make", file=sys.stderr, flush=True)
+  progress = Progress(len(todo), what="images")
   try:
-    for indices, images in generator.image_batches(jobs, seeds, resolution, settings,
-                                                   batch_size=FLAGS.batch_size):
-      fields = []
-      for j in indices:
-        tokens = int(counts[j // FLAGS.num_images])
-        fields.append(dict(prompt=jobs[j], seed=seeds[j],
-                           caption_tokens=min(tokens, encoder.max_length),
-                           caption_cut=tokens > encoder.max_length))
-      folder.add(indices, images, fields)
-      progress(indices.stop)
+    if todo:
+      # The whole job's caption length, as an uninterrupted run pads every batch.
+      batches = generator.image_batches(
+          [jobs[j] for j in todo], [seeds[j] for j in todo], resolution, settings,
+          batch_size=FLAGS.batch_size, text_length=generator.text_length(jobs))
+      for part, images in batches:
+        folder.add([todo[i] for i in part], images, [fields[todo[i]] for i in part])
+        progress(part.stop)
   except BaseException:
     if folder.written:  # Ctrl-C or a failure: say what is kept
       progress.end_line()
       print(f"stopped: {len(folder.written)} of {len(jobs)} images are written to {FLAGS.out} "
-            f"and listed in its {sample_folder.METADATA}", file=sys.stderr, flush=True)
+            f"and listed in its {sample_folder.METADATA} (--resume goes on with it)",
+            file=sys.stderr, flush=True)
     raise
   if folder.finish(FLAGS.grid_cols):
     print(f"wrote {len(jobs)} images, {sample_folder.GRID} and {sample_folder.METADATA} to "

@@ -648,7 +648,9 @@ runpy.run_path({script!r}, run_name="__main__")
 @pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
 def test_sample_cli_writes_each_batch_as_it_is_decoded(files, generator, tmp_path):
   """An interrupted run keeps the batches decoded before, their metadata lines and nothing else;
-  the folder is then an earlier run (refused without --overwrite)."""
+  the folder is then an earlier run (refused without --overwrite or --resume). --resume makes
+  the missing images and a cut one again, keeps the others, and gives the uninterrupted run's
+  bytes."""
   wrapper = tmp_path / "interrupted_sample.py"
   wrapper.write_text(_INTERRUPTED_SAMPLE.format(launch=os.path.join(REPO, "launch"),
                                                 script=os.path.join(REPO, "launch", "sample.py")))
@@ -657,8 +659,8 @@ def test_sample_cli_writes_each_batch_as_it_is_decoded(files, generator, tmp_pat
   r = script_runs.run(str(wrapper), *_common(files), *(f"--prompt={p}" for p in prompts),
                       "--num_images=2", "--seed=4", "--batch_size=2", f"--out={out}")
   assert script_runs.error_lines(r.stderr) == [
-      f"stopped: 2 of 6 images are written to {out} and listed in its metadata.jsonl",
-      "interrupted (Ctrl-C)"], r.stderr[-3000:]
+      f"stopped: 2 of 6 images are written to {out} and listed in its metadata.jsonl "
+      "(--resume goes on with it)", "interrupted (Ctrl-C)"], r.stderr[-3000:]
   assert _tree(out) == ["00000.png", "00001.png", "metadata.jsonl"]
   meta = [json.loads(line) for line in open(out / "metadata.jsonl")]
   assert [(m["file"], m["prompt"], m["seed"]) for m in meta] == [
@@ -670,6 +672,20 @@ def test_sample_cli_writes_each_batch_as_it_is_decoded(files, generator, tmp_pat
     np.testing.assert_array_equal(_png(out / f"{j:05d}.png"), want[j])
   with pytest.raises(sample_folder.InputError, match="holds an earlier run's images"):
     sample_folder.check_folder(str(out), overwrite=False)
+  # A copy cut 00001.png short; a kill between a PNG's rename and its line left 00002.png.
+  (out / "00001.png").write_bytes((out / "00001.png").read_bytes()[:100])
+  (out / "00002.png").write_bytes(b"not this run's")
+  kept = os.stat(out / "00000.png").st_mtime_ns
+  r = _run("sample.py", *_common(files), *(f"--prompt={p}" for p in prompts), "--num_images=2",
+           "--seed=4", "--batch_size=2", f"--out={out}", "--resume")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resuming {out}: 1 of 6 images are there, 5 to make" in r.stderr
+  assert os.stat(out / "00000.png").st_mtime_ns == kept
+  meta = [json.loads(line) for line in open(out / "metadata.jsonl")]
+  assert sorted((m["file"], m["seed"]) for m in meta) == [(f"{j:05d}.png", 4 + j)
+                                                         for j in range(6)]
+  for j in range(6):
+    np.testing.assert_array_equal(_png(out / f"{j:05d}.png"), want[j])
 
 
 @pytest.mark.parametrize("args, where", [

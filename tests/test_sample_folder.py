@@ -105,3 +105,45 @@ def test_no_grid_above_the_limit_and_no_stale_one(tmp_path):
   exact = sample_folder.SampleFolder(str(tmp_path / "exact"), {})
   exact.add(range(n - 1), _images(n - 1), _fields("x" * (n - 1), range(n - 1)))
   assert exact.finish() and os.path.exists(tmp_path / "exact" / sample_folder.GRID)
+
+
+def _sized(fields, w=6, h=4):
+  return [dict(f, width=w, height=h) for f in fields]
+
+
+def test_resuming_keeps_the_same_jobs_images_and_refuses_another_job(tmp_path):
+  out = tmp_path / "out"
+  job = _fields("abcd", [0, 1, 2, 3])
+  earlier = sample_folder.SampleFolder(str(out), dict(steps=2))
+  earlier.add(range(3), _images(3), job[:3])
+  (out / "00001.png").unlink()  # gone since: made again
+  with pytest.raises(sample_folder.InputError, match="holds an earlier run's images"):
+    sample_folder.check_folder(str(out), overwrite=False)
+  sample_folder.check_folder(str(out), overwrite=False, resume=True)
+  refusals = [  # (provenance, fields of the job, what the line names)
+      (dict(steps=3), _sized(job), "steps: 2 there, 3 now"),
+      (dict(steps=2), _sized(_fields("abxd", [0, 1, 2, 3])), "prompt: 'c' there, 'x' now"),
+      (dict(steps=2), _sized(job, w=8), "width: 6 there, 8 now"),
+      (dict(steps=2), _sized(job[:2]), "00002.png, past this job's 2 images")]
+  for provenance, fields, line in refusals:
+    with pytest.raises(sample_folder.InputError, match=line.replace("(", r"\(")):
+      sample_folder.SampleFolder(str(out), provenance, resume_fields=fields)
+  assert len(_meta(out)) == 3  # a refused resume changes nothing
+  folder = sample_folder.SampleFolder(str(out), dict(steps=2), resume_fields=_sized(job))
+  assert folder.done == {0, 2}
+  assert [m["file"] for m in _meta(out)] == ["00000.png", "00002.png"]  # the lost one unlisted
+  folder.add([1, 3], _images(2, 20), [job[1], job[3]])
+  assert folder.finish(grid_cols=4)
+  assert sorted(m["file"] for m in _meta(out)) == [f"{j:05d}.png" for j in range(4)]
+  grid = _png(out / sample_folder.GRID)
+  assert [int(grid[0, 6 * k, 0]) for k in range(4)] == [0, 20, 2, 21]  # in image order
+
+
+def test_resuming_a_folder_of_another_tool_is_refused(tmp_path):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / sample_folder.METADATA).write_text(json.dumps({"file_name": "x.png"}) + "\n")
+  with pytest.raises(sample_folder.InputError, match="line 1 is not an image's line"):
+    sample_folder.SampleFolder(str(out), {}, resume_fields=_sized(_fields("a", [0])))
+  fresh = sample_folder.SampleFolder(str(tmp_path / "new"), {}, resume_fields=[])
+  assert fresh.done == set() and not os.path.exists(tmp_path / "new")

@@ -115,9 +115,9 @@ def _missing_images(benchmark, outdir, index, item, images_per_prompt) -> list[i
         raise InputError(f"{meta} holds another prompt ({saved[:80]}...) than line {index} of "
                          "the prompt file; use a fresh output folder for another prompt file")
     return [k for k in range(images_per_prompt)
-            if not _whole_png(geneval_sample_path(outdir, index, k))]
+            if not atomic_files.whole_png(geneval_sample_path(outdir, index, k))]
   grid = os.path.join(outdir, dpg_grid_name(item["filename"]))
-  return [] if _whole_png(grid) else list(range(images_per_prompt))
+  return [] if atomic_files.whole_png(grid) else list(range(images_per_prompt))
 
 
 def _paths(benchmark, outdir, index, item, ks) -> list[str]:
@@ -136,25 +136,6 @@ def _stray_samples(outdir: str, index: int, images_per_prompt: int) -> list[str]
   ours = {os.path.basename(geneval_sample_path(outdir, index, k))
           for k in range(images_per_prompt)}
   return [os.path.join(folder, name) for name in sorted(set(names) - ours)]
-
-
-PNG_START = b"\x89PNG\r\n\x1a\n"
-PNG_END = b"IEND\xaeB`\x82"  # the last chunk's type and CRC: every whole PNG ends with them
-
-
-def _whole_png(path: str) -> bool:
-  """Whether `path` is a PNG from its signature to its end chunk. Ours appear whole (renamed into
-  place); a file cut by a copy or a full disk elsewhere is made again, not left to a scorer."""
-  try:
-    with open(path, "rb") as f:
-      start = f.read(len(PNG_START))
-      f.seek(0, os.SEEK_END)
-      if f.tell() < len(PNG_START) + len(PNG_END):
-        return False
-      f.seek(-len(PNG_END), os.SEEK_END)
-      return start == PNG_START and f.read() == PNG_END
-  except OSError:
-    return False
 
 
 def run_benchmark(generator: generate.Generator, items: Sequence[dict], benchmark: str,

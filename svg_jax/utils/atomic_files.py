@@ -71,6 +71,25 @@ def save_png(path: str | os.PathLike, image: Any, tmp_dir: str | None = None) ->
         tmp_dir)
 
 
+PNG_START = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"IEND\xaeB`\x82"  # the last chunk's type and CRC: every whole PNG ends with them
+
+
+def whole_png(path: str | os.PathLike) -> bool:
+  """Whether `path` is a PNG from its signature to its end chunk. `save_png`'s appear whole; a
+  file cut by a copy or a full disk elsewhere is not, and is to be made again."""
+  try:
+    with open(path, "rb") as f:
+      start = f.read(len(PNG_START))
+      f.seek(0, os.SEEK_END)
+      if f.tell() < len(PNG_START) + len(PNG_END):
+        return False
+      f.seek(-len(PNG_END), os.SEEK_END)
+      return start == PNG_START and f.read() == PNG_END
+  except OSError:
+    return False
+
+
 def read_json(path: str | os.PathLike) -> Any | None:
   """The JSON object in `path`, None when there is no such file."""
   if not os.path.isfile(path):
