@@ -12,7 +12,8 @@ std; `std + 1e-8` is formed in bf16 as torch does for a bf16 tensor plus a pytho
 
 The offline demo has a random encoder, so its statistics are computed on demo latents
 (`StatsAccumulator`) and written by `save_latent_stats` in the same file format, so the demo
-reads them through the same `load_latent_stats` as the official file.
+reads them through the same `load_latent_stats` as the official file. Another encoder's
+statistics over a user's images: svg_jax/latent_stats_job.py (launch/latent_stats.py).
 
 Latents are channel-last ([..., C]); the statistics broadcast over every other axis.
 """

@@ -171,6 +171,9 @@ TINY = os.path.join(script_runs.REPO, "configs", "tiny.py")
     ("convert.py", ["--config", TINY, "--config.model.dimm=3"], "model.dimm", "dim"),
     ("reconstruct.py", ["--config", TINY, "--noconfig.autoencoder.bf16_stat"],
      "autoencoder.bf16_stat", "bf16_stats"),
+    ("latent_stats.py", ["--images=x", "--out=y", "--config", TINY,
+                         "--config.autoencoder.stats_layr=-1"], "autoencoder.stats_layr",
+     "stats_layer"),
 ])
 def test_an_unknown_config_field_is_one_line_naming_it_in_every_script(script, args, field, hint):
   line = script_runs.assert_one_line(script_runs.run(script, *args),
