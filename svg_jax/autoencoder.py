@@ -220,6 +220,14 @@ class SVGAutoencoder:
     stats = latent_stats.load_latent_stats(c.stats_path, c.stats_layer)
     enc_cfg = DINOv3Config.from_dict(c.encoder.to_dict())
     dec_cfg = DecoderConfig.from_dict(c.decoder.to_dict())
+    # Named by the config fields and the file: SVGAutoencoder's own check knows neither.
+    wrong = ([f"autoencoder.encoder.dim {enc_cfg.dim}"] if encoder and enc_cfg.dim != stats.dim
+             else []) + ([f"autoencoder.decoder.z_channels {dec_cfg.z_channels}"]
+                         if decoder and dec_cfg.z_channels != stats.dim else [])
+    if wrong:
+      raise InputError(f"autoencoder.stats_path {c.stats_path} holds statistics of {stats.dim} "
+                       f"channels, but {' and '.join(wrong)}: use the statistics made with "
+                       "this encoder")
     enc_params = dec_params = None
     fingerprints = {}
     if encoder:
@@ -311,15 +319,27 @@ class SVGAutoencoder:
 
 
 def list_images(paths: Sequence[str], extensions: Sequence[str] = (
-    ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")) -> list[str]:
-  """Files given directly, plus the image files (by extension) directly in given folders, sorted."""
+    ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"), what: str = "--images"
+                ) -> list[str]:
+  """Files given directly, plus the image files (by extension) directly in given folders, sorted.
+  InputError for an empty entry and for a folder without image files (a wrong folder, found
+  before any weights load)."""
+  if any(not path for path in paths):  # `a.png,,b.png`: an empty name read "  does not exist"
+    raise InputError(f"{what} has an empty entry (two commas in a row, or one at an end)")
   out = []
   for path in paths:
     if os.path.isdir(path):
-      out += sorted(os.path.join(path, n) for n in os.listdir(path)
-                    if n.lower().endswith(tuple(extensions)))
+      found = sorted(os.path.join(path, n) for n in os.listdir(path)
+                     if n.lower().endswith(tuple(extensions))
+                     and os.path.isfile(os.path.join(path, n)))
+      if not found:
+        raise InputError(f"no image files found in {path} (files ending in "
+                         f"{', '.join(extensions)}, directly in the folder)")
+      out += found
     elif os.path.exists(path):
       out.append(path)
     else:
       raise MissingInput(f"{path} does not exist")
+  if not out:
+    raise InputError(f"{what} names no image files")
   return out

@@ -151,7 +151,8 @@ class SampleFolder:
         atomic_files.save_png(os.path.join(self.out, name), img)
         names.append(name)
         lines.append(json.dumps(dict(file=name, **own, width=w, height=h, **self.provenance)))
-      _append(os.path.join(self.out, METADATA), "".join(line + "\n" for line in lines))
+      atomic_files.append_whole(os.path.join(self.out, METADATA),
+                                "".join(line + "\n" for line in lines))
     except BaseException:
       for name in names:
         os.remove(os.path.join(self.out, name))
@@ -175,18 +176,6 @@ class SampleFolder:
       grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = img
     atomic_files.save_png(os.path.join(self.out, GRID), grid)
     return True
-
-
-def _append(path: str, text: str) -> None:
-  """`text` appended to `path` by one write call (a loop only if the system writes less): a
-  killed process leaves whole lines."""
-  data = text.encode("utf-8")
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-  try:
-    while data:
-      data = data[os.write(fd, data):]
-  finally:
-    os.close(fd)
 
 
 def _read_png(path: str) -> np.ndarray:

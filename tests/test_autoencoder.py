@@ -10,6 +10,7 @@ tests/test_dinov3.py and tests/test_decoder.py (weights move only through svg_ja
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -328,6 +329,14 @@ def test_from_config_loads_the_official_formats(weight_files, encoder):
   bare.encoder_path = cfg.encoder_path  # the default statistics are the official 384 channels
   with pytest.raises(ValueError, match=f"{ENC.dim}.*384|384.*{ENC.dim}"):
     ae_lib.SVGAutoencoder.from_config(bare, decoder=False)
+  # Statistics of another size: the message names the config fields and the file.
+  other = ml_collections.ConfigDict(cfg.to_dict())
+  other.stats_path = os.path.join(os.path.dirname(cfg.stats_path), "stats32.pt")
+  ls.save_latent_stats(other.stats_path, np.zeros(32), np.ones(32))
+  with pytest.raises(ValueError, match=re.escape(
+      f"autoencoder.stats_path {other.stats_path} holds statistics of 32 channels, but "
+      f"autoencoder.encoder.dim {ENC.dim} and autoencoder.decoder.z_channels")):
+    ae_lib.SVGAutoencoder.from_config(other)
   bare.stats_path = ""
   with pytest.raises(ValueError, match="stats_path"):
     ae_lib.SVGAutoencoder.from_config(bare, decoder=False)
@@ -365,12 +374,14 @@ def test_reconstruct_cli_end_to_end(weight_files, tmp_path):
   assert any(l.startswith(f"skipped {bad}") for l in lines)
   metrics = json.loads((out / "metrics.json").read_text())
   assert [s["path"] for s in metrics["skipped"]] == [str(bad)]
-  by_name = {m["name"]: m for m in metrics["images"]}
-  assert set(by_name) == {"hello", "man"}
-  assert by_name["hello"]["bucket"] == [320, 192] and by_name["man"]["bucket"] == [256, 256]
+  by_name = {m["file"]: m for m in metrics["images"]}
+  assert set(by_name) == {"hello.png.png", "man.jpg.png"}
+  assert by_name["hello.png.png"]["bucket"] == [320, 192]
+  assert by_name["man.jpg.png"]["bucket"] == [256, 256]
   ae = ae_lib.SVGAutoencoder.from_config(cfg)
-  for name, path in (("hello", f"{ASSETS}/hello.png"), ("man", f"{ASSETS}/man.jpg")):
-    pair = np.asarray(Image.open(out / f"{name}.png"))
+  for name, path in (("hello.png.png", f"{ASSETS}/hello.png"),
+                     ("man.jpg.png", f"{ASSETS}/man.jpg")):
+    pair = np.asarray(Image.open(out / name))
     w, h = by_name[name]["bucket"]
     assert pair.shape == (h, 2 * w, 3)
     orig, rec = pair[:, :w], pair[:, w:]

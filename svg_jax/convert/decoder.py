@@ -279,13 +279,16 @@ def read_torch_state(path: str | os.PathLike) -> dict[str, Any]:
 
 def _read_state(path: str | os.PathLike) -> dict[str, Any]:
   path = os.fspath(path)
+  if os.path.isdir(path):
+    raise InputError(f"decoder checkpoint {path} is a folder; give the checkpoint file "
+                     f"(.safetensors or one of {TORCH_SUFFIXES})")
   if not os.path.isfile(path):
     raise MissingInput(f"decoder checkpoint {path} does not exist")
   if path.endswith(".safetensors"):
     return dict(safetensors_io.load_safetensors(path))
   if path.endswith(TORCH_SUFFIXES):
     return read_torch_state(path)
-  raise ValueError(f"{path}: unknown decoder checkpoint file type; expected .safetensors or one of "
+  raise InputError(f"{path}: unknown decoder checkpoint file type; expected .safetensors or one of "
                    f"{TORCH_SUFFIXES}")
 
 

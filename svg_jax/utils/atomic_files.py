@@ -71,6 +71,18 @@ def save_png(path: str | os.PathLike, image: Any, tmp_dir: str | None = None) ->
         tmp_dir)
 
 
+def append_whole(path: str | os.PathLike, text: str) -> None:
+  """`text` appended to `path` (made if missing) by one write call (a loop only if the system
+  writes less): a killed process leaves whole lines, never half of one."""
+  data = text.encode("utf-8")
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+  try:
+    while data:
+      data = data[os.write(fd, data):]
+  finally:
+    os.close(fd)
+
+
 PNG_START = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"IEND\xaeB`\x82"  # the last chunk's type and CRC: every whole PNG ends with them
 
