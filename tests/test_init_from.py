@@ -88,7 +88,7 @@ def test_a_later_stage_resumes_when_its_init_from_source_is_gone(data_dir, stage
   config = _config(data_dir, num_steps=2, init_from=source)
   trainer.train(config, stage2)
   assert _events(stage2, "init_from") == [
-      {"step": 0, "event": "init_from", "source": source, "source_step": 4}]
+      {"step": 0, "event": "init_from", "num_steps": 2, "source": source, "source_step": 4}]
   assert _messages(caplog, "train.init_from: loaded") == [
       f"train.init_from: loaded the params of step 4 of {source}; the optimizer state starts "
       "fresh, the EMA starts as a copy of these params"]
@@ -106,7 +106,7 @@ def test_a_later_stage_resumes_when_its_init_from_source_is_gone(data_dir, stage
       "resuming step 2 with 2 config fields changed since it was saved: train.lr 0.0005 -> "
       "0.0002; train.num_steps 2 -> 4"]
   assert _events(stage2, "resume") == [
-      {"step": 2, "event": "resume", "init_from_ignored": source}]
+      {"step": 2, "event": "resume", "num_steps": 4, "init_from_ignored": source}]
   assert sorted(_losses(stage2)) == [1, 2, 3, 4]
 
   caplog.clear()
@@ -149,9 +149,9 @@ def test_a_run_starts_from_official_weights_and_from_an_older_step(data_dir, sta
   assert _equal(started[0], dit_io.load_dit(path, "official", cfg)) and _equal(started[0], step2)
   assert _equal(started[1], step2)
   assert _events(from_file, "init_from") == [
-      {"step": 0, "event": "init_from", "source": path, "format": "official"}]
+      {"step": 0, "event": "init_from", "num_steps": 1, "source": path, "format": "official"}]
   assert _events(from_run, "init_from") == [
-      {"step": 0, "event": "init_from", "source": stage1, "source_step": 2}]
+      {"step": 0, "event": "init_from", "num_steps": 1, "source": stage1, "source_step": 2}]
   assert _losses(from_file) == _losses(from_run) and len(_losses(from_file)) == 1
 
   # A step the workdir does not have, and the file for another model: one line each.

@@ -703,6 +703,36 @@ def test_two_hosts_wait_for_no_compile_and_validate_as_one(tmp_path):
     assert grid.std() > 0 and diff.max() <= 1 and (diff > 0).mean() < 1e-3, step
 
 
+# Process 1's first compile of the step ends 35 s after process 0's: longer than the 30 s that
+# the CPU collectives (Gloo) wait for a peer while they make their context.
+_LATE_COMPILE = """
+import os
+import sys
+import time
+from svg_jax.train import dit_task
+if os.environ["JAX_PROCESS_ID"] == "1":
+  _compile = dit_task.DiTSetup.compile_step
+  def compile_step(self, *args):
+    print("slowed compile_step", file=sys.stderr, flush=True)
+    time.sleep(35)
+    return _compile(self, *args)
+  dit_task.DiTSetup.compile_step = compile_step
+"""
+
+
+@pytest.mark.slow
+def test_a_new_run_waits_for_a_compile_that_ends_35_s_later_on_another_host(data_dir, tmp_path):
+  """A fresh run (no checkpoint, whose restore would have agreed first) whose process 1 compiles
+  the step 35 s after process 0: both train to the end. Before, the hosts' first collective
+  came after the compile, and the CPU collectives' context gave up on the late host after 30 s:
+  process 0 ended with a traceback (`Gloo context initialization failed`), process 1 aborted."""
+  path = _python_path_with_hook(tmp_path / "late_compile", _LATE_COMPILE)
+  errs = _run(data_dir, tmp_path / "run", 2, 2, 2, timeout=300,
+              env_of={1: {"PYTHONPATH": path}})
+  assert "slowed compile_step" in errs[1], errs[1][-3000:]
+  assert [r["event"] for r in _records(tmp_path / "run") if "event" in r][-1] == "finished"
+
+
 @pytest.mark.slow
 def test_a_killed_process_takes_the_other_down(data_dir, tmp_path):
   """SIGKILL to process 1: process 0 exits non-zero instead of hanging, within a bound that

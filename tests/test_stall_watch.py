@@ -2,12 +2,14 @@
 list: steps that keep coming keep it quiet, silence fires it once, a timeout after the last step,
 with that step and the checkpoint folder, a paused watch leaves no thread and fires only once
 armed again, and a stopped or disabled watch never fires. Each firing appends a "stalled" event
-(the last step that ended, what the watch waited for) to the metrics file it was given. The real
+(the last step that ended, what the watch waited for) to the metrics file it was given; a watch
+that woke far later than it asked (its process was suspended) says so. The real
 action (stacks, exit 7) is run by tests/test_multihost.py on a run whose peer was stopped;
 tests/test_train.py runs the loop with a hung restore."""
 import json
 import threading
 import time
+import types
 
 import pytest
 
@@ -84,3 +86,25 @@ def test_a_paused_watch_fires_only_after_it_is_armed_again(tmp_path):
   assert _last_event(metrics) == {"step": 6, "event": "stalled",
                                   "waiting_for": "running step 7 (after its compile)",
                                   "timeout_s": 0.5}
+
+
+def test_a_process_that_was_itself_suspended_says_so(tmp_path, monkeypatch):
+  """The watch's own wait ends 5 s late (its clock jumps while it waits, as a SIGSTOP then
+  SIGCONT leaves it): the line and the event say this process stood still, not that it waited
+  for another; a wait that ends on time says nothing of the kind (the first test)."""
+  jump = [0.0]
+  clock = types.SimpleNamespace(monotonic=lambda: time.monotonic() + jump[0])
+  monkeypatch.setattr(stall_watch, "time", clock)
+  fired = []
+  metrics = tmp_path / "metrics.jsonl"
+  watch = stall_watch.StallWatch(0.5, "/c", on_stall=fired.append, events_path=str(metrics))
+  watch.beat(3)
+  time.sleep(0.1)  # the watch waits: the process "stops" for 5 s
+  jump[0] = 5.0
+  _wait_for(lambda: fired, 10.0)
+  assert len(fired) == 1 and fired[0].startswith(
+      "stalled: no step ended for 0.5 s after step 3: this process was itself suspended or not "
+      "scheduled for 5 s (its watch woke that much later than it asked) "
+      "(train.stall_timeout_s)"), fired
+  event = _last_event(metrics)
+  assert event["event"] == "stalled" and 4.5 < event["suspended_s"] < 6, event

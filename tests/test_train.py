@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -531,6 +532,11 @@ def test_a_damaged_newest_checkpoint_falls_back_to_an_intact_one(data_dir, six_s
   assert max(abs(losses[s] - six_steps[s]) for s in six_steps) <= 1e-6
   events = [r["step"] for r in _records(tmp_path) if r.get("event") == "checkpoint"]
   assert events == [2, 4, 6, 4, 6, 8]
+  # Each run's first line names its length; one that reached it ends with "finished".
+  runs = [r for r in _records(tmp_path) if r.get("event") in ("start", "resume", "finished")]
+  assert runs == [{"step": 0, "event": "start", "num_steps": 6}, {"step": 6, "event": "finished"},
+                  {"step": 2, "event": "resume", "num_steps": 8}, {"step": 8, "event": "finished"}]
+  assert _records(tmp_path)[-1] == {"step": 8, "event": "finished"}
 
 
 def test_no_intact_checkpoint_and_an_old_loader_state_are_one_line(data_dir, tmp_path):
@@ -1071,6 +1077,32 @@ def test_metric_accumulation_stays_off_the_mesh(tmp_path):
   cpu = jax.local_devices(backend="cpu")[0]
   assert all(a.sharding.device_set == {cpu} for a in made), {str(a.sharding) for a in made}
   assert record["loss"] == 0.5 and record["grad_norm"] == 1.0
+
+
+def test_the_eta_is_from_the_mean_rate_a_slow_window_does_not_swing(tmp_path, monkeypatch):
+  """Windows of 10 steps in 1 s, then one with a 9 s checkpoint save in it: that window's steps/s
+  falls tenfold, the ETA follows the mean since the clock restarted (30 steps in 12 s), not it;
+  a step run before the restart (with its compile) counts in neither."""
+  now = [100.0]
+  monkeypatch.setattr(metrics_lib, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+  logger = metrics_lib.MetricsLogger(str(tmp_path), num_steps=1000, num_devices=1, chip="cpu",
+                                     is_main=False)
+  host = {"loss": np.float32(0.5), "grad_norm": np.float32(1.0), "caption_dropped": np.float32(0),
+          "lr": np.float32(1e-3)}
+  logger.add(host, images=8, tokens=64, flops=1.0, timed=False)  # step 1, with its compile
+  now[0] += 60
+  logger.restart_clock()
+  records = []
+  for window, seconds in enumerate((1, 1, 10, 1)):
+    for _ in range(10):
+      logger.add(host, images=8, tokens=64, flops=1.0)
+    now[0] += seconds
+    records.append(logger.write(1 + 10 * (window + 1)))
+  assert [r["steps_per_sec"] for r in records] == pytest.approx([10, 10, 1, 10])
+  assert records[1]["eta_sec"] == pytest.approx((1000 - 21) / 10)
+  assert records[2]["eta_sec"] == pytest.approx((1000 - 31) * 12 / 30)
+  assert records[3]["eta_sec"] == pytest.approx((1000 - 41) * 13 / 40)
+  assert "ETA 0:05:12" in logger.progress_line(records[3])
 
 
 def test_a_workdir_that_cannot_be_written_or_a_truncated_shard_stops_before_any_step(data_dir,

@@ -26,14 +26,17 @@ Order of work (nothing compiles before the config has been checked):
   4. Steps: jit(train_step) with explicit in/out shardings and the state donated, compiled ahead
      for each batch shape (`TaskSetup.compile_step`; with the first batch, the evaluation's
      programs too: `TaskSetup.compile_eval`). Every host then waits for the others' compiles
-     before the first run, so the stall watch never times a compile. The step rng is
+     before the first run, so the stall watch never times a compile. (The hosts' first
+     collective comes before anything compiles: on CPU it makes Gloo's context, whose 30 s
+     timeout a host's longer compile must not run into.) The step rng is
      fold_in(PRNGKey(seed), step), so a resumed run draws what the uninterrupted run drew. A
      state or step that does not fit in memory ends the run with `OutOfMemory`, one line saying
      what to change; the checkpoints already written are intact.
   5. Metrics are fetched lazily (at log and checkpoint steps) so the host does not wait on every
      step; a NaN/inf loss or grad norm stops the run with `TrainingDiverged` *before* the state is
      saved, so the newest checkpoint is always a good one; metrics.jsonl ends with a "diverged"
-     event (the stall watch's exit 7 with a "stalled" one), so a dead run is told from a slow one.
+     event (the stall watch's exit 7 with a "stalled" one; a run that reached `train.num_steps`
+     with a "finished" one), so a dead run is told from a slow one.
   6. `train.profile_steps` steps after the first `train.profile_start` are traced with
      jax.profiler into <workdir>/tensorboard and summarized in the log (svg_jax/train/profiling.py).
   7. Checkpoints every `checkpoint_every` steps, at the end, and after SIGTERM/SIGINT (then `train`
@@ -50,6 +53,7 @@ import math
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -409,9 +413,15 @@ def _compile_step(setup, state, batch, rng, first: bool, agreement: _Agreement,
   if not first:
     jax.block_until_ready(state)
   stall.pause()
+  what = "the train step" + (" and the evaluation's programs, if any," if first else "")
+  logging.info("compiling %s for the batch shapes %s", what,
+               [tuple(x.shape) for x in jax.tree.leaves(batch)])
+  started = time.perf_counter()
   run_step = setup.compile_step(state, batch, rng)
   if first:
     setup.compile_eval(state)
+  logging.info("compiled %s in %.1f s%s", what, time.perf_counter() - started,
+               "; waiting for every host's compile" if agreement.multi else "")
   agreement.max(0)
   return run_step
 
@@ -591,6 +601,10 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
   stall = stall_watch.StallWatch(  # its event goes where the logger's go: process 0's file
       float(t.stall_timeout_s), ckpt_lib.checkpoint_dir(workdir),
       events_path=metrics_lib.metrics_path(workdir) if is_main else None)
+  # The first collective across processes makes the CPU collectives' (Gloo's) context, whose
+  # key exchange gives up after 30 s: now, while the hosts are in step, not after a compile that
+  # one host ends minutes after the other (a fresh run's first collective came after it).
+  _timed(stall, "the first collective with every host", agreement.max)(0)
   resolved = None  # the task's choices made on the mesh (the DiT's remat "auto"): a metrics event
   if task.resolve_config is not None:
     config, resolved = task.resolve_config(
@@ -633,7 +647,7 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
     with parallel.mesh_context(mesh, setup.rules):
       if resumed_from is not None:
         _log_resume(ckpt, resumed_from, config_json, t, workdir)
-        logger.event(resumed_from, event="resume",
+        logger.event(resumed_from, event="resume", num_steps=num_steps,
                      **({"init_from_ignored": t.init_from} if t.init_from else {}))
       elif loaded is not None:
         params, source_step = loaded
@@ -643,13 +657,13 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
                 else f"the {t.init_from_format} weights {t.init_from}")
         logging.info("train.init_from: loaded %s; the optimizer state starts fresh, %s", what,
                      setup.init_from_note)
-        logger.event(0, event="init_from", source=t.init_from,
+        logger.event(0, event="init_from", num_steps=num_steps, source=t.init_from,
                      **({"source_step": source_step} if source_step is not None
                         else {"format": t.init_from_format}))
       else:
         stall.pause()  # the init's compile and run: local work
         state = setup.init_state(int(config.seed))
-        logger.event(0, event="start")
+        logger.event(0, event="start", num_steps=num_steps)
       if resolved is not None:
         logger.event(resumed_from or 0, **resolved)
       if is_main:
@@ -750,6 +764,8 @@ def train(config, workdir: str, task: Task) -> dict[str, Any]:
                         f"saved step {step} to {ckpt.directory}" if ckpt_every else
                         "nothing saved (train.checkpoint_every = 0)")
         logger.event(step, event="stopped", signal=stopped_by)
+      if step >= num_steps:  # the last line of a run that is done (a dead one has none)
+        logger.event(step, event="finished")
       return {"step": step, "stopped_by": stopped_by, "resumed_from": resumed_from,
               "last_record": last_record}
   except ckpt_lib.SaveFailed as e:

@@ -52,6 +52,9 @@ class MetricsLogger:
   Records go to `<workdir>/metrics.jsonl` (one JSON object a line, flushed at once) and to
   TensorBoard event files in `<workdir>/tensorboard` (process 0 only), and a progress line to the
   log: step, loss, grad norm, lr, steps/s, images/s, tokens/s, TFLOP/s per device, MFU and ETA.
+  The rates are the window's; the ETA is from the mean rate since `restart_clock` (the steps
+  after the first, with the saves and evaluations among them), which a window that holds a
+  checkpoint save does not swing.
   """
 
   def __init__(self, workdir: str, *, num_steps: int, num_devices: int, chip: str = "auto",
@@ -64,6 +67,7 @@ class MetricsLogger:
     self._acc = None
     self._window = {"steps": 0, "images": 0, "tokens": 0, "flops": 0.0}
     self._t0 = time.perf_counter()
+    self._run = {"steps": 0, "since": self._t0}  # timed steps since restart_clock: the ETA's rate
     self._jsonl = None
     self._tb = None
     if is_main:
@@ -76,6 +80,7 @@ class MetricsLogger:
     """Call after compilation / resume so that throughput excludes them."""
     self._t0 = time.perf_counter()
     self._window = {"steps": 0, "images": 0, "tokens": 0, "flops": 0.0}
+    self._run = {"steps": 0, "since": self._t0}
 
   def add(self, host_metrics: dict[str, Any], *, images: int, tokens: int, flops: float,
           timed: bool = True) -> None:
@@ -86,6 +91,7 @@ class MetricsLogger:
       return
     w = self._window
     w["steps"] += 1
+    self._run["steps"] += 1
     w["images"] += images
     w["tokens"] += tokens
     w["flops"] += flops
@@ -112,7 +118,8 @@ class MetricsLogger:
       record.update({"steps_per_sec": steps_s, "images_per_sec": w["images"] / dt,
                      "tokens_per_sec": w["tokens"] / dt, "tflops_per_device": tflops_dev,
                      "mfu": (tflops_dev / self.peak) if self.peak else None,
-                     "eta_sec": (self.num_steps - step) / steps_s})
+                     "eta_sec": (self.num_steps - step) * (now - self._run["since"])
+                                / self._run["steps"]})
     record.update(extra or {})
     if self.is_main:
       self._jsonl.write(json.dumps(record) + "\n")

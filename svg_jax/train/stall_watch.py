@@ -17,6 +17,11 @@ caption-length bucket not seen before; with the first batch, the evaluation's pr
 the hosts wait for each other's compiles: a compile's length varies too much for one timeout.
 The time between two steps includes the checkpoint saves and the validation runs that come
 between them.
+
+A process that was itself suspended (SIGSTOP, a paused VM) for longer than the timeout finds,
+when it runs again, that its watch woke late; its line then says so ("this process was itself
+suspended or not scheduled for X s"), so that it is not taken for a host that waited for a
+stuck peer, and its event carries `suspended_s`.
 """
 from __future__ import annotations
 
@@ -31,6 +36,9 @@ from typing import Callable
 from svg_jax import process_exit
 
 EXIT_STALLED = 7
+# A wait that ends this much (or a timeout) later than asked: no scheduler delays a waiting
+# thread so long; a stopped process (SIGSTOP, a paused VM or container) does.
+SUSPENDED_S = 10.0
 
 
 def _stack_and_exit(line: str) -> None:
@@ -92,28 +100,37 @@ class StallWatch:
 
   def _watch(self) -> None:
     """Lives while the watch is armed: a paused or stopped watch leaves no thread behind."""
+    late = 0.0  # how much later than asked the last wait ended
     with self._changed:
       while not self._stopped and self._armed is not None:
         waiting_for, stalled, since = self._armed
-        left = since + self.timeout_s - time.monotonic()
+        now = time.monotonic()
+        left = since + self.timeout_s - now
         if left <= 0:
           break
         self._changed.wait(left)
+        late = time.monotonic() - (now + left)
       else:
         self._thread = None  # the next arm starts another
         return
-    self._append_event(waiting_for)
+    suspended = late > min(self.timeout_s, SUSPENDED_S)  # this process stood still, not a peer
+    if suspended:
+      stalled += (f": this process was itself suspended or not scheduled for {late:.0f} s (its "
+                  f"watch woke that much later than it asked)")
+    self._append_event(waiting_for, late if suspended else None)
     self._on_stall(f"stalled: {stalled} (train.stall_timeout_s); every thread's stack is above. "
                    f"Rerun the same command to resume from the newest checkpoint in "
                    f"{self._where}")
 
-  def _append_event(self, waiting_for: str) -> None:
+  def _append_event(self, waiting_for: str, suspended_s: float | None = None) -> None:
     """Appends through a file of its own: the main thread, which may hold the logger's, is stuck
     (in XLA, a collective or a read), and the line must be on disk before the exit."""
     if self._events_path is None:
       return
     event = {"step": self.step, "event": "stalled", "waiting_for": waiting_for,
              "timeout_s": self.timeout_s}
+    if suspended_s is not None:
+      event["suspended_s"] = round(suspended_s, 1)
     try:
       with open(self._events_path, "a") as f:
         f.write(json.dumps(event) + "\n")
