@@ -1,7 +1,7 @@
 """Flags shared by the launchers that generate images (sample.py, generate_benchmark.py,
 evaluate.py): the config, where the DiT weights come from, the text encoder, the sampler settings,
 and the helpers that turn them into a `Generator`."""
-from absl import app, flags
+from absl import app, flags, logging
 
 from svg_jax import cli, sampling
 
@@ -35,7 +35,8 @@ def define(*, resolution: str, batch_size: int, shift: float = 10.0,
   flags.DEFINE_enum("solver", "dpm", list(sampling.SOLVERS), "ODE solver")
   flags.DEFINE_string("resolution", resolution, "WIDTHxHEIGHT in pixels (a multiple of the "
                       "decoder's pixels per token, e.g. a bucket such as 768x1344), or one number "
-                      "for a square")
+                      "for a square; with --checkpoint the default is the square its run's "
+                      "validation grids sampled (validation.resolution, else data.resolution)")
   flags.DEFINE_integer("batch_size", batch_size, batch_size_help)
   flags.DEFINE_bool("shard", True, "split each batch over the local devices")
 
@@ -54,10 +55,19 @@ def sampler_settings():
   if FLAGS.batch_size < 0:
     raise app.UsageError(f"--batch_size must be >= 0, got {FLAGS.batch_size}")
   multiple = gen.config_pixels_per_token(FLAGS.config)
+  spec = FLAGS.resolution
+  if FLAGS.checkpoint is not None and not FLAGS["resolution"].present:
+    # A 64 px demo run sampled at the 1024 px default took 24 GB and the OOM killer.
+    from svg_jax import dit_checkpoint
+
+    side = dit_checkpoint.saved_sample_resolution(FLAGS.checkpoint, FLAGS.step)
+    if side is not None:
+      spec = str(side)
+      logging.info("resolution %dx%d: the run's own (--resolution sets another)", side, side)
   try:
     if FLAGS.system_type is not None:
       text.system_prompt(FLAGS.system_type)
-    resolution = gen.parse_resolution(FLAGS.resolution, multiple)
+    resolution = gen.parse_resolution(spec, multiple)
     settings = gen.SamplerSettings(steps=FLAGS.steps, cfg_scale=FLAGS.cfg,
                                    cfg_mode=FLAGS.cfg_mode, shift=FLAGS.shift,
                                    solver=FLAGS.solver, renorm=FLAGS.renorm)

@@ -74,6 +74,18 @@ def saved_text_conditioning(workdir: str, step: int | None = None) -> dict:
   return dict(facts) if isinstance(facts, dict) else {}
 
 
+def saved_sample_resolution(workdir: str, step: int | None = None) -> int | None:
+  """The square side in pixels a training run's own grids sampled at (`validation.resolution`,
+  else `data.resolution`, as its saved config says), None when it does not say."""
+  step = checkpoint_step(workdir, step)
+  saved = ckpt_lib.read_saved_config(ckpt_lib.checkpoint_dir(workdir), step)
+  for section, field in (("validation", "resolution"), ("data", "resolution")):
+    value = (saved.get(section) or {}).get(field)
+    if isinstance(value, int) and value > 0:
+      return value
+  return None
+
+
 def load_params(workdir: str, cfg: NextDiTConfig, *, ema: bool = True, step: int | None = None,
                 mesh: Mesh | None = None):
   """EMA (`ema_params`) or raw (`params`) DiT params of a training workdir's checkpoint."""

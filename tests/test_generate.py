@@ -626,6 +626,30 @@ def test_sample_cli(files, tmp_path):
   assert [json.loads(line)["prompt"] for line in open(out / "metadata.jsonl")] == ["a cat"]
 
 
+@pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
+def test_sample_cli_from_a_workdir_takes_the_run_s_text_path_and_resolution(files, tmp_path):
+  """`--checkpoint` without --system_type, --hidden_layer or --resolution: the prompts are
+  encoded as the run's records were, at the size its own grids sampled (a 64 px demo run sampled
+  at the 1024 px default was killed for memory)."""
+  state = state_lib.create_state(jax.tree.map(jnp.asarray, files["params"]), optax.adam(1e-3))
+  config = _config(files)
+  config.validation.resolution = 32
+  saved = {**ckpt_lib.config_to_json(config),
+           dit_checkpoint.TEXT_CONDITIONING: {"hidden_layer": -1, "system_prompt": "empty"}}
+  workdir = tmp_path / "run"
+  ckpt = ckpt_lib.Checkpointer(str(workdir), async_save=False)
+  ckpt.save(3, state, iter(grain.MapDataset.range(2).to_iter_dataset()), saved)
+  ckpt.close()
+  out = tmp_path / "out"
+  r = _run("sample.py", f"--config={files['config']}", f"--text_encoder={files['text']}",
+           f"--checkpoint={workdir}", "--steps=2", "--prompt=a red circle", f"--out={out}")
+  assert r.returncode == 0, r.stderr[-3000:]
+  meta = [json.loads(line) for line in open(out / "metadata.jsonl")]
+  assert (meta[0]["width"], meta[0]["height"], meta[0]["step"]) == (32, 32, 3)
+  assert (meta[0]["system_type"], meta[0]["hidden_layer"]) == ("empty", -1)
+  assert _png(out / "00000.png").shape == (32, 32, 3)
+
+
 # launch/sample.py as a user runs it, with Ctrl-C pressed while the second batch decodes.
 _INTERRUPTED_SAMPLE = """
 import runpy, sys
