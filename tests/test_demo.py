@@ -4,10 +4,12 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
+import script_runs
 
 from svg_jax import config as config_lib
 from svg_jax.demo import configs as demo_configs
@@ -68,8 +70,73 @@ def test_a_demo_with_few_held_out_images_evaluates_its_decoder_on_all_of_them(tm
 def test_a_stage_stopped_by_a_signal_stops_the_demo():
   demo._finished({"stopped_by": None, "step": 800}, "decoder training")  # finished: goes on
   with pytest.raises(SystemExit, match="decoder training stopped by SIGTERM at step 412 "
-                     r"\(checkpoint saved\); rerun the same command to resume"):
+                     r"\(checkpoint saved\); rerun the same command to resume") as stopped:
     demo._finished({"stopped_by": "SIGTERM", "step": 412}, "decoder training")
+  assert stopped.value.code == 143  # as a shell reports a job SIGTERM ended
+  with pytest.raises(SystemExit, match="stopped by SIGINT at step 41") as stopped:
+    demo._finished({"stopped_by": "SIGINT", "step": 41}, "DiT training")
+  assert stopped.value.code == 130  # Ctrl-C, as every other stage
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(dit_steps=-5), "--dit_steps must be >= 1, got -5"),
+    (dict(decoder_steps=0), "--decoder_steps must be >= 1, got 0"),
+    (dict(sample_steps=0), "--sample_steps must be >= 1, got 0"),
+    (dict(sample_steps=0, validate_every=0), "--sample_steps must be >= 1, got 0"),
+    (dict(validate_every=-1), "--validate_every must be >= 0, got -1"),
+    (dict(seen_per_category=-2), "--seen_per_category must be >= 0, got -2"),
+    (dict(cfg_scale=float("nan")), "--cfg_scale must be finite, got nan"),
+    (dict(shift=float("inf")), "--shift must be finite, got inf"),
+    (dict(shift=0.0), "shift must be a positive number, got 0.0"),
+])
+def test_bad_demo_settings_are_refused_before_any_stage(tmp_path, flags, message):
+  """Found by the settings, before minutes of data and decoder training (a sampler setting was
+  refused only at stage 4 or 5, as a traceback)."""
+  with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    demo.DemoSettings(workdir=str(tmp_path / "w"), **flags)
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_cannot_be_made_is_one_line(tmp_path):
+  (tmp_path / "afile").write_text("")
+  with pytest.raises(InputError, match="--workdir .*afile cannot be made"):
+    demo.Stages(demo.DemoSettings(workdir=str(tmp_path / "afile")))
+  with pytest.raises(InputError, match="--workdir .*afile/sub cannot be made"):
+    demo.Stages(demo.DemoSettings(workdir=str(tmp_path / "afile" / "sub")))
+
+
+def test_a_second_demo_run_on_one_workdir_is_refused_in_one_line(tmp_path):
+  """Two runs on one workdir would train into the same checkpoint folders."""
+  workdir = tmp_path / "w"
+  with demo.workdir_lock(str(workdir)):
+    with pytest.raises(InputError, match=rf"--workdir {workdir} is in use by another demo run "
+                       rf"\(pid {os.getpid()}\); wait for it to end or use another --workdir"):
+      with demo.workdir_lock(str(workdir)):
+        pass
+    out = script_runs.run("demo.py", "--workdir", workdir, timeout=120)
+    script_runs.assert_one_line(out, f"--workdir {workdir} is in use by another demo run "
+                                f"(pid {os.getpid()})")
+  with demo.workdir_lock(str(workdir)):  # released: the next run goes on
+    pass
+
+
+def test_a_swallowed_ctrl_c_stops_the_demo_after_its_stage(tmp_path):
+  """A Ctrl-C raised inside a gc callback is only reported ("Exception ignored"): the stage
+  returns, and the demo stops there instead of running on."""
+  stages = demo.Stages(demo.DemoSettings(workdir=str(tmp_path)))
+  stages.interrupts = demo._Interrupts()
+  assert stages._timed("2/5 demo text encoder", lambda: "done") == "done"
+
+  def swallowed():
+    stages.interrupts.received = True  # what the handler records before raising
+    return "done"
+  with pytest.raises(SystemExit, match="demo: stage 2/5 demo text encoder interrupted by "
+                     "SIGINT") as stopped:
+    stages._timed("2/5 demo text encoder", swallowed)
+  assert stopped.value.code == 130
+  with stages.interrupts.installed():
+    with pytest.raises(KeyboardInterrupt):
+      signal.raise_signal(signal.SIGINT)
 
 
 def test_a_dit_trained_past_the_asked_steps_stops_the_demo():
@@ -79,6 +146,21 @@ def test_a_dit_trained_past_the_asked_steps_stops_the_demo():
   with pytest.raises(SystemExit, match=r"runs/demo/dit holds a DiT trained to step 1200, past "
                      r"--dit_steps 300; run these settings in a fresh --workdir"):
     demo._not_past({"stopped_by": None, "step": 1200}, 300, "runs/demo/dit")
+  with pytest.raises(SystemExit, match=r"runs/demo/decoder holds a decoder trained to step 400, "
+                     r"past --decoder_steps 40; run these settings in a fresh --workdir"):
+    demo._not_past({"stopped_by": None, "step": 400}, 40, "runs/demo/decoder", "decoder",
+                   "--decoder_steps")
+
+
+def test_a_decoder_trained_past_the_asked_steps_stops_the_demo(tmp_path, monkeypatch):
+  """A smaller --decoder_steps on a workdir whose decoder trained further was ignored (scores.json
+  then named the smaller number)."""
+  monkeypatch.setattr(demo.decoder_data, "prepare_for", lambda *a, **k: None)
+  monkeypatch.setattr(demo.trainer, "train", lambda c, w: {"stopped_by": None, "step": 400})
+  demo.Stages(demo.DemoSettings(workdir=str(tmp_path), decoder_steps=400)).train_decoder()
+  with pytest.raises(SystemExit, match=r"decoder holds a decoder trained to step 400, past "
+                     r"--decoder_steps 40; run these settings in a fresh --workdir"):
+    demo.Stages(demo.DemoSettings(workdir=str(tmp_path), decoder_steps=40)).train_decoder()
 
 
 def test_seen_prompts_are_training_items_balanced_per_category(tmp_path):

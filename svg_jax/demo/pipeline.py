@@ -7,9 +7,13 @@ finished stages and resumes an interrupted training from its last checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import os
+import signal
+import sys
 import time
 
 import ml_collections
@@ -17,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from svg_jax import autoencoder as ae_lib
-from svg_jax import generate, precompute
+from svg_jax import cli, generate, precompute
 from svg_jax.convert import decoder_io
 from svg_jax.data import sources
 from svg_jax.demo import configs, decoder_data, evaluate, geneval, shapes
@@ -26,10 +30,11 @@ from svg_jax.eval import image_metrics
 from svg_jax.input_errors import InputError
 from svg_jax.models.decoder import DecoderConfig
 from svg_jax.train import metrics, trainer
-from svg_jax.utils import atomic_files
+from svg_jax.utils import atomic_files, folder_locks, writable_folders
 
 
 WORKDIR_RECORD = "demo_settings.json"  # what the workdir's cached stages were made with
+WORKDIR_LOCK = "demo.lock"  # held by the demo run writing the workdir (its pid inside)
 
 
 @dataclasses.dataclass
@@ -67,9 +72,31 @@ class DemoSettings:
       if getattr(self, name) is None:
         setattr(self, name, getattr(p, name))
     # Before a minute of data making: stages further on need images of both splits.
-    for name in ("num_train", "num_heldout"):
-      if int(getattr(self, name)) < 1:
-        raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("num_train", "num_heldout", "decoder_steps", "dit_steps", "sample_steps",
+                 "validation_prompts"):
+      _check_int(self, name, 1)
+    for name in ("validate_every", "seen_per_category"):
+      _check_int(self, name, 0)
+    # The sampler's settings, which stages 4 (validation grids) and 5 use, checked before stage 1.
+    for name in ("cfg_scale", "shift"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+        raise InputError(f"--{name} must be a number, got {value!r}")
+      if not math.isfinite(value):
+        raise InputError(f"--{name} must be finite, got {value}")
+    try:
+      generate.SamplerSettings(solver="dpm", steps=self.sample_steps, cfg_scale=self.cfg_scale,
+                               shift=self.shift).validate()
+    except ValueError as e:
+      raise InputError(f"sampler settings (--sample_steps, --cfg_scale, --shift): {e}") from None
+
+
+def _check_int(s: DemoSettings, name: str, least: int) -> None:
+  value = getattr(s, name)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise InputError(f"--{name} must be an integer, got {value!r}")
+  if value < least:
+    raise InputError(f"--{name} must be >= {least}, got {value}")
 
 
 def export_decoder(decoder_config, workdir: str, dst: str) -> str:
@@ -82,20 +109,90 @@ def export_decoder(decoder_config, workdir: str, dst: str) -> str:
   return dst
 
 
+class Stopped(SystemExit):
+  """The demo stopped for a signal: exit status 128 + the signal's number (130 for Ctrl-C, 143
+  for SIGTERM), as a shell reports a job a signal ended; `str` is the one line `run` prints."""
+
+  def __init__(self, line: str, signal_name: str | None):
+    try:
+      code = (cli.EXIT_INTERRUPTED if signal_name == "SIGINT"
+              else 128 + int(signal.Signals[signal_name]) if signal_name else 1)
+    except KeyError:  # "another process" (a multi-process stop): no signal of this one
+      code = 1
+    super().__init__(code)
+    self.line = line
+
+  def __str__(self) -> str:
+    return self.line
+
+
 def _finished(summary: dict, stage: str) -> None:
   """A training stopped by a signal (preemption, Ctrl-C) has saved its state: the demo stops too,
   instead of running later stages on an unfinished model; a rerun resumes it."""
   if summary.get("stopped_by"):
-    raise SystemExit(f"demo: {stage} stopped by {summary['stopped_by']} at step {summary['step']} "
-                     "(checkpoint saved); rerun the same command to resume")
+    raise Stopped(f"demo: {stage} stopped by {summary['stopped_by']} at step {summary['step']} "
+                  "(checkpoint saved); rerun the same command to resume", summary["stopped_by"])
 
 
-def _not_past(summary: dict, steps: int, workdir: str) -> None:
-  """A DiT trained past the asked steps in this workdir would be scored under settings that name
-  fewer: the demo stops instead (asking more resumes the run)."""
+def _not_past(summary: dict, steps: int, workdir: str, model: str = "DiT",
+              flag: str = "--dit_steps") -> None:
+  """A model trained past the asked steps in this workdir would be scored under settings that
+  name fewer: the demo stops instead (asking more resumes the run)."""
   if summary["step"] > steps:
-    raise SystemExit(f"demo: {workdir} holds a DiT trained to step {summary['step']}, past "
-                     f"--dit_steps {steps}; run these settings in a fresh --workdir")
+    raise SystemExit(f"demo: {workdir} holds a {model} trained to step {summary['step']}, past "
+                     f"{flag} {steps}; run these settings in a fresh --workdir")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds the workdir for one demo run: a second run there (which would train into the same
+  checkpoint folders) is refused in one line naming the first one's pid."""
+  workdir = os.path.abspath(workdir)
+  writable_folders.check_writable_folder(workdir, "--workdir")
+  path = os.path.join(workdir, WORKDIR_LOCK)
+  held = contextlib.ExitStack()
+  try:
+    held.enter_context(folder_locks.hold(path, f"{workdir} is in use by another demo run"))
+  except folder_locks.FolderBusy:
+    try:
+      with open(path) as f:
+        pid = f.read().strip()
+    except OSError:
+      pid = ""
+    raise folder_locks.FolderBusy(
+        f"--workdir {workdir} is in use by another demo run" + (f" (pid {pid})" if pid else "")
+        + "; wait for it to end or use another --workdir") from None
+  with held:
+    with open(path, "w") as f:  # who holds it, for the next run's message (flock is not data)
+      f.write(f"{os.getpid()}\n")
+    yield
+
+
+class _Interrupts:
+  """Ctrl-C during the demo: raises KeyboardInterrupt as Python's default handler does, and
+  remembers it, so that one swallowed on its way (raised inside a gc callback, which Python only
+  reports as "Exception ignored") still stops the demo at the end of the stage."""
+
+  def __init__(self):
+    self.received = False
+    self._old = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.received = True
+    raise KeyboardInterrupt
+
+  @contextlib.contextmanager
+  def installed(self):
+    try:
+      self._old = signal.signal(signal.SIGINT, self._handle)
+    except ValueError:  # not the main thread: no handler, nothing to remember
+      self._old = None
+    try:
+      yield self
+    finally:
+      if self._old is not None:
+        signal.signal(signal.SIGINT, self._old)
 
 
 class Stages:
@@ -104,9 +201,10 @@ class Stages:
   def __init__(self, s: DemoSettings):
     self.s = s
     self.workdir = os.path.abspath(s.workdir)
-    os.makedirs(self.workdir, exist_ok=True)
+    writable_folders.check_writable_folder(self.workdir, "--workdir")
     self._check_workdir()
     self.timings: dict[str, float] = {}
+    self.interrupts: _Interrupts | None = None  # set by `run`: a Ctrl-C a stage swallowed
     self._decoder_file: str | None = None  # exported once per process (the decoder is frozen)
 
   def _check_workdir(self) -> None:
@@ -129,6 +227,9 @@ class Stages:
     start = time.time()
     print(f"== {name}", flush=True)
     out = fn()
+    if self.interrupts is not None and self.interrupts.received:
+      raise Stopped(f"demo: stage {name.split(' (')[0]} interrupted by SIGINT; rerun the same command to "
+                    "resume (finished stages are kept)", "SIGINT")
     self.timings[name] = time.time() - start
     print(f"== {name}: {self.timings[name]:.0f}s", flush=True)
     return out
@@ -146,7 +247,10 @@ class Stages:
     decoder_data.prepare_for(c, os.path.join(self.workdir, "demo"), num_train=self.s.num_train,
                              num_heldout=self.s.num_heldout, seed=self.s.seed,
                              layouts=configs.preset(self.s.preset).layouts)
-    _finished(trainer.train(c, os.path.join(self.workdir, "decoder")), "decoder training")
+    workdir = os.path.join(self.workdir, "decoder")
+    summary = trainer.train(c, workdir)
+    _finished(summary, "decoder training")
+    _not_past(summary, self.s.decoder_steps, workdir, "decoder", "--decoder_steps")
     return c
 
   # 2. the offline text encoder (tokenizer trained on the training captions only)
@@ -280,7 +384,18 @@ class Stages:
 
 
 def run(s: DemoSettings) -> dict:
+  interrupts = _Interrupts()
+  try:
+    with workdir_lock(s.workdir), interrupts.installed():
+      return _run(s, interrupts)
+  except Stopped as e:  # one line, and the signal's exit status
+    print(e.line, file=sys.stderr, flush=True)
+    raise SystemExit(e.code) from None
+
+
+def _run(s: DemoSettings, interrupts: _Interrupts) -> dict:
   stages = Stages(s)
+  stages.interrupts = interrupts
   metrics.console_logging()
   dec = stages._timed("1/5 decoder training (demo data, random DINOv3 encoder, statistics)",
                       stages.train_decoder)
