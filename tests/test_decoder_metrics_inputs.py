@@ -30,19 +30,16 @@ DEC = DecoderConfig(z_channels=16, ch=8, ch_mult=(1, 2, 2), num_res_blocks=0, no
 DISC = DiscriminatorConfig(ndf=8, n_layers=2)
 
 
-def _step_metrics(with_lpips: bool) -> dict:
+def _step_metrics(with_lpips: bool, enc, dec, disc, lpips_key) -> dict:
   """The metrics of one step past disc_start, with random LPIPS weights or none."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
-  k = jax.random.split(jax.random.PRNGKey(0), 4)
   unbox = lambda t: jax.device_get(nn.unbox(t))  # noqa: E731
-  enc = DINOv3ViT(ENC).init(k[0], np.zeros((1, 16, 16, 3), np.float32))["params"]
-  dec = Decoder(DEC).init(k[1], np.zeros((1, 4, 4, 16), np.float32))["params"]
-  disc = NLayerDiscriminator(DISC).init(k[2], np.zeros((2, 16, 16, 3), np.float32), True)
   lpips = None
   if with_lpips:
     x = np.zeros((1, 16, 16, 3), np.float32)
-    lpips = unbox(LPIPS().init(k[3], x, x)["params"])
+    # Jitted: VGG's initializers run op by op otherwise (the slowest part of this test).
+    lpips = unbox(jax.jit(lambda k: LPIPS().init(k, x, x)["params"])(lpips_key))
   frozen = {"encoder": unbox(enc), "mean": np.zeros(16, np.float32),
             "std": np.ones(16, np.float32), "lpips": lpips}
   loss = types.SimpleNamespace(lpips_weight=1.0, disc_weight=0.5, disc_factor=1.0, disc_start=0)
@@ -55,7 +52,15 @@ def _step_metrics(with_lpips: bool) -> dict:
 
 
 def test_lpips_is_logged_only_when_measured():
-  without, with_ = _step_metrics(False), _step_metrics(True)
+  # The same encoder, decoder and discriminator for both steps (initialized once, jitted).
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
+  enc = jax.jit(lambda k: DINOv3ViT(ENC).init(k, np.zeros((1, 16, 16, 3), np.float32)))(k[0])
+  dec = jax.jit(lambda k: Decoder(DEC).init(k, np.zeros((1, 4, 4, 16), np.float32)))(k[1])
+  disc = jax.jit(lambda k: NLayerDiscriminator(DISC).init(k, np.zeros((2, 16, 16, 3), np.float32),
+                                                           True))(k[2])
+  enc, dec = enc["params"], dec["params"]
+  without = _step_metrics(False, enc, dec, disc, k[3])
+  with_ = _step_metrics(True, enc, dec, disc, k[3])
   assert "lpips" not in without, sorted(without)
   assert float(with_["lpips"]) > 0
   # Everything else is logged either way.

@@ -113,7 +113,8 @@ def test_cudnn_attention_needs_an_ampere_or_later_gpu(capability, ok):
 
 
 def _splash_forwards(policy):
-  c = _tiny_config(attention_backend="auto", remat_policy=policy)
+  # One remat'd layer: a recomputed forward (full) still adds a kernel to the count.
+  c = _tiny_config(attention_backend="auto", remat_policy=policy, n_layers=1)
   c.mesh.update(dict(data=1, fsdp=4, tensor=1))
   c.train.global_batch_size = 8
   target = aot.tpu_target("v5e-4")
@@ -136,7 +137,10 @@ def test_splash_forward_runs_once_under_every_policy_but_full():
 def test_splash_gradients_under_remat_are_no_remats(mesh_shape, policies):
   """Runs the step (before, a remat'd splash step compiled but refused to run: the kernel's block
   tables leaked out of the remat trace), and the kept residuals are the right ones."""
-  base = config_lib.nextdit_config(_tiny_config(attention_backend="splash", compute_dtype="float32"))
+  # One remat'd layer (each layer makes its own kernel, so one shows a leak or a wrong residual),
+  # besides the refiners' splash calls outside remat; batch 2 for two different caption masks.
+  base = config_lib.nextdit_config(_tiny_config(attention_backend="splash", compute_dtype="float32",
+                                                n_layers=1))
   inputs = _inputs(base)
   params = nextdit.NextDiT(base).init(jax.random.PRNGKey(0), *inputs)["params"]
   # Non-zero output layers, so the gradients reach every block.

@@ -19,10 +19,10 @@ from svg_jax.text import TextEncoder
 from svg_jax.train import dit_step, state as state_lib
 
 
-def test_token_mode_equals_feature_mode(tmp_path):
-  items = [shape_items.make_item(0, "train", i, 64) for i in range(40)]
-  captions = [it["prompt"] for it in items]
-  enc = TextEncoder.from_pretrained(ensure_demo_text_encoder(str(tmp_path / "te"), captions))
+def test_token_mode_equals_feature_mode(encoders):
+  # The module's demo Gemma-2 (built once for the module, from the first 20 shape captions).
+  captions = [shape_items.make_item(0, "train", i, 64)["prompt"] for i in range(20)]
+  enc = TextEncoder.from_pretrained(encoders[0])
   batch_captions = captions[:8]
   length = 48
   ids, mask = enc.tokenize(batch_captions, pad_to=length)
@@ -40,8 +40,8 @@ def test_token_mode_equals_feature_mode(tmp_path):
   model = NextDiT(cfg)
   rng = np.random.default_rng(0)
   latent = rng.standard_normal((8, 4, 4, 8)).astype(np.float32)
-  params = model.init(jax.random.PRNGKey(0), latent, np.zeros(8, np.float32),
-                      np.asarray(feats), mask)["params"]
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), latent, np.zeros(8, np.float32),
+                               np.asarray(feats), mask)["params"]  # jitted: faster than op by op
   tx = state_lib.make_optimizer(config.train)
   unboxed = state_lib.unbox(params)
   # Params off their zero init (gates, output layer): else the loss barely depends on the text.
@@ -66,7 +66,7 @@ def test_token_mode_equals_feature_mode(tmp_path):
   np.testing.assert_allclose(float(m_tok["grad_norm"]), float(m_feat["grad_norm"]), rtol=1e-4)
 
 
-def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
+def test_trainer_runs_the_text_encoder_on_token_id_datasets(encoders, tmp_path):
   """`launch/train.py`'s loop on a token-id dataset: Gemma-2 runs inside the step (online mode).
   The encoder the loop's setup hands the step gives transformers' hidden states of
   `text.encoder_dir` at `text.hidden_layer`. (Comparing losses with a features run would not show
@@ -75,7 +75,7 @@ def test_trainer_runs_the_text_encoder_on_token_id_datasets(tmp_path):
   from svg_jax.train import dit_task, loop, trainer
 
   captions = [shape_items.make_item(0, "train", i, 64)["prompt"] for i in range(20)]
-  te = ensure_demo_text_encoder(str(tmp_path / "te"), captions)
+  te = encoders[0]  # the module's demo Gemma-2, built from these captions
   enc = TextEncoder.from_pretrained(te)
   data = str(tmp_path / "data")
   synthetic.write_random_dataset(data, buckets=((4, 4),), num_records=32, latent_channels=8,
