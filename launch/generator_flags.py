@@ -90,7 +90,8 @@ def provenance(settings, generator) -> dict:
   # Only what decides the images: no guidance has no scale, only renorm-CFG clips.
   guided, clipped = settings.cfg_mode != "none", settings.cfg_mode == "renorm"
   return dict(steps=settings.steps, cfg=settings.cfg_scale if guided else None,
-              cfg_mode=settings.cfg_mode, renorm=settings.renorm if clipped else None, shift=settings.shift, solver=settings.solver,
+              cfg_mode=settings.cfg_mode, renorm=settings.renorm if clipped else None,
+              shift=settings.shift, solver=settings.solver,
               **generator.text_settings,  # system_type, hidden_layer
               checkpoint=path(FLAGS.checkpoint), step=generator.checkpoint_step,
               ema=FLAGS.ema if FLAGS.checkpoint else None, weights=path(FLAGS.weights),
@@ -127,7 +128,8 @@ def make_generator(devices=None):
   return gen.Generator.from_config(
       FLAGS.config, text_encoder=FLAGS.text_encoder, tokenizer=FLAGS.tokenizer,
       system_type=FLAGS.system_type, hidden_layer=FLAGS.hidden_layer,
-      checkpoint=FLAGS.checkpoint, ema=FLAGS.ema, step=FLAGS.step, weights=FLAGS.weights, weights_format=FLAGS.format, mesh=mesh)
+      checkpoint=FLAGS.checkpoint, ema=FLAGS.ema, step=FLAGS.step, weights=FLAGS.weights,
+      weights_format=FLAGS.format, mesh=mesh)
 
 
 def count_caption_tokens(encoder, prompts, sources, note: str = "") -> list[int]:

@@ -228,8 +228,8 @@ class Stages:
     print(f"== {name}", flush=True)
     out = fn()
     if self.interrupts is not None and self.interrupts.received:
-      raise Stopped(f"demo: stage {name.split(' (')[0]} interrupted by SIGINT; rerun the same command to "
-                    "resume (finished stages are kept)", "SIGINT")
+      raise Stopped(f"demo: stage {name.split(' (')[0]} interrupted by SIGINT; rerun the same "
+                    "command to resume (finished stages are kept)", "SIGINT")
     self.timings[name] = time.time() - start
     print(f"== {name}: {self.timings[name]:.0f}s", flush=True)
     return out
