@@ -112,3 +112,28 @@ def test_tfds_that_cannot_be_opened_or_lacks_a_feature_is_one_line(tmp_path):
       sources.list_inputs("caption_keys", "tfds", cfg)
     cfg.tfds_caption_key = "text"
     assert len(sources.list_inputs("caption_keys", "tfds", cfg)) == 2
+
+
+def test_tfds_nested_captions_take_the_first_and_a_non_text_caption_is_one_line():
+  """COCO-style datasets keep several captions per image in a nested feature: `captions/text`
+  reads it (TFDS's notation), the first caption is the image's; a key naming no text is one line
+  before anything is read."""
+  import tensorflow_datasets as tfds
+
+  tfds_datasets.define_multi_captioned_images("ManyCaptions")
+  cfg = config_lib.precompute_defaults()
+  cfg.tfds_caption_key = "captions/text"
+  with tfds.testing.mock_data(num_examples=3, policy=tfds.testing.MockPolicy.USE_CODE):
+    inputs = sources.list_inputs("many_captions", "tfds", cfg)
+    source = tfds.data_source("many_captions", split="train")
+    for i in range(3):
+      texts = [t.decode() if isinstance(t, bytes) else t for t in source[i]["captions"]["text"]]
+      assert inputs[i].caption == (texts[0] if texts else "")
+      np.testing.assert_array_equal(inputs[i].image, source[i]["image"])
+    assert any(len(source[i]["captions"]["text"]) > 1 for i in range(3))  # several to pick from
+    for key, message in (("captions/id", "feature 'captions/id' is no text"),
+                         ("captions", "feature 'captions' is no text"),
+                         ("text", r"no feature 'text' .*'captions/text'.*'a/b'")):
+      cfg.tfds_caption_key = key
+      with pytest.raises(InputError, match=message):
+        sources.list_inputs("many_captions", "tfds", cfg)

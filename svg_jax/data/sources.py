@@ -255,34 +255,69 @@ def read_tfds(name: str, split: str, data_dir: str = "", image_key: str = "image
       ex = source[i]
     except Exception as e:  # a record that cannot be read or decoded is one bad input
       return Item(key, error=f"unreadable tfds example ({type(e).__name__}: {e})")
-    missing = [k for k in (image_key, caption_key) if k not in ex]
+    missing = [k for k in (image_key, caption_key) if _tfds_feature(ex, k) is None]
     if missing:
-      return Item(key, error=f"tfds example has no {missing} (features {sorted(ex)})")
-    caption = ex[caption_key]
+      return Item(key, error=f"tfds example has no {missing} (features {_feature_names(ex)})")
+    caption = _tfds_caption(_tfds_feature(ex, caption_key))
     if isinstance(caption, bytes):
       try:
         caption = caption.decode("utf-8")
       except UnicodeDecodeError:
         return Item(key, error="caption is not UTF-8 text")
-    return Item(key, ex[image_key], caption, prompt)
+    return Item(key, _tfds_feature(ex, image_key), caption, prompt)
 
   return Inputs(get, len(source), f"tfds:{name}/{split}:{len(source)}")
 
 
+def _tfds_feature(ex: Any, key: str) -> Any:
+  """The feature `key` of an example, None when absent; "a/b" is feature b inside the nested
+  feature a (TFDS's own notation: COCO's captions are `captions/text`)."""
+  value = ex
+  for part in key.split("/"):
+    if not isinstance(value, dict) or part not in value:
+      return None
+    value = value[part]
+  return value
+
+
+def _feature_names(ex: dict, prefix: str = "") -> list[str]:
+  """Every feature of an example, nested ones as "a/b"."""
+  names = []
+  for k, v in ex.items():
+    names += _feature_names(v, f"{prefix}{k}/") if isinstance(v, dict) else [f"{prefix}{k}"]
+  return sorted(names)
+
+
+def _tfds_caption(value: Any) -> Any:
+  """A caption feature: text, or a sequence of texts (several captions per image, as COCO's),
+  of which the first is the image's caption, as training takes one per image."""
+  if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1):
+    return value[0] if len(value) else ""
+  if isinstance(value, np.ndarray) and value.ndim == 0:
+    return value.item()
+  return value
+
+
 def _check_tfds_features(source: Any, name: str, image_key: str, caption_key: str) -> None:
-  """InputError when the first example lacks the image or caption feature: a wrong key would
-  otherwise make every example a bad input, found only after all were read."""
+  """InputError when the first example lacks the image or caption feature, or its caption is
+  no text: a wrong key would otherwise make every example a bad input, found only after all
+  were read."""
   if not len(source):
     return
   try:
     first = source[0]
   except Exception:  # noqa: BLE001  (an unreadable example is reported as a bad input later)
     return
-  missing = [k for k in (image_key, caption_key) if k not in first]
+  missing = [k for k in (image_key, caption_key) if _tfds_feature(first, k) is None]
   if missing:
     raise InputError(f"tfds dataset {name!r} has no feature {' or '.join(map(repr, missing))} "
-                     f"(its features: {sorted(first)}); set precompute.tfds_image_key / "
-                     "tfds_caption_key")
+                     f"(its features: {_feature_names(first)}); set precompute.tfds_image_key / "
+                     "tfds_caption_key (a nested feature as 'a/b')")
+  caption = _tfds_caption(_tfds_feature(first, caption_key))
+  if not isinstance(caption, (str, bytes)):
+    raise InputError(f"tfds dataset {name!r}: feature {caption_key!r} is no text (its first "
+                     f"example's is {type(caption).__name__} {np.shape(caption)}); set "
+                     "precompute.tfds_caption_key to the caption's feature")
 
 
 def list_inputs(source: str, input_format: str, cfg: ml_collections.ConfigDict) -> Inputs:
