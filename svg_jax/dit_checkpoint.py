@@ -41,12 +41,18 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int:
     raise MissingInput(str(e)) from None
 
 
+def saved_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
+  """(the step, the config dict its run saved with it) of a training workdir (`step` None: its
+  newest finished one)."""
+  step = checkpoint_step(workdir, step)
+  return step, ckpt_lib.read_saved_config(ckpt_lib.checkpoint_dir(workdir), step)
+
+
 def saved_model_config(workdir: str, step: int | None = None,
                        base: ml_collections.ConfigDict | None = None) -> NextDiTConfig:
   """The NextDiTConfig a training run saved with its checkpoint (newest step by default); the
   `HARDWARE_FIELDS` come from `base`'s model section when given."""
-  step = checkpoint_step(workdir, step)
-  saved = ckpt_lib.read_saved_config(ckpt_lib.checkpoint_dir(workdir), step)
+  step, saved = saved_config(workdir, step)
   if saved.get("task", "dit") != "dit":
     raise InputError(f"{workdir} is a `task = \"{saved['task']}\"` training run, not a DiT's")
   if "model" not in saved:
@@ -68,8 +74,7 @@ def saved_model_config(workdir: str, step: int | None = None,
 def saved_text_conditioning(workdir: str, step: int | None = None) -> dict:
   """How the run of a training workdir encoded its captions (`TEXT_CONDITIONING`: `hidden_layer`,
   `system_prompt`, `kind`, each only where its data said), {} for runs saved before it was."""
-  step = checkpoint_step(workdir, step)
-  saved = ckpt_lib.read_saved_config(ckpt_lib.checkpoint_dir(workdir), step)
+  _, saved = saved_config(workdir, step)
   facts = saved.get(TEXT_CONDITIONING)
   return dict(facts) if isinstance(facts, dict) else {}
 
@@ -77,8 +82,7 @@ def saved_text_conditioning(workdir: str, step: int | None = None) -> dict:
 def saved_sample_resolution(workdir: str, step: int | None = None) -> int | None:
   """The square side in pixels a training run's own grids sampled at (`validation.resolution`,
   else `data.resolution`, as its saved config says), None when it does not say."""
-  step = checkpoint_step(workdir, step)
-  saved = ckpt_lib.read_saved_config(ckpt_lib.checkpoint_dir(workdir), step)
+  _, saved = saved_config(workdir, step)
   for section, field in (("validation", "resolution"), ("data", "resolution")):
     value = (saved.get(section) or {}).get(field)
     if isinstance(value, int) and value > 0:
