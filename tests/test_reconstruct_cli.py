@@ -146,6 +146,19 @@ def test_overwrite_removes_the_earlier_runs_files(tmp_path):
   assert _strict_json(out / "metrics.json")["settings"]["decoder_path"] == "d.ckpt"
 
 
+def test_overwrite_removes_the_folders_it_emptied(tmp_path):
+  out = tmp_path / "out"
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  twins = [_image(tmp_path / d / "x.png", seed=k) for k, d in enumerate("ab")]
+  reconstruction.reconstruct_images(FakeAE(), twins, 64, str(out), say=lambda s: None)
+  assert (out / "a" / "x.png.png").exists() and (out / "b" / "x.png.png").exists()
+  (out / "b" / "mine.txt").write_text("kept")
+  reconstruction.reconstruct_images(FakeAE(), twins[:1], 64, str(out), say=lambda s: None)
+  assert sorted(os.listdir(out)) == ["b", "metrics.json", "metrics.jsonl", "x.png.png"]
+  assert os.listdir(out / "b") == ["mine.txt"]
+
+
 def test_a_refused_write_is_one_line_naming_the_file(tmp_path, monkeypatch):
   path = _image(tmp_path / "a.png")
 
@@ -198,12 +211,18 @@ def test_decoder_files_of_the_wrong_kind_are_input_errors(tmp_path):
     dec_conv._read_state(str(tmp_path))
 
 
-def test_the_cli_checks_inputs_before_loading_anything(tmp_path):
-  (tmp_path / "empty").mkdir()
-  cfg = tmp_path / "cfg.py"
+def _autoencoder_config_file(folder):
+  """A config file of the autoencoder section's defaults."""
+  cfg = folder / "cfg.py"
   cfg.write_text("import ml_collections\nfrom svg_jax.config import autoencoder_defaults\n\n\n"
                  "def get_config():\n  c = ml_collections.ConfigDict()\n"
                  "  c.autoencoder = autoencoder_defaults()\n  return c\n")
+  return cfg
+
+
+def test_the_cli_checks_inputs_before_loading_anything(tmp_path):
+  (tmp_path / "empty").mkdir()
+  cfg = _autoencoder_config_file(tmp_path)
   missing = [f"--config={cfg}", f"--config.autoencoder.encoder_path={tmp_path / 'no.pth'}",
              f"--config.autoencoder.decoder_path={tmp_path / 'no.ckpt'}"]
   for args, message in (
@@ -216,3 +235,19 @@ def test_the_cli_checks_inputs_before_loading_anything(tmp_path):
     script_runs.assert_one_line(script_runs.run("reconstruct.py", *missing, *args, f"--out={out}"),
                                 message)
     assert not out.exists()
+
+
+def test_the_cli_refuses_a_resume_of_other_settings_before_loading_weights(tmp_path):
+  """The weights here are no weights: only the settings check, which comes first, can answer."""
+  (tmp_path / "enc.pth").write_bytes(b"not weights")
+  (tmp_path / "dec.ckpt").write_bytes(b"not weights")
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / reconstruction.LINES_FILE).write_text(json.dumps(
+      {"settings": {"resolution": 64, "min_side": 64, "decoder_path": "other.ckpt"}}) + "\n")
+  image = _image(tmp_path / "a.png")
+  run = script_runs.run("reconstruct.py", f"--config={_autoencoder_config_file(tmp_path)}",
+                        f"--config.autoencoder.encoder_path={tmp_path / 'enc.pth'}",
+                        f"--config.autoencoder.decoder_path={tmp_path / 'dec.ckpt'}",
+                        f"--images={image}", "--resolution=64", f"--out={out}", "--resume")
+  script_runs.assert_one_line(run, f"input error: --out {out} holds a run of other settings")

@@ -184,6 +184,21 @@ def _settings_there(out: str) -> dict | None:
   return earlier.get("settings") if isinstance(earlier, dict) else None
 
 
+def run_settings(settings: dict | None, resolution: int, min_side: int) -> dict:
+  """The settings a run records (and a resume compares): the caller's plus the crop's, as JSON
+  gives them back."""
+  return json.loads(_json(dict(settings or {}, resolution=resolution, min_side=min_side)))
+
+
+def check_resumable(out: str, settings: dict) -> None:
+  """InputError when `out` holds a run of settings other than `run_settings`' `settings`."""
+  there = _settings_there(out)
+  if there is not None and there != settings:
+    differ = sorted(k for k in set(there) | set(settings) if there.get(k) != settings.get(k))
+    raise InputError(f"--out {out} holds a run of other settings ({', '.join(differ)}): "
+                     "resume it with the same ones, choose another folder or use --overwrite")
+
+
 def _remove_earlier_run(out: str) -> None:
   """The files an earlier run listed, then its metrics files (other files stay)."""
   root = os.path.realpath(out)
@@ -193,9 +208,20 @@ def _remove_earlier_run(out: str) -> None:
       earlier = os.path.realpath(os.path.join(out, name))
       if earlier.startswith(root + os.sep) and os.path.isfile(earlier):  # never outside --out
         os.remove(earlier)
+        _remove_emptied_folders(os.path.dirname(earlier), root)
   for name in (LINES_FILE, METRICS_FILE):
     if os.path.exists(os.path.join(out, name)):
       os.remove(os.path.join(out, name))
+
+
+def _remove_emptied_folders(folder: str, root: str) -> None:
+  """`folder` and the folders above it, up to `root` (kept), while they are empty."""
+  while folder.startswith(root + os.sep):
+    try:
+      os.rmdir(folder)
+    except OSError:  # not empty: it holds other files
+      return
+    folder = os.path.dirname(folder)
 
 
 def summary_of(settings: dict, results: Sequence[dict], bad: Sequence[tuple[str, str]],
@@ -225,14 +251,10 @@ def reconstruct_images(ae: ae_lib.SVGAutoencoder, paths: Sequence[str], resoluti
   names = output_names(paths)
   patch = ae.encoder_cfg.patch_size
   groups, bad = planned if planned is not None else plan(paths, resolution, patch, min_side)
-  settings = json.loads(_json(dict(settings or {}, resolution=resolution, min_side=min_side)))
+  settings = run_settings(settings, resolution, min_side)
   kept: dict[str, dict] = {}
   if resume:
-    there = _settings_there(outdir)
-    if there is not None and there != settings:
-      differ = sorted(k for k in set(there) | set(settings) if there.get(k) != settings.get(k))
-      raise InputError(f"--out {outdir} holds a run of other settings ({', '.join(differ)}): "
-                       "resume it with the same ones, choose another folder or use --overwrite")
+    check_resumable(outdir, settings)
     for item in _earlier_lines(outdir):
       f = item.get("file")
       if (item.get("path") in names and f == names[item["path"]] and "ssim" in item
