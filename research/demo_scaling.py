@@ -53,14 +53,21 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from svg_jax.demo import pipeline
+
+  steps = sorted(int(s) for s in FLAGS.steps)
+  if not steps or steps[0] <= 0:
+    raise app.UsageError(f"--steps must be positive step counts, got {FLAGS.steps}")
+  with pipeline.workdir_lock(FLAGS.workdir):  # the demo's: one run writes a workdir at a time
+    _study(steps)
+
+
+def _study(steps):
   import caption_pathway  # research/, beside this script
   from svg_jax.demo import evaluate, geneval, pipeline
   from svg_jax.train import metrics, trainer
   from svg_jax.utils import atomic_files
 
-  steps = sorted(int(s) for s in FLAGS.steps)
-  if not steps or steps[0] <= 0:
-    raise app.UsageError(f"--steps must be positive step counts, got {FLAGS.steps}")
   metrics.console_logging()
   stages = pipeline.Stages(pipeline.DemoSettings(
       workdir=FLAGS.workdir, preset=FLAGS.preset, num_train=FLAGS.num_train,

@@ -245,3 +245,49 @@ def test_make_demo_data_writes_the_presets_layouts(tmp_path, preset, layouts):
     assert json.load(f)["layouts"] == layouts
   first = shapes.read_split(str(out), "train")[0]
   assert first["objects"] == shapes.item_spec(0, "train", 0, 64, layouts)["objects"]
+
+
+def test_a_finished_evaluation_of_the_same_settings_is_kept_and_timings_cover_stage_5(
+    tmp_path, monkeypatch, capsys):
+  """Rerunning a finished workdir printed the same scores after sampling them again; the
+  scores.json timings lacked the evaluation's own."""
+  settings = demo.DemoSettings(workdir=str(tmp_path), dit_steps=60)
+  stages = demo.Stages(settings)
+  scores = {k: 0.5 for k in ("overall", "single_object", "two_object", "counting", "colors",
+                             "position", "color_attr")}
+  made = {"scores": scores, "decoder_reconstruction_ceiling": scores,
+          "reconstruction_psnr_db": 21.0, "seen_scores": scores,
+          "demo_settings": dataclasses.asdict(settings), "timings_s": {"1/5": 3.0}}
+  calls = []
+
+  def evaluated(gen, items, resolution, sampler, outdir=None, report=None):
+    calls.append(outdir)
+    if report is not None:  # the held-out call writes scores.json, as evaluate.save does
+      os.makedirs(outdir, exist_ok=True)
+      with open(os.path.join(outdir, "scores.json"), "w") as f:
+        json.dump({**made, **report}, f)
+    return scores, None
+
+  monkeypatch.setattr(demo.evaluate, "evaluate", evaluated)
+  monkeypatch.setattr(demo.Stages, "generator", lambda self, *a: (
+      None, self.dit_config("records", self.decoder_config())))
+  monkeypatch.setattr(demo.Stages, "ceiling", lambda self, config, heldout: (scores, 21.0))
+  monkeypatch.setattr(demo.Stages, "heldout", lambda self, dec: [{"prompt": "p"}])
+  monkeypatch.setattr(demo.Stages, "seen", lambda self, dec, n: [])
+  dec = stages.decoder_config()
+  assert stages.evaluate(dec, "text", "dit") == scores and len(calls) == 1
+  stages.timings = {"1/5": 3.0, "5/5": 7.0}
+  stages.record_timings()
+  written = json.loads((tmp_path / "eval" / "scores.json").read_text())
+  assert written["timings_s"] == {"1/5": 3.0, "5/5": 7.0}
+
+  again = demo.Stages(settings)  # the same settings: kept, nothing sampled, timings unchanged
+  assert again.evaluate(dec, "text", "dit") == scores and len(calls) == 1
+  again.timings = {"1/5": 0.1, "5/5": 0.2}
+  again.record_timings()
+  assert json.loads((tmp_path / "eval" / "scores.json").read_text()) == written
+  assert "kept (delete it to evaluate again)" in capsys.readouterr().out
+
+  more = demo.Stages(demo.DemoSettings(workdir=str(tmp_path), dit_steps=60, sample_steps=9))
+  more.evaluate(dec, "text", "dit")  # other sampler settings: evaluated again
+  assert len(calls) == 2

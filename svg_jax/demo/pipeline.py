@@ -206,6 +206,7 @@ class Stages:
     self.timings: dict[str, float] = {}
     self.interrupts: _Interrupts | None = None  # set by `run`: a Ctrl-C a stage swallowed
     self._decoder_file: str | None = None  # exported once per process (the decoder is frozen)
+    self._evaluated = False  # stage 5 sampled and scored here (not kept from an earlier run)
 
   def _check_workdir(self) -> None:
     """A workdir holds the data, decoder, records and DiT of one preset and dataset: another
@@ -357,7 +358,30 @@ class Stages:
     return generate.SamplerSettings(solver="dpm", steps=self.s.sample_steps,
                                     cfg_scale=self.s.cfg_scale, shift=self.s.shift)
 
+  def scores_file(self) -> str:
+    return os.path.join(self.workdir, "eval", "scores.json")
+
+  def finished_evaluation(self) -> dict | None:
+    """scores.json when it holds this workdir's evaluation under these settings: its DiT and
+    decoder trained to the same steps (stages 1 and 4 check it) and its seeds are fixed, so
+    evaluating again gives the same scores. It is written last, whole."""
+    try:
+      report = atomic_files.read_json(self.scores_file())
+    except ValueError:  # not JSON: evaluated again
+      return None
+    if (isinstance(report, dict) and "scores" in report
+        and report.get("demo_settings") == json.loads(json.dumps(dataclasses.asdict(self.s)))):
+      return report
+    return None
+
   def evaluate(self, decoder_config, text_dir: str, dit_workdir: str) -> dict:
+    kept = self.finished_evaluation()
+    if kept is not None:
+      print(f"{self.scores_file()} holds this workdir's evaluation under these settings: kept "
+            "(delete it to evaluate again)", flush=True)
+      self._print_references(kept)
+      return kept["scores"]
+    self._evaluated = True
     gen, config = self.generator(decoder_config, text_dir, dit_workdir)
     heldout = self.heldout(decoder_config)
     ceiling, psnr = self.ceiling(config, heldout)
@@ -373,14 +397,26 @@ class Stages:
     report["timings_s"] = self.timings
     scores, _ = evaluate.evaluate(gen, heldout, (res, res), self.sampler_settings(),
                                   outdir=outdir, report=report)
-    print("ShapesGenEval of held-out ground truth through encoder + trained decoder (the ceiling "
-          f"this decoder allows; reconstruction PSNR {psnr:.1f} dB):")
-    geneval.print_table(ceiling)
-    if seen:
-      print(f"ShapesGenEval of {len(seen)} training prompts (combinations the DiT was trained "
-            "on):")
-      geneval.print_table(report["seen_scores"])
+    self._print_references(report)
     return scores
+
+  @staticmethod
+  def _print_references(report: dict) -> None:
+    """The tables to read the held-out scores against: the decoder's ceiling, the seen prompts."""
+    print("ShapesGenEval of held-out ground truth through encoder + trained decoder (the ceiling "
+          f"this decoder allows; reconstruction PSNR {report['reconstruction_psnr_db']:.1f} dB):")
+    geneval.print_table(report["decoder_reconstruction_ceiling"])
+    if "seen_scores" in report:
+      print("ShapesGenEval of the training prompts (combinations the DiT was trained on):")
+      geneval.print_table(report["seen_scores"])
+
+  def record_timings(self) -> None:
+    """scores.json's `timings_s` with every stage's, the evaluation's own included (the file is
+    written before that stage ends); a kept evaluation keeps the run's timings that made it."""
+    if self._evaluated:
+      report = atomic_files.read_json(self.scores_file())
+      report["timings_s"] = self.timings
+      atomic_files.write_text(self.scores_file(), json.dumps(report, indent=2))
 
 
 def run(s: DemoSettings) -> dict:
@@ -404,6 +440,7 @@ def _run(s: DemoSettings, interrupts: _Interrupts) -> dict:
   dit = stages._timed("4/5 DiT training", lambda: stages.train_dit(records, dec))
   scores = stages._timed("5/5 sampling held-out prompts + ShapesGenEval",
                          lambda: stages.evaluate(dec, text_dir, dit))
+  stages.record_timings()
   print("ShapesGenEval of the generated held-out samples:")
   geneval.print_table(scores)
   print("timings: " + ", ".join(f"{k.split(' ')[0]} {v:.0f}s" for k, v in stages.timings.items()))
