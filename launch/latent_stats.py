@@ -12,7 +12,8 @@ token of every image are written, atomically, in the official format with one ro
 and train with `--config.autoencoder.stats_path=<--out>`.
 
 --config defaults to configs/precompute.py; another config file needs an `autoencoder` section.
-Images that cannot be read are reported by name and reason and counted; at most --batch_size
+Images that cannot be read, or whose shorter side is below `precompute.min_side` (precompute
+skips them too), are reported by name and reason and counted; at most --batch_size
 crops are held at a time; the batch is split over this process's devices. Exit status 2, with
 one line on stderr, for a bad flag or config, an --out that exists (unless --overwrite), and
 when no image could be encoded.

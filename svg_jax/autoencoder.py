@@ -71,13 +71,14 @@ def to_uint8(images: Any, *, truncate: bool = False) -> np.ndarray:
 # Preprocessing
 
 
-def preprocess(src: Any, resolution: int, patch_size: int = 16, max_ratio: float = 4.0
-               ) -> tuple[np.ndarray, tuple[int, int]]:
+def preprocess(src: Any, resolution: int, patch_size: int = 16, max_ratio: float = 4.0,
+               min_side: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
   """An image -> (uint8 [h, w, 3] crop, bucket (w, h)) as the official DiT training crops it.
 
   src: a path or encoded bytes (decoded by `open_rgb`: RGBA on white, P / L / CMYK / 16-bit to
-  RGB), an RGB PIL image, or a uint8 [H, W, 3] array. The bucket is the closest in aspect ratio
-  among the official buckets of `resolution`; the crop is the official center crop.
+  RGB; a shorter side below `min_side` is a BadImageError, as precompute refuses it), an RGB PIL
+  image, or a uint8 [H, W, 3] array. The bucket is the closest in aspect ratio among the
+  official buckets of `resolution`; the crop is the official center crop.
   """
   if isinstance(src, Image.Image):
     if src.mode != "RGB":
@@ -89,7 +90,7 @@ def preprocess(src: Any, resolution: int, patch_size: int = 16, max_ratio: float
       raise ValueError(f"preprocess takes uint8 [H, W, 3] arrays, got {src.dtype} {src.shape}")
     image = Image.fromarray(src, mode="RGB")
   else:
-    image, _ = open_rgb(src)
+    image, _ = open_rgb(src, min_size=min_side)
   bucket_list = buckets.buckets_for_resolution(resolution, patch_size, max_ratio)
   crop, bucket = buckets.bucket_crop(image, bucket_list)
   return np.asarray(crop, dtype=np.uint8).reshape(bucket[1], bucket[0], 3), bucket

@@ -20,6 +20,7 @@ from svg_jax import autoencoder as ae_lib
 from svg_jax import parallel
 from svg_jax.convert.dinov3 import load_dinov3
 from svg_jax.data import buckets
+from svg_jax.data.image_pipeline import DEFAULT_MIN_SIDE, effective_min_side
 from svg_jax.data.images import BadImageError
 from svg_jax.input_errors import InputError, MissingInput
 from svg_jax.latent_stats import LatentStats, StatsAccumulator, save_latent_stats
@@ -38,11 +39,13 @@ class ImageStats:
 
 def accumulate_image_stats(encode: Callable[[np.ndarray], Any], paths: Sequence[str],
                            resolution: int, patch_size: int, batch_size: int, *,
-                           max_ratio: float = 4.0, say: Callable[[str], None] = print,
+                           max_ratio: float = 4.0, min_side: int = 1,
+                           say: Callable[[str], None] = print,
                            progress: Progress | None = None) -> ImageStats:
   """Per-channel statistics of `encode(uint8 crops [B, h, w, 3]) -> features [B, h', w', C]`
   over the images at `paths`, each cropped as the DiT's data is (`autoencoder.preprocess`: the
-  closest aspect-ratio bucket of `resolution`, centre crop).
+  closest aspect-ratio bucket of `resolution`, centre crop; a shorter side below `min_side` is
+  skipped, as precompute skips it, not blown up into the statistics).
 
   Crops of one bucket share a shape, so they are batched per bucket; at most `batch_size` crops
   wait at a time (memory bounded by one batch): when that many wait, the bucket with the most is
@@ -61,7 +64,7 @@ def accumulate_image_stats(encode: Callable[[np.ndarray], Any], paths: Sequence[
 
   for path in paths:
     try:
-      crop, bucket = ae_lib.preprocess(path, resolution, patch_size, max_ratio)
+      crop, bucket = ae_lib.preprocess(path, resolution, patch_size, max_ratio, min_side)
     except BadImageError as e:
       out.skipped.append((path, e.reason))
       say(f"skipped {path}: {e.reason}")
@@ -113,14 +116,17 @@ def make_stats_file(config, images: Sequence[str], out: str, *, resolution: int 
   """Writes `out` (atomically; the official format, one row) with the per-channel mean / std of
   the raw features of `config.autoencoder`'s encoder over `images` (files and folders, as
   `autoencoder.list_images` lists them; the first `limit` when > 0), cropped at `resolution`
-  (0: `config.precompute.resolution` when the config has that section, else 256). Progress goes
-  to `stream` (stderr), a line per skipped image and the summary to `say`. Bad flags, an
+  (0: `config.precompute.resolution` when the config has that section, else 256); images whose
+  shorter side is below `precompute.min_side` (64) are skipped as precompute skips them.
+  Progress goes to `stream` (stderr), a line per skipped image and the summary to `say`. Bad
+  flags, an
   existing `out` without `overwrite`, no usable image: InputError, before the encoder loads
   where it can be known then."""
   c = config.autoencoder if "autoencoder" in config else config
   pre = config.get("precompute") if "autoencoder" in config else None
   resolution = int(resolution or (pre.resolution if pre is not None else 256))
   max_ratio = float(pre.max_ratio) if pre is not None else 4.0
+  min_side = effective_min_side(pre.min_side if pre is not None else DEFAULT_MIN_SIDE, resolution)
   patch_size = int(c.encoder.patch_size)
   if batch_size < 1:
     raise InputError(f"--batch_size must be >= 1, got {batch_size}")
@@ -140,7 +146,8 @@ def make_stats_file(config, images: Sequence[str], out: str, *, resolution: int 
   progress = Progress(len(paths), "images", stream or sys.stderr)
   try:
     result = accumulate_image_stats(encoder.encode, paths, resolution, patch_size, batch_size,
-                                    max_ratio=max_ratio, say=say, progress=progress)
+                                    max_ratio=max_ratio, min_side=min_side, say=say,
+                                    progress=progress)
   finally:
     progress.end_line()
   skipped = f"{len(result.skipped)} skipped"

@@ -125,6 +125,13 @@ def test_existing_output_limit_and_bad_input(setup, tmp_path):
   with pytest.raises(InputError, match=f"no image could be encoded .*{bad}"):
     _make(config, [bad], tmp_path / "none.pt")
   assert not (tmp_path / "none.pt").exists()
+  # A sliver is skipped as precompute skips it (precompute.min_side), not blown up into the
+  # statistics.
+  sliver = tmp_path / "sliver.png"
+  Image.fromarray(np.full((30, 200, 3), 128, np.uint8)).save(sliver)
+  result, said = _make(config, [str(sliver), good[0]], tmp_path / "sliver.pt")
+  assert result.used == [good[0]]
+  assert said[0] == f"skipped {sliver}: too small: 200x30, shorter side < 64"
 
 
 @pytest.mark.slow
