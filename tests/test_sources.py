@@ -137,3 +137,28 @@ def test_tfds_nested_captions_take_the_first_and_a_non_text_caption_is_one_line(
       cfg.tfds_caption_key = key
       with pytest.raises(InputError, match=message):
         sources.list_inputs("many_captions", "tfds", cfg)
+
+
+def test_a_tfds_dataset_prepared_again_with_other_content_has_another_fingerprint(tmp_path):
+  """The resume plan compares fingerprints: one of name, split and length alone let a resume mix
+  records of a dataset prepared again (same length, other captions) into the first one's. Real
+  ArrayRecord files, read by tfds.data_source."""
+  builder = tfds_datasets.define_raw_captioned_images("RawCaptions")
+  cfg = config_lib.precompute_defaults()
+
+  def prepared(folder, captions):
+    builder.CAPTIONS = captions
+    builder(data_dir=str(tmp_path / folder), file_format="array_record").download_and_prepare()
+    cfg.tfds_data_dir = str(tmp_path / folder)
+    return sources.list_inputs("raw_captions", "tfds", cfg)
+
+  first = prepared("a", ("a red cube", "a blue ball", "two green cones", "a cat"))
+  assert sorted(first[i].caption for i in range(4)) == ["a blue ball", "a cat", "a red cube",
+                                                        "two green cones"]  # TFDS's order
+  copy = prepared("b", ("a red cube", "a blue ball", "two green cones", "a cat"))
+  assert copy.fingerprint == first.fingerprint  # the same files in another folder
+  for captions in (("a red cube", "a blue ball", "two green cones", "a dog"),  # same bytes
+                   ("a red cube", "a blue ball!", "two green cones", "a cat")):
+    assert prepared("c" + str(len(captions[1])), captions).fingerprint != first.fingerprint
+  cfg.tfds_data_dir, cfg.tfds_split = str(tmp_path / "a"), "train[1:]"
+  assert sources.list_inputs("raw_captions", "tfds", cfg).fingerprint != first.fingerprint

@@ -18,8 +18,9 @@ inputs are CONVERTED to RGB and counted per conversion kind, not dropped), offic
 crop at `resolution`. A bad input raises `BadInput` with the reason the job reports.
 
 Keys and captions that UTF-8 cannot hold (a file name of other bytes, a lone surrogate escape in
-a jsonl) are bad inputs: records and reports store UTF-8. A source that does not exist, is of another kind than `input_format` says, or holds no usable input
-raises an `InputError`: one line, before any model is loaded.
+a jsonl) are bad inputs: records and reports store UTF-8. A source that does not exist, is of
+another kind than `input_format` says, or holds no usable input raises an `InputError`: one line,
+before any model is loaded.
 """
 from __future__ import annotations
 
@@ -266,7 +267,57 @@ def read_tfds(name: str, split: str, data_dir: str = "", image_key: str = "image
         return Item(key, error="caption is not UTF-8 text")
     return Item(key, _tfds_feature(ex, image_key), caption, prompt)
 
-  return Inputs(get, len(source), f"tfds:{name}/{split}:{len(source)}")
+  return Inputs(get, len(source), _tfds_fingerprint(source, name, split))
+
+
+_TFDS_SAMPLED = 16  # examples read for the fingerprint: a few decodes at start-up
+
+
+def _tfds_fingerprint(source: Any, name: str, split: str) -> str:
+  """The dataset's identity for the resume plan without reading it all: name, split, length,
+  the version and each split's bytes and shard lengths as its preparation recorded them (in its
+  dataset_info, so the same files anywhere give the same fingerprint), and the contents of
+  `_TFDS_SAMPLED` examples spread over it (all of a smaller one). A dataset prepared again with
+  other content is another dataset, refused instead of mixed into the records made from the
+  first; an edit that keeps every size and misses the sampled examples is not seen."""
+  n = len(source)
+  h = hashlib.sha256()
+
+  def add(*parts: Any) -> None:
+    for part in parts:
+      h.update(repr(part).encode("utf-8", "backslashreplace") + b"\0")
+
+  info = getattr(source, "dataset_info", None)
+  add(getattr(info, "full_name", name), split, n)
+  splits = getattr(info, "splits", None) or {}
+  for key in sorted(splits.keys()):
+    add(key, int(splits[key].num_bytes), list(splits[key].shard_lengths))
+  spread = (range(n) if n <= _TFDS_SAMPLED else
+            sorted({k * (n - 1) // (_TFDS_SAMPLED - 1) for k in range(_TFDS_SAMPLED)}))
+  for i in spread:
+    try:
+      _add_contents(h, source[i])
+    except Exception as e:  # noqa: BLE001  (a record that cannot be read: stable, and reported)
+      add("unreadable", i, type(e).__name__)
+  return f"tfds:{name}/{split}:{n}:sha256:{h.hexdigest()}"
+
+
+def _add_contents(h: Any, value: Any) -> None:
+  """Feeds an example's features (nested dicts, lists, arrays, bytes, text) to hash `h`."""
+  if isinstance(value, dict):
+    for key in sorted(value):
+      h.update(repr(key).encode() + b"\0")
+      _add_contents(h, value[key])
+  elif isinstance(value, (list, tuple)):
+    h.update(f"[{len(value)}".encode())
+    for item in value:
+      _add_contents(h, item)
+  else:
+    array = np.asarray(value)
+    if array.dtype == object:  # texts as bytes
+      h.update(repr(array.tolist()).encode("utf-8", "backslashreplace"))
+    else:
+      h.update(f"{array.dtype}{array.shape}".encode() + array.tobytes())
 
 
 def _tfds_feature(ex: Any, key: str) -> Any:
