@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from svg_jax.convert import gemma2 as convert
 from svg_jax.input_errors import InputError, MissingInput
@@ -182,12 +183,15 @@ class TextEncoder:
 
   Features are the configured hidden state (`hidden_states[-2]` by default), zero on padding, in
   `feature_dtype` (float32, or bfloat16 as records store them). The encoder is jitted once per
-  padded length; `params` may already be placed/sharded by the caller.
+  padded length; `params` may already be placed/sharded by the caller. With `mesh` (params
+  sharded over it, as a trainer places them: possibly over several hosts) the ids go to every
+  device of the mesh and the features come back replicated, readable on every process.
   """
 
   def __init__(self, cfg: Gemma2Config, params: Any, tokenizer=None, *,
                system_prompt: str = BASE_SYSTEM_PROMPT, max_length: int = SAMPLE_MAX_LENGTH,
-               feature_dtype: str = "float32", pad_multiple: int = PAD_MULTIPLE):
+               feature_dtype: str = "float32", pad_multiple: int = PAD_MULTIPLE,
+               mesh: Mesh | None = None):
     cfg.validate()
     if jnp.dtype(feature_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
       raise ValueError(f"feature_dtype must be float32 or bfloat16, got {feature_dtype!r}")
@@ -207,7 +211,9 @@ class TextEncoder:
       feats, lengths = module.apply({"params": p}, ids, mask)
       return feats.astype(self.feature_dtype), lengths
 
-    self._encode = jax.jit(encode)
+    self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    self._encode = (jax.jit(encode) if mesh is None else
+                    jax.jit(encode, out_shardings=self._replicated))
 
   @classmethod
   def from_pretrained(cls, model_dir: str, tokenizer_dir: str | None = None, *,
@@ -244,6 +250,10 @@ class TextEncoder:
     ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, bool)
     if ids.ndim != 2 or ids.shape != mask.shape:
       raise ValueError(f"ids and mask must both be [B, L], got {ids.shape} and {mask.shape}")
+    if self._replicated is not None:  # every process holds the same ids: each places its copy
+      ids, mask = (jax.make_array_from_callback(x.shape, self._replicated,
+                                                lambda index, x=np.asarray(x): x[index])
+                   for x in (ids, mask))
     return self._encode(self.params, ids, mask)
 
   def __call__(self, captions: Sequence[str], pad_to: int | None = None

@@ -287,3 +287,32 @@ def test_online_step_flops_count_the_text_encoder(encoders):
   _, _, online = dit_task.DiTSetup.batch_counts(setup, batch)
   gemma = flop_count.gemma2_forward_flops(text_cfg, 8, 16)
   assert gemma > 0 and online == dit + gemma
+
+
+def test_grid_prompts_are_encoded_by_the_trainers_sharded_gemma(encoders, monkeypatch):
+  """Online mode: the validation prompts go through the Gemma-2 params the trainer placed over
+  its mesh (a second copy was read from disk and held whole on one device), and their features
+  are transformers' hidden states of the same tokens."""
+  from test_demo_text_encoder import TOL, _hf_hidden_states
+
+  from svg_jax.train import dit_task, validation
+  config = _config("", encoders[0])
+  config.validation.system_prompt = "base"
+  mesh = parallel.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices())
+  with parallel.mesh_context(mesh, config.axis_rules):
+    model, params, _ = dit_task.load_text_encoder(config, mesh)
+  spread = [x for x in jax.tree.leaves(params) if not x.sharding.is_fully_replicated]
+  assert spread, "the text params are not split over the mesh"
+
+  def read_again(*args, **kwargs):
+    raise AssertionError("the validation loaded a second copy of the text encoder")
+
+  monkeypatch.setattr(validation.text.convert, "load_gemma2", read_again)
+  encoder = validation.grid_text_encoder(config, mesh, model, params)
+  prompts = [shape_items.make_item(0, "heldout", i, 64)["prompt"] for i in range(3)]
+  arrays = validation.prompt_features(encoder, prompts)
+  ids, mask = encoder.tokenize(prompts, pad_to=arrays["features"].shape[1])
+  ref = _hf_hidden_states(encoders[0], ids, mask)[-2]
+  np.testing.assert_array_equal(arrays["mask"], mask)
+  err = float(np.abs(arrays["features"] - ref)[mask].max())
+  assert err <= TOL, err

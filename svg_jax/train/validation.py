@@ -221,17 +221,27 @@ class ValidationLogger(metrics_lib.MetricsLogger):
 # ----------------------------------------------------------------------------- grids
 
 
+def grid_text_encoder(config, mesh, text_model=None, text_params=None) -> text.TextEncoder:
+  """The encoder of the validation prompts (`text.encoder_dir` set): in online mode the trainer's
+  own Gemma-2 (`text_model`, its `text_params` placed on `mesh`), else that folder's, loaded. A
+  second copy beside the trainer's would be read from disk and held whole on one device."""
+  kwargs = dict(system_prompt=text.system_prompt(config.validation.system_prompt),
+                max_length=text.SAMPLE_MAX_LENGTH)
+  if text_params is not None:
+    return text.TextEncoder(text_model.cfg, text_params, text.load_tokenizer(
+        config.text.encoder_dir), mesh=mesh, **kwargs)
+  return text.TextEncoder.from_pretrained(
+      config.text.encoder_dir, hidden_layer=int(config.text.hidden_layer), **kwargs)
+
+
 class GridSampler:
   """The validation prompts' features, seeds and the Generator program, made once."""
 
-  def __init__(self, config, mesh, model_cfg, decoder):
+  def __init__(self, config, mesh, model_cfg, decoder, text_model=None, text_params=None):
     v = config.validation
     prompts = read_prompts(v)
     if config.text.encoder_dir:
-      encoder = text.TextEncoder.from_pretrained(
-          config.text.encoder_dir, hidden_layer=int(config.text.hidden_layer),
-          system_prompt=text.system_prompt(v.system_prompt), max_length=text.SAMPLE_MAX_LENGTH)
-      arrays = prompt_features(encoder, prompts)
+      arrays = prompt_features(grid_text_encoder(config, mesh, text_model, text_params), prompts)
     else:
       arrays = load_prompt_features(v.text_features, prompts)
     if arrays["features"].shape[-1] != model_cfg.cap_feat_dim:
@@ -389,7 +399,7 @@ class Validation:
         local = parallel.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.local_devices())
         decoder = ae_lib.SVGAutoencoder.from_config(config, encoder=False, decoder=True,
                                                     mesh=local)
-        self.grids = GridSampler(config, mesh, model_cfg, decoder)
+        self.grids = GridSampler(config, mesh, model_cfg, decoder, text_model, text_params)
         logging.info("validation: %d prompts every %d steps into %s", self.grids.n,
                      self.sample_every, os.path.join(workdir, SAMPLES_DIR))
     if self.eval_every > 0:
