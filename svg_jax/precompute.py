@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -53,7 +54,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from svg_jax import autoencoder
+from svg_jax import autoencoder, latent_stats
 from svg_jax import config as config_lib
 from svg_jax import parallel
 from svg_jax import text as text_lib
@@ -137,9 +138,25 @@ def text_pad_length(longest: int, max_length: int) -> int:
   return min(n, max_length)
 
 
+# The files a tokenizer folder may hold (`save_pretrained`'s, of any tokenizer kind): what the
+# tokenizer fingerprint hashes, so a folder holding other files too names the same tokenizer.
+TOKENIZER_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.json", "merges.txt",
+                   "special_tokens_map.json", "spiece.model", "tokenizer.json", "tokenizer.model",
+                   "tokenizer_config.json", "vocab.json", "vocab.txt")
+
+
 def tokenizer_fingerprint(tok_dir: str) -> str:
-  """The `tokenizer=` field of `text_fingerprint`: a content hash of the tokenizer's folder."""
-  return autoencoder.path_fingerprint(tok_dir)
+  """The `tokenizer=` field of `text_fingerprint`: a content hash of the tokenizer files of the
+  folder (`TOKENIZER_FILES`; the whole folder when it holds none of them). The same tokenizer
+  files give the same fingerprint in a Gemma-2 folder beside its weights, in a folder of their
+  own, or beside notes."""
+  names = sorted(n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tok_dir, n)))
+  if not names:
+    return autoencoder.path_fingerprint(tok_dir)
+  h = hashlib.sha256()  # as autoencoder.path_fingerprint hashes a folder of just these files
+  for name in names:
+    h.update(f"{name}\0{latent_stats.file_sha256(os.path.join(tok_dir, name))}\0".encode())
+  return "sha256-dir:" + h.hexdigest()
 
 
 def fingerprint_fields(fingerprint: str) -> dict[str, str]:

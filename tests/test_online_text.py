@@ -180,6 +180,13 @@ def test_records_of_another_tokenizer_are_refused(encoders, tmp_path):
     if name.startswith(("tokenizer", "special_tokens")):
       shutil.copy(os.path.join(a, name), tok / name)
   assert not _problems(_config(_records(tmp_path / "by_tok", te=str(tok)), a))
+  # ... also beside other files (it was refused: the whole folder was hashed), and records of an
+  # earlier version, which recorded the hash of the whole text_encoder_dir, still pass.
+  (tok / "notes.txt").write_text("where these files came from")
+  assert precompute_fp(str(tok)) == precompute_fp(a)
+  assert not _problems(_config(_records(tmp_path / "by_tok_notes", te=str(tok)), a))
+  earlier = _records(tmp_path / "earlier", te=a, tokenizer=model_fp(a))
+  assert model_fp(a) != precompute_fp(a) and not _problems(_config(earlier, a))
   # The held-out records are checked the same way.
   config = _config(data, a)
   config.data.eval_path = _records(tmp_path / "eval", te=b)
@@ -190,6 +197,12 @@ def test_records_of_another_tokenizer_are_refused(encoders, tmp_path):
 def precompute_fp(folder):
   from svg_jax import precompute
   return precompute.tokenizer_fingerprint(folder)
+
+
+def model_fp(folder):
+  """The fingerprint of a whole folder: precompute's `model=` field."""
+  from svg_jax import autoencoder
+  return autoencoder.path_fingerprint(folder)
 
 
 def test_token_ids_past_the_vocab_are_a_config_problem(encoders, tmp_path):
@@ -260,14 +273,14 @@ def test_features_records_check_the_encoder_of_the_validation_prompts(encoders, 
   config = _config(data, a, cap_feat_dim=16)
   assert "the text encoder's hidden size 128 != model.cap_feat_dim 16" in _problems(config)
   assert dit_task.text_source_warning(config) is None  # synthetic: nothing to compare
-  made = _records(tmp_path / "made", te=a, kind="text_features", model=precompute_fp(a),
+  made = _records(tmp_path / "made", te=a, kind="text_features", model=model_fp(a),
                   layer="-2", system_prompt="base")
   config = _config(made, a, cap_feat_dim=16)
   assert dit_task.text_source_warning(config) is None
   config.text.update(dict(encoder_dir=b, hidden_layer=-3))
   config.validation.system_prompt = "real"
   warning = dit_task.text_source_warning(config)
-  assert (f"weights {precompute_fp(a)} vs {precompute_fp(b)}" in warning
+  assert (f"weights {model_fp(a)} vs {model_fp(b)}" in warning
           and "hidden layer -2 vs text.hidden_layer -3" in warning
           and "system prompt base vs validation.system_prompt real" in warning)
 

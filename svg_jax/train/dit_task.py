@@ -11,7 +11,6 @@ held-out flow loss per noise level, built with the loop's logger (the hook that 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Iterator
 
@@ -24,7 +23,7 @@ from absl import logging
 from svg_jax import autoencoder as ae_lib
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax import config as config_lib
-from svg_jax import dit_checkpoint, flow, latent_stats, parallel, precompute
+from svg_jax import dit_checkpoint, flow, parallel, precompute
 from svg_jax import text as text_lib
 from svg_jax.convert import dit_io
 from svg_jax.convert.gemma2 import config_from_hf_json, load_gemma2
@@ -38,10 +37,6 @@ from svg_jax.train import task_api
 from svg_jax.train import validation
 
 EMPTY_TEXT_FILE = "empty_text.npy"
-# The files of a tokenizer folder (`save_pretrained`): precompute.tokenizer_dir may hold only these.
-TOKENIZER_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.json",
-                   "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                   "tokenizer_config.json")
 
 
 def _manifest_or_none(path: str):
@@ -184,16 +179,11 @@ def _encoder_problems(config, model_cfg, manifest, kind: str) -> list[str]:
 
 
 def _folder_tokenizer_fingerprints(folder: str) -> Iterator[str]:
-  """`precompute.tokenizer_fingerprint`s that name the tokenizer of `folder`: that of its tokenizer
-  files alone (a precompute.tokenizer_dir holding a copy of them), then that of the whole folder
-  (precompute.text_encoder_dir = this folder). Computed in that order: the second hashes the
-  weights."""
-  names = sorted(n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(folder, n)))
-  h = hashlib.sha256()  # as autoencoder.path_fingerprint hashes a folder of just these files
-  for name in names:
-    h.update(f"{name}\0{latent_stats.file_sha256(os.path.join(folder, name))}\0".encode())
-  yield "sha256-dir:" + h.hexdigest()
+  """The fingerprints that name the tokenizer of `folder` in a manifest: the current one (its
+  tokenizer files), then that of the whole folder, as precompute recorded a text_encoder_dir's
+  tokenizer before (computed last: it hashes the weights)."""
   yield precompute.tokenizer_fingerprint(folder)
+  yield ae_lib.path_fingerprint(folder)
 
 
 def _tokenizer_problems(config, manifest, what: str, vocab_size: int) -> list[str]:
@@ -208,11 +198,10 @@ def _tokenizer_problems(config, manifest, what: str, vocab_size: int) -> list[st
     try:
       fingerprints = _folder_tokenizer_fingerprints(folder)
       ours = next(fingerprints)
-      if made_by != ours:
-        ours = next(fingerprints)
+      same = made_by == ours or made_by == next(fingerprints)
     except OSError as e:
       return [f"text.encoder_dir: {e}"]
-    if made_by != ours:
+    if not same:
       return [f"{what} holds token ids of the tokenizer {made_by}, but text.encoder_dir "
               f"{folder!r} has the tokenizer {ours}: precompute the records with this folder "
               "(precompute.text_encoder_dir or a tokenizer_dir holding its tokenizer files)"]
@@ -240,7 +229,7 @@ def text_source_warning(config) -> str | None:
   differ = []
   try:
     if "model" in fields:
-      ours = precompute.tokenizer_fingerprint(config.text.encoder_dir)  # the folder's hash
+      ours = ae_lib.path_fingerprint(config.text.encoder_dir)  # as precompute's `model=`
       if fields["model"] != ours:
         differ.append(f"weights {fields['model']} vs {ours}")
   except OSError:
