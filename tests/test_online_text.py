@@ -277,6 +277,15 @@ def test_features_records_check_the_encoder_of_the_validation_prompts(encoders, 
                   layer="-2", system_prompt="base")
   config = _config(made, a, cap_feat_dim=16)
   assert dit_task.text_source_warning(config) is None
+  # Features made under the official rule ("auto": base, or align for the best captions).
+  auto = _config(_records(tmp_path / "auto", te=a, kind="text_features", model=model_fp(a),
+                          layer="-2", system_prompt="auto"), a, cap_feat_dim=16)
+  auto.validation.system_prompt = "empty"
+  assert "system prompt auto (base or align) vs validation.system_prompt empty" in (
+      dit_task.text_source_warning(auto))
+  for trained in ("align", "base"):
+    auto.validation.system_prompt = trained
+    assert dit_task.text_source_warning(auto) is None
   config.text.update(dict(encoder_dir=b, hidden_layer=-3))
   config.validation.system_prompt = "real"
   warning = dit_task.text_source_warning(config)

@@ -238,9 +238,11 @@ def text_source_warning(config) -> str | None:
     differ.append(f"hidden layer {fields['layer']} vs text.hidden_layer "
                   f"{int(config.text.hidden_layer)}")
   prompt = fields.get("system_prompt", "auto")
-  if prompt != "auto" and prompt != config.validation.system_prompt:
-    differ.append(f"system prompt {prompt} vs validation.system_prompt "
-                  f"{config.validation.system_prompt}")
+  # "auto" (the official rule) trains `base`, and `align` on super-high-quality captions.
+  trained = ("base", "align") if prompt == "auto" else (prompt,)
+  if config.validation.system_prompt not in trained:
+    differ.append(f"system prompt {prompt}{' (base or align)' if prompt == 'auto' else ''} vs "
+                  f"validation.system_prompt {config.validation.system_prompt}")
   if not differ:
     return None
   return (f"the validation prompts are encoded by text.encoder_dir {config.text.encoder_dir!r}, "
