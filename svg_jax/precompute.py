@@ -504,6 +504,9 @@ class Precomputer:
       manifest = self.finalize(inputs, out)
     except KeyboardInterrupt:
       # run_chunk has removed the unfinished chunk's scratch: what stays is what a rerun resumes.
+      # Counted on disk: a Ctrl-C just after a chunk's file was written (while its scratch is
+      # removed) left it uncounted.
+      finished = sum(self._chunk_done(out, c) for c in mine)
       raise Interrupted(f"precompute: interrupted after {finished} of {len(mine)} chunks; rerun "
                         "the same command to resume") from None
     except OSError as e:

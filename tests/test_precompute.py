@@ -355,6 +355,26 @@ def _demo_jsonl(tmp_path, n):
   return os.path.join(root, "train.jsonl")
 
 
+def test_a_ctrl_c_just_after_a_chunk_is_marked_done_counts_it(job_factory, tmp_path,
+                                                             monkeypatch):
+  """The line's count is what a rerun finds: a Ctrl-C while the finished chunk's scratch was
+  removed (its chunk file written) said 0 chunks with chunk 0 done on disk."""
+  jsonl = _demo_jsonl(tmp_path, 6)
+  job = job_factory(records_per_shard=4)  # 2 chunks
+  inputs = sources.list_inputs(jsonl, "jsonl", job.cfg)
+  out = str(tmp_path / "out")
+  real_rmtree = pc.shutil.rmtree
+
+  def ctrl_c_after_chunk_0(path, *args, **kwargs):
+    real_rmtree(path, *args, **kwargs)
+    if os.path.isfile(pc._chunk_file(out, 0)):
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(pc.shutil, "rmtree", ctrl_c_after_chunk_0)
+  with pytest.raises(pc.Interrupted, match="interrupted after 1 of 2 chunks"):
+    job.run(inputs, out)
+
+
 def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_path,
                                                                monkeypatch):
   jsonl = _demo_jsonl(tmp_path, 10)
