@@ -1,11 +1,14 @@
-"""Test session setup: 8 fake CPU devices (for the sharding tests) and fp32 matmuls everywhere."""
+"""Test session setup: 8 fake CPU devices (for the sharding tests), fast compiles
+(`script_runs.xla_flags`) and fp32 matmuls everywhere."""
 import atexit
 import os
 import shutil
 import tempfile
 
+import script_runs  # the test processes' XLA flags (no JAX import)
+
 # Must happen before jax is imported anywhere in the test session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", script_runs.xla_flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session and the scripts its tests start (they inherit
 # the environment): a program that one test or process compiled loads in the next. The user's

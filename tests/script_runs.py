@@ -13,12 +13,23 @@ _LOG_LINE = re.compile(r"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [^ ]+:\d+\] |"
                        r"\[[#.]+\] \d+/\d+ ")
 
 
+# The suite's programs are tiny and run a few times each, so compiling them is most of its CPU
+# time; LLVM's optimizations off cuts that by about a third (docs/design_notes.md).
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int | None = None) -> str:
+  """XLA_FLAGS of a test process: `devices` CPU devices (None: XLA's one) and fast compiles."""
+  count = f"--xla_force_host_platform_device_count={devices} " if devices else ""
+  return count + FAST_COMPILE
+
+
 def run(script: str, *args, devices: int = 1, timeout: int = 300,
         env: dict | None = None) -> subprocess.CompletedProcess:
   """`python launch/<script> args` on `devices` CPU devices, from the repository root, with
   `env`'s variables added to this process's."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+             XLA_FLAGS=xla_flags(devices), **(env or {}))
   return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *map(str, args)],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+import script_runs
 import test_decoder
 import test_dinov3
 from svg_jax import autoencoder as ae_lib
@@ -358,8 +359,7 @@ def test_reconstruct_cli_end_to_end(weight_files, tmp_path):
   bad = tmp_path / "broken.png"
   bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
   out = tmp_path / "out"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = dict(os.environ, XLA_FLAGS=script_runs.xla_flags(), JAX_PLATFORMS="cpu")
   cmd = [sys.executable, os.path.join(REPO, "launch", "reconstruct.py"),
          f"--config={config_file}",
          f"--config.autoencoder.encoder_path={cfg.encoder_path}",

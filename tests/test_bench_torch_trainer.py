@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import script_runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BATCH, STEPS = 8, 2
@@ -16,7 +18,7 @@ BATCH, STEPS = 8, 2
 @pytest.fixture(scope="module")
 def result():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+             XLA_FLAGS=script_runs.xla_flags(1))
   cmd = [sys.executable, os.path.join(REPO, "bench", "torch_trainer.py"),
          "--config", os.path.join(REPO, "configs", "tiny.py"), "--steps", str(STEPS),
          f"--global_batch_size={BATCH}", "--peak_tflops=2.5", "--compile", "blocks",

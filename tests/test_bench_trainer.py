@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+import script_runs
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax import config as config_lib
 from svg_jax.train import flop_count
@@ -29,7 +30,7 @@ FIELDS = ("config", "platform", "device_kind", "devices", "global_batch_size", "
 def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("bench") / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}")
+             XLA_FLAGS=script_runs.xla_flags(DEVICES))
   cmd = [sys.executable, os.path.join(REPO, "bench", "trainer.py"),
          "--config", os.path.join(REPO, "configs", "tiny.py"), f"--steps={STEPS}",
          f"--global_batch_size={BATCH}", f"--peak_tflops={PEAK}", f"--workdir={workdir}",

@@ -20,6 +20,7 @@ import torch
 from diffusers.models.autoencoders.vae import Decoder as TorchDecoder
 
 import local_hosts
+import script_runs
 from lowerings import lowered_programs
 from svg_jax import checkpoint as ckpt_lib
 from svg_jax import parallel
@@ -742,7 +743,7 @@ def _records(workdir):
 
 
 def _run(workdir, paths, **train):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, XLA_FLAGS=script_runs.xla_flags(2),
              JAX_PLATFORMS="cpu")
   return subprocess.run(_command(workdir, paths, **train), env=env, capture_output=True,
                         text=True, timeout=400)
@@ -758,7 +759,7 @@ def _run_two_processes(workdir, paths, **train):
   """launch/train.py as 2 local processes of 1 CPU device each under JAX's distributed runtime:
   (exit codes, logs)."""
   port = local_hosts.free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=script_runs.xla_flags(1), JAX_PLATFORMS="cpu")
   procs = [local_hosts.popen(_command(workdir, paths, **train),
                              local_hosts.host_env(env, port, 2, i)) for i in range(2)]
   return local_hosts.wait(procs, 400)

@@ -586,7 +586,7 @@ def test_prompt_file_errors(tmp_path):
 
 
 def _run(script, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=script_runs.xla_flags(2))
   return subprocess.run([sys.executable, os.path.join(REPO, "launch", script), *args], cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=600)
 
@@ -670,7 +670,7 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 @pytest.mark.slow  # a subprocess: imports, loads and compiles from scratch
-def test_sample_cli_writes_each_batch_as_it_is_decoded(files, generator, tmp_path):
+def test_sample_cli_writes_each_batch_as_it_is_decoded(files, tmp_path):
   """An interrupted run keeps the batches decoded before, their metadata lines and nothing else;
   the folder is then an earlier run (refused without --overwrite or --resume). --resume makes
   the missing images and a cut one again, keeps the others, and gives the uninterrupted run's
@@ -689,9 +689,14 @@ def test_sample_cli_writes_each_batch_as_it_is_decoded(files, generator, tmp_pat
   meta = [json.loads(line) for line in open(out / "metadata.jsonl")]
   assert [(m["file"], m["prompt"], m["seed"]) for m in meta] == [
       ("00000.png", prompts[0], 4), ("00001.png", prompts[0], 5)]
-  # The whole list's images (same seeds, batch size and caption length), bit for bit.
+  # The whole list's images (same seeds, batch size and caption length), bit for bit: made on
+  # one device as the runs are (the same programs; a batch split otherwise may round otherwise).
+  one = gen.Generator.from_config(_config(files), text_encoder=files["text"],
+                                  weights=files["weights"], weights_format="flax",
+                                  mesh=parallel.make_mesh(dict(data=1, fsdp=1, tensor=1),
+                                                          jax.devices()[:1]))
   jobs = [p for p in prompts for _ in range(2)]
-  want = generator.generate(jobs, range(4, 10), RES, gen.SamplerSettings(steps=2), batch_size=2)
+  want = one.generate(jobs, range(4, 10), RES, gen.SamplerSettings(steps=2), batch_size=2)
   for j in range(2):
     np.testing.assert_array_equal(_png(out / f"{j:05d}.png"), want[j])
   with pytest.raises(sample_folder.InputError, match="holds an earlier run's images"):
@@ -700,8 +705,8 @@ def test_sample_cli_writes_each_batch_as_it_is_decoded(files, generator, tmp_pat
   (out / "00001.png").write_bytes((out / "00001.png").read_bytes()[:100])
   (out / "00002.png").write_bytes(b"not this run's")
   kept = os.stat(out / "00000.png").st_mtime_ns
-  r = _run("sample.py", *_common(files), *(f"--prompt={p}" for p in prompts), "--num_images=2",
-           "--seed=4", "--batch_size=2", f"--out={out}", "--resume")
+  r = script_runs.run("sample.py", *_common(files), *(f"--prompt={p}" for p in prompts),
+                      "--num_images=2", "--seed=4", "--batch_size=2", f"--out={out}", "--resume")
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resuming {out}: 1 of 6 images are there, 5 to make" in r.stderr
   assert os.stat(out / "00000.png").st_mtime_ns == kept

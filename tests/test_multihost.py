@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import local_hosts
+import script_runs
 import validation_files
 from svg_jax import multihost
 from svg_jax.data import pipeline, synthetic
@@ -57,7 +58,7 @@ def _env(**extra):
   (tests/conftest.py) keeps every one of them, so all but the first launch of each layout skip
   most of their compile time."""
   env = {k: v for k, v in os.environ.items() if k not in multihost.EXPLICIT_ENV}
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+  env.update(XLA_FLAGS=script_runs.xla_flags(2), JAX_PLATFORMS="cpu",
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env.update(extra)
@@ -258,7 +259,7 @@ def _launch(data_dir, workdir, steps, processes, devices, *extra, env_of=None):
   procs = []
   for i in range(processes):
     env = local_hosts.host_env(_env(), port, processes, i) if processes > 1 else _env()
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = script_runs.xla_flags(devices)
     env.update((env_of or {}).get(i, {}))
     procs.append(local_hosts.popen(_command(data_dir, workdir, steps) + list(extra), env))
   return procs

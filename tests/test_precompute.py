@@ -123,12 +123,13 @@ def _sha256(path):
     return hashlib.sha256(f.read()).hexdigest()
 
 
-def _dir_sha256(path):
+def _dir_sha256(path, only=None):
   """A folder's fingerprint as svg_jax.autoencoder.path_fingerprint documents it: sha256 over
-  its files' relative names and sha256s, in sorted order."""
+  its files' relative names and sha256s, in sorted order (those named in `only`, when given)."""
   h = hashlib.sha256()
   for name in sorted(os.listdir(path)):  # the demo text encoder folder is flat
-    h.update(f"{name}\0{_sha256(os.path.join(path, name))}\0".encode())
+    if only is None or name in only:
+      h.update(f"{name}\0{_sha256(os.path.join(path, name))}\0".encode())
   return "sha256-dir:" + h.hexdigest()
 
 
@@ -171,10 +172,12 @@ def test_acceptance_two_real_images_plus_corrupt_and_missing(files, job_factory,
   # the official training (the default). Text: both files and every setting that changes the
   # features.
   text_dir = _dir_sha256(files["text"])
+  tokenizer = _dir_sha256(files["text"], only=pc.TOKENIZER_FILES)  # its tokenizer files alone
+  assert tokenizer != text_dir
   assert manifest["fingerprints"] == {
       "encoder": "sha256:" + _sha256(files["encoder"]),
       "statistics": "sha256:" + _sha256(files["stats"]) + ":row0:bf16",
-      "text_encoder": f"model={text_dir};tokenizer={text_dir};layer=-2;max_length="
+      "text_encoder": f"model={text_dir};tokenizer={tokenizer};layer=-2;max_length="
                       f"{text_lib.TRAIN_MAX_LENGTH};system_prompt=auto;mode=features"}
 
   # A trainer can compute the same fingerprints from its config without loading any model.
@@ -567,8 +570,7 @@ def _config_flags(files, **paths):
 def test_cli_on_the_demo_dataset(files, tmp_path):
   jsonl = _demo_jsonl(tmp_path, 5)
   out = tmp_path / "records"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = dict(os.environ, XLA_FLAGS=script_runs.xla_flags(), JAX_PLATFORMS="cpu")
   cmd = [sys.executable, os.path.join(REPO, "launch", "precompute.py"), f"--input={jsonl}",
          "--input_format=jsonl", f"--out={out}", *_config_flags(files)]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
@@ -790,8 +792,7 @@ def _cli_command(files, jsonl, out, *flags):
 
 
 def _cli_env():
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
+  env = dict(os.environ, XLA_FLAGS=script_runs.xla_flags(), JAX_PLATFORMS="cpu")
   return env
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import script_runs
 from svg_jax import assets
 from svg_jax import parallel
 from svg_jax.data import records, synthetic
@@ -161,7 +162,7 @@ def _command(data_dir, workdir, num_steps=NUM_STEPS):
 
 def _env():
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one compile, one device
+  env["XLA_FLAGS"] = script_runs.xla_flags(1)  # one compile, one device
   env["JAX_PLATFORMS"] = "cpu"
   return env
 
