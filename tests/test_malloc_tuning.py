@@ -27,7 +27,9 @@ print(json.dumps({"applied": applied, "faults": faults[2:],  # after the first c
 
 
 def _probe(opt_out):
-  env = dict(os.environ, SVG_JAX_DEFAULT_MALLOC="1" if opt_out else "0")
+  # XLA's default flags, as users run it: the suite's fast compiles (script_runs.xla_flags) run
+  # these cumsums several times slower (24 s -> 88 s for the test), and compile time is moot here.
+  env = dict(os.environ, SVG_JAX_DEFAULT_MALLOC="1" if opt_out else "0", XLA_FLAGS="")
   # 5-14 s each on 2 busy cores; the timeout stops a hung child long before pytest's limit.
   out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True,
                        env=env, timeout=120)
