@@ -17,7 +17,7 @@ import functools
 import hashlib
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -114,8 +114,9 @@ def config_fingerprints(c: ml_collections.ConfigDict) -> dict[str, str]:
   return out
 
 
-def path_fingerprint(path: str | os.PathLike) -> str:
-  """sha256 of a weights file, or of a folder's files (names and contents, sorted)."""
+def path_fingerprint(path: str | os.PathLike, only: Collection[str] | None = None) -> str:
+  """sha256 of a weights file, or of a folder's files (names and contents, sorted; those whose
+  relative names are in `only`, when given)."""
   path = os.fspath(path)
   if os.path.isfile(path):
     return "sha256:" + latent_stats.file_sha256(path)
@@ -125,6 +126,8 @@ def path_fingerprint(path: str | os.PathLike) -> str:
   for root, _, files in sorted(os.walk(path)):
     for name in sorted(files):
       full = os.path.join(root, name)
+      if only is not None and os.path.relpath(full, path) not in only:
+        continue
       h.update(f"{os.path.relpath(full, path)}\0{latent_stats.file_sha256(full)}\0".encode())
   return "sha256-dir:" + h.hexdigest()
 

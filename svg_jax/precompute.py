@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -54,7 +53,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from svg_jax import autoencoder, latent_stats
+from svg_jax import autoencoder
 from svg_jax import config as config_lib
 from svg_jax import parallel
 from svg_jax import text as text_lib
@@ -150,13 +149,8 @@ def tokenizer_fingerprint(tok_dir: str) -> str:
   folder (`TOKENIZER_FILES`; the whole folder when it holds none of them). The same tokenizer
   files give the same fingerprint in a Gemma-2 folder beside its weights, in a folder of their
   own, or beside notes."""
-  names = sorted(n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tok_dir, n)))
-  if not names:
-    return autoencoder.path_fingerprint(tok_dir)
-  h = hashlib.sha256()  # as autoencoder.path_fingerprint hashes a folder of just these files
-  for name in names:
-    h.update(f"{name}\0{latent_stats.file_sha256(os.path.join(tok_dir, name))}\0".encode())
-  return "sha256-dir:" + h.hexdigest()
+  some = any(os.path.isfile(os.path.join(tok_dir, n)) for n in TOKENIZER_FILES)
+  return autoencoder.path_fingerprint(tok_dir, only=TOKENIZER_FILES if some else None)
 
 
 def fingerprint_fields(fingerprint: str) -> dict[str, str]:
