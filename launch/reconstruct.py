@@ -63,15 +63,16 @@ def main(argv):
     for path, why in planned[1]:
       print(f"skipped {path}: {why}")
     raise InputError(f"none of the {len(paths)} images can be reconstructed (skipped above)")
+  fingerprints = ae_lib.config_fingerprints(c)
   settings = {"encoder_path": os.path.abspath(c.encoder_path), "encoder_prefix": c.encoder_prefix,
               "decoder_path": os.path.abspath(c.decoder_path),
               "decoder_format": c.decoder_format, "stats_path": os.path.abspath(c.stats_path),
               "stats_layer": int(c.stats_layer), "bf16_stats": bool(c.bf16_stats),
-              "fingerprints": ae_lib.config_fingerprints(c)}
+              "fingerprints": fingerprints}
   if FLAGS.resume:  # a run of other settings is refused before the weights load
     reconstruction.check_resumable(
         FLAGS.out, reconstruction.run_settings(settings, FLAGS.resolution, FLAGS.min_side))
-  ae = ae_lib.SVGAutoencoder.from_config(FLAGS.config)
+  ae = ae_lib.SVGAutoencoder.from_config(FLAGS.config, fingerprints=fingerprints)
   reconstruction.reconstruct_images(ae, paths, FLAGS.resolution, FLAGS.out, settings=settings,
                                     batch_size=FLAGS.batch_size, min_side=FLAGS.min_side,
                                     resume=FLAGS.resume, planned=planned)

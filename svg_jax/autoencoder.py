@@ -106,12 +106,16 @@ def config_fingerprints(c: ml_collections.ConfigDict) -> dict[str, str]:
   with its dataset's to refuse latents made with other weights or statistics."""
   out = {}
   if c.encoder_path:
-    out["encoder"] = path_fingerprint(c.encoder_path) + (
-        f":prefix={c.encoder_prefix}" if c.encoder_prefix else "")
+    out["encoder"] = _encoder_fingerprint(c)
   if c.stats_path:
     stats = latent_stats.load_latent_stats(c.stats_path, c.stats_layer)
     out["statistics"] = stats.fingerprint + (":bf16" if c.bf16_stats else "")
   return out
+
+
+def _encoder_fingerprint(c: ml_collections.ConfigDict) -> str:
+  return path_fingerprint(c.encoder_path) + (
+      f":prefix={c.encoder_prefix}" if c.encoder_prefix else "")
 
 
 def path_fingerprint(path: str | os.PathLike, only: Collection[str] | None = None) -> str:
@@ -211,10 +215,13 @@ class SVGAutoencoder:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, *, encoder: bool = True,
                   decoder: bool = True, mesh: Mesh | None = None,
-                  sharding: NamedSharding | None = None) -> "SVGAutoencoder":
+                  sharding: NamedSharding | None = None,
+                  fingerprints: dict[str, str] | None = None) -> "SVGAutoencoder":
     """Load what `config.autoencoder` (or a `config.autoencoder_defaults()` section) points at.
 
     encoder / decoder: which halves to load; each needs its path set.
+    fingerprints: `config_fingerprints` of the same section when the caller has them (the
+      encoder's weights file is not hashed a second time).
     """
     c = config.autoencoder if "autoencoder" in config else config
     missing = [f"autoencoder.{k}" for k, want in (("encoder_path", encoder),
@@ -233,12 +240,11 @@ class SVGAutoencoder:
                        f"channels, but {' and '.join(wrong)}: use the statistics made with "
                        "this encoder")
     enc_params = dec_params = None
-    fingerprints = {}
+    known, fingerprints = dict(fingerprints or {}), {}
     if encoder:
       enc_cfg.validate()
       enc_params = load_dinov3(c.encoder_path, enc_cfg, prefix=c.encoder_prefix)
-      fingerprints["encoder"] = path_fingerprint(c.encoder_path) + (
-          f":prefix={c.encoder_prefix}" if c.encoder_prefix else "")
+      fingerprints["encoder"] = known.get("encoder") or _encoder_fingerprint(c)
     if decoder:
       dec_cfg.validate()
       dec_params = load_decoder(c.decoder_path, dec_cfg, c.decoder_format)

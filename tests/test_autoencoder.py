@@ -343,6 +343,20 @@ def test_from_config_loads_the_official_formats(weight_files, encoder):
     ae_lib.SVGAutoencoder.from_config(bare, decoder=False)
 
 
+def test_from_config_takes_the_callers_fingerprints_instead_of_hashing_again(weight_files,
+                                                                            monkeypatch):
+  _, cfg, _, _ = weight_files
+  known = ae_lib.config_fingerprints(cfg)
+  hashed = []
+  real = ls.file_sha256
+  monkeypatch.setattr(ls, "file_sha256", lambda path: hashed.append(path) or real(path))
+  ae = ae_lib.SVGAutoencoder.from_config(cfg, decoder=False, fingerprints=known)
+  assert ae.fingerprints == known and cfg.encoder_path not in hashed
+  # Without them the file is hashed, to the same fingerprint.
+  assert ae_lib.SVGAutoencoder.from_config(cfg, decoder=False).fingerprints == known
+  assert cfg.encoder_path in hashed
+
+
 @pytest.mark.slow
 def test_reconstruct_cli_end_to_end(weight_files, tmp_path):
   root, cfg, _, _ = weight_files
