@@ -61,7 +61,8 @@ from svg_jax.data import buckets, global_position, records
 from svg_jax.data import sources
 from svg_jax.data.sources import BadInput, Inputs, Loaded
 from svg_jax.input_errors import InputError
-from svg_jax.utils import atomic_files, error_lines, folder_locks, writable_folders
+from svg_jax.utils import (atomic_files, ctrl_c, error_lines, folder_locks,
+                           writable_folders)
 from svg_jax.utils.progress import Progress
 
 PROGRESS_DIR = "progress"
@@ -291,6 +292,7 @@ class Precomputer:
     self.process_index, self.process_count = global_position.process_of(process_index,
                                                                          process_count)
     self.stream = stream or sys.stdout
+    self.ctrl_c = ctrl_c.Remembered()  # a Ctrl-C whose KeyboardInterrupt was lost still stops
     self.patch_size = ae.encoder_cfg.patch_size
     self.fingerprints = {"encoder": ae.fingerprints.get("encoder", "unknown"),
                          "statistics": ae.fingerprints["statistics"],
@@ -412,6 +414,7 @@ class Precomputer:
         results = (r for s in range(0, len(indices), window)
                    for r in pool.map(load, indices[s:s + window]))
         for result in results:
+          self.ctrl_c.check()
           if isinstance(result, tuple):
             self._report_bad(writer, stats, *result)
             progress.update(done=1)
@@ -462,8 +465,9 @@ class Precomputer:
     writable_folders.check_writable_folder(progress_dir, "the progress folder")
     # Held for the whole run: a second run of this process index would take this one's chunks
     # for a killed run's and remove its scratch folder.
-    with folder_locks.hold(os.path.join(progress_dir, f"process-{self.process_index:03d}.lock"),
-                           f"another precompute is writing {out} (process {self.process_index})"):
+    lock = os.path.join(progress_dir, f"process-{self.process_index:03d}.lock")
+    with folder_locks.hold(lock, f"another precompute is writing {out} (process "
+                                 f"{self.process_index})"), self.ctrl_c.installed():
       return self._run_locked(inputs, out)
 
   def _run_locked(self, inputs: Inputs, out: str) -> dict | None:
@@ -483,6 +487,7 @@ class Precomputer:
       start = time.perf_counter()
       try:
         for c in todo:
+          self.ctrl_c.check()
           self.run_chunk(inputs, c, out, progress)
           finished += 1
       finally:

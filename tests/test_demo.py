@@ -17,6 +17,7 @@ from svg_jax.demo import pipeline as demo
 from svg_jax.demo import shapes
 from svg_jax.input_errors import InputError
 from svg_jax.train import dit_task
+from svg_jax.utils import ctrl_c
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,7 +125,7 @@ def test_a_swallowed_ctrl_c_stops_the_demo_after_its_stage(tmp_path):
   """A Ctrl-C raised inside a gc callback is only reported ("Exception ignored"): the stage
   returns, and the demo stops there instead of running on."""
   stages = demo.Stages(demo.DemoSettings(workdir=str(tmp_path)))
-  stages.interrupts = demo._Interrupts()
+  stages.interrupts = ctrl_c.Remembered()
   assert stages._timed("2/5 demo text encoder", lambda: "done") == "done"
 
   def swallowed():

@@ -30,7 +30,7 @@ from svg_jax.eval import image_metrics
 from svg_jax.input_errors import InputError
 from svg_jax.models.decoder import DecoderConfig
 from svg_jax.train import metrics, trainer
-from svg_jax.utils import atomic_files, folder_locks, writable_folders
+from svg_jax.utils import atomic_files, ctrl_c, folder_locks, writable_folders
 
 
 WORKDIR_RECORD = "demo_settings.json"  # what the workdir's cached stages were made with
@@ -168,33 +168,6 @@ def workdir_lock(workdir: str):
     yield
 
 
-class _Interrupts:
-  """Ctrl-C during the demo: raises KeyboardInterrupt as Python's default handler does, and
-  remembers it, so that one swallowed on its way (raised inside a gc callback, which Python only
-  reports as "Exception ignored") still stops the demo at the end of the stage."""
-
-  def __init__(self):
-    self.received = False
-    self._old = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.received = True
-    raise KeyboardInterrupt
-
-  @contextlib.contextmanager
-  def installed(self):
-    try:
-      self._old = signal.signal(signal.SIGINT, self._handle)
-    except ValueError:  # not the main thread: no handler, nothing to remember
-      self._old = None
-    try:
-      yield self
-    finally:
-      if self._old is not None:
-        signal.signal(signal.SIGINT, self._old)
-
-
 class Stages:
   """The demo's stages; each returns what later stages need and is cached in `workdir`."""
 
@@ -204,7 +177,7 @@ class Stages:
     writable_folders.check_writable_folder(self.workdir, "--workdir")
     self._check_workdir()
     self.timings: dict[str, float] = {}
-    self.interrupts: _Interrupts | None = None  # set by `run`: a Ctrl-C a stage swallowed
+    self.interrupts: ctrl_c.Remembered | None = None  # set by `run`: a Ctrl-C a stage swallowed
     self._decoder_file: str | None = None  # exported once per process (the decoder is frozen)
     self._evaluated = False  # stage 5 sampled and scored here (not kept from an earlier run)
 
@@ -420,7 +393,7 @@ class Stages:
 
 
 def run(s: DemoSettings) -> dict:
-  interrupts = _Interrupts()
+  interrupts = ctrl_c.Remembered()
   try:
     with workdir_lock(s.workdir), interrupts.installed():
       return _run(s, interrupts)
@@ -429,7 +402,7 @@ def run(s: DemoSettings) -> dict:
     raise SystemExit(e.code) from None
 
 
-def _run(s: DemoSettings, interrupts: _Interrupts) -> dict:
+def _run(s: DemoSettings, interrupts: ctrl_c.Remembered) -> dict:
   stages = Stages(s)
   stages.interrupts = interrupts
   metrics.console_logging()
