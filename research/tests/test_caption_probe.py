@@ -73,13 +73,12 @@ def test_word_context_carries_held_out_colours_and_relations_but_caption_identit
   for category in ("colors", "position", "color_attr", "single_object", "two_object"):
     assert got[category] >= 0.95, (category, got)
 
-  # One-hot of (distinct prompt, token position): every caption and token told apart, nothing
-  # shared between captions (a held-out repeat of a training prompt keeps its ids).
+  # An independent random code per (distinct prompt, token position): every caption and token
+  # told apart, nothing shared between captions (a held-out repeat of a training prompt keeps its
+  # codes). 512 channels instead of a one-hot's 3,100: the same verdicts, a third of the time.
   index = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-  length = mask.shape[1]
-  ident = np.zeros((len(prompts), length, len(index) * length), np.float32)
-  for row, p in enumerate(prompts):
-    ident[row, np.arange(length), index[p] * length + np.arange(length)] = 1.0
+  codes = np.random.default_rng(0).standard_normal((len(index), mask.shape[1], 512))
+  ident = np.stack([codes[index[p]] for p in prompts]).astype(np.float32)
   identity = cp.probe((ident[:n], mask[:n], tm), (ident[n:], mask[n:], hm, hc), seeds=(0,))
   got = identity["heldout"][0]
   print("word context:", words["heldout"][0], "\nidentity:", got)
