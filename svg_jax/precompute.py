@@ -317,13 +317,35 @@ class Precomputer:
   def _check_plan(self, out: str, plan: dict) -> None:
     path = os.path.join(out, PROGRESS_DIR, PLAN_FILE)
     old = atomic_files.read_json(path)
+    if old == plan:
+      return
     if old is not None:
+      old = self._in_this_versions_fingerprints(old, plan)
       if old != plan:
         raise InputError(f"{out} holds a precompute run with a different plan (differs in "
                          f"{atomic_files.differing_keys(old, plan)}); use another output folder "
                          "or delete it")
-    else:
-      atomic_files.write_json(path, plan)
+      self._print(f"precompute: {path} was written by an earlier svg-jax version for the same "
+                  "inputs and settings; it now holds this version's fingerprints")
+    atomic_files.write_json(path, plan)
+
+  def _in_this_versions_fingerprints(self, old: dict, plan: dict) -> dict:
+    """`old` with the fingerprints that earlier versions wrote for the files `plan` names given
+    as this version writes them: a TFDS input named by name/split/length (now with its recorded
+    sizes and sampled contents), a tokenizer hashed with every file of its folder (now its
+    tokenizer files)."""
+    old = json.loads(json.dumps(old))
+    if (str(old.get("inputs")).startswith("tfds:")
+        and plan["inputs"].startswith(f"{old['inputs']}:sha256:")):
+      old["inputs"] = plan["inputs"]
+    recorded = (old.get("fingerprints") or {}).get("text_encoder", "")
+    ours = plan["fingerprints"]["text_encoder"]
+    fields, our_fields = fingerprint_fields(recorded), fingerprint_fields(ours)
+    if (recorded != ours and {**fields, "tokenizer": None} == {**our_fields, "tokenizer": None}
+        and fields.get("tokenizer") == autoencoder.path_fingerprint(
+            self.cfg.tokenizer_dir or self.cfg.text_encoder_dir)):
+      old["fingerprints"]["text_encoder"] = ours
+    return old
 
   # -- one chunk
 

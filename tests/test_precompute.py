@@ -398,14 +398,65 @@ def test_a_ctrl_c_whose_exception_is_lost_still_stops_the_job(job_factory, tmp_p
     return real_flush(self, writer, group, stats)
 
   monkeypatch.setattr(pc.Precomputer, "_flush", swallowed_in_chunk_1)
+  before = signal.getsignal(signal.SIGINT)  # pytest-xdist's workers ignore SIGINT
   with pytest.raises(pc.Interrupted, match=r"interrupted after (\d) of 3 chunks") as stopped:
     job.run(inputs, out)
   done = int(re.search(r"after (\d)", str(stopped.value)).group(1))
   assert done in (1, 2) and not os.path.isfile(pc._chunk_file(out, 2))
   assert done == len(glob.glob(os.path.join(out, pc.PROGRESS_DIR, "chunk-*.json")))
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+  assert signal.getsignal(signal.SIGINT) == before  # put back
   monkeypatch.setattr(pc.Precomputer, "_flush", real_flush)
   assert job.run(inputs, out)["num_records"] == 10
+
+
+def test_a_run_interrupted_under_an_earlier_version_resumes(files, job_factory, tmp_path,
+                                                           monkeypatch, capsys):
+  """The plan an earlier version wrote for the same files (a tokenizer fingerprint that hashed the
+  whole folder, TFDS inputs named by name/split/length) is this run's plan: the job resumes and
+  the plan takes this version's fingerprints. Another tokenizer is still refused."""
+  jsonl = _demo_jsonl(tmp_path, 10)
+  job = job_factory(records_per_shard=4)  # 3 chunks
+  listed = sources.list_inputs(jsonl, "jsonl", job.cfg)
+  # Named as a TFDS input is now (read_tfds); the earlier form is its first part.
+  inputs = sources.Inputs(listed.__getitem__, len(listed),
+                          "tfds:shapes/train:10:sha256:" + "0" * 64)
+  out = str(tmp_path / "out")
+  real_flush = pc.Precomputer._flush
+
+  def stop_in_chunk_1(self, *args):
+    if os.path.isfile(pc._chunk_file(out, 0)):
+      raise KeyboardInterrupt
+    return real_flush(self, *args)
+
+  monkeypatch.setattr(pc.Precomputer, "_flush", stop_in_chunk_1)
+  with pytest.raises(pc.Interrupted, match="after 1 of 3 chunks"):
+    job.run(inputs, out)
+  monkeypatch.setattr(pc.Precomputer, "_flush", real_flush)
+  plan_path = os.path.join(out, pc.PROGRESS_DIR, pc.PLAN_FILE)
+  with open(plan_path) as f:
+    plan = json.load(f)
+  ours = plan["fingerprints"]["text_encoder"]
+  tokenizer_files = f"tokenizer={_dir_sha256(files['text'], pc.TOKENIZER_FILES)};"
+  assert tokenizer_files in ours and f"tokenizer={_dir_sha256(files['text'])}" not in ours
+
+  def write_earlier(tokenizer):
+    text = ours.replace(tokenizer_files, f"tokenizer={tokenizer};")
+    earlier = dict(plan, inputs="tfds:shapes/train:10",
+                   fingerprints=dict(plan["fingerprints"], text_encoder=text))
+    with open(plan_path, "w") as f:
+      json.dump(earlier, f)
+
+  write_earlier("sha256-dir:" + "1" * 64)  # another tokenizer's folder
+  with pytest.raises(InputError, match=r"different plan \(differs in \['fingerprints'\]\)"):
+    job.run(inputs, out)
+  write_earlier(_dir_sha256(files["text"]))  # this folder, hashed whole
+  capsys.readouterr()
+  assert job.run(inputs, out)["num_records"] == 10
+  assert "written by an earlier svg-jax version for the same inputs and settings" in (
+      capsys.readouterr().out)
+  with open(plan_path) as f:
+    assert json.load(f) == plan
+  assert len(glob.glob(os.path.join(out, pc.PROGRESS_DIR, "chunk-*.json"))) == 3
 
 
 def test_resume_skips_finished_chunks_and_redoes_a_partial_one(job_factory, tmp_path,
