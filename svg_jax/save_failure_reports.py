@@ -7,15 +7,16 @@ line:
 - tensorstore's writes still in flight finish into the event loop orbax has closed, and Python
   reports each "Event loop is closed" RuntimeError as unraisable (0 to 800 of them, 5 lines
   apiece): those reports go, every other unraisable is reported as before;
-- asyncio reports each write task (or gathering future) into the failed folder whose error
-  nobody retrieved, and Python each write coroutine never awaited, at exit, after the run's
-  line: those go once the save has failed.
+- asyncio reports each write task (or gathering future) into the failed folder, or of orbax's own
+  code, whose error nobody retrieved, and Python each write coroutine never awaited, at exit,
+  after the run's line: those go once the save has failed.
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 _ORBAX_FILES = os.sep + "orbax" + os.sep
@@ -75,7 +76,15 @@ class _WritesOfAFailedSave(logging.Filter):
 
   def filter(self, record):
     message = record.getMessage()
-    return not ("exception was never retrieved" in message and self.directory in message)
+    return not ("exception was never retrieved" in message
+                and (self.directory in message or _raised_in_orbax(record.exc_info)))
+
+
+def _raised_in_orbax(exc_info) -> bool:
+  """Whether the exception came out of orbax's code: a write of orbax's own files (its metadata)
+  fails with an error that names no folder (`OSError(27, 'File too large')`)."""
+  tb = exc_info[2] if isinstance(exc_info, tuple) else None
+  return any(_ORBAX_FILES in frame.filename for frame in traceback.extract_tb(tb))
 
 
 def drop_reports_of_writes_into(directory: str) -> None:

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from etils import epath
+from orbax.checkpoint._src.path import async_path
 
 import script_runs
 from svg_jax import assets
@@ -748,15 +750,16 @@ def _saves_that_fail(monkeypatch, where):
   monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait)
 
 
-def _reports_of_a_failed_write_task(folder: str, caplog) -> list[str]:
-  """What asyncio logs of a write task into `folder` whose error nobody retrieved, as orbax
-  leaves them behind a failed save (one per array, logged when the task is collected)."""
-  async def write():
+def _reports_of_a_failed_write_task(folder: str, caplog, write=None) -> list[str]:
+  """What asyncio logs of a write task into `folder` (or of the coroutine `write`) whose error
+  nobody retrieved, as orbax leaves them behind a failed save (one per array, logged when the
+  task is collected)."""
+  async def write_array():
     raise ValueError(f'Error writing "params/0" at local file "{folder}/4.orbax-checkpoint-tmp"')
 
   caplog.clear()
   event_loop = asyncio.new_event_loop()
-  task = event_loop.create_task(write())
+  task = event_loop.create_task(write() if write else write_array())
   event_loop.run_until_complete(asyncio.sleep(0.01))
   event_loop.close()
   del task
@@ -783,6 +786,11 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line(data_dir,
   folder = ckpt_lib.checkpoint_dir(str(tmp_path))
   assert not _reports_of_a_failed_write_task(folder, caplog)
   assert _reports_of_a_failed_write_task(str(tmp_path / "another_run"), caplog)  # only this save's
+  # Orbax's own writes (its metadata) fail with errors that name no folder: FileNotFoundError(2,
+  # 'No such file or directory') here, OSError(27, 'File too large') on a full disk.
+  missing = epath.Path(tmp_path / "missing" / "_sharding")
+  assert not _reports_of_a_failed_write_task(
+      folder, caplog, write=lambda: async_path.write_text(missing, "{}"))
   monkeypatch.undo()
   assert ckpt_lib.Checkpointer(str(tmp_path), read_only=True).all_steps() == [2]
   assert trainer.train(config, str(tmp_path))["resumed_from"] == 2
