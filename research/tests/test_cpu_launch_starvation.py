@@ -10,8 +10,10 @@ ITERS = 150
 
 @pytest.mark.serial
 def test_bookkeeping_on_the_host_cpu_survives_the_load_that_hangs_it_on_the_mesh():
+  # The control hangs by chance (5 of 6 runs alone here; a CI run once saw none in 3): up to 6
+  # tries, most runs stop at the first.
   controls = []
-  while len(controls) < 3 and not any(r["hung"] for r in controls):
+  while len(controls) < 6 and not any(r["hung"] for r in controls):
     controls.append(starvation.run_once("mesh", iters=ITERS, stall_s=8))
   assert any(r["hung"] for r in controls), (
       "the load hung no run of the replicated bookkeeping, so it shows nothing about the fix on "
