@@ -240,18 +240,18 @@ class SVGAutoencoder:
                        f"channels, but {' and '.join(wrong)}: use the statistics made with "
                        "this encoder")
     enc_params = dec_params = None
-    known, fingerprints = dict(fingerprints or {}), {}
+    loaded = {}  # the fingerprints of the halves loaded
     if encoder:
       enc_cfg.validate()
       enc_params = load_dinov3(c.encoder_path, enc_cfg, prefix=c.encoder_prefix)
-      fingerprints["encoder"] = known.get("encoder") or _encoder_fingerprint(c)
+      loaded["encoder"] = (fingerprints or {}).get("encoder") or _encoder_fingerprint(c)
     if decoder:
       dec_cfg.validate()
       dec_params = load_decoder(c.decoder_path, dec_cfg, c.decoder_format)
     return cls(stats=stats, encoder_params=enc_params, encoder_cfg=enc_cfg,
                decoder_params=dec_params, decoder_cfg=dec_cfg, bf16_stats=c.bf16_stats,
                batch_size=c.batch_size, mesh=mesh, sharding=sharding,
-               fingerprints=fingerprints)
+               fingerprints=loaded)
 
   def _chunk_size(self, n: int, default: int = 0) -> int:
     """Rows of each call: `batch_size` (else `default`, else all n), rounded up to a multiple of

@@ -154,6 +154,12 @@ def tokenizer_fingerprint(tok_dir: str) -> str:
   return autoencoder.path_fingerprint(tok_dir, only=TOKENIZER_FILES if some else None)
 
 
+def earlier_tokenizer_fingerprint(tok_dir: str) -> str:
+  """The `tokenizer=` field earlier versions wrote: a hash of every file of the folder (weights
+  included, when the tokenizer sits beside a model). Records and resume plans of theirs carry it."""
+  return autoencoder.path_fingerprint(tok_dir)
+
+
 def fingerprint_fields(fingerprint: str) -> dict[str, str]:
   """A `text_fingerprint` string as {field: value} ({} for strings of another form)."""
   fields = {}
@@ -342,7 +348,7 @@ class Precomputer:
     ours = plan["fingerprints"]["text_encoder"]
     fields, our_fields = fingerprint_fields(recorded), fingerprint_fields(ours)
     if (recorded != ours and {**fields, "tokenizer": None} == {**our_fields, "tokenizer": None}
-        and fields.get("tokenizer") == autoencoder.path_fingerprint(
+        and fields.get("tokenizer") == earlier_tokenizer_fingerprint(
             self.cfg.tokenizer_dir or self.cfg.text_encoder_dir)):
       old["fingerprints"]["text_encoder"] = ours
     return old

@@ -183,7 +183,7 @@ def _folder_tokenizer_fingerprints(folder: str) -> Iterator[str]:
   tokenizer files), then that of the whole folder, as precompute recorded a text_encoder_dir's
   tokenizer before (computed last: it hashes the weights)."""
   yield precompute.tokenizer_fingerprint(folder)
-  yield ae_lib.path_fingerprint(folder)
+  yield precompute.earlier_tokenizer_fingerprint(folder)
 
 
 def _tokenizer_problems(config, manifest, what: str, vocab_size: int) -> list[str]:
